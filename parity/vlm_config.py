@@ -1,0 +1,166 @@
+"""Gemma 4 vision-language configs: what the Megatron vision tower reads, and the tiny / full shapes.
+
+``VisionArgs.from_hf`` reads an HF ``Gemma4Config`` (or a ``Gemma4VisionConfig`` plus the text hidden
+size) once into a flat dataclass; the Megatron vision tower never holds an HF config object.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from parity.config import UnsupportedConfig, full_text_config_kwargs, text_config_kwargs
+
+
+@dataclass(frozen=True)
+class VisionArgs:
+    hidden_size: int  # Hv
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    patch_size: int  # p: a patch is p x p pixels, 3*p*p values ordered (py, px, c)
+    pooling_kernel_size: int  # k: k x k patches pool into one soft token
+    position_embedding_size: int  # rows of each of the x and y position tables
+    rms_norm_eps: float  # all vision norms *and* embed_vision's pre-projection norm
+    rope_theta: float  # axial 2-D RoPE
+    hidden_activation: str
+    use_clipped_linears: bool
+    standardize: bool  # (h - std_bias) * std_scale after pooling
+    text_hidden_size: int  # H: output width of embed_vision
+    attention_scale: float = 1.0  # HF's Gemma4VisionAttention.scaling (q/k are RMS-normed instead)
+
+    @classmethod
+    def from_hf(cls, config: Any, text_hidden_size: int | None = None) -> "VisionArgs":
+        """Read a ``Gemma4Config`` (text hidden size from its text part) or a ``Gemma4VisionConfig``."""
+        vision = getattr(config, "vision_config", None) or config
+        if text_hidden_size is None:
+            text_hidden_size = config.text_config.hidden_size
+        check_supported_vision(vision)
+        return cls(
+            hidden_size=vision.hidden_size,
+            intermediate_size=vision.intermediate_size,
+            num_layers=vision.num_hidden_layers,
+            num_heads=vision.num_attention_heads,
+            num_kv_heads=vision.num_key_value_heads,
+            head_dim=vision.head_dim,
+            patch_size=vision.patch_size,
+            pooling_kernel_size=vision.pooling_kernel_size,
+            position_embedding_size=vision.position_embedding_size,
+            rms_norm_eps=vision.rms_norm_eps,
+            rope_theta=float(vision.rope_parameters["rope_theta"]),
+            hidden_activation=vision.hidden_activation,
+            use_clipped_linears=bool(vision.use_clipped_linears),
+            standardize=bool(vision.standardize),
+            text_hidden_size=int(text_hidden_size),
+        )
+
+
+def check_supported_vision(vision: Any) -> None:
+    """Raise ``UnsupportedConfig`` (one line) for vision features the Megatron tower does not implement."""
+    problems = []
+    rope_type = (vision.rope_parameters or {}).get("rope_type", "axial")
+    if rope_type != "axial":
+        problems.append(f"vision rope_type={rope_type!r}")
+    if vision.hidden_activation != "gelu_pytorch_tanh":
+        problems.append(f"vision hidden_activation={vision.hidden_activation!r}")
+    if getattr(vision, "attention_bias", False):
+        problems.append("vision attention_bias=True")
+    if vision.head_dim % 4:
+        problems.append(f"vision head_dim={vision.head_dim} (axial RoPE needs a multiple of 4)")
+    if vision.num_attention_heads % vision.num_key_value_heads:
+        problems.append("vision num_attention_heads not a multiple of num_key_value_heads")
+    if problems:
+        raise UnsupportedConfig("unsupported Gemma 4 feature(s): " + ", ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shapes used by the cases.
+
+# Special token ids of the tiny VLM: inside the tiny vocab (320), clear of pad 0 / eos 1 / bos 2.
+TINY_TOKEN_IDS = dict(
+    boi_token_id=300,
+    image_token_id=301,
+    eoi_token_id=302,
+    video_token_id=303,
+    boa_token_id=304,
+    audio_token_id=305,
+    eoa_token_index=306,
+)
+
+
+def tiny_vision_config_kwargs(**overrides: Any) -> dict[str, Any]:
+    """Tiny Gemma 4 vision tower: Hv 48 (not a perfect square, so sqrt(Hv) is inexact), 2 layers,
+    4 heads of 12, patch 4, pooling 2, standardize and clipped linears on. Its eps (1e-3) differs
+    from the text eps (1e-6) so embed_vision taking the wrong eps is visible."""
+    kw: dict[str, Any] = dict(
+        hidden_size=48,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=12,
+        hidden_activation="gelu_pytorch_tanh",
+        rms_norm_eps=1e-3,
+        patch_size=4,
+        pooling_kernel_size=2,
+        position_embedding_size=64,
+        rope_parameters={"rope_type": "axial", "rope_theta": 100.0},
+        standardize=True,
+        use_clipped_linears=True,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def full_vision_config_kwargs(**overrides: Any) -> dict[str, Any]:
+    """The 26B-A4B vision tower (SigLIP-400M-like, ~550M params), as in Google's config.json:
+    standardize on, clipped linears off (the small E2B/E4B towers use clipped linears instead)."""
+    kw = tiny_vision_config_kwargs(
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        head_dim=72,
+        rms_norm_eps=1e-6,
+        patch_size=16,
+        pooling_kernel_size=3,
+        position_embedding_size=10_240,
+        standardize=True,
+        use_clipped_linears=False,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def vlm_config_kwargs(*, text: dict | None = None, vision: dict | None = None, **overrides: Any) -> dict[str, Any]:
+    """Tiny ``Gemma4Config`` kwargs: the 26B-A4B-shaped tiny text model with vision-bidirectional
+    sliding attention, the tiny vision tower, no audio."""
+    kw: dict[str, Any] = dict(
+        text_config=text_config_kwargs(use_bidirectional_attention="vision", **(text or {})),
+        vision_config=tiny_vision_config_kwargs(**(vision or {})),
+        audio_config=None,
+        tie_word_embeddings=True,
+        **TINY_TOKEN_IDS,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def full_vlm_config_kwargs(*, text: dict | None = None, vision: dict | None = None, **overrides: Any) -> dict[str, Any]:
+    """The 26B-A4B-it shape; special token ids are HF's ``Gemma4Config`` defaults (Google's values)."""
+    kw: dict[str, Any] = dict(
+        text_config=full_text_config_kwargs(use_bidirectional_attention="vision", **(text or {})),
+        vision_config=full_vision_config_kwargs(**(vision or {})),
+        audio_config=None,
+        tie_word_embeddings=True,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def make_vlm_config(kwargs: dict[str, Any] | None = None):
+    from transformers import Gemma4Config
+
+    return Gemma4Config(**(kwargs if kwargs is not None else vlm_config_kwargs()))
