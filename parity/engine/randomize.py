@@ -25,7 +25,7 @@ def persistent_buffer_names(model: nn.Module) -> list[str]:
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
     """Fill every parameter and persistent buffer of ``model`` in place, deterministically from ``seed``."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    gens: dict[str, torch.Generator] = {}
     seen: set[int] = set()
     names = dict(model.named_parameters())
     names.update({k: v for k, v in model.named_buffers() if k in model.state_dict()})
@@ -35,11 +35,13 @@ def randomize_(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
             continue
         seen.add(id(t))
         shape = t.shape
-        noise = torch.randn(shape, generator=gen, dtype=torch.float32)
+        dev = t.device
+        gen = gens.setdefault(str(dev), torch.Generator(device=dev).manual_seed(seed))
+        noise = torch.randn(shape, generator=gen, dtype=torch.float32, device=dev)
         if name.endswith(("input_min", "output_min")):
-            value = -(1.0 + 0.5 * torch.rand(shape, generator=gen))
+            value = -(1.0 + 0.5 * torch.rand(shape, generator=gen, device=dev))
         elif name.endswith(("input_max", "output_max")):
-            value = 1.0 + 0.5 * torch.rand(shape, generator=gen)
+            value = 1.0 + 0.5 * torch.rand(shape, generator=gen, device=dev)
         elif name.endswith("std_bias"):
             value = 0.1 * noise
         elif _is_scale(name):
