@@ -111,8 +111,10 @@ def hf_to_megatron_vision(hf_state: dict[str, torch.Tensor], prefix: str = "mode
 
 
 def megatron_to_hf_vision(mc_state: dict[str, torch.Tensor], prefix: str = "model.") -> dict[str, torch.Tensor]:
-    """``Gemma4VisionTowerMC`` state dict (TP=1 or gathered) -> HF keys under ``prefix``."""
-    return {prefix + _rename(key, _MC_TO_HF)[0]: value for key, value in mc_state.items()}
+    """``Gemma4VisionTowerMC`` state dict (TP=1 or gathered) -> HF keys under ``prefix``. Megatron's
+    ``_extra_state`` entries (``None`` for local linears; no tensor) are dropped."""
+    return {prefix + _rename(key, _MC_TO_HF)[0]: value for key, value in mc_state.items()
+            if not key.endswith("._extra_state")}
 
 
 def tp_dim(mc_key: str) -> int | None:
@@ -124,6 +126,8 @@ def shard_vision(mc_state: dict[str, torch.Tensor], tp_rank: int, tp_size: int) 
     """This TP rank's slice of a full Megatron vision state dict."""
     out = {}
     for key, value in mc_state.items():
+        if key.endswith("._extra_state"):
+            continue
         dim = tp_dim(key)
         out[key] = value if dim is None else value.chunk(tp_size, dim=dim)[tp_rank].clone()
     return out
