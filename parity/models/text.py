@@ -173,7 +173,7 @@ class Gemma4MoE(MoELayer):
 
     def experts_forward(self, expert_input, probs, routing_map):
         """Dispatch -> experts -> combine for given routing (also used for forced-routing replays)."""
-        x, probs = self.preprocess(expert_input, probs, routing_map)
+        x, probs = self.preprocess(expert_input.contiguous(), probs, routing_map)
         x, probs = self.dispatch(x, probs)
         out, _ = self.routed_experts_compute(x, probs)
         out = self.postprocess(self.combine(out), None)

@@ -1,0 +1,563 @@
+"""One parity run: build HF, capture, measure the bf16 noise floor, build Megatron, compare, gate.
+
+The flow is the same for the tiny CPU cases and the 26B-A4B GPU case; ``sequential`` releases the HF
+model (its weights kept on the host for conversion) before the Megatron model is built, and ``offload``
+keeps captured activations on the host.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import os
+import platform
+import subprocess
+import sys
+import time
+import weakref
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from parity import megatron_env
+from parity.config import TextArgs, config_hash
+from parity.engine import gates as G
+from parity.engine import metrics as M
+from parity.engine.alignment import Align, text_rows
+from parity.engine.compare import (Call, Capture, Ctx, Store, capture_hf, compare_values, hf_value, mc_value, replay,
+                                   row_record)
+from parity.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class RunSpec:
+    """Everything a run needs, read from a case (cases are data; see ``cases/``)."""
+
+    name: str
+    kind: str = "text"
+    builder: str = "tiny_text"
+    overrides: dict = field(default_factory=dict)
+    checkpoint: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    batch: int = 2
+    seq_len: int = 40
+    pad_tail: int = 0
+    images: list | None = None
+    tp: int = 1
+    ep: int = 1
+    sequential: bool = False
+    offload: bool = False
+    gates: dict = field(default_factory=dict)
+    progress: bool = False
+
+
+class Progress:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.phases: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str):
+        if self.enabled:
+            print(f"[parity] {name} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+            if self.enabled:
+                print(f"[parity] {name} done in {self.phases[name]:.2f}s", file=sys.stderr, flush=True)
+
+    def note(self, msg: str):
+        if self.enabled:
+            print(f"[parity]   {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building the HF side
+
+def build_hf_text(spec: RunSpec, dtype: torch.dtype, device: str):
+    """HF Gemma4ForCausalLM from the case's builder (random weights) or from a local checkpoint."""
+    from transformers import Gemma4ForCausalLM
+
+    from parity import config as C
+    from parity.engine.randomize import randomize_
+
+    if spec.checkpoint:
+        from parity.bridge import io as bio
+
+        bio.inspect_folder(spec.checkpoint)  # files, keys, shapes, memory: validated before instantiation
+        hf_config, state = bio.load_folder(spec.checkpoint, dtype=dtype, device="cpu")
+        text_config = getattr(hf_config, "text_config", None) or hf_config
+        with torch.device(device):
+            model = Gemma4ForCausalLM._from_config(text_config, torch_dtype=dtype)
+        _load_text_weights(model, state)
+        return model.eval(), text_config
+    builders = {"tiny_text": C.text_config_kwargs, "full_text": C.full_text_config_kwargs}
+    if spec.builder not in builders:
+        raise UserError(f"unknown text model builder {spec.builder!r}")
+    config = C.make_text_config(builders[spec.builder](**spec.overrides))
+    C.check_supported(config)
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = Gemma4ForCausalLM._from_config(config, torch_dtype=dtype)
+    randomize_(model, seed=spec.seed)
+    return model.eval(), config
+
+
+def _load_text_weights(model, state: dict) -> None:
+    """Load a checkpoint's text weights into a Gemma4ForCausalLM (VLM checkpoints: their text part)."""
+    from parity.bridge.convert import split_hf_state
+
+    prefix, text, _rest = split_hf_state(state)
+    renamed = {}
+    for k, v in text.items():
+        key = k[len(prefix):] if prefix and k.startswith(prefix) else k
+        renamed["model." + key if not key.startswith(("model.", "lm_head")) else key] = v
+    missing, unexpected = model.load_state_dict(renamed, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise UserError(f"checkpoint does not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Noise floor: the same HF graph in fp32
+
+def _upcast(x):
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_upcast(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _upcast(v) for k, v in x.items()}
+    return x
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def fp32_end_to_end(hf_model, names: set[str], run_fn, store: Store) -> Capture:
+    """HF fp32 copy of the whole model, run with the same hooks (outputs only)."""
+    hf32 = copy.deepcopy(hf_model).float()
+    cap, _ = capture_hf(hf32, names, lambda: run_fn(hf32), store, keep_inputs=False)
+    del hf32
+    return cap
+
+
+def fp32_isolated(hf_model, hf_name: str, call, device) -> Any:
+    """The HF module in fp32 on its own (upcast) captured inputs."""
+    mod = dict(hf_model.named_modules())[hf_name]
+    mod32 = copy.deepcopy(mod).float()
+    with torch.no_grad():
+        out = mod32(*_to(_upcast(call.args), device), **_to(_upcast(call.kwargs), device))
+    del mod32
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def env_info(device: str) -> dict:
+    import transformers
+
+    try:
+        import megatron.core as mc
+        mc_version = getattr(mc, "__version__", None)
+    except Exception:  # pragma: no cover
+        mc_version = None
+    if mc_version is None:
+        from importlib.metadata import version
+        mc_version = version("megatron-core")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=5).stdout.strip() or None
+    except Exception:
+        commit = None
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "megatron_core": mc_version, "git_commit": commit, "host": platform.node(),
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+    }
+
+
+def _peak_memory(device: str) -> dict:
+    import resource
+
+    out = {"host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device == "cuda":
+        out["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+def run_text(spec: RunSpec) -> dict:
+    """The whole parity run for a text case; returns the results dict (DESIGN.md section 8)."""
+    device, dtype = spec.device, DTYPES[spec.dtype]
+    prog = Progress(spec.progress)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    megatron_env.init(tp=spec.tp, ep=spec.ep, seed=spec.seed)
+    store = Store(offload=spec.offload)
+
+    with prog.phase("build_hf"):
+        hf_model, hf_config = build_hf_text(spec, dtype, device)
+    args = TextArgs.from_hf(hf_config)
+    rows = text_rows(args)
+    hf_names = {h for h, _, r in rows if h != "logits"} | {"model.rotary_emb"}
+    hf_names |= {f"model.layers.{i}" for i in range(args.num_layers)}
+
+    from parity.engine.inputs import text_inputs
+    inputs = text_inputs(args.vocab_size, spec.batch, spec.seq_len, spec.pad_tail, spec.seed,
+                         args.pad_token_id or 0, device)
+    valid = inputs["attention_mask"].bool()
+
+    def run_hf(model):
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     position_ids=inputs["position_ids"], use_cache=False).logits
+
+    with prog.phase("hf_forward"):
+        hf_cap, hf_logits = capture_hf(hf_model, hf_names, lambda: run_hf(hf_model), store)
+        hf_logits = store.keep(hf_logits)
+        hf_cap.calls["__logits__"] = [Call((), {}, hf_logits, 0)]
+
+    floors_e2e, floor_cap = {}, None
+    if dtype != torch.float32:
+        with prog.phase("noise_floor"):
+            floor_cap = fp32_end_to_end(hf_model, hf_names, run_hf, Store(offload=spec.offload))
+            lm = floor_cap.first("lm_head")  # the fp32 logits: its lm_head output + softcap
+            cap = args.final_logit_softcapping
+            floor_logits = _first_tensor(lm.output).float()
+            if cap is not None:
+                floor_logits = torch.tanh(floor_logits / cap) * cap
+            floor_cap.calls["logits"] = [type(lm)((), {}, floor_logits, 10**9)]
+
+    with prog.phase("hf_state_to_host"):
+        hf_state = {k: (v.detach().to("cpu") if spec.sequential else v.detach())
+                    for k, v in hf_model.state_dict().items()}
+    hf_ref = weakref.ref(hf_model)
+    hf_released = None
+    if spec.sequential:
+        floors_iso = _isolated_floors(hf_model, rows, hf_cap, device) if dtype != torch.float32 else {}
+        del hf_model
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        hf_released = hf_ref() is None
+    else:
+        floors_iso = _isolated_floors(hf_model, rows, hf_cap, device) if dtype != torch.float32 else {}
+
+    from parity.bridge.convert import hf_to_megatron, megatron_to_hf, same_bits
+    from parity.models.text import Gemma4Model
+
+    with prog.phase("build_megatron"):
+        mc_model = Gemma4Model(args, dtype=dtype, device=device).eval()
+    with prog.phase("convert"):
+        mc_state = hf_to_megatron(hf_state, args)
+        missing, unexpected = mc_model.load_state_dict(mc_state, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"bridge/model mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    with prog.phase("roundtrip"):
+        roundtrip = _roundtrip(mc_model, args, hf_state, megatron_to_hf, same_bits)
+    del mc_state
+
+    # Megatron's own masks and RoPE tables, from raw inputs
+    b, s = inputs["input_ids"].shape
+    mc_masks = mc_model.build_masks(b, s, inputs["attention_mask"], device=device)
+    mc_rope = mc_model.rotary_tables(inputs["position_ids"])
+    ctx = Ctx(batch=b, seq=s, valid=valid, mc_model=mc_model, mc_masks=mc_masks, mc_rope=mc_rope,
+              layer_types=[la.layer_type for la in args.layers], num_heads=args.num_heads,
+              layer_shapes=[(la.head_dim, la.num_kv_heads) for la in args.layers], device=device)
+
+    records: list[dict] = []
+    with prog.phase("megatron_forward"):
+        mc_logits = _megatron_end_to_end(mc_model, rows, hf_cap, hf_logits, inputs, ctx, records)
+    with prog.phase("isolated_replay"):
+        _isolated(mc_model, rows, hf_cap, hf_logits, ctx, records)
+    with prog.phase("metrics"):
+        records += _table_rows(args, hf_cap, ctx, inputs, dtype)
+        margin = None if dtype != torch.float32 else 1e-4
+        logits_summary = M.logits_metrics(hf_logits.to(mc_logits.device).float(), mc_logits.float(), valid,
+                                          near_tie_margin=margin)
+        floor_logits_summary = None
+        if floor_cap is not None:
+            floor_logits_summary = M.logits_metrics(floor_cap.first("logits").output.to(hf_logits.device),
+                                                    hf_logits.float(), valid.to(hf_logits.device))
+        for rec in records:
+            rec["floor"] = _floor_for(rec, floor_cap, floors_iso, hf_cap, ctx)
+        verdict = G.apply(records, spec.gates, spec.dtype, logits_summary)
+    env = env_info(device)
+    result = G.summarise(records, verdict, logits_summary)
+    result.update({
+        "case": spec.name, "passed": verdict["passed"], "device": device, "dtype": spec.dtype, "seed": spec.seed,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "env": env,
+        "config_hash": config_hash(hf_config), "layer_types": ctx.layer_types,
+        "roundtrip": roundtrip, "phases": prog.phases, "peak_memory": _peak_memory(device),
+        "parallel": {"tp": spec.tp, "ep": spec.ep}, "sequential": spec.sequential,
+        "hf_released_before_megatron": hf_released, "gates": spec.gates,
+        "inputs": {"batch": b, "seq_len": s, "pad_tail": spec.pad_tail},
+        "floor_logits": floor_logits_summary,
+    })
+    result["checks"]["roundtrip"] = roundtrip["bit_exact"] == roundtrip["tensors"] and roundtrip["tensors"] > 0
+    result["passed"] = all(result["checks"].values())
+    return result
+
+
+def _first_tensor(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _isolated_floors(hf_model, rows, hf_cap: Capture, device) -> dict[str, Any]:
+    """HF fp32 module on its own captured inputs, for every aligned row (bf16 runs only)."""
+    out = {}
+    for hf_name, _, row in rows:
+        call = hf_cap.first(hf_name)
+        if call is None or hf_name in out:
+            continue
+        if row.kind == "logits":
+            continue
+        try:
+            out[hf_name] = store_cpu(fp32_isolated(hf_model, hf_name, call, device))
+        except Exception as e:  # a module we cannot re-run alone: no floor, the gate then fails loudly
+            out[hf_name] = e
+    return out
+
+
+def store_cpu(x):
+    return _to(x, "cpu") if isinstance(x, (torch.Tensor, tuple, list, dict)) else x
+
+
+def _roundtrip(mc_model, args, hf_state, megatron_to_hf, same_bits) -> dict:
+    mc_sd = {k: v for k, v in mc_model.state_dict().items() if v is not None and not k.endswith("_extra_state")}
+    back = megatron_to_hf(mc_sd, args)
+    ref = {k: v for k, v in hf_state.items() if k != "lm_head.weight" or not args.tie_word_embeddings}
+    rows = []
+    for k in sorted(set(ref) | set(back)):
+        a, b_ = ref.get(k), back.get(k)
+        if a is None or b_ is None:
+            rows.append({"name": k, "shape": None, "dtype": None, "bit_exact": False, "max_abs_diff": None,
+                         "problem": "missing after round trip" if b_ is None else "unexpected key"})
+            continue
+        exact = same_bits(a.cpu(), b_.cpu())
+        diff = 0.0 if exact else (float((a.float().cpu() - b_.float().cpu()).abs().max())
+                                  if a.shape == b_.shape else None)
+        rows.append({"name": k, "shape": list(a.shape), "dtype": str(a.dtype).replace("torch.", ""),
+                     "bit_exact": exact, "max_abs_diff": diff})
+    rows.sort(key=lambda r: (r["bit_exact"], r["name"]))
+    diffs = [r["max_abs_diff"] for r in rows if r["max_abs_diff"] is not None]
+    return {"tensors": len(rows), "bit_exact": sum(r["bit_exact"] for r in rows),
+            "max_abs_diff": max(diffs) if diffs else None, "rows": rows}
+
+
+def _megatron_end_to_end(mc_model, rows, hf_cap, hf_logits, inputs, ctx, records) -> torch.Tensor:
+    """Megatron forward on the raw inputs; each hooked output is compared at once against HF's."""
+    modules = dict(mc_model.named_modules())
+    by_mc: dict[str, list[tuple[str, Align]]] = {}
+    for hf_name, mc_name, row in rows:
+        if mc_name in modules:
+            by_mc.setdefault(mc_name, []).append((hf_name, row))
+    handles = []
+    for mc_name, pairs in by_mc.items():
+        def hook(m, a, out, pairs=pairs):
+            for hf_name, row in pairs:
+                call = hf_cap.first(hf_name)
+                if call is None:
+                    continue
+                test = mc_value(row.kind, out, ctx, _layer(hf_name), m)
+                ref = hf_value(row.kind, call)
+                m_ = compare_values(row.kind, ref, test, ctx)
+                records.append(row_record(hf_name, _mc(hf_name, rows), row, "end_to_end", m_,
+                                          hf_cap.order.get(hf_name, 0)))
+        handles.append(modules[mc_name].register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            logits = mc_model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                              padding_mask=inputs["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    logits_row = next(r for h, _, r in rows if h == "logits")
+    m_ = compare_values("logits", hf_logits, logits, ctx)
+    records.append(row_record("logits", "logits", logits_row, "end_to_end", m_, _logits_order(hf_cap)))
+    return logits
+
+
+def _logits_order(hf_cap) -> int:
+    return hf_cap.order.get("lm_head", max(hf_cap.order.values(), default=0)) + 1
+
+
+def _isolated(mc_model, rows, hf_cap, hf_logits, ctx, records) -> None:
+    modules = dict(mc_model.named_modules())
+    for hf_name, mc_name, row in rows:
+        call = hf_cap.first(hf_name if row.kind != "logits" else "model.norm")
+        if call is None:
+            continue
+        module = modules.get(mc_name) if row.kind != "logits" else mc_model
+        with torch.no_grad():
+            test = replay(row.kind, module, call, ctx, _layer(hf_name), hf_cap, "model.norm")
+        ref = hf_logits if row.kind == "logits" else hf_value(row.kind, call)
+        m_ = compare_values(row.kind, ref, test, ctx)
+        order = _logits_order(hf_cap) if row.kind == "logits" else hf_cap.order.get(hf_name, 0)
+        records.append(row_record(hf_name, mc_name, row, "isolated", m_, order))
+
+
+def _layer(name):
+    from parity.engine.alignment import layer_of
+    return layer_of(name)
+
+
+def _mc(hf_name, rows):
+    return next(m for h, m, _ in rows if h == hf_name)
+
+
+def _table_rows(args, hf_cap, ctx, inputs, dtype) -> list[dict]:
+    """Masks and RoPE tables compared as their own rows (each side built its own from raw inputs)."""
+    out = []
+    rope_calls = hf_cap.calls.get("model.rotary_emb", [])
+    for call in rope_calls:
+        layer_type = call.args[2] if len(call.args) > 2 else call.kwargs.get("layer_type")
+        cos, sin = call.output
+        freqs = ctx.mc_rope[layer_type]  # [s, b, 1, d]
+        mc_cos = torch.cos(freqs).to(dtype)[:, :, 0].transpose(0, 1)
+        mc_sin = torch.sin(freqs).to(dtype)[:, :, 0].transpose(0, 1)
+        m_ = M.tensor_metrics(torch.cat([cos, sin], -1).to(mc_cos.device), torch.cat([mc_cos, mc_sin], -1),
+                              ctx.valid)
+        rec = row_record("model.rotary_emb", f"rotary_tables[{layer_type}]",
+                         Align("model.rotary_emb", "rotary", "rope"), "end_to_end", m_,
+                         hf_cap.order.get("model.rotary_emb", 0))
+        rec["detail"] = layer_type
+        out.append(rec)
+    for layer_type in dict.fromkeys(ctx.layer_types):
+        i = ctx.layer_types.index(layer_type)
+        call = hf_cap.first(f"model.layers.{i}")
+        hf_mask = call.kwargs.get("attention_mask") if call else None
+        ref = _bool_mask(hf_mask, ctx.batch, ctx.seq, ctx.valid.device)
+        mine = ctx.mc_masks[layer_type].to(ref.device)
+        rows_valid = ctx.valid[:, None, :, None].to(ref.device)
+        cols_valid = ctx.valid[:, None, None, :].to(ref.device)
+        diff = (ref != mine) & rows_valid & cols_valid
+        n = int(diff.sum())
+        m_ = {"cosine": 1.0 if n == 0 else 0.0, "rel_l2": float(n) / max(1, int((rows_valid & cols_valid).sum())),
+              "max_abs": float(n > 0), "mismatches": n}
+        name = f"model.layers.{i}.self_attn"
+        rec = row_record(name, f"masks[{layer_type}]", Align(name, "mask", "mask", gate="exact"), "end_to_end", m_,
+                         hf_cap.order.get(f"model.layers.{i}.self_attn.q_proj", hf_cap.order.get(name, 0)))
+        rec["detail"] = f"attention mask ({layer_type}): {n} mismatching entries"
+        out.append(rec)
+    return out
+
+
+def _bool_mask(mask, b, s, device) -> torch.Tensor:
+    if mask is None:
+        return torch.ones(s, s, dtype=torch.bool, device=device).tril()[None, None].expand(b, 1, s, s)
+    mask = mask.to(device)
+    if mask.dtype != torch.bool:
+        mask = mask == 0
+    return mask.expand(b, 1, s, s)
+
+
+def _floor_for(rec, floor_cap, floors_iso, hf_cap, ctx):
+    """rel-L2 of HF bf16 against HF fp32 for this row and mode (None for fp32 runs)."""
+    if floor_cap is None or rec["kind"] in ("mask",):
+        return None
+    name = rec["name"]
+    try:
+        if rec["kind"] == "rope":
+            return None
+        ref_call = hf_cap.first(name) if rec["kind"] != "logits" else None
+        hf_out = hf_value(rec["kind"], ref_call) if ref_call is not None else None
+        if rec["mode"] == "end_to_end":
+            f = floor_cap.first(name)
+            if f is None:
+                return None
+            f_out = hf_value(rec["kind"], f) if rec["kind"] != "logits" else f.output
+        else:
+            f_raw = floors_iso.get(name)
+            if f_raw is None or isinstance(f_raw, Exception):
+                return None
+            from parity.engine.compare import Call
+            f_out = hf_value(rec["kind"], Call((), {}, f_raw, 0))
+        if rec["kind"] == "logits":
+            return None if rec["mode"] != "end_to_end" else float(
+                M.tensor_metrics(f_out.float().cpu(), _logits_of(hf_cap).float().cpu(), ctx.valid.cpu())["rel_l2"])
+        if rec["kind"] == "router":
+            test = {"dense": torch.zeros_like(hf_out["probs"]).scatter(1, hf_out["top_i"], hf_out["top_w"].float()),
+                    "top_i": hf_out["top_i"], "top_w": hf_out["top_w"]}
+            return float(compare_values("router", _to(f_out, "cpu"), _to(test, "cpu"), _cpu(ctx))["rel_l2"])
+        return float(compare_values(rec["kind"], f_out.float().cpu(), hf_out.float().cpu(), _cpu(ctx))["rel_l2"])
+    except Exception:
+        return None
+
+
+def _logits_of(hf_cap):
+    return hf_cap.calls["__logits__"][0].output
+
+
+def _cpu(ctx):
+    c = copy.copy(ctx)
+    c.valid = ctx.valid.cpu()
+    return c
+
+
+def run_case(case, *, device: str | None = None, dtype: str | None = None, checkpoint: str | None = None,
+             seed: int | None = None, progress: bool = False) -> dict:
+    """Python API: run one case (a ``parity.cases.Case``) and return the results dict."""
+    spec = spec_from_case(case, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed, progress=progress)
+    if spec.kind == "vlm":
+        from parity.engine.vlm import run_vlm
+        return run_vlm(spec)
+    return run_text(spec)
+
+
+def spec_from_case(case, *, device=None, dtype=None, checkpoint=None, seed=None, progress=False) -> RunSpec:
+    g = lambda obj, key, default=None: (obj.get(key, default) if isinstance(obj, dict)  # noqa: E731
+                                        else getattr(obj, key, default))
+    model = g(case, "model", {}) or {}
+    inputs = g(case, "inputs", {}) or {}
+    parallel = g(case, "parallel", {}) or {}
+    run = g(case, "run", {}) or {}
+    devices = list(g(case, "devices", ["cpu", "cuda"]) or ["cpu", "cuda"])
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() and "cuda" in devices else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"case {g(case, 'name')} asks for CUDA but no GPU is available")
+    if device not in devices:
+        raise UserError(f"case {g(case, 'name')} runs on {', '.join(devices)} only, not {device}")
+    builder = g(model, "builder", "tiny_text")
+    env_name = g(model, "checkpoint_env")
+    if checkpoint is None and builder == "checkpoint":
+        checkpoint = os.environ.get(env_name or "GEMMA4_CHECKPOINT")
+        if not checkpoint:
+            raise UserError(f"case {g(case, 'name')} needs a checkpoint: pass --checkpoint DIR or set "
+                            f"{env_name or 'GEMMA4_CHECKPOINT'}")
+    return RunSpec(
+        name=g(case, "name"), kind=g(case, "kind", "text"), builder=builder,
+        overrides=dict(g(model, "overrides", {}) or {}), checkpoint=checkpoint, device=device,
+        dtype=dtype or g(case, "dtype", "float32"), seed=seed if seed is not None else g(case, "seed", 0),
+        batch=g(inputs, "batch", 2), seq_len=g(inputs, "seq_len", 40), pad_tail=g(inputs, "pad_tail", 0),
+        images=g(inputs, "images"), tp=g(parallel, "tp", 1), ep=g(parallel, "ep", 1),
+        sequential=g(run, "sequential", False), offload=g(run, "offload", False),
+        gates=_plain(g(case, "gates", {}) or {}), progress=progress,
+    )
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if hasattr(x, "__dataclass_fields__"):
+        import dataclasses
+        return _plain(dataclasses.asdict(x))
+    return x
