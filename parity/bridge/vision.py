@@ -16,10 +16,23 @@ import torch
 _L = "vision_tower.encoder.layers.{i}"
 _M = "vision_model.encoder.layers.{i}"
 
-# (HF module path under the prefix, Megatron submodule name)
+# Clippable linears: (HF module, Megatron module, tp_dim of the weight); column-parallel split rows (0),
+# row-parallel split columns (1).
+_CLIPPABLE = [
+    ("self_attn.q_proj", "self_attention.linear_q", 0),
+    ("self_attn.k_proj", "self_attention.linear_k", 0),
+    ("self_attn.v_proj", "self_attention.linear_v", 0),
+    ("self_attn.o_proj", "self_attention.linear_proj", 1),
+    ("mlp.gate_proj", "mlp.linear_fc1_gate", 0),
+    ("mlp.up_proj", "mlp.linear_fc1_up", 0),
+    ("mlp.down_proj", "mlp.linear_fc2", 1),
+]
+
+# (HF module path under the prefix, Megatron submodule name); ModuleLists (no forward) have no row.
 MODULES: list[tuple[str, str]] = [
     ("vision_tower", "vision_model"),
     ("vision_tower.patch_embedder", "vision_model.patch_embedder"),
+    ("vision_tower.patch_embedder.input_proj", "vision_model.patch_embedder.input_proj"),
     ("vision_tower.encoder", "vision_model.encoder"),
     ("vision_tower.encoder.rotary_emb", "vision_model.encoder.rotary_emb"),
     (_L, _M),
@@ -37,24 +50,15 @@ MODULES: list[tuple[str, str]] = [
     (f"{_L}.mlp", f"{_M}.mlp"),
     (f"{_L}.mlp.gate_proj", f"{_M}.mlp.linear_fc1_gate"),
     (f"{_L}.mlp.up_proj", f"{_M}.mlp.linear_fc1_up"),
+    (f"{_L}.mlp.act_fn", f"{_M}.mlp.activation_func"),
     (f"{_L}.mlp.down_proj", f"{_M}.mlp.linear_fc2"),
     (f"{_L}.post_feedforward_layernorm", f"{_M}.post_mlp_layernorm"),
     ("vision_tower.pooler", "vision_model.pooler"),
     ("embed_vision", "embed_vision"),
     ("embed_vision.embedding_pre_projection_norm", "embed_vision.pre_projection_norm"),
     ("embed_vision.embedding_projection", "embed_vision.linear_proj"),
-]
-
-# Clippable linears: (HF module, Megatron module, tp_dim of the weight); column-parallel split rows (0),
-# row-parallel split columns (1).
-_CLIPPABLE = [
-    ("self_attn.q_proj", "self_attention.linear_q", 0),
-    ("self_attn.k_proj", "self_attention.linear_k", 0),
-    ("self_attn.v_proj", "self_attention.linear_v", 0),
-    ("self_attn.o_proj", "self_attention.linear_proj", 1),
-    ("mlp.gate_proj", "mlp.linear_fc1_gate", 0),
-    ("mlp.up_proj", "mlp.linear_fc1_up", 0),
-    ("mlp.down_proj", "mlp.linear_fc2", 1),
+    # the bare linear inside each ClippableLinear (before the output clamp)
+    *[(f"{_L}.{hf}.linear", f"{_M}.{mc}.linear") for hf, mc, _ in _CLIPPABLE],
 ]
 
 # (HF state-dict key under the prefix, Megatron state-dict key, tp_dim)

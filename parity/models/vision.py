@@ -20,7 +20,6 @@ Dataflow (HF ``modeling_gemma4.py``, transformers 5.24):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from parity import compat
@@ -210,10 +209,11 @@ class VisionMLP(MegatronModule):
         hv, i, clip = args.hidden_size, args.intermediate_size, args.use_clipped_linears
         self.linear_fc1_gate = ClippableLinear(hv, i, config=config, parallel="column", clip=clip)
         self.linear_fc1_up = ClippableLinear(hv, i, config=config, parallel="column", clip=clip)
+        self.activation_func = nn.GELU(approximate="tanh")
         self.linear_fc2 = ClippableLinear(i, hv, config=config, parallel="row", clip=clip)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(F.gelu(self.linear_fc1_gate(x), approximate="tanh") * self.linear_fc1_up(x))
+        return self.linear_fc2(self.activation_func(self.linear_fc1_gate(x)) * self.linear_fc1_up(x))
 
 
 class VisionEncoderLayer(MegatronModule):
