@@ -67,23 +67,22 @@ class Capture:
 
 
 def capture_hf(model: nn.Module, names: set[str], run: Callable[[], Any], store: Store,
-               keep_inputs: bool = True) -> tuple[Capture, Any]:
-    """Run ``run()`` with hooks on the HF modules in ``names``; returns the capture and run()'s result."""
-    cap = Capture()
-    counter = [0]
+               keep_inputs: bool = True, prefix: str = "", cap: Capture | None = None) -> tuple[Capture, Any]:
+    """Run ``run()`` with hooks on the modules of ``model`` whose ``prefix + name`` is in ``names``;
+    returns the capture (``cap`` extended when given) and run()'s result."""
+    cap = cap if cap is not None else Capture()
     handles = []
-    modules = dict(model.named_modules())
-    for name in sorted(names):
-        mod = modules.get(name)
-        if mod is None:
+    for rel, mod in model.named_modules():
+        name = prefix + rel if rel else prefix.rstrip(".")
+        if name not in names:
             continue
 
         def hook(m, args, kwargs, output, name=name):
-            counter[0] += 1
-            cap.order.setdefault(name, counter[0])
+            order = len(cap.order) + 1
+            cap.order.setdefault(name, order)
             cap.calls.setdefault(name, []).append(Call(
                 store.keep(args) if keep_inputs else (), store.keep(kwargs) if keep_inputs else {},
-                store.keep(output), counter[0]))
+                store.keep(output), order))
 
         handles.append(mod.register_forward_hook(hook, with_kwargs=True))
     try:

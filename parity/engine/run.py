@@ -150,11 +150,33 @@ def _to(x, device):
     return x
 
 
-def fp32_end_to_end(hf_model, names: set[str], run_fn, store: Store) -> Capture:
-    """HF fp32 copy of the whole model, run with the same hooks (outputs only)."""
-    hf32 = copy.deepcopy(hf_model).float()
-    cap, _ = capture_hf(hf32, names, lambda: run_fn(hf32), store, keep_inputs=False)
-    del hf32
+def fp32_end_to_end(hf_model, names: set[str], hf_cap: Capture, store: Store, device, softcap) -> Capture:
+    """The HF text graph in fp32, one decoder layer resident at a time (so it fits beside the bf16 model):
+    embed -> layers (each with HF's own layer kwargs, RoPE recomputed in fp32) -> norm -> lm_head -> softcap."""
+    base = hf_model.model
+    cap = Capture()
+
+    def run_copy(module, name, *args, **kwargs):
+        mod32 = copy.deepcopy(module).float()
+        _, out = capture_hf(mod32, names, lambda: mod32(*args, **kwargs), store, keep_inputs=False,
+                            prefix=name + ".", cap=cap)
+        del mod32
+        return out
+
+    ids = hf_cap.first("model.embed_tokens").args[0].to(device)
+    h = run_copy(base.embed_tokens, "model.embed_tokens", ids)
+    for i, layer in enumerate(base.layers):
+        call = hf_cap.first(f"model.layers.{i}")
+        kwargs = _to(dict(call.kwargs), device)
+        layer_type = hf_model.config.layer_types[i]
+        with torch.no_grad():
+            kwargs["position_embeddings"] = base.rotary_emb(h, kwargs["position_ids"], layer_type)
+        h = run_copy(layer, f"model.layers.{i}", h, **kwargs)
+    h = run_copy(base.norm, "model.norm", h)
+    logits = run_copy(hf_model.lm_head, "lm_head", h).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    cap.calls["logits"] = [Call((), {}, store.keep(logits), len(cap.order) + 1)]
     return cap
 
 
@@ -236,13 +258,8 @@ def run_text(spec: RunSpec) -> dict:
     floors_e2e, floor_cap = {}, None
     if dtype != torch.float32:
         with prog.phase("noise_floor"):
-            floor_cap = fp32_end_to_end(hf_model, hf_names, run_hf, Store(offload=spec.offload))
-            lm = floor_cap.first("lm_head")  # the fp32 logits: its lm_head output + softcap
-            cap = args.final_logit_softcapping
-            floor_logits = _first_tensor(lm.output).float()
-            if cap is not None:
-                floor_logits = torch.tanh(floor_logits / cap) * cap
-            floor_cap.calls["logits"] = [type(lm)((), {}, floor_logits, 10**9)]
+            floor_cap = fp32_end_to_end(hf_model, hf_names, hf_cap, Store(offload=spec.offload), device,
+                                        args.final_logit_softcapping)
 
     with prog.phase("hf_state_to_host"):
         hf_state = {k: (v.detach().to("cpu") if spec.sequential else v.detach())

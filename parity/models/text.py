@@ -64,7 +64,8 @@ class Gemma4RMSNorm(nn.Module):
                  with_scale: bool = True, **_):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(hidden_size)) if with_scale else None
+        dtype = config.params_dtype if config is not None else torch.float32
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype)) if with_scale else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.eps, self.weight)
@@ -204,7 +205,7 @@ class Gemma4TransformerLayer(MegatronModule):
                  enable_moe: bool, pg_collection=None):
         super().__init__(config=config)
         h, eps = config.hidden_size, config.layernorm_epsilon
-        norm = functools.partial(Gemma4RMSNorm, h, eps=eps)
+        norm = functools.partial(Gemma4RMSNorm, h, config=config, eps=eps)
         self.layer_args = layer_args
         self.input_layernorm = norm()
         self.self_attention = build_module(submodules["self_attention"], config=config, layer_number=layer_number,
@@ -311,7 +312,7 @@ class Gemma4Decoder(MegatronModule):
             Gemma4TransformerLayer(configs[la.layer_type], spec, i + 1, la, args.enable_moe_block)
             for i, la in enumerate(args.layers)
         )
-        self.final_layernorm = Gemma4RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self.final_layernorm = Gemma4RMSNorm(args.hidden_size, config=self.config, eps=args.rms_norm_eps)
 
 
 class Gemma4Model(MegatronModule):

@@ -1,0 +1,559 @@
+"""One run's report: a single self-contained HTML file rendered from ``results.json`` (DESIGN.md section 8).
+
+The first screen (1280×800) answers "does it hold, and if not where does it break": the verdict banner, the
+first divergent module, the worst decoder layer, the logits metrics, a strip of counts, and the per-layer
+drift charts. Details follow: regressions against the previous run, the module table (grouped by layer,
+sortable), routers, logits, the weight round-trip and the provenance.
+
+Every string from the results goes through ``html.escape``; numbers are formatted by ``summary.fmt``.
+"""
+from __future__ import annotations
+
+import math
+from html import escape
+from typing import Any
+
+from parity.report import summary as S
+from parity.report.history import compare
+from parity.report.page import page
+from parity.report.svg import Point, Series, bar_chart, line_chart
+
+MODE_COLORS = {"isolated": "#0969da", "end_to_end": "#bc4c00"}
+MODE_LABELS = {"isolated": "isolated", "end_to_end": "end-to-end"}
+
+_LOGIT_LABELS = [
+    ("cosine", "cosine"), ("rel_l2", "rel L2"), ("max_abs", "max |Δ|"), ("top1_agreement", "top-1 agreement"),
+    ("top1_decisive_agreement", "top-1 agreement (decisive)"), ("top5_overlap", "top-5 overlap"),
+    ("kl_mean", "KL mean"), ("kl_p95", "KL p95"), ("kl_max", "KL max"),
+    ("top1_flips_decisive", "decisive top-1 flips"), ("top1_flips_near_tie", "near-tie top-1 flips"),
+    ("n_near_tie", "near-tie positions"), ("n_decisive", "decisive positions"), ("n_tokens", "tokens compared"),
+]
+
+
+_FLIP = '<span class="pill no">flip</span>'
+
+
+def _e(x: Any) -> str:
+    return escape(str(x), quote=True)
+
+
+def _dv(v: Any) -> str:
+    x = S.num(v)
+    return "" if x is None else repr(x)
+
+
+def _pill(passed: Any, shared: bool = False) -> str:
+    if shared:
+        return '<span class="pill info">shared</span>'
+    if passed is True:
+        return '<span class="pill ok">pass</span>'
+    if passed is False:
+        return '<span class="pill no">FAIL</span>'
+    return '<span class="pill warn">n/a</span>'
+
+
+def _metric(label: str, value: str, bad: bool = False) -> str:
+    return (f'<div class="metric"><div class="k">{_e(label)}</div>'
+            f'<div class="v{" bad" if bad else ""}">{_e(value)}</div></div>')
+
+
+def _kv(pairs: list[tuple[str, str]]) -> str:
+    return '<dl class="kv">' + "".join(f"<dt>{_e(k)}</dt><dd>{v}</dd>" for k, v in pairs) + "</dl>"
+
+
+def _is_shared(row: dict) -> bool:
+    return bool(row.get("shared")) or row.get("status") == "shared"
+
+
+def _gate_metric(row: dict) -> str | None:
+    gate = row.get("gate")
+    return str(gate.get("metric")) if isinstance(gate, dict) and gate.get("metric") else None
+
+
+# ------------------------------------------------------------------------------------------ first screen
+
+
+def _banner(results: dict, regressions: list[dict]) -> str:
+    passed = results.get("passed")
+    cls, word = ("pass", "PASS") if passed is True else ("fail", "FAIL") if passed is False else ("", "N/A")
+    env = results.get("env") or {}
+    device = results.get("device", "?")
+    device_name = env.get("device_name")
+    dev = f"{device} ({device_name})" if device_name and device_name != device else str(device)
+    meta = [f"<b>{_e(dev)}</b>", f"<b>{_e(results.get('dtype', '?'))}</b>"]
+    if results.get("seed") is not None:
+        meta.append(f"seed {_e(results.get('seed'))}")
+    meta.append(_e(S.fmt_time(results.get("created"))))
+    n_ok, n = S.module_counts(results)
+    commit = str(env.get("git_commit") or "")
+    n_reg = sum(1 for f in regressions if f["severity"] == "regression")
+    reg = f" · {n_reg} regression{'s' if n_reg != 1 else ''}" if n_reg else ""
+    return (f'<header class="banner {cls}"><div class="wrap">'
+            f'<div class="verdict" data-verdict="{word}">{word}</div>'
+            f'<div class="btitle"><h1 title="{_e(results.get("case", ""))}">{_e(results.get("case", "(no case)"))}'
+            f'</h1><div class="meta">{" · ".join(meta)}</div></div>'
+            f'<div class="bstats">modules within gate<div class="big">{n_ok} / {n}</div>'
+            f'{"commit " + _e(commit[:12]) if commit else ""}{_e(reg)}</div></div></header>')
+
+
+def _fail_reasons(results: dict) -> list[str]:
+    reasons = []
+    bad = [r for r in S.modules(results) if r.get("passed") is False]
+    if bad:
+        reasons.append(f"{len(bad)} module row{'s' if len(bad) != 1 else ''} outside the gate")
+    rt = results.get("roundtrip") or {}
+    if isinstance(rt, dict) and S.num(rt.get("tensors")) is not None and S.num(rt.get("bit_exact")) is not None:
+        if rt["bit_exact"] < rt["tensors"]:
+            reasons.append(f"weight round-trip: {rt['tensors'] - rt['bit_exact']} tensor(s) not bit-exact")
+    for f in (results.get("summary") or {}).get("failures") or []:
+        reasons.append(str(f))
+    return reasons
+
+
+def _first_divergence_card(results: dict) -> str:
+    fd = S.first_divergence(results)
+    if fd is None:
+        if results.get("passed") is False:
+            reasons = _fail_reasons(results) or ["the run failed without a module divergence"]
+            items = "".join(f"<li>{_e(r)}</li>" for r in reasons)
+            return ('<div class="card bad"><h3>First divergence</h3><div class="headline">no module diverged</div>'
+                    f'<ul style="margin:0;padding-left:18px">{items}</ul></div>')
+        return ('<div class="card good"><h3>First divergence</h3><div class="headline good">none</div>'
+                '<p class="muted" style="margin:0">Every compared module is within its gate in both modes '
+                '(isolated replay and end-to-end).</p></div>')
+    metric = fd.get("metric") or ""
+    value = fd.get("value")
+    pairs = [("Megatron", f'<code>{_e(fd.get("megatron_name") or "—")}</code>'),
+             ("mode", _e(MODE_LABELS.get(str(fd.get("mode")), fd.get("mode") or "—"))),
+             (f"{metric or 'value'}", f'<b class="bad mono">{_e(S.fmt_cos(value) if metric == "cosine" else S.fmt(value))}</b>'),
+             ("gate", _e(fd.get("gate") or "—"))]
+    row = next((r for r in S.modules(results) if r.get("name") == fd.get("name") and r.get("mode") == fd.get("mode")),
+               None)
+    if row is not None:
+        if row.get("ratio") is not None:
+            pairs.append(("ratio to floor", _e(S.fmt(row.get("ratio")) + "×")))
+        layer = S.layer_of(row)
+        if layer is not None:
+            pairs.append(("layer", _e(f"{layer} · {S.short_type(S.layer_type(results, layer)) or '?'} attention")))
+    return (f'<div class="card bad"><h3>First divergence</h3><div class="headline bad">{_e(fd.get("name"))}</div>'
+            f'{_kv(pairs)}</div>')
+
+
+def _worst_layer_card(results: dict) -> str:
+    worst = S.worst_layer(results)
+    if worst is None:
+        return '<div class="card"><h3>Worst layer</h3><p class="empty">No decoder-layer rows in this run.</p></div>'
+    layer = S.layer_of(worst)
+    ltype = S.layer_type(results, layer)
+    rows = [r for r in S.modules(results) if r.get("name") == worst.get("name")]
+    rows.sort(key=lambda r: S.MODES.index(r["mode"]) if r.get("mode") in S.MODES else 9)
+    trs = "".join(
+        f'<tr class="{"bad" if r.get("passed") is False else ""}"><td>{_e(MODE_LABELS.get(str(r.get("mode")), r.get("mode")))}</td>'
+        f'<td class="n{" hit" if r is worst else ""}">{_e(S.fmt(r.get("rel_l2")))}</td>'
+        f'<td class="n">{_e(S.fmt_cos(r.get("cosine")))}</td><td>{_pill(r.get("passed"))}</td></tr>'
+        for r in rows)
+    bad = any(r.get("passed") is False for r in rows)
+    n_layers = len(S.layer_types(results)) or None
+    depth = f" of {n_layers}" if n_layers else ""
+    return (f'<div class="card{" bad" if bad else ""}"><h3>Worst layer (max rel L2)</h3>'
+            f'<div class="headline{" bad" if bad else ""}">{_e(worst.get("name"))}'
+            f'<span class="tag{" full" if ltype == "full_attention" else ""}">{_e(S.short_type(ltype) or "?")}</span></div>'
+            f'<div class="muted" style="font-size:12.5px;margin-bottom:6px">layer {_e(layer)}{_e(depth)} · '
+            f'Megatron <code>{_e(worst.get("megatron_name") or "—")}</code></div>'
+            f'<table><thead><tr><th>mode</th><th>rel L2</th><th>cosine</th><th></th></tr></thead>'
+            f'<tbody>{trs}</tbody></table></div>')
+
+
+def _logits_card(results: dict) -> str:
+    lg = S.logits(results)
+    if not lg:
+        return '<div class="card"><h3>Logits</h3><p class="empty">No logits metrics in this run.</p></div>'
+    logit_rows = [r for r in S.modules(results) if r.get("name") == "logits"]
+    bad = any(r.get("passed") is False for r in logit_rows)
+    flips = S.num(lg.get("top1_flips_decisive"))
+    items = [("cosine", S.fmt_cos(lg.get("cosine")), False), ("rel L2", S.fmt(lg.get("rel_l2")), bad),
+             ("max |Δ|", S.fmt(lg.get("max_abs")), False), ("top-1 agreement", S.fmt_pct(lg.get("top1_agreement")), False),
+             ("KL mean", S.fmt(lg.get("kl_mean")), False), ("KL max", S.fmt(lg.get("kl_max")), False),
+             ("KL p95", S.fmt(lg.get("kl_p95")), False),
+             ("decisive flips · near ties", f"{S.fmt(lg.get('top1_flips_decisive'))} · {S.fmt(lg.get('n_near_tie'))}",
+              bool(flips))]
+    return (f'<div class="card{" bad" if bad else ""}"><h3>Logits (after softcap)</h3><div class="metrics">'
+            + "".join(_metric(k, v, b) for k, v, b in items) + "</div></div>")
+
+
+def _strip(results: dict, regressions: list[dict], has_previous: bool) -> str:
+    n_ok, n = S.module_counts(results)
+    n_bad = sum(1 for r in S.modules(results) if r.get("passed") is False)
+    tiles = [("modules within gate", f"{n_ok}<small> / {n}</small>", "good" if n and n_ok == n else "bad" if n_bad else ""),
+             ("failing rows", f"{n_bad}", "bad" if n_bad else "good")]
+    routers = [r for r in results.get("routers") or [] if isinstance(r, dict)]
+    agree = [S.num(r.get("exact_set_agreement")) for r in routers]
+    agree = [a for a in agree if a is not None]
+    if agree:
+        low = min(agree)
+        decisive = sum(int(S.num(r.get("decisive_flips")) or 0) for r in routers)
+        tiles.append(("router exact-set (min)", f"{_e(S.fmt_pct(low))}<small> · {decisive} decisive</small>",
+                      "good" if low >= 1 else "warn" if not decisive else "bad"))
+    else:
+        tiles.append(("routers", '<small>none (dense)</small>', ""))
+    rt = results.get("roundtrip") or {}
+    if isinstance(rt, dict) and rt.get("tensors") is not None:
+        ok = rt.get("bit_exact")
+        tiles.append(("weights bit-exact", f"{_e(S.fmt(ok))}<small> / {_e(S.fmt(rt.get('tensors')))}</small>",
+                      "good" if ok == rt.get("tensors") else "bad"))
+    else:
+        tiles.append(("weights bit-exact", "<small>not run</small>", ""))
+    n_reg = sum(1 for f in regressions if f["severity"] == "regression")
+    if has_previous:
+        tiles.append(("regressions vs previous", f'<a href="#regressions" style="color:inherit">{n_reg}</a>',
+                      "bad" if n_reg else "good"))
+    else:
+        tiles.append(("regressions vs previous", "<small>no previous run</small>", ""))
+    return '<div class="strip">' + "".join(
+        f'<div class="tile {c}"><div class="k">{_e(k)}</div><div class="v">{v}</div></div>' for k, v, c in tiles) + "</div>"
+
+
+# ------------------------------------------------------------------------------------------ layer drift
+
+
+def _drift_series(results: dict, rows: list[dict], metric: str, typed: bool) -> list[Series]:
+    out = []
+    for mode in S.MODES:
+        pts = []
+        for r in rows:
+            if r.get("mode") != mode:
+                continue
+            layer = S.layer_of(r)
+            if layer is None:
+                continue
+            ltype = S.layer_type(results, layer) if typed else None
+            gate = S.gate_text(r.get("gate"))
+            tip = (f"{r.get('name')} · {S.short_type(ltype) + ' · ' if ltype else ''}{MODE_LABELS[mode]}\n"
+                   f"rel L2 {S.fmt(r.get('rel_l2'))} · cosine {S.fmt_cos(r.get('cosine'))} · "
+                   f"max |Δ| {S.fmt(r.get('max_abs'))}{chr(10) + 'gate ' + gate if gate else ''}"
+                   f"{chr(10) + 'FAIL' if r.get('passed') is False else ''}")
+            pts.append(Point(x=layer, y=S.num(r.get(metric)), tip=tip, failed=r.get("passed") is False,
+                             full=ltype == "full_attention"))
+        if pts:
+            out.append(Series(MODE_LABELS[mode], MODE_COLORS[mode], pts, dash="5 3" if mode == "isolated" else ""))
+    return out
+
+
+def _drift_charts(results: dict, rows: list[dict], what: str, typed: bool) -> str:
+    full = {i for i, t in enumerate(S.layer_types(results)) if t == "full_attention"} if typed else set()
+    cos = line_chart(_drift_series(results, rows, "cosine", typed), title=f"{what}: cosine vs depth",
+                     y_label="cosine", full_layers=full)
+    rel = line_chart(_drift_series(results, rows, "rel_l2", typed), title=f"{what}: rel L2 vs depth (log)",
+                     y_label="rel L2", log_y=True, full_layers=full)
+    legend = ('<div class="legend"><span class="ci"></span> sliding-attention layer &nbsp; <span class="sq"></span> '
+              'full-attention layer &nbsp; <span class="band"></span> full-attention band &nbsp; '
+              '<span class="ring"></span> fails its gate &nbsp; dashed = isolated replay, solid = end-to-end · '
+              'hover a point for values</div>') if typed else (
+        '<div class="legend"><span class="ring"></span> fails its gate &nbsp; dashed = isolated replay, '
+        'solid = end-to-end</div>')
+    return (f'<div class="grid g2"><div class="card">{cos}</div><div class="card">{rel}</div></div>{legend}')
+
+
+def _layers_section(results: dict) -> str:
+    text_rows = [r for r in S.modules(results) if S.is_decoder_output(r)]
+    parts = []
+    if text_rows:
+        parts.append(_drift_charts(results, text_rows, "decoder layer output", typed=True))
+    vision_rows = [r for r in S.modules(results) if S.group_of(r) == "vision"
+                   and S._DECODER_OUT_RE.search(str(r.get("name", "")))]
+    if vision_rows:
+        parts.append('<h3 style="margin-top:14px">Vision encoder</h3>'
+                     + _drift_charts(results, vision_rows, "vision layer output", typed=False))
+    if not parts:
+        return ""
+    return ('<section id="layers"><h2>Drift by layer<span class="sub">whole-layer outputs; isolated replay feeds '
+            'each layer the reference input, end-to-end lets error accumulate</span></h2>' + "".join(parts)
+            + "</section>")
+
+
+# ------------------------------------------------------------------------------------------ details
+
+
+def _regressions_section(results: dict, previous: dict | None, flags: list[dict]) -> str:
+    if previous is None:
+        return ('<section id="regressions"><h2>Regressions vs previous run</h2><p class="empty">No earlier run of '
+                'this case on this device and dtype.</p></section>')
+    prev_desc = (f'previous: {S.fmt_time(previous.get("created"))}, '
+                 f'{"PASS" if previous.get("passed") is True else "FAIL" if previous.get("passed") is False else "?"}')
+    pid = (previous.get("_run") or {}).get("id")
+    if pid:
+        prev_desc += f", run {pid}"
+    if not flags:
+        return (f'<section id="regressions"><h2>Regressions vs previous run<span class="sub">{_e(prev_desc)}</span>'
+                '</h2><p class="empty">None: no verdict flip, no module whose rel L2 grew ≥ 2×.</p></section>')
+    trs = []
+    for f in flags:
+        sev = f["severity"]
+        pill = '<span class="pill no">regression</span>' if sev == "regression" else '<span class="pill ok">improvement</span>'
+        if f["kind"] == "verdict":
+            trs.append(f'<tr class="{"bad" if sev == "regression" else ""}"><td>{pill}</td><td>verdict</td>'
+                       f'<td colspan="5">{_e(f["message"])}</td></tr>')
+            continue
+        factor = f.get("factor")
+        trs.append(f'<tr class="bad"><td>{pill}</td><td>{_e(f["kind"])}</td><td class="name">{_e(f.get("name"))}</td>'
+                   f'<td>{_e(MODE_LABELS.get(str(f.get("mode")), f.get("mode")))}</td>'
+                   f'<td class="n">{_e(S.fmt(f.get("previous")))}</td><td class="n">{_e(S.fmt(f.get("current")))}</td>'
+                   f'<td class="n">{_e(S.fmt(factor) + "×" if factor is not None else "—")}'
+                   f'{" · now failing" if f.get("now_failing") else ""}</td></tr>')
+    return (f'<section id="regressions"><h2>Regressions vs previous run<span class="sub">{_e(prev_desc)}</span></h2>'
+            '<div class="tablewrap"><table><thead><tr><th></th><th>kind</th><th>module</th><th>mode</th>'
+            '<th>rel L2 before</th><th>rel L2 now</th><th>growth</th></tr></thead><tbody>' + "".join(trs)
+            + "</tbody></table></div></section>")
+
+
+def _modules_section(results: dict) -> str:
+    rows = S.modules(results)
+    if not rows:
+        return '<section id="modules"><h2>Modules</h2><p class="empty">No module rows in this run.</p></section>'
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(S.row_group_label(r), []).append(r)
+
+    def order(label: str) -> tuple:
+        members = groups[label]
+        layers = [S.layer_of(m) for m in members if S.layer_of(m) is not None]
+        first = min(rows.index(m) for m in members)
+        if not layers:  # embeddings before the layers, the final norm and logits after
+            return (0 if first < len(rows) // 2 else 2, S.group_of(members[0]) != "text", first)
+        return (1, S.group_of(members[0]) != "text", min(layers), first)
+
+    trs, i = [], 0
+    for label in sorted(groups, key=order):
+        members = groups[label]
+        n_bad = sum(1 for m in members if m.get("passed") is False)
+        layer = S.layer_of(members[0]) if S.group_of(members[0]) == "text" else None
+        ltype = S.layer_type(results, layer) if label.endswith(f"layers.{layer}") else None
+        tag = (f'<span class="tag{" full" if ltype == "full_attention" else ""}">{_e(S.short_type(ltype))} attention</span>'
+               if ltype else "")
+        cnt = (f'<span class="cnt"><b class="bad">{n_bad} failing</b> · {len(members)} rows</span>' if n_bad
+               else f'<span class="cnt">{len(members)} rows, all pass</span>')
+        trs.append(f'<tr class="grp{" hasbad" if n_bad else ""}" data-i="{i}"><td colspan="11">{_e(label)}{tag}{cnt}'
+                   '</td></tr>')
+        i += 1
+        for r in members:
+            gm = _gate_metric(r)
+            fail = r.get("passed") is False
+
+            def cell(key: str, cos: bool = False) -> str:
+                v = r.get(key)
+                hit = " hit" if gm == key else ""
+                return f'<td class="n{hit}" data-v="{_e(_dv(v))}">{_e(S.fmt_cos(v) if cos else S.fmt(v))}</td>'
+
+            ratio = r.get("ratio")
+            layer_v = S.layer_of(r)
+            trs.append(
+                f'<tr class="{"bad" if fail else ""}" data-i="{i}" data-s="{_e(str(r.get("name", "")) + " " + str(r.get("megatron_name") or ""))}">'
+                f'<td class="name">{_e(r.get("name", ""))}</td>'
+                f'<td class="name muted">{_e(r.get("megatron_name") or "—")}</td>'
+                f'<td>{_e(MODE_LABELS.get(str(r.get("mode")), r.get("mode") or ""))}</td>'
+                f'<td class="n" data-v="{"" if layer_v is None else layer_v}">{_e(S.fmt(layer_v))}</td>'
+                f'{cell("cosine", cos=True)}{cell("rel_l2")}{cell("max_abs")}'
+                f'<td class="gate">{_e(S.gate_text(r.get("gate")) or "—")}</td>'
+                f'<td class="n" data-v="{_e(_dv(r.get("floor")))}">{_e(S.fmt(r.get("floor")))}</td>'
+                f'<td class="n" data-v="{_e(_dv(ratio))}">{_e(S.fmt(ratio) + "×" if S.num(ratio) is not None else "—")}</td>'
+                f'<td data-v="{0 if fail else 1}">{_pill(r.get("passed"), _is_shared(r))}</td></tr>')
+            i += 1
+    n_bad = sum(1 for r in rows if r.get("passed") is False)
+    controls = ('<div class="controls"><input type="search" placeholder="filter by module name (HF or Megatron)" '
+                'data-filter="modtable" aria-label="filter modules">'
+                f'<label><input type="checkbox" data-failonly="modtable"> failing only ({n_bad})</label>'
+                '<button type="button" data-regroup="modtable">group by layer</button>'
+                '<span class="muted">click a header to sort (flattens the groups); the gated metric is bold</span></div>')
+    return ('<section id="modules"><h2>Modules<span class="sub">'
+            f'{len(rows)} rows · both modes · HF path with the Megatron module beside it</span></h2>{controls}'
+            '<div class="tablewrap" style="max-height:720px"><table class="sortable" id="modtable"><thead><tr>'
+            '<th>module (HF)</th><th>Megatron</th><th>mode</th><th>layer</th><th>cosine</th><th>rel L2</th>'
+            '<th>max |Δ|</th><th>gate</th><th>floor</th><th>ratio to floor</th><th>result</th></tr></thead><tbody>'
+            + "".join(trs) + "</tbody></table></div></section>")
+
+
+def _routers_section(results: dict) -> str:
+    routers = sorted((r for r in results.get("routers") or [] if isinstance(r, dict)),
+                     key=lambda r: (S.num(r.get("layer")) if S.num(r.get("layer")) is not None else 1e9))
+    if not routers:
+        return ""
+    cats = [str(r.get("layer", "?")) for r in routers]
+
+    def pts(key: str) -> list[Point]:
+        out = []
+        for r in routers:
+            v = S.num(r.get(key))
+            tip = (f"layer {r.get('layer')}: exact-set {S.fmt_pct(r.get('exact_set_agreement'))}, "
+                   f"Jaccard {S.fmt(r.get('jaccard_mean'))}, decisive flips {S.fmt(r.get('decisive_flips'))}")
+            out.append(Point(x=0, y=v, tip=tip))
+        return out
+
+    decisive = {j for j, r in enumerate(routers) if (S.num(r.get("decisive_flips")) or 0) > 0}
+    chart = bar_chart(cats, [Series("exact-set agreement", "#0969da", pts("exact_set_agreement")),
+                             Series("Jaccard mean", "#8cb4ff", pts("jaccard_mean"))],
+                      title="router agreement per layer", y_label="agreement", highlight=decisive)
+    trs = []
+    for r in routers:
+        layer = S.num(r.get("layer"))
+        ltype = S.layer_type(results, int(layer)) if layer is not None and math.isfinite(layer) else None
+        dec = S.num(r.get("decisive_flips")) or 0
+        trs.append(f'<tr class="{"bad" if dec > 0 else ""}"><td class="n">{_e(S.fmt(r.get("layer")))}</td>'
+                   f'<td>{_e(S.short_type(ltype) or "—")}</td>'
+                   f'<td class="n" data-v="{_e(_dv(r.get("exact_set_agreement")))}">{_e(S.fmt_pct(r.get("exact_set_agreement")))}</td>'
+                   f'<td class="n" data-v="{_e(_dv(r.get("jaccard_mean")))}">{_e(S.fmt(r.get("jaccard_mean"), 5))}</td>'
+                   f'<td class="n" data-v="{_e(_dv(r.get("weight_mass_moved")))}">{_e(S.fmt(r.get("weight_mass_moved")))}</td>'
+                   f'<td class="n">{_e(S.fmt(r.get("near_tie_flips")))}</td>'
+                   f'<td class="n{" hit" if dec else ""}">{_e(S.fmt(r.get("decisive_flips")))}</td></tr>')
+    table = ('<div class="tablewrap"><table class="sortable"><thead><tr><th>layer</th><th>type</th>'
+             '<th>exact-set agreement</th><th>Jaccard mean</th><th>weight mass moved</th><th>near-tie flips</th>'
+             '<th>decisive flips</th></tr></thead><tbody>' + "".join(trs) + "</tbody></table></div>")
+    return ('<section id="routers"><h2>MoE routing<span class="sub">expert-set agreement per layer; flips between '
+            'experts whose scores nearly tie are noise, decisive flips are not</span></h2>'
+            f'<div class="grid g2"><div class="card">{chart}</div>{table}</div></section>')
+
+
+def _logits_section(results: dict) -> str:
+    lg = S.logits(results)
+    if not lg:
+        return ""
+    known = {k for k, _ in _LOGIT_LABELS} | {"worst_positions"}
+    pairs = [(label, _e(S.fmt_cos(lg[k]) if k == "cosine" else S.fmt_pct(lg[k]) if k in
+              ("top1_agreement", "top1_decisive_agreement", "top5_overlap") else S.fmt(lg[k])))
+             for k, label in _LOGIT_LABELS if k in lg]
+    pairs += [(k, _e(S.fmt(v))) for k, v in lg.items() if k not in known and not isinstance(v, (list, dict))]
+    worst = [w for w in lg.get("worst_positions") or [] if isinstance(w, dict)]
+    if worst:
+        trs = "".join(
+            f'<tr class="{"bad" if w.get("ref_top1") != w.get("test_top1") else ""}">'
+            f'<td class="n">{_e(S.fmt(w.get("batch")))}</td><td class="n">{_e(S.fmt(w.get("pos")))}</td>'
+            f'<td class="n" data-v="{_e(_dv(w.get("kl")))}">{_e(S.fmt(w.get("kl")))}</td>'
+            f'<td class="n">{_e(w.get("ref_top1", "—"))}</td><td class="n">{_e(w.get("test_top1", "—"))}</td>'
+            f'<td class="n" data-v="{_e(_dv(w.get("gap")))}">{_e(S.fmt(w.get("gap")))}</td>'
+            f'<td>{_FLIP if w.get("ref_top1") != w.get("test_top1") else ""}</td></tr>'
+            for w in worst)
+        table = ('<div class="tablewrap"><table class="sortable"><thead><tr><th>batch</th><th>position</th>'
+                 '<th>KL</th><th>HF top-1</th><th>Megatron top-1</th><th>HF top-1 − top-2 gap</th><th></th></tr></thead>'
+                 f'<tbody>{trs}</tbody></table></div>')
+    else:
+        table = '<p class="empty">No per-position detail.</p>'
+    return ('<section id="logits"><h2>Logits<span class="sub">KL per token is summed over the vocabulary, then '
+            'mean / p95 / max over tokens</span></h2><div class="grid g2" style="grid-template-columns:1fr 1.6fr">'
+            f'<div class="card">{_kv(pairs)}</div><div><h3>Worst positions (by KL)</h3>{table}</div></div></section>')
+
+
+def _roundtrip_section(results: dict) -> str:
+    rt = results.get("roundtrip")
+    if not isinstance(rt, dict) or not rt:
+        return ('<section id="roundtrip"><h2>Weight round-trip</h2><p class="empty">Not part of this run.</p>'
+                '</section>')
+    n, ok = rt.get("tensors"), rt.get("bit_exact")
+    head = (f'{_e(S.fmt(ok))} of {_e(S.fmt(n))} tensors bit-exact after HF → Megatron → HF; '
+            f'max |Δ| {_e(S.fmt(rt.get("max_abs_diff")))}')
+    extra = [(k, _e(S.fmt(v) if not isinstance(v, (list, dict)) else ", ".join(map(str, v)) if isinstance(v, list)
+             else str(v))) for k, v in rt.items() if k not in ("tensors", "bit_exact", "max_abs_diff", "rows")]
+    rows = [r for r in rt.get("rows") or [] if isinstance(r, dict)]
+    rows.sort(key=lambda r: (r.get("bit_exact") is True, -(S.finite(r.get("max_abs_diff")) or 0.0),
+                             str(r.get("name", ""))))
+
+    def tr(r: dict) -> str:
+        shape = r.get("shape")
+        shape_s = "×".join(map(str, shape)) if isinstance(shape, (list, tuple)) else str(shape or "—")
+        bad = r.get("bit_exact") is not True
+        return (f'<tr class="{"bad" if bad else ""}"><td class="name">{_e(r.get("name", ""))}</td>'
+                f'<td class="mono">{_e(shape_s)}</td><td>{_e(r.get("dtype", "—"))}</td>'
+                f'<td class="n" data-v="{_e(_dv(r.get("max_abs_diff")))}">{_e(S.fmt(r.get("max_abs_diff")))}</td>'
+                f'<td data-v="{0 if bad else 1}">{_pill(not bad)}</td></tr>')
+
+    thead = ('<thead><tr><th>tensor</th><th>shape</th><th>dtype</th><th>max |Δ|</th><th>bit-exact</th></tr></thead>')
+    bad_rows = [r for r in rows if r.get("bit_exact") is not True]
+    good_rows = [r for r in rows if r.get("bit_exact") is True]
+    tables = ""
+    if bad_rows or len(good_rows) <= 40:
+        shown = bad_rows + (good_rows if len(good_rows) <= 40 else [])
+        tables += (f'<div class="tablewrap" style="max-height:520px"><table class="sortable">{thead}<tbody>'
+                   + "".join(tr(r) for r in shown) + "</tbody></table></div>")
+    if len(good_rows) > 40:
+        tables += (f'<details><summary>{len(good_rows)} bit-exact tensors</summary><div class="tablewrap" '
+                   f'style="max-height:520px"><table class="sortable">{thead}<tbody>' + "".join(tr(r) for r in good_rows)
+                   + "</tbody></table></div></details>")
+    if not rows:
+        tables = '<p class="empty">No per-tensor rows.</p>'
+    bad = S.num(n) is not None and S.num(ok) is not None and ok != n
+    return (f'<section id="roundtrip"><h2>Weight round-trip<span class="sub">mismatches first</span></h2>'
+            f'<p class="{"bad" if bad else "good"}" style="margin:0 0 8px;font-weight:600">{head}</p>'
+            + (_kv(extra) if extra else "") + tables + "</section>")
+
+
+def _provenance_section(results: dict) -> str:
+    env = results.get("env") or {}
+    pairs = [("case", _e(results.get("case", "—"))), ("device", _e(results.get("device", "—"))),
+             ("dtype", _e(results.get("dtype", "—"))), ("seed", _e(results.get("seed", "—"))),
+             ("created", _e(S.fmt_time(results.get("created")))),
+             ("config hash", f'<code>{_e(results.get("config_hash") or "—")}</code>')]
+    if isinstance(env, dict):
+        for k, v in env.items():
+            val = f"<code>{_e(v)}</code>" if k == "git_commit" else _e(v if not isinstance(v, (dict, list)) else v)
+            pairs.append((k.replace("_", " "), val))
+    listed = {"case", "device", "dtype", "seed", "created", "config_hash", "env", "passed", "summary", "modules",
+              "routers", "roundtrip", "phases", "peak_memory", "layer_types", "_run"}
+    for k, v in results.items():
+        if k not in listed and not isinstance(v, (dict, list)):
+            pairs.append((k.replace("_", " "), _e(S.fmt(v) if isinstance(v, float) else v)))
+    types = S.layer_types(results)
+    if types:
+        pattern = " ".join("F" if t == "full_attention" else "S" if t == "sliding_attention" else "?" for t in types)
+        pairs.append(("layer pattern", f'<code>{_e(pattern)}</code> <span class="muted">(S sliding, F full)</span>'))
+    blocks = [f'<div class="card"><h3>Environment</h3>{_kv(pairs)}</div>']
+    phases = results.get("phases")
+    side = []
+    if isinstance(phases, dict) and phases:
+        total = sum(S.finite(v) or 0.0 for v in phases.values()) or 1.0
+        rows = "".join(
+            f'<tr><td>{_e(k)}</td><td class="n">{_e(S.fmt_seconds(v))}</td><td style="width:45%">'
+            f'<span class="bar" style="width:{100 * (S.finite(v) or 0) / total:.1f}%"></span></td></tr>'
+            for k, v in phases.items())
+        side.append(f'<h3>Phases</h3><table><tbody>{rows}</tbody></table>')
+    mem = results.get("peak_memory")
+    if isinstance(mem, dict) and mem:
+        def mv(k: str, v: Any) -> str:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                if "gib" in k.lower() or "gb" in k.lower():
+                    return S.fmt(v) + " GiB"
+                if "mib" in k.lower() or "mb" in k.lower():
+                    return S.fmt(v) + " MiB"
+                return S.fmt_bytes(v)
+            return str(v)
+        side.append('<h3 style="margin-top:12px">Peak memory</h3>'
+                    + _kv([(k, _e(mv(k, v))) for k, v in mem.items()]))
+    if side:
+        blocks.append('<div class="card">' + "".join(side) + "</div>")
+    return ('<section id="provenance"><h2>Environment and provenance</h2><div class="grid g2">' + "".join(blocks)
+            + "</div></section>")
+
+
+# ------------------------------------------------------------------------------------------ page
+
+
+def render_run(results: dict, previous: dict | None = None) -> str:
+    """One self-contained HTML report of ``results``; regressions are computed against ``previous``."""
+    results = results if isinstance(results, dict) else {}
+    flags = compare(results, previous)
+    sections = [
+        ("summary", "Summary"), ("layers", "Layers"), ("regressions", "Regressions"), ("modules", "Modules"),
+        ("routers", "Routing"), ("logits", "Logits"), ("roundtrip", "Round-trip"), ("provenance", "Environment"),
+    ]
+    body_parts = [
+        '<section id="summary"><div class="grid g3">', _first_divergence_card(results), _worst_layer_card(results),
+        _logits_card(results), "</div>", _strip(results, flags, previous is not None), "</section>",
+        _layers_section(results), _regressions_section(results, previous, flags), _modules_section(results),
+        _routers_section(results), _logits_section(results), _roundtrip_section(results),
+        _provenance_section(results),
+    ]
+    body_html = "".join(body_parts)
+    toc = "".join(f'<a href="#{sid}">{label}</a>' for sid, label in sections if f'id="{sid}"' in body_html)
+    verdict = "PASS" if results.get("passed") is True else "FAIL" if results.get("passed") is False else "N/A"
+    body = (_banner(results, flags) + f'<nav class="toc"><div class="wrap">{toc}</div></nav>'
+            f'<main class="wrap">{body_html}<footer>gemma4-parity report · self-contained file, nothing is loaded '
+            'from elsewhere · Hugging Face is the reference, Megatron-core the implementation under test.'
+            '</footer></main>')
+    return page(f"{verdict} · {results.get('case', 'parity run')}", body)

@@ -1,0 +1,274 @@
+"""Where reports live on disk, and tables of them.
+
+Layout of a report root (e.g. ``reports/``)::
+
+    reports/index.html                                   history of every run (regenerated on each write)
+    reports/runs/<UTC stamp>-<case>-<random>/results.json
+    reports/runs/<UTC stamp>-<case>-<random>/index.html  self-contained report of that run
+
+Runs never overwrite each other: each gets a fresh directory made with ``mkdir(exist_ok=False)``, and every
+file is written to a temporary file in the same directory and moved into place with ``os.replace`` (readers
+never see half a file). Concurrent writers (e.g. pytest-xdist workers) each land their own run; the history
+page is regenerated under a file lock, so the last writer's index lists every run.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import tempfile
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from parity.report import summary as S
+from parity.report.history import find_previous, render_index
+from parity.report.html import render_run
+
+RESULTS = "results.json"
+REPORT = "index.html"
+RUNS = "runs"
+
+try:  # POSIX only; elsewhere the history page is still written atomically, just without the lock
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        try:
+            return obj.item()
+        except (TypeError, ValueError):
+            pass
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def dumps(results: dict) -> str:
+    """``results`` as JSON text (NaN/inf kept as Python's json writes them; numpy scalars become numbers)."""
+    return json.dumps(results, indent=1, default=_json_default) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _create_new(path: Path, text: str) -> None:
+    """Write ``path`` atomically, failing with FileExistsError if it exists (also against a racing writer)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        try:
+            os.link(tmp, path)  # atomic, never replaces an existing file
+        except FileExistsError:
+            raise
+        except OSError:  # filesystem without hard links
+            if path.exists():
+                raise FileExistsError(f"{path} already exists") from None
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _stamp() -> str:
+    now = datetime.now(timezone.utc)
+    return now.strftime("%Y%m%dT%H%M%S") + f"{now.microsecond // 1000:03d}Z"
+
+
+def _token() -> str:
+    return secrets.token_hex(3)
+
+
+def _slug(case: Any) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(case or "run")).strip("-.")
+    return slug[:60] or "run"
+
+
+def _new_run_dir(runs: Path, case: Any, attempts: int = 20) -> Path:
+    runs.mkdir(parents=True, exist_ok=True)
+    for _ in range(attempts):
+        d = runs / f"{_stamp()}-{_slug(case)}-{_token()}"
+        try:
+            d.mkdir(exist_ok=False)
+            return d
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a fresh run directory under {runs} after {attempts} attempts")
+
+
+@contextlib.contextmanager
+def _locked(root: Path) -> Iterator[None]:
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with open(root / ".lock", "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _run_meta(run_dir: Path) -> dict:
+    return {"id": run_dir.name, "dir": str(run_dir), "href": f"{RUNS}/{run_dir.name}/{REPORT}"}
+
+
+def _public(results: dict) -> dict:
+    return {k: v for k, v in results.items() if k != "_run"}
+
+
+def write_run(results: dict, root: Path) -> Path:
+    """Store one run under ``root/runs/<UTC stamp>-<case>-<random>/`` and regenerate ``root/index.html``.
+
+    The run's report flags regressions against the most recent earlier run of the same case, device and
+    dtype already under ``root``. Returns the new run directory.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    results = _public(results)
+    previous = find_previous(results, load_runs(root))
+    run_dir = _new_run_dir(root / RUNS, results.get("case"))
+    _atomic_write(run_dir / RESULTS, dumps(results))
+    _atomic_write(run_dir / REPORT, render_run(results, previous))
+    write_index(root)
+    return run_dir
+
+
+def write_index(root: Path) -> Path:
+    """Regenerate ``root/index.html`` from every stored run (under the root's lock)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with _locked(root):
+        path = root / REPORT
+        _atomic_write(path, render_index(load_runs(root)))
+    return path
+
+
+def write_to(results: dict, out_dir: Path, previous: dict | None = None) -> Path:
+    """Write ``results.json`` and ``index.html`` into exactly ``out_dir`` (the CLI's ``--out DIR``).
+
+    Refuses with FileExistsError when ``out_dir`` already holds a ``results.json`` or ``index.html``, so an
+    earlier report is never overwritten. Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (RESULTS, REPORT):
+        if (out_dir / name).exists():
+            raise FileExistsError(f"{out_dir / name} already exists; refusing to overwrite an earlier report")
+    results = _public(results)
+    _create_new(out_dir / RESULTS, dumps(results))  # claims the directory; a racing writer fails here
+    _atomic_write(out_dir / REPORT, render_run(results, previous))
+    return out_dir
+
+
+def read_results(path: Path) -> dict:
+    """Load one ``results.json`` (raises on unreadable or non-object JSON)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: top level is {type(data).__name__}, not an object")
+    return data
+
+
+def run_dirs(root: Path) -> list[Path]:
+    runs = Path(root) / RUNS
+    if not runs.is_dir():
+        return []
+    return sorted(d for d in runs.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def load_runs(root: Path) -> list[dict]:
+    """Every readable run under ``root/runs``, newest first.
+
+    Each dict is the run's results plus ``_run = {id, dir, href}`` (``href`` relative to ``root``).
+    Runs whose ``results.json`` is missing or unreadable are skipped with a warning (a directory still being
+    written by another process has no ``results.json`` yet and is skipped silently).
+    """
+    out = []
+    for d in run_dirs(root):
+        path = d / RESULTS
+        if not path.exists():
+            continue
+        try:
+            data = read_results(path)
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"skipping unreadable run {d.name}: {exc}", RuntimeWarning, stacklevel=2)
+            continue
+        data["_run"] = _run_meta(d)
+        out.append(data)
+    out.sort(key=lambda r: (S.parse_time(r.get("created")) or datetime.min.replace(tzinfo=timezone.utc),
+                            r["_run"]["id"]), reverse=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def results_frame(results: dict):
+    """The module rows of one run as a ``pandas.DataFrame`` (one row per module and mode)."""
+    import pandas as pd
+
+    cols = ["name", "megatron_name", "mode", "layer", "layer_type", "group", "cosine", "rel_l2", "max_abs",
+            "gate_metric", "gate_max", "floor", "ratio", "passed"]
+    rows = []
+    for r in S.modules(results):
+        gate = r.get("gate") if isinstance(r.get("gate"), dict) else {}
+        layer = S.layer_of(r)
+        rows.append({
+            "name": r.get("name"), "megatron_name": r.get("megatron_name"), "mode": r.get("mode"),
+            "layer": layer, "layer_type": S.layer_type(results, layer) if S.group_of(r) == "text" else None,
+            "group": S.group_of(r), "cosine": S.num(r.get("cosine")), "rel_l2": S.num(r.get("rel_l2")),
+            "max_abs": S.num(r.get("max_abs")), "gate_metric": gate.get("metric"), "gate_max": S.num(gate.get("max")),
+            "floor": S.num(r.get("floor")), "ratio": S.num(r.get("ratio")), "passed": r.get("passed"),
+        })
+    frame = pd.DataFrame(rows, columns=cols)
+    frame["layer"] = frame["layer"].astype("Int64")
+    return frame
+
+
+def runs_frame(root: Path):
+    """One row per stored run (newest first): verdict, key metrics, first divergence, where it lives."""
+    import pandas as pd
+
+    cols = ["id", "created", "case", "device", "dtype", "passed", "first_divergence", "logits_cosine",
+            "logits_rel_l2", "logits_kl_mean", "logits_kl_max", "worst_module_rel_l2", "modules", "modules_failed",
+            "roundtrip_tensors", "roundtrip_bit_exact", "git_commit", "dir"]
+    rows = []
+    for r in load_runs(root):
+        lg = S.logits(r)
+        rt = r.get("roundtrip") if isinstance(r.get("roundtrip"), dict) else {}
+        n_ok, n = S.module_counts(r)
+        rows.append({
+            "id": r["_run"]["id"], "created": S.parse_time(r.get("created")), "case": r.get("case"),
+            "device": r.get("device"), "dtype": r.get("dtype"), "passed": r.get("passed"),
+            "first_divergence": (r.get("summary") or {}).get("first_divergence"),
+            "logits_cosine": S.num(lg.get("cosine")), "logits_rel_l2": S.num(lg.get("rel_l2")),
+            "logits_kl_mean": S.num(lg.get("kl_mean")), "logits_kl_max": S.num(lg.get("kl_max")),
+            "worst_module_rel_l2": S.worst_module_rel_l2(r), "modules": n,
+            "modules_failed": sum(1 for m in S.modules(r) if m.get("passed") is False),
+            "roundtrip_tensors": rt.get("tensors"), "roundtrip_bit_exact": rt.get("bit_exact"),
+            "git_commit": (r.get("env") or {}).get("git_commit"), "dir": r["_run"]["dir"],
+        })
+    return pd.DataFrame(rows, columns=cols)
