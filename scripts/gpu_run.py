@@ -1,0 +1,82 @@
+"""Run parity cases on a GPU machine in one call and write compact summaries (used by gpu_check.sh)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+
+def summary(r: dict) -> dict:
+    keep = ("case", "passed", "device", "dtype", "checks", "phases", "peak_memory", "roundtrip", "inputs",
+            "parallel", "env", "hf_released_before_megatron")
+    out = {k: r.get(k) for k in keep}
+    out["roundtrip"] = {k: v for k, v in (r.get("roundtrip") or {}).items() if k != "rows"}
+    s = r.get("summary", {})
+    out["first_divergence"] = s.get("first_divergence")
+    out["first_divergence_detail"] = s.get("first_divergence_detail")
+    out["worst_layer"] = s.get("worst_layer")
+    out["logits"] = {k: v for k, v in (s.get("logits") or {}).items() if k != "worst_positions"}
+    fails = [m for m in r.get("modules", []) if not m.get("passed")]
+    out["n_modules"], out["n_failed"] = len(r.get("modules", [])), len(fails)
+    out["failed"] = [{k: m.get(k) for k in ("name", "mode", "rel_l2", "floor", "gate")} for m in fails[:20]]
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("cases", nargs="+")
+    ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
+    ap.add_argument("--dtype")
+    ap.add_argument("--seq-len", type=int)
+    ap.add_argument("--full", action="store_true", help="also write the full results.json of each case")
+    a = ap.parse_args()
+    from parity.engine.run import run_case
+    try:
+        from parity.cases import load_case
+    except ImportError:  # bootstrap before the case loader existed
+        G = {"float32": {"rel_l2": 1e-5, "logits_rel_l2": 1e-5, "kl_max": 1e-6},
+             "bfloat16": {"floor_multiplier": 4.0, "floor_abs": 1e-3, "logits_kl_max": 0.05},
+             "exact": ["model.embed_tokens"]}
+        known = {
+            "gemma4-text-tiny": dict(name="gemma4-text-tiny", dtype="float32", inputs={"pad_tail": 5}, gates=G),
+            "gemma4-text-tiny-bf16": dict(name="gemma4-text-tiny-bf16", dtype="bfloat16", inputs={"pad_tail": 5}, gates=G),
+            "gemma4-26b-a4b": dict(name="gemma4-26b-a4b", dtype="bfloat16", model={"builder": "full_text"},
+                                   devices=["cuda"], inputs={"batch": 1, "seq_len": 4096},
+                                   run={"sequential": True, "offload": True}, gates=G),
+        }
+        load_case = known.__getitem__
+
+    os.makedirs(a.out, exist_ok=True)
+    rc = 0
+    for name in a.cases:
+        t0 = time.perf_counter()
+        try:
+            case = load_case(name)
+            if a.seq_len:
+                import dataclasses
+                case = dataclasses.replace(case, inputs={**dict(case.inputs), "seq_len": a.seq_len}) \
+                    if dataclasses.is_dataclass(case) else {**case, "inputs": {**case.get("inputs", {}), "seq_len": a.seq_len}}
+            r = run_case(case, device="cuda", dtype=a.dtype, progress=True)
+            s = summary(r)
+            s["wall_s"] = time.perf_counter() - t0
+            print(json.dumps(s, indent=1, default=str), flush=True)
+            with open(os.path.join(a.out, f"{name}.json"), "w") as f:
+                json.dump(s, f, indent=1, default=str)
+            if a.full:
+                with open(os.path.join(a.out, f"{name}.results.json"), "w") as f:
+                    json.dump(r, f, default=str)
+            rc |= 0 if r["passed"] else 1
+        except Exception:
+            traceback.print_exc()
+            rc |= 4
+        torch.cuda.empty_cache()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
