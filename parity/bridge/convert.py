@@ -169,7 +169,10 @@ def hf_to_megatron(
     a missing key or a wrong shape raises ``BridgeError`` naming the key.
     """
     etp_size = tp_size if etp_size is None else etp_size
-    etp_rank = (tp_rank if etp_size == tp_size else 0) if etp_rank is None else etp_rank
+    if etp_rank is None:
+        if etp_size not in (tp_size, 1):
+            raise BridgeError(f"etp_rank is needed when ETP={etp_size} differs from TP={tp_size} and from 1")
+        etp_rank = tp_rank if etp_size == tp_size else 0
     check_parallel(args, tp_size, ep_size, etp_size)
     prefix, text, other = split_hf_state(hf_state)
     stray = [k for k in other if not k.startswith(NON_TEXT_PREFIXES)]

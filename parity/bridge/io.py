@@ -147,7 +147,14 @@ def inspect_folder(path: str | Path) -> FolderInfo:
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
     config, arch = _read_config(path)
-    (check_supported_vlm if getattr(config, "text_config", None) is not None else check_supported)(config)
+    if getattr(config, "text_config", None) is not None:
+        check_supported_vlm(config)
+        if getattr(config, "vision_config", None) is not None:
+            from parity.vlm_config import check_supported_vision
+
+            check_supported_vision(config.vision_config)
+    else:
+        check_supported(config)
     args = TextArgs.from_hf(config)
     weight_map = _weight_files(path)
     tensors = _headers(path, weight_map)
