@@ -108,6 +108,24 @@ def test_roundtrip_through_sharded_folder(tmp_path, dtype):
     assert_bit_exact(model.state_dict(), state)
 
 
+def test_inspect_accepts_hf_and_google_style_folders(tmp_path):
+    """HF's own save_pretrained output (5.24 writes per_layer_config), and the same config written the way
+    Google's files are (global_head_dim / num_global_key_value_heads instead of per_layer_config)."""
+    from transformers import Gemma4ForCausalLM
+
+    cfg, args, state = build(seed=6)
+    model = Gemma4ForCausalLM(cfg)
+    model.load_state_dict(state)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert inspect_folder(tmp_path).args == args
+    raw = json.loads((tmp_path / "config.json").read_text())
+    raw.pop("per_layer_config", None)
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "global_head_dim": 32, "num_global_key_value_heads": 2}))
+    loaded_cfg, loaded = load_folder(tmp_path)
+    assert TextArgs.from_hf(loaded_cfg) == args
+    assert_bit_exact(megatron_to_hf(hf_to_megatron(loaded, args), args), {k: v for k, v in state.items() if k != "lm_head.weight"})
+
+
 def test_load_folder_casts(tmp_path, tiny):
     cfg, args, state = tiny
     save_folder(state, cfg, tmp_path)
