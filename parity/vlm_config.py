@@ -68,6 +68,8 @@ def check_supported_vision(vision: Any) -> None:
         problems.append("vision attention_bias=True")
     if vision.head_dim % 4:
         problems.append(f"vision head_dim={vision.head_dim} (axial RoPE needs a multiple of 4)")
+    if vision.pooling_kernel_size == 1:  # HF then returns the padding mask as the valid mask (5.24)
+        problems.append("vision pooling_kernel_size=1 (HF keeps padding rows and drops real ones when it does not pool)")
     if vision.num_attention_heads % vision.num_key_value_heads:
         problems.append("vision num_attention_heads not a multiple of num_key_value_heads")
     if problems:
