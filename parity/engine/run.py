@@ -267,14 +267,16 @@ def run_text(spec: RunSpec) -> dict:
     hf_ref = weakref.ref(hf_model)
     hf_released = None
     if spec.sequential:
-        floors_iso = _isolated_floors(hf_model, rows, hf_cap, device) if dtype != torch.float32 else {}
+        with prog.phase("noise_floor_isolated"):
+            floors_iso = _isolated_floors(hf_model, rows, hf_cap, device) if dtype != torch.float32 else {}
         del hf_model
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
         hf_released = hf_ref() is None
     else:
-        floors_iso = _isolated_floors(hf_model, rows, hf_cap, device) if dtype != torch.float32 else {}
+        with prog.phase("noise_floor_isolated"):
+            floors_iso = _isolated_floors(hf_model, rows, hf_cap, device) if dtype != torch.float32 else {}
 
     from parity.bridge.convert import hf_to_megatron, megatron_to_hf, same_bits
     from parity.models.text import Gemma4Model
