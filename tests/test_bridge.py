@@ -123,7 +123,8 @@ def test_inspect_accepts_hf_and_google_style_folders(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**raw, "global_head_dim": 32, "num_global_key_value_heads": 2}))
     loaded_cfg, loaded = load_folder(tmp_path)
     assert TextArgs.from_hf(loaded_cfg) == args
-    assert_bit_exact(megatron_to_hf(hf_to_megatron(loaded, args), args), {k: v for k, v in state.items() if k != "lm_head.weight"})
+    on_disk = {k: v for k, v in state.items() if k != "lm_head.weight"}
+    assert_bit_exact(megatron_to_hf(hf_to_megatron(loaded, args), args), on_disk)
 
 
 def test_load_folder_casts(tmp_path, tiny):
@@ -190,7 +191,8 @@ def test_parallel_layout_refused(tiny):
 def test_replicas_must_agree(tiny):
     cfg, args, state = tiny
     shards = shards_of(state, args, 2, 1, 2)
-    shards[(1, 0, 1)]["decoder.layers.0.input_layernorm.weight"] = shards[(1, 0, 1)]["decoder.layers.0.input_layernorm.weight"] + 1
+    name = "decoder.layers.0.input_layernorm.weight"
+    shards[(1, 0, 1)][name] = shards[(1, 0, 1)][name] + 1
     with pytest.raises(BridgeError, match="replicas of decoder.layers.0.input_layernorm.weight differ"):
         megatron_to_hf(shards, args)
 

@@ -190,7 +190,8 @@ def hf_to_megatron(
                 raise BridgeError(f"missing HF tensor {full_name} (needed for {mname})")
             t = text[name]
             if tuple(t.shape) != shape(template, s):
-                raise BridgeError(f"shape mismatch for {full_name}: got {tuple(t.shape)}, config implies {shape(template, s)}")
+                raise BridgeError(f"shape mismatch for {full_name}: got {tuple(t.shape)}, "
+                                  f"config implies {shape(template, s)}")
             tensors.append(t)
             used.add(name)
         full = TRANSFORMS[rule.transform][0](tensors, s)

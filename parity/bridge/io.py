@@ -170,10 +170,11 @@ def inspect_folder(path: str | Path) -> FolderInfo:
         if got != want:
             raise CheckpointError(f"{path}: shape mismatch for {key}: file has {list(got)}, config implies {list(want)}")
     _, text, other = split_hf_state(tensors, prefix)
+    head_shape = (args.vocab_size, args.hidden_size)
     for key in tensors:
-        tied_head = key == "lm_head.weight" and args.tie_word_embeddings and tensors[key][0] == (args.vocab_size, args.hidden_size)
+        tied_head = key == "lm_head.weight" and args.tie_word_embeddings and tensors[key][0] == head_shape
         if key not in expected and key not in other and not tied_head:
-            raise CheckpointError(f"{path}: unexpected tensor {key} (not in the Gemma 4 text model this config describes)")
+            raise CheckpointError(f"{path}: unexpected tensor {key} (not in the Gemma 4 text model of this config)")
     stray = [k for k in other if not k.startswith(NON_TEXT_PREFIXES)]
     if stray:
         raise CheckpointError(f"{path}: unexpected tensor {stray[0]}")
