@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parity import megatron_env
-from parity.bridge.vision import (gather_vision, hf_to_megatron_vision, megatron_to_hf_vision,
+from parity.bridge.vision import (gather_vision, hf_to_megatron_vision, megatron_to_hf_vision, module_rows,
                                   shard_vision)
 from parity.engine.randomize import randomize_
 from parity.engine.vlm_inputs import (aspect_ratio_preserving_size, build_vlm_inputs, patch_positions, patchify,
@@ -74,25 +74,30 @@ def _hf_features(hf, inputs):
 
 
 def _compare(setup) -> dict[str, float]:
-    """rel-L2 per HF module (at real patches / real soft tokens only) and for the final features."""
+    """rel-L2 per HF module (at real patches / real soft tokens only, per the layout in MODULES) and for
+    the final features."""
     hf, mc, inputs = setup["hf"], setup["mc"], setup["inputs"]
     twins = mc.hf_twins(PREFIX)
     hf_named = dict(hf.named_modules())
     hf_out = _capture({n: hf_named[n] for n in twins}, lambda: _hf_features(hf, inputs))
     mc_out = _capture(twins, lambda: mc(inputs["pixel_values"], inputs["image_position_ids"]))
-    pos = inputs["image_position_ids"]
-    real = (pos != -1).all(-1)  # [I, N]
-    slots = hf_out[PREFIX + "vision_tower.pooler"][1].bool()  # [I, N/k^2], HF's own valid-slot mask
+    real = (inputs["image_position_ids"] != -1).all(-1)  # [I, N]
+    pooler = PREFIX + "vision_tower.pooler"
+    slots = hf_out[pooler][1]  # [I, N/k^2], HF's own valid-slot mask
+    assert torch.equal(mc_out[pooler][1], slots)
+    layouts = {hf_name: layout for hf_name, _, layout in module_rows(setup["args"].num_layers, PREFIX)}
+    layouts["<final>"] = "tokens"
+    rows = {"patches": real, "rope": real, "pooled": slots, "tokens": None}
     result = {}
     for name in hf_out:
-        assert len(hf_out[name]) == len(mc_out[name]), name
+        keep = rows[layouts[name]]
+        pairs = list(zip(mc_out[name], hf_out[name]))[: 1 if layouts[name] == "pooled" else None]
+        assert len(mc_out[name]) == len(hf_out[name]), name
         worst = 0.0
-        for a, b in zip(mc_out[name], hf_out[name]):
+        for a, b in pairs:
             assert a.shape == b.shape, (name, a.shape, b.shape)
-            if a.shape[:2] == real.shape:
-                a, b = a[real], b[real]
-            elif a.shape[:2] == slots.shape:
-                a, b = a[slots], b[slots]
+            if keep is not None:
+                a, b = a[keep], b[keep]
             worst = max(worst, rel_l2(a, b))
         result[name] = worst
     return result

@@ -2,8 +2,8 @@
 
 Module boundaries mirror HF's (``Gemma4VisionModel`` -> ``patch_embedder`` / ``encoder.layers.{i}`` /
 ``pooler``, then ``Gemma4MultimodalEmbedder``) so every HF vision module has a Megatron twin; the
-table lives in ``parity.bridge.vision.MODULES``. Layout is batch-first ``[num_images, N, Hv]`` like
-HF's (megatron's own ViTs are batch-first at the boundary too); nothing here is sequence-parallel.
+table lives in ``parity.bridge.vision.MODULES``. Layout stays batch-first ``[num_images, N, Hv]`` as in
+HF (no sequence parallelism here, and the alignment needs no transpose).
 
 Dataflow (HF ``modeling_gemma4.py``, transformers 5.24):
     padding = positions == (-1, -1)
