@@ -12,7 +12,7 @@ import torch
 
 
 def summary(r: dict) -> dict:
-    keep = ("case", "passed", "device", "dtype", "checks", "phases", "peak_memory", "roundtrip", "inputs",
+    keep = ("case", "passed", "device", "dtype", "checks", "phases", "timings", "peak_memory", "roundtrip", "inputs",
             "parallel", "env", "hf_released_before_megatron")
     out = {k: r.get(k) for k in keep}
     out["roundtrip"] = {k: v for k, v in (r.get("roundtrip") or {}).items() if k != "rows"}

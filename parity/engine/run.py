@@ -13,6 +13,7 @@ import platform
 import subprocess
 import sys
 import time
+import types
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -150,16 +151,29 @@ def _to(x, device):
     return x
 
 
-def fp32_end_to_end(hf_model, names: set[str], hf_cap: Capture, store: Store, device, softcap) -> Capture:
-    """The HF text graph in fp32, one decoder layer resident at a time (so it fits beside the bf16 model):
-    embed -> layers (each with HF's own layer kwargs, RoPE recomputed in fp32) -> norm -> lm_head -> softcap."""
+def fp32_end_to_end(hf_model, rows, hf_cap: Capture, valid, device, softcap) -> dict[str, float]:
+    """End-to-end noise floors: the HF text graph in fp32, one decoder layer resident at a time (so it fits
+    beside the bf16 model): embed -> layers (HF's own layer kwargs, RoPE recomputed in fp32) -> norm ->
+    lm_head -> softcap. Each module's output is compared with the bf16 capture at once; only the
+    scalar rel-L2 is kept."""
     base = hf_model.model
-    cap = Capture()
+    kinds = {h: r.kind for h, _, r in rows}
+    floors: dict[str, float] = {}
+    fctx = types.SimpleNamespace(valid=valid)
 
     def run_copy(module, name, *args, **kwargs):
         mod32 = copy.deepcopy(module).float()
-        _, out = capture_hf(mod32, names, lambda: mod32(*args, **kwargs), store, keep_inputs=False,
-                            prefix=name + ".", cap=cap)
+        handles = []
+        for rel, sub in mod32.named_modules():
+            full = f"{name}.{rel}" if rel else name
+            if full in kinds and hf_cap.first(full) is not None:
+                def hook(m, a, out, full=full):
+                    floors[full] = _floor_value(kinds[full], out, hf_cap.first(full).output, fctx)
+                handles.append(sub.register_forward_hook(hook))
+        with torch.no_grad():
+            out = mod32(*args, **kwargs)
+        for h in handles:
+            h.remove()
         del mod32
         return out
 
@@ -168,16 +182,28 @@ def fp32_end_to_end(hf_model, names: set[str], hf_cap: Capture, store: Store, de
     for i, layer in enumerate(base.layers):
         call = hf_cap.first(f"model.layers.{i}")
         kwargs = _to(dict(call.kwargs), device)
-        layer_type = hf_model.config.layer_types[i]
         with torch.no_grad():
-            kwargs["position_embeddings"] = base.rotary_emb(h, kwargs["position_ids"], layer_type)
+            kwargs["position_embeddings"] = base.rotary_emb(h, kwargs["position_ids"], hf_model.config.layer_types[i])
         h = run_copy(layer, f"model.layers.{i}", h, **kwargs)
     h = run_copy(base.norm, "model.norm", h)
     logits = run_copy(hf_model.lm_head, "lm_head", h).float()
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    cap.calls["logits"] = [Call((), {}, store.keep(logits), len(cap.order) + 1)]
-    return cap
+    floors["logits"] = _floor_value("logits", logits, hf_cap.first("__logits__").output, fctx)
+    return floors
+
+
+def _floor_value(kind: str, out32, out_bf16, fctx) -> float:
+    """rel-L2 of the bf16 output against the fp32 one (HF vs HF), in the comparison layout of ``kind``."""
+    call32, call16 = Call((), {}, out32, 0), Call((), {}, out_bf16, 0)
+    ref, test = hf_value(kind, call32), hf_value(kind, call16)
+    if kind == "router":
+        test = {"dense": torch.zeros_like(test["probs"]).scatter(1, test["top_i"], test["top_w"].float()),
+                "top_i": test["top_i"], "top_w": test["top_w"]}
+        ref = _to(ref, test["dense"].device)
+        return float(compare_values("router", ref, test, fctx)["rel_l2"])
+    ref = ref.float()
+    return float(compare_values(kind, ref, test.to(ref.device).float(), fctx)["rel_l2"])
 
 
 def fp32_isolated(hf_model, hf_name: str, call, device) -> Any:
@@ -250,16 +276,19 @@ def run_text(spec: RunSpec) -> dict:
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                      position_ids=inputs["position_ids"], use_cache=False).logits
 
+    timings = {"hf_forward_s": _timed(lambda: run_hf(hf_model), device)}
     with prog.phase("hf_forward"):
         hf_cap, hf_logits = capture_hf(hf_model, hf_names, lambda: run_hf(hf_model), store)
         hf_logits = store.keep(hf_logits)
         hf_cap.calls["__logits__"] = [Call((), {}, hf_logits, 0)]
 
-    floors_e2e, floor_cap = {}, None
+    floors_e2e: dict[str, float] = {}
+    floors_iso: dict[str, float] = {}
     if dtype != torch.float32:
         with prog.phase("noise_floor"):
-            floor_cap = fp32_end_to_end(hf_model, hf_names, hf_cap, Store(offload=spec.offload), device,
-                                        args.final_logit_softcapping)
+            floors_e2e = fp32_end_to_end(hf_model, rows, hf_cap, valid, device, args.final_logit_softcapping)
+        with prog.phase("noise_floor_isolated"):
+            floors_iso = _isolated_floors(hf_model, rows, hf_cap, valid, device, args.final_logit_softcapping)
 
     with prog.phase("hf_state_to_host"):
         hf_state = {k: (v.detach().to("cpu") if spec.sequential else v.detach())
@@ -267,16 +296,11 @@ def run_text(spec: RunSpec) -> dict:
     hf_ref = weakref.ref(hf_model)
     hf_released = None
     if spec.sequential:
-        with prog.phase("noise_floor_isolated"):
-            floors_iso = _isolated_floors(hf_model, rows, hf_cap, device) if dtype != torch.float32 else {}
         del hf_model
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
         hf_released = hf_ref() is None
-    else:
-        with prog.phase("noise_floor_isolated"):
-            floors_iso = _isolated_floors(hf_model, rows, hf_cap, device) if dtype != torch.float32 else {}
 
     from parity.bridge.convert import hf_to_megatron, megatron_to_hf, same_bits
     from parity.models.text import Gemma4Model
@@ -301,6 +325,9 @@ def run_text(spec: RunSpec) -> dict:
               layer_types=[la.layer_type for la in args.layers], num_heads=args.num_heads,
               layer_shapes=[(la.head_dim, la.num_kv_heads) for la in args.layers], device=device)
 
+    timings["megatron_forward_s"] = _timed(lambda: mc_model(
+        input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], padding_mask=inputs["attention_mask"]),
+        device)
     records: list[dict] = []
     with prog.phase("megatron_forward"):
         mc_logits = _megatron_end_to_end(mc_model, rows, hf_cap, hf_logits, inputs, ctx, records)
@@ -311,12 +338,11 @@ def run_text(spec: RunSpec) -> dict:
         margin = None if dtype != torch.float32 else 1e-4
         logits_summary = M.logits_metrics(hf_logits.to(mc_logits.device).float(), mc_logits.float(), valid,
                                           near_tie_margin=margin)
-        floor_logits_summary = None
-        if floor_cap is not None:
-            floor_logits_summary = M.logits_metrics(floor_cap.first("logits").output.to(hf_logits.device),
-                                                    hf_logits.float(), valid.to(hf_logits.device))
         for rec in records:
-            rec["floor"] = _floor_for(rec, floor_cap, floors_iso, hf_cap, ctx)
+            if dtype != torch.float32 and rec["kind"] not in ("mask", "rope"):
+                rec["floor"] = (floors_e2e if rec["mode"] == "end_to_end" else floors_iso).get(rec["name"])
+            else:
+                rec["floor"] = None
         verdict = G.apply(records, spec.gates, spec.dtype, logits_summary)
     env = env_info(device)
     result = G.summarise(records, verdict, logits_summary)
@@ -324,34 +350,61 @@ def run_text(spec: RunSpec) -> dict:
         "case": spec.name, "passed": verdict["passed"], "device": device, "dtype": spec.dtype, "seed": spec.seed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "env": env,
         "config_hash": config_hash(hf_config), "layer_types": ctx.layer_types,
-        "roundtrip": roundtrip, "phases": prog.phases, "peak_memory": _peak_memory(device),
+        "roundtrip": roundtrip, "phases": prog.phases, "timings": timings, "peak_memory": _peak_memory(device),
         "parallel": {"tp": spec.tp, "ep": spec.ep}, "sequential": spec.sequential,
         "hf_released_before_megatron": hf_released, "gates": spec.gates,
         "inputs": {"batch": b, "seq_len": s, "pad_tail": spec.pad_tail},
-        "floor_logits": floor_logits_summary,
     })
     result["checks"]["roundtrip"] = roundtrip["bit_exact"] == roundtrip["tensors"] and roundtrip["tensors"] > 0
     result["passed"] = all(result["checks"].values())
     return result
 
 
+def _timed(fn, device, repeats: int = 2) -> float:
+    """Plain forward time (no hooks, no capture): one warm-up, then the best of ``repeats``."""
+    best = float("inf")
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                best = min(best, time.perf_counter() - t0)
+            del out
+    return best
+
+
 def _first_tensor(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def _isolated_floors(hf_model, rows, hf_cap: Capture, device) -> dict[str, Any]:
-    """HF fp32 module on its own captured inputs, for every aligned row (bf16 runs only)."""
-    out = {}
+def _isolated_floors(hf_model, rows, hf_cap: Capture, valid, device, softcap) -> dict[str, float]:
+    """Isolated noise floors: each HF module in fp32 on its own (upcast) captured inputs (bf16 runs only)."""
+    fctx = types.SimpleNamespace(valid=valid)
+    out: dict[str, float] = {}
     for hf_name, _, row in rows:
-        call = hf_cap.first(hf_name)
-        if call is None or hf_name in out:
+        if hf_name in out:
             continue
-        if row.kind == "logits":
+        if row.kind == "logits":  # lm_head in fp32 on the captured final-norm output, then softcap
+            norm, lm = hf_cap.first("model.norm"), hf_cap.first("lm_head")
+            if norm is None or lm is None:
+                continue
+            logits = _first_tensor(fp32_isolated(hf_model, "lm_head", Call(norm.output if isinstance(
+                norm.output, tuple) else (norm.output,), {}, None, 0), device)).float()
+            if softcap is not None:
+                logits = torch.tanh(logits / softcap) * softcap
+            out[hf_name] = _floor_value("logits", logits, hf_cap.first("__logits__").output, fctx)
+            continue
+        call = hf_cap.first(hf_name)
+        if call is None:
             continue
         try:
-            out[hf_name] = store_cpu(fp32_isolated(hf_model, hf_name, call, device))
-        except Exception as e:  # a module we cannot re-run alone: no floor, the gate then fails loudly
-            out[hf_name] = e
+            out[hf_name] = _floor_value(row.kind, fp32_isolated(hf_model, hf_name, call, device), call.output, fctx)
+        except Exception:  # a module that cannot be re-run alone gets no floor: its gate is floor_abs only
+            continue
     return out
 
 
@@ -486,49 +539,6 @@ def _bool_mask(mask, b, s, device) -> torch.Tensor:
     if mask.dtype != torch.bool:
         mask = mask == 0
     return mask.expand(b, 1, s, s)
-
-
-def _floor_for(rec, floor_cap, floors_iso, hf_cap, ctx):
-    """rel-L2 of HF bf16 against HF fp32 for this row and mode (None for fp32 runs)."""
-    if floor_cap is None or rec["kind"] in ("mask",):
-        return None
-    name = rec["name"]
-    try:
-        if rec["kind"] == "rope":
-            return None
-        ref_call = hf_cap.first(name) if rec["kind"] != "logits" else None
-        hf_out = hf_value(rec["kind"], ref_call) if ref_call is not None else None
-        if rec["mode"] == "end_to_end":
-            f = floor_cap.first(name)
-            if f is None:
-                return None
-            f_out = hf_value(rec["kind"], f) if rec["kind"] != "logits" else f.output
-        else:
-            f_raw = floors_iso.get(name)
-            if f_raw is None or isinstance(f_raw, Exception):
-                return None
-            from parity.engine.compare import Call
-            f_out = hf_value(rec["kind"], Call((), {}, f_raw, 0))
-        if rec["kind"] == "logits":
-            return None if rec["mode"] != "end_to_end" else float(
-                M.tensor_metrics(f_out.float().cpu(), _logits_of(hf_cap).float().cpu(), ctx.valid.cpu())["rel_l2"])
-        if rec["kind"] == "router":
-            test = {"dense": torch.zeros_like(hf_out["probs"]).scatter(1, hf_out["top_i"], hf_out["top_w"].float()),
-                    "top_i": hf_out["top_i"], "top_w": hf_out["top_w"]}
-            return float(compare_values("router", _to(f_out, "cpu"), _to(test, "cpu"), _cpu(ctx))["rel_l2"])
-        return float(compare_values(rec["kind"], f_out.float().cpu(), hf_out.float().cpu(), _cpu(ctx))["rel_l2"])
-    except Exception:
-        return None
-
-
-def _logits_of(hf_cap):
-    return hf_cap.calls["__logits__"][0].output
-
-
-def _cpu(ctx):
-    c = copy.copy(ctx)
-    c.valid = ctx.valid.cpu()
-    return c
 
 
 def run_case(case, *, device: str | None = None, dtype: str | None = None, checkpoint: str | None = None,
