@@ -1,0 +1,519 @@
+"""Cases are data: one TOML file per case in ``cases/``, validated strictly into a frozen ``Case``.
+
+A case names the model (a builder and its overrides, or a checkpoint), the devices and dtype it runs in,
+the raw inputs, the parallel layout, how the run is staged, the gates that decide parity, and the pytest
+markers that select it. Every problem is reported as one ``CaseError`` line naming the file and the field::
+
+    cases/gemma4-text-tiny.toml: inputs.pad_tail: must be smaller than inputs.seq_len (40), got 40
+
+Schema (fields without a default are required)::
+
+    name = "gemma4-text-tiny"            # must equal the file name without .toml
+    description = "..."
+    kind = "text"                        # "text" | "vlm"
+    devices = ["cpu", "cuda"]            # subset of cpu, cuda; a case without "cpu" is GPU-only
+    dtype = "float32"                    # default dtype: "float32" | "bfloat16"
+    seed = 0
+    markers = ["cpu"]                    # default []; of cpu, gpu, multigpu, slow, checkpoint
+    [model]
+    builder = "tiny_text"                # "tiny_text" | "full_text" | "tiny_vlm" | "checkpoint"
+    overrides = { enable_moe_block = false }   # default {}: keyword arguments for the builder
+    checkpoint_env = "GEMMA4_CHECKPOINT" # builder "checkpoint" only (and required there)
+    [inputs]
+    batch = 2
+    seq_len = 40                         # required for text; optional for vlm (the images set the length)
+    pad_tail = 5                         # default 0: right-padded positions of the last sequence
+    images = [[[24, 32], [16, 16]], [[32, 24]]]   # vlm only (required): [h, w] per image, per sequence
+    [parallel]                           # default tp = ep = 1; world size tp*ep > 1 means torchrun
+    tp = 1
+    ep = 1
+    [run]
+    sequential = false                   # release the HF model before building Megatron
+    offload = false                      # keep captured tensors on the host
+    [gates]
+    exact = ["model.embed_tokens"]       # default []: HF module names or kinds gated bit-exactly
+    [gates.float32]
+    rel_l2 = 1e-5                        # per module
+    logits_rel_l2 = 1e-5
+    kl_max = 1e-6                        # per-token KL, max over tokens
+    [gates.bfloat16]
+    floor_multiplier = 4.0               # rel_l2 <= floor_multiplier * floor + floor_abs
+    floor_abs = 1e-3
+    logits_kl_max = 0.05
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from parity.errors import CaseError
+
+KINDS = ("text", "vlm")
+BUILDERS = {"tiny_text": ("text",), "full_text": ("text",), "tiny_vlm": ("vlm",), "checkpoint": ("text", "vlm")}
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16")
+MARKERS = ("cpu", "gpu", "multigpu", "slow", "checkpoint")
+SHORT_DTYPE = {"float32": "fp32", "bfloat16": "bf16"}
+ENV_CASES_DIR = "PARITY_CASES_DIR"
+
+
+class _Section:
+    """Read-only mapping view of a dataclass section, so ``dict(case.inputs)`` and ``section["batch"]`` work."""
+
+    def keys(self):
+        return [f.name for f in dataclasses.fields(self)]
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default) if key in self.keys() else default
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+
+class FrozenDict(dict):
+    """A dict that refuses in-place changes (builder overrides inside a frozen ``Case``)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("case data is read-only; use Case.replace(...)")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _refuse  # type: ignore
+
+    def __hash__(self):  # type: ignore[override]
+        return hash(repr(sorted(self.items(), key=lambda kv: kv[0])))
+
+    def __deepcopy__(self, memo):
+        return FrozenDict(copy.deepcopy(dict(self), memo))
+
+    def __reduce__(self):
+        return (FrozenDict, (dict(self),))
+
+
+@dataclass(frozen=True)
+class ModelSpec(_Section):
+    builder: str
+    overrides: FrozenDict = field(default_factory=FrozenDict)
+    checkpoint_env: str | None = None
+
+
+@dataclass(frozen=True)
+class Inputs(_Section):
+    batch: int
+    seq_len: int | None = None
+    pad_tail: int = 0
+    images: tuple[tuple[tuple[int, int], ...], ...] | None = None  # per sequence, (h, w) per image
+
+
+@dataclass(frozen=True)
+class Parallel(_Section):
+    tp: int = 1
+    ep: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.ep
+
+
+@dataclass(frozen=True)
+class RunOptions(_Section):
+    sequential: bool = False
+    offload: bool = False
+
+
+@dataclass(frozen=True)
+class Float32Gates(_Section):
+    rel_l2: float
+    logits_rel_l2: float
+    kl_max: float
+
+
+@dataclass(frozen=True)
+class BFloat16Gates(_Section):
+    floor_multiplier: float
+    floor_abs: float
+    logits_kl_max: float
+
+
+@dataclass(frozen=True)
+class Gates(_Section):
+    float32: Float32Gates
+    bfloat16: BFloat16Gates
+    exact: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Case:
+    """One validated case file. Sections are frozen dataclasses that also read like mappings."""
+
+    name: str
+    description: str
+    kind: str
+    model: ModelSpec
+    devices: tuple[str, ...]
+    dtype: str
+    seed: int
+    inputs: Inputs
+    parallel: Parallel = Parallel()
+    run: RunOptions = RunOptions()
+    gates: Gates = None  # type: ignore[assignment]  # always set by the loader
+    markers: tuple[str, ...] = ()
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def world_size(self) -> int:
+        return self.parallel.world_size
+
+    @property
+    def gpu_only(self) -> bool:
+        return "cpu" not in self.devices
+
+    @property
+    def needs_checkpoint(self) -> bool:
+        return self.model.builder == "checkpoint"
+
+    @property
+    def dense(self) -> bool:
+        """True when the case's model is known to have no MoE block (no router to test)."""
+        return self.model.overrides.get("enable_moe_block", True) is False
+
+    def to_dict(self) -> dict:
+        """Plain data (lists and dicts), as the TOML file would hold it."""
+        out = _plain(dataclasses.asdict(self))
+        out.pop("path")
+        return out
+
+    def replace(self, **sections: Any) -> "Case":
+        """A new validated case with fields (or fields of a section) replaced, e.g.
+        ``case.replace(inputs={"seq_len": 2048}, dtype="bfloat16")``."""
+        data = self.to_dict()
+        for key, value in sections.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = _merge(data[key], value)
+            else:
+                data[key] = value
+        return parse_case(data, source=str(self.path or self.name), stem=self.name)
+
+
+def _merge(base: dict, new: dict) -> dict:
+    out = dict(base)
+    for k, v in new.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: one reader per section; every error names file and field.
+
+class _Reader:
+    def __init__(self, source: str, table: Any, prefix: str = ""):
+        self.source, self.prefix = source, prefix
+        if not isinstance(table, dict):
+            self.fail("", f"must be a table, got {_show(table)}")
+        self.table, self.used = table, set()
+
+    def field(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    def fail(self, key: str, message: str):
+        where = self.field(key).rstrip(".") or "case"
+        raise CaseError(f"{self.source}: {where}: {message}")
+
+    def has(self, key: str) -> bool:
+        return key in self.table
+
+    def raw(self, key: str, default: Any = ...) -> Any:
+        """The value at ``key``; a missing key fails unless a ``default`` is given."""
+        self.used.add(key)
+        if key in self.table:
+            return self.table[key]
+        if default is ...:
+            self.fail(key, "missing (required)")
+        return default
+
+    def str_(self, key: str, choices=None, default: Any = ...) -> Any:
+        v = self.raw(key, default)
+        if v is None and default is None:
+            return None
+        if not isinstance(v, str) or not v.strip():
+            self.fail(key, f"expected a non-empty string, got {_show(v)}")
+        if choices and v not in choices:
+            self.fail(key, f"expected one of {', '.join(choices)}, got {v!r}")
+        return v
+
+    def int_(self, key: str, default: Any = ..., minimum: int = 0) -> Any:
+        v = self.raw(key, default)
+        if v is None and default is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            self.fail(key, f"expected an integer, got {_show(v)}")
+        if v < minimum:
+            self.fail(key, f"must be >= {minimum}, got {v}")
+        return v
+
+    def float_(self, key: str, positive: bool = False) -> float:
+        v = self.raw(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            self.fail(key, f"expected a finite number, got {_show(v)}")
+        if v < 0 or (positive and v == 0):
+            self.fail(key, f"must be {'> 0' if positive else '>= 0'}, got {v}")
+        return float(v)
+
+    def bool_(self, key: str, default: bool = False) -> bool:
+        v = self.raw(key, default)
+        if not isinstance(v, bool):
+            self.fail(key, f"expected true or false, got {_show(v)}")
+        return v
+
+    def str_list(self, key: str, choices=None, default: Any = ..., nonempty: bool = False) -> tuple[str, ...]:
+        v = self.raw(key, default)
+        if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) and s.strip() for s in v):
+            self.fail(key, f"expected a list of strings, got {_show(v)}")
+        if nonempty and not v:
+            self.fail(key, "must not be empty")
+        for s in v:
+            if choices and s not in choices:
+                self.fail(key, f"unknown value {s!r} (expected some of {', '.join(choices)})")
+        if len(set(v)) != len(v):
+            self.fail(key, f"has duplicates: {list(v)}")
+        return tuple(v)
+
+    def sub(self, key: str, required: bool = False) -> "_Reader":
+        v = self.raw(key, {} if not required else ...)
+        return _Reader(self.source, v, f"{self.field(key)}.")
+
+    def done(self) -> None:
+        extra = sorted(set(self.table) - self.used)
+        if extra:
+            self.fail(extra[0], "unknown field" + (f" (known here: {', '.join(sorted(self.used))})"
+                                                   if self.used else ""))
+
+
+def _show(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path | None = None) -> Case:
+    """Validate one case's data (a parsed TOML document) into a ``Case``; ``source`` names it in errors."""
+    top = _Reader(source, data)
+    name = top.str_("name")
+    if stem is not None and name != stem:
+        top.fail("name", f"must equal the file name {stem!r}, got {name!r}")
+    if any(c.isspace() or c in "/\\[]" for c in name):
+        top.fail("name", f"must not contain spaces, slashes or brackets, got {name!r}")
+    description = top.str_("description")
+    kind = top.str_("kind", KINDS)
+    devices = top.str_list("devices", DEVICES, nonempty=True)
+    devices = tuple(d for d in DEVICES if d in devices)
+    dtype = top.str_("dtype", DTYPES)
+    seed = top.int_("seed")
+    markers = top.str_list("markers", MARKERS, default=[])
+
+    m = top.sub("model", required=True)
+    builder = m.str_("builder", tuple(BUILDERS))
+    if kind not in BUILDERS[builder]:
+        m.fail("builder", f"{builder!r} builds a {BUILDERS[builder][0]} model, but kind is {kind!r}")
+    overrides = m.raw("overrides", {})
+    if not isinstance(overrides, dict):
+        m.fail("overrides", f"must be a table, got {_show(overrides)}")
+    for k in overrides:
+        if not k.isidentifier():
+            m.fail("overrides", f"{k!r} is not a keyword argument name")
+    if builder == "checkpoint" and overrides:
+        m.fail("overrides", "a checkpoint's config comes from its folder; overrides are not applied to it")
+    checkpoint_env = m.str_("checkpoint_env", default=None)
+    if builder == "checkpoint" and checkpoint_env is None:
+        m.fail("checkpoint_env", "missing (required for builder 'checkpoint')")
+    if builder != "checkpoint" and checkpoint_env is not None:
+        m.fail("checkpoint_env", f"only for builder 'checkpoint' (builder is {builder!r})")
+    m.done()
+    model = ModelSpec(builder=builder, overrides=FrozenDict(copy.deepcopy(overrides)), checkpoint_env=checkpoint_env)
+
+    i = top.sub("inputs", required=True)
+    batch = i.int_("batch", minimum=1)
+    seq_len = i.int_("seq_len", default=None if kind == "vlm" else ..., minimum=1)
+    pad_tail = i.int_("pad_tail", default=0)
+    if seq_len is not None and pad_tail >= seq_len:
+        i.fail("pad_tail", f"must be smaller than inputs.seq_len ({seq_len}), got {pad_tail}")
+    if kind == "vlm" and pad_tail and seq_len is None:
+        i.fail("pad_tail", "needs inputs.seq_len (vlm sequences are right-padded to the longest one already)")
+    images = None
+    if kind == "vlm":
+        raw = i.raw("images")
+        images = _images(i, raw)
+        if len(images) != batch:
+            i.fail("images", f"has {len(images)} sequences of images but inputs.batch is {batch}")
+    elif i.has("images"):
+        i.raw("images")
+        i.fail("images", "only for kind 'vlm'")
+    i.done()
+    inputs = Inputs(batch=batch, seq_len=seq_len, pad_tail=pad_tail, images=images)
+
+    p = top.sub("parallel")
+    parallel = Parallel(tp=p.int_("tp", default=1, minimum=1), ep=p.int_("ep", default=1, minimum=1))
+    p.done()
+    if parallel.world_size > 1:
+        if devices != ("cuda",):
+            top.fail("devices", f"must be [\"cuda\"] when parallel.tp * parallel.ep > 1 (torchrun), got {list(devices)}")
+        if "multigpu" not in markers:
+            top.fail("markers", "must include \"multigpu\" when parallel.tp * parallel.ep > 1")
+    if "cpu" not in devices and not {"gpu", "multigpu"} & set(markers):
+        top.fail("markers", "must include \"gpu\" (or \"multigpu\") for a case whose devices lack \"cpu\"")
+    if "cpu" in markers and "cpu" not in devices:
+        top.fail("markers", "has \"cpu\" but devices lack \"cpu\"")
+
+    r = top.sub("run")
+    run = RunOptions(sequential=r.bool_("sequential"), offload=r.bool_("offload"))
+    r.done()
+
+    g = top.sub("gates", required=True)
+    g32 = g.sub("float32", required=True)
+    f32 = Float32Gates(rel_l2=g32.float_("rel_l2"), logits_rel_l2=g32.float_("logits_rel_l2"),
+                       kl_max=g32.float_("kl_max"))
+    g32.done()
+    g16 = g.sub("bfloat16", required=True)
+    bf16 = BFloat16Gates(floor_multiplier=g16.float_("floor_multiplier", positive=True),
+                         floor_abs=g16.float_("floor_abs"), logits_kl_max=g16.float_("logits_kl_max"))
+    g16.done()
+    gates = Gates(float32=f32, bfloat16=bf16, exact=g.str_list("exact", default=[]))
+    g.done()
+    top.done()
+    return Case(name=name, description=description, kind=kind, model=model, devices=devices, dtype=dtype, seed=seed,
+                inputs=inputs, parallel=parallel, run=run, gates=gates, markers=markers, path=path)
+
+
+def _images(reader: _Reader, raw: Any) -> tuple:
+    shape = "a list per sequence of [height, width] pairs, e.g. [[[24, 32], [16, 16]], [[32, 24]]]"
+    if not isinstance(raw, list) or not raw:
+        reader.fail("images", f"expected {shape}, got {_show(raw)}")
+    out = []
+    for s, seq in enumerate(raw):
+        if not isinstance(seq, list) or not seq:
+            reader.fail("images", f"sequence {s}: expected a non-empty list of [height, width], got {_show(seq)}")
+        sizes = []
+        for size in seq:
+            if (not isinstance(size, list) or len(size) != 2
+                    or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+                reader.fail("images", f"sequence {s}: expected [height, width] of positive integers, got {_show(size)}")
+            sizes.append((size[0], size[1]))
+        out.append(tuple(sizes))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Finding and loading case files
+
+def cases_dir() -> Path:
+    """The case folder: ``$PARITY_CASES_DIR`` if set, else the repository's ``cases/``."""
+    env = os.environ.get(ENV_CASES_DIR)
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "cases"
+
+
+def _display(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def load_case_file(path: str | os.PathLike) -> Case:
+    path = Path(path)
+    source = _display(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CaseError(f"{source}: no such case file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise CaseError(f"{source}: unreadable ({e})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise CaseError(f"{source}: invalid TOML: {e}") from None
+    return parse_case(data, source=source, stem=path.stem, path=path)
+
+
+def case_names(directory: Path | None = None) -> list[str]:
+    """Names of the case files (without parsing them)."""
+    d = directory or cases_dir()
+    return sorted(p.stem for p in d.glob("*.toml")) if d.is_dir() else []
+
+
+def load_case(name_or_path: str | os.PathLike) -> Case:
+    """A case by name (``cases_dir()/NAME.toml``) or by path to a ``.toml`` file."""
+    text = os.fspath(name_or_path)
+    if text.endswith(".toml") or os.sep in text or "/" in text:
+        return load_case_file(text)
+    path = cases_dir() / f"{text}.toml"
+    if not path.is_file():
+        known = case_names()
+        hint = f" (known: {', '.join(known)})" if known else f" (no case files in {_display(cases_dir())})"
+        raise CaseError(f"unknown case {text!r}{hint}")
+    return load_case_file(path)
+
+
+def list_cases(directory: Path | None = None) -> list[Case]:
+    """Every case in the folder, validated, sorted by name (the first bad file raises ``CaseError``)."""
+    d = directory or cases_dir()
+    return [load_case_file(d / f"{n}.toml") for n in case_names(d)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a case needs from the machine (shared by the CLI and the pytest plugin)
+
+def default_device(case: Case, cuda_available: bool) -> str:
+    """CUDA when the case allows it and a GPU is there (or the case is GPU-only), else CPU."""
+    if "cuda" in case.devices and (cuda_available or case.gpu_only):
+        return "cuda"
+    return "cpu"
+
+
+def checkpoint_for(case: Case, explicit: str | None) -> str | None:
+    """The checkpoint folder a run uses: the explicit one, else (checkpoint cases) the case's env variable."""
+    if explicit:
+        return explicit
+    if case.needs_checkpoint:
+        return os.environ.get(case.model.checkpoint_env or "") or None
+    return None
+
+
+def unmet_requirement(case: Case, *, device: str, checkpoint: str | None, cuda_available: bool,
+                      device_count: int, checkpoint_hint: str = "--checkpoint DIR") -> str | None:
+    """Why ``case`` cannot run here as asked (one line), or None when it can."""
+    if device not in case.devices:
+        if device == "cpu":
+            return f"needs CUDA (case {case.name})"
+        return f"runs on {', '.join(case.devices)} only, not {device} (case {case.name})"
+    if device == "cuda" and not cuda_available:
+        return f"needs CUDA (case {case.name})"
+    if case.world_size > 1 and device_count < case.world_size:
+        return f"needs {case.world_size} CUDA GPUs (case {case.name}; found {device_count})"
+    if case.needs_checkpoint and not checkpoint:
+        return (f"needs a checkpoint (case {case.name}): pass {checkpoint_hint} or set "
+                f"{case.model.checkpoint_env}")
+    return None
+
+
+def run_id(case: Case, dtype: str | None = None) -> str:
+    """Display id of a case run: the case name, plus the dtype when it overrides the case's own."""
+    if dtype is None or dtype == case.dtype:
+        return case.name
+    short = SHORT_DTYPE[dtype]
+    return case.name if case.name.endswith(f"-{short}") else f"{case.name}-as-{short}"
