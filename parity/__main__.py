@@ -1,0 +1,6 @@
+"""``python -m parity ...`` (see ``parity.cli``)."""
+import sys
+
+from parity.cli import main
+
+sys.exit(main())

@@ -1,0 +1,284 @@
+"""``python -m parity``: run a case, list cases, re-render reports.
+
+    python -m parity run --case NAME [--device cpu|cuda] [--dtype float32|bfloat16] [--checkpoint DIR]
+                         [--out DIR | --reports DIR] [--seed N] [--progress]
+    python -m parity cases
+    python -m parity report [--dir DIR]
+
+Exit codes: 0 = parity holds, 1 = parity fails (the report is still written), 2 = bad input or usage (one
+line ``parity: error: ...`` on stderr, no traceback), 3 = internal error (a bug: traceback on stderr),
+130 = interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+from parity.errors import UserError
+
+PROG = "parity"
+ENV_REPORTS_DIR = "PARITY_REPORTS_DIR"
+EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors as one line: ``parity: error: MESSAGE (see python -m parity --help)``."""
+
+    def error(self, message: str) -> NoReturn:
+        help_cmd = "python -m parity" + self.prog[len(PROG):] + " --help"
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message} (see {help_cmd})\n")
+
+
+def default_reports_dir() -> Path:
+    return Path(os.environ.get(ENV_REPORTS_DIR) or "reports")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Module-by-module parity of a Megatron-core Gemma 4 against HF.")
+    sub = parser.add_subparsers(dest="command", metavar="{run,cases,report}")
+
+    run = sub.add_parser("run", help="run one case and write its report",
+                         description="Run one case; exit 0 when parity holds, 1 when it fails, 2 on bad input.")
+    run.add_argument("--case", required=True, help="case name (see `python -m parity cases`) or path to a .toml")
+    run.add_argument("--device", choices=("cpu", "cuda"),
+                     help="default: cuda when available and the case allows it, else cpu")
+    run.add_argument("--dtype", choices=("float32", "bfloat16"), help="override the case's dtype")
+    run.add_argument("--checkpoint", metavar="DIR",
+                     help="local HF checkpoint folder: replaces the case's model (inputs and gates stay)")
+    where = run.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="DIR", type=Path,
+                       help="write DIR/results.json and DIR/index.html (never overwrites)")
+    where.add_argument("--reports", metavar="DIR", type=Path, default=None,
+                       help=f"report root: a new run under DIR/runs/ and DIR/index.html updated "
+                            f"(default: ${ENV_REPORTS_DIR} or reports)")
+    run.add_argument("--seed", type=int, help="override the case's seed")
+    run.add_argument("--progress", action="store_true", help="print each phase and its time on stderr")
+
+    sub.add_parser("cases", help="list the case names", description="List the cases, one per line.")
+
+    report = sub.add_parser("report", help="re-render stored reports",
+                            description="Rebuild every run page and the history page from the stored results.")
+    report.add_argument("--dir", type=Path, default=None,
+                        help=f"report root (default: ${ENV_REPORTS_DIR} or reports)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"run": cmd_run, "cases": cmd_cases, "report": cmd_report}
+    if args.command is None:
+        return _usage_error("choose a command: run, cases or report (see python -m parity --help)")
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BaseException as e:  # noqa: BLE001 - sorted into user errors and bugs below
+        message = user_error_message(e)
+        if message is None:
+            if isinstance(e, SystemExit):
+                raise
+            traceback.print_exc()
+            print(f"{PROG}: internal error (a bug, not a parity verdict): {type(e).__name__}: {e}", file=sys.stderr)
+            return EXIT_INTERNAL
+        return _usage_error(message)
+
+
+def _usage_error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def user_error_message(e: BaseException) -> str | None:
+    """One line for an error the user caused (bad case, path, checkpoint, device, memory), else None."""
+    if isinstance(e, UserError):
+        return _one_line(str(e))
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return "out of memory: " + _one_line(first, 240)
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
+        what = e.strerror or type(e).__name__
+        return _one_line(f"{what}: {e.filename}" if e.filename else str(e))
+    for module, name in (("parity.bridge.io", "CheckpointError"), ("parity.config", "UnsupportedConfig")):
+        mod = sys.modules.get(module)
+        cls = getattr(mod, name, None) if mod else None
+        if cls is not None and isinstance(e, cls):
+            return _one_line(str(e))
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commands
+
+def cmd_cases(args: argparse.Namespace) -> int:
+    from parity.cases import list_cases
+
+    cases = list_cases()
+    width = max((len(c.name) for c in cases), default=0)
+    for c in cases:
+        print(f"{c.name:<{width}}  {c.description}")
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    root = args.dir or default_reports_dir()
+    if not root.is_dir():
+        raise UserError(f"no report directory {root}" if not root.exists() else f"{root} is not a directory")
+    from parity.report.cli import rerender
+
+    n = rerender(root)
+    print(f"re-rendered {n} run{'s' if n != 1 else ''}; history: {root / 'index.html'}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from parity.cases import checkpoint_for, load_case
+
+    case = load_case(args.case)
+    checkpoint = checkpoint_for(case, args.checkpoint)
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.exists():
+            source = "--checkpoint" if args.checkpoint else f"${case.model.checkpoint_env}"
+            raise UserError(f"checkpoint folder {checkpoint} does not exist (from {source})")
+        if not path.is_dir():
+            raise UserError(f"checkpoint {checkpoint} is not a folder (expected a local HF checkpoint folder)")
+    if args.out is not None:
+        _refuse_existing_report(args.out)
+    device = resolve_device(case, args.device, checkpoint)
+    results = execute(case, device=device, dtype=args.dtype, checkpoint=checkpoint, seed=args.seed,
+                      progress=args.progress)
+    report = write_report(results, out=args.out, reports=args.reports or default_reports_dir())
+    print(summary_text(results, report))
+    return EXIT_OK if results.get("passed") else EXIT_FAIL
+
+
+def _refuse_existing_report(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    for name in ("results.json", "index.html"):
+        if (out / name).exists():
+            raise UserError(f"{out / name} already exists; refusing to overwrite an earlier report "
+                            f"(choose another --out folder)")
+
+
+def resolve_device(case, requested: str | None, checkpoint: str | None, checkpoint_hint: str = "--checkpoint DIR") -> str:
+    """The device a case runs on here, or a ``UserError`` saying why it cannot run as asked."""
+    import torch
+
+    from parity.cases import default_device, unmet_requirement
+
+    cuda = torch.cuda.is_available()
+    device = requested or default_device(case, cuda)
+    why = unmet_requirement(case, device=device, checkpoint=checkpoint, cuda_available=cuda,
+                            device_count=torch.cuda.device_count() if cuda else 0, checkpoint_hint=checkpoint_hint)
+    if why is not None:
+        if requested == "cuda" and not cuda:
+            why = f"--device cuda, but no CUDA GPU is available here (case {case.name})"
+        elif why.startswith("needs CUDA"):
+            why = (f"case {case.name} runs on {', '.join(case.devices)} only" +
+                   (", and no CUDA GPU is available here" if not cuda else f", not on {device}"))
+        raise UserError(why)
+    return device
+
+
+def distributed_available() -> bool:
+    return importlib.util.find_spec("parity.engine.distributed") is not None
+
+
+def execute(case, *, device: str, dtype: str | None = None, checkpoint: str | None = None, seed: int | None = None,
+            progress: bool = False) -> dict:
+    """Run a case: in this process, or through torchrun when its world size (tp * ep) is above 1."""
+    if case.world_size > 1:
+        if not distributed_available():
+            raise UserError(f"case {case.name} needs a multi-GPU launch (parity.engine.distributed), "
+                            f"which this install lacks")
+        from parity.engine.distributed import launch
+
+        return launch(case, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed, progress=progress)
+    from parity.engine.run import run_case
+
+    return run_case(case, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed, progress=progress)
+
+
+def write_report(results: dict, *, out: Path | None = None, reports: Path | None = None) -> Path:
+    """Write the run's report; returns the path of its ``index.html``."""
+    from parity.report.store import write_run, write_to
+
+    if out is not None:
+        try:
+            return Path(write_to(results, out)) / "index.html"
+        except FileExistsError as e:
+            raise UserError(_one_line(str(e))) from None
+    return Path(write_run(results, reports or default_reports_dir())) / "index.html"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The one-paragraph summary
+
+def _num(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return str(x)
+    if isinstance(x, (int, float)):
+        return "0" if x == 0 else f"{x:.3g}"
+    return str(x)
+
+
+def divergence_text(results: dict) -> str:
+    """``model.layers.3.self_attn (end_to_end: rel_l2 3.1e-02 > gate 1e-05)`` or ``none``."""
+    summary = results.get("summary") or {}
+    first = summary.get("first_divergence")
+    if not first:
+        return "none"
+    d = summary.get("first_divergence_detail") or {}
+    parts = []
+    if d.get("mode"):
+        parts.append(str(d["mode"]))
+    if d.get("metric"):
+        parts.append(f"{d['metric']} {_num(d.get('value'))} > gate {_num(d.get('gate'))}")
+    if d.get("why"):
+        parts.append(str(d["why"]))
+    mc = f" = megatron {d['megatron_name']}" if d.get("megatron_name") else ""
+    return f"{first}{mc}" + (f" ({'; '.join(parts)})" if parts else "")
+
+
+def summary_text(results: dict, report: Path | str | None = None) -> str:
+    case, device, dtype = results.get("case"), results.get("device"), results.get("dtype")
+    checks = results.get("checks") or {}
+    failed = [k for k, ok in checks.items() if not ok]
+    if results.get("passed"):
+        verdict = "parity HOLDS" + (f" ({', '.join(checks)} ok)" if checks else "")
+    else:
+        verdict = "parity FAILS" + (f" ({', '.join(failed)} failed)" if failed else "")
+    logits = (results.get("summary") or {}).get("logits") or {}
+    top1 = logits.get("top1_agreement")
+    top1_text = f", top-1 agreement {top1:.2%}" if isinstance(top1, (int, float)) else ""
+    sentences = [
+        f"{case} on {device} in {dtype}: {verdict}.",
+        f"First divergence: {divergence_text(results)}.",
+        f"Logits: rel-L2 {_num(logits.get('rel_l2'))}, KL max {_num(logits.get('kl_max'))} "
+        f"(mean {_num(logits.get('kl_mean'))}){top1_text}.",
+    ]
+    rt = results.get("roundtrip") or {}
+    if rt.get("tensors") is not None:
+        sentences.append(f"Weights round trip: {rt.get('bit_exact')}/{rt.get('tensors')} tensors bit-exact.")
+    if report is not None:
+        sentences.append(f"Report: {report}")
+    return " ".join(sentences)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
