@@ -54,16 +54,16 @@ def compare(current: dict, previous: dict | None) -> list[dict]:
       count as 1e-12; a finite value turning NaN/inf counts); extra keys ``name``, ``megatron_name``, ``mode``,
       ``previous``, ``current``, ``factor`` (None when the previous value was 0), ``now_failing``.
     - ``kind="gate"``: a module row that passed its gate before and fails it now without a 2× growth.
-    Verdict first, then by growth factor, largest first.
+    Verdict first, then modules that now fail their gate, then by growth factor, largest first.
     """
     if not previous:
         return []
     flags: list[dict] = []
     p_pass, c_pass = previous.get("passed"), current.get("passed")
     if p_pass is True and c_pass is False:
-        flags.append(_flag("verdict", "regression", "verdict flipped PASS → FAIL", previous=True, current=False))
+        flags.append(_flag("verdict", "regression", "verdict PASS → FAIL", previous=True, current=False))
     elif p_pass is False and c_pass is True:
-        flags.append(_flag("verdict", "improvement", "verdict flipped FAIL → PASS", previous=False, current=True))
+        flags.append(_flag("verdict", "improvement", "verdict FAIL → PASS", previous=False, current=True))
 
     before = {(r.get("name"), r.get("mode")): r for r in S.modules(previous)}
     rows = S.modules(current)
@@ -84,7 +84,7 @@ def compare(current: dict, previous: dict | None) -> list[dict]:
                   "previous": prev, "current": cur}
         if _grew(cur, prev):
             factor = _factor(cur, prev)  # type: ignore[arg-type]
-            how = f"{factor:.1f}×" if factor is not None else "from ~0" if math.isfinite(cur) else "to non-finite"
+            how = f"{S.fmt(factor)}×" if factor is not None else "from ~0" if math.isfinite(cur) else "to non-finite"
             msg = f"{row.get('name')} [{row.get('mode')}] rel_l2 {S.fmt(prev)} → {S.fmt(cur)} ({how})"
             growth.append(_flag("rel_l2", "regression", msg + (", now failing" if now_failing else ""),
                                 factor=factor, now_failing=now_failing, **common))
@@ -92,7 +92,8 @@ def compare(current: dict, previous: dict | None) -> list[dict]:
             msg = f"{row.get('name')} [{row.get('mode')}] now fails its gate (rel_l2 {S.fmt(prev)} → {S.fmt(cur)})"
             growth.append(_flag("gate", "regression", msg, factor=_factor(cur, prev) if cur is not None and
                                 prev is not None else None, now_failing=True, **common))
-    growth.sort(key=lambda f: (-(f["factor"] if f.get("factor") is not None else math.inf), str(f.get("name"))))
+    growth.sort(key=lambda f: (not f["now_failing"], -(f["factor"] if f.get("factor") is not None else math.inf),
+                               str(f.get("name"))))
     return flags + growth
 
 
@@ -138,20 +139,22 @@ def _verdict_pill(passed: Any) -> str:
 def _num_td(v: Any, bad: bool = False) -> str:
     x = S.num(v)
     dv = "" if x is None else repr(x)
-    return f'<td class="n{" bad" if bad else ""}" data-v="{_e(dv)}">{_e(S.fmt(v))}</td>'
+    return f'<td class="n{" red" if bad else ""}" data-v="{_e(dv)}">{_e(S.fmt(v))}</td>'
 
 
 def _regression_cell(flags: list[dict], has_previous: bool) -> tuple[str, int]:
+    """Compact cell: a count pill and the most important flag on one line; the full list in the tooltip."""
     if not has_previous:
         return '<span class="muted">first run</span>', 0
     bad = [f for f in flags if f["severity"] == "regression"]
     good = [f for f in flags if f["severity"] == "improvement"]
     parts = []
     if bad:
-        lines = "".join(f"<div>{_e(f['message'])}</div>" for f in bad[:3])
-        more = f'<div class="muted">+{len(bad) - 3} more</div>' if len(bad) > 3 else ""
+        tip = "\n".join(f["message"] for f in bad[:40]) + (f"\n… {len(bad) - 40} more" if len(bad) > 40 else "")
         parts.append(f'<span class="pill no">{len(bad)} regression{"s" if len(bad) != 1 else ""}</span>'
-                     f'<div class="mono" style="font-size:11.5px;margin-top:2px">{lines}{more}</div>')
+                     f'<div class="one" title="{_e(tip)}">{_e(bad[0]["message"])}</div>')
+        if len(bad) > 1:
+            parts.append(f'<div class="one" title="{_e(tip)}">{_e(bad[1]["message"])}</div>')
     if good:
         parts.append('<span class="pill ok">' + _e("; ".join(f["message"] for f in good)) + '</span>')
     return ("".join(parts) or '<span class="muted">none</span>'), len(bad)
@@ -218,23 +221,26 @@ def render_index(runs: list[dict]) -> str:
         fd = (r.get("summary") or {}).get("first_divergence")
         meta = r.get("_run") or {}
         href = meta.get("href")
-        link = f'<a href="{_e(href)}">report</a>' if href else '<span class="muted">—</span>'
         run_id = meta.get("id", "")
         fail = r.get("passed") is False
+        when = _e(S.fmt_time(r.get("created")).removesuffix(" UTC"))
+        when_html = f'<a href="{_e(href)}">{when}</a>' if href else when
         trs.append(
             f'<tr class="{"bad" if fail else ""}">'
             f'<td class="n" data-v="{run_time(r).timestamp() if run_time(r) != _EPOCH else ""}" '
-            f'title="{_e(run_id)}">{_e(S.fmt_time(r.get("created")))}</td>'
+            f'title="{_e(run_id)}">{when_html}</td>'
             f'<td data-v="{0 if fail else 1}">{_verdict_pill(r.get("passed"))}</td>'
-            f'<td class="name">{_e(r.get("case", ""))}</td><td>{_e(r.get("device", ""))}</td>'
-            f'<td>{_e(r.get("dtype", ""))}</td>'
-            f'<td class="name{" bad" if fd else ""}">{_e(fd) if fd else "<span class=muted>—</span>"}</td>'
+            f'<td class="mono nowrap">{_e(r.get("case", ""))}</td>'
+            f'<td class="nowrap">{_e(r.get("device", ""))} · {_e(r.get("dtype", ""))}</td>'
+            f'<td class="mono nowrap{" red" if fd else ""}">{_e(fd) if fd else "<span class=muted>—</span>"}</td>'
             f'{_num_td(lg.get("rel_l2"))}{_num_td(lg.get("kl_max"))}{_num_td(S.worst_module_rel_l2(r))}'
-            f'<td data-v="{n_bad}">{reg_html}</td><td>{link}</td></tr>')
+            f'<td class="regs" data-v="{n_bad}">{reg_html}</td></tr>')
     table = ('<div class="tablewrap"><table class="sortable runs" id="runs"><thead><tr>'
-             '<th>time (UTC)</th><th>verdict</th><th>case</th><th>device</th><th>dtype</th>'
-             '<th>first divergence</th><th>logits rel_l2</th><th>logits KL max</th><th>worst module rel_l2</th>'
-             '<th>regressions vs previous</th><th class="nosort">report</th></tr></thead><tbody>'
+             '<th title="links to the run\'s report">time (UTC) · report</th><th>verdict</th><th>case</th>'
+             '<th>device · dtype</th><th>first divergence</th><th>logits rel L2</th><th>logits KL max</th>'
+             '<th title="largest rel L2 of any module row">worst rel L2</th>'
+             '<th title="against the previous run of the same case, device and dtype">regressions</th>'
+             '</tr></thead><tbody>'
              + "".join(trs) + '</tbody></table></div>')
     body = (head + '<main class="wrap">'
             f'<section><h2>Trends<span class="sub">per case, device and dtype; oldest → newest; '

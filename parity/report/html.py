@@ -37,6 +37,11 @@ def _e(x: Any) -> str:
     return escape(str(x), quote=True)
 
 
+def _name(x: Any) -> str:
+    """An escaped dotted name that may wrap after its dots (``<wbr>``), never inside a word."""
+    return _e(x).replace(".", ".<wbr>")
+
+
 def _dv(v: Any) -> str:
     x = S.num(v)
     return "" if x is None else repr(x)
@@ -89,15 +94,29 @@ def _banner(results: dict, regressions: list[dict]) -> str:
     n_reg = sum(1 for f in regressions if f["severity"] == "regression")
     reg = f" · {n_reg} regression{'s' if n_reg != 1 else ''}" if n_reg else ""
     return (f'<header class="banner {cls}"><div class="wrap">'
-            f'<div class="verdict" data-verdict="{word}">{word}</div>'
+            f'<div class="verdict" id="verdict" data-verdict="{word}">{word}</div>'
             f'<div class="btitle"><h1 title="{_e(results.get("case", ""))}">{_e(results.get("case", "(no case)"))}'
             f'</h1><div class="meta">{" · ".join(meta)}</div></div>'
             f'<div class="bstats">modules within gate<div class="big">{n_ok} / {n}</div>'
             f'{"commit " + _e(commit[:12]) if commit else ""}{_e(reg)}</div></div></header>')
 
 
+def _checks_html(results: dict) -> str:
+    """The run's named checks (``results["checks"]``: modules, logits, router, roundtrip, ...) as pills."""
+    checks = results.get("checks")
+    if not isinstance(checks, dict) or not checks:
+        return ""
+    pills = "".join(f'<span class="pill {"ok" if v is True else "no" if v is False else "warn"}" '
+                    f'style="margin-right:4px">{_e(k)} {"✓" if v is True else "✗" if v is False else "?"}</span>'
+                    for k, v in checks.items())
+    return f'<div style="margin-top:10px">{pills}</div>'
+
+
 def _fail_reasons(results: dict) -> list[str]:
     reasons = []
+    checks = results.get("checks")
+    if isinstance(checks, dict):
+        reasons += [f"check failed: {k}" for k, v in checks.items() if v is False]
     bad = [r for r in S.modules(results) if r.get("passed") is False]
     if bad:
         reasons.append(f"{len(bad)} module row{'s' if len(bad) != 1 else ''} outside the gate")
@@ -116,75 +135,114 @@ def _first_divergence_card(results: dict) -> str:
         if results.get("passed") is False:
             reasons = _fail_reasons(results) or ["the run failed without a module divergence"]
             items = "".join(f"<li>{_e(r)}</li>" for r in reasons)
-            return ('<div class="card bad"><h3>First divergence</h3><div class="headline">no module diverged</div>'
-                    f'<ul style="margin:0;padding-left:18px">{items}</ul></div>')
-        return ('<div class="card good"><h3>First divergence</h3><div class="headline good">none</div>'
-                '<p class="muted" style="margin:0">Every compared module is within its gate in both modes '
-                '(isolated replay and end-to-end).</p></div>')
+            return ('<div class="card bad" id="first-divergence"><h3>First divergence</h3>'
+                    '<div class="headline">no module diverged</div>'
+                    f'<ul style="margin:0;padding-left:18px">{items}</ul>{_checks_html(results)}</div>')
+        pairs = []
+        tight = S.tightest(results)
+        if tight is not None:
+            gm = _gate_metric(tight) or ""
+            pairs = [("closest to its gate", f'<code>{_e(tight.get("name"))}</code>'),
+                     ("", _e(f'{MODE_LABELS.get(str(tight.get("mode")), tight.get("mode"))} · {gm} '
+                             f'{S.fmt(tight.get(gm))} vs {S.gate_text(tight.get("gate"))} '
+                             f'({S.fmt_pct(S.gate_usage(tight))} of the gate)'))]
+        return ('<div class="card good" id="first-divergence"><h3>First divergence</h3>'
+                '<div class="headline good">none</div>'
+                '<p class="muted" style="margin:0 0 8px">Every compared module is within its gate in both modes '
+                '(isolated replay and end-to-end).</p>' + (_kv(pairs) if pairs else "") + _checks_html(results)
+                + '</div>')
     metric = fd.get("metric") or ""
     value = fd.get("value")
     pairs = [("Megatron", f'<code>{_e(fd.get("megatron_name") or "—")}</code>'),
              ("mode", _e(MODE_LABELS.get(str(fd.get("mode")), fd.get("mode") or "—"))),
-             (f"{metric or 'value'}", f'<b class="bad mono">{_e(S.fmt_cos(value) if metric == "cosine" else S.fmt(value))}</b>'),
+             (f"{metric or 'value'}",
+              f'<b class="red mono">{_e(S.fmt_cos(value) if metric == "cosine" else S.fmt(value))}</b>'),
              ("gate", _e(fd.get("gate") or "—"))]
+    if fd.get("why"):
+        pairs.append(("why", f'<b class="red">{_e(fd["why"])}</b>'))
     row = next((r for r in S.modules(results) if r.get("name") == fd.get("name") and r.get("mode") == fd.get("mode")),
                None)
     if row is not None:
+        others = [m for m in ("cosine", "rel_l2", "max_abs") if m != metric and row.get(m) is not None]
+        if others:
+            pairs.append((" · ".join(o.replace("max_abs", "max |Δ|") for o in others),
+                          _e(" · ".join(S.fmt_cos(row[o]) if o == "cosine" else S.fmt(row[o]) for o in others))))
         if row.get("ratio") is not None:
             pairs.append(("ratio to floor", _e(S.fmt(row.get("ratio")) + "×")))
         layer = S.layer_of(row)
         if layer is not None:
             pairs.append(("layer", _e(f"{layer} · {S.short_type(S.layer_type(results, layer)) or '?'} attention")))
-    return (f'<div class="card bad"><h3>First divergence</h3><div class="headline bad">{_e(fd.get("name"))}</div>'
-            f'{_kv(pairs)}</div>')
+    return ('<div class="card bad" id="first-divergence"><h3>First divergence</h3>'
+            f'<div class="headline bad">{_e(fd.get("name"))}</div>'
+            f'{_kv(pairs)}{_checks_html(results)}</div>')
 
 
 def _worst_layer_card(results: dict) -> str:
     worst = S.worst_layer(results)
     if worst is None:
-        return '<div class="card"><h3>Worst layer</h3><p class="empty">No decoder-layer rows in this run.</p></div>'
+        return ('<div class="card" id="worst-layer"><h3>Worst layer</h3>'
+                '<p class="empty">No decoder-layer rows in this run.</p></div>')
+    if S.num(worst.get("rel_l2")) == 0.0:
+        n = sum(1 for r in S.modules(results) if S.is_decoder_output(r))
+        return ('<div class="card good" id="worst-layer"><h3>Worst layer (max rel L2)</h3>'
+                '<div class="headline good">none: all layers identical</div>'
+                f'<p class="muted" style="margin:0">All {n} decoder-layer outputs (both modes) have rel L2 = 0: '
+                'Megatron reproduces Hugging Face bit for bit.</p></div>')
     layer = S.layer_of(worst)
     ltype = S.layer_type(results, layer)
     rows = [r for r in S.modules(results) if r.get("name") == worst.get("name")]
     rows.sort(key=lambda r: S.MODES.index(r["mode"]) if r.get("mode") in S.MODES else 9)
     trs = "".join(
-        f'<tr class="{"bad" if r.get("passed") is False else ""}"><td>{_e(MODE_LABELS.get(str(r.get("mode")), r.get("mode")))}</td>'
+        f'<tr class="{"bad" if r.get("passed") is False else ""}">'
+        f'<td>{_e(MODE_LABELS.get(str(r.get("mode")), r.get("mode")))}</td>'
         f'<td class="n{" hit" if r is worst else ""}">{_e(S.fmt(r.get("rel_l2")))}</td>'
         f'<td class="n">{_e(S.fmt_cos(r.get("cosine")))}</td><td>{_pill(r.get("passed"))}</td></tr>'
         for r in rows)
     bad = any(r.get("passed") is False for r in rows)
+    gate_texts = {S.gate_text(r.get("gate")) for r in rows if r.get("gate")}
+    if len(gate_texts) == 1 and len(rows) > 1:
+        gate_txt = f"{gate_texts.pop()} (both modes)"
+    else:
+        gate_txt = " · ".join(f'{MODE_LABELS.get(str(r.get("mode")), r.get("mode"))} {S.gate_text(r.get("gate"))}'
+                              for r in rows if r.get("gate"))
+    gates = f'<div class="muted" style="font-size:12px;margin-top:6px">gate: {_e(gate_txt)}</div>' if gate_txt else ""
     n_layers = len(S.layer_types(results)) or None
     depth = f" of {n_layers}" if n_layers else ""
-    return (f'<div class="card{" bad" if bad else ""}"><h3>Worst layer (max rel L2)</h3>'
+    return (f'<div class="card{" bad" if bad else ""}" id="worst-layer"><h3>Worst layer (max rel L2)</h3>'
             f'<div class="headline{" bad" if bad else ""}">{_e(worst.get("name"))}'
-            f'<span class="tag{" full" if ltype == "full_attention" else ""}">{_e(S.short_type(ltype) or "?")}</span></div>'
+            f'<span class="tag{" full" if ltype == "full_attention" else ""}">'
+            f'{_e(S.short_type(ltype) or "?")}</span></div>'
             f'<div class="muted" style="font-size:12.5px;margin-bottom:6px">layer {_e(layer)}{_e(depth)} · '
             f'Megatron <code>{_e(worst.get("megatron_name") or "—")}</code></div>'
             f'<table><thead><tr><th>mode</th><th>rel L2</th><th>cosine</th><th></th></tr></thead>'
-            f'<tbody>{trs}</tbody></table></div>')
+            f'<tbody>{trs}</tbody></table>{gates}</div>')
 
 
 def _logits_card(results: dict) -> str:
     lg = S.logits(results)
     if not lg:
-        return '<div class="card"><h3>Logits</h3><p class="empty">No logits metrics in this run.</p></div>'
+        return ('<div class="card" id="logits-card"><h3>Logits</h3>'
+                '<p class="empty">No logits metrics in this run.</p></div>')
     logit_rows = [r for r in S.modules(results) if r.get("name") == "logits"]
     bad = any(r.get("passed") is False for r in logit_rows)
     flips = S.num(lg.get("top1_flips_decisive"))
     items = [("cosine", S.fmt_cos(lg.get("cosine")), False), ("rel L2", S.fmt(lg.get("rel_l2")), bad),
-             ("max |Δ|", S.fmt(lg.get("max_abs")), False), ("top-1 agreement", S.fmt_pct(lg.get("top1_agreement")), False),
+             ("max |Δ|", S.fmt(lg.get("max_abs")), False),
+             ("top-1 agreement", S.fmt_pct(lg.get("top1_agreement")), False),
              ("KL mean", S.fmt(lg.get("kl_mean")), False), ("KL max", S.fmt(lg.get("kl_max")), False),
              ("KL p95", S.fmt(lg.get("kl_p95")), False),
-             ("decisive flips · near ties", f"{S.fmt(lg.get('top1_flips_decisive'))} · {S.fmt(lg.get('n_near_tie'))}",
-              bool(flips))]
-    return (f'<div class="card{" bad" if bad else ""}"><h3>Logits (after softcap)</h3><div class="metrics">'
+             ("decisive top-1 flips",
+              f"{S.fmt(lg.get('top1_flips_decisive'))} · {S.fmt(lg.get('n_near_tie'))} near-tie", bool(flips))]
+    return (f'<div class="card{" bad" if bad else ""}" id="logits-card"><h3>Logits (after softcap)</h3>'
+            '<div class="metrics">'
             + "".join(_metric(k, v, b) for k, v, b in items) + "</div></div>")
 
 
 def _strip(results: dict, regressions: list[dict], has_previous: bool) -> str:
     n_ok, n = S.module_counts(results)
     n_bad = sum(1 for r in S.modules(results) if r.get("passed") is False)
-    tiles = [("modules within gate", f"{n_ok}<small> / {n}</small>", "good" if n and n_ok == n else "bad" if n_bad else ""),
+    tiles = [("modules within gate", f"{n_ok}<small> / {n}</small>",
+              "good" if n and n_ok == n else "bad" if n_bad else ""),
              ("failing rows", f"{n_bad}", "bad" if n_bad else "good")]
     routers = [r for r in results.get("routers") or [] if isinstance(r, dict)]
     agree = [S.num(r.get("exact_set_agreement")) for r in routers]
@@ -210,13 +268,15 @@ def _strip(results: dict, regressions: list[dict], has_previous: bool) -> str:
     else:
         tiles.append(("regressions vs previous", "<small>no previous run</small>", ""))
     return '<div class="strip">' + "".join(
-        f'<div class="tile {c}"><div class="k">{_e(k)}</div><div class="v">{v}</div></div>' for k, v, c in tiles) + "</div>"
+        f'<div class="tile {c}"><div class="k">{_e(k)}</div><div class="v">{v}</div></div>'
+        for k, v, c in tiles) + "</div>"
 
 
 # ------------------------------------------------------------------------------------------ layer drift
 
 
 def _drift_series(results: dict, rows: list[dict], metric: str, typed: bool) -> list[Series]:
+    """One series per mode; ``metric="one_minus_cos"`` plots 1 − cosine (for a log axis)."""
     out = []
     for mode in S.MODES:
         pts = []
@@ -232,7 +292,14 @@ def _drift_series(results: dict, rows: list[dict], metric: str, typed: bool) -> 
                    f"rel L2 {S.fmt(r.get('rel_l2'))} · cosine {S.fmt_cos(r.get('cosine'))} · "
                    f"max |Δ| {S.fmt(r.get('max_abs'))}{chr(10) + 'gate ' + gate if gate else ''}"
                    f"{chr(10) + 'FAIL' if r.get('passed') is False else ''}")
-            pts.append(Point(x=layer, y=S.num(r.get(metric)), tip=tip, failed=r.get("passed") is False,
+            if metric == "one_minus_cos":
+                c = S.num(r.get("cosine"))
+                y = None if c is None else (1.0 - c if math.isfinite(c) else c)
+                if S.num(r.get("rel_l2")) == 0.0:  # identical tensors: cosine is 1, whatever fp64 rounding says
+                    y = 0.0
+            else:
+                y = S.num(r.get(metric))
+            pts.append(Point(x=layer, y=y, tip=tip, failed=r.get("passed") is False,
                              full=ltype == "full_attention"))
         if pts:
             out.append(Series(MODE_LABELS[mode], MODE_COLORS[mode], pts, dash="5 3" if mode == "isolated" else ""))
@@ -241,14 +308,15 @@ def _drift_series(results: dict, rows: list[dict], metric: str, typed: bool) -> 
 
 def _drift_charts(results: dict, rows: list[dict], what: str, typed: bool) -> str:
     full = {i for i, t in enumerate(S.layer_types(results)) if t == "full_attention"} if typed else set()
-    cos = line_chart(_drift_series(results, rows, "cosine", typed), title=f"{what}: cosine vs depth",
-                     y_label="cosine", full_layers=full)
-    rel = line_chart(_drift_series(results, rows, "rel_l2", typed), title=f"{what}: rel L2 vs depth (log)",
+    cos = line_chart(_drift_series(results, rows, "one_minus_cos", typed),
+                     title=f"{what}: cosine (log axis of 1 − cos)", y_label="cosine", log_y=True,
+                     full_layers=full, log_label=S.cos_tick, zero_note="cosine is exactly 1 everywhere")
+    rel = line_chart(_drift_series(results, rows, "rel_l2", typed), title=f"{what}: rel L2 (log axis)",
                      y_label="rel L2", log_y=True, full_layers=full)
     legend = ('<div class="legend"><span class="ci"></span> sliding-attention layer &nbsp; <span class="sq"></span> '
               'full-attention layer &nbsp; <span class="band"></span> full-attention band &nbsp; '
-              '<span class="ring"></span> fails its gate &nbsp; dashed = isolated replay, solid = end-to-end · '
-              'hover a point for values</div>') if typed else (
+              '<span class="ring"></span> fails its gate &nbsp; hollow at the bottom = exact &nbsp; '
+              'dashed = isolated replay, solid = end-to-end · hover for values</div>') if typed else (
         '<div class="legend"><span class="ring"></span> fails its gate &nbsp; dashed = isolated replay, '
         'solid = end-to-end</div>')
     return (f'<div class="grid g2"><div class="card">{cos}</div><div class="card">{rel}</div></div>{legend}')
@@ -258,9 +326,8 @@ def _layers_section(results: dict) -> str:
     text_rows = [r for r in S.modules(results) if S.is_decoder_output(r)]
     parts = []
     if text_rows:
-        parts.append(_drift_charts(results, text_rows, "decoder layer output", typed=True))
-    vision_rows = [r for r in S.modules(results) if S.group_of(r) == "vision"
-                   and S._DECODER_OUT_RE.search(str(r.get("name", "")))]
+        parts.append(_drift_charts(results, text_rows, "layer output", typed=True))
+    vision_rows = [r for r in S.modules(results) if S.group_of(r) == "vision" and S.is_layer_output(r)]
     if vision_rows:
         parts.append('<h3 style="margin-top:14px">Vision encoder</h3>'
                      + _drift_charts(results, vision_rows, "vision layer output", typed=False))
@@ -289,7 +356,8 @@ def _regressions_section(results: dict, previous: dict | None, flags: list[dict]
     trs = []
     for f in flags:
         sev = f["severity"]
-        pill = '<span class="pill no">regression</span>' if sev == "regression" else '<span class="pill ok">improvement</span>'
+        pill = ('<span class="pill no">regression</span>' if sev == "regression"
+                else '<span class="pill ok">improvement</span>')
         if f["kind"] == "verdict":
             trs.append(f'<tr class="{"bad" if sev == "regression" else ""}"><td>{pill}</td><td>verdict</td>'
                        f'<td colspan="5">{_e(f["message"])}</td></tr>')
@@ -301,7 +369,8 @@ def _regressions_section(results: dict, previous: dict | None, flags: list[dict]
                    f'<td class="n">{_e(S.fmt(factor) + "×" if factor is not None else "—")}'
                    f'{" · now failing" if f.get("now_failing") else ""}</td></tr>')
     return (f'<section id="regressions"><h2>Regressions vs previous run<span class="sub">{_e(prev_desc)}</span></h2>'
-            '<div class="tablewrap"><table><thead><tr><th></th><th>kind</th><th>module</th><th>mode</th>'
+            '<div class="tablewrap" style="max-height:340px"><table><thead><tr><th></th><th>kind</th>'
+            '<th>module</th><th>mode</th>'
             '<th>rel L2 before</th><th>rel L2 now</th><th>growth</th></tr></thead><tbody>' + "".join(trs)
             + "</tbody></table></div></section>")
 
@@ -310,17 +379,28 @@ def _modules_section(results: dict) -> str:
     rows = S.modules(results)
     if not rows:
         return '<section id="modules"><h2>Modules</h2><p class="empty">No module rows in this run.</p></section>'
+    # forward order: the engine's ``order`` (post-hook order) when present, else the list order
+    pos = {id(r): (r["order"] if isinstance(r.get("order"), (int, float)) and not isinstance(r.get("order"), bool)
+                   else i, S.MODES.index(r["mode"]) if r.get("mode") in S.MODES else 9, i)
+           for i, r in enumerate(rows)}
+    rows = sorted(rows, key=lambda r: pos[id(r)])
     groups: dict[str, list[dict]] = {}
+    first_layer_row: dict[str, tuple] = {}  # per group (text, vision): position of its first row inside a layer
     for r in rows:
-        groups.setdefault(S.row_group_label(r), []).append(r)
+        if S.layer_of(r) is not None:
+            first_layer_row.setdefault(S.group_of(r), pos[id(r)])
+    for r in rows:
+        first = first_layer_row.get(S.group_of(r))
+        after = first is not None and pos[id(r)] > first
+        groups.setdefault(S.row_group_label(r, after_layers=after), []).append(r)
 
     def order(label: str) -> tuple:
         members = groups[label]
         layers = [S.layer_of(m) for m in members if S.layer_of(m) is not None]
-        first = min(rows.index(m) for m in members)
+        vision_last = S.group_of(members[0]) != "vision"  # vision tower first: it runs first
         if not layers:  # embeddings before the layers, the final norm and logits after
-            return (0 if first < len(rows) // 2 else 2, S.group_of(members[0]) != "text", first)
-        return (1, S.group_of(members[0]) != "text", min(layers), first)
+            return (vision_last, 0 if label.endswith("before the layers") else 2, 0)
+        return (vision_last, 1, min(layers))
 
     trs, i = [], 0
     for label in sorted(groups, key=order):
@@ -328,9 +408,10 @@ def _modules_section(results: dict) -> str:
         n_bad = sum(1 for m in members if m.get("passed") is False)
         layer = S.layer_of(members[0]) if S.group_of(members[0]) == "text" else None
         ltype = S.layer_type(results, layer) if label.endswith(f"layers.{layer}") else None
-        tag = (f'<span class="tag{" full" if ltype == "full_attention" else ""}">{_e(S.short_type(ltype))} attention</span>'
+        tag = (f'<span class="tag{" full" if ltype == "full_attention" else ""}">'
+               f'{_e(S.short_type(ltype))} attention</span>'
                if ltype else "")
-        cnt = (f'<span class="cnt"><b class="bad">{n_bad} failing</b> · {len(members)} rows</span>' if n_bad
+        cnt = (f'<span class="cnt"><b class="red">{n_bad} failing</b> · {len(members)} rows</span>' if n_bad
                else f'<span class="cnt">{len(members)} rows, all pass</span>')
         trs.append(f'<tr class="grp{" hasbad" if n_bad else ""}" data-i="{i}"><td colspan="11">{_e(label)}{tag}{cnt}'
                    '</td></tr>')
@@ -345,30 +426,38 @@ def _modules_section(results: dict) -> str:
                 return f'<td class="n{hit}" data-v="{_e(_dv(v))}">{_e(S.fmt_cos(v) if cos else S.fmt(v))}</td>'
 
             ratio = r.get("ratio")
+            ratio_s = S.fmt(ratio) + "×" if S.num(ratio) is not None else "—"
+            search = f'{r.get("name", "")} {r.get("megatron_name") or ""}'
             layer_v = S.layer_of(r)
+            kind = r.get("kind")
+            kind_tag = f'<span class="tag">{_e(kind)}</span>' if kind in ("mask", "rope", "router") else ""
+            reason = r.get("why") or (r.get("detail") if isinstance(r.get("detail"), str) else None)
+            why = f'<div class="why{" red" if fail else ""}">{_e(reason)}</div>' if reason else ""
             trs.append(
-                f'<tr class="{"bad" if fail else ""}" data-i="{i}" data-s="{_e(str(r.get("name", "")) + " " + str(r.get("megatron_name") or ""))}">'
-                f'<td class="name">{_e(r.get("name", ""))}</td>'
-                f'<td class="name muted">{_e(r.get("megatron_name") or "—")}</td>'
-                f'<td>{_e(MODE_LABELS.get(str(r.get("mode")), r.get("mode") or ""))}</td>'
+                f'<tr class="{"bad" if fail else ""}" data-i="{i}" data-s="{_e(search)}">'
+                f'<td class="name">{_name(r.get("name", ""))}{kind_tag}</td>'
+                f'<td class="name muted">{_name(r.get("megatron_name") or "—")}</td>'
+                f'<td class="nowrap">{_e(MODE_LABELS.get(str(r.get("mode")), r.get("mode") or ""))}</td>'
                 f'<td class="n" data-v="{"" if layer_v is None else layer_v}">{_e(S.fmt(layer_v))}</td>'
                 f'{cell("cosine", cos=True)}{cell("rel_l2")}{cell("max_abs")}'
                 f'<td class="gate">{_e(S.gate_text(r.get("gate")) or "—")}</td>'
                 f'<td class="n" data-v="{_e(_dv(r.get("floor")))}">{_e(S.fmt(r.get("floor")))}</td>'
-                f'<td class="n" data-v="{_e(_dv(ratio))}">{_e(S.fmt(ratio) + "×" if S.num(ratio) is not None else "—")}</td>'
-                f'<td data-v="{0 if fail else 1}">{_pill(r.get("passed"), _is_shared(r))}</td></tr>')
+                f'<td class="n" data-v="{_e(_dv(ratio))}">{_e(ratio_s)}</td>'
+                f'<td data-v="{0 if fail else 1}">{_pill(r.get("passed"), _is_shared(r))}{why}</td></tr>')
             i += 1
     n_bad = sum(1 for r in rows if r.get("passed") is False)
     controls = ('<div class="controls"><input type="search" placeholder="filter by module name (HF or Megatron)" '
                 'data-filter="modtable" aria-label="filter modules">'
                 f'<label><input type="checkbox" data-failonly="modtable"> failing only ({n_bad})</label>'
                 '<button type="button" data-regroup="modtable">group by layer</button>'
-                '<span class="muted">click a header to sort (flattens the groups); the gated metric is bold</span></div>')
+                '<span class="muted">click a header to sort (flattens the groups); the gated metric is bold</span>'
+                '</div>')
     return ('<section id="modules"><h2>Modules<span class="sub">'
             f'{len(rows)} rows · both modes · HF path with the Megatron module beside it</span></h2>{controls}'
             '<div class="tablewrap" style="max-height:720px"><table class="sortable" id="modtable"><thead><tr>'
             '<th>module (HF)</th><th>Megatron</th><th>mode</th><th>layer</th><th>cosine</th><th>rel L2</th>'
-            '<th>max |Δ|</th><th>gate</th><th>floor</th><th>ratio to floor</th><th>result</th></tr></thead><tbody>'
+            '<th>max |Δ|</th><th>gate</th><th title="noise floor: HF bf16 vs HF fp32, same module and mode">floor</th>'
+            '<th title="rel L2 / floor">ratio</th><th>result</th></tr></thead><tbody>'
             + "".join(trs) + "</tbody></table></div></section>")
 
 
@@ -392,6 +481,7 @@ def _routers_section(results: dict) -> str:
     chart = bar_chart(cats, [Series("exact-set agreement", "#0969da", pts("exact_set_agreement")),
                              Series("Jaccard mean", "#8cb4ff", pts("jaccard_mean"))],
                       title="router agreement per layer", y_label="agreement", highlight=decisive)
+    has_iso = any("isolated_decisive_flips" in r for r in routers)
     trs = []
     for r in routers:
         layer = S.num(r.get("layer"))
@@ -399,17 +489,29 @@ def _routers_section(results: dict) -> str:
         dec = S.num(r.get("decisive_flips")) or 0
         trs.append(f'<tr class="{"bad" if dec > 0 else ""}"><td class="n">{_e(S.fmt(r.get("layer")))}</td>'
                    f'<td>{_e(S.short_type(ltype) or "—")}</td>'
-                   f'<td class="n" data-v="{_e(_dv(r.get("exact_set_agreement")))}">{_e(S.fmt_pct(r.get("exact_set_agreement")))}</td>'
+                   f'<td class="n" data-v="{_e(_dv(r.get("exact_set_agreement")))}">'
+                   f'{_e(S.fmt_pct(r.get("exact_set_agreement")))}</td>'
                    f'<td class="n" data-v="{_e(_dv(r.get("jaccard_mean")))}">{_e(S.fmt(r.get("jaccard_mean"), 5))}</td>'
-                   f'<td class="n" data-v="{_e(_dv(r.get("weight_mass_moved")))}">{_e(S.fmt(r.get("weight_mass_moved")))}</td>'
+                   f'<td class="n" data-v="{_e(_dv(r.get("weight_mass_moved")))}">'
+                   f'{_e(S.fmt(r.get("weight_mass_moved")))}</td>'
                    f'<td class="n">{_e(S.fmt(r.get("near_tie_flips")))}</td>'
-                   f'<td class="n{" hit" if dec else ""}">{_e(S.fmt(r.get("decisive_flips")))}</td></tr>')
-    table = ('<div class="tablewrap"><table class="sortable"><thead><tr><th>layer</th><th>type</th>'
-             '<th>exact-set agreement</th><th>Jaccard mean</th><th>weight mass moved</th><th>near-tie flips</th>'
-             '<th>decisive flips</th></tr></thead><tbody>' + "".join(trs) + "</tbody></table></div>")
+                   f'<td class="n{" hit" if dec else ""}">{_e(S.fmt(r.get("decisive_flips")))}</td>'
+                   + (f'<td class="n{" hit" if (S.num(r.get("isolated_decisive_flips")) or 0) > 0 else ""}">'
+                      f'{_e(S.fmt(r.get("isolated_decisive_flips")))}</td>' if has_iso else "") + '</tr>')
+    table = ('<div class="tablewrap" style="max-height:300px"><table class="sortable"><thead><tr><th>layer</th>'
+             '<th>type</th><th title="share of tokens whose top-k expert set is identical">exact set</th>'
+             '<th title="mean Jaccard index of the expert sets">Jaccard</th>'
+             '<th title="routed weight mass moved to other experts (mean over tokens)">mass moved</th>'
+             '<th title="set mismatches between near-tied experts">near-tie</th>'
+             '<th title="set mismatches that are not near ties">decisive</th>'
+             + ('<th title="decisive flips with HF inputs replayed (gated)">iso. decisive</th>' if has_iso else "")
+             + '</tr></thead><tbody>'
+             + "".join(trs) + "</tbody></table></div>")
     return ('<section id="routers"><h2>MoE routing<span class="sub">expert-set agreement per layer; flips between '
             'experts whose scores nearly tie are noise, decisive flips are not</span></h2>'
-            f'<div class="grid g2"><div class="card">{chart}</div>{table}</div></section>')
+            '<div class="grid g2" style="grid-template-columns:1fr 1.15fr">'
+            f'<div class="card">{chart}</div>{table}</div>'
+            '</section>')
 
 
 def _logits_section(results: dict) -> str:
@@ -432,7 +534,8 @@ def _logits_section(results: dict) -> str:
             f'<td>{_FLIP if w.get("ref_top1") != w.get("test_top1") else ""}</td></tr>'
             for w in worst)
         table = ('<div class="tablewrap"><table class="sortable"><thead><tr><th>batch</th><th>position</th>'
-                 '<th>KL</th><th>HF top-1</th><th>Megatron top-1</th><th>HF top-1 − top-2 gap</th><th></th></tr></thead>'
+                 '<th>KL</th><th>HF top-1</th><th>Megatron top-1</th><th>HF top-1 − top-2 gap</th><th></th></tr>'
+                 '</thead>'
                  f'<tbody>{trs}</tbody></table></div>')
     else:
         table = '<p class="empty">No per-position detail.</p>'
@@ -474,13 +577,14 @@ def _roundtrip_section(results: dict) -> str:
                    + "".join(tr(r) for r in shown) + "</tbody></table></div>")
     if len(good_rows) > 40:
         tables += (f'<details><summary>{len(good_rows)} bit-exact tensors</summary><div class="tablewrap" '
-                   f'style="max-height:520px"><table class="sortable">{thead}<tbody>' + "".join(tr(r) for r in good_rows)
+                   f'style="max-height:520px"><table class="sortable">{thead}<tbody>'
+                   + "".join(tr(r) for r in good_rows)
                    + "</tbody></table></div></details>")
     if not rows:
         tables = '<p class="empty">No per-tensor rows.</p>'
     bad = S.num(n) is not None and S.num(ok) is not None and ok != n
     return (f'<section id="roundtrip"><h2>Weight round-trip<span class="sub">mismatches first</span></h2>'
-            f'<p class="{"bad" if bad else "good"}" style="margin:0 0 8px;font-weight:600">{head}</p>'
+            f'<p class="{"red" if bad else "green"}" style="margin:0 0 8px;font-weight:600">{head}</p>'
             + (_kv(extra) if extra else "") + tables + "</section>")
 
 
@@ -504,6 +608,16 @@ def _provenance_section(results: dict) -> str:
         pattern = " ".join("F" if t == "full_attention" else "S" if t == "sliding_attention" else "?" for t in types)
         pairs.append(("layer pattern", f'<code>{_e(pattern)}</code> <span class="muted">(S sliding, F full)</span>'))
     blocks = [f'<div class="card"><h3>Environment</h3>{_kv(pairs)}</div>']
+    handled = listed | {"checks"}
+    settings = []
+    for k, v in results.items():
+        if k in handled or not isinstance(v, dict):
+            continue
+        for sub, val in _flatten(v, k):
+            settings.append((sub, _e(S.fmt(val) if isinstance(val, float) else val)))
+    checks = results.get("checks")
+    if isinstance(checks, dict):
+        settings = [(f"check {k}", _pill(v)) for k, v in checks.items()] + settings
     phases = results.get("phases")
     side = []
     if isinstance(phases, dict) and phases:
@@ -525,10 +639,25 @@ def _provenance_section(results: dict) -> str:
             return str(v)
         side.append('<h3 style="margin-top:12px">Peak memory</h3>'
                     + _kv([(k, _e(mv(k, v))) for k, v in mem.items()]))
+    if settings:
+        side.append('<h3 style="margin-top:12px">Run settings</h3>' + _kv(settings[:80]))
     if side:
         blocks.append('<div class="card">' + "".join(side) + "</div>")
     return ('<section id="provenance"><h2>Environment and provenance</h2><div class="grid g2">' + "".join(blocks)
             + "</div></section>")
+
+
+def _flatten(d: dict, prefix: str, depth: int = 0) -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}.{k}"
+        if isinstance(v, dict) and depth < 2:
+            out += _flatten(v, key, depth + 1)
+        elif isinstance(v, (list, tuple)):
+            out.append((key, ", ".join(map(str, v[:12])) + (" …" if len(v) > 12 else "")))
+        else:
+            out.append((key, v))
+    return out
 
 
 # ------------------------------------------------------------------------------------------ page

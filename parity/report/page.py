@@ -34,14 +34,15 @@ h2{font-size:17px;margin:0 0 10px;font-weight:650}
 h2 .sub{font-size:13px;font-weight:400;color:var(--muted);margin-left:8px}
 h3{font-size:13px;margin:0 0 8px;font-weight:650;text-transform:uppercase;letter-spacing:.05em;color:var(--muted)}
 .grid{display:grid;gap:14px}
-.g3{grid-template-columns:1.3fr 1fr 1fr}.g2{grid-template-columns:1fr 1fr}
-.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px;min-width:0}
+.g3{grid-template-columns:1.2fr 1.1fr 1fr}.g2{grid-template-columns:1fr 1fr}
+.card{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:14px 16px;min-width:0;
+overflow-x:auto}
 .card.bad{border-color:#ff8182;box-shadow:inset 4px 0 0 var(--fail)}
 .card.good{box-shadow:inset 4px 0 0 var(--pass)}
 .headline{font-family:var(--mono);font-size:16px;font-weight:700;word-break:break-all;margin:2px 0 8px}
 .headline.bad{color:var(--fail)}.headline.good{color:var(--pass)}
 dl.kv{display:grid;grid-template-columns:max-content 1fr;gap:3px 14px;margin:0;font-size:13px}
-dl.kv dt{color:var(--muted)}dl.kv dd{margin:0;font-variant-numeric:tabular-nums;word-break:break-all}
+dl.kv dt{color:var(--muted)}dl.kv dd{margin:0;font-variant-numeric:tabular-nums;overflow-wrap:anywhere}
 .metrics{display:grid;grid-template-columns:1fr 1fr;gap:6px 16px}
 .metric .k{font-size:11.5px;color:var(--muted);text-transform:uppercase;letter-spacing:.04em}
 .metric .v{font-family:var(--mono);font-size:15px;font-weight:650;font-variant-numeric:tabular-nums}
@@ -52,13 +53,14 @@ dl.kv dt{color:var(--muted)}dl.kv dd{margin:0;font-variant-numeric:tabular-nums;
 .tile .v{font-size:20px;font-weight:700;font-variant-numeric:tabular-nums}
 .tile .v small{font-size:13px;font-weight:400;color:var(--muted)}
 .tile.bad .v{color:var(--fail)}.tile.good .v{color:var(--pass)}.tile.warn .v{color:var(--warn)}
-.muted{color:var(--muted)}.bad{color:var(--fail)}.good{color:var(--pass)}
+.muted{color:var(--muted)}.red{color:var(--fail)}.green{color:var(--pass)}
 .pill{display:inline-block;padding:1px 8px;border-radius:10px;font-size:11.5px;font-weight:700;letter-spacing:.03em;
 white-space:nowrap}
 .pill.ok{background:var(--pass-bg);color:var(--pass)}.pill.no{background:var(--fail-bg);color:var(--fail)}
 .pill.info{background:#ddf4ff;color:#0550ae}.pill.warn{background:var(--warn-bg);color:var(--warn)}
 .pill.big{font-size:13px;padding:2px 10px}
-.tag{display:inline-block;font-size:11px;padding:0 6px;border-radius:4px;border:1px solid var(--line);color:var(--muted);
+.tag{display:inline-block;font-size:11px;padding:0 6px;border-radius:4px;border:1px solid var(--line);
+color:var(--muted);
 font-family:var(--mono);margin-left:6px}
 .tag.full{border-color:#8c959f;color:#24292f;background:#eef1f6}
 svg.chart{width:100%;height:auto;display:block;font-family:inherit}
@@ -66,9 +68,12 @@ svg .ct{font-size:13px;font-weight:650;fill:#1f2328}
 svg .tl{font-size:11px;fill:#57606a}svg .tl.bad{fill:#cf222e;font-weight:700}
 .legend{font-size:12px;color:var(--muted);margin-top:4px}
 .legend .sq{display:inline-block;width:9px;height:9px;border:1.3px solid #57606a;vertical-align:-1px}
-.legend .ci{display:inline-block;width:9px;height:9px;border:1.3px solid #57606a;border-radius:50%;vertical-align:-1px}
-.legend .band{display:inline-block;width:14px;height:10px;background:#eef1f6;border:1px solid #d0d7de;vertical-align:-1px}
-.legend .ring{display:inline-block;width:11px;height:11px;border:1.8px solid #cf222e;border-radius:50%;vertical-align:-2px}
+.legend .ci{display:inline-block;width:9px;height:9px;border:1.3px solid #57606a;border-radius:50%;
+vertical-align:-1px}
+.legend .band{display:inline-block;width:14px;height:10px;background:#eef1f6;border:1px solid #d0d7de;
+vertical-align:-1px}
+.legend .ring{display:inline-block;width:11px;height:11px;border:1.8px solid #cf222e;border-radius:50%;
+vertical-align:-2px}
 .tablewrap{background:var(--card);border:1px solid var(--line);border-radius:8px;overflow:auto}
 table{border-collapse:collapse;width:100%;font-size:12.5px}
 th,td{padding:4px 9px;border-bottom:1px solid #eaeef2;text-align:left;vertical-align:top}
@@ -77,7 +82,9 @@ table.sortable th:not(.nosort){cursor:pointer;user-select:none}
 table.sortable th:not(.nosort):hover{color:var(--accent)}
 th[data-dir=asc]::after{content:" \\25B2";font-size:9px}th[data-dir=desc]::after{content:" \\25BC";font-size:9px}
 td.n{text-align:right;font-family:var(--mono);font-variant-numeric:tabular-nums;white-space:nowrap}
-td.name{font-family:var(--mono);word-break:break-all}
+td.name{font-family:var(--mono);overflow-wrap:anywhere}td.nowrap{white-space:nowrap}
+.regs{max-width:195px}.regs .one{font-family:var(--mono);font-size:11.5px;white-space:nowrap;overflow:hidden;
+text-overflow:ellipsis;max-width:195px;margin-top:2px}
 td.gate{white-space:nowrap;color:var(--muted)}
 td.hit{font-weight:700}
 tr.bad td{background:var(--fail-bg)}tr.bad td.hit{color:var(--fail)}
@@ -86,18 +93,22 @@ tr.grp td .cnt{float:right;font-family:inherit;font-weight:400;color:var(--muted
 table.flat tr.grp{display:none}
 table.failonly tbody tr:not(.bad):not(.grp),table.failonly tr.grp:not(.hasbad){display:none}
 tr.hide{display:none}
+#modtable td.name:first-child{min-width:245px}
+.why{font-size:11px;color:var(--muted);max-width:180px}.why.red{color:var(--fail)}
 .controls{display:flex;gap:14px;align-items:center;margin:0 0 8px;font-size:13px;flex-wrap:wrap}
 .controls input[type=search]{font:inherit;padding:3px 8px;border:1px solid var(--line);border-radius:6px;width:260px}
-.controls button{font:inherit;padding:3px 10px;border:1px solid var(--line);border-radius:6px;background:#fff;cursor:pointer}
+.controls button{font:inherit;padding:3px 10px;border:1px solid var(--line);border-radius:6px;background:#fff;
+cursor:pointer}
 .empty{color:var(--muted);font-style:italic;padding:10px 0}
 .bar{display:inline-block;height:9px;background:#8cb4ff;border-radius:2px;vertical-align:0}
 details summary{cursor:pointer;color:var(--accent);margin:8px 0}
 footer{color:var(--muted);font-size:12px;padding:24px 0 36px}
 .runs td{vertical-align:middle}
 .trend{display:grid;grid-template-columns:repeat(auto-fill,minmax(380px,1fr));gap:14px}
-.trend .spk{display:grid;grid-template-columns:110px 150px 1fr;align-items:center;gap:8px;font-size:12.5px}
+.trend .spk{display:grid;grid-template-columns:140px 150px 1fr;align-items:center;gap:8px;font-size:12.5px}
 .dots{display:flex;gap:2px;flex-wrap:wrap;margin:6px 0 8px}
-.dots i{display:inline-block;width:9px;height:9px;border-radius:2px;background:var(--pass)}.dots i.no{background:var(--fail)}
+.dots i{display:inline-block;width:9px;height:9px;border-radius:2px;background:var(--pass)}
+.dots i.no{background:var(--fail)}
 @media (max-width:1000px){.g3,.g2{grid-template-columns:1fr}.strip{grid-template-columns:repeat(2,1fr)}}
 """
 

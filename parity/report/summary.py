@@ -54,18 +54,24 @@ def group_of(row: dict) -> str:
     return "vision" if ("vision" in name or "embed_vision" in name) else "text"
 
 
+def is_layer_output(row: dict) -> bool:
+    """True for a whole-layer output row of any stack (``model.layers.3``, ``...vision_tower...layers.3``)."""
+    return bool(_DECODER_OUT_RE.search(str(row.get("name", ""))))
+
+
 def is_decoder_output(row: dict) -> bool:
     """True for the whole-layer output row of a text decoder layer (``model.layers.3``)."""
     return group_of(row) == "text" and bool(_DECODER_OUT_RE.search(str(row.get("name", ""))))
 
 
-def row_group_label(row: dict) -> str:
-    """Heading a module row is listed under: ``model.layers.3`` for anything inside layer 3, else the group."""
+def row_group_label(row: dict, after_layers: bool = False) -> str:
+    """Heading a module row is listed under: ``model.layers.3`` for anything inside layer 3; rows outside
+    the layers go under "<group>: before the layers" (embeddings) or "<group>: after the layers" (head)."""
     name = str(row.get("name", ""))
     m = _LAYER_RE.search(name)
     if m:
         return name[:m.end(1)]
-    return f"{group_of(row)} (outside layers)"
+    return f"{group_of(row)}: {'after' if after_layers else 'before'} the layers"
 
 
 def layer_types(results: dict) -> list[str]:
@@ -141,6 +147,31 @@ def worst_layer(results: dict, mode: str | None = None) -> dict | None:
     return best
 
 
+def gate_usage(row: dict) -> float | None:
+    """How much of its gate a row uses: value / gate max (1 = on the gate; inf for a miss of an exact gate)."""
+    gate = row.get("gate")
+    if not isinstance(gate, dict) or num(gate.get("max")) is None or not gate.get("metric"):
+        return None
+    value, limit = num(row.get(gate["metric"])), num(gate["max"])
+    if value is None or limit is None:
+        return None
+    if math.isnan(value):
+        return math.inf
+    if limit <= 0:
+        return 0.0 if value <= limit else math.inf
+    return value / limit
+
+
+def tightest(results: dict) -> dict | None:
+    """The module row closest to (or furthest past) its gate; None when every row sits at exactly 0."""
+    best, best_u = None, 0.0
+    for r in modules(results):
+        u = gate_usage(r)
+        if u is not None and u > best_u:  # rows at exactly 0 use none of their gate: never "closest"
+            best, best_u = r, u
+    return best
+
+
 def worst_module_rel_l2(results: dict) -> float | None:
     vals = [num(r.get("rel_l2")) for r in modules(results)]
     vals = [v for v in vals if v is not None]
@@ -199,19 +230,38 @@ def fmt(x: Any, digits: int = 3) -> str:
         return f"{int(v):,}"
     if 1e-3 <= abs(v) < 1e5:
         return f"{v:.{digits}g}"
-    return f"{v:.{max(digits - 1, 0)}e}"
+    mant, exp = f"{v:.{max(digits - 1, 0)}e}".split("e")
+    if "." in mant:
+        mant = mant.rstrip("0").rstrip(".")
+    return f"{mant}e{int(exp)}"
 
 
 def fmt_cos(x: Any) -> str:
-    """Cosine with enough decimals to show how far it is from 1 (0.9999987, not 1)."""
+    """Cosine with enough decimals to show how far it is from 1: 0.9999587, or 1 − 2.2e-13 when very close."""
     v = num(x)
     if v is None or not math.isfinite(v):
         return fmt(x)
     gap = 1.0 - v
     if gap <= 0:
         return "1" if v == 1 else f"{v:.12g}"
-    decimals = min(12, max(4, int(math.ceil(-math.log10(gap))) + 2))
+    if gap < 1e-6:
+        return f"1 − {gap:.1e}"
+    decimals = min(9, max(4, int(math.ceil(-math.log10(gap))) + 2))
     return f"{v:.{decimals}f}"
+
+
+def cos_tick(one_minus_cos: float) -> str:
+    """Axis label for a tick placed at ``1 − cos`` on a log axis, written as the cosine it stands for."""
+    d = one_minus_cos
+    if d <= 0:
+        return "1"
+    k = math.floor(math.log10(d) + 1e-9)
+    if d >= 1:
+        return f"{1 - d:g}"
+    if k >= -6:
+        return f"{1 - d:.{-k}f}"
+    m = d / 10 ** k
+    return f"1−{m:g}e{k}"
 
 
 def fmt_pct(x: Any) -> str:

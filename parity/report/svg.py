@@ -7,6 +7,7 @@ SVG ``<title>`` elements.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from html import escape
 
@@ -71,18 +72,24 @@ def _tick_label(v: float, step: float) -> str:
     return f"{v:.2e}"
 
 
-def _decade_label(k: int) -> str:
-    return "1" if k == 0 else f"1e{k}"
+def _log_label(v: float) -> str:
+    k = math.floor(math.log10(v) + 1e-9)
+    m = round(v / 10.0 ** k)
+    return f"{m}" if k == 0 else f"{m}e{k}"
 
 
 def line_chart(series: list[Series], *, title: str, y_label: str, x_label: str = "layer",
                log_y: bool = False, full_layers: set[int] | frozenset[int] = frozenset(),
-               width: int = 600, height: int = 250, y_floor: float | None = None) -> str:
+               width: int = 600, height: int = 250, y_floor: float | None = None,
+               log_label: Callable[[float], str] | None = None, zero_note: str = "every value is exactly 0") -> str:
     """Values against layer depth. Full-attention layers get a shaded band and square markers.
 
-    On a log axis, zeros sit on the bottom edge (hollow marker) and NaN/inf on the top edge (red cross).
+    ``y_label`` names the axis for screen readers (the title carries it visibly).
+
+    On a log axis, zeros sit on the bottom edge (hollow marker) and NaN/inf on the top edge (red cross);
+    ``log_label`` writes its tick labels (default ``1e-3``).
     """
-    ml, mr, mt, mb = 62, 14, 30, 38
+    ml, mr, mt, mb = 64, 14, 30, 38
     x0, x1, y0, y1 = ml, width - mr, mt, height - mb
     xs = [p.x for s in series for p in s.points]
     if not xs:
@@ -94,14 +101,16 @@ def line_chart(series: list[Series], *, title: str, y_label: str, x_label: str =
         pos = [v for v in vals if v > 0]
         if y_floor is not None:
             pos = [max(v, y_floor) for v in pos]
-        lo_k = math.floor(math.log10(min(pos))) if pos else -8
-        hi_k = math.ceil(math.log10(max(pos))) if pos else 0
+        lo_k = math.floor(math.log10(min(pos))) if pos else -16
+        hi_k = math.ceil(math.log10(max(pos))) if pos else -12
         if hi_k <= lo_k:
             hi_k = lo_k + 1
         ymin, ymax = 10.0 ** lo_k, 10.0 ** hi_k
         every = max(1, math.ceil((hi_k - lo_k) / 7))
-        ticks = [10.0 ** k for k in range(lo_k, hi_k + 1, every)]
-        labels = [_decade_label(k) for k in range(lo_k, hi_k + 1, every)]
+        ticks = [10.0 ** k for k in range(hi_k, lo_k - 1, -every)]
+        if hi_k - lo_k <= 2:  # few decades: label 2x and 5x too
+            ticks += [m * 10.0 ** k for k in range(lo_k, hi_k) for m in (2, 5)]
+        labels = [log_label(t) if log_label else _log_label(t) for t in ticks]
 
         def ty(v: float) -> float:
             v = min(max(v, ymin), ymax)
@@ -119,7 +128,7 @@ def line_chart(series: list[Series], *, title: str, y_label: str, x_label: str =
     def tx(x: float) -> float:
         return x0 + (x - xmin) / (xmax - xmin) * (x1 - x0)
 
-    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
+    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}, y: {_e(y_label)}">',
            f'<text class="ct" x="{x0}" y="16">{_e(title)}</text>']
     # full-attention bands
     for layer in sorted(full_layers):
@@ -140,9 +149,6 @@ def line_chart(series: list[Series], *, title: str, y_label: str, x_label: str =
             out.append(f'<text class="tl" x="{tx(x):.1f}" y="{y1 + 14}" text-anchor="middle">{x}</text>')
     out.append(f'<line x1="{x0}" x2="{x1}" y1="{y1}" y2="{y1}" stroke="{AXIS}" stroke-width="0.8"/>')
     out.append(f'<text class="tl" x="{(x0 + x1) / 2:.1f}" y="{height - 6}" text-anchor="middle">{_e(x_label)}</text>')
-    out.append(f'<text class="tl" transform="translate(12 {(y0 + y1) / 2:.1f}) rotate(-90)" '
-               f'text-anchor="middle">{_e(y_label)}</text>')
-
     # series
     for s in series:
         pts = sorted(s.points, key=lambda p: p.x)
@@ -185,6 +191,9 @@ def line_chart(series: list[Series], *, title: str, y_label: str, x_label: str =
             else:
                 out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="3.8" fill="{fill}" stroke="{s.color}" '
                            f'stroke-width="1.2">{tip}</circle>')
+    if log_y and not pos and any(p.y == 0 for s in series for p in s.points):
+        out.append(f'<text class="tl" x="{(x0 + x1) / 2:.1f}" y="{(y0 + y1) / 2:.1f}" text-anchor="middle" '
+                   f'style="font-size:13px">{_e(zero_note)}</text>')
     # legend (top right)
     lx = x1
     items = [(s.label, s.color, s.dash) for s in series]
@@ -208,7 +217,7 @@ def bar_chart(categories: list[str], series: list[Series], *, title: str, y_labe
     """
     if not categories or not series:
         return ""
-    ml, mr, mt, mb = 62, 14, 30, 38
+    ml, mr, mt, mb = 40, 14, 30, 38
     x0, x1, y0, y1 = ml, width - mr, mt, height - mb
     n, k = len(categories), len(series)
     slot = (x1 - x0) / n
@@ -217,7 +226,7 @@ def bar_chart(categories: list[str], series: list[Series], *, title: str, y_labe
     def ty(v: float) -> float:
         return y1 - max(0.0, min(v, y_max)) / y_max * (y1 - y0)
 
-    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}">',
+    out = [f'<svg class="chart" viewBox="0 0 {width} {height}" role="img" aria-label="{_e(title)}, y: {_e(y_label)}">',
            f'<text class="ct" x="{x0}" y="16">{_e(title)}</text>']
     for i in range(6):
         t = y_max * i / 5
@@ -241,8 +250,6 @@ def bar_chart(categories: list[str], series: list[Series], *, title: str, y_labe
             out.append(f'<text class="{cls}" x="{cx:.1f}" y="{y1 + 14}" text-anchor="middle">{_e(cat)}</text>')
     out.append(f'<line x1="{x0}" x2="{x1}" y1="{y1}" y2="{y1}" stroke="{AXIS}" stroke-width="0.8"/>')
     out.append(f'<text class="tl" x="{(x0 + x1) / 2:.1f}" y="{height - 6}" text-anchor="middle">layer</text>')
-    out.append(f'<text class="tl" transform="translate(12 {(y0 + y1) / 2:.1f}) rotate(-90)" '
-               f'text-anchor="middle">{_e(y_label)}</text>')
     lx = x1
     for s in reversed(series):
         lx -= 26 + 6.2 * len(s.label)

@@ -1,0 +1,388 @@
+"""Tests of the report package: rendering, escaping, self-containment, storage, history and regressions."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import multiprocessing
+import re
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from parity.report import compare, find_previous, load_runs, render_index, render_run, results_frame, runs_frame
+from parity.report import store
+from parity.report.cli import rerender
+from parity.report.store import write_run, write_to
+from parity.report.summary import fmt
+
+_spec = importlib.util.spec_from_file_location("make_results", Path(__file__).parent / "fixtures" / "make_results.py")
+_fixtures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_fixtures)
+make_results = _fixtures.make_results
+
+T0 = datetime(2026, 5, 9, 9, 0, tzinfo=timezone.utc)
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="module")
+def passing() -> dict:
+    return make_results(created=T0)
+
+
+@pytest.fixture(scope="module")
+def failing() -> dict:
+    return make_results(created=T0 + timedelta(hours=1), failure="rope")
+
+
+def _external_refs(html: str) -> list[str]:
+    """Attribute values or CSS urls that point outside the file (any scheme, or protocol-relative)."""
+    refs = re.findall(r"""\b(?:src|href|action|poster|data|xlink:href|srcset)\s*=\s*["']?\s*([^"'\s>]+)""", html, re.I)
+    refs += re.findall(r"""url\(\s*["']?([^"')]+)""", html, re.I)
+    return [r for r in refs if re.match(r"^(?:[a-z][a-z0-9+.-]*:|//)", r, re.I)]
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def test_passing_report_shows_verdict_and_no_divergence(passing):
+    html = render_run(passing, None)
+    assert 'data-verdict="PASS"' in html and ">PASS<" in html
+    assert 'id="first-divergence"' in html and ">none<" in html
+    assert "gemma4-text-tiny" in html
+    assert 'id="worst-layer"' in html and "model.layers.5" in html  # last layer is the worst end-to-end
+    assert "No earlier run" in html
+
+
+def test_failing_report_shows_first_divergence_worst_layer_and_logits(failing):
+    html = render_run(failing, None)
+    assert 'data-verdict="FAIL"' in html
+    fd = failing["summary"]["first_divergence_detail"]
+    card = html[html.index('id="first-divergence"'):html.index('id="worst-layer"')]
+    assert fd["name"] in card and fd["megatron_name"] in card and "isolated" in card
+    assert "rel_l2 ≤ 1e-5" in card
+    worst = html[html.index('id="worst-layer"'):html.index('id="logits-card"')]
+    assert "model.layers.5" in worst and "full" in worst
+    logits = html[html.index('id="logits-card"'):html.index('class="strip"')]
+    lg = failing["summary"]["logits"]
+    for label, key in (("rel L2", "rel_l2"), ("KL max", "kl_max"), ("KL mean", "kl_mean")):
+        assert f">{label}<" in logits and f">{fmt(lg[key])}<" in logits
+    # sections below the first screen
+    for sid in ("layers", "modules", "routers", "logits", "roundtrip", "provenance", "regressions"):
+        assert f'id="{sid}"' in html, sid
+    assert "model.layers.1.router.scale" in html  # the round-trip mismatch is listed
+    assert html.index("model.layers.1.router.scale") < html.index("model.layers.0.input_layernorm.weight")
+
+
+def test_module_table_marks_failures_and_groups_by_layer(failing):
+    html = render_run(failing, None)
+    table = html[html.index('id="modtable"'):html.index('id="routers"')]
+    n_bad = sum(1 for m in failing["modules"] if not m["passed"])
+    assert table.count('<tr class="bad"') == n_bad
+    for i in range(6):
+        assert f'<tr class="grp' in table and f">model.layers.{i}<" in table
+    assert "text: before the layers" in table and "text: after the layers" in table
+    assert table.index("model.embed_tokens") < table.index("model.layers.0.input_layernorm") < table.index(
+        "model.norm")
+
+
+def test_layer_types_drive_chart_markers(passing):
+    html = render_run(passing, None)
+    full = [i for i, t in enumerate(passing["layer_types"]) if t == "full_attention"]
+    for i in full:
+        assert f"layer {i}: full attention" in html  # shaded band with its tooltip
+    assert "<svg" in html and "<rect" in html and "<polyline" in html
+
+
+@pytest.mark.parametrize("variant", ["pass", "fail", "index"])
+def test_no_external_references(variant, passing, failing, tmp_path):
+    if variant == "index":
+        write_run(passing, tmp_path)
+        write_run(failing, tmp_path)
+        html = (tmp_path / "index.html").read_text()
+    else:
+        html = render_run(passing if variant == "pass" else failing, passing)
+    assert _external_refs(html) == []
+    assert "http://" not in html and "https://" not in html
+    assert "@import" not in html and "<link" not in html and "<img" not in html and "<iframe" not in html
+    assert html.count("<script") == 1 and "<script src" not in html
+
+
+def test_strings_are_escaped(passing):
+    evil = json.loads(json.dumps(passing))
+    evil["case"] = 'case"><script>alert("case")</script>'
+    evil["env"]["host"] = "<img src=x onerror=alert(1)>"
+    evil["modules"][3]["name"] = "model.layers.0.<script>alert(1)</script>"
+    evil["modules"][3]["passed"] = False
+    evil["passed"] = False
+    evil["summary"]["first_divergence"] = evil["modules"][3]["name"]
+    evil["summary"]["first_divergence_detail"] = {"name": evil["modules"][3]["name"], "megatron_name": "<b>x</b>",
+                                                  "mode": "isolated", "metric": "rel_l2", "value": 1.0,
+                                                  "gate": {"metric": "rel_l2", "max": 1e-5}}
+    evil["roundtrip"]["rows"][0]["name"] = "</table><script>alert(2)</script>"
+    evil["phases"]["<script>p</script>"] = 1.0
+    html = render_run(evil, None)
+    assert "<script>alert" not in html and "<img src=x" not in html and "<b>x</b>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert html.count("<script") == 1
+    index = render_index([evil])
+    assert "<script>alert" not in index and index.count("<script") == 1
+
+
+def test_missing_optional_sections_render():
+    minimal = {"case": "dense-tiny", "passed": True}
+    html = render_run(minimal, None)
+    assert 'data-verdict="PASS"' in html and 'id="routers"' not in html and 'id="layers"' not in html
+    assert "No module rows" in html and "Not part of this run" in html
+    dense = make_results(created=T0)
+    dense.pop("routers")
+    dense.pop("roundtrip")
+    dense.pop("layer_types")
+    dense["summary"].pop("first_divergence_detail")
+    html = render_run(dense, None)
+    assert 'id="routers"' not in html and 'id="layers"' in html
+    assert render_run({}, None).startswith("<!DOCTYPE html>")
+    assert "No runs recorded yet" in render_index([])
+
+
+def test_nonfinite_metrics_render(failing):
+    r = json.loads(json.dumps(failing))
+    r["modules"][5]["rel_l2"] = float("nan")
+    r["modules"][6]["cosine"] = float("inf")
+    r["summary"]["logits"]["kl_max"] = float("inf")
+    html = render_run(r, failing)
+    assert ">NaN<" in html and "∞" in html
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+
+def test_compare_flags_verdict_flip_and_growth(passing, failing):
+    flags = compare(failing, passing)
+    assert flags[0]["kind"] == "verdict" and flags[0]["severity"] == "regression"
+    names = {(f["name"], f["mode"]) for f in flags if f["kind"] == "rel_l2"}
+    assert ("model.layers.2.self_attn", "isolated") in names
+    back = compare(passing, failing)
+    assert back[0]["kind"] == "verdict" and back[0]["severity"] == "improvement"
+    assert compare(passing, None) == []
+    assert compare(passing, make_results(created=T0)) == []  # same numbers: nothing
+
+
+def test_compare_growth_threshold_and_noise_floor():
+    def run(v: float, passed: bool = True) -> dict:
+        return {"case": "c", "passed": True, "modules": [{"name": "m", "mode": "isolated", "rel_l2": v,
+                                                          "passed": passed}]}
+    assert [f["kind"] for f in compare(run(2e-3), run(1e-3))] == ["rel_l2"]
+    assert compare(run(1.9e-3), run(1e-3)) == []
+    assert compare(run(1e-15), run(0.0)) == []  # 0 -> 1e-15 is noise below the absolute floor
+    assert compare(run(3e-12), run(0.0))[0]["factor"] is None  # from zero: flagged, no finite factor
+    assert compare(run(float("nan")), run(1e-3))[0]["kind"] == "rel_l2"
+    gate_only = compare(run(1.5e-3, passed=False), run(1e-3))
+    assert [f["kind"] for f in gate_only] == ["gate"]
+
+
+def test_find_previous_matches_case_device_dtype(passing):
+    older = dict(passing, created="2026-05-09T08:00:00Z")
+    other_dtype = dict(passing, created="2026-05-09T08:30:00Z", dtype="bfloat16")
+    other_case = dict(passing, created="2026-05-09T08:40:00Z", case="other")
+    newer = dict(passing, created="2026-05-09T10:00:00Z")
+    runs = [newer, other_case, other_dtype, older, passing]
+    assert find_previous(passing, runs) is older
+    assert find_previous(older, runs) is None
+
+
+# ---------------------------------------------------------------------------------------------- storage
+
+
+def test_write_run_twice_gives_two_runs_and_flags_regressions(tmp_path, passing):
+    first = write_run(passing, tmp_path)
+    bumped = make_results(created=T0 + timedelta(hours=1), bump={"model.layers.4.experts": 3.0})
+    second = write_run(bumped, tmp_path)
+    assert first != second and first.parent == second.parent == tmp_path / "runs"
+    for d in (first, second):
+        assert (d / "results.json").is_file() and (d / "index.html").is_file()
+    assert re.fullmatch(r"\d{8}T\d{9}Z-gemma4-text-tiny-[0-9a-f]{6}", second.name)
+    assert json.loads((first / "results.json").read_text()) == passing
+
+    report = (second / "index.html").read_text()
+    regs = report[report.index('id="regressions"'):report.index('id="modules"')]
+    assert "model.layers.4.experts" in regs and "3×" in regs and "PASS → FAIL" not in regs
+
+    index = (tmp_path / "index.html").read_text()
+    assert f'href="runs/{first.name}/index.html"' in index and f'href="runs/{second.name}/index.html"' in index
+    assert index.index(second.name) < index.index(first.name)  # newest first
+    assert "2 regressions" in index
+
+    third = write_run(make_results(created=T0 + timedelta(hours=2), failure="rope"), tmp_path)
+    report = (third / "index.html").read_text()
+    assert "verdict PASS → FAIL" in report and 'data-verdict="FAIL"' in report
+    index = (tmp_path / "index.html").read_text()
+    assert "verdict PASS → FAIL" in index and index.count('href="runs/') == 3
+
+
+def test_run_dirs_never_collide(tmp_path, passing, monkeypatch):
+    monkeypatch.setattr(store, "_stamp", lambda: "20260101T000000000Z")
+    tokens = iter(["aaaaaa", "aaaaaa", "bbbbbb"])
+    monkeypatch.setattr(store, "_token", lambda: next(tokens))
+    a = write_run(passing, tmp_path)
+    b = write_run(passing, tmp_path)
+    assert (a.name, b.name) == ("20260101T000000000Z-gemma4-text-tiny-aaaaaa",
+                                "20260101T000000000Z-gemma4-text-tiny-bbbbbb")
+
+
+def test_case_name_is_sanitised_in_dir(tmp_path, passing):
+    d = write_run(dict(passing, case="../../etc/x y"), tmp_path)
+    assert d.parent == tmp_path / "runs" and ".." not in d.name and " " not in d.name
+
+
+def test_write_to_refuses_to_overwrite(tmp_path, passing, failing):
+    out = tmp_path / "out"
+    assert write_to(passing, out) == out
+    before = (out / "results.json").read_bytes(), (out / "index.html").read_bytes()
+    with pytest.raises(FileExistsError):
+        write_to(failing, out)
+    assert ((out / "results.json").read_bytes(), (out / "index.html").read_bytes()) == before
+    (out / "results.json").unlink()
+    with pytest.raises(FileExistsError):  # an index.html alone is an earlier report too
+        write_to(failing, out)
+    assert not list(out.glob(".*.tmp"))
+
+
+def _write_after(barrier, results: dict, root: str) -> None:
+    barrier.wait(timeout=30)
+    write_run(results, Path(root))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="uses the fork start method")
+def test_concurrent_writers_both_land(tmp_path, passing):
+    ctx = multiprocessing.get_context("fork")
+    n = 4
+    barrier = ctx.Barrier(n)
+    procs = [ctx.Process(target=_write_after, args=(barrier, dict(passing, seed=i), str(tmp_path))) for i in range(n)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * n
+    runs = load_runs(tmp_path)
+    assert sorted(r["seed"] for r in runs) == list(range(n))
+    index = (tmp_path / "index.html").read_text()
+    assert index.count('href="runs/') == n  # the history page was written last by someone who saw all runs
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_load_runs_skips_unreadable(tmp_path, passing):
+    write_run(passing, tmp_path)
+    broken = tmp_path / "runs" / "20260101T000000000Z-broken-000000"
+    broken.mkdir()
+    (broken / "results.json").write_text("{not json")
+    (tmp_path / "runs" / "20260101T000000001Z-in-progress-000000").mkdir()  # no results.json yet: silent
+    with pytest.warns(RuntimeWarning, match="broken"):
+        runs = load_runs(tmp_path)
+    assert len(runs) == 1 and runs[0]["_run"]["href"].startswith("runs/")
+    assert load_runs(tmp_path / "missing") == []
+
+
+def test_frames(tmp_path, passing, failing):
+    frame = results_frame(failing)
+    assert len(frame) == len(failing["modules"])
+    assert {"name", "megatron_name", "mode", "layer", "layer_type", "cosine", "rel_l2", "max_abs", "gate_metric",
+            "gate_max", "floor", "ratio", "passed"} <= set(frame.columns)
+    assert (~frame["passed"].astype(bool)).sum() == sum(not m["passed"] for m in failing["modules"])
+    assert frame.loc[frame["name"] == "model.layers.2.self_attn", "layer_type"].iloc[0] == "full_attention"
+    write_run(passing, tmp_path)
+    write_run(failing, tmp_path)
+    runs = runs_frame(tmp_path)
+    assert list(runs["passed"]) == [False, True]  # newest first
+    assert math.isclose(runs["logits_rel_l2"].iloc[0], failing["summary"]["logits"]["rel_l2"])
+    assert runs["first_divergence"].iloc[0] == "model.layers.2.self_attn"
+
+
+def test_rerender_rebuilds_pages_not_results(tmp_path, passing, failing):
+    a = write_run(passing, tmp_path)
+    b = write_run(failing, tmp_path)
+    results_before = [(d / "results.json").read_bytes() for d in (a, b)]
+    (a / "index.html").unlink()
+    (b / "index.html").write_text("stale")
+    (tmp_path / "index.html").unlink()
+    assert rerender(tmp_path) == 2
+    assert "verdict PASS → FAIL" in (b / "index.html").read_text()  # previous run found again
+    assert (a / "index.html").read_text().startswith("<!DOCTYPE html>")
+    assert (tmp_path / "index.html").is_file()
+    assert [(d / "results.json").read_bytes() for d in (a, b)] == results_before
+    assert rerender(tmp_path / "empty") == 0 and (tmp_path / "empty" / "index.html").is_file()
+
+
+def test_report_cli_main(tmp_path, passing, capsys):
+    from parity.report.cli import main
+    write_run(passing, tmp_path)
+    assert main(["--dir", str(tmp_path)]) == 0
+    assert "re-rendered 1 run" in capsys.readouterr().out
+    f = tmp_path / "file"
+    f.write_text("x")
+    assert main(["--dir", str(f)]) == 2
+
+
+# ---------------------------------------------------------------------------------------------- browser
+
+_CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                   "--hide-scrollbars", "--window-size=1280,800"]
+
+# Injected into a copy of the page: checks the first screen and the table sorting, then reports in the DOM.
+_PROBE = """<script>
+window.addEventListener('load', function(){
+  var out = {};
+  ['verdict','first-divergence','worst-layer','logits-card'].forEach(function(id){
+    var el = document.getElementById(id), r = el && el.getBoundingClientRect();
+    out[id] = r ? (r.bottom <= window.innerHeight && r.right <= window.innerWidth && r.height > 0) : false;
+  });
+  out.vw = window.innerWidth; out.vh = window.innerHeight;
+  var t = document.getElementById('modtable'), th = t.tHead.rows[0].cells[5];
+  th.click();
+  var rows = Array.prototype.filter.call(t.tBodies[0].rows, function(r){ return !r.classList.contains('grp'); });
+  out.top = rows[0].cells[0].textContent + ' ' + rows[0].cells[2].textContent;
+  out.flat = t.classList.contains('flat');
+  document.body.setAttribute('data-probe', JSON.stringify(out));
+});
+</script></body>"""
+
+
+def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([str(CHROMIUM), *_CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                    "(apt-get install -y chromium)")
+@pytest.mark.parametrize("variant", ["pass", "fail"])
+def test_headless_browser_renders_first_screen(variant, tmp_path, passing, failing):
+    results = passing if variant == "pass" else failing
+    out = write_to(results, tmp_path / "report", previous=passing if variant == "fail" else None)
+    page = out / "index.html"
+
+    shot = tmp_path / "shot.png"
+    proc = _chromium([f"--screenshot={shot}", page.as_uri()], tmp_path)
+    assert shot.is_file() and shot.stat().st_size > 10_000, proc.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    dom = _chromium(["--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()], tmp_path)
+    assert 'data-js="ok"' in dom.stdout  # the inline script ran to its end
+    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
+    assert console == [], console
+
+    probe_page = tmp_path / "probe.html"
+    probe_page.write_text(page.read_text().replace("</body>", _PROBE, 1))
+    dom = _chromium(["--dump-dom", probe_page.as_uri()], tmp_path)
+    m = re.search(r'data-probe="([^"]*)"', dom.stdout)
+    assert m, dom.stderr[-2000:]
+    probe = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert all(probe[k] for k in ("verdict", "first-divergence", "worst-layer", "logits-card")), probe
+    assert probe["flat"]
+    worst = max(results["modules"], key=lambda r: r["rel_l2"])
+    assert probe["top"].startswith(worst["name"] + " "), probe
+
