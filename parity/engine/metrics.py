@@ -68,6 +68,10 @@ def _quantile(x: torch.Tensor, q: float) -> float:
     pos = q * (n - 1)
     lo = int(math.floor(pos))
     hi = min(lo + 1, n - 1)
+    if x.is_cuda:  # CUDA kthvalue on one long slice runs in a single block (very slow); a sort is parallel
+        srt = torch.sort(x).values
+        v_lo, v_hi = srt[lo].item(), srt[hi].item()
+        return v_lo + (v_hi - v_lo) * (pos - lo)
     v_lo = x.kthvalue(lo + 1).values.item()
     v_hi = v_lo
     if hi != lo and int((x <= v_lo).sum().item()) < hi + 1:  # next order statistic is strictly larger
