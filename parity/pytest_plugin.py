@@ -1,0 +1,429 @@
+"""pytest plugin: the parity suites as parametrised tests over cases (registered by the root ``conftest.py``).
+
+Options are the interface::
+
+    --parity-device cpu|cuda        default: cuda when available and the case allows it, else cpu
+    --parity-dtype float32|bfloat16 override every case's dtype (ids then say so: ``...-as-bf16``)
+    --parity-checkpoint DIR         checkpoint for checkpoint cases (default: the case's env, GEMMA4_CHECKPOINT)
+    --parity-reports DIR            report root (default: $PARITY_REPORTS_DIR or reports/)
+    --parity-case NAME              run only these cases (repeatable)
+    --parity-progress               print the engine's phases (use with -s)
+
+A test that takes ``parity_target`` is parametrised over the cases, one id per case and check:
+``test_logits[gemma4-text-tiny-logits]``. The expensive run is cached per session and keyed by what makes
+runs differ (case, device, dtype, checkpoint, seed), so the checks of one case share ONE engine run; each run
+is written at once with ``parity.report.store.write_run`` (a fresh run folder, never overwritten).
+
+pytest-xdist: every test of a case carries ``xdist_group(<case id>)``, and ``-n N`` without an explicit
+``--dist`` switches to ``--dist loadgroup``, so a case runs once, on one worker. Workers write their runs
+into the shared report root; the controller collects each case's verdict from the test reports (user
+properties, which also land in ``--junitxml``), regenerates the history page once in
+``pytest_sessionfinish`` and lists the cases in a terminal summary section.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from parity.cases import Case, checkpoint_for, default_device, list_cases, load_case, run_id, unmet_requirement
+from parity.errors import UserError
+
+CHECKS = ("logits", "modules", "roundtrip", "router")
+MARKERS = {
+    "cpu": "runs on CPU (tiny cases)",
+    "gpu": "needs one CUDA GPU",
+    "multigpu": "needs several CUDA GPUs (launched with torchrun)",
+    "slow": "long-running",
+    "checkpoint": "needs a real Gemma 4 checkpoint (--parity-checkpoint or GEMMA4_CHECKPOINT)",
+}
+ENV_REPORTS_DIR = "PARITY_REPORTS_DIR"
+_STATE = pytest.StashKey["_State"]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("parity", "Gemma 4 parity (Megatron-core vs Hugging Face)")
+    group.addoption("--parity-device", choices=("cpu", "cuda"), default=None,
+                    help="device of every case (default: cuda when available and allowed, else cpu)")
+    group.addoption("--parity-dtype", choices=("float32", "bfloat16"), default=None,
+                    help="override every case's dtype")
+    group.addoption("--parity-checkpoint", metavar="DIR", default=None,
+                    help="local HF checkpoint folder for checkpoint cases (default: $GEMMA4_CHECKPOINT)")
+    group.addoption("--parity-reports", metavar="DIR", default=None,
+                    help=f"report root (default: ${ENV_REPORTS_DIR} or reports)")
+    group.addoption("--parity-case", metavar="NAME", action="append", default=[],
+                    help="run only this case (repeatable)")
+    group.addoption("--parity-progress", action="store_true", default=False,
+                    help="print the engine's phases on stderr (see them with -s)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """``-n N`` without ``--dist``: use ``loadgroup`` so the checks of one case stay on one worker."""
+    opt = config.option
+    if getattr(opt, "numprocesses", None) and getattr(opt, "dist", None) == "no" and not getattr(opt, "distload", False):
+        opt.dist = "loadgroup"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
+    state = _State.from_config(config)
+    config.stash[_STATE] = state
+    worker = getattr(config, "workerinput", None)
+    if worker is not None and worker.get("parity_loadgroup"):
+        # xdist derives a worker's loadgroup flag from the worker's own argv, which lacks the --dist we set in
+        # pytest_cmdline_main; without it the worker would not tag node ids with their group.
+        config.option.loadgroup = True
+    if worker is None:
+        dist = getattr(config.option, "dist", "no")
+        if dist not in ("no", "loadgroup"):
+            config.issue_config_time_warning(pytest.PytestConfigWarning(
+                f"parity: --dist {dist} may split the checks of one case over several workers, each of which then "
+                f"reruns the case; use --dist loadgroup"), stacklevel=2)
+        config.pluginmanager.register(_Controller(state), "parity-controller")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node) -> None:  # xdist: tell each worker the report root and the distribution mode
+    node.workerinput["parity_reports"] = str(node.config.stash[_STATE].reports)
+    node.workerinput["parity_loadgroup"] = getattr(node.config.option, "dist", None) == "loadgroup"
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    state = config.stash[_STATE]
+    return [f"parity: reports -> {state.reports}; device {state.device or 'auto'}; "
+            f"dtype {state.dtype or 'per case'}"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Targets: one case as it runs here (device, dtype, checkpoint), with why it cannot run, if it cannot
+
+@dataclass(frozen=True)
+class Target:
+    case: Case
+    device: str
+    dtype: str
+    checkpoint: str | None
+    seed: int | None
+    id: str
+    skip: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        return (self.case.name, str(self.case.path), self.device, self.dtype, self.checkpoint, self.seed)
+
+    def __repr__(self) -> str:  # short, for pytest's output
+        return f"Target({self.id}, {self.device}, {self.dtype})"
+
+
+@dataclass
+class _Outcome:
+    results: dict | None = None
+    report: Path | None = None
+    error: BaseException | None = None
+    shown: bool = False
+
+
+@dataclass
+class _State:
+    reports: Path
+    device: str | None
+    dtype: str | None
+    checkpoint: str | None
+    only: tuple[str, ...]
+    progress: bool
+    targets: list[Target] | None = None
+    runs: dict[tuple, _Outcome] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, config: pytest.Config) -> "_State":
+        opt = config.getoption
+        worker = getattr(config, "workerinput", None) or {}
+        reports = worker.get("parity_reports") or opt("parity_reports") or os.environ.get(ENV_REPORTS_DIR) or "reports"
+        reports = Path(config.invocation_params.dir, reports).resolve()
+        checkpoint = opt("parity_checkpoint")
+        if checkpoint and not Path(checkpoint).is_dir():
+            raise pytest.UsageError(f"--parity-checkpoint {checkpoint}: no such folder")
+        only = tuple(dict.fromkeys(opt("parity_case") or ()))
+        for name in only:
+            try:
+                load_case(name)
+            except UserError as e:
+                raise pytest.UsageError(f"--parity-case: {e}") from None
+        return cls(reports=reports, device=opt("parity_device"), dtype=opt("parity_dtype"), checkpoint=checkpoint,
+                   only=only, progress=bool(opt("parity_progress")))
+
+    def all_targets(self) -> list[Target]:
+        if self.targets is None:
+            cases = [load_case(n) for n in self.only] if self.only else list_cases()
+            self.targets = _unique_ids([self.target(c) for c in cases])
+        return self.targets
+
+    def target(self, case: Case) -> Target:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        device = self.device or default_device(case, cuda)
+        dtype = self.dtype or case.dtype
+        checkpoint = checkpoint_for(case, self.checkpoint) if case.needs_checkpoint else None
+        why = unmet_requirement(case, device=device, checkpoint=checkpoint, cuda_available=cuda,
+                                device_count=torch.cuda.device_count() if cuda else 0,
+                                checkpoint_hint="--parity-checkpoint DIR")
+        if why is None and case.world_size > 1 and importlib.util.find_spec("parity.engine.distributed") is None:
+            why = f"multi-GPU launch not available: parity.engine.distributed is missing (case {case.name})"
+        # TODO(lead): drop once parity/engine/vlm.py lands; until then VLM cases skip instead of erroring.
+        if why is None and case.kind == "vlm" and importlib.util.find_spec("parity.engine.vlm") is None:
+            why = f"the VLM engine (parity.engine.vlm) is not there yet (case {case.name})"
+        return Target(case=case, device=device, dtype=dtype, checkpoint=checkpoint, seed=None,
+                      id=run_id(case, self.dtype), skip=why)
+
+    def run(self, target: Target) -> _Outcome:
+        """The one engine run of ``target`` in this process (cached, errors included)."""
+        if target.key in self.runs:
+            return self.runs[target.key]
+        from parity.cli import execute
+
+        outcome = _Outcome()
+        try:
+            outcome.results = execute(target.case, device=target.device, dtype=target.dtype,
+                                      checkpoint=target.checkpoint, seed=target.seed, progress=self.progress)
+        except Exception as e:  # cached: the other checks of this case report it without rerunning
+            outcome.error = e
+        if outcome.results is not None:
+            try:
+                from parity.report.store import write_run
+
+                outcome.report = Path(write_run(outcome.results, self.reports)) / "index.html"
+            except Exception as e:  # noqa: BLE001 - the verdicts stand; the missing report is a warning
+                warnings.warn(pytest.PytestWarning(f"parity: could not write the report of {target.id}: "
+                                                   f"{type(e).__name__}: {e}"))
+        self.runs[target.key] = outcome
+        return outcome
+
+
+def _unique_ids(targets: list[Target]) -> list[Target]:
+    seen: dict[str, int] = {}
+    out = []
+    for t in targets:
+        n = seen.get(t.id, 0)
+        seen[t.id] = n + 1
+        out.append(t if n == 0 else Target(**{**t.__dict__, "id": f"{t.id}-{n}"}))
+    return out
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "parity_target" not in metafunc.fixturenames:
+        return
+    check = metafunc.function.__name__.removeprefix("test_")
+    params = []
+    for t in metafunc.config.stash[_STATE].all_targets():
+        marks = [getattr(pytest.mark, m) for m in t.case.markers] + [pytest.mark.xdist_group(t.id)]
+        if t.skip:
+            marks.append(pytest.mark.skip(reason=t.skip))
+        elif check == "router" and t.case.dense:
+            marks.append(pytest.mark.skip(reason=f"dense model: no router (case {t.case.name})"))
+        params.append(pytest.param(t, id=f"{t.id}-{check}", marks=marks))
+    metafunc.parametrize("parity_target", params)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Keep the checks of one case together (in their file order), so a case's run is reused at once."""
+    slots = [i for i, item in enumerate(items) if _target_of(item) is not None]
+    if not slots:
+        return
+    order = {t.id: n for n, t in enumerate(config.stash[_STATE].all_targets())}
+    group = sorted((items[i] for i in slots), key=lambda it: order.get(_target_of(it).id, 0))
+    for i, item in zip(slots, group):
+        items[i] = item
+
+
+def _target_of(item: pytest.Item) -> Target | None:
+    callspec = getattr(item, "callspec", None)
+    return callspec.params.get("parity_target") if callspec is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fixtures
+
+@pytest.fixture(scope="session")
+def parity_runs(pytestconfig: pytest.Config) -> _State:
+    """The session's run cache (one engine run per case, device, dtype, checkpoint and seed)."""
+    return pytestconfig.stash[_STATE]
+
+
+@pytest.fixture
+def parity_run(request: pytest.FixtureRequest, parity_runs: _State, parity_target: Target) -> "ParityRun":
+    """The results of ``parity_target``'s run; the first test of a case runs it, the others reuse it."""
+    outcome = parity_runs.run(parity_target)
+    check = request.node.originalname.removeprefix("test_")
+    props = request.node.user_properties
+    props += [("parity_id", parity_target.id), ("case", parity_target.case.name), ("device", parity_target.device),
+              ("dtype", parity_target.dtype), ("check", check)]
+    if outcome.error is not None:
+        e = outcome.error
+        props.append(("error", f"{type(e).__name__}: {e}"))
+        if isinstance(e, UserError) or outcome.shown:
+            pytest.fail(f"run of {parity_target.id} failed: {type(e).__name__}: {e}", pytrace=False)
+        outcome.shown = True
+        raise e
+    run = ParityRun(parity_target, outcome.results, outcome.report)
+    summary = outcome.results.get("summary") or {}
+    props += [("passed", bool(outcome.results.get("passed"))), ("check_passed", run.passed(check)),
+              ("first_divergence", summary.get("first_divergence")),
+              ("report", str(outcome.report) if outcome.report else None)]
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verdicts and the messages that explain them
+
+def _num(x: Any) -> str:
+    from parity.cli import _num as num
+
+    return num(x)
+
+
+@dataclass
+class ParityRun:
+    target: Target
+    results: dict
+    report: Path | None
+
+    @property
+    def where(self) -> str:
+        return f"{self.target.id} ({self.target.device}, {self.target.dtype})"
+
+    def passed(self, check: str) -> bool:
+        return bool((self.results.get("checks") or {}).get(check, False))
+
+    def has_router(self) -> bool:
+        return bool(self.results.get("routers")) or any(r.get("kind") == "router" for r in self.modules())
+
+    def modules(self) -> list[dict]:
+        return list(self.results.get("modules") or [])
+
+    def explain(self, check: str) -> str:
+        """Why ``check`` failed: metric against gate, first divergence, where the report is."""
+        checks = self.results.get("checks") or {}
+        if check not in checks:
+            body = f"the results carry no {check!r} verdict (checks: {', '.join(checks) or 'none'})"
+        else:
+            body = getattr(self, f"_explain_{check}")()
+        from parity.cli import divergence_text
+
+        tail = f" First divergence: {divergence_text(self.results)}."
+        if self.report:
+            tail += f" Report: {self.report}"
+        return f"{self.where}: {check} check failed: {body}.{tail}"
+
+    @staticmethod
+    def _row(r: dict) -> str:
+        gate = r.get("gate") or {}
+        metric = gate.get("metric", "rel_l2")
+        text = f"{r.get('name')} ({r.get('mode')}) {metric} {_num(r.get(metric))} > gate {_num(gate.get('max'))}"
+        if r.get("floor") is not None:
+            text += f" [floor {_num(r['floor'])}, ratio {_num(r.get('ratio'))}]"
+        if r.get("why") or r.get("detail"):
+            text += f" ({r.get('why') or r.get('detail')})"
+        return text
+
+    def _failing(self, kinds=None, exclude=()) -> list[dict]:
+        return [r for r in self.modules() if not r.get("passed") and r.get("kind") not in exclude
+                and (kinds is None or r.get("kind") in kinds)]
+
+    def _explain_logits(self) -> str:
+        logits = (self.results.get("summary") or {}).get("logits") or {}
+        parts = [self._row(r) for r in self._failing(kinds=("logits",))]
+        gates = (self.results.get("gates") or {}).get(self.target.dtype) or {}
+        kl_gate = gates.get("kl_max" if self.target.dtype == "float32" else "logits_kl_max")
+        kl = logits.get("kl_max")
+        if kl_gate is not None and kl is not None and kl > kl_gate:
+            parts.append(f"per-token KL max {_num(kl)} > gate {_num(kl_gate)} (mean {_num(logits.get('kl_mean'))})")
+        if logits.get("top1_agreement") is not None:
+            parts.append(f"top-1 agreement {logits['top1_agreement']:.2%}")
+        return "; ".join(parts) or "no failing logits row recorded"
+
+    def _explain_modules(self) -> str:
+        bad = self._failing(exclude=("router",))
+        shown = "; ".join(self._row(r) for r in bad[:8])
+        more = f"; ... and {len(bad) - 8} more" if len(bad) > 8 else ""
+        return f"{len(bad)} of {len(self.modules())} module comparisons over their gates: {shown}{more}"
+
+    def _explain_roundtrip(self) -> str:
+        rt = self.results.get("roundtrip") or {}
+        bad = [r for r in rt.get("rows") or [] if not r.get("bit_exact")]
+        names = ", ".join(f"{r.get('name')}" + (f" ({r['problem']})" if r.get("problem") else "") for r in bad[:5])
+        return (f"{rt.get('bit_exact')} of {rt.get('tensors')} tensors bit-exact after HF -> Megatron -> HF, "
+                f"max |diff| {_num(rt.get('max_abs_diff'))}" + (f"; not exact: {names}" if names else ""))
+
+    def _explain_router(self) -> str:
+        bad = self._failing(kinds=("router",))
+        return (f"{len(bad)} router comparisons fail: " + "; ".join(self._row(r) for r in bad[:8])) if bad else \
+            "router verdict false without a failing router row"
+
+
+# ---------------------------------------------------------------------------------------------------
+# The controller (not xdist workers): verdicts per case, the history page, the terminal summary
+
+class _Controller:
+    def __init__(self, state: _State):
+        self.state = state
+        self.cases: dict[str, dict] = {}
+
+    @pytest.hookimpl
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        props = dict(report.user_properties or ())
+        pid = props.get("parity_id")
+        if pid is None or report.when not in ("setup", "call"):
+            return
+        entry = self.cases.setdefault(pid, {"checks": {}})
+        entry.update({k: props[k] for k in ("case", "device", "dtype", "passed", "first_divergence", "report", "error")
+                      if k in props})
+        if report.when == "call" or report.failed:
+            entry["checks"][props.get("check")] = report.outcome
+
+    @pytest.hookimpl
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if not any(e.get("report") for e in self.cases.values()):
+            return
+        try:
+            from parity.report.store import write_index
+
+            write_index(self.state.reports)
+        except Exception as e:  # noqa: BLE001
+            warnings.warn(pytest.PytestWarning(f"parity: could not regenerate {self.state.reports}/index.html: {e}"))
+
+    @pytest.hookimpl
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.cases:
+            return
+        tr = terminalreporter
+        tr.section("parity")
+        width = max(len(k) for k in self.cases)
+        for pid, e in self.cases.items():
+            if e.get("error"):
+                verdict, text = "ERROR", e["error"]
+            else:
+                verdict = "PASS" if e.get("passed") else "FAIL"
+                text = f"first divergence: {e.get('first_divergence') or 'none'}"
+                if e.get("report"):
+                    text += f"  report: {_rel(e['report'])}"
+            tr.write_line(f"{verdict:<5} {pid:<{width}}  {e.get('device')} {e.get('dtype') or '':<8}  {text}")
+        if any(e.get("report") for e in self.cases.values()):
+            tr.write_line(f"history: {_rel(self.state.reports / 'index.html')}")
+
+
+def _rel(path: str | Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+__all__ = ["CHECKS", "ParityRun", "Target"]
