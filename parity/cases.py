@@ -201,7 +201,8 @@ class Case:
                 data[key] = _merge(data[key], value)
             else:
                 data[key] = value
-        return parse_case(data, source=str(self.path or self.name), stem=self.name)
+        source = _display(self.path) if self.path else self.name
+        return parse_case(data, source=source, stem=self.name, path=self.path)
 
 
 def _merge(base: dict, new: dict) -> dict:
@@ -212,8 +213,8 @@ def _merge(base: dict, new: dict) -> dict:
 
 
 def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, dict):  # TOML has no null: an unset optional field is left out
+        return {k: _plain(v) for k, v in x.items() if v is not None}
     if isinstance(x, (list, tuple)):
         return [_plain(v) for v in x]
     return x
