@@ -1,0 +1,250 @@
+"""``python -m parity``: listing, exit codes, one-line user errors. No engine run here (the fast ones fake it)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parity import cli
+from parity.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parity(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "parity", *args], capture_output=True, text=True, timeout=120,
+                          env=full_env, cwd=cwd or ROOT)
+
+
+def assert_usage_error(p: subprocess.CompletedProcess, *needles: str) -> None:
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("parity: error: "), p.stderr
+    assert "Traceback" not in p.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Subprocess: the contract as users see it
+
+def test_cases_lists_required_names():
+    p = parity("cases")
+    assert p.returncode == 0, p.stderr
+    names = [line.split()[0] for line in p.stdout.splitlines() if line.strip()]
+    for name in ("gemma4-text-tiny", "gemma4-vlm-tiny", "gemma4-26b-a4b"):
+        assert name in names
+    line = next(line for line in p.stdout.splitlines() if line.startswith("gemma4-26b-a4b "))
+    assert "26B-A4B" in line  # with its description
+
+
+def test_unknown_case():
+    assert_usage_error(parity("run", "--case", "no-such-case"), "unknown case 'no-such-case'", "gemma4-text-tiny")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_on_cpu_machine():
+    assert_usage_error(parity("run", "--case", "gemma4-text-tiny", "--device", "cuda"), "--device cuda", "no CUDA")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_gpu_only_case_on_cpu_machine():
+    assert_usage_error(parity("run", "--case", "gemma4-26b-a4b"), "gemma4-26b-a4b", "cuda only")
+    assert_usage_error(parity("run", "--case", "gemma4-26b-a4b", "--device", "cpu"), "gemma4-26b-a4b")
+
+
+def test_gpu_only_case_asked_for_cpu(monkeypatch):
+    """Even with a GPU, a GPU-only case refuses --device cpu (in-process, any machine)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    from parity.cases import load_case
+
+    with pytest.raises(UserError, match="runs on cuda only, not on cpu"):
+        cli.resolve_device(load_case("gemma4-26b-a4b"), "cpu", None)
+    with pytest.raises(UserError, match="needs 2 CUDA GPUs"):
+        cli.resolve_device(load_case("gemma4-26b-a4b-tp2"), None, None)
+
+
+def test_missing_checkpoint_folder():
+    assert_usage_error(parity("run", "--case", "gemma4-text-tiny", "--checkpoint", "/nonexistent"),
+                       "/nonexistent", "does not exist")
+
+
+def test_checkpoint_case_without_checkpoint():
+    env = {k: v for k, v in os.environ.items() if k != "GEMMA4_CHECKPOINT"}
+    p = subprocess.run([sys.executable, "-m", "parity", "run", "--case", "gemma4-checkpoint"], capture_output=True,
+                       text=True, timeout=120, env=env, cwd=ROOT)
+    assert_usage_error(p, "needs a checkpoint", "GEMMA4_CHECKPOINT")
+
+
+def test_out_refuses_to_overwrite(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text('{"earlier": true}\n')
+    before = (results.read_bytes(), results.stat().st_mtime_ns)
+    assert_usage_error(parity("run", "--case", "gemma4-text-tiny", "--device", "cpu", "--out", str(tmp_path)),
+                       "already exists")
+    assert (results.read_bytes(), results.stat().st_mtime_ns) == before
+    assert not (tmp_path / "index.html").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (("run",), "--case"),
+    (("run", "--case", "gemma4-text-tiny", "--dtype", "float16"), "--dtype"),
+    (("run", "--case", "gemma4-text-tiny", "--frobnicate"), "--frobnicate"),
+    (("run", "--case", "gemma4-text-tiny", "--seed", "x"), "--seed"),
+    (("bench",), "bench"),
+    ((), "choose a command"),
+])
+def test_usage_errors_are_one_line(args, needle):
+    assert_usage_error(parity(*args), needle)
+
+
+def test_bad_case_file_names_the_field(tmp_path):
+    text = (ROOT / "cases" / "gemma4-text-tiny.toml").read_text().replace("batch = 2", "batch = -1")
+    (tmp_path / "gemma4-text-tiny.toml").write_text(text)
+    p = parity("run", "--case", "gemma4-text-tiny", env={"PARITY_CASES_DIR": str(tmp_path)})
+    assert_usage_error(p, "gemma4-text-tiny.toml", "inputs.batch")
+    assert_usage_error(parity("cases", env={"PARITY_CASES_DIR": str(tmp_path)}), "inputs.batch")
+
+
+def test_report_needs_a_directory(tmp_path):
+    assert_usage_error(parity("report", "--dir", str(tmp_path / "absent")), "no report directory")
+
+
+def test_report_rerenders_an_empty_root(tmp_path):
+    p = parity("report", "--dir", str(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert "re-rendered 0 runs" in p.stdout and (tmp_path / "index.html").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# In process, with the engine and the report writer faked: exit codes and the summary
+
+def fake_results(passed: bool = True) -> dict:
+    detail = None if passed else {"name": "model.layers.2.self_attn", "megatron_name": "decoder.layers.2.self_attention",
+                                  "mode": "isolated", "metric": "rel_l2", "value": 0.031, "gate": 1e-5, "why": None}
+    return {
+        "case": "gemma4-text-tiny", "passed": passed, "device": "cpu", "dtype": "float32",
+        "checks": {"logits": passed, "modules": passed, "roundtrip": True, "router": True},
+        "summary": {"first_divergence": None if passed else "model.layers.2.self_attn",
+                    "first_divergence_detail": detail,
+                    "logits": {"cosine": 1.0, "rel_l2": 0.0 if passed else 0.02, "max_abs": 0.0, "top1_agreement": 1.0,
+                               "kl_mean": 0.0, "kl_max": 0.0 if passed else 0.3}},
+        "modules": [], "roundtrip": {"tensors": 132, "bit_exact": 132, "max_abs_diff": 0.0},
+    }
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    calls: list[dict] = []
+    outcome: dict = {"results": fake_results(True), "raise": None}
+
+    def execute(case, **kwargs):
+        calls.append({"case": case.name, **kwargs})
+        if outcome["raise"] is not None:
+            raise outcome["raise"]
+        return outcome["results"]
+
+    written: list[tuple] = []
+
+    def write_report(results, *, out=None, reports=None):
+        written.append((out, reports))
+        return Path(out or reports) / "index.html"
+
+    monkeypatch.setattr(cli, "execute", execute)
+    monkeypatch.setattr(cli, "write_report", write_report)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    return calls, outcome, written
+
+
+def test_exit_0_when_parity_holds(fake_engine, tmp_path, capsys):
+    calls, _, written = fake_engine
+    assert cli.main(["run", "--case", "gemma4-text-tiny", "--out", str(tmp_path / "o"), "--seed", "7"]) == 0
+    assert calls == [{"case": "gemma4-text-tiny", "device": "cpu", "dtype": None, "checkpoint": None, "seed": 7,
+                      "progress": False}]
+    assert written == [(tmp_path / "o", Path("reports"))]
+    out = capsys.readouterr().out
+    assert "parity HOLDS" in out and "First divergence: none" in out and str(tmp_path / "o" / "index.html") in out
+
+
+def test_exit_1_when_parity_fails(fake_engine, tmp_path, capsys, monkeypatch):
+    _, outcome, written = fake_engine
+    outcome["results"] = fake_results(False)
+    monkeypatch.setenv("PARITY_REPORTS_DIR", str(tmp_path / "r"))
+    assert cli.main(["run", "--case", "gemma4-text-tiny", "--dtype", "bfloat16"]) == 1
+    assert written == [(None, tmp_path / "r")]  # the report is still written
+    out = capsys.readouterr().out
+    assert "parity FAILS (logits, modules failed)" in out
+    assert "model.layers.2.self_attn = megatron decoder.layers.2.self_attention (isolated; rel_l2 0.031 > gate 1e-05)" \
+        in out
+    assert "KL max 0.3" in out
+
+
+@pytest.mark.parametrize("error, needle", [
+    (UserError("checkpoint shape mismatch for x"), "checkpoint shape mismatch for x"),
+    (MemoryError(), "out of memory"),
+    (FileNotFoundError(2, "No such file or directory", "/x/config.json"), "No such file or directory: /x/config.json"),
+])
+def test_user_errors_exit_2(fake_engine, capsys, error, needle):
+    _, outcome, _ = fake_engine
+    outcome["raise"] = error
+    assert cli.main(["run", "--case", "gemma4-text-tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("parity: error: ") and needle in err, err
+
+
+def test_cuda_out_of_memory_exits_2(fake_engine, capsys):
+    import torch
+
+    _, outcome, _ = fake_engine
+    outcome["raise"] = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nGPU 0 has ...")
+    assert cli.main(["run", "--case", "gemma4-text-tiny"]) == 2
+    err = capsys.readouterr().err
+    assert err == "parity: error: out of memory: CUDA out of memory. Tried to allocate 2.00 GiB.\n"
+
+
+def test_checkpoint_error_exits_2(fake_engine, capsys):
+    io = pytest.importorskip("parity.bridge.io")
+    _, outcome, _ = fake_engine
+    outcome["raise"] = io.CheckpointError("/ckpt: missing tensor model.norm.weight")
+    assert cli.main(["run", "--case", "gemma4-text-tiny"]) == 2
+    assert capsys.readouterr().err == "parity: error: /ckpt: missing tensor model.norm.weight\n"
+
+
+def test_bug_is_not_a_verdict(fake_engine, capsys):
+    _, outcome, _ = fake_engine
+    outcome["raise"] = RuntimeError("boom")
+    assert cli.main(["run", "--case", "gemma4-text-tiny"]) == 3
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "internal error" in err
+
+
+def test_checkpoint_env_reaches_the_engine(fake_engine, tmp_path, monkeypatch):
+    calls, _, _ = fake_engine
+    monkeypatch.setenv("GEMMA4_CHECKPOINT", str(tmp_path))
+    assert cli.main(["run", "--case", "gemma4-checkpoint"]) == 0
+    assert calls[0]["checkpoint"] == str(tmp_path) and calls[0]["device"] == "cpu"
+
+
+def test_multigpu_without_launcher(monkeypatch):
+    from parity.cases import load_case
+
+    monkeypatch.setattr(cli, "distributed_available", lambda: False)
+    with pytest.raises(UserError, match="multi-GPU launch"):
+        cli.execute(load_case("gemma4-26b-a4b-tp2"), device="cuda")
+
+
+def test_write_report_refuses_existing_out(tmp_path):
+    """The real writer's FileExistsError (a racing writer) becomes a one-line user error."""
+    pytest.importorskip("parity.report.store")
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(UserError, match="already exists"):
+        cli.write_report(fake_results(), out=tmp_path)
+    assert (tmp_path / "results.json").read_text() == "{}"
