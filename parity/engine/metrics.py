@@ -107,11 +107,9 @@ def tensor_metrics(ref: torch.Tensor, test: torch.Tensor, mask: torch.Tensor | N
     _check_same_shape(ref, test)
     test = test.to(ref.device)
     m = _expand_mask(mask, ref.shape, ref.device)
-    r_all, t_all = ref.detach(), test.detach()
-    if m is not None:
-        r_all, t_all = r_all[m], t_all[m]
-    r_all, t_all = r_all.reshape(-1), t_all.reshape(-1)
-    n = r_all.numel()
+    r_all, t_all = ref.detach().reshape(-1), test.detach().reshape(-1)
+    m_all = None if m is None or bool(m.all()) else m.reshape(-1)  # masks are applied chunk by chunk
+    n = r_all.numel() if m_all is None else int(m_all.sum())
     out = {"numel": int(n), "nonfinite_ref": 0, "nonfinite_test": 0, "nonfinite_mismatch": 0}
     if n == 0:
         out.update(cosine=_NAN, rel_l2=_NAN, max_abs=_NAN, p99_abs=_NAN, mean_abs=_NAN)
@@ -120,9 +118,15 @@ def tensor_metrics(ref: torch.Tensor, test: torch.Tensor, mask: torch.Tensor | N
     dot = rr = tt = dd = sad = 0.0
     mx = 0.0
     samples = []
-    for start in range(0, n, _CHUNK):
-        r = r_all[start:start + _CHUNK].to(torch.float64)
-        t = t_all[start:start + _CHUNK].to(torch.float64)
+    seen = 0
+    for start in range(0, r_all.numel(), _CHUNK):
+        r = r_all[start:start + _CHUNK]
+        t = t_all[start:start + _CHUNK]
+        if m_all is not None:
+            keep = m_all[start:start + _CHUNK]
+            r, t = r[keep], t[keep]
+        r, t = r.to(torch.float64), t.to(torch.float64)
+        pos, seen = seen, seen + r.numel()
         fin_r, fin_t = torch.isfinite(r), torch.isfinite(t)
         if not bool(fin_r.all().item() and fin_t.all().item()):
             same = ~fin_r & ~fin_t & ((r == t) | (torch.isnan(r) & torch.isnan(t)))
@@ -139,7 +143,7 @@ def tensor_metrics(ref: torch.Tensor, test: torch.Tensor, mask: torch.Tensor | N
         sad += diff.sum().item()
         if diff.numel():
             mx = max(mx, diff.max().item())
-        offset = (-start) % stride
+        offset = (-pos) % stride
         samples.append(diff[offset::stride])
     if out["nonfinite_mismatch"]:
         out.update(cosine=_NAN, rel_l2=_INF, max_abs=_INF, p99_abs=_INF, mean_abs=_INF)

@@ -61,17 +61,21 @@ class Progress:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.phases: dict[str, float] = {}
+        self.gpu_peaks: dict[str, float] = {}  # GiB, per phase
 
     @contextmanager
     def phase(self, name: str):
         if self.enabled:
             print(f"[parity] {name} ...", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         try:
             yield
         finally:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
+                self.gpu_peaks[name] = max(self.gpu_peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
             if self.enabled:
                 print(f"[parity] {name} done in {self.phases[name]:.2f}s", file=sys.stderr, flush=True)
@@ -202,8 +206,7 @@ def _floor_value(kind: str, out32, out_bf16, fctx) -> float:
                 "top_i": test["top_i"], "top_w": test["top_w"]}
         ref = _to(ref, test["dense"].device)
         return float(compare_values("router", ref, test, fctx)["rel_l2"])
-    ref = ref.float()
-    return float(compare_values(kind, ref, test.to(ref.device).float(), fctx)["rel_l2"])
+    return float(compare_values(kind, ref, test.to(ref.device), fctx)["rel_l2"])
 
 
 def fp32_isolated(hf_model, hf_name: str, call, device) -> Any:
@@ -242,12 +245,12 @@ def env_info(device: str) -> dict:
     }
 
 
-def _peak_memory(device: str) -> dict:
+def _peak_memory(device: str, prog: "Progress") -> dict:
     import resource
 
     out = {"host_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if device == "cuda":
-        out["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["gpu_peak_gib"] = max([torch.cuda.max_memory_allocated() / 2**30, *prog.gpu_peaks.values()])
     return out
 
 
@@ -336,8 +339,7 @@ def run_text(spec: RunSpec) -> dict:
     with prog.phase("metrics"):
         records += _table_rows(args, hf_cap, ctx, inputs, dtype)
         margin = None if dtype != torch.float32 else 1e-4
-        logits_summary = M.logits_metrics(hf_logits.to(mc_logits.device).float(), mc_logits.float(), valid,
-                                          near_tie_margin=margin)
+        logits_summary = M.logits_metrics(hf_logits.to(mc_logits.device), mc_logits, valid, near_tie_margin=margin)
         for rec in records:
             if dtype != torch.float32 and rec["kind"] not in ("mask", "rope"):
                 rec["floor"] = (floors_e2e if rec["mode"] == "end_to_end" else floors_iso).get(rec["name"])
@@ -350,7 +352,7 @@ def run_text(spec: RunSpec) -> dict:
         "case": spec.name, "passed": verdict["passed"], "device": device, "dtype": spec.dtype, "seed": spec.seed,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "env": env,
         "config_hash": config_hash(hf_config), "layer_types": ctx.layer_types,
-        "roundtrip": roundtrip, "phases": prog.phases, "timings": timings, "peak_memory": _peak_memory(device),
+        "roundtrip": roundtrip, "phases": prog.phases, "timings": timings, "peak_memory": {**_peak_memory(device, prog), "gpu_peak_by_phase_gib": prog.gpu_peaks},
         "parallel": {"tp": spec.tp, "ep": spec.ep}, "sequential": spec.sequential,
         "hf_released_before_megatron": hf_released, "gates": spec.gates,
         "inputs": {"batch": b, "seq_len": s, "pad_tail": spec.pad_tail},
