@@ -166,14 +166,11 @@ class _State:
         return self.targets
 
     def target(self, case: Case) -> Target:
-        import torch
-
-        cuda = torch.cuda.is_available()
+        cuda, count = _cuda() if self.device != "cpu" else (False, 0)  # --parity-device cpu: no torch import
         device = self.device or default_device(case, cuda)
         dtype = self.dtype or case.dtype
         checkpoint = checkpoint_for(case, self.checkpoint) if case.needs_checkpoint else None
-        why = unmet_requirement(case, device=device, checkpoint=checkpoint, cuda_available=cuda,
-                                device_count=torch.cuda.device_count() if cuda else 0,
+        why = unmet_requirement(case, device=device, checkpoint=checkpoint, cuda_available=cuda, device_count=count,
                                 checkpoint_hint="--parity-checkpoint DIR")
         if why is None and case.world_size > 1 and importlib.util.find_spec("parity.engine.distributed") is None:
             why = f"multi-GPU launch not available: parity.engine.distributed is missing (case {case.name})"
@@ -205,6 +202,13 @@ class _State:
                                                    f"{type(e).__name__}: {e}"))
         self.runs[target.key] = outcome
         return outcome
+
+
+def _cuda() -> tuple[bool, int]:
+    import torch
+
+    available = torch.cuda.is_available()
+    return available, (torch.cuda.device_count() if available else 0)
 
 
 def _unique_ids(targets: list[Target]) -> list[Target]:
