@@ -142,8 +142,21 @@ def hf_value(kind: str, call: Call) -> Any:
     return _first(out)
 
 
+def _tp_size() -> int:
+    from megatron.core import parallel_state
+    return parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+
+
+def _tp_gather(x: torch.Tensor) -> torch.Tensor:
+    """All-gather a tensor-parallel shard along its last dim (heads / vocab / intermediate)."""
+    if _tp_size() == 1:
+        return x
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+    return gather_from_tensor_model_parallel_region(x.contiguous())
+
+
 def mc_value(kind: str, out: Any, ctx: Ctx, layer: int | None, module: nn.Module | None) -> Any:
-    """Megatron end-to-end output (``[s, b, ...]``) -> HF layout."""
+    """Megatron end-to-end output (``[s, b, ...]``, TP shards gathered) -> HF layout."""
     b, s = ctx.batch, ctx.seq
     if kind in ("embedding", "logits"):
         return out
@@ -155,9 +168,13 @@ def mc_value(kind: str, out: Any, ctx: Ctx, layer: int | None, module: nn.Module
     x = _first(out)
     if kind.startswith("qkv:"):
         hn, ng = ctx.layer_shapes[layer]
-        x = _split_qkv(x, kind[-1], ctx.num_heads, hn, ng)
+        x = _split_qkv(_tp_gather(x), kind[-1], ctx.num_heads, hn, ng)  # ranks hold contiguous KV groups
     elif kind.startswith("fc1:"):
-        x = x.chunk(2, dim=-1)[0 if kind.endswith("gate") else 1]
+        x = _tp_gather(x.chunk(2, dim=-1)[0 if kind.endswith("gate") else 1])  # [gate_r; up_r] per rank
+    elif kind == "head_norm" and _tp_size() > 1 and x.shape[2] != ctx.num_heads and module is not None:
+        x = _tp_gather(x.flatten(2)).unflatten(2, (-1, x.shape[-1]))
+    elif kind == "lm_head":
+        x = _tp_gather(x)
     x = _sb(x)
     if kind in ("experts", "flat_norm"):
         x = x.reshape(b * s, -1)
@@ -188,6 +205,10 @@ def replay(kind: str, module: nn.Module, call: Call, ctx: Ctx, layer: int | None
         return _sb(module(_sb(x()), ctx.mc_masks[lt], ctx.mc_rope[lt]))
     if kind == "attention":
         return _sb(module(_sb(x()), ctx.mc_masks[lt], rotary_pos_emb=ctx.mc_rope[lt])[0])
+    if kind == "linear" and getattr(module, "input_is_parallel", False) and _tp_size() > 1:
+        from megatron.core import parallel_state  # row-parallel: this rank's slice of the HF input
+        local = x("input").chunk(_tp_size(), dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
+        return mc_value(kind, module(_sb(local)), ctx, layer, module)
     if kind.startswith("qkv:") or kind.startswith("fc1:") or kind in ("linear", "mlp"):
         return mc_value(kind, module(_sb(x("input"))), ctx, layer, module)
     if kind == "router":

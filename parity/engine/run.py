@@ -310,8 +310,11 @@ def run_text(spec: RunSpec) -> dict:
 
     with prog.phase("build_megatron"):
         mc_model = Gemma4Model(args, dtype=dtype, device=device).eval()
+    rk = megatron_env.ranks()
     with prog.phase("convert"):
-        mc_state = hf_to_megatron(hf_state, args)
+        mc_state = hf_to_megatron(hf_state, args, tp_rank=rk["tp_rank"], tp_size=rk["tp_size"],
+                                  ep_rank=rk["ep_rank"], ep_size=rk["ep_size"],
+                                  etp_rank=rk["etp_rank"], etp_size=rk["etp_size"])
         missing, unexpected = mc_model.load_state_dict(mc_state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
@@ -353,7 +356,7 @@ def run_text(spec: RunSpec) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "env": env,
         "config_hash": config_hash(hf_config), "layer_types": ctx.layer_types,
         "roundtrip": roundtrip, "phases": prog.phases, "timings": timings, "peak_memory": {**_peak_memory(device, prog), "gpu_peak_by_phase_gib": prog.gpu_peaks},
-        "parallel": {"tp": spec.tp, "ep": spec.ep}, "sequential": spec.sequential,
+        "parallel": {"tp": spec.tp, "ep": spec.ep, "world_size": spec.tp * spec.ep}, "sequential": spec.sequential,
         "hf_released_before_megatron": hf_released, "gates": spec.gates,
         "inputs": {"batch": b, "seq_len": s, "pad_tail": spec.pad_tail},
     })
@@ -415,8 +418,13 @@ def store_cpu(x):
 
 
 def _roundtrip(mc_model, args, hf_state, megatron_to_hf, same_bits) -> dict:
+    """Export the (possibly sharded) Megatron weights back to HF and compare every tensor bit for bit."""
     mc_sd = {k: v for k, v in mc_model.state_dict().items() if v is not None and not k.endswith("_extra_state")}
-    back = megatron_to_hf(mc_sd, args)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        from parity.bridge.convert import gather_from_world
+        back = gather_from_world({k: v.cpu() for k, v in mc_sd.items()}, args)
+    else:
+        back = megatron_to_hf(mc_sd, args)
     ref = {k: v for k, v in hf_state.items() if k != "lm_head.weight" or not args.tie_word_embeddings}
     rows = []
     for k in sorted(set(ref) | set(back)):
