@@ -24,7 +24,7 @@ def launch(case, *, device=None, dtype=None, checkpoint=None, seed=None, progres
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-               "-m", "parity.engine.distributed", "--case", str(getattr(case, "source", None) or case.name),
+               "-m", "parity.engine.distributed", "--case", str(getattr(case, "path", None) or case.name),
                "--out", out]
         for flag, value in (("--device", device), ("--dtype", dtype), ("--checkpoint", checkpoint),
                             ("--seed", seed)):
