@@ -41,7 +41,7 @@ def default_reports_dir() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Module-by-module parity of a Megatron-core Gemma 4 against HF.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,cases,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,cases,report,bench}")
 
     run = sub.add_parser("run", help="run one case and write its report",
                          description="Run one case; exit 0 when parity holds, 1 when it fails, 2 on bad input.")
@@ -66,14 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Rebuild every run page and the history page from the stored results.")
     report.add_argument("--dir", type=Path, default=None,
                         help=f"report root (default: ${ENV_REPORTS_DIR} or reports)")
+    bench = sub.add_parser("bench", help="time each phase of a case and record it under bench/",
+                           description="Run a case, time every phase and peak memory, write bench/<case>-<device>-<dtype>.json.")
+    bench.add_argument("--case", required=True, help="case name or path to a .toml")
+    bench.add_argument("--device", choices=("cpu", "cuda"))
+    bench.add_argument("--dtype", choices=("float32", "bfloat16"))
+    bench.add_argument("--out", metavar="DIR", type=Path, default=Path("bench"), help="where the record goes (default: bench)")
+    bench.add_argument("--progress", action="store_true")
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from parity.bench import bench
+    from parity.cases import load_case
+
+    case = load_case(args.case)
+    device = resolve_device(case, args.device, None)
+    path = bench(case, device=device, dtype=args.dtype, out_dir=args.out, progress=args.progress)
+    print(f"benchmark record: {path}")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"run": cmd_run, "cases": cmd_cases, "report": cmd_report}
+    commands = {"run": cmd_run, "cases": cmd_cases, "report": cmd_report, "bench": cmd_bench}
     if args.command is None:
-        return _usage_error("choose a command: run, cases or report (see python -m parity --help)")
+        return _usage_error("choose a command: run, cases, report or bench (see python -m parity --help)")
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
