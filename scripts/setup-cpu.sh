@@ -8,11 +8,11 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, transformers, megatron.core, parity" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import parity.compat as c; c.apply(); import torch, transformers, megatron.core" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.13.0
   .venv/bin/python -m pip install -q -r requirements-cpu.txt
   .venv/bin/python -m pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
   .venv/bin/python -m pip install -q --no-deps -e .
 fi
-.venv/bin/python -c "import torch, transformers, megatron.core as m; print('torch', torch.__version__, '| transformers', transformers.__version__, '| megatron-core 0.19.2')"
+.venv/bin/python -c "import parity.compat as c; c.apply(); import torch, transformers, megatron.core; print('torch', torch.__version__, '| transformers', transformers.__version__, '| megatron-core 0.19.2')"
