@@ -98,7 +98,8 @@ def build_hf_text(spec: RunSpec, dtype: torch.dtype, device: str):
     if spec.checkpoint:
         from parity.bridge import io as bio
 
-        bio.inspect_folder(spec.checkpoint)  # files, keys, shapes, memory: validated before instantiation
+        info = bio.inspect_folder(spec.checkpoint)  # files, keys, shapes: validated before instantiation
+        _check_memory(info.bytes_as(dtype), device, spec.checkpoint)
         hf_config, state = bio.load_folder(spec.checkpoint, dtype=dtype, device="cpu")
         text_config = getattr(hf_config, "text_config", None) or hf_config
         with torch.device(device):
@@ -115,6 +116,17 @@ def build_hf_text(spec: RunSpec, dtype: torch.dtype, device: str):
         model = Gemma4ForCausalLM._from_config(config, torch_dtype=dtype)
     randomize_(model, seed=spec.seed)
     return model.eval(), config
+
+
+def _check_memory(need: int, device: str, what: str) -> None:
+    """Refuse (one line, exit 2) a checkpoint whose weights cannot fit where the HF model will live."""
+    if device == "cuda":
+        free = torch.cuda.mem_get_info()[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need * 1.05 > free:
+        raise UserError(f"out of memory: {what} needs {need / 2**30:.1f} GiB of weights on {device}, "
+                        f"only {free / 2**30:.1f} GiB free")
 
 
 def _load_text_weights(model, state: dict) -> None:
@@ -505,10 +517,12 @@ def _mc(hf_name, rows):
     return next(m for h, m, _ in rows if h == hf_name)
 
 
-def _table_rows(args, hf_cap, ctx, inputs, dtype) -> list[dict]:
-    """Masks and RoPE tables compared as their own rows (each side built its own from raw inputs)."""
+def _table_rows(args, hf_cap, ctx, inputs, dtype, hf_prefix: str = "model.") -> list[dict]:
+    """Masks and RoPE tables compared as their own rows (each side built its own from raw inputs).
+    ``hf_prefix`` is where HF's text model lives (``model.language_model.`` inside the VLM)."""
     out = []
-    rope_calls = hf_cap.calls.get("model.rotary_emb", [])
+    rope_name = f"{hf_prefix}rotary_emb"
+    rope_calls = hf_cap.calls.get(rope_name, [])
     for call in rope_calls:
         layer_type = call.args[2] if len(call.args) > 2 else call.kwargs.get("layer_type")
         cos, sin = call.output
@@ -517,14 +531,14 @@ def _table_rows(args, hf_cap, ctx, inputs, dtype) -> list[dict]:
         mc_sin = torch.sin(freqs).to(dtype)[:, :, 0].transpose(0, 1)
         m_ = M.tensor_metrics(torch.cat([cos, sin], -1).to(mc_cos.device), torch.cat([mc_cos, mc_sin], -1),
                               ctx.valid)
-        rec = row_record("model.rotary_emb", f"rotary_tables[{layer_type}]",
-                         Align("model.rotary_emb", "rotary", "rope"), "end_to_end", m_,
-                         hf_cap.order.get("model.rotary_emb", 0))
+        rec = row_record(rope_name, f"rotary_tables[{layer_type}]",
+                         Align(rope_name, "rotary", "rope"), "end_to_end", m_,
+                         hf_cap.order.get(rope_name, 0))
         rec["detail"] = layer_type
         out.append(rec)
     for layer_type in dict.fromkeys(ctx.layer_types):
         i = ctx.layer_types.index(layer_type)
-        call = hf_cap.first(f"model.layers.{i}")
+        call = hf_cap.first(f"{hf_prefix}layers.{i}")
         hf_mask = call.kwargs.get("attention_mask") if call else None
         ref = _bool_mask(hf_mask, ctx.batch, ctx.seq, ctx.valid.device)
         mine = ctx.mc_masks[layer_type].to(ref.device)
@@ -534,9 +548,9 @@ def _table_rows(args, hf_cap, ctx, inputs, dtype) -> list[dict]:
         n = int(diff.sum())
         m_ = {"cosine": 1.0 if n == 0 else 0.0, "rel_l2": float(n) / max(1, int((rows_valid & cols_valid).sum())),
               "max_abs": float(n > 0), "mismatches": n}
-        name = f"model.layers.{i}.self_attn"
+        name = f"{hf_prefix}layers.{i}.self_attn"
         rec = row_record(name, f"masks[{layer_type}]", Align(name, "mask", "mask", gate="exact"), "end_to_end", m_,
-                         hf_cap.order.get(f"model.layers.{i}.self_attn.q_proj", hf_cap.order.get(name, 0)))
+                         hf_cap.order.get(f"{name}.q_proj", hf_cap.order.get(name, 0)))
         rec["detail"] = f"attention mask ({layer_type}): {n} mismatching entries"
         out.append(rec)
     return out

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from parity import compat
 from parity.config import LayerArgs
+
+compat.apply()
 
 
 def inv_freq(layer: LayerArgs, device=None) -> torch.Tensor:
