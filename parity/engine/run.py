@@ -434,7 +434,10 @@ def _roundtrip(mc_model, args, hf_state, megatron_to_hf, same_bits) -> dict:
     mc_sd = {k: v for k, v in mc_model.state_dict().items() if v is not None and not k.endswith("_extra_state")}
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         from parity.bridge.convert import gather_from_world
-        back = gather_from_world({k: v.cpu() for k, v in mc_sd.items()}, args)
+        dist = torch.distributed
+        # shards travel between hosts' memories over gloo, never through GPU buffers (NCCL would stage them)
+        group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        back = gather_from_world({k: v.cpu() for k, v in mc_sd.items()}, args, group=group)
     else:
         back = megatron_to_hf(mc_sd, args)
     ref = {k: v for k, v in hf_state.items() if k != "lm_head.weight" or not args.tie_word_embeddings}
