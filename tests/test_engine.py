@@ -67,14 +67,9 @@ def assert_localised(r: dict, name: str) -> dict:
     return detail
 
 
-# Engine finding (parity/engine/gates.py, ``summarise``, the choice of ``first``): a bug in an
-# inline step of HF's attention (RoPE applied to q/k, the V path, the core softmax) makes
-# ``self_attn.o_proj`` fail *end_to_end only* (its isolated replay on HF's own o_proj input passes), and o_proj
-# returns before its parent self_attn, so ``first_divergence`` names the (correct) o_proj instead of the
-# ``self_attn`` DESIGN.md section 8 asks for. Proposed rule: an end_to_end-only failure of a module whose
-# isolated replay passes had wrong inputs and is not a divergence of its own (unless nothing else fails).
-_INLINE_ATTENTION_FINDING = ("engine: an inline attention bug is named self_attn.o_proj (end_to_end-only failure, "
-                             "isolated o_proj passes; o_proj returns before self_attn) instead of self_attn")
+# An inline step of attention (RoPE on q/k, the V path, the softmax) has no module of its own: its bug makes
+# ``self_attn.o_proj`` fail end_to_end only (its isolated replay passes), and gates.summarise then names the
+# parent ``self_attn`` (DESIGN.md section 8), not the o_proj that merely received wrong inputs.
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,7 +244,6 @@ def test_rope_megatron_rotary_percent_fails_the_table_row(monkeypatch):
     assert all(m["passed"] for m in r["modules"] if m["layer"] in (0, 1))
 
 
-@pytest.mark.xfail(strict=True, reason=_INLINE_ATTENTION_FINDING)
 def test_rope_lane_pairing_only_is_localised_to_first_global_self_attn(monkeypatch):
     from parity.models import rope
 
@@ -340,7 +334,6 @@ def test_missing_final_softcap(monkeypatch):
 # ---------------------------------------------------------------------------------------------------
 # 8. V taken after k_norm on K=V layers
 
-@pytest.mark.xfail(strict=True, reason=_INLINE_ATTENTION_FINDING)
 def test_v_after_k_norm_on_k_eq_v_layers(monkeypatch):
     from parity.models import rope, text
 

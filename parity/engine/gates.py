@@ -65,7 +65,11 @@ def apply(records: list[dict], gates: dict, dtype: str, logits_summary: dict) ->
 
 def summarise(records: list[dict], verdict: dict, logits_summary: dict) -> dict:
     failing = [r for r in records if not r["passed"]]
-    first = min(failing, key=lambda r: (r["order"], r["mode"] != "isolated")) if failing else None
+    # A row failing only end-to-end while the same module passes in isolation was fed wrong inputs: the fault
+    # lies upstream (possibly an inline step of its parent, e.g. RoPE or V inside self_attn), not in it.
+    replay_ok = {r["name"] for r in records if r["mode"] == "isolated" and r["passed"]}
+    own = [r for r in failing if r["mode"] == "isolated" or r["kind"] in ("mask", "rope") or r["name"] not in replay_ok]
+    first = min(own or failing, key=lambda r: (r["order"], r["mode"] != "isolated")) if failing else None
     modules_ok = not any(r for r in failing if r["kind"] not in ("router",))
     router_rows = [r for r in records if r["kind"] == "router"]
     routers = []
