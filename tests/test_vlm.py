@@ -1,0 +1,223 @@
+"""Gemma 4 VLM parity (``Gemma4ForConditionalGeneration`` vs ``parity.models.vlm.Gemma4VLModel``) on CPU.
+
+- the fp32 tiny VLM case passes with every vision and language module compared in both modes;
+- a probe proves the vision-bidirectional mask reaches attention on both sides: perturbing the merged
+  embeddings at a *later* image position changes an *earlier* position of the same image in the first
+  (sliding) layer identically in HF and Megatron, and leaves earlier text positions exactly unchanged;
+- removing the bidirectional rule on either side is caught and localised to the first sliding self_attn;
+- a tiny VLM folder (text + vision) survives HF -> Megatron -> HF bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from parity.bridge.vision import module_rows
+from parity.cases import load_case
+from parity.engine.alignment import text_rows
+from parity.engine.run import spec_from_case
+from parity.engine.vlm import GROUPS, MERGED, TEXT_HF, run_vlm
+
+CASE = "gemma4-vlm-tiny"
+FIRST_SLIDING_ATTN = "model.language_model.layers.0.self_attn"
+
+
+def _spec(case: str = CASE, **changes):
+    return dataclasses.replace(spec_from_case(load_case(case), device="cpu"), **changes)
+
+
+def _explain(r: dict) -> str:
+    bad = sorted((m for m in r["modules"] if not m["passed"]), key=lambda m: (m["order"], m["mode"] != "isolated"))
+    rows = [f"{m['name']} [{m['mode']}] {m['gate']['metric']}={m.get(m['gate']['metric'])} gate={m['gate']['max']}"
+            for m in bad[:8]]
+    return f"first_divergence={r['summary']['first_divergence']!r}:\n  " + "\n  ".join(rows)
+
+
+@pytest.fixture(scope="module")
+def clean() -> dict:
+    return run_vlm(_spec())
+
+
+@pytest.fixture(scope="module")
+def built():
+    """HF VLM, Megatron VLM (weights through the bridges) and the case's raw inputs, fp32."""
+    from parity import megatron_env
+    from parity.config import TextArgs
+    from parity.engine.vlm import build_hf_vlm, load_hf_state, vlm_inputs
+    from parity.models.vlm import Gemma4VLModel
+
+    spec = _spec()
+    megatron_env.init(seed=spec.seed)
+    hf, config = build_hf_vlm(spec, torch.float32, "cpu")
+    mc = Gemma4VLModel.from_hf_config(config).eval()
+    load_hf_state(mc, hf.state_dict(), TextArgs.from_hf(config.text_config))
+    return dict(hf=hf, mc=mc, config=config, inputs=vlm_inputs(config, spec, "cpu"))
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def test_fp32_passes_with_every_module_in_both_modes(clean, built):
+    r = clean
+    assert r["passed"] is True, _explain(r)
+    assert r["summary"]["first_divergence"] is None and all(r["checks"].values()), r["checks"]
+    mc, config = built["mc"], built["config"]
+    vision = {hf for hf, _, _ in module_rows(mc.vision_args.num_layers, "model.")}
+    text = {hf for hf, _, _ in text_rows(mc.text_args, hf_prefix=TEXT_HF)}
+    assert "model.vision_tower.encoder.layers.1.self_attn.q_proj.linear" in vision
+    assert {"model.language_model.embed_tokens", "model.language_model.layers.5.experts", "lm_head", "logits"} <= text
+    for mode in ("end_to_end", "isolated"):
+        seen = {m["name"] for m in r["modules"] if m["mode"] == mode}
+        assert vision | text | {MERGED} <= seen, (mode, sorted((vision | text | {MERGED}) - seen))
+    # every HF vision module that runs a forward is compared (a ModuleList has none)
+    hf_vision = {n for n, m in built["hf"].named_modules()
+                 if n.startswith(("model.vision_tower", "model.embed_vision")) and not isinstance(m, torch.nn.ModuleList)}
+    assert hf_vision == vision
+    for m in r["modules"]:
+        assert m["passed"], m
+        assert m["group"] == ("vision" if m["name"].startswith(("model.vision_tower", "model.embed_vision")) else "text")
+        if m["kind"] != "mask":
+            assert m["rel_l2"] <= 1e-5, m
+    tables = {(m["megatron_name"], m["name"]) for m in r["modules"] if m["kind"] in ("mask", "rope")}
+    assert {("masks[sliding_attention]", FIRST_SLIDING_ATTN), ("masks[full_attention]", "model.language_model.layers.2.self_attn"),
+            ("vision.masks[encoder]", "model.vision_tower.encoder.layers.0.self_attn")} <= tables
+    assert r["summary"]["logits"]["rel_l2"] <= 1e-5 and r["summary"]["logits"]["kl_max"] <= 1e-6
+    assert r["roundtrip"]["tensors"] == len(built["hf"].state_dict()) - 1  # tied lm_head not exported twice
+    assert r["roundtrip"]["bit_exact"] == r["roundtrip"]["tensors"]
+    # the case's shape: >= 2 images of different sizes, a sequence longer than the sliding window
+    assert r["inputs"]["num_images"] >= 2 and len(set(r["inputs"]["soft_tokens_per_image"])) >= 2
+    assert r["inputs"]["seq_len"] > r["inputs"]["sliding_window"]
+    assert config.text_config.use_bidirectional_attention == "vision"
+
+
+def test_metrics_split_by_position_group(clean):
+    g = clean["groups"]
+    assert set(g["positions"]) == set(GROUPS) and all(n > 0 for n in g["positions"].values())
+    for name in GROUPS:
+        assert g["logits"][name]["rel_l2"] <= 1e-5 and g["logits"][name]["top1_agreement"] == 1.0
+    layers = {(x["name"], x["mode"]) for x in g["layers"]}
+    assert {(f"{TEXT_HF}layers.{i}", mode) for i in range(6) for mode in ("end_to_end", "isolated")} <= layers
+    for x in g["layers"]:
+        assert all(x[name]["rel_l2"] <= 1e-5 for name in GROUPS), x
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _first_image_block(mm: torch.Tensor) -> tuple[int, int]:
+    idx = (mm == 1).nonzero().flatten().tolist()
+    start = idx[0]
+    end = start
+    while end + 1 < len(mm) and mm[end + 1] == 1:
+        end += 1
+    return start, end  # inclusive
+
+
+def test_mask_probe_later_image_token_reaches_earlier_one_on_both_sides(built):
+    """Sliding layers are bidirectional inside an image: a change at a later image position reaches an
+    earlier position of the same image in layer 0, identically on both sides; earlier text never moves."""
+    hf, mc, inputs = built["hf"], built["mc"], built["inputs"]
+    mm = inputs["mm_token_type_ids"][0]
+    start, end = _first_image_block(mm)
+    assert end - start >= 2 and bool((mm[:start] == 0).all())
+    delta = torch.zeros(*inputs["input_ids"].shape, mc.text_args.hidden_size)
+    delta[0, end] = torch.randn(mc.text_args.hidden_size, generator=torch.Generator().manual_seed(1))
+
+    def hf_layer0(perturb: bool) -> torch.Tensor:
+        seen = {}
+        def pre(m, args, kwargs):
+            if perturb:
+                kwargs = {**kwargs, "inputs_embeds": kwargs["inputs_embeds"] + delta}
+            return args, kwargs
+        h1 = hf.model.language_model.register_forward_pre_hook(pre, with_kwargs=True)
+        h2 = hf.model.language_model.layers[0].register_forward_hook(lambda m, a, o: seen.update(out=o))
+        try:
+            with torch.no_grad():
+                hf(**inputs, use_cache=False)
+        finally:
+            h1.remove(), h2.remove()
+        return seen["out"]
+
+    def mc_layer0(perturb: bool) -> torch.Tensor:
+        seen = {}
+        h1 = mc.image_scatter.register_forward_hook(lambda m, a, o: o + delta if perturb else None)
+        h2 = mc.language_model.decoder.layers[0].register_forward_hook(lambda m, a, o: seen.update(out=o))
+        keys = ("input_ids", "pixel_values", "image_position_ids", "attention_mask", "position_ids", "mm_token_type_ids")
+        try:
+            with torch.no_grad():
+                mc(**{k: inputs[k] for k in keys})
+        finally:
+            h1.remove(), h2.remove()
+        return seen["out"].transpose(0, 1)
+
+    base_hf, base_mc = hf_layer0(False), mc_layer0(False)
+    d_hf, d_mc = hf_layer0(True) - base_hf, mc_layer0(True) - base_mc
+    valid = inputs["attention_mask"].bool()
+    # earlier text (and the other sequence): exactly unchanged on both sides
+    for d in (d_hf, d_mc):
+        assert torch.count_nonzero(d[0, :start]) == 0
+        assert torch.count_nonzero(d[1][valid[1]]) == 0
+    # earlier positions of the same image move (only the bidirectional rule lets them see the later one) ...
+    earlier = slice(start, end)
+    moved = d_hf[0, earlier].norm(dim=-1)
+    p = start + int(moved.argmax())
+    assert moved.max() > 0.1 and bool((moved > 0).all())
+    # ... by the same amount on both sides: what differs is round-off, like the unperturbed outputs' difference
+    assert rel(d_mc[0, p], d_hf[0, p]) <= 1e-4 and rel(d_mc[0, earlier], d_hf[0, earlier]) <= 1e-4
+    roundoff = (base_mc - base_hf)[valid].abs().max()
+    assert (d_mc - d_hf)[valid].abs().max() <= 2 * roundoff and d_hf[0, p].abs().max() > 1e3 * roundoff
+
+
+def _no_bidirectional_megatron(monkeypatch):
+    from parity.models import masks
+
+    orig = masks.build_masks
+    monkeypatch.setattr(masks, "build_masks", lambda seq_len, **kw: orig(seq_len, **{**kw, "bidirectional": None}))
+
+
+def _no_bidirectional_hf(monkeypatch):
+    from transformers.models.gemma4 import modeling_gemma4 as mg
+
+    def plain(block_sequence_ids=None, **kw):  # what HF does without mm_token_type_ids: plain causal masks
+        return {"full_attention": mg.create_causal_mask(**kw), "sliding_attention": mg.create_sliding_window_causal_mask(**kw)}
+    monkeypatch.setattr(mg, "create_masks_for_vision_model", plain)
+
+
+@pytest.mark.parametrize("side", ["megatron", "hf"])
+def test_missing_bidirectional_mask_is_localised(monkeypatch, side):
+    (_no_bidirectional_megatron if side == "megatron" else _no_bidirectional_hf)(monkeypatch)
+    r = run_vlm(_spec(sequential=True))
+    assert r["passed"] is False and r["checks"]["modules"] is False, _explain(r)
+    assert r["summary"]["first_divergence"] == FIRST_SLIDING_ATTN, _explain(r)
+    failing = {(m["name"], m["mode"], m["kind"]) for m in r["modules"] if not m["passed"]}
+    assert (FIRST_SLIDING_ATTN, "end_to_end", "mask") in failing  # the mask row itself
+    assert (FIRST_SLIDING_ATTN, "isolated", "attention") in failing  # and the attention it feeds
+    assert not any(n.startswith(("model.vision_tower", "model.embed_vision")) or n == MERGED for n, _, _ in failing)
+    assert r["hf_released_before_megatron"] is True
+
+
+def test_tiny_vlm_folder_round_trip_is_bit_exact(built, tmp_path):
+    from parity.bridge import io as bio
+    from parity.bridge.convert import same_bits
+    from parity.config import TextArgs
+    from parity.engine.vlm import _export, load_hf_state
+    from parity.models.vlm import Gemma4VLModel
+
+    hf = built["hf"]
+    original = hf.state_dict()
+    bio.save_folder(original, built["config"], tmp_path)
+    config, loaded = bio.load_folder(tmp_path)
+    assert type(config).__name__ == "Gemma4Config"
+    args = TextArgs.from_hf(config.text_config)
+    mc = Gemma4VLModel.from_hf_config(config)
+    load_hf_state(mc, loaded, args)
+    back = _export({k: v for k, v in mc.state_dict().items() if not k.endswith("_extra_state")}, args)
+    expected = {k for k in original if k != "lm_head.weight"}  # tied: not written, not exported
+    assert set(loaded) == expected and set(back) == expected
+    vision_keys = [k for k in expected if k.startswith(("model.vision_tower.", "model.embed_vision."))]
+    assert len(vision_keys) > 50 and any(k.endswith("std_scale") for k in vision_keys)
+    for k in expected:
+        assert same_bits(back[k], loaded[k]), k
+        assert same_bits(loaded[k], original[k].contiguous()), k
