@@ -106,6 +106,24 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def test_bf16_passes_against_its_noise_floor():
+    r = run_vlm(_spec("gemma4-vlm-tiny-bf16"))
+    assert r["dtype"] == "bfloat16"
+    assert r["passed"] is True, _explain(r)
+    floored = [m for m in r["modules"] if m.get("floor") and m["gate"]["metric"] == "rel_l2"]
+    assert {m["group"] for m in floored} == {"vision", "text"} and len(floored) > 250
+    for m in floored:
+        assert m["gate"]["max"] == pytest.approx(4.0 * m["floor"] + 1e-3) and m["rel_l2"] <= m["gate"]["max"], m
+    by_mode = {(m["name"], m["mode"]): m for m in r["modules"]}
+    for name in (MERGED, "model.vision_tower", "model.embed_vision", "logits"):
+        assert by_mode[(name, "end_to_end")]["floor"] > 0
+    for mode in ("end_to_end", "isolated"):  # deterministic elementwise: bit-exact even in bf16
+        assert by_mode[("model.language_model.embed_tokens", mode)]["max_abs"] == 0.0
+    logits = r["summary"]["logits"]
+    assert logits["kl_max_floor"] > 0 and logits["kl_gate"] == pytest.approx(4.0 * logits["kl_max_floor"] + 0.05)
+    assert logits["kl_max"] <= logits["kl_gate"]
+
+
 def _first_image_block(mm: torch.Tensor) -> tuple[int, int]:
     idx = (mm == 1).nonzero().flatten().tolist()
     start = idx[0]

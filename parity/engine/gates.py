@@ -26,7 +26,10 @@ def _gate_numbers(gates: dict, dtype: str) -> dict:
     return g
 
 
-def apply(records: list[dict], gates: dict, dtype: str, logits_summary: dict) -> dict:
+def apply(records: list[dict], gates: dict, dtype: str, logits_summary: dict, kl_floor: float | None = None) -> dict:
+    """Gate every record in place; returns the logits verdict. ``kl_floor`` (bf16 only, optional): the per-token
+    KL max of HF-bf16 against HF-fp32; when given, the logits KL gate follows the module rule,
+    ``floor_multiplier * kl_floor + logits_kl_max``, instead of ``logits_kl_max`` alone."""
     g = _gate_numbers(gates, dtype)
     exact_names = set(gates.get("exact", []) or [])
     for rec in records:
@@ -57,10 +60,12 @@ def apply(records: list[dict], gates: dict, dtype: str, logits_summary: dict) ->
         rec["passed"] = bool(ok)
         rec.setdefault("ratio", None)
     kl_gate = g.get("kl_max") if dtype == "float32" else g.get("logits_kl_max")
+    if kl_gate is not None and kl_floor is not None and dtype != "float32" and not math.isnan(kl_floor):
+        kl_gate = g["floor_multiplier"] * kl_floor + kl_gate
     logits_ok = all(r["passed"] for r in records if r["kind"] == "logits")
     if kl_gate is not None:
         logits_ok = logits_ok and logits_summary["kl_max"] <= kl_gate
-    return {"passed": None, "logits_ok": logits_ok, "kl_gate": kl_gate}
+    return {"passed": None, "logits_ok": logits_ok, "kl_gate": kl_gate, "kl_floor": kl_floor}
 
 
 def summarise(records: list[dict], verdict: dict, logits_summary: dict) -> dict:

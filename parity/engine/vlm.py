@@ -48,6 +48,7 @@ TEXT_MC = "language_model."
 VISION_MC = "vision."
 MERGED = "merged_embeddings"  # not an HF module: the inputs_embeds HF's language model receives
 GROUPS = ("text", "image", "text_after_image")
+KL_FLOOR = "__logits_kl_max__"  # key of the logits KL floor among the end-to-end floors
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -347,7 +348,10 @@ def fp32_end_to_end_vlm(hf_model, rows, hf_cap: Capture, inputs, valid, vctx: Vi
     finally:
         for h in handles:
             h.remove()
-    floors["logits"] = _floor_value("logits", logits, hf_cap.first("__logits__").output, fctx)
+    hf_logits = hf_cap.first("__logits__").output
+    floors["logits"] = _floor_value("logits", logits, hf_logits, fctx)
+    # per-token KL max of HF-bf16 against HF-fp32: the floor of the logits KL gate
+    floors[KL_FLOOR] = float(M.logits_metrics(logits, hf_logits.to(logits.device).float(), valid.to(logits.device))["kl_max"])
     del m32
     return floors
 
@@ -602,13 +606,15 @@ def run_vlm(spec: RunSpec) -> dict:
                 rec["floor"] = (floors_e2e if rec["mode"] == "end_to_end" else floors_iso).get(rec["name"])
             else:
                 rec["floor"] = None
-        verdict = G.apply(records, spec.gates, spec.dtype, logits_summary)
+        kl_floor = floors_e2e.get(KL_FLOOR)
+        verdict = G.apply(records, spec.gates, spec.dtype, logits_summary, kl_floor=kl_floor)
         group_summary = {
             "positions": {g: int(m.sum()) for g, m in groups.items()},
             "logits": _logits_groups(hf_logits, mc_logits, groups, margin),
             "layers": layer_groups,
         }
     result = G.summarise(records, verdict, logits_summary)
+    result["summary"]["logits"].update({"kl_max_floor": kl_floor, "kl_gate": verdict["kl_gate"]})
     n_images = int(inputs["pixel_values"].shape[0])
     result.update({
         "case": spec.name, "kind": "vlm", "passed": verdict["passed"], "device": device, "dtype": spec.dtype,
