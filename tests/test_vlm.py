@@ -216,6 +216,32 @@ def test_missing_bidirectional_mask_is_localised(monkeypatch, side):
     assert r["hf_released_before_megatron"] is True
 
 
+def _image_features_scaled(monkeypatch):
+    """The classic VLM bug: image features scaled by sqrt(H) like text embeddings."""
+    from parity.models.vlm import ImageScatter
+
+    orig = ImageScatter.forward
+    monkeypatch.setattr(ImageScatter, "forward",
+                        lambda self, emb, feats, mask: orig(self, emb, feats * emb.shape[-1] ** 0.5, mask))
+
+
+def _no_std_scale(monkeypatch):
+    from parity.models import vision
+
+    monkeypatch.setattr(vision.VisionModel, "standardize", lambda self, h: h - self.std_bias.float())
+
+
+@pytest.mark.parametrize("bug, name", [(_image_features_scaled, MERGED), (_no_std_scale, "model.vision_tower")],
+                         ids=["image_features_scaled", "no_std_scale"])
+def test_planted_vlm_bug_is_localised(monkeypatch, bug, name):
+    """Inline steps name their nearest module: the scatter -> merged_embeddings, standardisation -> vision_tower."""
+    bug(monkeypatch)
+    r = run_vlm(_spec())
+    assert r["passed"] is False and r["summary"]["first_divergence"] == name, _explain(r)
+    first = min(m["order"] for m in r["modules"] if m["name"] == name and not m["passed"])
+    assert all(m["passed"] for m in r["modules"] if m["order"] < first)  # everything upstream still matches
+
+
 def test_tiny_vlm_folder_round_trip_is_bit_exact(built, tmp_path):
     from parity.bridge import io as bio
     from parity.bridge.convert import same_bits
