@@ -205,7 +205,9 @@ def fp32_end_to_end(hf_model, rows, hf_cap: Capture, valid, device, softcap) -> 
     logits = run_copy(hf_model.lm_head, "lm_head", h).float()
     if softcap is not None:
         logits = torch.tanh(logits / softcap) * softcap
-    floors["logits"] = _floor_value("logits", logits, hf_cap.first("__logits__").output, fctx)
+    hf_logits = hf_cap.first("__logits__").output
+    floors["logits"] = _floor_value("logits", logits, hf_logits, fctx)
+    floors["__kl_max__"] = M.logits_metrics(logits, hf_logits.to(logits.device), valid.to(logits.device))["kl_max"]
     return floors
 
 
@@ -360,7 +362,8 @@ def run_text(spec: RunSpec) -> dict:
                 rec["floor"] = (floors_e2e if rec["mode"] == "end_to_end" else floors_iso).get(rec["name"])
             else:
                 rec["floor"] = None
-        verdict = G.apply(records, spec.gates, spec.dtype, logits_summary)
+        verdict = G.apply(records, spec.gates, spec.dtype, logits_summary, kl_floor=floors_e2e.get("__kl_max__"))
+        logits_summary["kl_max_floor"], logits_summary["kl_gate"] = verdict["kl_floor"], verdict["kl_gate"]
     env = env_info(device)
     result = G.summarise(records, verdict, logits_summary)
     result.update({
