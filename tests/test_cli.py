@@ -164,7 +164,8 @@ def fake_engine(monkeypatch):
     return calls, outcome, written
 
 
-def test_exit_0_when_parity_holds(fake_engine, tmp_path, capsys):
+def test_exit_0_when_parity_holds(fake_engine, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("PARITY_REPORTS_DIR", raising=False)  # the default report root is asserted below
     calls, _, written = fake_engine
     assert cli.main(["run", "--case", "gemma4-text-tiny", "--out", str(tmp_path / "o"), "--seed", "7"]) == 0
     assert calls == [{"case": "gemma4-text-tiny", "device": "cpu", "dtype": None, "checkpoint": None, "seed": 7,
