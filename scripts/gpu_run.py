@@ -36,20 +36,7 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help="also write the full results.json of each case")
     a = ap.parse_args()
     from parity.engine.run import run_case
-    try:
-        from parity.cases import load_case
-    except ImportError:  # bootstrap before the case loader existed
-        G = {"float32": {"rel_l2": 1e-5, "logits_rel_l2": 1e-5, "kl_max": 1e-6},
-             "bfloat16": {"floor_multiplier": 4.0, "floor_abs": 1e-3, "logits_kl_max": 0.05},
-             "exact": ["model.embed_tokens"]}
-        known = {
-            "gemma4-text-tiny": dict(name="gemma4-text-tiny", dtype="float32", inputs={"pad_tail": 5}, gates=G),
-            "gemma4-text-tiny-bf16": dict(name="gemma4-text-tiny-bf16", dtype="bfloat16", inputs={"pad_tail": 5}, gates=G),
-            "gemma4-26b-a4b": dict(name="gemma4-26b-a4b", dtype="bfloat16", model={"builder": "full_text"},
-                                   devices=["cuda"], inputs={"batch": 1, "seq_len": 4096},
-                                   run={"sequential": True, "offload": True}, gates=G),
-        }
-        load_case = known.__getitem__
+    from parity.cases import load_case
 
     os.makedirs(a.out, exist_ok=True)
     rc = 0
@@ -58,9 +45,7 @@ def main() -> int:
         try:
             case = load_case(name)
             if a.seq_len:
-                import dataclasses
-                case = dataclasses.replace(case, inputs={**dict(case.inputs), "seq_len": a.seq_len}) \
-                    if dataclasses.is_dataclass(case) else {**case, "inputs": {**case.get("inputs", {}), "seq_len": a.seq_len}}
+                case = case.replace(inputs={"seq_len": a.seq_len})
             r = run_case(case, device="cuda", dtype=a.dtype, progress=True)
             s = summary(r)
             s["wall_s"] = time.perf_counter() - t0
