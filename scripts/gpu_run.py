@@ -35,7 +35,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--full", action="store_true", help="also write the full results.json of each case")
     a = ap.parse_args()
-    from parity.engine.run import run_case
+    from parity.cli import execute  # routes tp*ep > 1 cases through torchrun
     from parity.cases import load_case
 
     os.makedirs(a.out, exist_ok=True)
@@ -46,7 +46,7 @@ def main() -> int:
             case = load_case(name)
             if a.seq_len:
                 case = case.replace(inputs={"seq_len": a.seq_len})
-            r = run_case(case, device="cuda", dtype=a.dtype, progress=True)
+            r = execute(case, device="cuda", dtype=a.dtype, checkpoint=None, seed=None, progress=True)
             s = summary(r)
             s["wall_s"] = time.perf_counter() - t0
             print(json.dumps(s, indent=1, default=str), flush=True)
