@@ -167,7 +167,7 @@ def _to(x, device):
     return x
 
 
-def fp32_end_to_end(hf_model, rows, hf_cap: Capture, valid, device, softcap) -> dict[str, float]:
+def fp32_end_to_end(hf_model, rows, hf_cap: Capture, valid, device, softcap, prog=None) -> dict[str, float]:
     """End-to-end noise floors: the HF text graph in fp32, one decoder layer resident at a time (so it fits
     beside the bf16 model): embed -> layers (HF's own layer kwargs, RoPE recomputed in fp32) -> norm ->
     lm_head -> softcap. Each module's output is compared with the bf16 capture at once; only the
@@ -196,6 +196,8 @@ def fp32_end_to_end(hf_model, rows, hf_cap: Capture, valid, device, softcap) -> 
     ids = hf_cap.first("model.embed_tokens").args[0].to(device)
     h = run_copy(base.embed_tokens, "model.embed_tokens", ids)
     for i, layer in enumerate(base.layers):
+        if prog is not None:
+            prog.note(f"fp32 floor: layer {i + 1}/{len(base.layers)}")
         call = hf_cap.first(f"model.layers.{i}")
         kwargs = _to(dict(call.kwargs), device)
         with torch.no_grad():
@@ -303,7 +305,7 @@ def run_text(spec: RunSpec) -> dict:
     floors_iso: dict[str, float] = {}
     if dtype != torch.float32:
         with prog.phase("noise_floor"):
-            floors_e2e = fp32_end_to_end(hf_model, rows, hf_cap, valid, device, args.final_logit_softcapping)
+            floors_e2e = fp32_end_to_end(hf_model, rows, hf_cap, valid, device, args.final_logit_softcapping, prog)
         with prog.phase("noise_floor_isolated"):
             floors_iso = _isolated_floors(hf_model, rows, hf_cap, valid, device, args.final_logit_softcapping)
 
@@ -352,7 +354,7 @@ def run_text(spec: RunSpec) -> dict:
     with prog.phase("megatron_forward"):
         mc_logits = _megatron_end_to_end(mc_model, rows, hf_cap, hf_logits, inputs, ctx, records)
     with prog.phase("isolated_replay"):
-        _isolated(mc_model, rows, hf_cap, hf_logits, ctx, records)
+        _isolated(mc_model, rows, hf_cap, hf_logits, ctx, records, prog)
     with prog.phase("metrics"):
         records += _table_rows(args, hf_cap, ctx, inputs, dtype)
         margin = None if dtype != torch.float32 else 1e-4
@@ -499,9 +501,14 @@ def _logits_order(hf_cap) -> int:
     return hf_cap.order.get("lm_head", max(hf_cap.order.values(), default=0)) + 1
 
 
-def _isolated(mc_model, rows, hf_cap, hf_logits, ctx, records) -> None:
+def _isolated(mc_model, rows, hf_cap, hf_logits, ctx, records, prog=None) -> None:
     modules = dict(mc_model.named_modules())
+    last_layer = None
     for hf_name, mc_name, row in rows:
+        layer = _layer(hf_name)
+        if prog is not None and layer is not None and layer != last_layer:
+            prog.note(f"isolated replay: layer {layer + 1}/{len(ctx.layer_types)}")
+            last_layer = layer
         call = hf_cap.first(hf_name if row.kind != "logits" else "model.norm")
         if call is None:
             continue
