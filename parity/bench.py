@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 
 def bench(case, *, device: str, dtype: str | None, out_dir: Path, progress: bool = False) -> Path:
     from parity.cli import execute
+    from parity.report.store import atomic_write
     from parity.report.html import render_run
 
     t0 = time.perf_counter()
@@ -46,8 +46,5 @@ def bench(case, *, device: str, dtype: str | None, out_dir: Path, progress: bool
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{results['case']}-{results['device']}-{results['dtype']}.json"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(record, f, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(record, indent=1, default=str) + "\n")
     return path

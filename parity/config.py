@@ -5,9 +5,8 @@ flat dataclass (torchtitan style), resolving the per-layer attention shapes and 
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 

@@ -258,7 +258,7 @@ def test_planted_bug_is_detected(setup, monkeypatch, bug):
         monkeypatch.setattr(vision.VisionModel, "standardize", lambda self, h: h - self.std_bias.float())
     elif bug == "text_eps_in_vision_norms":
         for m in mc.vision_model.modules():
-            if isinstance(m, vision.RMSNorm):
+            if isinstance(m, vision.Gemma4RMSNorm):
                 monkeypatch.setattr(m, "eps", setup["config"].text_config.rms_norm_eps)
     elif bug == "pool_rows_cols":
         orig_forward = vision.VisionPooler.forward

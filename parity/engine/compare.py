@@ -190,8 +190,9 @@ def _arg(call: Call, key: str, pos: int = 0):
     return call.args[pos]
 
 
-def replay(kind: str, module: nn.Module, call: Call, ctx: Ctx, layer: int | None, hf_cap: Capture,
-           hf_name: str) -> Any:
+def replay(kind: str, module: nn.Module, call: Call, ctx: Ctx, layer: int | None) -> Any:
+    """``module`` on ``call``'s inputs in HF layout; for ``logits`` the call is the final norm's (its output
+    is the input of lm_head + softcap, which are not an HF module)."""
     dev = ctx.device
     x = lambda key="hidden_states", pos=0: _arg(call, key, pos).to(dev)  # noqa: E731
     lt = ctx.layer_types[layer] if layer is not None else None
@@ -228,8 +229,7 @@ def replay(kind: str, module: nn.Module, call: Call, ctx: Ctx, layer: int | None
         out, _ = module(_sb(x("input")), weight=weight)
         return _sb(gather_from_tensor_model_parallel_region(out))
     if kind == "logits":
-        norm_call = hf_cap.first(hf_name)
-        return ctx.mc_model.output_logits(_sb(_first(norm_call.output).to(dev)))
+        return ctx.mc_model.output_logits(_sb(_first(call.output).to(dev)))
     raise ValueError(f"no replay for kind {kind}")
 
 

@@ -310,16 +310,10 @@ def run_text(spec: RunSpec) -> dict:
             floors_iso = _isolated_floors(hf_model, rows, hf_cap, valid, device, args.final_logit_softcapping)
 
     with prog.phase("hf_state_to_host"):
-        hf_state = {k: (v.detach().to("cpu") if spec.sequential else v.detach())
-                    for k, v in hf_model.state_dict().items()}
+        hf_state = weights_for_conversion(hf_model, spec.sequential)
     hf_ref = weakref.ref(hf_model)
-    hf_released = None
-    if spec.sequential:
-        del hf_model
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        hf_released = hf_ref() is None
+    del hf_model  # sequential: the last reference; otherwise the caller's ``hf_state`` keeps the weights alive
+    hf_released = released(hf_ref, device) if spec.sequential else None
 
     from parity.bridge.convert import hf_to_megatron, megatron_to_hf, same_bits
     from parity.models.text import Gemma4Model
@@ -382,6 +376,19 @@ def run_text(spec: RunSpec) -> dict:
     return result
 
 
+def weights_for_conversion(hf_model, sequential: bool) -> dict:
+    """HF's state dict for the bridge: on the host when the run is sequential (the model is released next)."""
+    return {k: (v.detach().to("cpu") if sequential else v.detach()) for k, v in hf_model.state_dict().items()}
+
+
+def released(ref: weakref.ref, device: str) -> bool:
+    """Collect, free the CUDA cache, and say whether the object behind ``ref`` is gone."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return ref() is None
+
+
 def _timed(fn, device, repeats: int = 2) -> float:
     """Plain forward time (no hooks, no capture): one warm-up, then the best of ``repeats``."""
     best = float("inf")
@@ -430,10 +437,6 @@ def _isolated_floors(hf_model, rows, hf_cap: Capture, valid, device, softcap) ->
     return out
 
 
-def store_cpu(x):
-    return _to(x, "cpu") if isinstance(x, (torch.Tensor, tuple, list, dict)) else x
-
-
 def _roundtrip(mc_model, args, hf_state, megatron_to_hf, same_bits) -> dict:
     """Export the (possibly sharded) Megatron weights back to HF and compare every tensor bit for bit."""
     mc_sd = {k: v for k, v in mc_model.state_dict().items() if v is not None and not k.endswith("_extra_state")}
@@ -473,7 +476,7 @@ def _megatron_end_to_end(mc_model, rows, hf_cap, hf_logits, inputs, ctx, records
             by_mc.setdefault(mc_name, []).append((hf_name, row))
     handles = []
     for mc_name, pairs in by_mc.items():
-        def hook(m, a, out, pairs=pairs):
+        def hook(m, a, out, pairs=pairs, mc_name=mc_name):
             for hf_name, row in pairs:
                 call = hf_cap.first(hf_name)
                 if call is None:
@@ -481,7 +484,7 @@ def _megatron_end_to_end(mc_model, rows, hf_cap, hf_logits, inputs, ctx, records
                 test = mc_value(row.kind, out, ctx, _layer(hf_name), m)
                 ref = hf_value(row.kind, call)
                 m_ = compare_values(row.kind, ref, test, ctx)
-                records.append(row_record(hf_name, _mc(hf_name, rows), row, "end_to_end", m_,
+                records.append(row_record(hf_name, mc_name, row, "end_to_end", m_,
                                           hf_cap.order.get(hf_name, 0)))
         handles.append(modules[mc_name].register_forward_hook(hook))
     try:
@@ -514,7 +517,7 @@ def _isolated(mc_model, rows, hf_cap, hf_logits, ctx, records, prog=None) -> Non
             continue
         module = modules.get(mc_name) if row.kind != "logits" else mc_model
         with torch.no_grad():
-            test = replay(row.kind, module, call, ctx, _layer(hf_name), hf_cap, "model.norm")
+            test = replay(row.kind, module, call, ctx, _layer(hf_name))
         ref = hf_logits if row.kind == "logits" else hf_value(row.kind, call)
         m_ = compare_values(row.kind, ref, test, ctx)
         order = _logits_order(hf_cap) if row.kind == "logits" else hf_cap.order.get(hf_name, 0)
@@ -524,10 +527,6 @@ def _isolated(mc_model, rows, hf_cap, hf_logits, ctx, records, prog=None) -> Non
 def _layer(name):
     from parity.engine.alignment import layer_of
     return layer_of(name)
-
-
-def _mc(hf_name, rows):
-    return next(m for h, m, _ in rows if h == hf_name)
 
 
 def _table_rows(args, hf_cap, ctx, inputs, dtype, hf_prefix: str = "model.") -> list[dict]:

@@ -21,7 +21,6 @@ tables are always Megatron's own.
 from __future__ import annotations
 
 import copy
-import gc
 import math
 import time
 import types
@@ -38,7 +37,8 @@ from parity.engine import metrics as M
 from parity.engine.alignment import Align, layer_of, text_rows
 from parity.engine.compare import Call, Capture, Ctx, Store, capture_hf, compare_values, hf_value, mc_value, replay, row_record
 from parity.engine.run import (DTYPES, Progress, RunSpec, _first_tensor, _floor_value, _isolated_floors, _logits_order,
-                               _peak_memory, _roundtrip, _table_rows, _timed, env_info, fp32_isolated)
+                               _peak_memory, _roundtrip, _table_rows, _timed, env_info, fp32_isolated, released,
+                               weights_for_conversion)
 from parity.errors import UserError
 from parity.vlm_config import VisionArgs
 
@@ -465,7 +465,7 @@ def _isolated(mc, rows, hf_cap, hf_logits, inputs, ctx: Ctx, vctx: VisionCtx, re
                 if call is None:
                     continue
                 module = modules.get(mc_name) if kind != "logits" else mc.language_model
-                test = replay(kind, module, call, ctx, layer_of(hf_name), hf_cap, norm)
+                test = replay(kind, module, call, ctx, layer_of(hf_name))
                 ref = hf_logits if kind == "logits" else hf_value(kind, call)
                 m_ = compare_values(kind, ref, test, ctx)
                 if kind == "layer":
@@ -561,16 +561,10 @@ def run_vlm(spec: RunSpec) -> dict:
                                            mc.image_token_id)
 
     with prog.phase("hf_state_to_host"):
-        hf_state = {k: (v.detach().to("cpu") if spec.sequential else v.detach())
-                    for k, v in hf_model.state_dict().items()}
+        hf_state = weights_for_conversion(hf_model, spec.sequential)
     hf_ref = weakref.ref(hf_model)
-    hf_released = None
-    if spec.sequential:
-        del hf_model
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        hf_released = hf_ref() is None
+    del hf_model  # sequential: the last reference; otherwise ``hf_state`` keeps the weights alive
+    hf_released = released(hf_ref, device) if spec.sequential else None
 
     from parity.bridge.convert import same_bits
 

@@ -14,6 +14,8 @@ from parity.config import LayerArgs
 
 compat.apply()
 
+from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd  # noqa: E402
+
 
 def inv_freq(layer: LayerArgs, device=None) -> torch.Tensor:
     hd = layer.head_dim
@@ -37,6 +39,4 @@ def rotary_freqs(layer: LayerArgs, position_ids: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     """``t * cos + rotate_half(t) * sin`` with cos/sin cast to t's dtype (HF's dtype semantics)."""
-    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
-
     return _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=False)

@@ -43,32 +43,12 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 
 from parity.config import LayerArgs, TextArgs  # noqa: E402
 from parity.models import masks as mask_lib  # noqa: E402
+from parity.models.norms import Gemma4RMSNorm, rms_norm  # noqa: E402,F401  (re-exported)
 from parity.models import rope  # noqa: E402
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
-
-
-def rms_norm(x: torch.Tensor, eps: float, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """HF semantics: in fp32, ``x * (mean(x^2) + eps)^-0.5 [* weight]``, cast back to x's dtype."""
-    h = x.float()
-    h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + eps, -0.5)
-    if weight is not None:
-        h = h * weight.float()
-    return h.type_as(x)
-
-
-class Gemma4RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, config: TransformerConfig | None = None, eps: float = 1e-6,
-                 with_scale: bool = True, **_):
-        super().__init__()
-        self.eps = eps
-        dtype = config.params_dtype if config is not None else torch.float32
-        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype)) if with_scale else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.eps, self.weight)
 
 
 class Gemma4CoreAttention(MegatronModule):

@@ -32,6 +32,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 from megatron.core.transformer.module import MegatronModule  # noqa: E402
 
+from parity.models.norms import Gemma4RMSNorm  # noqa: E402
+
 
 def vision_transformer_config(args: VisionArgs, params_dtype: torch.dtype = torch.float32) -> TransformerConfig:
     """The megatron config the parallel linears read (shapes, dtype, TP size, CPU init)."""
@@ -53,22 +55,6 @@ def vision_transformer_config(args: VisionArgs, params_dtype: torch.dtype = torc
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=True,
     )
-
-
-class RMSNorm(nn.Module):
-    """Gemma 4 RMSNorm: in fp32, ``x * (mean(x^2) + eps)^-0.5 * weight`` (plain weight; none if ``with_scale=False``)."""
-
-    def __init__(self, dim: int, eps: float, with_scale: bool = True, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype)) if with_scale else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + self.eps, -0.5)
-        if self.weight is not None:
-            h = h * self.weight.float()
-        return h.type_as(x)
 
 
 class ClippableLinear(nn.Module):
@@ -188,9 +174,9 @@ class VisionSelfAttention(MegatronModule):
         self.linear_q = ClippableLinear(hv, args.num_heads * d, **col)
         self.linear_k = ClippableLinear(hv, args.num_kv_heads * d, **col)
         self.linear_v = ClippableLinear(hv, args.num_kv_heads * d, **col)
-        self.q_layernorm = RMSNorm(d, args.rms_norm_eps, dtype=config.params_dtype)
-        self.k_layernorm = RMSNorm(d, args.rms_norm_eps, dtype=config.params_dtype)
-        self.v_layernorm = RMSNorm(d, args.rms_norm_eps, with_scale=False)
+        self.q_layernorm = Gemma4RMSNorm(d, eps=args.rms_norm_eps, dtype=config.params_dtype)
+        self.k_layernorm = Gemma4RMSNorm(d, eps=args.rms_norm_eps, dtype=config.params_dtype)
+        self.v_layernorm = Gemma4RMSNorm(d, eps=args.rms_norm_eps, with_scale=False)
         self.core_attention = VisionCoreAttention(args.attention_scale)
         self.linear_proj = ClippableLinear(args.num_heads * d, hv, config=config, parallel="row", clip=clip)
         assert args.num_kv_heads % tp == 0, "vision KV heads must split evenly over TP"
@@ -224,7 +210,7 @@ class VisionEncoderLayer(MegatronModule):
 
     def __init__(self, args: VisionArgs, config: TransformerConfig):
         super().__init__(config)
-        norm = lambda: RMSNorm(args.hidden_size, args.rms_norm_eps, dtype=config.params_dtype)  # noqa: E731
+        norm = lambda: Gemma4RMSNorm(args.hidden_size, eps=args.rms_norm_eps, dtype=config.params_dtype)  # noqa: E731
         self.input_layernorm = norm()
         self.self_attention = VisionSelfAttention(args, config)
         self.post_attention_layernorm = norm()
@@ -313,7 +299,7 @@ class VisionEmbedder(MegatronModule):
 
     def __init__(self, args: VisionArgs, config: TransformerConfig):
         super().__init__(config)
-        self.pre_projection_norm = RMSNorm(args.hidden_size, args.rms_norm_eps, with_scale=False)
+        self.pre_projection_norm = Gemma4RMSNorm(args.hidden_size, eps=args.rms_norm_eps, with_scale=False)
         self.linear_proj = ColumnParallelLinear(args.hidden_size, args.text_hidden_size, config=config,
                                                 init_method=config.init_method, bias=False, gather_output=True)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from parity.report.history import previous_map
 from parity.report.html import render_run
-from parity.report.store import REPORT, _atomic_write, load_runs, write_index
+from parity.report.store import REPORT, atomic_write, load_runs, write_index
 
 
 def rerender(root: Path) -> int:
@@ -26,7 +26,7 @@ def rerender(root: Path) -> int:
     prev = previous_map(runs)
     for run in runs:
         run_dir = Path(run["_run"]["dir"])
-        _atomic_write(run_dir / REPORT, render_run(run, prev.get(id(run))))
+        atomic_write(run_dir / REPORT, render_run(run, prev.get(id(run))))
     write_index(root)
     return len(runs)
 

@@ -56,7 +56,8 @@ def dumps(results: dict) -> str:
     return json.dumps(results, indent=1, default=_json_default) + "\n"
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _write_temp(path: Path, text: str) -> str:
+    """``text`` fsynced into a temporary file beside ``path``; returns its name."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -64,6 +65,17 @@ def _atomic_write(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Replace ``path`` atomically (readers see the old or the new file, never a partial one)."""
+    tmp = _write_temp(path, text)
+    try:
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -71,15 +83,11 @@ def _atomic_write(path: Path, text: str) -> None:
         raise
 
 
+
 def _create_new(path: Path, text: str) -> None:
     """Write ``path`` atomically, failing with FileExistsError if it exists (also against a racing writer)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _write_temp(path, text)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
         try:
             os.link(tmp, path)  # atomic, never replaces an existing file
         except FileExistsError:
@@ -151,8 +159,8 @@ def write_run(results: dict, root: Path) -> Path:
     results = _public(results)
     previous = find_previous(results, load_runs(root))
     run_dir = _new_run_dir(root / RUNS, results.get("case"))
-    _atomic_write(run_dir / RESULTS, dumps(results))
-    _atomic_write(run_dir / REPORT, render_run(results, previous))
+    atomic_write(run_dir / RESULTS, dumps(results))
+    atomic_write(run_dir / REPORT, render_run(results, previous))
     write_index(root)
     return run_dir
 
@@ -163,7 +171,7 @@ def write_index(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
         path = root / REPORT
-        _atomic_write(path, render_index(load_runs(root)))
+        atomic_write(path, render_index(load_runs(root)))
     return path
 
 
@@ -180,7 +188,7 @@ def write_to(results: dict, out_dir: Path, previous: dict | None = None) -> Path
             raise FileExistsError(f"{out_dir / name} already exists; refusing to overwrite an earlier report")
     results = _public(results)
     _create_new(out_dir / RESULTS, dumps(results))  # claims the directory; a racing writer fails here
-    _atomic_write(out_dir / REPORT, render_run(results, previous))
+    atomic_write(out_dir / REPORT, render_run(results, previous))
     return out_dir
 
 
