@@ -10,4 +10,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grouped_mm', hasattr(torch, '_grouped_mm'))" | tee -a "$OUT/gpu.txt"
 cases=("$@")
 [ ${#cases[@]} -eq 0 ] && cases=(gemma4-text-tiny gemma4-text-tiny-bf16 gemma4-26b-a4b)
-python3 scripts/gpu_run.py "${cases[@]}" --out "$OUT" 2>&1 | tee "$OUT/log.txt"
+python3 scripts/gpu_run.py "${cases[@]}" --out "$OUT" 2>&1 | tee -a "$OUT/log.txt"

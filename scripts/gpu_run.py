@@ -13,7 +13,7 @@ import torch
 
 def summary(r: dict) -> dict:
     keep = ("case", "passed", "device", "dtype", "checks", "phases", "timings", "peak_memory", "roundtrip", "inputs",
-            "parallel", "env", "hf_released_before_megatron")
+            "parallel", "env", "hf_released_before_megatron", "host_staged_gib")
     out = {k: r.get(k) for k in keep}
     out["roundtrip"] = {k: v for k, v in (r.get("roundtrip") or {}).items() if k != "rows"}
     s = r.get("summary", {})
@@ -33,6 +33,7 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     ap.add_argument("--dtype")
     ap.add_argument("--seq-len", type=int)
+    ap.add_argument("--checkpoint", help="local HF folder for the cases (the real-checkpoint path)")
     ap.add_argument("--full", action="store_true", help="also write the full results.json of each case")
     a = ap.parse_args()
     from parity.cli import execute  # routes tp*ep > 1 cases through torchrun
@@ -46,14 +47,15 @@ def main() -> int:
             case = load_case(name)
             if a.seq_len:
                 case = case.replace(inputs={"seq_len": a.seq_len})
-            r = execute(case, device="cuda", dtype=a.dtype, checkpoint=None, seed=None, progress=True)
+            r = execute(case, device="cuda", dtype=a.dtype, checkpoint=a.checkpoint, seed=None, progress=True)
             s = summary(r)
             s["wall_s"] = time.perf_counter() - t0
             print(json.dumps(s, indent=1, default=str), flush=True)
-            with open(os.path.join(a.out, f"{name}.json"), "w") as f:
+            tag = name + ("-checkpoint" if a.checkpoint else "")
+            with open(os.path.join(a.out, f"{tag}.json"), "w") as f:
                 json.dump(s, f, indent=1, default=str)
             if a.full:
-                with open(os.path.join(a.out, f"{name}.results.json"), "w") as f:
+                with open(os.path.join(a.out, f"{tag}.results.json"), "w") as f:
                     json.dump(r, f, default=str)
             rc |= 0 if r["passed"] else 1
         except Exception:

@@ -39,10 +39,10 @@ def _worker(rank, world, port, tp, ep, q):
                "worst": max(m["rel_l2"] for m in r["modules"] if m["kind"] not in ("mask",))})
 
 
-@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)], ids=["tp2", "ep2"])
+@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2), (2, 2)], ids=["tp2", "ep2", "tp2xep2"])
 def test_sharded_world_matches_hf_and_exports_bit_exact(tp, ep):
     q = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_worker, args=(2, _free_port(), tp, ep, q), nprocs=2)
+    mp.spawn(_worker, args=(tp * ep, _free_port(), tp, ep, q), nprocs=tp * ep)
     r = q.get()
     assert r["passed"], r
     assert r["first"] is None

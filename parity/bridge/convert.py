@@ -7,7 +7,7 @@ dimensions (``gated``: each rank takes its rows of both the gate and the up half
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -248,34 +248,64 @@ def megatron_to_hf(
     Copies of replicated tensors must agree bit for bit. A tied ``lm_head.weight`` is omitted (as HF writes
     checkpoints) unless ``tied_lm_head`` asks for it (then it *is* the embedding tensor, as in memory).
     """
+    out = dict(iter_megatron_to_hf(shards, args, arch=arch))
+    if tied_lm_head and args.tie_word_embeddings and arch != "Gemma4TextModel":
+        out["lm_head.weight"] = out[TEXT_PREFIX[arch] + "embed_tokens.weight"]
+    return out
+
+
+def iter_megatron_to_hf(
+    shards: Mapping[ShardKey, Mapping[str, Tensor]] | Mapping[str, Tensor],
+    args: TextArgs,
+    *,
+    arch: str = "Gemma4ForCausalLM",
+) -> Iterator[tuple[str, Tensor]]:
+    """``megatron_to_hf`` one HF tensor at a time (``(name, tensor)``; a tied ``lm_head`` is never yielded),
+    so a caller can check and drop each before the next is assembled."""
+    shards, tp_size, ep_size, etp_size = _normalise_shards(shards, args)
+    _check_known(args, [name for state in shards.values() for name in state])
+    fetch = lambda mname: {key: state[mname] for key, state in shards.items() if mname in state}  # noqa: E731
+    return _export(fetch, args, arch, tp_size, ep_size, etp_size)
+
+
+def _check_known(args: TextArgs, names) -> None:
+    known = {mname for _, _, _, mname in expand(args)}
+    for mname in names:
+        if mname not in known and not mname.endswith("._extra_state"):
+            raise BridgeError(f"unexpected Megatron tensor {mname}")
+
+
+def _export(fetch: Callable[[str], dict], args: TextArgs, arch: str, tp_size: int, ep_size: int,
+            etp_size: int) -> Iterator[tuple[str, Tensor]]:
+    """The export proper: ``fetch(mname)`` gives ``{(tp, ep, etp): tensor}`` for every shard holding ``mname``
+    (called once per Megatron tensor, in the table's order on every rank)."""
     if arch not in TEXT_PREFIX:
         raise BridgeError(f"unknown architecture {arch!r}; expected one of {sorted(TEXT_PREFIX)}")
     prefix = TEXT_PREFIX[arch]
-    shards, tp_size, ep_size, etp_size = _normalise_shards(shards, args)
     check_parallel(args, tp_size, ep_size, etp_size)
-
-    def replica(mname: str, match, where: str) -> Tensor:
-        found = [state[mname] for key, state in sorted(shards.items()) if match(key) and mname in state]
-        if not found:
-            raise BridgeError(f"missing Megatron tensor {mname} for {where}")
-        for other in found[1:]:
-            if not same_bits(found[0], other):
-                raise BridgeError(f"replicas of {mname} differ between ranks")
-        return found[0]
-
-    out: dict[str, Tensor] = {}
     for rule, i, hf_names, mname in expand(args):
         s = sizes(args, i)
+        found = sorted(fetch(mname).items())
+
+        def replica(match, where: str) -> Tensor:
+            hits = [t for key, t in found if match(key)]
+            if not hits:
+                raise BridgeError(f"missing Megatron tensor {mname} for {where}")
+            for other in hits[1:]:
+                if not same_bits(hits[0], other):
+                    raise BridgeError(f"replicas of {mname} differ between ranks")
+            return hits[0]
+
         if rule.ep is None and rule.etp is None:
             tps = range(tp_size if rule.tp is not None else 1)
-            parts = [replica(mname, lambda k, t=t: k[0] == t, f"tp_rank {t}") for t in tps]
+            parts = [replica(lambda k, t=t: k[0] == t, f"tp_rank {t}") for t in tps]
             if rule.tp is None:
-                replica(mname, lambda k: True, "any rank")  # replicated everywhere: all copies must agree
+                replica(lambda k: True, "any rank")  # replicated everywhere: all copies must agree
             full = unshard(parts, rule.tp, rule.gated)
         else:
             per_ep = []
             for e in range(ep_size):
-                parts = [replica(mname, lambda k, e=e, x=x: k[1] == e and k[2] == x, f"ep_rank {e} etp_rank {x}")
+                parts = [replica(lambda k, e=e, x=x: k[1] == e and k[2] == x, f"ep_rank {e} etp_rank {x}")
                          for x in range(etp_size)]
                 per_ep.append(unshard(parts, rule.etp, rule.gated))
             full = unshard(per_ep, rule.ep)
@@ -283,16 +313,7 @@ def megatron_to_hf(
             raise BridgeError(f"shape mismatch for {mname}: gathered {tuple(full.shape)}, "
                               f"config implies {shape(rule.mcore_shape, s)}")
         for name, t in zip(hf_names, TRANSFORMS[rule.transform][1](full, s, mname)):
-            out[_full_hf_name(rule.root, prefix, name)] = t.contiguous()
-
-    if tied_lm_head and args.tie_word_embeddings and arch != "Gemma4TextModel":
-        out["lm_head.weight"] = out[prefix + "embed_tokens.weight"]
-    known = {mname for _, _, _, mname in expand(args)}
-    for state in shards.values():
-        for mname in state:
-            if mname not in known and not mname.endswith("._extra_state"):
-                raise BridgeError(f"unexpected Megatron tensor {mname}")
-    return out
+            yield _full_hf_name(rule.root, prefix, name), t.contiguous()
 
 
 def gather_from_world(
@@ -303,9 +324,24 @@ def gather_from_world(
     ranks: tuple[int, int, int] | None = None,
     group=None,
 ) -> dict[str, Tensor]:
-    """Inside a torch.distributed world: all-gather every rank's shard (on CPU) and return the HF state
-    dict on every rank. ``ranks`` = (tp_rank, ep_rank, etp_rank) of this process; by default read from
-    megatron's ``parallel_state``. Data-parallel copies of one shard must agree bit for bit."""
+    """Inside a torch.distributed world: gather every rank's shard and return the HF state dict on every rank
+    (``iter_gather_from_world`` collected)."""
+    return dict(iter_gather_from_world(local_state, args, arch=arch, ranks=ranks, group=group))
+
+
+def iter_gather_from_world(
+    local_state: Mapping[str, Tensor],
+    args: TextArgs,
+    *,
+    arch: str = "Gemma4ForCausalLM",
+    ranks: tuple[int, int, int] | None = None,
+    group=None,
+) -> Iterator[tuple[str, Tensor]]:
+    """Inside a torch.distributed world: the HF state dict, one tensor at a time, on every rank. Each Megatron
+    tensor is all-gathered on its own device (GPU shards over NCCL, CPU ones over gloo) as raw bytes, so
+    only one tensor's shards are ever in flight. ``ranks`` = (tp_rank, ep_rank, etp_rank) of this process
+    (default: megatron's ``parallel_state``). Data-parallel copies of one shard must agree bit for bit.
+    Every rank must consume the whole iterator (each step is a collective)."""
     import torch.distributed as dist
 
     if ranks is None:
@@ -313,17 +349,27 @@ def gather_from_world(
 
         ranks = (ps.get_tensor_model_parallel_rank(), ps.get_expert_model_parallel_rank(),
                  ps.get_expert_tensor_parallel_rank())
-    local = {k: v.detach().cpu() for k, v in local_state.items()}
-    gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, (tuple(ranks), local), group=group)
-    shards: dict[tuple[int, int, int], dict] = {}
-    for key, state in gathered:
-        if key in shards:
-            for name, t in state.items():
-                if not same_bits(shards[key][name], t):
-                    raise BridgeError(f"data-parallel copies of {name} differ on ranks {key}")
-        shards.setdefault(key, state)
-    return megatron_to_hf(shards, args, arch=arch)
+    keys: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(keys, tuple(ranks), group=group)
+    tp_size, ep_size, etp_size = (1 + max(k[d] for k in keys) for d in range(3))
+    _check_known(args, local_state)
+
+    def fetch(mname: str) -> dict:
+        if mname not in local_state:
+            raise BridgeError(f"missing Megatron tensor {mname} on rank {dist.get_rank(group)}")
+        t = local_state[mname].detach().contiguous()
+        raw = t.reshape(-1).view(torch.uint8)
+        bufs = [torch.empty_like(raw) for _ in keys]
+        dist.all_gather(bufs, raw, group=group)
+        got: dict = {}
+        for key, buf in zip(keys, bufs):
+            v = buf.view(t.dtype).view(t.shape)
+            if key in got and not same_bits(got[key], v):
+                raise BridgeError(f"data-parallel copies of {mname} differ on ranks {key}")
+            got.setdefault(key, v)
+        return got
+
+    return _export(fetch, args, arch, tp_size, ep_size, etp_size)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -23,11 +23,13 @@ from parity.engine.alignment import Align, layer_of
 # Capture
 
 class Store:
-    """Host (or device) copies of captured tensors, deduplicated by storage identity."""
+    """Host (or device) copies of captured tensors, deduplicated by storage identity. Offloaded copies go to
+    page-locked host memory asynchronously (``parity.engine.hoststage``): ``sync()`` before reading them."""
 
     def __init__(self, offload: bool):
         self.offload = offload
         self._seen: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
+        self._host = None
 
     def keep(self, x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -35,7 +37,13 @@ class Store:
             hit = self._seen.get(key)
             if hit is None or hit[0]() is not x:  # a freed tensor's address may be reused: check identity
                 y = x.detach()
-                y = y.to("cpu", copy=True) if self.offload and y.is_cuda else y.clone()
+                if self.offload and y.is_cuda:
+                    if self._host is None:
+                        from parity.engine.hoststage import HostStage
+                        self._host = HostStage()
+                    y = self._host.put(y)
+                else:
+                    y = y.clone()
                 self._seen[key] = (weakref.ref(x), y)
             return self._seen[key][1]
         if isinstance(x, (tuple, list)):
@@ -43,6 +51,14 @@ class Store:
         if isinstance(x, dict):
             return {k: self.keep(v) for k, v in x.items()}
         return x
+
+    def sync(self) -> None:
+        if self._host is not None:
+            self._host.sync()
+
+    @property
+    def host_bytes(self) -> int:
+        return self._host.staged_bytes if self._host is not None else 0
 
     def clear(self) -> None:
         self._seen.clear()
@@ -91,6 +107,7 @@ def capture_hf(model: nn.Module, names: set[str], run: Callable[[], Any], store:
     finally:
         for h in handles:
             h.remove()
+        store.sync()
     return cap, result
 
 

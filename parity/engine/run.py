@@ -299,6 +299,7 @@ def run_text(spec: RunSpec) -> dict:
     with prog.phase("hf_forward"):
         hf_cap, hf_logits = capture_hf(hf_model, hf_names, lambda: run_hf(hf_model), store)
         hf_logits = store.keep(hf_logits)
+        store.sync()
         hf_cap.calls["__logits__"] = [Call((), {}, hf_logits, 0)]
 
     floors_e2e: dict[str, float] = {}
@@ -310,12 +311,12 @@ def run_text(spec: RunSpec) -> dict:
             floors_iso = _isolated_floors(hf_model, rows, hf_cap, valid, device, args.final_logit_softcapping)
 
     with prog.phase("hf_state_to_host"):
-        hf_state = weights_for_conversion(hf_model, spec.sequential)
+        hf_state, host_weights = weights_for_conversion(hf_model, spec.sequential)
     hf_ref = weakref.ref(hf_model)
     del hf_model  # sequential: the last reference; otherwise the caller's ``hf_state`` keeps the weights alive
     hf_released = released(hf_ref, device) if spec.sequential else None
 
-    from parity.bridge.convert import hf_to_megatron, megatron_to_hf, same_bits
+    from parity.bridge.convert import hf_to_megatron
     from parity.models.text import Gemma4Model
 
     with prog.phase("build_megatron"):
@@ -330,8 +331,10 @@ def run_text(spec: RunSpec) -> dict:
         if missing or unexpected:
             raise RuntimeError(f"bridge/model mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
     with prog.phase("roundtrip"):
-        roundtrip = _roundtrip(mc_model, args, hf_state, megatron_to_hf, same_bits)
-    del mc_state
+        roundtrip = _roundtrip(mc_model, args, hf_state)
+    del mc_state, hf_state
+    if host_weights is not None:
+        host_weights.close()
 
     # Megatron's own masks and RoPE tables, from raw inputs
     b, s = inputs["input_ids"].shape
@@ -369,6 +372,8 @@ def run_text(spec: RunSpec) -> dict:
         "roundtrip": roundtrip, "phases": prog.phases, "timings": timings, "peak_memory": {**_peak_memory(device, prog), "gpu_peak_by_phase_gib": prog.gpu_peaks},
         "parallel": {"tp": spec.tp, "ep": spec.ep, "world_size": spec.tp * spec.ep}, "sequential": spec.sequential,
         "hf_released_before_megatron": hf_released, "gates": spec.gates,
+        "host_staged_gib": {"activations": store.host_bytes / 2**30,
+                            "weights": (host_weights.staged_bytes if host_weights is not None else 0) / 2**30},
         "inputs": {"batch": b, "seq_len": s, "pad_tail": spec.pad_tail},
     })
     result["checks"]["roundtrip"] = roundtrip["bit_exact"] == roundtrip["tensors"] and roundtrip["tensors"] > 0
@@ -376,9 +381,36 @@ def run_text(spec: RunSpec) -> dict:
     return result
 
 
-def weights_for_conversion(hf_model, sequential: bool) -> dict:
-    """HF's state dict for the bridge: on the host when the run is sequential (the model is released next)."""
-    return {k: (v.detach().to("cpu") if sequential else v.detach()) for k, v in hf_model.state_dict().items()}
+def weights_for_conversion(hf_model, sequential: bool) -> tuple[dict, Any]:
+    """HF's state dict for the bridge and the round trip, and the host stage holding it (close it when done).
+    Sequential runs release the model next, so its weights go to the host first: page-locked and
+    asynchronous on CUDA (``HostStage``, one chunk of the exact size), each storage once (a tied
+    ``lm_head`` stays the embedding's tensor)."""
+    state = {k: v.detach() for k, v in hf_model.state_dict().items()}
+    if not sequential:
+        return state, None
+    from parity.engine.hoststage import HostStage
+
+    total = sum(-(-v.numel() * v.element_size() // 256) * 256 for v in _unique(state.values()) if v.is_cuda)
+    stage = HostStage(reserve=total)
+    seen: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for k, v in state.items():
+        key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype, v.device)
+        if key not in seen:
+            seen[key] = stage.put(v)
+        out[k] = seen[key]
+    stage.sync()
+    return out, stage
+
+
+def _unique(tensors):
+    seen = set()
+    for v in tensors:
+        key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype, v.device)
+        if key not in seen:
+            seen.add(key)
+            yield v
 
 
 def released(ref: weakref.ref, device: str) -> bool:
@@ -437,30 +469,40 @@ def _isolated_floors(hf_model, rows, hf_cap: Capture, valid, device, softcap) ->
     return out
 
 
-def _roundtrip(mc_model, args, hf_state, megatron_to_hf, same_bits) -> dict:
-    """Export the (possibly sharded) Megatron weights back to HF and compare every tensor bit for bit."""
+def _roundtrip(mc_model, args, hf_state, export=None) -> dict:
+    """Export the (possibly sharded) Megatron weights back to HF and compare every tensor bit for bit.
+
+    One HF tensor at a time: the export is a stream (``iter_gather_from_world`` in a world of several ranks:
+    each Megatron tensor's shards are all-gathered on their device), each exported tensor is compared on its
+    device with the reference (brought over from the host when staged there) and dropped. ``export`` (a
+    dict-returning ``export(mc_state, args)``) replaces the text bridge (the VLM passes its own)."""
+    from parity.bridge.convert import iter_gather_from_world, iter_megatron_to_hf, same_bits
+
     mc_sd = {k: v for k, v in mc_model.state_dict().items() if v is not None and not k.endswith("_extra_state")}
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        from parity.bridge.convert import gather_from_world
-        dist = torch.distributed
-        # shards travel between hosts' memories over gloo, never through GPU buffers (NCCL would stage them)
-        group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
-        back = gather_from_world({k: v.cpu() for k, v in mc_sd.items()}, args, group=group)
+    if export is not None:
+        pairs = export(mc_sd, args).items()
+    elif torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        pairs = iter_gather_from_world(mc_sd, args)
     else:
-        back = megatron_to_hf(mc_sd, args)
+        pairs = iter_megatron_to_hf(mc_sd, args)
     ref = {k: v for k, v in hf_state.items() if k != "lm_head.weight" or not args.tie_word_embeddings}
-    rows = []
-    for k in sorted(set(ref) | set(back)):
-        a, b_ = ref.get(k), back.get(k)
-        if a is None or b_ is None:
-            rows.append({"name": k, "shape": None, "dtype": None, "bit_exact": False, "max_abs_diff": None,
-                         "problem": "missing after round trip" if b_ is None else "unexpected key"})
+    rows, seen = [], set()
+    for k, b_ in pairs:
+        seen.add(k)
+        a = ref.get(k)
+        if a is None:
+            rows.append({"name": k, "shape": list(b_.shape), "dtype": str(b_.dtype).replace("torch.", ""),
+                         "bit_exact": False, "max_abs_diff": None, "problem": "unexpected key"})
             continue
-        exact = same_bits(a.cpu(), b_.cpu())
-        diff = 0.0 if exact else (float((a.float().cpu() - b_.float().cpu()).abs().max())
-                                  if a.shape == b_.shape else None)
+        a = a.to(b_.device)
+        exact = same_bits(a, b_)
+        diff = 0.0 if exact else (float((a.float() - b_.float()).abs().max()) if a.shape == b_.shape else None)
         rows.append({"name": k, "shape": list(a.shape), "dtype": str(a.dtype).replace("torch.", ""),
                      "bit_exact": exact, "max_abs_diff": diff})
+        del a, b_
+    for k in sorted(set(ref) - seen):
+        rows.append({"name": k, "shape": None, "dtype": None, "bit_exact": False, "max_abs_diff": None,
+                     "problem": "missing after round trip"})
     rows.sort(key=lambda r: (r["bit_exact"], r["name"]))
     diffs = [r["max_abs_diff"] for r in rows if r["max_abs_diff"] is not None]
     return {"tensors": len(rows), "bit_exact": sum(r["bit_exact"] for r in rows),

@@ -545,6 +545,7 @@ def run_vlm(spec: RunSpec) -> dict:
         finally:
             pre.remove()
         hf_logits = store.keep(hf_logits)
+        store.sync()
         hf_cap.calls["__logits__"] = [Call((), {}, hf_logits, 0)]
 
     with prog.phase("build_megatron"):
@@ -561,17 +562,18 @@ def run_vlm(spec: RunSpec) -> dict:
                                            mc.image_token_id)
 
     with prog.phase("hf_state_to_host"):
-        hf_state = weights_for_conversion(hf_model, spec.sequential)
+        hf_state, host_weights = weights_for_conversion(hf_model, spec.sequential)
     hf_ref = weakref.ref(hf_model)
     del hf_model  # sequential: the last reference; otherwise ``hf_state`` keeps the weights alive
     hf_released = released(hf_ref, device) if spec.sequential else None
 
-    from parity.bridge.convert import same_bits
-
     with prog.phase("convert"):
         load_hf_state(mc, hf_state, text_args)
     with prog.phase("roundtrip"):
-        roundtrip = _roundtrip(mc, text_args, hf_state, _export, same_bits)
+        roundtrip = _roundtrip(mc, text_args, hf_state, _export)
+    del hf_state
+    if host_weights is not None:
+        host_weights.close()
 
     lm = mc.language_model
     b, s = inputs["input_ids"].shape

@@ -1,0 +1,81 @@
+"""Page-locked host memory for what a sequential GPU run moves off the card.
+
+A run that must not hold HF and Megatron on one GPU at once parks two things on the host: the captured HF
+activations (about 18 GB at the 26B-A4B shape and 4,096 tokens) and the HF weights kept for conversion and
+the round trip (about 47 GB). Through pageable memory those copies run at ~1 GB/s and block the forward;
+here they go into large page-locked chunks (pinned once with ``cudaHostRegister``, exact size: torch's
+caching host allocator would round every tensor up to a power of two) on a side stream, so the device
+keeps computing while the copies drain. ``sync()`` before anything reads what was staged.
+
+Without CUDA (or when pinning is refused) the stage is a plain synchronous copy to the host.
+"""
+from __future__ import annotations
+
+import torch
+
+_ALIGN = 256
+
+
+class HostStage:
+    def __init__(self, chunk_bytes: int = 2 << 30, reserve: int = 0):
+        self.cuda = torch.cuda.is_available()
+        self.chunk_bytes = chunk_bytes
+        self._chunks: list[tuple[torch.Tensor, bool]] = []  # (uint8 base, registered)
+        self._used = 0  # bytes used in the last chunk
+        self._stream = torch.cuda.Stream() if self.cuda else None
+        self.staged_bytes = 0
+        self.pinned_bytes = 0
+        if self.cuda and reserve:
+            self._new_chunk(reserve)
+
+    # -------------------------------------------------------------------------------- allocation
+    def _new_chunk(self, nbytes: int) -> None:
+        base = torch.empty(nbytes, dtype=torch.uint8)
+        base.zero_()  # fault the pages in with all CPU threads; registering then only locks them
+        ok = int(torch.cuda.cudart().cudaHostRegister(base.data_ptr(), nbytes, 0)) == 0
+        if ok:
+            self.pinned_bytes += nbytes
+        self._chunks.append((base, ok))
+        self._used = 0
+
+    def _take(self, nbytes: int) -> torch.Tensor:
+        need = -(-nbytes // _ALIGN) * _ALIGN
+        if not self._chunks or self._used + need > self._chunks[-1][0].numel():
+            self._new_chunk(max(need, self.chunk_bytes))
+        base = self._chunks[-1][0]
+        out = base[self._used:self._used + nbytes]
+        self._used += need
+        return out
+
+    # -------------------------------------------------------------------------------- staging
+    def put(self, x: torch.Tensor) -> torch.Tensor:
+        """A host copy of ``x`` (contiguous); asynchronous for CUDA tensors until ``sync()``."""
+        x = x.detach()
+        if not (self.cuda and x.is_cuda) or x.numel() == 0:
+            return x.to("cpu", copy=True)
+        dst = self._take(x.numel() * x.element_size()).view(x.dtype).view(x.shape)
+        self._stream.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(self._stream):
+            dst.copy_(x, non_blocking=True)
+        x.record_stream(self._stream)  # the caching allocator must not reuse x's memory before the copy ran
+        self.staged_bytes += dst.numel() * dst.element_size()
+        return dst
+
+    def sync(self) -> None:
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    def close(self) -> None:
+        """Unpin (the memory itself lives on while staged tensors refer to it)."""
+        self.sync()
+        for base, registered in self._chunks:
+            if registered:
+                torch.cuda.cudart().cudaHostUnregister(base.data_ptr())
+        self._chunks.clear()
+        self.pinned_bytes = 0
+
+    def __del__(self):  # pragma: no cover - best effort at interpreter exit
+        try:
+            self.close()
+        except Exception:
+            pass
