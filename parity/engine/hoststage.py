@@ -11,13 +11,18 @@ Without CUDA (or when pinning is refused) the stage is a plain synchronous copy 
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 
 _ALIGN = 256
 
 
 class HostStage:
-    def __init__(self, chunk_bytes: int = 2 << 30, reserve: int = 0):
+    def __init__(self, chunk_bytes: int = 2 << 30, reserve: int = 0, background: bool = False):
+        """``reserve`` bytes are pinned up front as the first chunk; with ``background`` that happens in a
+        thread (CPU work: faulting pages in and locking them) while the GPU goes on, and the first ``put``
+        waits for it."""
         self.cuda = torch.cuda.is_available()
         self.chunk_bytes = chunk_bytes
         self._chunks: list[tuple[torch.Tensor, bool]] = []  # (uint8 base, registered)
@@ -25,8 +30,18 @@ class HostStage:
         self._stream = torch.cuda.Stream() if self.cuda else None
         self.staged_bytes = 0
         self.pinned_bytes = 0
+        self._pinning: threading.Thread | None = None
         if self.cuda and reserve:
-            self._new_chunk(reserve)
+            if background:
+                self._pinning = threading.Thread(target=self._new_chunk, args=(reserve,), daemon=True)
+                self._pinning.start()
+            else:
+                self._new_chunk(reserve)
+
+    def _ready(self) -> None:
+        if self._pinning is not None:
+            self._pinning.join()
+            self._pinning = None
 
     # -------------------------------------------------------------------------------- allocation
     def _new_chunk(self, nbytes: int) -> None:
@@ -53,6 +68,7 @@ class HostStage:
         x = x.detach()
         if not (self.cuda and x.is_cuda) or x.numel() == 0:
             return x.to("cpu", copy=True)
+        self._ready()
         dst = self._take(x.numel() * x.element_size()).view(x.dtype).view(x.shape)
         self._stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(self._stream):
@@ -67,6 +83,7 @@ class HostStage:
 
     def close(self) -> None:
         """Unpin (the memory itself lives on while staged tensors refer to it)."""
+        self._ready()
         self.sync()
         for base, registered in self._chunks:
             if registered:

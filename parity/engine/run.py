@@ -281,6 +281,7 @@ def run_text(spec: RunSpec) -> dict:
 
     with prog.phase("build_hf"):
         hf_model, hf_config = build_hf_text(spec, dtype, device)
+    host_weights = host_stage_for_weights(hf_model, spec.sequential, device)
     args = TextArgs.from_hf(hf_config)
     rows = text_rows(args)
     hf_names = {h for h, _, r in rows if h != "logits"} | {"model.rotary_emb"}
@@ -311,7 +312,7 @@ def run_text(spec: RunSpec) -> dict:
             floors_iso = _isolated_floors(hf_model, rows, hf_cap, valid, device, args.final_logit_softcapping)
 
     with prog.phase("hf_state_to_host"):
-        hf_state, host_weights = weights_for_conversion(hf_model, spec.sequential)
+        hf_state, host_weights = weights_for_conversion(hf_model, spec.sequential, host_weights)
     hf_ref = weakref.ref(hf_model)
     del hf_model  # sequential: the last reference; otherwise the caller's ``hf_state`` keeps the weights alive
     hf_released = released(hf_ref, device) if spec.sequential else None
@@ -381,7 +382,19 @@ def run_text(spec: RunSpec) -> dict:
     return result
 
 
-def weights_for_conversion(hf_model, sequential: bool) -> tuple[dict, Any]:
+def host_stage_for_weights(hf_model, sequential: bool, device: str):
+    """Start pinning host memory for the HF weights (sequential CUDA runs) in the background, right after the
+    HF model is built: the page locking overlaps the forwards and the noise floor instead of the hand-over."""
+    if not (sequential and device == "cuda"):
+        return None
+    from parity.engine.hoststage import HostStage
+
+    total = sum(-(-v.numel() * v.element_size() // 256) * 256 for v in _unique(hf_model.state_dict().values())
+                if v.is_cuda)
+    return HostStage(reserve=total, background=True)
+
+
+def weights_for_conversion(hf_model, sequential: bool, stage=None) -> tuple[dict, Any]:
     """HF's state dict for the bridge and the round trip, and the host stage holding it (close it when done).
     Sequential runs release the model next, so its weights go to the host first: page-locked and
     asynchronous on CUDA (``HostStage``, one chunk of the exact size), each storage once (a tied
@@ -389,10 +402,11 @@ def weights_for_conversion(hf_model, sequential: bool) -> tuple[dict, Any]:
     state = {k: v.detach() for k, v in hf_model.state_dict().items()}
     if not sequential:
         return state, None
-    from parity.engine.hoststage import HostStage
+    if stage is None:
+        from parity.engine.hoststage import HostStage
 
-    total = sum(-(-v.numel() * v.element_size() // 256) * 256 for v in _unique(state.values()) if v.is_cuda)
-    stage = HostStage(reserve=total)
+        total = sum(-(-v.numel() * v.element_size() // 256) * 256 for v in _unique(state.values()) if v.is_cuda)
+        stage = HostStage(reserve=total)
     seen: dict[tuple, torch.Tensor] = {}
     out = {}
     for k, v in state.items():
