@@ -14,6 +14,32 @@ import time
 from pathlib import Path
 
 
+def targets(record: dict) -> dict:
+    """The GPU-scale issue's acceptance figures for this record: each ``{"value", "limit", "met"}``.
+
+    ``capture_plus_metrics_over_forwards``: what hooks, captured copies (incl. moving them to the host) and
+    the end-to-end comparison add to the two plain forwards: (HF forward with capture - plain HF forward)
+    + (Megatron forward with on-the-fly comparison - plain Megatron forward) + metrics, over the two plain
+    forwards. ``wall_over_...``: the whole run over HF forward + Megatron forward + conversion (host
+    hand-over + bridge)."""
+    ph, tm = record["phases_s"], record["timings"]
+    hf, mc = tm.get("hf_forward_s") or 0.0, tm.get("megatron_forward_s") or 0.0
+    out = {}
+    if hf and mc:
+        extra = (ph.get("hf_forward", 0.0) - hf) + (ph.get("megatron_forward", 0.0) - mc) + ph.get("metrics", 0.0)
+        out["capture_plus_metrics_over_forwards"] = {"value": extra / (hf + mc), "limit": 0.25}
+        out["megatron_over_hf_forward"] = {"value": mc / hf, "limit": 1.5}
+    ratio = record["ratios"].get("wall_over_forwards_plus_conversion")
+    if ratio is not None:
+        out["wall_over_forwards_plus_conversion"] = {"value": ratio, "limit": 3.0}
+    peak = (record.get("peak_memory") or {}).get("gpu_peak_gib")
+    if peak is not None:
+        out["gpu_peak_gib"] = {"value": peak, "limit": 75.0}
+    for v in out.values():
+        v["met"] = v["value"] <= v["limit"]
+    return out
+
+
 def bench(case, *, device: str, dtype: str | None, out_dir: Path, progress: bool = False) -> Path:
     from parity.cli import execute
     from parity.report.store import atomic_write
@@ -44,6 +70,7 @@ def bench(case, *, device: str, dtype: str | None, out_dir: Path, progress: bool
         },
         "report_bytes": len(html.encode()),
     }
+    record["targets"] = targets(record)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{results['case']}-{results['device']}-{results['dtype']}.json"
     atomic_write(path, json.dumps(record, indent=1, default=str) + "\n")

@@ -249,3 +249,16 @@ def test_write_report_refuses_existing_out(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         cli.write_report(fake_results(), out=tmp_path)
     assert (tmp_path / "results.json").read_text() == "{}"
+
+
+def test_bench_targets_arithmetic():
+    from parity.bench import targets
+
+    rec = {"phases_s": {"hf_forward": 1.0, "megatron_forward": 2.0, "metrics": 0.5},
+           "timings": {"hf_forward_s": 0.4, "megatron_forward_s": 0.8},
+           "ratios": {"wall_over_forwards_plus_conversion": 3.5}, "peak_memory": {"gpu_peak_gib": 65.0}}
+    t = targets(rec)
+    assert t["capture_plus_metrics_over_forwards"]["value"] == pytest.approx((0.6 + 1.2 + 0.5) / 1.2)
+    assert not t["capture_plus_metrics_over_forwards"]["met"]
+    assert t["megatron_over_hf_forward"] == {"value": pytest.approx(2.0), "limit": 1.5, "met": False}
+    assert t["wall_over_forwards_plus_conversion"]["met"] is False and t["gpu_peak_gib"]["met"] is True
