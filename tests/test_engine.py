@@ -289,18 +289,17 @@ def test_sliding_mask_off_by_one(monkeypatch):
 def test_expert_swap_after_conversion(monkeypatch):
     from parity.bridge import convert
 
-    hf_to_megatron = convert.hf_to_megatron
+    iter_hf_to_megatron = convert.iter_hf_to_megatron
+    swapped = {f"decoder.layers.1.moe.experts.{part}.weight" for part in ("linear_fc1", "linear_fc2")}
 
     def planted(*a, **kw):
-        out = hf_to_megatron(*a, **kw)
-        for part in ("linear_fc1", "linear_fc2"):
-            key = f"decoder.layers.1.moe.experts.{part}.weight"
-            w = out[key].clone()
-            w[[0, 1]] = w[[1, 0]]  # BUG: experts 0 and 1 of layer 1 swapped
-            out[key] = w
-        return out
+        for key, w in iter_hf_to_megatron(*a, **kw):
+            if key in swapped:
+                w = w.clone()
+                w[[0, 1]] = w[[1, 0]]  # BUG: experts 0 and 1 of layer 1 swapped
+            yield key, w
 
-    monkeypatch.setattr(convert, "hf_to_megatron", planted)
+    monkeypatch.setattr(convert, "iter_hf_to_megatron", planted)
     r = _run()
     assert_localised(r, "model.layers.1.experts")
     iso = next(m for m in r["modules"] if m["name"] == "model.layers.1.experts" and m["mode"] == "isolated")

@@ -168,6 +168,25 @@ def hf_to_megatron(
     ``NON_TEXT_PREFIXES`` are ignored (take them from ``split_hf_state``); any other unknown key,
     a missing key or a wrong shape raises ``BridgeError`` naming the key.
     """
+    return dict(iter_hf_to_megatron(hf_state, args, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank,
+                                    ep_size=ep_size, etp_rank=etp_rank, etp_size=etp_size))
+
+
+def iter_hf_to_megatron(
+    hf_state: Mapping[str, Tensor],
+    args: TextArgs,
+    *,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+    ep_rank: int = 0,
+    ep_size: int = 1,
+    etp_rank: int | None = None,
+    etp_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> Iterator[tuple[str, Tensor]]:
+    """``hf_to_megatron`` one Megatron tensor at a time, after every key and shape was checked. With
+    ``device``, each HF tensor moves there just before its transform and slicing run (host-staged weights
+    are sliced on the GPU, and only one tensor's worth is ever in flight)."""
     etp_size = tp_size if etp_size is None else etp_size
     if etp_rank is None:
         if etp_size not in (tp_size, 1):
@@ -179,26 +198,19 @@ def hf_to_megatron(
     if stray:
         raise BridgeError(f"unexpected HF tensor {stray[0]} (not part of the Gemma 4 text model)")
 
-    out: dict[str, Tensor] = {}
+    plan = []
     used: set[str] = set()
     for rule, i, hf_names, mname in expand(args):
         s = sizes(args, i)
-        tensors = []
         for name, template in zip(hf_names, rule.hf_shapes):
             full_name = _full_hf_name(rule.root, prefix, name)
             if name not in text:
                 raise BridgeError(f"missing HF tensor {full_name} (needed for {mname})")
-            t = text[name]
-            if tuple(t.shape) != shape(template, s):
-                raise BridgeError(f"shape mismatch for {full_name}: got {tuple(t.shape)}, "
+            if tuple(text[name].shape) != shape(template, s):
+                raise BridgeError(f"shape mismatch for {full_name}: got {tuple(text[name].shape)}, "
                                   f"config implies {shape(template, s)}")
-            tensors.append(t)
             used.add(name)
-        full = TRANSFORMS[rule.transform][0](tensors, s)
-        local = shard(full, rule.tp, tp_rank, tp_size, rule.gated, mname)
-        local = shard(local, rule.ep, ep_rank, ep_size, False, mname)
-        local = shard(local, rule.etp, etp_rank, etp_size, rule.gated, mname)
-        out[mname] = local.contiguous()
+        plan.append((rule, s, hf_names, mname))
 
     if args.tie_word_embeddings and "lm_head.weight" in text:
         # In-memory HF state dicts of tied models carry lm_head sharing the embedding's storage.
@@ -210,7 +222,17 @@ def hf_to_megatron(
         key = unexpected[0]
         raise BridgeError(f"unexpected HF tensor {_full_hf_name(key == 'lm_head.weight', prefix, key)} "
                           f"({len(unexpected)} unmapped in total)")
-    return out
+
+    def convert():
+        for rule, s, hf_names, mname in plan:
+            tensors = [text[n] if device is None else text[n].to(device, non_blocking=True) for n in hf_names]
+            full = TRANSFORMS[rule.transform][0](tensors, s)
+            local = shard(full, rule.tp, tp_rank, tp_size, rule.gated, mname)
+            local = shard(local, rule.ep, ep_rank, ep_size, False, mname)
+            local = shard(local, rule.etp, etp_rank, etp_size, rule.gated, mname)
+            yield mname, local.contiguous()
+
+    return convert()
 
 
 ShardKey = tuple[int, ...]  # (tp_rank, ep_rank) or (tp_rank, ep_rank, etp_rank)

@@ -230,7 +230,7 @@ def fp32_isolated(hf_model, hf_name: str, call, device) -> Any:
     mod = dict(hf_model.named_modules())[hf_name]
     mod32 = copy.deepcopy(mod).float()
     with torch.no_grad():
-        out = mod32(*_to(_upcast(call.args), device), **_to(_upcast(call.kwargs), device))
+        out = mod32(*_upcast(_to(call.args, device)), **_upcast(_to(call.kwargs, device)))  # upcast on the device
     del mod32
     return out
 
@@ -317,23 +317,20 @@ def run_text(spec: RunSpec) -> dict:
     del hf_model  # sequential: the last reference; otherwise the caller's ``hf_state`` keeps the weights alive
     hf_released = released(hf_ref, device) if spec.sequential else None
 
-    from parity.bridge.convert import hf_to_megatron
+    from parity.bridge.convert import iter_hf_to_megatron
     from parity.models.text import Gemma4Model
 
     with prog.phase("build_megatron"):
         mc_model = Gemma4Model(args, dtype=dtype, device=device).eval()
     rk = megatron_env.ranks()
     with prog.phase("convert"):
-        mc_state = hf_to_megatron(hf_state, args, tp_rank=rk["tp_rank"], tp_size=rk["tp_size"],
-                                  ep_rank=rk["ep_rank"], ep_size=rk["ep_size"],
-                                  etp_rank=rk["etp_rank"], etp_size=rk["etp_size"])
-        missing, unexpected = mc_model.load_state_dict(mc_state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise RuntimeError(f"bridge/model mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        load_streamed(mc_model, iter_hf_to_megatron(
+            hf_state, args, tp_rank=rk["tp_rank"], tp_size=rk["tp_size"], ep_rank=rk["ep_rank"],
+            ep_size=rk["ep_size"], etp_rank=rk["etp_rank"], etp_size=rk["etp_size"],
+            device=device if device == "cuda" else None))
     with prog.phase("roundtrip"):
         roundtrip = _roundtrip(mc_model, args, hf_state)
-    del mc_state, hf_state
+    del hf_state
     if host_weights is not None:
         host_weights.close()
 
@@ -380,6 +377,25 @@ def run_text(spec: RunSpec) -> dict:
     result["checks"]["roundtrip"] = roundtrip["bit_exact"] == roundtrip["tensors"] and roundtrip["tensors"] > 0
     result["passed"] = all(result["checks"].values())
     return result
+
+
+def load_streamed(model, pairs) -> None:
+    """Copy converted tensors into ``model`` as they come (no second full state dict in memory); every
+    state-dict entry but ``_extra_state`` must be covered exactly once, with its shape."""
+    targets = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for name, t in pairs:
+            dst = targets.get(name)
+            if dst is None or name in loaded or tuple(dst.shape) != tuple(t.shape):
+                why = "unexpected" if dst is None else "twice" if name in loaded else \
+                    f"shape {tuple(t.shape)} vs {tuple(dst.shape)}"
+                raise RuntimeError(f"bridge/model mismatch: {name} ({why})")
+            dst.copy_(t)
+            loaded.add(name)
+    missing = sorted(set(targets) - loaded)
+    if missing:
+        raise RuntimeError(f"bridge/model mismatch: missing {missing[:3]}")
 
 
 def host_stage_for_weights(hf_model, sequential: bool, device: str):
