@@ -473,3 +473,44 @@ def test_gather_from_world(tmp_path, tiny):
                               env=env, stderr=subprocess.PIPE) for r in range(2)]
     errors = [p.communicate(timeout=120)[1].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), errors
+
+
+# ------------------------------------------------------------------------------------------------ streaming
+
+def test_streamed_import_and_export_match_the_dicts_and_check_first(tiny):
+    from parity.bridge.convert import iter_hf_to_megatron, iter_megatron_to_hf
+
+    cfg, args, state = tiny
+    ranks = dict(tp_rank=1, tp_size=2, ep_rank=0, ep_size=2)
+    streamed = list(iter_hf_to_megatron(state, args, **ranks))
+    assert [k for k, _ in streamed] == list(hf_to_megatron(state, args, **ranks))  # one pass, table order
+    assert_bit_exact(dict(streamed), hf_to_megatron(state, args, **ranks))
+    # every key and shape is checked before the first tensor is produced
+    broken = {k: v for k, v in state.items() if k != "model.layers.5.mlp.down_proj.weight"}
+    with pytest.raises(BridgeError, match="missing HF tensor model.layers.5.mlp.down_proj.weight"):
+        iter_hf_to_megatron(broken, args)
+    mc = hf_to_megatron(state, args)
+    pairs = list(iter_megatron_to_hf(mc, args))
+    assert len({k for k, _ in pairs}) == len(pairs)  # each HF tensor once
+    assert_bit_exact(dict(pairs), {k: v for k, v in state.items() if k != "lm_head.weight"})
+
+
+def test_load_streamed_refuses_gaps_and_wrong_shapes(tiny):
+    from parity.bridge.convert import iter_hf_to_megatron
+    from parity.engine.run import load_streamed
+    from parity.models.text import Gemma4Model
+    from parity import megatron_env
+
+    cfg, args, state = tiny
+    megatron_env.init()
+    model = Gemma4Model(args, dtype=torch.float32, device="cpu")
+    pairs = list(iter_hf_to_megatron(state, args))
+    load_streamed(model, pairs)
+    assert_bit_exact({k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}, dict(pairs))
+    with pytest.raises(RuntimeError, match="missing"):
+        load_streamed(model, pairs[:-1])
+    name, t = pairs[0]
+    with pytest.raises(RuntimeError, match=f"{name} \\(shape"):
+        load_streamed(model, [(name, t[:-1])] + pairs[1:])
+    with pytest.raises(RuntimeError, match="twice"):
+        load_streamed(model, pairs + [pairs[0]])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from parity.bridge.convert import same_bits
-from parity.engine.hoststage import HostStage
+from parity.engine.hoststage import HostStage, stage_bytes
 
 
 def test_cpu_stage_is_a_copy():
@@ -35,4 +35,4 @@ def test_cuda_stage_async_exact_and_pinned():
     stage.sync()
     assert torch.equal(out, big.cpu())
     stage.close()
-    assert stage.pinned_bytes == 0 and torch.equal(out, big.cpu())  # unpinned, still readable
+    assert stage.pinned_bytes == 0 and stage_bytes([big, big, big.view(-1), torch.zeros(3)]) == (3 << 20) * 4 and torch.equal(out, big.cpu())  # unpinned, still readable

@@ -151,25 +151,16 @@ def _full_hf_name(rule_root: bool, prefix: str, name: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Import and export.
 
-def hf_to_megatron(
-    hf_state: Mapping[str, Tensor],
-    args: TextArgs,
-    *,
-    tp_rank: int = 0,
-    tp_size: int = 1,
-    ep_rank: int = 0,
-    ep_size: int = 1,
-    etp_rank: int | None = None,
-    etp_size: int | None = None,
-) -> dict[str, Tensor]:
+def hf_to_megatron(hf_state: Mapping[str, Tensor], args: TextArgs, **ranks: int | None) -> dict[str, Tensor]:
     """The Megatron state dict of one (TP, EP, ETP) rank, from an HF text/CausalLM/VLM state dict.
+    ``ranks``: ``tp_rank``, ``tp_size``, ``ep_rank``, ``ep_size``, ``etp_rank``, ``etp_size`` (all TP1/EP1
+    by default; see ``iter_hf_to_megatron``).
 
     Exact: copies and slices of the HF tensors in their dtype. Keys outside the text model under
     ``NON_TEXT_PREFIXES`` are ignored (take them from ``split_hf_state``); any other unknown key,
     a missing key or a wrong shape raises ``BridgeError`` naming the key.
     """
-    return dict(iter_hf_to_megatron(hf_state, args, tp_rank=tp_rank, tp_size=tp_size, ep_rank=ep_rank,
-                                    ep_size=ep_size, etp_rank=etp_rank, etp_size=etp_size))
+    return dict(iter_hf_to_megatron(hf_state, args, **ranks))
 
 
 def iter_hf_to_megatron(

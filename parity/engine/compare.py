@@ -17,6 +17,7 @@ from torch import nn
 
 from parity.engine import metrics as M
 from parity.engine.alignment import Align, layer_of
+from parity.engine.hoststage import HostStage, storage_key
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -33,13 +34,12 @@ class Store:
 
     def keep(self, x: Any) -> Any:
         if isinstance(x, torch.Tensor):
-            key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device)
+            key = storage_key(x)
             hit = self._seen.get(key)
             if hit is None or hit[0]() is not x:  # a freed tensor's address may be reused: check identity
                 y = x.detach()
                 if self.offload and y.is_cuda:
                     if self._host is None:
-                        from parity.engine.hoststage import HostStage
                         self._host = HostStage()
                     y = self._host.put(y)
                 else:

@@ -18,6 +18,22 @@ import torch
 _ALIGN = 256
 
 
+def storage_key(t: torch.Tensor) -> tuple:
+    """Identity of a tensor's bytes: the same key means the same memory seen the same way (tied weights,
+    a module's output that is the next one's input)."""
+    return (t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def stage_bytes(tensors) -> int:
+    """Host bytes a stage needs for the CUDA tensors among ``tensors``, each storage once."""
+    keys = {storage_key(t): t.numel() * t.element_size() for t in tensors if t.is_cuda}
+    return sum(_aligned(n) for n in keys.values())
+
+
 class HostStage:
     def __init__(self, chunk_bytes: int = 2 << 30, reserve: int = 0, background: bool = False):
         """``reserve`` bytes are pinned up front as the first chunk; with ``background`` that happens in a
@@ -54,7 +70,7 @@ class HostStage:
         self._used = 0
 
     def _take(self, nbytes: int) -> torch.Tensor:
-        need = -(-nbytes // _ALIGN) * _ALIGN
+        need = _aligned(nbytes)
         if not self._chunks or self._used + need > self._chunks[-1][0].numel():
             self._new_chunk(max(need, self.chunk_bytes))
         base = self._chunks[-1][0]

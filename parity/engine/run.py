@@ -26,6 +26,7 @@ from parity.config import TextArgs, config_hash
 from parity.engine import gates as G
 from parity.engine import metrics as M
 from parity.engine.alignment import Align, text_rows
+from parity.engine.hoststage import HostStage, stage_bytes, storage_key
 from parity.engine.compare import (Call, Capture, Ctx, Store, capture_hf, compare_values, hf_value, mc_value, replay,
                                    row_record)
 from parity.errors import UserError
@@ -403,11 +404,7 @@ def host_stage_for_weights(hf_model, sequential: bool, device: str):
     HF model is built: the page locking overlaps the forwards and the noise floor instead of the hand-over."""
     if not (sequential and device == "cuda"):
         return None
-    from parity.engine.hoststage import HostStage
-
-    total = sum(-(-v.numel() * v.element_size() // 256) * 256 for v in _unique(hf_model.state_dict().values())
-                if v.is_cuda)
-    return HostStage(reserve=total, background=True)
+    return HostStage(reserve=stage_bytes(hf_model.state_dict().values()), background=True)
 
 
 def weights_for_conversion(hf_model, sequential: bool, stage=None) -> tuple[dict, Any]:
@@ -419,28 +416,16 @@ def weights_for_conversion(hf_model, sequential: bool, stage=None) -> tuple[dict
     if not sequential:
         return state, None
     if stage is None:
-        from parity.engine.hoststage import HostStage
-
-        total = sum(-(-v.numel() * v.element_size() // 256) * 256 for v in _unique(state.values()) if v.is_cuda)
-        stage = HostStage(reserve=total)
+        stage = HostStage(reserve=stage_bytes(state.values()))
     seen: dict[tuple, torch.Tensor] = {}
     out = {}
     for k, v in state.items():
-        key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype, v.device)
+        key = storage_key(v)
         if key not in seen:
             seen[key] = stage.put(v)
         out[k] = seen[key]
     stage.sync()
     return out, stage
-
-
-def _unique(tensors):
-    seen = set()
-    for v in tensors:
-        key = (v.data_ptr(), tuple(v.shape), tuple(v.stride()), v.dtype, v.device)
-        if key not in seen:
-            seen.add(key)
-            yield v
 
 
 def released(ref: weakref.ref, device: str) -> bool:
