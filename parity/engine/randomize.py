@@ -48,8 +48,8 @@ def randomize_(model: nn.Module, seed: int = 0, std: float = 0.05) -> nn.Module:
             value = 1.0 + 0.1 * noise
         elif name.endswith("position_embedding_table"):
             value = 0.5 * noise
-        elif name.endswith("embed_tokens.weight"):
-            value = noise  # token tables: O(1) entries, scaled by sqrt(H) in the forward (projections are linears)
+        elif "embed" in name and name.endswith("weight") and t.dim() == 2 and shape[0] > shape[1]:
+            value = noise  # token embeddings: O(1) entries, scaled by sqrt(H) in the forward
         else:
             fan_in = shape[-1] if t.dim() >= 2 else 1
             value = noise * (std if t.dim() < 2 else min(std * 4, fan_in**-0.5))

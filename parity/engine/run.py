@@ -353,15 +353,8 @@ def run_text(spec: RunSpec) -> dict:
         _isolated(mc_model, rows, hf_cap, hf_logits, ctx, records, prog)
     with prog.phase("metrics"):
         records += _table_rows(args, hf_cap, ctx, inputs, dtype)
-        margin = None if dtype != torch.float32 else 1e-4
-        logits_summary = M.logits_metrics(hf_logits.to(mc_logits.device), mc_logits, valid, near_tie_margin=margin)
-        for rec in records:
-            if dtype != torch.float32 and rec["kind"] not in ("mask", "rope"):
-                rec["floor"] = (floors_e2e if rec["mode"] == "end_to_end" else floors_iso).get(rec["name"])
-            else:
-                rec["floor"] = None
-        verdict = G.apply(records, spec.gates, spec.dtype, logits_summary, kl_floor=floors_e2e.get("__kl_max__"))
-        logits_summary["kl_max_floor"], logits_summary["kl_gate"] = verdict["kl_floor"], verdict["kl_gate"]
+        logits_summary, verdict = judge(records, hf_logits, mc_logits, valid, spec, floors_e2e, floors_iso,
+                                        floors_e2e.get("__kl_max__"))
     env = env_info(device)
     result = G.summarise(records, verdict, logits_summary)
     result.update({
@@ -378,6 +371,21 @@ def run_text(spec: RunSpec) -> dict:
     result["checks"]["roundtrip"] = roundtrip["bit_exact"] == roundtrip["tensors"] and roundtrip["tensors"] > 0
     result["passed"] = all(result["checks"].values())
     return result
+
+
+def judge(records, hf_logits, mc_logits, valid, spec: RunSpec, floors_e2e: dict, floors_iso: dict,
+          kl_floor: float | None) -> tuple[dict, dict]:
+    """Logits metrics, each record's noise floor (bf16: the same module's HF-bf16 vs HF-fp32 rel-L2 in the same
+    mode; masks and RoPE tables have none) and the case's gates: ``(logits_summary, verdict)``."""
+    low = spec.dtype != "float32"
+    logits_summary = M.logits_metrics(hf_logits.to(mc_logits.device), mc_logits, valid,
+                                      near_tie_margin=None if low else 1e-4)
+    for rec in records:
+        floors = floors_e2e if rec["mode"] == "end_to_end" else floors_iso
+        rec["floor"] = floors.get(rec["name"]) if low and rec["kind"] not in ("mask", "rope") else None
+    verdict = G.apply(records, spec.gates, spec.dtype, logits_summary, kl_floor=kl_floor)
+    logits_summary["kl_max_floor"], logits_summary["kl_gate"] = verdict["kl_floor"], verdict["kl_gate"]
+    return logits_summary, verdict
 
 
 def load_streamed(model, pairs) -> None:

@@ -37,8 +37,8 @@ from parity.engine import metrics as M
 from parity.engine.alignment import Align, layer_of, text_rows
 from parity.engine.compare import Call, Capture, Ctx, Store, capture_hf, compare_values, hf_value, mc_value, replay, row_record
 from parity.engine.run import (DTYPES, Progress, RunSpec, _first_tensor, _floor_value, _isolated_floors, _logits_order,
-                               _peak_memory, _roundtrip, _table_rows, _timed, env_info, fp32_isolated, released,
-                               weights_for_conversion)
+                               _peak_memory, _roundtrip, _table_rows, _timed, env_info, fp32_isolated, judge,
+                               released, weights_for_conversion)
 from parity.errors import UserError
 from parity.vlm_config import VisionArgs
 
@@ -596,21 +596,14 @@ def run_vlm(spec: RunSpec) -> dict:
         if vmask is not None:
             records.append(vmask)
         margin = None if dtype != torch.float32 else 1e-4
-        logits_summary = M.logits_metrics(hf_logits.to(mc_logits.device), mc_logits, valid, near_tie_margin=margin)
-        for rec in records:
-            if dtype != torch.float32 and rec["kind"] not in ("mask", "rope"):
-                rec["floor"] = (floors_e2e if rec["mode"] == "end_to_end" else floors_iso).get(rec["name"])
-            else:
-                rec["floor"] = None
-        kl_floor = floors_e2e.get(KL_FLOOR)
-        verdict = G.apply(records, spec.gates, spec.dtype, logits_summary, kl_floor=kl_floor)
+        logits_summary, verdict = judge(records, hf_logits, mc_logits, valid, spec, floors_e2e, floors_iso,
+                                        floors_e2e.get(KL_FLOOR))
         group_summary = {
             "positions": {g: int(m.sum()) for g, m in groups.items()},
             "logits": _logits_groups(hf_logits, mc_logits, groups, margin),
             "layers": layer_groups,
         }
     result = G.summarise(records, verdict, logits_summary)
-    result["summary"]["logits"].update({"kl_max_floor": kl_floor, "kl_gate": verdict["kl_gate"]})
     n_images = int(inputs["pixel_values"].shape[0])
     result.update({
         "case": spec.name, "kind": "vlm", "passed": verdict["passed"], "device": device, "dtype": spec.dtype,
