@@ -36,3 +36,19 @@ def test_cuda_stage_async_exact_and_pinned():
     assert torch.equal(out, big.cpu())
     stage.close()
     assert stage.pinned_bytes == 0 and stage_bytes([big, big, big.view(-1), torch.zeros(3)]) == (3 << 20) * 4 and torch.equal(out, big.cpu())  # unpinned, still readable
+
+
+def test_running_out_of_host_memory_is_one_line(monkeypatch):
+    from parity.errors import UserError
+
+    def refuse(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    stage = HostStage()
+    monkeypatch.setattr(torch, "empty", refuse)
+    with pytest.raises(UserError, match=r"^out of host memory: staging needs 1\.0 GiB more") as e:
+        stage._new_chunk(1 << 30)
+    assert "\n" not in str(e.value)
+    stage._new_chunk_in_thread(1 << 30)  # a background failure surfaces in the caller's thread
+    with pytest.raises(UserError):
+        stage._ready()

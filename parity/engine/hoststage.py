@@ -1,7 +1,7 @@
 """Page-locked host memory for what a sequential GPU run moves off the card.
 
 A run that must not hold HF and Megatron on one GPU at once parks two things on the host: the captured HF
-activations (about 18 GB at the 26B-A4B shape and 4,096 tokens) and the HF weights kept for conversion and
+activations (about 21 GB at the 26B-A4B shape and 4,096 tokens) and the HF weights kept for conversion and
 the round trip (about 47 GB). Through pageable memory those copies run at ~1 GB/s and block the forward;
 here they go into large page-locked chunks (pinned once with ``cudaHostRegister``, exact size: torch's
 caching host allocator would round every tensor up to a power of two) on a side stream, so the device
@@ -35,10 +35,11 @@ def stage_bytes(tensors) -> int:
 
 
 class HostStage:
+    """Bump allocator over page-locked host chunks. ``reserve`` bytes are pinned up front as the first chunk;
+    with ``background`` that happens in a thread (CPU work: faulting pages in and locking them) while the GPU
+    goes on, and the first ``put`` waits for it. Running out of host memory is a ``UserError`` (one line)."""
+
     def __init__(self, chunk_bytes: int = 2 << 30, reserve: int = 0, background: bool = False):
-        """``reserve`` bytes are pinned up front as the first chunk; with ``background`` that happens in a
-        thread (CPU work: faulting pages in and locking them) while the GPU goes on, and the first ``put``
-        waits for it."""
         self.cuda = torch.cuda.is_available()
         self.chunk_bytes = chunk_bytes
         self._chunks: list[tuple[torch.Tensor, bool]] = []  # (uint8 base, registered)
@@ -47,21 +48,37 @@ class HostStage:
         self.staged_bytes = 0
         self.pinned_bytes = 0
         self._pinning: threading.Thread | None = None
+        self._failure: BaseException | None = None
         if self.cuda and reserve:
             if background:
-                self._pinning = threading.Thread(target=self._new_chunk, args=(reserve,), daemon=True)
+                self._pinning = threading.Thread(target=self._new_chunk_in_thread, args=(reserve,), daemon=True)
                 self._pinning.start()
             else:
                 self._new_chunk(reserve)
+
+    def _new_chunk_in_thread(self, nbytes: int) -> None:
+        try:
+            self._new_chunk(nbytes)
+        except BaseException as e:  # re-raised in the caller's thread by _ready()
+            self._failure = e
 
     def _ready(self) -> None:
         if self._pinning is not None:
             self._pinning.join()
             self._pinning = None
+        if self._failure is not None:
+            failure, self._failure = self._failure, None
+            raise failure
 
     # -------------------------------------------------------------------------------- allocation
     def _new_chunk(self, nbytes: int) -> None:
-        base = torch.empty(nbytes, dtype=torch.uint8)
+        try:
+            base = torch.empty(nbytes, dtype=torch.uint8)
+        except RuntimeError as e:  # the allocator's "can't allocate memory"
+            from parity.errors import UserError
+            raise UserError(f"out of host memory: staging needs {nbytes / 2**30:.1f} GiB more "
+                            f"(already {sum(c[0].numel() for c in self._chunks) / 2**30:.1f} GiB); a sequential "
+                            f"26B-A4B run needs ~72 GB of host RAM per process") from e
         base.zero_()  # fault the pages in with all CPU threads; registering then only locks them
         ok = int(torch.cuda.cudart().cudaHostRegister(base.data_ptr(), nbytes, 0)) == 0
         if ok:
