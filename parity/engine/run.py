@@ -532,33 +532,44 @@ def _roundtrip(mc_model, args, hf_state, export=None) -> dict:
             "max_abs_diff": max(diffs) if diffs else None, "rows": rows}
 
 
-def _megatron_end_to_end(mc_model, rows, hf_cap, hf_logits, inputs, ctx, records) -> torch.Tensor:
-    """Megatron forward on the raw inputs; each hooked output is compared at once against HF's."""
+def hooked_forward(mc_model, rows, hf_cap: Capture, forward, on_output) -> Any:
+    """Run ``forward()`` with a hook on every Megatron module of ``rows`` that HF captured: the first time a
+    module returns, ``on_output(hf_name, mc_name, row, call, module, out)`` runs for each of its rows (so
+    nothing of the Megatron side is kept). Returns what ``forward()`` returned."""
     modules = dict(mc_model.named_modules())
     by_mc: dict[str, list[tuple[str, Align]]] = {}
     for hf_name, mc_name, row in rows:
         if mc_name in modules:
             by_mc.setdefault(mc_name, []).append((hf_name, row))
+    done: set[str] = set()
     handles = []
     for mc_name, pairs in by_mc.items():
         def hook(m, a, out, pairs=pairs, mc_name=mc_name):
             for hf_name, row in pairs:
                 call = hf_cap.first(hf_name)
-                if call is None:
+                if call is None or hf_name in done:
                     continue
-                test = mc_value(row.kind, out, ctx, _layer(hf_name), m)
-                ref = hf_value(row.kind, call)
-                m_ = compare_values(row.kind, ref, test, ctx)
-                records.append(row_record(hf_name, mc_name, row, "end_to_end", m_,
-                                          hf_cap.order.get(hf_name, 0)))
+                done.add(hf_name)
+                on_output(hf_name, mc_name, row, call, m, out)
         handles.append(modules[mc_name].register_forward_hook(hook))
     try:
         with torch.no_grad():
-            logits = mc_model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
-                              padding_mask=inputs["attention_mask"])
+            return forward()
     finally:
         for h in handles:
             h.remove()
+
+
+def _megatron_end_to_end(mc_model, rows, hf_cap, hf_logits, inputs, ctx, records) -> torch.Tensor:
+    """Megatron forward on the raw inputs; each hooked output is compared at once against HF's."""
+    def compare(hf_name, mc_name, row, call, module, out):
+        m_ = compare_values(row.kind, hf_value(row.kind, call), mc_value(row.kind, out, ctx, _layer(hf_name), module),
+                            ctx)
+        records.append(row_record(hf_name, mc_name, row, "end_to_end", m_, hf_cap.order.get(hf_name, 0)))
+
+    logits = hooked_forward(mc_model, rows, hf_cap, lambda: mc_model(
+        input_ids=inputs["input_ids"], position_ids=inputs["position_ids"], padding_mask=inputs["attention_mask"]),
+        compare)
     logits_row = next(r for h, _, r in rows if h == "logits")
     m_ = compare_values("logits", hf_logits, logits, ctx)
     records.append(row_record("logits", "logits", logits_row, "end_to_end", m_, _logits_order(hf_cap)))

@@ -37,8 +37,8 @@ from parity.engine import metrics as M
 from parity.engine.alignment import Align, layer_of, text_rows
 from parity.engine.compare import Call, Capture, Ctx, Store, capture_hf, compare_values, hf_value, mc_value, replay, row_record
 from parity.engine.run import (DTYPES, Progress, RunSpec, _first_tensor, _floor_value, _isolated_floors, _logits_order,
-                               _peak_memory, _roundtrip, _table_rows, _timed, env_info, fp32_isolated, judge,
-                               released, weights_for_conversion)
+                               _peak_memory, _roundtrip, _table_rows, _timed, env_info, fp32_isolated, hooked_forward,
+                               judge, released, weights_for_conversion)
 from parity.errors import UserError
 from parity.vlm_config import VisionArgs
 
@@ -389,33 +389,15 @@ def fp32_isolated_vlm(hf_model, rows, hf_cap: Capture, inputs, valid, vctx: Visi
 
 def _end_to_end(mc, rows, hf_cap, hf_logits, inputs, ctx: Ctx, vctx: VisionCtx, records, layer_groups, groups):
     """Megatron VLM forward on the raw inputs; each hooked output is compared at once against HF's."""
-    modules = dict(mc.named_modules())
-    by_mc: dict[str, list[tuple[str, Align]]] = {}
-    for hf_name, mc_name, row in rows:
-        if mc_name in modules:
-            by_mc.setdefault(mc_name, []).append((hf_name, row))
-    done: set[str] = set()
-    handles = []
-    for mc_name, pairs in by_mc.items():
-        def hook(m, a, out, pairs=pairs, mc_name=mc_name):
-            for hf_name, row in pairs:
-                call = hf_cap.first(hf_name)
-                if call is None or hf_name in done:
-                    continue
-                done.add(hf_name)
-                m_ = _compare_row(row.kind, hf_name, call, out, m, ctx, vctx)
-                if row.kind == "layer":
-                    layer_groups.append({"name": hf_name, "mode": "end_to_end", "layer": layer_of(hf_name),
-                                         **_group_metrics(hf_value("layer", call),
-                                                          mc_value("layer", out, ctx, layer_of(hf_name), m), groups)})
-                records.append(_record(hf_name, mc_name, row, "end_to_end", m_, hf_cap))
-        handles.append(modules[mc_name].register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            logits = mc(**_mc_inputs(inputs))
-    finally:
-        for h in handles:
-            h.remove()
+    def compare(hf_name, mc_name, row, call, module, out):
+        m_ = _compare_row(row.kind, hf_name, call, out, module, ctx, vctx)
+        if row.kind == "layer":
+            layer_groups.append({"name": hf_name, "mode": "end_to_end", "layer": layer_of(hf_name),
+                                 **_group_metrics(hf_value("layer", call),
+                                                  mc_value("layer", out, ctx, layer_of(hf_name), module), groups)})
+        records.append(_record(hf_name, mc_name, row, "end_to_end", m_, hf_cap))
+
+    logits = hooked_forward(mc, rows, hf_cap, lambda: mc(**_mc_inputs(inputs)), compare)
     logits_row = next(r for h, _, r in rows if h == "logits")
     records.append(_record("logits", "logits", logits_row, "end_to_end",
                            compare_values("logits", hf_logits, logits, ctx), hf_cap))
