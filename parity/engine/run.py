@@ -373,13 +373,19 @@ def run_text(spec: RunSpec) -> dict:
     return result
 
 
+def near_tie_margin(dtype: str) -> float | None:
+    """Top-1/top-2 logit gap below which a top-1 flip counts as a near tie: fp32 1e-4; lower precisions use
+    metrics' default (one bf16 step at the logit's magnitude)."""
+    return 1e-4 if dtype == "float32" else None
+
+
 def judge(records, hf_logits, mc_logits, valid, spec: RunSpec, floors_e2e: dict, floors_iso: dict,
           kl_floor: float | None) -> tuple[dict, dict]:
     """Logits metrics, each record's noise floor (bf16: the same module's HF-bf16 vs HF-fp32 rel-L2 in the same
     mode; masks and RoPE tables have none) and the case's gates: ``(logits_summary, verdict)``."""
     low = spec.dtype != "float32"
     logits_summary = M.logits_metrics(hf_logits.to(mc_logits.device), mc_logits, valid,
-                                      near_tie_margin=None if low else 1e-4)
+                                      near_tie_margin=near_tie_margin(spec.dtype))
     for rec in records:
         floors = floors_e2e if rec["mode"] == "end_to_end" else floors_iso
         rec["floor"] = floors.get(rec["name"]) if low and rec["kind"] not in ("mask", "rope") else None
@@ -396,10 +402,12 @@ def load_streamed(model, pairs) -> None:
     with torch.no_grad():
         for name, t in pairs:
             dst = targets.get(name)
-            if dst is None or name in loaded or tuple(dst.shape) != tuple(t.shape):
-                why = "unexpected" if dst is None else "twice" if name in loaded else \
-                    f"shape {tuple(t.shape)} vs {tuple(dst.shape)}"
-                raise RuntimeError(f"bridge/model mismatch: {name} ({why})")
+            if dst is None:
+                raise RuntimeError(f"bridge/model mismatch: {name} (unexpected)")
+            if name in loaded:
+                raise RuntimeError(f"bridge/model mismatch: {name} (twice)")
+            if tuple(dst.shape) != tuple(t.shape):
+                raise RuntimeError(f"bridge/model mismatch: {name} (shape {tuple(t.shape)} vs {tuple(dst.shape)})")
             dst.copy_(t)
             loaded.add(name)
     missing = sorted(set(targets) - loaded)

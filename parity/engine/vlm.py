@@ -38,7 +38,7 @@ from parity.engine.alignment import Align, layer_of, text_rows
 from parity.engine.compare import Call, Capture, Ctx, Store, capture_hf, compare_values, hf_value, mc_value, replay, row_record
 from parity.engine.run import (DTYPES, Progress, RunSpec, _first_tensor, _floor_value, _isolated_floors, _logits_order,
                                _peak_memory, _roundtrip, _table_rows, _timed, env_info, fp32_isolated, hooked_forward,
-                               judge, released, weights_for_conversion)
+                               judge, near_tie_margin, released, weights_for_conversion)
 from parity.errors import UserError
 from parity.vlm_config import VisionArgs
 
@@ -577,12 +577,11 @@ def run_vlm(spec: RunSpec) -> dict:
         vmask = _vision_mask_row(hf_cap, vctx)
         if vmask is not None:
             records.append(vmask)
-        margin = None if dtype != torch.float32 else 1e-4
         logits_summary, verdict = judge(records, hf_logits, mc_logits, valid, spec, floors_e2e, floors_iso,
                                         floors_e2e.get(KL_FLOOR))
         group_summary = {
             "positions": {g: int(m.sum()) for g, m in groups.items()},
-            "logits": _logits_groups(hf_logits, mc_logits, groups, margin),
+            "logits": _logits_groups(hf_logits, mc_logits, groups, near_tie_margin(spec.dtype)),
             "layers": layer_groups,
         }
     result = G.summarise(records, verdict, logits_summary)
