@@ -46,3 +46,84 @@ def apply() -> None:
         return
     # megatron calls torch.cuda.current_device() to place buffers; on CPU it must name the CPU.
     torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment]
+
+
+# ---------------------------------------------------------------------------------------------------
+# NVIDIA Megatron-Bridge 0.6.2 (a system under test): patches applied only by ``apply_megatron_bridge()``,
+# called by ``parity.mbridge`` before it imports the bridge. Measured with megatron-core 0.19.2 on
+# Python 3.11 / 3.12, transformers 5.17 / 5.24, torch 2.11 / 2.13, no Transformer Engine.
+
+_MBRIDGE_APPLIED = False
+_BARE_BRIDGE_PACKAGES = ("megatron.bridge", "megatron.bridge.models")
+
+
+def _bridge_root() -> str | None:
+    import importlib.util
+    import os
+
+    for entry in importlib.util.find_spec("megatron").submodule_search_locations or ():
+        if os.path.isfile(os.path.join(entry, "bridge", "__init__.py")):
+            return os.path.join(entry, "bridge")
+    return None
+
+
+def _bare_bridge_packages() -> None:
+    # megatron/bridge/__init__.py and models/__init__.py import every model family; one of them imports
+    # transformers.modeling_attn_mask_utils, gone in transformers >= 5.15: register the two packages bare.
+    import os
+
+    root = _bridge_root()
+    if root is None:
+        return
+    for name in _BARE_BRIDGE_PACKAGES:
+        if name in sys.modules:
+            continue
+        path = root if name == "megatron.bridge" else os.path.join(root, *name.split(".")[2:])
+        module = types.ModuleType(name)
+        module.__path__ = [path]
+        module.__file__ = os.path.join(path, "__init__.py")
+        module.__package__ = name
+        sys.modules[name] = module
+
+
+def _typing_override_on_311() -> None:
+    # megatron/training/models/{gpt,hybrid}.py (megatron-core 0.19.2) import typing.override, new in 3.12.
+    import typing
+
+    if not hasattr(typing, "override"):
+        from typing_extensions import override
+
+        typing.override = override  # type: ignore[attr-defined]
+
+
+def _bridge_lora_layers_without_te() -> None:
+    # megatron/bridge/peft/lora_layers.py imports transformer_engine.pytorch unguarded (reached from the
+    # weight mapping through peft_bridge -> canonical_lora); LoRA is never used here: its classes refuse.
+    name = "megatron.bridge.peft.lora_layers"
+    if name in sys.modules:
+        return
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+        return
+    except ImportError:
+        pass
+    stub = types.ModuleType(name)
+
+    def _refuse(self, *args, **kwargs):
+        raise RuntimeError("Megatron-Bridge LoRA layers need Transformer Engine")
+
+    for cls in ("LoRALinear", "LoRATopKRouter", "TEFusedLoRALinear", "LinearAdapter"):
+        setattr(stub, cls, type(cls, (), {"__init__": _refuse, "__module__": name}))
+    sys.modules[name] = stub
+
+
+def apply_megatron_bridge() -> None:
+    """Install the megatron-core patches and the ones Megatron-Bridge's Gemma 4 import needs, once."""
+    global _MBRIDGE_APPLIED
+    apply()
+    if _MBRIDGE_APPLIED:
+        return
+    _MBRIDGE_APPLIED = True
+    _bare_bridge_packages()
+    _typing_override_on_311()
+    _bridge_lora_layers_without_te()

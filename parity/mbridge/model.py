@@ -1,0 +1,201 @@
+"""Megatron-Bridge's Gemma 4 as a system under test: its provider builds the model, its HF -> Megatron
+mapping loads the weights, its export gives them back, its forward gives the logits.
+
+Only what cannot run here is replaced (``parity.mbridge.substitutes``); the HF config is adapted to what the
+bridge (written for transformers <= 5.12.1) reads (``adapt_config``). The caller must have called
+``parity.compat.apply_megatron_bridge()`` (``parity.mbridge`` does, on import of this module).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Iterator
+
+import torch
+
+from parity import compat
+
+compat.apply_megatron_bridge()
+
+# Import order matters: gemma4_bridge before hf_pretrained.causal_lm (else a circular import fails).
+from megatron.bridge.models.gemma import gemma4_bridge  # noqa: E402,F401  (registers the text bridge)
+from megatron.bridge.models.gemma_vl import gemma4_vl_bridge  # noqa: E402,F401  (registers the VLM bridge)
+from megatron.bridge.models.conversion.auto_bridge import AutoBridge  # noqa: E402
+from megatron.bridge.models.gemma import modeling_gemma4  # noqa: E402
+from megatron.bridge.models.hf_pretrained.causal_lm import PreTrainedCausalLM  # noqa: E402
+from megatron.core.transformer.identity_op import IdentityOp  # noqa: E402
+from megatron.core.transformer.moe.experts import GroupedMLPSubmodules, TEGroupedMLP  # noqa: E402
+
+from parity import megatron_env  # noqa: E402
+from parity.mbridge import substitutes as S  # noqa: E402
+
+TEXT_ARCH = "Gemma4ForCausalLM"
+VLM_ARCH = "Gemma4ForConditionalGeneration"
+
+
+@dataclass
+class BridgeModel:
+    """A built Megatron-Bridge model and what it was built from."""
+
+    model: torch.nn.Module
+    bridge: Any  # AutoBridge
+    hf_config: Any  # the adapted config the bridge read
+    provider: Any
+    kind: str  # "text" | "vlm"
+    dense: bool
+    vocab_size: int
+    substituted: list = field(default_factory=list)
+
+
+def _adapt_text(text_config) -> None:
+    """In place: what the bridge reads from a Gemma4TextConfig of transformers >= 5.15."""
+    # getattr(cfg, "head_dim", 256) raises AmbiguousGlobalPerLayerAttributeError (not AttributeError) in 5.24:
+    text_config.allow_global_per_layer_attribute_access = True
+    # global_head_dim / num_global_key_value_heads moved into per_layer_config: without them the bridge
+    # silently falls back to 512 / 2.
+    full = [i for i, t in enumerate(text_config.layer_types) if t == "full_attention"]
+    if full and getattr(text_config, "per_layer_config", None) is not None:
+        per_layer = text_config.per_layer_config[full[0]]
+        text_config.global_head_dim = int(per_layer.head_dim)
+        text_config.num_global_key_value_heads = int(per_layer.num_key_value_heads)
+
+
+def adapt_config(hf_config):
+    """A copy of an HF Gemma 4 config (text or VLM) that Megatron-Bridge 0.6.2 reads correctly."""
+    cfg = copy.deepcopy(hf_config)
+    if getattr(cfg, "text_config", None) is not None and getattr(cfg, "vision_config", None) is not None:
+        _adapt_text(cfg.text_config)
+        cfg.architectures = [VLM_ARCH]
+    else:
+        _adapt_text(cfg)
+        cfg.architectures = [TEXT_ARCH]
+    return cfg
+
+
+def te_free_block_spec(config, **kwargs):
+    """The bridge's own Gemma 4 MoE block spec, built without TE, with the TE-only leaves replaced by
+    ``parity.mbridge.substitutes`` (input norm fused into linear_qkv as in the TE spec; experts as
+    megatron-core's TEGroupedMLP over grouped-linear stand-ins)."""
+    spec = modeling_gemma4._gemma4_block_spec(config, use_transformer_engine=False, **kwargs)
+    for layer in spec.layer_specs:
+        layer.submodules.input_layernorm = IdentityOp
+        attn = layer.submodules.self_attention.submodules
+        attn.linear_qkv = S.LayerNormColumnParallelLinearSubstitute
+        attn.core_attention = S.CoreAttentionSubstitute
+        attn.linear_proj = S.RowParallelLinearPostNormSubstitute
+        mlp = layer.submodules.mlp
+        moe_submodules = mlp.keywords["submodules"] if isinstance(mlp, partial) else mlp.submodules
+        moe_submodules.experts = partial(TEGroupedMLP, submodules=GroupedMLPSubmodules(
+            linear_fc1=S.ColumnParallelGroupedLinearSubstitute, linear_fc2=S.RowParallelGroupedLinearSubstitute))
+    return spec
+
+
+def _configure(provider, dtype: torch.dtype, device: str, tp: int, ep: int, dense: bool) -> None:
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    provider.params_dtype = dtype
+    provider.bf16 = dtype == torch.bfloat16
+    provider.fp16 = False
+    provider.autocast_dtype = dtype
+    provider.tensor_model_parallel_size = tp
+    provider.expert_model_parallel_size = ep
+    provider.sequence_parallel = False
+    provider.gradient_accumulation_fusion = False
+    provider.use_cpu_initialization = device == "cpu"
+    provider.perform_initialization = False  # every weight is loaded through the bridge's mapping
+    if not dense:
+        provider.moe_permute_fusion = False  # TE's fused permute kernels
+        if device == "cpu":
+            provider.moe_token_dispatcher_type = "allgather"  # the alltoall dispatcher creates a CUDA stream
+        provider.transformer_layer_spec = te_free_block_spec
+    provider._pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+
+
+def build(hf_config, *, dtype: torch.dtype = torch.float32, device: str = "cpu", tp: int = 1, ep: int = 1,
+          seed: int = 0) -> BridgeModel:
+    """Megatron-Bridge's model for an HF Gemma 4 config, via its own provider (``AutoBridge.from_hf_config``
+    -> ``to_megatron_provider``), in ``dtype`` on ``device``. Parameters are uninitialised: ``load_hf``."""
+    megatron_env.init(tp=tp, ep=ep, seed=seed)
+    adapted = adapt_config(hf_config)
+    kind = "vlm" if adapted.architectures == [VLM_ARCH] else "text"
+    text = adapted.text_config if kind == "vlm" else adapted
+    dense = not bool(getattr(text, "enable_moe_block", False))
+    bridge = AutoBridge.from_hf_config(adapted)
+    provider = bridge.to_megatron_provider(load_weights=False)
+    _configure(provider, dtype, device, tp, ep, dense)
+    provider.finalize()
+    model = provider.provide()
+    model = model.to(device=device).eval()
+    subs = [] if dense else list(S.SUBSTITUTED) + (list(S.CPU_ONLY) if device == "cpu" else [])
+    return BridgeModel(model=model, bridge=bridge, hf_config=adapted, provider=provider, kind=kind, dense=dense,
+                       vocab_size=int(text.vocab_size), substituted=subs)
+
+
+def _pretrained(bm: BridgeModel, hf_model) -> PreTrainedCausalLM:
+    pre = PreTrainedCausalLM()
+    pre.config = bm.hf_config
+    pre.model = hf_model
+    return pre
+
+
+def _loadable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = dict(model.named_parameters())
+    state.update({k: v for k, v in model.named_buffers() if k in model.state_dict()})
+    return {k: v for k, v in state.items() if v.is_floating_point()}
+
+
+@torch.no_grad()
+def load_hf(bm: BridgeModel, hf_model) -> list[str]:
+    """Load an in-memory HF model's weights through the bridge's own HF -> Megatron mapping
+    (``load_weights_hf_to_megatron``). Every parameter and persistent buffer is NaN-filled first; returns
+    the names that the mapping left unloaded (still NaN), ``[]`` when every tensor was written."""
+    tensors = _loadable(bm.model)
+    for t in tensors.values():
+        t.fill_(float("nan"))
+    bm.bridge._model_bridge.load_weights_hf_to_megatron(_pretrained(bm, hf_model), [bm.model])
+    return sorted(k for k, t in tensors.items() if torch.isnan(t).any())
+
+
+@torch.no_grad()
+def export_hf(bm: BridgeModel, hf_model=None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hf_key, tensor)`` for every tensor the bridge's own export (``export_hf_weights``) yields, in the
+    model's dtype. ``hf_model`` (optional) is handed to the bridge as its reference HF state."""
+    bridge = AutoBridge(_pretrained(bm, hf_model)) if hf_model is not None else bm.bridge
+    dtype = next(bm.model.parameters()).dtype
+    for name, tensor in bridge.export_hf_weights([bm.model], cpu=False, show_progress=False, weight_dtype=dtype):
+        yield name, tensor
+
+
+def megatron_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Megatron's GPT attention mask from a 2-D padding mask (1 = real token): ``[b, 1, s, s]`` bool,
+    True = masked (a future key, or a padded key)."""
+    b, s = attention_mask.shape
+    causal = torch.ones(s, s, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    return ~allowed
+
+
+@torch.no_grad()
+def forward(bm: BridgeModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+            position_ids: torch.Tensor | None = None, **vision) -> torch.Tensor:
+    """Logits ``[b, s, vocab]`` (HF layout, vocab padding removed) for raw inputs: the model's own masks
+    are built from the 2-D padding mask (text) or by the bridge's VLM from the token ids."""
+    device = next(bm.model.parameters()).device
+    input_ids = input_ids.to(device)
+    b, s = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones(b, s, dtype=torch.long, device=device)
+    if position_ids is None:
+        position_ids = torch.arange(s, device=device)[None].expand(b, s)
+    if bm.kind == "vlm":
+        vision = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in vision.items()}
+        out = bm.model(input_ids=input_ids, position_ids=position_ids.to(device),
+                       attention_mask=attention_mask.to(device), **vision)
+    else:
+        out = bm.model(input_ids=input_ids, position_ids=position_ids.to(device),
+                       attention_mask=megatron_attention_mask(attention_mask.to(device)))
+    logits = out[0] if isinstance(out, tuple) else out
+    if logits.shape[0] != b:  # [s, b, v]
+        logits = logits.transpose(0, 1)
+    return logits[..., : bm.vocab_size].contiguous()
