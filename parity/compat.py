@@ -117,6 +117,24 @@ def _bridge_lora_layers_without_te() -> None:
     sys.modules[name] = stub
 
 
+def _local_softmax_masks_on_cpu() -> None:
+    # megatron-core's local DotProductAttention (the bridge's dense Gemma 4 spec) builds its causal and
+    # sliding-window masks with device="cuda" hard-coded (transformer/utils.py); on CPU build the same on CPU.
+    if torch.cuda.is_available():
+        return
+    from megatron.core.fusions import fused_softmax
+
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.ones(sq, sq, dtype=torch.bool).triu(diagonal=1)
+
+    def sliding_window_mask(sq: int, skv: int, window_size) -> torch.Tensor:
+        keep = torch.ones(sq, skv, dtype=torch.bool).triu(diagonal=skv - sq - window_size[0])
+        return ~keep.tril(diagonal=skv - sq + window_size[1])
+
+    fused_softmax.get_default_causal_mask = causal_mask
+    fused_softmax.get_sliding_window_causal_mask = sliding_window_mask
+
+
 def apply_megatron_bridge() -> None:
     """Install the megatron-core patches and the ones Megatron-Bridge's Gemma 4 import needs, once."""
     global _MBRIDGE_APPLIED
@@ -127,3 +145,4 @@ def apply_megatron_bridge() -> None:
     _bare_bridge_packages()
     _typing_override_on_311()
     _bridge_lora_layers_without_te()
+    _local_softmax_masks_on_cpu()

@@ -91,6 +91,10 @@ def te_free_block_spec(config, **kwargs):
     return spec
 
 
+def bridge_divisor(vocab_size: int) -> int:
+    return gemma4_bridge.Gemma4Bridge().make_vocab_size_divisible_by(vocab_size)
+
+
 def _configure(provider, dtype: torch.dtype, device: str, tp: int, ep: int, dense: bool) -> None:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -104,6 +108,12 @@ def _configure(provider, dtype: torch.dtype, device: str, tp: int, ep: int, dens
     provider.gradient_accumulation_fusion = False
     provider.use_cpu_initialization = device == "cpu"
     provider.perform_initialization = False  # every weight is loaded through the bridge's mapping
+    if dense:
+        # Finding: Gemma4DenseProvider.build pads the vocab to a multiple of make_vocab_size_divisible_by (128)
+        # whatever should_pad_vocab says, and the bridge's HF -> Megatron load does not pad: a vocab that 128
+        # does not divide fails to load. Use the divisor the bridge's MoE path computes (largest power of 2
+        # <= 128 dividing the vocab), so that the dense model's vocab is not padded.
+        provider.make_vocab_size_divisible_by = bridge_divisor(provider.vocab_size)
     if not dense:
         provider.moe_permute_fusion = False  # TE's fused permute kernels
         if device == "cpu":
@@ -125,7 +135,9 @@ def build(hf_config, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
     provider = bridge.to_megatron_provider(load_weights=False)
     _configure(provider, dtype, device, tp, ep, dense)
     provider.finalize()
-    model = provider.provide()
+    # PP=1: first and last stage. Explicit, because Gemma4VLModelProvider.provide() passes pre_process=None on
+    # to Gemma4VLModel, which then builds no vision tower and embeds the image placeholder ids as text.
+    model = provider.provide(pre_process=True, post_process=True)
     model = model.to(device=device).eval()
     subs = [] if dense else list(S.SUBSTITUTED) + (list(S.CPU_ONLY) if device == "cpu" else [])
     return BridgeModel(model=model, bridge=bridge, hf_config=adapted, provider=provider, kind=kind, dense=dense,
