@@ -99,14 +99,11 @@ def _typing_override_on_311() -> None:
 def _bridge_lora_layers_without_te() -> None:
     # megatron/bridge/peft/lora_layers.py imports transformer_engine.pytorch unguarded (reached from the
     # weight mapping through peft_bridge -> canonical_lora); LoRA is never used here: its classes refuse.
+    import importlib.util
+
     name = "megatron.bridge.peft.lora_layers"
-    if name in sys.modules:
+    if name in sys.modules or importlib.util.find_spec("transformer_engine") is not None:
         return
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-        return
-    except ImportError:
-        pass
     stub = types.ModuleType(name)
 
     def _refuse(self, *args, **kwargs):
