@@ -144,10 +144,16 @@ def build(hf_config, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
                        vocab_size=int(text.vocab_size), substituted=subs)
 
 
-def _pretrained(bm: BridgeModel, hf_model) -> PreTrainedCausalLM:
+def _pretrained(bm: BridgeModel, hf) -> PreTrainedCausalLM:
+    """The bridge's HF-side wrapper around an in-memory HF model or an HF state dict (a mapping)."""
+    from megatron.bridge.models.hf_pretrained.state import StateDict
+
     pre = PreTrainedCausalLM()
     pre.config = bm.hf_config
-    pre.model = hf_model
+    if isinstance(hf, torch.nn.Module):
+        pre.model = hf
+    else:
+        pre._state_dict_accessor = StateDict(dict(hf))
     return pre
 
 
@@ -159,7 +165,7 @@ def _loadable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_hf(bm: BridgeModel, hf_model) -> list[str]:
-    """Load an in-memory HF model's weights through the bridge's own HF -> Megatron mapping
+    """Load an in-memory HF model's (or an HF state dict's) weights through the bridge's own HF -> Megatron mapping
     (``load_weights_hf_to_megatron``). Every parameter and persistent buffer is NaN-filled first; returns
     the names that the mapping left unloaded (still NaN), ``[]`` when every tensor was written."""
     tensors = _loadable(bm.model)

@@ -54,6 +54,7 @@ class System(Protocol):
     def output(self, row, out: Any, module: nn.Module) -> Any: ...  # a hooked output -> the row's HF layout
 
     def replay(self, row, module: nn.Module | None, call) -> Any: ...  # the module on HF's captured inputs
+    # (None: this system's module cannot run alone on that input; the row then has no isolated record)
 
     # Layouts by ``row.row.kind`` (``parity.engine.alignment.Kind``): tensors ``[b, s, ...]``; ROUTER
     # ``{"dense" [b*s, E], "top_w", "top_i" [b*s, k]}``; EXPERTS / FLAT_NORM ``[b*s, H]``; QKV / FC1 the row's
@@ -61,7 +62,8 @@ class System(Protocol):
     # row with ``feeds`` (logits, merged embeddings) gets a call whose args are those HF modules' outputs.
 
 
-SYSTEMS = {"parity": "parity.systems.ours:ParitySystem"}  # name -> "module:factory", imported when chosen
+SYSTEMS = {"parity": "parity.systems.ours:ParitySystem",
+           "megatron-bridge": "parity.systems.megatron_bridge:MegatronBridgeSystem"}  # name -> "module:factory", imported when chosen
 
 
 def get(name: str) -> System:

@@ -1,0 +1,223 @@
+"""System ``megatron-bridge``: NVIDIA Megatron-Bridge's own Gemma 4 (its provider, mapping, export).
+
+The model, weights and forward come from ``parity.mbridge.model``; where each alignment row is observed in
+its module tree comes from ``parity.mbridge.alignment`` (a twin is a module's output, or its input: names
+ending in `` (input)``). Rows the bridge computes inside another module are ``Elsewhere``. HF's own vision
+tower and ``embed_vision`` run inside its VLM: those rows are ``shared``. Isolated replay runs the bridge's
+module on HF's captured inputs where the module can run alone; ``replay`` returns None where it cannot
+(the input norm fused into ``linear_qkv``, the routed experts behind the dispatcher).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from parity.config import TextArgs
+from parity.engine.alignment import VISION, Aligned, Kind, Part, Stack
+from parity.engine.compare import value
+from parity.errors import UserError
+from parity.systems import Elsewhere
+from parity.systems.ours import split_qkv
+
+INPUT = " (input)"
+LM_VLM = "language_model."
+
+
+def sb(x: torch.Tensor) -> torch.Tensor:
+    """``[b, s, ...]`` <-> ``[s, b, ...]`` (contiguous: megatron's modules view their inputs)."""
+    return x.transpose(0, 1).contiguous()
+
+
+def _first(x):
+    while isinstance(x, (tuple, list)):
+        x = x[0]
+    return x
+
+
+def _names(moe: bool, vlm: bool) -> dict[str, str | Elsewhere]:
+    """Alignment-table key -> module path (`` (input)``: the module's first input), from the bridge's table."""
+    from parity.mbridge import alignment as A
+
+    prefix = LM_VLM if vlm else ""
+    out: dict[str, str | Elsewhere] = {}
+    for row in (*A.TEXT_MODEL, *A.TEXT_LAYER):
+        twin = row.moe if moe else row.dense
+        key = row.hf[len("model."):] if row.hf.startswith("model.") else row.hf
+        if twin is None or key in ("logits", "rotary_emb"):
+            continue
+        if not twin.observable:
+            at = {"embed_tokens": "layers.0", "lm_head": "logits", "layers.{i}.input_layernorm": "layers.{i}.self_attn.q_proj",
+                  "layers.{i}.self_attn.v_norm": "layers.{i}.self_attn",
+                  "layers.{i}.pre_feedforward_layernorm_2": "layers.{i}.experts"}[key]
+            out[key] = Elsewhere(at, twin.note)
+            continue
+        out[key] = prefix + twin.module + (INPUT if twin.io == "input" else "")
+    out["logits"] = "logits"
+    out["masks"] = "masks[{layer_type}]"
+    if vlm:
+        out["merged_embeddings"] = LM_VLM.rstrip(".") + INPUT
+        out.update({r.hf: r.hf for r in VISION})  # HF's own modules, same paths inside the bridge's model
+    return out
+
+
+class MegatronBridgeSystem:
+    name = "megatron-bridge"
+
+    def __init__(self):
+        from parity import mbridge
+
+        ok, why = mbridge.available()
+        if not ok:
+            raise UserError(f"--system megatron-bridge: {why}")
+        self.version = mbridge.version()
+        self.substituted: list[dict] = []
+        self.shared = frozenset(r.hf for r in VISION)
+
+    # -- building and weights ----------------------------------------------------------------------
+
+    def build(self, kind: str, hf_config: Any, *, dtype: torch.dtype, device: str) -> None:
+        from parity.mbridge import model as MB
+
+        self.vlm, self.dtype, self.device = kind == "vlm", dtype, device
+        self.args = TextArgs.from_hf(getattr(hf_config, "text_config", None) or hf_config)
+        self.bm = MB.build(hf_config, dtype=dtype, device=device)
+        self.model = self.bm.model
+        self.lm = self.model.language_model if self.vlm else self.model
+        self.substituted = list(self.bm.substituted)
+        self.names = _names(moe=not self.bm.dense, vlm=self.vlm)
+        self._modules = dict(self.model.named_modules())
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._handles = []  # pre-hooks on the input-side modules, installed by ``prepare``
+
+    def load(self, hf_state) -> None:
+        from parity.mbridge import model as MB
+
+        unloaded = MB.load_hf(self.bm, hf_state)
+        if unloaded:
+            raise RuntimeError(f"Megatron-Bridge's mapping left {len(unloaded)} tensors unloaded: {unloaded[:3]}")
+
+    def export(self):
+        from parity.mbridge import model as MB
+
+        yield from MB.export_hf(self.bm)
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def prepare(self, inputs: dict) -> None:
+        """Its own masks: the attention each layer type really applies (TE's causal core attention with its
+        window on the MoE model; megatron-core's local softmax on the dense one), and the input hooks."""
+        from parity.mbridge import model as MB
+        from parity.mbridge import substitutes as S
+
+        self.inputs = inputs
+        b, s = inputs["input_ids"].shape
+        self.b, self.s = b, s
+        self.layer_types = [la.layer_type for la in self.args.layers]
+        self.megatron_mask = MB.megatron_attention_mask(inputs["attention_mask"])
+        self.masks = {}
+        for i, t in enumerate(self.layer_types):
+            if t in self.masks:
+                continue
+            attn = self._modules[f"{LM_VLM if self.vlm else ''}decoder.layers.{i}.self_attention.core_attention"]
+            if isinstance(attn, S.CoreAttentionSubstitute):
+                masked = S.te_full_mask(attn.attn_mask_type.name, None, S.te_window(attn.attn_mask_type.name,
+                                                                                     attn.window_size), s, s, "cpu")
+            else:  # megatron-core local DotProductAttention: a window replaces the passed mask
+                window = attn.scale_mask_softmax.window_size
+                masked = (S.te_full_mask("causal", None, (window[0], 0), s, s, "cpu") if window is not None
+                          else self.megatron_mask.cpu())
+            self.masks[t] = (~masked).expand(b, 1, s, s).to(inputs["input_ids"].device)
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for key, path in self.names.items():
+            if isinstance(path, str) and path.endswith(INPUT):
+                for i in (range(self.args.num_layers) if "{i}" in path else [None]):
+                    self._hook_input(path[: -len(INPUT)].format(i=i))
+
+    def _hook_input(self, path: str) -> None:
+        module = self._modules[path]
+
+        def pre(mod, args, kwargs):
+            x = kwargs.get("decoder_input") if "decoder_input" in kwargs else (args[0] if args else None)
+            if x is not None:
+                self._inputs[id(mod)] = x.detach()
+        self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        from parity.mbridge import model as MB
+
+        vision = {k: inputs[k] for k in ("pixel_values", "image_position_ids") if k in inputs} if self.vlm else {}
+        return MB.forward(self.bm, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], **vision)
+
+    def module(self, name: str) -> nn.Module | None:
+        return self._modules.get(name[: -len(INPUT)] if name.endswith(INPUT) else name)
+
+    def tables(self) -> dict[str, Any]:
+        return {f"masks[{t}]": m for t, m in self.masks.items()}
+
+    # -- layouts -----------------------------------------------------------------------------------
+
+    def _is_input(self, a: Aligned) -> bool:
+        name = self.names.get(a.row.name_key)
+        return isinstance(name, str) and name.endswith(INPUT)
+
+    def output(self, a: Aligned, out: Any, module: nn.Module) -> Any:
+        """A hooked output (or the hooked module's input) in ``[s, b, ...]`` -> HF layout."""
+        kind = a.row.kind
+        if a.row.stack is Stack.VISION:
+            return value(kind, out)
+        x = self._inputs[id(module)] if self._is_input(a) else out
+        if kind is Kind.ROUTER:
+            return self._router(x)
+        return self._layout(a, _first(x))
+
+    def _layout(self, a: Aligned, x: torch.Tensor) -> torch.Tensor:
+        kind, b, s = a.row.kind, self.b, self.s
+        if kind is Kind.QKV:
+            la = self.args.layers[a.layer]
+            x = split_qkv(x, a.row.part, self.args.num_heads, la.head_dim, la.num_kv_heads)
+        elif kind is Kind.FC1:
+            x = x.chunk(2, dim=-1)[0 if a.row.part is Part.GATE else 1]
+        x = sb(x)
+        return x.reshape(b * s, -1) if kind in (Kind.EXPERTS, Kind.FLAT_NORM) else x
+
+    def _router(self, out) -> dict:
+        """megatron router output ``(probs [s*b, E] zero off the top-k, routing_map)`` -> HF token order."""
+        probs, routing_map = out
+        b, s, k = self.b, self.s, self.args.top_k
+        bs = lambda t: t.reshape(s, b, -1).transpose(0, 1).reshape(b * s, -1)  # noqa: E731
+        dense = bs(probs)
+        top_w, top_i = dense.masked_fill(~bs(routing_map).bool(), float("-inf")).topk(k, dim=-1)
+        return {"dense": dense, "top_w": top_w, "top_i": top_i}
+
+    def replay(self, a: Aligned, module: nn.Module | None, call) -> Any:
+        """The bridge's module on HF's captured inputs, in HF layout; None where the module cannot run alone."""
+        kind, dev = a.row.kind, self.device
+        if a.row.stack is Stack.VISION:  # HF's own module on HF's own inputs
+            return value(kind, module(*call.args, **call.kwargs))
+        arg = lambda key="hidden_states": (call.kwargs[key] if key in call.kwargs else call.args[0]).to(dev)  # noqa: E731
+        if kind is Kind.LOGITS:  # output_layer (tied weight) + its softcap on HF's final-norm output
+            weight = self.lm.shared_embedding_or_output_weight()
+            return sb(self.lm.output_layer(sb(call.args[0].to(dev)), weight=weight)[0])[..., : self.bm.vocab_size]
+        if kind is Kind.MERGED or self._is_input(a) and kind not in (Kind.NORM,):
+            return None  # inline steps of the bridge's forward, or an input that is another module's output
+        if kind is Kind.EMBEDDING:
+            return sb(module(input_ids=arg("input_ids"), position_ids=None))
+        if kind in (Kind.NORM, Kind.HEAD_NORM):
+            if self._is_input(a):  # shared_experts' input = the pre-feedforward norm applied as a function
+                return None
+            return sb(_first(module(sb(arg()))))
+        if kind is Kind.QKV and not self.bm.dense:
+            return None  # linear_qkv holds the input norm: HF's q/k/v_proj input is already normed
+        if kind in (Kind.QKV, Kind.FC1, Kind.LINEAR, Kind.MLP):
+            return self._layout(a, _first(module(sb(arg("input")))))
+        if kind is Kind.ROUTER:  # HF's router input is [b*s, H] in HF token order
+            return self._router(module(sb(arg().reshape(self.b, self.s, -1))))
+        if kind is Kind.LAYER:  # with its own mask and its own RoPE tables
+            rope = self.lm.rotary_pos_emb(self.s)
+            mask = self.megatron_mask.to(dev)
+            return sb(_first(module(sb(arg()), attention_mask=mask, rotary_pos_emb=rope)))
+        return None
