@@ -40,7 +40,8 @@ def targets(record: dict) -> dict:
     return out
 
 
-def bench(case, *, device: str, dtype: str | None, out_dir: Path, progress: bool = False) -> Path:
+def bench(case, *, device: str, dtype: str | None, out_dir: Path, progress: bool = False,
+          system: str = "parity") -> Path:
     from parity.cases import checkpoint_for
     from parity.engine.launch import execute
     from parity.report.html import render_run
@@ -48,7 +49,7 @@ def bench(case, *, device: str, dtype: str | None, out_dir: Path, progress: bool
 
     t0 = time.perf_counter()
     results = execute(case, device=device, dtype=dtype, checkpoint=checkpoint_for(case, None), seed=None,
-                      progress=progress)
+                      progress=progress, system=system)
     wall = time.perf_counter() - t0
     t1 = time.perf_counter()
     html = render_run(results, None)
@@ -60,7 +61,7 @@ def bench(case, *, device: str, dtype: str | None, out_dir: Path, progress: bool
     forwards = timings.get("hf_forward_s", 0.0) + timings.get("megatron_forward_s", 0.0)
     record = {
         "case": results["case"], "device": results["device"], "dtype": results["dtype"],
-        "passed": results["passed"], "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "passed": results["passed"], "system": results.get("system"), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "device_name": results["env"].get("device_name")},
         "env": results["env"], "inputs": results.get("inputs"), "parallel": results.get("parallel"),
@@ -74,6 +75,7 @@ def bench(case, *, device: str, dtype: str | None, out_dir: Path, progress: bool
     }
     record["targets"] = targets(record)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{results['case']}-{results['device']}-{results['dtype']}.json"
+    suffix = "" if system == "parity" else f"-{system}"
+    path = out_dir / f"{results['case']}-{results['device']}-{results['dtype']}{suffix}.json"
     atomic_write(path, json.dumps(record, indent=1, default=str) + "\n")
     return path

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=("float32", "bfloat16"))
     bench.add_argument("--out", metavar="DIR", type=Path, default=Path("bench"), help="where the record goes (default: bench)")
     bench.add_argument("--progress", action="store_true")
+    bench.add_argument("--system", default="parity", help="the Megatron implementation under test (default: parity)")
     return parser
 
 
@@ -83,7 +84,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     case = load_case(args.case)
     device = resolve_device(case, args.device, None)
-    path = bench(case, device=device, dtype=args.dtype, out_dir=args.out, progress=args.progress)
+    path = bench(case, device=device, dtype=args.dtype, out_dir=args.out, progress=args.progress, system=args.system)
     print(f"benchmark record: {path}")
     return EXIT_OK
 

@@ -8,6 +8,7 @@ Options are the interface::
     --parity-reports DIR            report root (default: $PARITY_REPORTS_DIR or reports/)
     --parity-case NAME              run only these cases (repeatable)
     --parity-progress               print the engine's phases (use with -s)
+    --parity-system NAME            the Megatron implementation under test (default parity; ids then carry it)
 
 A test that takes ``parity_target`` is parametrised over the cases, one id per case and check:
 ``test_logits[gemma4-text-tiny-logits]``. The expensive run is cached per session and keyed by what makes
@@ -60,6 +61,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run only this case (repeatable)")
     group.addoption("--parity-progress", action="store_true", default=False,
                     help="print the engine's phases on stderr (see them with -s)")
+    group.addoption("--parity-system", metavar="NAME", default="parity",
+                    help="the Megatron implementation under test (default: parity; e.g. megatron-bridge)")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -113,10 +116,11 @@ class Target:
     seed: int | None
     id: str
     skip: str | None = None
+    system: str = "parity"
 
     @property
     def key(self) -> tuple:
-        return (self.case.name, str(self.case.path), self.device, self.dtype, self.checkpoint, self.seed)
+        return (self.case.name, str(self.case.path), self.device, self.dtype, self.checkpoint, self.seed, self.system)
 
     def __repr__(self) -> str:  # short, for pytest's output
         return f"Target({self.id}, {self.device}, {self.dtype})"
@@ -138,6 +142,7 @@ class _State:
     checkpoint: str | None
     only: tuple[str, ...]
     progress: bool
+    system: str = "parity"
     targets: list[Target] | None = None
     runs: dict[tuple, _Outcome] = field(default_factory=dict)
 
@@ -156,8 +161,13 @@ class _State:
                 load_case(name)
             except UserError as e:
                 raise pytest.UsageError(f"--parity-case: {e}") from None
+        system = opt("parity_system")
+        from parity import systems
+
+        if system not in systems.SYSTEMS:
+            raise pytest.UsageError(f"--parity-system: unknown system {system!r} (known: {', '.join(sorted(systems.SYSTEMS))})")
         return cls(reports=reports, device=opt("parity_device"), dtype=opt("parity_dtype"), checkpoint=checkpoint,
-                   only=only, progress=bool(opt("parity_progress")))
+                   only=only, progress=bool(opt("parity_progress")), system=system)
 
     def all_targets(self) -> list[Target]:
         if self.targets is None:
@@ -174,8 +184,14 @@ class _State:
                                 checkpoint_hint="--parity-checkpoint DIR")
         if why is None and case.world_size > 1 and importlib.util.find_spec("parity.engine.distributed") is None:
             why = f"multi-GPU launch not available: parity.engine.distributed is missing (case {case.name})"
+        if why is None and self.system == "megatron-bridge":
+            from parity import mbridge
+
+            ok, reason = mbridge.available()
+            why = None if ok else f"system megatron-bridge: {reason}"
+        run = run_id(case, self.dtype)
         return Target(case=case, device=device, dtype=dtype, checkpoint=checkpoint, seed=None,
-                      id=run_id(case, self.dtype), skip=why)
+                      id=run if self.system == "parity" else f"{run}@{self.system}", skip=why, system=self.system)
 
     def run(self, target: Target) -> _Outcome:
         """The one engine run of ``target`` in this process (cached, errors included)."""
@@ -186,7 +202,8 @@ class _State:
         outcome = _Outcome()
         try:
             outcome.results = execute(target.case, device=target.device, dtype=target.dtype,
-                                      checkpoint=target.checkpoint, seed=target.seed, progress=self.progress)
+                                      checkpoint=target.checkpoint, seed=target.seed, progress=self.progress,
+                                      system=target.system)
         except Exception as e:  # cached: the other checks of this case report it without rerunning
             outcome.error = e
         if outcome.results is not None:
