@@ -30,6 +30,7 @@ if [ "$WITH_MBRIDGE" = "1" ]; then
     .venv/bin/python -m pip install -q -r requirements-mbridge.txt
     .venv/bin/python -m pip install -q --no-deps --ignore-requires-python megatron-bridge==0.6.2
   fi
-  .venv/bin/python -c "import sys; from parity import mbridge; ok, why = mbridge.available(); print('megatron-bridge', mbridge.version()) if ok else sys.exit('megatron-bridge: ' + why)"
+  .venv/bin/python -c "import sys; from parity import mbridge; ok, why = mbridge.available(); print('megatron-bridge', mbridge.version(), file=sys.__stdout__) if ok else sys.exit('megatron-bridge: ' + why)" 2>/dev/null \
+    || { echo "setup-cpu.sh: megatron-bridge does not import (run: .venv/bin/python -c 'from parity import mbridge; print(mbridge.available())')" >&2; exit 1; }
 fi
 .venv/bin/python -c "import parity.compat as c; c.apply(); import torch, transformers, megatron.core; print('torch', torch.__version__, '| transformers', transformers.__version__, '| megatron-core 0.19.2')"

@@ -347,3 +347,33 @@ def test_finding_vlm_image_tokens_attend_causally(vlm_run):
     assert kl_max(vlm_run.out[image], ref[image]) > 0.1
     mask = vlm_run.bm.model._compute_attention_mask(inp["input_ids"])
     assert mask.dim() == 4 and not isinstance(mask, dict)  # one mask for sliding and full layers alike
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline with ``--system megatron-bridge``
+
+def _pipeline(case_name: str) -> dict:
+    from parity.cases import load_case
+    from parity.engine.launch import execute
+
+    return execute(load_case(case_name), device="cpu", system="megatron-bridge")
+
+
+def test_pipeline_text_tiny_holds_and_names_the_system():
+    r = _pipeline("gemma4-text-tiny")
+    assert r["system"]["name"] == "megatron-bridge" and r["system"]["version"] == mbridge.TESTED_VERSION
+    assert any("core_attention" in s["part"] for s in r["system"]["substituted"])
+    compared = [m for m in r["modules"] if m.get("rel_l2") is not None]
+    assert sum(m["mode"] == "end_to_end" for m in compared) >= 110 and sum(m["mode"] == "isolated" for m in compared) >= 70
+    assert r["passed"] and r["summary"]["first_divergence"] is None
+    assert r["roundtrip"]["bit_exact"] == r["roundtrip"]["tensors"] == 132
+
+
+def test_finding_pipeline_localises_the_vlm_mask():
+    r = _pipeline("gemma4-vlm-tiny")
+    assert not r["passed"]
+    assert r["summary"]["first_divergence"] == "model.language_model.layers.0.self_attn"
+    assert "mask" in str(r["summary"]["first_divergence_detail"])
+    masks = {m["detail"].split(":")[0]: m for m in r["modules"] if m["kind"] == "mask"}
+    assert masks["attention mask (full_attention)"]["passed"] and not masks["attention mask (sliding_attention)"]["passed"]
+    assert r["roundtrip"]["bit_exact"] == r["roundtrip"]["tensors"] == 219
