@@ -8,6 +8,7 @@ bridge (written for transformers <= 5.12.1) reads (``adapt_config``). The caller
 from __future__ import annotations
 
 import copy
+import importlib.util
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterator
@@ -114,6 +115,8 @@ def _configure(provider, dtype: torch.dtype, device: str, tp: int, ep: int, dens
         # does not divide fails to load. Use the divisor the bridge's MoE path computes (largest power of 2
         # <= 128 dividing the vocab), so that the dense model's vocab is not padded.
         provider.make_vocab_size_divisible_by = bridge_divisor(provider.vocab_size)
+        if importlib.util.find_spec("scaled_masked_softmax_cuda") is None:
+            provider.masked_softmax_fusion = False  # megatron's fused softmax extension is not installed here
     if not dense:
         provider.moe_permute_fusion = False  # TE's fused permute kernels
         if device == "cpu":
@@ -138,8 +141,14 @@ def build(hf_config, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
     # PP=1: first and last stage. Explicit, because Gemma4VLModelProvider.provide() passes pre_process=None on
     # to Gemma4VLModel, which then builds no vision tower and embeds the image placeholder ids as text.
     model = provider.provide(pre_process=True, post_process=True)
+    if dtype != torch.float32:
+        # As the bridge's own get_model does through megatron-core's Float16Module (module.bfloat16()): every
+        # floating buffer too (the dense layers register layer_scalar in fp32, which would promote activations).
+        model = model.to(dtype=dtype)
     model = model.to(device=device).eval()
-    subs = [] if dense else list(S.SUBSTITUTED) + (list(S.CPU_ONLY) if device == "cpu" else [])
+    subs = list(S.DENSE) if dense else list(S.SUBSTITUTED) + (list(S.CPU_ONLY) if device == "cpu" else [])
+    if dense and provider.masked_softmax_fusion:
+        subs = []
     return BridgeModel(model=model, bridge=bridge, hf_config=adapted, provider=provider, kind=kind, dense=dense,
                        vocab_size=int(text.vocab_size), substituted=subs)
 

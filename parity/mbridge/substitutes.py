@@ -51,6 +51,14 @@ SUBSTITUTED: list[dict[str, str]] = [
          by="megatron-core's unfused permute / unpermute", reason=_NO_TE),
 ]
 
+# The dense model (local spec, no TE) when megatron-core's fused softmax extension is absent
+DENSE: list[dict[str, str]] = [
+    dict(part="decoder.layers.*.self_attention.core_attention.scale_mask_softmax (masked_softmax_fusion)",
+         by="megatron-core's torch softmax path (FusedScaleMaskSoftmax.forward_torch_softmax)",
+         reason="the scaled_masked_softmax_cuda extension is not installed; note that its fused causal kernel "
+                "would apply no sliding window at all"),
+]
+
 # On CPU only (appended by parity.mbridge.model.build when the device is the CPU)
 CPU_ONLY: list[dict[str, str]] = [
     dict(part="moe_token_dispatcher_type='alltoall' (the provider's choice)",
