@@ -201,9 +201,9 @@ class _State:
 
         outcome = _Outcome()
         try:
+            other = {} if target.system == "parity" else {"system": target.system}  # the default stays implicit
             outcome.results = execute(target.case, device=target.device, dtype=target.dtype,
-                                      checkpoint=target.checkpoint, seed=target.seed, progress=self.progress,
-                                      system=target.system)
+                                      checkpoint=target.checkpoint, seed=target.seed, progress=self.progress, **other)
         except Exception as e:  # cached: the other checks of this case report it without rerunning
             outcome.error = e
         if outcome.results is not None:

@@ -255,11 +255,12 @@ def test_finding_post_attention_norm_eps_1e5_shows_at_the_norm(text_run):
     assert err_in < 1e-6 and err_out > 10 * err_in
 
 
-def test_bf16_logits_within_the_floor_gate():
+@pytest.mark.parametrize("dense", [False, True], ids=["moe", "dense"])
+def test_bf16_logits_within_the_floor_gate(dense):
     from parity.cases import load_case
 
-    gates = load_case("gemma4-text-tiny-bf16").gates.bfloat16
-    hf, cfg = _text_hf(dense=False, seed=0)
+    gates = load_case("gemma4-text-dense-tiny" if dense else "gemma4-text-tiny-bf16").gates.bfloat16
+    hf, cfg = _text_hf(dense=dense, seed=0)
     inp = _text_inputs(cfg)
     valid = inp["attention_mask"].bool()
     with torch.no_grad():
