@@ -16,6 +16,7 @@ import pytest
 from parity.report import compare, find_previous, load_runs, render_index, render_run, results_frame, runs_frame
 from parity.report import store
 from parity.report.cli import rerender
+from parity.report.history import RULE
 from parity.report.store import write_run, write_to
 from parity.report.summary import fmt
 
@@ -81,7 +82,7 @@ def test_module_table_marks_failures_and_groups_by_layer(failing):
     html = render_run(failing, None)
     table = html[html.index('id="modtable"'):html.index('id="routers"')]
     n_bad = sum(1 for m in failing["modules"] if not m["passed"])
-    assert table.count('<tr class="bad"') == n_bad
+    assert table.count('<tr class="bad') == n_bad
     for i in range(6):
         assert f'<tr class="grp' in table and f">model.layers.{i}<" in table
     assert "text: before the layers" in table and "text: after the layers" in table
@@ -164,8 +165,8 @@ def test_nonfinite_metrics_render(failing):
 def test_compare_flags_verdict_flip_and_growth(passing, failing):
     flags = compare(failing, passing)
     assert flags[0]["kind"] == "verdict" and flags[0]["severity"] == "regression"
-    names = {(f["name"], f["mode"]) for f in flags if f["kind"] == "rel_l2"}
-    assert ("model.layers.2.self_attn", "isolated") in names
+    names = {(f["name"], f["mode"]) for f in flags if f["kind"] == "gate" and f["severity"] == "regression"}
+    assert ("model.layers.2.self_attn", "isolated") in names  # crossed its gate
     back = compare(passing, failing)
     assert back[0]["kind"] == "verdict" and back[0]["severity"] == "improvement"
     assert compare(passing, None) == []
@@ -173,16 +174,25 @@ def test_compare_flags_verdict_flip_and_growth(passing, failing):
 
 
 def test_compare_growth_threshold_and_noise_floor():
-    def run(v: float, passed: bool = True) -> dict:
-        return {"case": "c", "passed": True, "modules": [{"name": "m", "mode": "isolated", "rel_l2": v,
-                                                          "passed": passed}]}
-    assert [f["kind"] for f in compare(run(2e-3), run(1e-3))] == ["rel_l2"]
-    assert compare(run(1.9e-3), run(1e-3)) == []
+    def run(v: float, passed: bool = True, gate: float | None = 1e-2) -> dict:
+        row = {"name": "m", "mode": "isolated", "rel_l2": v, "passed": passed}
+        if gate is not None:
+            row["gate"] = {"metric": "rel_l2", "max": gate}
+        return {"case": "c", "passed": True, "modules": [row]}
+
+    def kinds(cur: dict, prev: dict) -> list[tuple[str, str]]:
+        return [(f["kind"], f["severity"]) for f in compare(cur, prev)]
+
+    assert kinds(run(2e-3), run(1e-3)) == [("growth", "regression")]  # 2x, at 20 % of the gate
+    assert kinds(run(2e-4), run(1e-4)) == [("growth", "drift")]  # 2x, at 2 % of the gate
+    assert kinds(run(1.9e-3), run(1e-3)) == []
     assert compare(run(1e-15), run(0.0)) == []  # 0 -> 1e-15 is noise below the absolute floor
-    assert compare(run(3e-12), run(0.0))[0]["factor"] is None  # from zero: flagged, no finite factor
-    assert compare(run(float("nan")), run(1e-3))[0]["kind"] == "rel_l2"
-    gate_only = compare(run(1.5e-3, passed=False), run(1e-3))
-    assert [f["kind"] for f in gate_only] == ["gate"]
+    from_zero = compare(run(3e-3), run(0.0))[0]
+    assert from_zero["factor"] is None and "from 0" in from_zero["message"]
+    assert kinds(run(float("nan")), run(1e-3)) == [("nonfinite", "regression")]
+    assert kinds(run(1.5e-3, passed=False), run(1e-3)) == [("gate", "regression")]
+    assert kinds(run(1e-3), run(1.5e-3, passed=False)) == [("gate", "improvement")]
+    assert kinds(run(4e-3, gate=None), run(1e-3, gate=None)) == [("growth", "drift")]  # no gate: drift
 
 
 def test_find_previous_matches_case_device_dtype(passing):
@@ -206,22 +216,36 @@ def test_write_run_twice_gives_two_runs_and_flags_regressions(tmp_path, passing)
     for d in (first, second):
         assert (d / "results.json").is_file() and (d / "index.html").is_file()
     assert re.fullmatch(r"\d{8}T\d{9}Z-gemma4-text-tiny-[0-9a-f]{6}", second.name)
-    assert json.loads((first / "results.json").read_text()) == passing
+    stored = json.loads((first / "results.json").read_text())
+    assert stored.pop("regressions") == {"previous": None, "rule": RULE, "count": 0, "drift": 0, "flags": []}
+    assert stored == passing
 
     report = (second / "index.html").read_text()
-    regs = report[report.index('id="regressions"'):report.index('id="modules"')]
+    regs = report[report.index('id="regressions"'):report.index('id="modules"')].replace("<wbr>", "")
+    # 3x on a row at ~1e-7 against a 1e-5 gate is drift, not a regression
     assert "model.layers.4.experts" in regs and "3×" in regs and "PASS → FAIL" not in regs
+    assert "0 regressions, 2 drift" in regs
 
     index = (tmp_path / "index.html").read_text()
     assert f'href="runs/{first.name}/index.html"' in index and f'href="runs/{second.name}/index.html"' in index
     assert index.index(second.name) < index.index(first.name)  # newest first
-    assert "2 regressions" in index
+    at = index.index(second.name)
+    row = index[index.rfind("<tr", 0, at):index.index("</tr>", at)]
+    assert 'data-regressions="0"' in row and "2 drift" in row and "regression<" not in row
+
+    material = write_run(make_results(created=T0 + timedelta(minutes=90), bump={"model.layers.4.experts": 60.0}),
+                         tmp_path)
+    stored = json.loads((material / "results.json").read_text())["regressions"]
+    assert stored["previous"]["id"] == second.name and stored["count"] == 2
+    assert {(f["name"], f["mode"]) for f in stored["flags"] if f["severity"] == "regression"} == {
+        ("model.layers.4.experts", "isolated"), ("model.layers.4.experts", "end_to_end")}
+    assert "2 regressions" in (tmp_path / "index.html").read_text()
 
     third = write_run(make_results(created=T0 + timedelta(hours=2), failure="rope"), tmp_path)
     report = (third / "index.html").read_text()
     assert "verdict PASS → FAIL" in report and 'data-verdict="FAIL"' in report
     index = (tmp_path / "index.html").read_text()
-    assert "verdict PASS → FAIL" in index and index.count('href="runs/') == 3
+    assert "verdict PASS → FAIL" in index and index.count('href="runs/') == 4
 
 
 def test_run_dirs_never_collide(tmp_path, passing, monkeypatch):

@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import gc
 import os
-import platform
-import subprocess
 import sys
 import time
 import types
@@ -239,27 +237,8 @@ def fp32_isolated(hf_model, hf_name: str, call, device) -> Any:
 # ---------------------------------------------------------------------------------------------------
 
 def env_info(device: str) -> dict:
-    import transformers
-
-    try:
-        import megatron.core as mc
-        mc_version = getattr(mc, "__version__", None)
-    except Exception:  # pragma: no cover
-        mc_version = None
-    if mc_version is None:
-        from importlib.metadata import version
-        mc_version = version("megatron-core")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except Exception:
-        commit = None
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "megatron_core": mc_version, "git_commit": commit, "host": platform.node(),
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-    }
+    from parity.provenance import collect  # versions from package metadata, git commit + dirty flag, threads
+    return collect(device)
 
 
 def _peak_memory(device: str, prog: "Progress") -> dict:

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from parity.report import summary as S
-from parity.report.history import find_previous, render_index
+from parity.report.history import find_previous, record, render_index, run_links
 from parity.report.html import render_run
 
 RESULTS = "results.json"
@@ -151,16 +151,21 @@ def _public(results: dict) -> dict:
 def write_run(results: dict, root: Path) -> Path:
     """Store one run under ``root/runs/<UTC stamp>-<case>-<random>/`` and regenerate ``root/index.html``.
 
-    The run's report flags regressions against the most recent earlier run of the same case, device and
-    dtype already under ``root``. Returns the new run directory.
+    The run is compared with the most recent earlier run of the same case, system, device and dtype already
+    under ``root``: ``results.json`` carries that comparison as ``regressions`` (``history.record``: the
+    previous run, the rule, the flags), and the page links the history, the previous run, the last passing
+    one and the start of a failing streak. Returns the new run directory.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     results = _public(results)
-    previous = find_previous(results, load_runs(root))
+    runs = load_runs(root)
+    previous = find_previous(results, runs)
+    results["regressions"] = record(results, previous)
     run_dir = _new_run_dir(root / RUNS, results.get("case"))
     atomic_write(run_dir / RESULTS, dumps(results))
-    atomic_write(run_dir / REPORT, render_run(results, previous))
+    links = run_links(results, runs)
+    atomic_write(run_dir / REPORT, render_run(results, previous, links))
     write_index(root)
     return run_dir
 
@@ -171,7 +176,7 @@ def write_index(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
         path = root / REPORT
-        atomic_write(path, render_index(load_runs(root)))
+        atomic_write(path, render_index(load_runs(root), corrupt_runs(root)))
     return path
 
 
@@ -205,6 +210,25 @@ def run_dirs(root: Path) -> list[Path]:
     if not runs.is_dir():
         return []
     return sorted(d for d in runs.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def corrupt_runs(root: Path) -> list[dict]:
+    """Run folders whose ``results.json`` exists but cannot be read: ``{id, dir, href, error}`` each.
+
+    The history page lists them as corrupt (a run that vanished from the history would hide a failure).
+    A folder without ``results.json`` is a run still being written and is not listed.
+    """
+    out = []
+    for d in run_dirs(root):
+        path = d / RESULTS
+        if not path.exists():
+            continue
+        try:
+            read_results(path)
+        except (OSError, ValueError) as exc:
+            meta = _run_meta(d)
+            out.append({**meta, "href": f"{RUNS}/{d.name}/{RESULTS}", "error": f"{type(exc).__name__}: {exc}"})
+    return out
 
 
 def load_runs(root: Path) -> list[dict]:
