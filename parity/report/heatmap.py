@@ -14,23 +14,30 @@ from html import escape
 from typing import Any
 
 from parity.report import summary as S
+from parity.report.history import MATERIAL  # below this use of the gate a cell is green (growth there is drift)
 
-DECADES = 6  # the colour scale spans gate uses 10^-DECADES .. 1
+DECADES = 6  # the colour scale starts at a use of 10^-DECADES of the gate
 _INSIDE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.(.+))?$")
-_STOPS = ((0xda, 0xfb, 0xe1), (0xff, 0xf8, 0xc5), (0xfb, 0x8f, 0x44))  # green, yellow, orange
+_LOW = ((0xf0, 0xfa, 0xf2), (0x8f, 0xd1, 0x9e))  # pale to mid green: 1e-6 .. 10 % of the gate
+_HIGH = ((0xff, 0xf3, 0xb0), (0xfb, 0x8f, 0x44))  # yellow to orange: 10 % .. 100 % of the gate
 
 
 def _e(x: Any) -> str:
     return escape(str(x), quote=True)
 
 
-def colour(usage: float) -> str:
-    """Background of a cell that uses ``usage`` of its gate (0 < usage < 1), on a log scale."""
-    t = min(1.0, max(0.0, (math.log10(usage) + DECADES) / DECADES))
-    seg = 0 if t <= 0.5 else 1
-    f = t * 2 - seg
-    a, b = _STOPS[seg], _STOPS[seg + 1]
+def _mix(a: tuple[int, ...], b: tuple[int, ...], f: float) -> str:
+    f = min(1.0, max(0.0, f))
     return "#" + "".join(f"{round(x + (y - x) * f):02x}" for x, y in zip(a, b))
+
+
+def colour(usage: float) -> str:
+    """Background of a cell that uses ``usage`` of its gate (0 < usage < 1), log scale: green below
+    ``MATERIAL``, yellow to orange from there to the gate."""
+    lg, lm = math.log10(usage), math.log10(MATERIAL)
+    if usage < MATERIAL:
+        return _mix(*_LOW, (lg + DECADES) / (lm + DECADES))
+    return _mix(*_HIGH, (lg - lm) / -lm)
 
 
 def cells(results: dict, group: str) -> tuple[list[str], list[int], dict[tuple[str, int], list[dict]]]:
@@ -104,7 +111,7 @@ def section(results: dict) -> str:
         return ""
     legend = ('<div class="legend">cell = largest value / gate of the module in that layer (both modes) · '
               '<span style="background:#f0f3f6;padding:0 5px;border-radius:2px">·</span> exactly 0 · '
-              f'<span class="heatscale"></span> 1e-{DECADES} → 1 of the gate (log) · '
+              f'<span class="heatscale"></span> 1e-{DECADES} → {MATERIAL:.0%} → 100 % of the gate (log) · '
               '<span style="background:#cf222e;color:#fff;padding:0 4px;border-radius:2px">✗</span> at or past the '
               'gate · F full-attention layer, S sliding · hover for values</div>')
     return ('<section id="heatmap"><h2>Gate use by layer and module<span class="sub">ratio of each module\'s '

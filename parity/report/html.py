@@ -377,7 +377,7 @@ def _regressions_section(results: dict, previous: dict | None, flags: list[dict]
                    f'<td class="n">{_e(f.get("metric", ""))} {_e(S.fmt(f.get("previous")))}</td>'
                    f'<td class="n">{_e(S.fmt(f.get("current")))}</td>'
                    f'<td class="n">{_e(growth)}{" · now failing" if f.get("now_failing") else ""}</td>'
-                   f'<td class="n">{_e(S.fmt_pct(f.get("gate_fraction")) if f.get("gate_fraction") is not None else "—")}'
+                   f'<td class="n">{_e(_of_gate(f.get("gate_fraction")))}'
                    f'</td></tr>')
     n_reg = sum(1 for f in flags if f["severity"] == "regression")
     n_drift = sum(1 for f in flags if f["severity"] == "drift")
@@ -387,6 +387,13 @@ def _regressions_section(results: dict, previous: dict | None, flags: list[dict]
             '<th>module (HF)</th><th>Megatron</th><th>mode</th>'
             '<th>before</th><th>now</th><th>growth</th><th>of the gate</th></tr></thead><tbody>' + "".join(trs)
             + "</tbody></table></div></section>")
+
+
+def _of_gate(fraction: Any) -> str:
+    v = S.num(fraction)
+    if v is None:
+        return "—"
+    return S.fmt_pct(v) if v < 1 else f"{S.fmt(v)}× the gate"
 
 
 def first_divergence_row(results: dict) -> dict | None:
@@ -730,12 +737,13 @@ def _since(links: dict | None) -> str:
         if not ref or not ref.get("href"):
             return ""
         verdict = "PASS" if ref.get("passed") is True else "FAIL" if ref.get("passed") is False else "?"
-        return (f'<a href="{_e(ref["href"])}" id="{anchor}" title="{_e(ref.get("id") or "")}">{_e(label)} '
-                f'<span class="muted">{_e(S.fmt_time(ref.get("created")).removesuffix(" UTC"))} · {verdict}</span>'
-                '</a>')
+        tip = f'{S.fmt_time(ref.get("created"))} · {verdict} · run {ref.get("id") or "?"}'
+        return f'<a href="{_e(ref["href"])}" id="{anchor}" title="{_e(tip)}">{_e(label)}</a>'
 
+    prev = links.get("previous")
+    prev_label = f'previous ({"PASS" if prev.get("passed") is True else "FAIL"})' if prev else ""
     parts = [f'<a href="{_e(links.get("history") or "../../index.html")}" id="link-history">history</a>',
-             a(links.get("previous"), "previous", "link-previous")]
+             a(prev, prev_label, "link-previous")]
     since = links.get("failing_since")
     if since is not None:
         parts.append(a(links.get("last_pass"), "last pass", "link-last-pass")
@@ -744,7 +752,8 @@ def _since(links: dict | None) -> str:
         if since.get("self"):
             parts.append(f'<span class="red" id="link-failing-since">failing since this run</span>')
         else:
-            parts.append(a(since, f"failing since ({n} runs)", "link-failing-since"))
+            parts.append(a(since, f"failing since {S.fmt_time(since.get('created')).removesuffix(' UTC')} "
+                                  f"({n} runs)", "link-failing-since"))
     return '<div class="since">' + "".join(p for p in parts if p) + "</div>"
 
 

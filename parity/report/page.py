@@ -108,7 +108,7 @@ table.heat td.na{background:none}
 table.heat td.zero{background:#f0f3f6;color:#afb8c1}
 table.heat td.over{background:#cf222e;color:#fff;font-weight:700}
 .heatscale{display:inline-block;width:160px;height:10px;vertical-align:-1px;border-radius:2px;
-background:linear-gradient(90deg,#dafbe1,#fff8c5,#fb8f44)}
+background:linear-gradient(90deg,#f0faf2,#8fd19e 83%,#fff3b0 83%,#fb8f44)}
 #modtable td.name:first-child{min-width:245px}
 .why{font-size:11px;color:var(--muted);max-width:180px}.why.red{color:var(--fail)}
 .controls{display:flex;gap:14px;align-items:center;margin:0 0 8px;font-size:13px;flex-wrap:wrap}

@@ -159,7 +159,7 @@ def write_run(results: dict, root: Path) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     results = _public(results)
-    runs = load_runs(root)
+    runs = load_runs(root, warn=False)
     previous = find_previous(results, runs)
     results["regressions"] = record(results, previous)
     run_dir = _new_run_dir(root / RUNS, results.get("case"))
@@ -176,7 +176,7 @@ def write_index(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
         path = root / REPORT
-        atomic_write(path, render_index(load_runs(root), corrupt_runs(root)))
+        atomic_write(path, render_index(load_runs(root, warn=False), corrupt_runs(root)))
     return path
 
 
@@ -231,12 +231,13 @@ def corrupt_runs(root: Path) -> list[dict]:
     return out
 
 
-def load_runs(root: Path) -> list[dict]:
+def load_runs(root: Path, warn: bool = True) -> list[dict]:
     """Every readable run under ``root/runs``, newest first.
 
     Each dict is the run's results plus ``_run = {id, dir, href}`` (``href`` relative to ``root``).
-    Runs whose ``results.json`` is missing or unreadable are skipped with a warning (a directory still being
-    written by another process has no ``results.json`` yet and is skipped silently).
+    Runs whose ``results.json`` is missing or unreadable are skipped, unreadable ones with a warning unless
+    ``warn`` is False (the history page lists them, see ``corrupt_runs``; a directory still being written by
+    another process has no ``results.json`` yet and is skipped silently).
     """
     out = []
     for d in run_dirs(root):
@@ -246,7 +247,8 @@ def load_runs(root: Path) -> list[dict]:
         try:
             data = read_results(path)
         except (OSError, ValueError) as exc:
-            warnings.warn(f"skipping unreadable run {d.name}: {exc}", RuntimeWarning, stacklevel=2)
+            if warn:
+                warnings.warn(f"skipping unreadable run {d.name}: {exc}", RuntimeWarning, stacklevel=2)
             continue
         data["_run"] = _run_meta(d)
         out.append(data)
