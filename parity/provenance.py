@@ -76,8 +76,11 @@ def device_name(device: str) -> str:
 
 def threads() -> int | None:
     """torch's intra-op thread count (CPU results depend on it: reductions split differently)."""
-    torch = sys.modules.get("torch")
-    return torch.get_num_threads() if torch is not None else None
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return None
+    return torch.get_num_threads()
 
 
 def command_line(argv: Sequence[str] | None = None) -> str:
