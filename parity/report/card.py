@@ -22,7 +22,7 @@ from typing import Any
 
 from parity.report import summary as S
 from parity.report.history import RULE, compare, previous_map, regressions
-from parity.report.store import REPORT, RUNS, corrupt_runs, load_runs
+from parity.report.store import REPORT, RUNS, scan
 
 VERSION_KEYS = ("python", "torch", "transformers", "megatron_core", "megatron_bridge", "numpy", "safetensors")
 
@@ -105,11 +105,11 @@ def junit_counts(path: Path) -> dict:
 def build(root: Path, since: datetime | None = None, junit: Path | None = None) -> dict:
     """The card of ``root`` as a dict (see the module docstring)."""
     root = Path(root)
-    runs = load_runs(root, warn=False)
+    runs, corrupt = scan(root)
     prev = previous_map(runs)
     chosen = select(runs, since)
     entries = [run_entry(r, prev.get(id(r))) for r in chosen]
-    corrupt = [c for c in corrupt_runs(root) if since is None or (_stamp_time(c["id"]) or since) >= since]
+    corrupt = [c for c in corrupt if since is None or (_stamp_time(c["id"]) or since) >= since]
     versions = [e["versions"] for e in entries]
     commands = list(dict.fromkeys(e["command"] for e in entries if e["command"]))
     card: dict[str, Any] = {

@@ -176,7 +176,7 @@ def write_index(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
         path = root / REPORT
-        atomic_write(path, render_index(load_runs(root, warn=False), corrupt_runs(root)))
+        atomic_write(path, render_index(*scan(root)))
     return path
 
 
@@ -212,34 +212,13 @@ def run_dirs(root: Path) -> list[Path]:
     return sorted(d for d in runs.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def corrupt_runs(root: Path) -> list[dict]:
-    """Run folders whose ``results.json`` exists but cannot be read: ``{id, dir, href, error}`` each.
-
-    The history page lists them as corrupt (a run that vanished from the history would hide a failure).
-    A folder without ``results.json`` is a run still being written and is not listed.
+def scan(root: Path) -> tuple[list[dict], list[dict]]:
+    """``(runs, corrupt)`` under ``root/runs``: every readable run, newest first (its results plus
+    ``_run = {id, dir, href}``, ``href`` relative to ``root``), and every folder whose ``results.json``
+    exists but cannot be read (``{id, dir, href, error}``, ``href`` to that file). A folder without
+    ``results.json`` is a run still being written by another process and is in neither list.
     """
-    out = []
-    for d in run_dirs(root):
-        path = d / RESULTS
-        if not path.exists():
-            continue
-        try:
-            read_results(path)
-        except (OSError, ValueError) as exc:
-            meta = _run_meta(d)
-            out.append({**meta, "href": f"{RUNS}/{d.name}/{RESULTS}", "error": f"{type(exc).__name__}: {exc}"})
-    return out
-
-
-def load_runs(root: Path, warn: bool = True) -> list[dict]:
-    """Every readable run under ``root/runs``, newest first.
-
-    Each dict is the run's results plus ``_run = {id, dir, href}`` (``href`` relative to ``root``).
-    Runs whose ``results.json`` is missing or unreadable are skipped, unreadable ones with a warning unless
-    ``warn`` is False (the history page lists them, see ``corrupt_runs``; a directory still being written by
-    another process has no ``results.json`` yet and is skipped silently).
-    """
-    out = []
+    runs, corrupt = [], []
     for d in run_dirs(root):
         path = d / RESULTS
         if not path.exists():
@@ -247,14 +226,30 @@ def load_runs(root: Path, warn: bool = True) -> list[dict]:
         try:
             data = read_results(path)
         except (OSError, ValueError) as exc:
-            if warn:
-                warnings.warn(f"skipping unreadable run {d.name}: {exc}", RuntimeWarning, stacklevel=2)
+            corrupt.append({**_run_meta(d), "href": f"{RUNS}/{d.name}/{RESULTS}",
+                            "error": f"{type(exc).__name__}: {exc}"})
             continue
         data["_run"] = _run_meta(d)
-        out.append(data)
-    out.sort(key=lambda r: (S.parse_time(r.get("created")) or datetime.min.replace(tzinfo=timezone.utc),
-                            r["_run"]["id"]), reverse=True)
-    return out
+        runs.append(data)
+    runs.sort(key=lambda r: (S.parse_time(r.get("created")) or datetime.min.replace(tzinfo=timezone.utc),
+                             r["_run"]["id"]), reverse=True)
+    return runs, corrupt
+
+
+def corrupt_runs(root: Path) -> list[dict]:
+    """Run folders whose ``results.json`` cannot be read (see ``scan``): the history lists them as corrupt,
+    since a run that vanished from the history would hide a failure."""
+    return scan(root)[1]
+
+
+def load_runs(root: Path, warn: bool = True) -> list[dict]:
+    """Every readable run under ``root/runs``, newest first (see ``scan``); unreadable ones are skipped, with
+    a warning unless ``warn`` is False."""
+    runs, corrupt = scan(root)
+    if warn:
+        for c in corrupt:
+            warnings.warn(f"skipping unreadable run {c['id']}: {c['error']}", RuntimeWarning, stacklevel=2)
+    return runs
 
 
 # ------------------------------------------------------------------------------------------------ tables
