@@ -1,5 +1,6 @@
 """Where a run came from: the harness's git commit and whether its tree had local edits, each package's own
-version, the device, the CPU thread count, the seed and the command line (``results["env"]``).
+version, the device, the CPU thread count, the seed and the command line (``results["env"]``); and the
+third-party notices printed while it ran (``third_party_notices``), kept out of the terminal.
 
 Versions come from the installed distributions' metadata (``importlib.metadata``), never from a package's
 ``__version__``: megatron-core's ``__version__`` appends ``git rev-parse HEAD`` run inside its own folder,
@@ -8,14 +9,17 @@ repository's commit (``0.19.2+<harness commit>``), not megatron's.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import platform
 import shlex
 import subprocess
 import sys
+import warnings
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 # distribution name -> key in ``env`` (the first three keep the keys results.json always had)
 PACKAGES = {"torch": "torch", "transformers": "transformers", "megatron-core": "megatron_core",
@@ -108,3 +112,80 @@ def collect(device: str, *, seed: int | None = None, argv: Sequence[str] | None 
     if seed is not None:
         env["seed"] = seed
     return env
+
+
+# ------------------------------------------------------------------------------------- third-party notices
+
+NOTICE_LOGGERS = ("transformers", "megatron", "torch")  # libraries whose log records are notices, not results
+
+
+class _Collect(logging.Handler):
+    def __init__(self, sink: list[str]):
+        super().__init__(logging.WARNING)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = " ".join(record.getMessage().split())
+        except Exception:  # noqa: BLE001 - a broken third-party format string is not our failure
+            text = str(record.msg)
+        _add(self.sink, f"{record.name}: {text}")
+
+
+def _add(sink: list[str], text: str) -> None:
+    if text not in sink:
+        sink.append(text)
+
+
+def _where(filename: str) -> str:
+    """A warning's file as ``package/module.py`` (the part after site-packages / dist-packages)."""
+    parts = Path(filename).parts
+    for marker in ("site-packages", "dist-packages"):
+        if marker in parts:
+            return "/".join(parts[parts.index(marker) + 1:])
+    return filename
+
+
+@contextlib.contextmanager
+def third_party_notices(sink: list[str]) -> Iterator[list[str]]:
+    """Collect third-party warnings and library log records (Transformer Engine/Apex absent, cuda graphs,
+    deprecated arguments) into ``sink`` instead of printing them; the harness's own warnings still show.
+
+    Each notice is one line, ``UserWarning: message (megatron/core/optimizer/__init__.py:25)`` or
+    ``transformers.modeling_utils: message``, each once. The CLI prints them with ``--verbose``; the run's
+    report keeps them (``env.warnings``).
+    """
+    try:  # transformers attaches its stderr handler when first imported: let it do so now, then detach it
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.get_logger("transformers")
+    except ImportError:  # pragma: no cover
+        pass
+    loggers = [logging.getLogger(n) for n in NOTICE_LOGGERS]
+    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
+    handler = _Collect(sink)
+    own = str(ROOT / "parity")
+    with warnings.catch_warnings():  # the filters in force decide what is shown; this decides where
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+            if str(filename).startswith(own):  # ours: shown as it would have been
+                shown(message, category, filename, lineno, file, line)
+            else:
+                _add(sink, f"{category.__name__}: {' '.join(str(message).split())} "
+                           f"({_where(str(filename))}:{lineno})")
+
+        warnings.showwarning = show
+        for lg in loggers:
+            if lg.name == "transformers":  # its own stderr handler, and no propagation: replace both for now
+                lg.handlers = []
+            lg.addHandler(handler)
+            lg.propagate = False
+        try:
+            yield sink
+        finally:
+            for lg, handlers, propagate in saved:
+                lg.removeHandler(handler)
+                if lg.name == "transformers":
+                    lg.handlers = handlers
+                lg.propagate = propagate

@@ -62,3 +62,29 @@ def test_git_state_marks_local_edits(tmp_path):
 ])
 def test_command_line(argv, expected):
     assert provenance.command_line(argv).endswith(expected)
+
+
+def test_third_party_notices_are_collected_not_printed(capfd):
+    import logging
+    import warnings
+
+    notes: list[str] = []
+    with pytest.warns(UserWarning, match="ours"):  # the harness's own warnings still reach the user
+        with provenance.third_party_notices(notes):
+            warnings.warn_explicit("Transformer Engine and Apex are not installed.", UserWarning,
+                                   "/venv/lib/python3.11/site-packages/megatron/core/optimizer/__init__.py", 25)
+            warnings.warn_explicit("same again", UserWarning, "/x/site-packages/megatron/core/a.py", 1)
+            warnings.warn_explicit("same again", UserWarning, "/x/site-packages/megatron/core/a.py", 1)
+            logging.getLogger("transformers.modeling_utils").warning("`torch_dtype` is deprecated! Use `dtype`")
+            logging.getLogger("megatron.core.models").warning("GPTModel: deprecated argument")
+            warnings.warn_explicit("ours", UserWarning, str(provenance.ROOT / "parity" / "cli.py"), 1)
+    err = capfd.readouterr().err
+    assert "deprecated" not in err and "Transformer Engine" not in err
+    assert notes == [  # in the order they came, each once
+        "UserWarning: Transformer Engine and Apex are not installed. (megatron/core/optimizer/__init__.py:25)",
+        "UserWarning: same again (megatron/core/a.py:1)",
+        "transformers.modeling_utils: `torch_dtype` is deprecated! Use `dtype`",
+        "megatron.core.models: GPTModel: deprecated argument",
+    ]
+    logging.getLogger("transformers.modeling_utils").warning("after the block")  # transformers' handler is back
+    assert "[transformers] after the block" in capfd.readouterr().err
