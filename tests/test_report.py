@@ -444,3 +444,21 @@ def test_run_key_separates_systems(passing):
     ours = dict(passing, created="2026-05-09T11:00:00Z")
     assert find_previous(ours, [bridge, passing]) is passing
     assert find_previous(bridge, [ours, passing]) is None
+
+
+# ---------------------------------------------------------------------------------------------- one line
+
+
+def test_summary_line_has_verdict_divergence_regressions_report_and_history(tmp_path):
+    from parity.report.oneline import summary_line
+    write_run(make_results(created=T0), tmp_path)
+    d = write_run(make_results(created=T0 + timedelta(hours=1), failure="rope"), tmp_path)
+    r = json.loads((d / "results.json").read_text())
+    line = summary_line(r, d / "index.html", tmp_path / "index.html")
+    assert "\n" not in line
+    assert line.startswith("gemma4-text-tiny on cpu in float32: parity FAILS · first divergence: "
+                           "model.layers.2.self_attn = megatron decoder.layers.2.self_attention (isolated; rel_l2 ")
+    assert f"regressions: {r['regressions']['count']} · report: {d / 'index.html'} · history: " in line
+    assert r["regressions"]["count"] > 0
+    first = summary_line(make_results(created=T0), None, None)
+    assert "parity HOLDS · first divergence: none · regressions: no history (--out)" in first
