@@ -159,6 +159,8 @@ def write_run(results: dict, root: Path) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     results = _public(results)
+    if not S.parse_time(results.get("created")):  # the history orders runs by it
+        results["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     runs = load_runs(root, warn=False)
     previous = find_previous(results, runs)
     results["regressions"] = record(results, previous)
