@@ -54,18 +54,18 @@ def main() -> int:
     import torch
 
     from parity.cases import load_case
-    from parity.engine.run import run_case
+    from parity.engine.launch import execute
     from parity.report.store import write_run
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="parity-shots-"))
     root = tmp / "reports"
     case = load_case("gemma4-text-tiny")
-    write_run(run_case(case, device="cpu"), root)
-    ok = write_run(run_case(case, device="cpu"), root)
+    write_run(execute(case, device="cpu"), root)
+    ok = write_run(execute(case, device="cpu"), root)
     undo = planted_rope_lane_bug()
     try:
-        bad_results = run_case(case, device="cpu")
+        bad_results = execute(case, device="cpu")
     finally:
         undo()
     assert bad_results["passed"] is False, "the planted bug must fail"

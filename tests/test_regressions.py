@@ -106,14 +106,14 @@ def test_law_material_growth_is_always_flagged(before, factor, gate):
 def two_real_runs():
     """The tiny text case run twice by the real engine, with 2 and then 1 torch threads."""
     from parity.cases import load_case
-    from parity.engine.run import run_case
+    from parity.engine.pipeline import run  # not launch.execute, which pins CPU runs to one thread
 
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        a = run_case(load_case("gemma4-text-tiny"), device="cpu")
+        a = run(load_case("gemma4-text-tiny"), device="cpu")
         torch.set_num_threads(1)
-        b = run_case(load_case("gemma4-text-tiny"), device="cpu")
+        b = run(load_case("gemma4-text-tiny"), device="cpu")
     finally:
         torch.set_num_threads(before)
     return a, b
