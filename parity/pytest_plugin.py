@@ -314,9 +314,9 @@ def parity_run(request: pytest.FixtureRequest, parity_runs: _State, parity_targe
 # Verdicts and the messages that explain them
 
 def _num(x: Any) -> str:
-    from parity.cli import _num as num
+    from parity.report.oneline import fmt_num
 
-    return num(x)
+    return fmt_num(x)
 
 
 @dataclass
@@ -350,9 +350,9 @@ class ParityRun:
             body = f"the results carry no {check!r} verdict (checks: {', '.join(checks) or 'none'})"
         else:
             body = getattr(self, f"_explain_{check}")()
-        from parity.cli import divergence_text
+        from parity.report.oneline import divergence
 
-        tail = f" First divergence: {divergence_text(self.results)}."
+        tail = f" First divergence: {divergence(self.results)}."
         if self.report:
             tail += f" Report: {self.report}"
         return f"{self.where}: {check} check failed: {body}.{tail}"

@@ -1,7 +1,7 @@
 """A verification card: what a report root proves, as YAML a Megatron-Bridge user can attach to a model card.
 
-    python -m parity.report.card --dir REPORTS [--since ISO-TIME] [--junit junit.xml] [--out card.yaml]
-                                 [--fail-on-regression]
+    python -m parity card --dir REPORTS [--since ISO-TIME] [--junit junit.xml] [--out card.yaml]
+                          [--fail-on-regression]           (also: python -m parity.report.card ...)
 
 The card covers the runs created at or after ``--since`` (a nightly passes its start time), else the latest
 run of every case, system, device and dtype. For each run: case, system, device, dtype, seed, verdict, the
@@ -14,6 +14,7 @@ regressed), 1 otherwise or when no run is covered, 2 on bad usage.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
@@ -154,22 +155,26 @@ def _parse_since(text: str) -> datetime:
     return t
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="parity card", description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", type=Path, default=Path("reports"), help="report root (default: reports)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The card's options (shared by ``python -m parity card`` and ``python -m parity.report.card``)."""
+    parser.add_argument("--dir", type=Path, default=None, help="report root (default: $PARITY_REPORTS_DIR or reports)")
     parser.add_argument("--since", type=_parse_since, help="cover runs created at or after this UTC time")
     parser.add_argument("--junit", type=Path, help="JUnit XML of the same session, for its test counts")
     parser.add_argument("--out", type=Path, help="write the card here (default: stdout)")
     parser.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a covered run regressed")
-    args = parser.parse_args(argv)
-    if not args.dir.is_dir():
-        print(f"parity card: error: no report directory {args.dir}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build, write and judge the card for parsed ``args`` (see ``add_arguments``); returns the exit status."""
+    root = args.dir or Path(os.environ.get("PARITY_REPORTS_DIR") or "reports")
+    if not root.is_dir():
+        print(f"parity card: error: no report directory {root}", file=sys.stderr)
         return 2
     if args.junit is not None and not args.junit.is_file():
         print(f"parity card: error: no JUnit file {args.junit}", file=sys.stderr)
         return 2
     try:
-        card = build(args.dir, args.since, args.junit)
+        card = build(root, args.since, args.junit)
     except ET.ParseError as e:
         print(f"parity card: error: {args.junit}: not JUnit XML ({e})", file=sys.stderr)
         return 2
@@ -188,6 +193,12 @@ def main(argv: list[str] | None = None) -> int:
         j = c["junit"]
         ok = ok and not (j["failures"] or j["errors"])
     return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="parity card", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

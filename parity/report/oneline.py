@@ -15,7 +15,8 @@ from parity.report import summary as S
 from parity.report.store import RESULTS, read_results
 
 
-def _num(x: Any) -> str:
+def fmt_num(x: Any) -> str:
+    """A metric for a terminal line: 3 significant digits, ``n/a`` when missing."""
     v = S.num(x)
     if v is None:
         return "n/a"
@@ -34,7 +35,7 @@ def divergence(results: dict) -> str:
     limit = gate.get("max") if isinstance(gate, dict) else gate
     parts = [str(d["mode"])] if d.get("mode") else []
     if d.get("metric"):
-        parts.append(f"{d['metric']} {_num(d.get('value'))} > gate {_num(limit)}")
+        parts.append(f"{d['metric']} {fmt_num(d.get('value'))} > gate {fmt_num(limit)}")
     if d.get("why"):
         parts.append(str(d["why"]))
     twin = f" = megatron {d['megatron_name']}" if d.get("megatron_name") else ""
