@@ -1,9 +1,12 @@
 """One run's report: a single self-contained HTML file rendered from ``results.json`` (DESIGN.md section 8).
 
-The first screen (1280×800) answers "does it hold, and if not where does it break": the verdict banner, the
-first divergent module, the worst decoder layer, the logits metrics, a strip of counts, and the per-layer
-drift charts. Details follow: regressions against the previous run, the module table (grouped by layer,
-sortable), routers, logits, the weight round-trip and the provenance.
+The first screen (1280×800) answers "does it hold, and if not where does it break, and since when": the
+verdict banner, links to the history, the previous run, the last passing run and the start of a failing
+streak, the first divergent module (a link to its row), the worst decoder layer, the logits metrics, a strip
+of counts, and the per-layer drift charts. Details follow: the layer × module heatmap of gate use,
+regressions against the previous run, the module table (grouped by layer, sortable; a failing report opens
+on its failing rows with the first divergence scrolled into view), routers, logits, the weight round-trip
+and the provenance (third-party notices included).
 
 Every string from the results goes through ``html.escape``; numbers are formatted by ``summary.fmt``.
 """
