@@ -35,7 +35,7 @@ tests=${PIPESTATUS[0]}
 
 card=0
 if [ -f "$OUT/junit.xml" ]; then
-  "$PY" -m parity.report.card --dir "$REPORTS" --since "$START" --junit "$OUT/junit.xml" \
+  "$PY" -m parity card --dir "$REPORTS" --since "$START" --junit "$OUT/junit.xml" \
     --out "$OUT/verification-card.yaml" --fail-on-regression
   card=$?
 else
