@@ -146,3 +146,13 @@ def test_real_run_with_a_planted_mask_error_names_the_mask_row(two_real_runs):
         mask["name"], mask["megatron_name"], "mask", mask["mode"])
     assert flags[1]["megatron_name"] != attn["megatron_name"]
     assert math.isclose(flags[1]["current"], 1.0)
+
+
+def test_rows_that_now_fail_are_listed_in_forward_order():
+    names = ["model.layers.2.self_attn", "model.layers.3.mlp", "lm_head"]
+    base = [dict(_row(n, n, "k", "end_to_end", 1e-7), order=i) for i, n in enumerate(names)]
+    broken = copy.deepcopy(base)
+    for r, v in zip(broken, (0.3, 0.2, 5.0)):  # lm_head grew most, but layer 2 broke first
+        r["rel_l2"], r["passed"] = v, False
+    flags = regressions(compare(_results(broken, passed=False, created="2026-05-09T10:00:00Z"), _results(base)))
+    assert [f["name"] for f in flags[1:]] == names

@@ -65,7 +65,7 @@ def _row_flag(row: dict, old: dict) -> dict | None:
         return None
     common = {"name": row.get("name"), "megatron_name": row.get("megatron_name"), "row_kind": row.get("kind"),
               "mode": row.get("mode"), "metric": metric, "previous": prev, "current": cur, "gate": limit,
-              "factor": _factor(cur, prev),
+              "factor": _factor(cur, prev), "order": S.num(row.get("order")),
               "gate_fraction": (cur / limit if limit and math.isfinite(cur) else None)}
     change = f"{metric} {S.fmt(prev)} → {S.fmt(cur)}"
     was_ok, is_ok = old.get("passed"), row.get("passed")
@@ -103,8 +103,8 @@ def compare(current: dict, previous: dict | None) -> list[dict]:
     - ``kind="growth"``: the gated value grew ≥ ``GROWTH``× (values below ``ABS_FLOOR`` count as that
       floor; ``factor`` is None from 0): a regression at ≥ ``MATERIAL`` of the gate, else drift.
     Row flags carry ``name, megatron_name, row_kind, mode, metric, previous, current, gate, factor,
-    gate_fraction, now_failing``. Order: verdict, regressions (now-failing first, then by factor), drift,
-    improvements.
+    gate_fraction, order, now_failing``. Order: verdict, regressions (rows that now fail first, in forward
+    order, then by growth factor), drift, improvements.
     """
     if not previous:
         return []
@@ -125,8 +125,12 @@ def compare(current: dict, previous: dict | None) -> list[dict]:
             before[S.row_key(row)] = {**row, "rel_l2": prev_lg["rel_l2"]}
     found = [f for f in (_row_flag(r, before[S.row_key(r)]) for r in rows if S.row_key(r) in before) if f]
     rank = {"regression": 0, "drift": 1, "improvement": 2}
-    found.sort(key=lambda f: (rank[f["severity"]], not f["now_failing"],
-                              -(f["factor"] if f.get("factor") is not None else math.inf), str(f.get("name"))))
+    def key(f: dict) -> tuple:  # rows that now fail in forward order (the first divergence leads), then growth
+        order = f.get("order") if f["now_failing"] and f.get("order") is not None else math.inf
+        return (rank[f["severity"]], not f["now_failing"], order,
+                -(f["factor"] if f.get("factor") is not None else math.inf), str(f.get("name")))
+
+    found.sort(key=key)
     return flags + found
 
 
