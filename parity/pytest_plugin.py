@@ -169,6 +169,8 @@ class _State:
         checkpoint = opt("parity_checkpoint")
         if checkpoint and not Path(checkpoint).is_dir():
             raise pytest.UsageError(f"--parity-checkpoint {checkpoint}: no such folder")
+        if checkpoint and not (Path(checkpoint) / "config.json").is_file():  # before any heavy import
+            raise pytest.UsageError(f"--parity-checkpoint {checkpoint}: no config.json (not an HF checkpoint folder)")
         only = tuple(dict.fromkeys(opt("parity_case") or ()))
         for name in only:
             try:

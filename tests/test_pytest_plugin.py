@@ -239,6 +239,7 @@ def test_dtype_override_reaches_the_engine(project):
 def test_checkpoint_case_runs_with_a_checkpoint(project, tmp_path):
     folder = tmp_path / "ckpt-folder"
     folder.mkdir()
+    (folder / "config.json").write_text("{}")
     p = pytest_run(project, "--parity-case", "ckpt", env={"PARITY_TEST_CKPT": str(folder)})
     assert p.returncode == 0, p.stdout
     (call,) = [json.loads(f.read_text()) for f in (project / "calls").iterdir() if f.name.startswith("run.")]
@@ -256,6 +257,14 @@ def test_bad_options_are_usage_errors(project, args, message):
     p = pytest_run(project, *args)
     assert p.returncode == 4, p.stdout + p.stderr
     assert message in p.stderr
+
+
+def test_checkpoint_folder_without_config_is_a_usage_error(project, tmp_path):
+    empty = tmp_path / "not-a-checkpoint"
+    empty.mkdir()
+    p = pytest_run(project, "--parity-case", "ckpt", "--parity-checkpoint", str(empty))
+    assert p.returncode == 4 and calls(project) == [], p.stdout + p.stderr
+    assert f"--parity-checkpoint {empty}: no config.json (not an HF checkpoint folder)" in p.stderr
 
 
 def test_explicit_dist_load_warns(project):
