@@ -122,8 +122,6 @@ def capture_hf(model: nn.Module, rows: list[Aligned], run: Callable[[], Any], st
     return cap, result
 
 
-
-
 # ---------------------------------------------------------------------------------------------------
 # One aligned pair: both outputs in the row's layout, measured where positions are real
 
@@ -139,11 +137,21 @@ def first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+def to_device(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
+    return x
+
+
 def value(kind: Kind, out: Any) -> Any:
     """An output (HF's, or a system's already in HF layout) in the comparison layout of ``kind``."""
     if isinstance(out, dict) and "last_hidden_state" in out:  # an HF ModelOutput (the store keeps a plain dict)
         out = out["last_hidden_state"]
-    if kind is Kind.ROUTER and len(out) == 3:
+    if kind is Kind.ROUTER:
         probs, top_w, top_i = out
         return {"probs": probs, "top_w": top_w, "top_i": top_i}
     if kind is Kind.VISION_ROPE:
@@ -187,6 +195,7 @@ def _tokens(flat: bool) -> Callable:
     return measure
 
 
+_BY_TOKEN = _tokens(flat=False)
 _MEASURE = {
     Kind.ROUTER: _router,
     Kind.EXPERTS: _tokens(flat=True), Kind.FLAT_NORM: _tokens(flat=True),
@@ -198,7 +207,7 @@ _MEASURE = {
 
 def compare(kind: Kind, ref: Any, test: Any, where: Where) -> dict:
     """Metrics of ``test`` against ``ref`` (both in ``kind``'s layout) at the real positions."""
-    return _MEASURE.get(kind, _tokens(flat=False))(ref, test, where)
+    return _MEASURE.get(kind, _BY_TOKEN)(ref, test, where)
 
 
 def compare_mask(a: Aligned, hf_mask, mine: torch.Tensor, where: Where) -> dict:
