@@ -30,7 +30,7 @@ from parity.engine import gates as G
 from parity.engine import metrics as M
 from parity.engine.alignment import TABLE_KINDS, Aligned, Kind, expand
 from parity.engine.compare import (Call, Capture, Store, Where, capture_hf, compare, compare_mask, compare_rope,
-                                   first, input_hooks, row_record, to_device, value)
+                                   first, input_hooks, metrics, row_record, to_device, value)
 from parity.engine.hoststage import HostStage, stage_bytes, storage_key
 from parity.engine.kinds import KINDS
 from parity.errors import UserError
@@ -175,7 +175,6 @@ def floor_value(kind: Kind, out32, out16, where: Where) -> float:
     if kind is Kind.ROUTER:
         test = {"dense": torch.zeros_like(test["probs"]).scatter(1, test["top_i"], test["top_w"].float()),
                 "top_i": test["top_i"], "top_w": test["top_w"]}
-        ref = to_device(ref, test["dense"].device)
     return float(compare(kind, ref, test, where)["rel_l2"])
 
 
@@ -455,7 +454,7 @@ def judge(records, hf_logits, mc_logits, valid, dtype: str, gates: dict, floors_
 def _group_metrics(ref: torch.Tensor, test: torch.Tensor, groups: dict[str, torch.Tensor]) -> dict:
     out = {}
     for g, mask in groups.items():
-        m_ = M.tensor_metrics(ref, test.to(ref.device), mask.to(ref.device)) if bool(mask.any()) else None
+        m_ = metrics(ref, test, mask) if bool(mask.any()) else None
         out[g] = None if m_ is None else {k: m_[k] for k in ("cosine", "rel_l2", "max_abs", "numel")}
     return out
 
