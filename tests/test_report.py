@@ -462,3 +462,16 @@ def test_summary_line_has_verdict_divergence_regressions_report_and_history(tmp_
     assert r["regressions"]["count"] > 0
     first = summary_line(make_results(created=T0), None, None)
     assert "parity HOLDS · first divergence: none · regressions: no history (--out)" in first
+
+
+def test_environment_shows_dirty_commit_threads_and_third_party_notices(passing):
+    r = json.loads(json.dumps(passing))
+    r["env"].update({"git_dirty": True, "threads": 1, "command": "python -m parity run --case x",
+                     "warnings": ["UserWarning: Transformer Engine and Apex are not installed. (megatron/x.py:1)"]})
+    html = render_run(r, None)
+    env = html[html.index('id="provenance"'):]
+    assert ">dirty</span>" in env and "<dt>threads</dt><dd>1</dd>" in env
+    assert "1 third-party warning</summary>" in env and "Transformer Engine and Apex are not installed" in env
+    assert "(dirty)" in html[:html.index("</header>")]
+    r["env"]["git_dirty"] = False
+    assert ">dirty</span>" not in render_run(r, None)
