@@ -11,17 +11,8 @@ import torch
 
 from parity import config as C
 from parity.engine.alignment import Stack
+from parity.engine.compare import to_device
 from parity.errors import UserError
-
-
-def _to(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    return x
 
 
 def _check_memory(need: int, device: str, what: str) -> None:
@@ -107,7 +98,7 @@ class TextKind:
         h = run_copy(base.embed_tokens, "model.embed_tokens", cap.first("model.embed_tokens").args[0].to(device))
         for i, layer in enumerate(base.layers):
             prog.note(f"fp32 floor: layer {i + 1}/{len(base.layers)}")
-            kwargs = _to(dict(cap.first(f"model.layers.{i}").kwargs), device)
+            kwargs = to_device(dict(cap.first(f"model.layers.{i}").kwargs), device)
             with torch.no_grad():
                 kwargs["position_embeddings"] = base.rotary_emb(h, kwargs["position_ids"], model.config.layer_types[i])
             h = run_copy(layer, f"model.layers.{i}", h, **kwargs)

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import copy
 import gc
-import os
-import platform
-import subprocess
 import sys
 import time
 import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,9 +27,9 @@ from parity.engine import gates as G
 from parity.engine import metrics as M
 from parity.engine.alignment import TABLE_KINDS, Aligned, Kind, expand
 from parity.engine.compare import (Call, Capture, Store, Where, capture_hf, compare, compare_mask, compare_rope,
-                                   input_hooks, value, first, row_record)
+                                   first, input_hooks, metrics, row_record, to_device, value)
 from parity.engine.hoststage import HostStage, stage_bytes, storage_key
-from parity.engine.kinds import KINDS, _to
+from parity.engine.kinds import KINDS
 from parity.errors import UserError
 from parity.report.summary import Results
 
@@ -124,22 +122,22 @@ def run(case, *, device: str, dtype: str | None = None, checkpoint: str | None =
 
     sut.prepare(inputs)
     timings["megatron_forward_s"] = _timed(lambda: sut.forward(inputs), device)
-    records: list[dict] = []
-    layer_groups: list[dict] = []
+    compared = Comparison(sut, rows, cap, where, groups)
     with prog.phase("megatron_forward"):
-        mc_logits = end_to_end(sut, rows, cap, inputs, where, records, layer_groups, groups)
+        mc_logits = compared.end_to_end(inputs)
     with prog.phase("isolated_replay"):
-        isolated(sut, rows, cap, where, records, layer_groups, groups, prog)
+        compared.isolated(prog)
     with prog.phase("metrics"):
-        records += table_rows(sut, rows, cap, where)
+        compared.tables()
+        records = compared.records
         logits_summary, verdict = judge(records, hf_logits, mc_logits, where.valid, dtype_name,
                                         case.to_dict()["gates"], floors_e2e, floors_iso)
         group_summary = None if groups is None else {
             "positions": {g: int(m.sum()) for g, m in groups.items()},
             "logits": _logits_groups(hf_logits, mc_logits, groups, near_tie_margin(dtype_name)),
-            "layers": layer_groups}
+            "layers": compared.layer_groups}
     summary = G.summarise(records, verdict, logits_summary)
-    summary["modules"] += unobserved(sut, rows)
+    summary["modules"] += compared.unobserved()
     summary["checks"]["roundtrip"] = roundtrip["bit_exact"] == roundtrip["tensors"] and roundtrip["tensors"] > 0
     return Results(
         case=case.name, kind=case.kind, passed=all(summary["checks"].values()), device=device, dtype=dtype_name,
@@ -174,7 +172,6 @@ def floor_value(kind: Kind, out32, out16, where: Where) -> float:
     if kind is Kind.ROUTER:
         test = {"dense": torch.zeros_like(test["probs"]).scatter(1, test["top_i"], test["top_w"].float()),
                 "top_i": test["top_i"], "top_w": test["top_w"]}
-        ref = _to(ref, test["dense"].device)
     return float(compare(kind, ref, test, where)["rel_l2"])
 
 
@@ -214,7 +211,7 @@ def fp32_isolated(hf_model, hf_name: str, call, device) -> Any:
     """The HF module in fp32 on its own (upcast) captured inputs."""
     mod32 = copy.deepcopy(dict(hf_model.named_modules())[hf_name]).float()
     with torch.no_grad():
-        return mod32(*_upcast(_to(call.args, device)), **_upcast(_to(call.kwargs, device)))  # upcast on the device
+        return mod32(*_upcast(to_device(call.args, device)), **_upcast(to_device(call.kwargs, device)))  # upcast on the device
 
 
 def isolated_floors(hf_model, rows, cap: Capture, inputs, where: Where, device, hf_config) -> dict[str, float]:
@@ -311,126 +308,122 @@ def compare_weights(pairs, ref: dict) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # The system under test: end to end, isolated, its tables
 
-def mc_name(sut, a: Aligned):
-    name = sut.names.get(a.row.name_key)
-    return name.format(**a.slots) if isinstance(name, str) else name
+@dataclass
+class Comparison:
+    """The system under test against the HF capture, row by row; ``records`` (and, for a model kind with
+    position groups, ``layer_groups``) grow as rows are measured."""
 
+    sut: Any
+    rows: list[Aligned]
+    cap: Capture
+    where: Where
+    groups: dict | None
+    records: list = field(default_factory=list)
+    layer_groups: list = field(default_factory=list)
 
-def hooked_forward(sut, rows, cap: Capture, forward, on_output) -> Any:
-    """Run ``forward()`` with a hook on every module of the system that a captured row names: the first time
-    a module returns, ``on_output(aligned, mc_name, call, module, out)`` runs for each of its rows (so
-    nothing of the system's side is kept). Returns what ``forward()`` returned."""
-    by_mc: dict[str, list[Aligned]] = {}
-    for a in rows:
-        name = mc_name(sut, a)
-        if isinstance(name, str) and a.row.kind not in TABLE_KINDS and sut.module(name) is not None:
-            by_mc.setdefault(name, []).append(a)
-    done: set[str] = set()
-    handles = []
-    for name, group in by_mc.items():
-        def hook(m, args, out, group=group, name=name):
-            for a in group:
-                call = cap.first(a.hf)
+    def name(self, a: Aligned):
+        """The system's name of a row: a module path (slots filled in), ``Elsewhere`` or None."""
+        name = self.sut.names.get(a.row.name_key)
+        return name.format(**a.slots) if isinstance(name, str) else name
+
+    def record(self, a: Aligned, mode: str, ref, test, m_: dict | None = None) -> dict:
+        m_ = compare(a.row.kind, ref, test, self.where) if m_ is None else m_
+        order = (self.cap.order.get("lm_head", max(self.cap.order.values(), default=0)) + 1
+                 if a.row.kind is Kind.LOGITS else self.cap.order.get(a.hf, 0))
+        rec = row_record(a, self.name(a), mode, m_, order)
+        if a.row.name_key in self.sut.shared:  # the system runs HF's own code here: evidence only of its inputs
+            rec["shared"] = True
+        if self.groups is not None and a.row.kind is Kind.LAYER:
+            self.layer_groups.append({"name": a.hf, "mode": mode, "layer": a.layer,
+                                      **_group_metrics(ref, test, self.groups)})
+        self.records.append(rec)
+        return rec
+
+    def end_to_end(self, inputs) -> torch.Tensor:
+        """The system's forward on the raw inputs with a hook on every module a captured row names: the first
+        time a module returns, each of its rows is compared at once with HF's output (nothing is kept)."""
+        by_module: dict[str, list[Aligned]] = {}
+        for a in self.rows:
+            name = self.name(a)
+            if isinstance(name, str) and a.row.kind not in TABLE_KINDS and self.sut.module(name) is not None:
+                by_module.setdefault(name, []).append(a)
+        done: set[str] = set()
+
+        def hook(module, args, out, rows):
+            for a in rows:
+                call = self.cap.first(a.hf)
                 if call is not None and a.hf not in done:
                     done.add(a.hf)
-                    on_output(a, name, call, m, out)
-        handles.append(sut.module(name).register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            return forward()
-    finally:
-        for h in handles:
-            h.remove()
+                    self.record(a, "end_to_end", value(a.row.kind, call.output), self.sut.output(a, out, module))
 
+        handles = [self.sut.module(name).register_forward_hook(lambda m, i, o, rows=rows: hook(m, i, o, rows))
+                   for name, rows in by_module.items()]
+        try:
+            with torch.no_grad():
+                logits = self.sut.forward(inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        self.record(next(a for a in self.rows if a.row.kind is Kind.LOGITS), "end_to_end",
+                    self.cap.first("logits").output, logits)
+        return logits
 
-def _order(a: Aligned, cap: Capture) -> int:
-    if a.row.kind is Kind.LOGITS:
-        return cap.order.get("lm_head", max(cap.order.values(), default=0)) + 1
-    return cap.order.get(a.hf, 0)
-
-
-def _record(sut, records, layer_groups, groups, a, name, mode, ref, test, where, cap):
-    records.append(row_record(a, name, mode, compare(a.row.kind, ref, test, where), _order(a, cap)))
-    if a.row.name_key in sut.shared:  # the system runs HF's own code here: evidence of nothing but its inputs
-        records[-1]["shared"] = True
-    if groups is not None and a.row.kind is Kind.LAYER:
-        layer_groups.append({"name": a.hf, "mode": mode, "layer": a.layer, **_group_metrics(ref, test, groups)})
-
-
-def end_to_end(sut, rows, cap, inputs, where, records, layer_groups, groups) -> torch.Tensor:
-    """The system's forward on the raw inputs; each hooked output is compared at once against HF's."""
-    def on_output(a, name, call, module, out):
-        _record(sut, records, layer_groups, groups, a, name, "end_to_end", value(a.row.kind, call.output),
-                sut.output(a, out, module), where, cap)
-
-    logits = hooked_forward(sut, rows, cap, lambda: sut.forward(inputs), on_output)
-    a = next(a for a in rows if a.row.kind is Kind.LOGITS)
-    _record(sut, records, [], None, a, mc_name(sut, a), "end_to_end", cap.first("logits").output, logits, where, cap)
-    return logits
-
-
-def isolated(sut, rows, cap, where, records, layer_groups, groups, prog) -> None:
-    """Each module of the system on the HF module's captured inputs (activations only; masks and RoPE are
-    the system's own); inline steps on the captured outputs of the modules that feed them."""
-    last = None
-    for a in rows:
-        name, call = mc_name(sut, a), cap.first(a.hf)
-        if a.row.kind in TABLE_KINDS or not isinstance(name, str) or call is None:
-            continue
-        if a.group() == "text" and a.layer is not None and a.layer != last:
-            prog.note(f"isolated replay: layer {a.layer + 1}/{sum(r.row.kind is Kind.LAYER for r in rows)}")
-            last = a.layer
-        module = sut.module(name)
-        if a.feeds:
-            feeds = [cap.first(n) for n in a.feeds]
-            if None in feeds:
+    def isolated(self, prog: Progress) -> None:
+        """Each module of the system on the HF module's captured inputs (activations only; masks and RoPE are
+        the system's own); inline steps on the captured outputs of the modules that feed them."""
+        last, n_layers = None, sum(a.row.kind is Kind.LAYER and a.group() == "text" for a in self.rows)
+        for a in self.rows:
+            name, call = self.name(a), self.cap.first(a.hf)
+            if a.row.kind in TABLE_KINDS or not isinstance(name, str) or call is None:
                 continue
-            call = Call(tuple(first(f.output) for f in feeds), {}, call.output, call.order)
-        elif module is None:
-            continue
-        with torch.no_grad():
-            test = sut.replay(a, module, call)
-        if test is None:  # the system cannot run this module alone (e.g. a norm fused into the next linear)
-            continue
-        _record(sut, records, layer_groups, groups, a, name, "isolated", value(a.row.kind, call.output), test, where,
-                cap)
-
-
-def table_rows(sut, rows, cap: Capture, where: Where) -> list[dict]:
-    """Masks and RoPE tables compared as their own rows (each side built its own from raw inputs)."""
-    out, tables = [], sut.tables()
-    for a in rows:
-        name = mc_name(sut, a)
-        if a.row.kind not in TABLE_KINDS or not isinstance(name, str) or name not in tables:
-            continue
-        if a.row.kind is Kind.ROPE:  # HF's rotary_emb runs once per layer type: its call of this row's type
-            call = next((c for c in cap.calls.get(a.hf, []) if a.slots["layer_type"] in c.args[2:3]
-                         or c.kwargs.get("layer_type") == a.slots["layer_type"]), None)
-            if call is None:
+            if a.group() == "text" and a.layer is not None and a.layer != last:
+                prog.note(f"isolated replay: layer {a.layer + 1}/{n_layers}")
+                last = a.layer
+            module, feeds = self.sut.module(name), [self.cap.first(n) for n in a.feeds]
+            if None in feeds or (module is None and not a.feeds):
                 continue
-            m_, order = compare_rope(call, tables[name], where), cap.order.get(a.hf, 0)
-        else:
-            layer = cap.first(a.hf.rsplit(".", 1)[0])
-            m_ = compare_mask(a, layer.kwargs.get("attention_mask") if layer else None, tables[name], where)
-            order = cap.order.get(f"{a.hf}.q_proj", cap.order.get(a.hf, 0))
-        rec = row_record(a, name, "end_to_end", m_, order)
-        rec["detail"] = a.row.note.format(n=m_.get("n"), **a.slots)
-        out.append(rec)
-    return out
+            replayed = Call(tuple(first(f.output) for f in feeds), {}, call.output, call.order) if feeds else call
+            with torch.no_grad():
+                test = self.sut.replay(a, module, replayed)
+            if test is None:  # the system cannot run this module alone (e.g. a norm fused into the next linear)
+                continue
+            self.record(a, "isolated", value(a.row.kind, call.output), test)
 
+    def tables(self) -> None:
+        """Masks and RoPE tables compared as their own rows (each side built its own from raw inputs)."""
+        tables = self.sut.tables()
+        for a in self.rows:
+            name = self.name(a)
+            if a.row.kind not in TABLE_KINDS or name not in tables:
+                continue
+            if a.row.kind is Kind.ROPE:  # HF's rotary_emb runs once per layer type: its call of this row's type
+                lt = a.slots["layer_type"]
+                call = next((c for c in self.cap.calls.get(a.hf, [])
+                             if lt in c.args[2:3] or c.kwargs.get("layer_type") == lt), None)
+                if call is None:
+                    continue
+                m_ = compare_rope(call, tables[name], self.where)
+                rec = self.record(a, "end_to_end", None, None, m_)
+            else:  # the mask HF's layer received; ordered as the first thing inside its self_attn to return
+                layer = self.cap.first(a.hf.rsplit(".", 1)[0])
+                m_ = compare_mask(a, layer.kwargs.get("attention_mask") if layer else None, tables[name], self.where)
+                rec = self.record(a, "end_to_end", None, None, m_)
+                rec["order"] = self.cap.order.get(f"{a.hf}.q_proj", self.cap.order.get(a.hf, 0))
+            rec["detail"] = a.row.note.format(n=m_.get("n"), **a.slots)
 
-def unobserved(sut, rows) -> list[dict]:
-    """Rows the system has no module for (``Elsewhere``): reported with where their effect is compared."""
-    out = []
-    for a in rows:
-        where = sut.names.get(a.row.name_key)
-        if isinstance(where, systems.Elsewhere):
-            at = a.hf[: len(a.hf) - len(a.row.hf.format(**a.slots))] + where.at.format(**a.slots)  # same stack
-            out += [{"name": a.hf, "megatron_name": None, "mode": mode, "kind": a.row.label, "cosine": None,
-                     "rel_l2": None, "max_abs": None, "floor": None, "gate": None, "ratio": None, "layer": a.layer,
-                     "order": 0, "group": a.group(), "passed": True, "compared_at": at,
-                     "detail": f"{where.why}: compared at {at}"} for mode in ("end_to_end", "isolated")]
-    return out
+    def unobserved(self) -> list[dict]:
+        """Rows the system has no module for (``Elsewhere``): reported with where their effect is compared."""
+        out = []
+        for a in self.rows:
+            where = self.name(a)
+            if isinstance(where, systems.Elsewhere):
+                at = a.hf[: len(a.hf) - len(a.row.hf.format(**a.slots))] + where.at.format(**a.slots)  # same stack
+                out += [{"name": a.hf, "megatron_name": None, "mode": mode, "kind": a.row.label, "cosine": None,
+                         "rel_l2": None, "max_abs": None, "floor": None, "gate": None, "ratio": None,
+                         "layer": a.layer, "order": 0, "group": a.group(), "passed": True, "compared_at": at,
+                         "detail": f"{where.why}: compared at {at}"}
+                        for mode in ("end_to_end", "isolated")]
+        return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -460,7 +453,7 @@ def judge(records, hf_logits, mc_logits, valid, dtype: str, gates: dict, floors_
 def _group_metrics(ref: torch.Tensor, test: torch.Tensor, groups: dict[str, torch.Tensor]) -> dict:
     out = {}
     for g, mask in groups.items():
-        m_ = M.tensor_metrics(ref, test.to(ref.device), mask.to(ref.device)) if bool(mask.any()) else None
+        m_ = metrics(ref, test, mask) if bool(mask.any()) else None
         out[g] = None if m_ is None else {k: m_[k] for k in ("cosine", "rel_l2", "max_abs", "numel")}
     return out
 
@@ -480,24 +473,8 @@ def _logits_groups(ref: torch.Tensor, test: torch.Tensor, groups: dict[str, torc
 # Provenance and timing
 
 def env_info(device: str) -> dict:
-    import transformers
-    from importlib.metadata import version
-
-    import megatron.core as mc
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except Exception:
-        commit = None
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "megatron_core": getattr(mc, "__version__", None) or version("megatron-core"), "git_commit": commit,
-        "host": platform.node(),
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-    }
+    from parity.provenance import collect  # packages' own versions, git commit + dirty flag, threads, command
+    return collect(device)
 
 
 def _peak_memory(device: str, prog: Progress) -> dict:
