@@ -86,7 +86,7 @@ def summarise(records: list[dict], verdict: dict, logits_summary: dict) -> dict:
                         "isolated_decisive_flips": iso["router"]["decisive_flips"] if iso else None})
     router_ok = all(r["passed"] for r in router_rows)
     logits = {k: logits_summary[k] for k in ("cosine", "rel_l2", "max_abs", "top1_agreement", "kl_mean", "kl_max",
-                                             "kl_p95", "top1_decisive_agreement", "n_decisive", "n_near_tie",
+                                             "kl_p95", "top1_decisive_agreement", "n_decisive", "n_near_tie", "decisive_share",
                                              "top1_flips_decisive", "top1_flips_near_tie", "top5_overlap", "kl_max_floor", "kl_gate",
                                              "worst_positions") if k in logits_summary}
     detail = None

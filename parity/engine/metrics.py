@@ -212,7 +212,8 @@ def logits_metrics(ref_logits: torch.Tensor, test_logits: torch.Tensor, mask: to
     the ref top-1 logit, see ``bf16_step``; pass a small number for fp32 runs), top-5 overlap.
 
     Keys: ``n_tokens``, ``kl_mean``, ``kl_p95``, ``kl_max``, ``top1_agreement``, ``top1_decisive_agreement``,
-    ``n_decisive``, ``n_near_tie``, ``top1_flips_decisive``, ``top1_flips_near_tie``, ``top5_overlap``,
+    ``n_decisive``, ``n_near_tie``, ``decisive_share`` (``n_decisive / n_tokens``: with too few decisive positions
+    top-1 checks carry no signal), ``top1_flips_decisive``, ``top1_flips_near_tie``, ``top5_overlap``,
     ``worst_positions`` (up to 10 dicts ``batch``, ``pos``, ``kl``, ``ref_top1``, ``test_top1``, ``gap``,
     KL descending), plus every ``tensor_metrics`` key on the raw logits.
     """
@@ -244,7 +245,7 @@ def logits_metrics(ref_logits: torch.Tensor, test_logits: torch.Tensor, mask: to
     out["n_tokens"] = n
     if n == 0:
         out.update(kl_mean=_NAN, kl_p95=_NAN, kl_max=_NAN, top1_agreement=_NAN, top1_decisive_agreement=_NAN,
-                   n_decisive=0, n_near_tie=0, top1_flips_decisive=0, top1_flips_near_tie=0,
+                   n_decisive=0, n_near_tie=0, decisive_share=_NAN, top1_flips_decisive=0, top1_flips_near_tie=0,
                    top5_overlap=_NAN, worst_positions=[])
         return out
     tok = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -264,6 +265,7 @@ def logits_metrics(ref_logits: torch.Tensor, test_logits: torch.Tensor, mask: to
         top1_decisive_agreement=1.0 - flips_decisive / n_decisive if n_decisive else 1.0,
         n_decisive=n_decisive,
         n_near_tie=n_near,
+        decisive_share=n_decisive / n,
         top1_flips_decisive=flips_decisive,
         top1_flips_near_tie=int((~agree & near).sum().item()),
         top5_overlap=tok["top5_overlap"].mean().item(),
