@@ -136,6 +136,7 @@ def vlm_inputs(config, spec: RunSpec, device: str) -> dict[str, torch.Tensor]:
     """Raw inputs of the case: its images (``[h, w]`` per image, per sequence), text around them, right
     padding. With ``inputs.seq_len`` every sequence is filled with text up to it, the last one leaving
     ``pad_tail`` padded positions."""
+    from parity.engine.inputs import repad
     from parity.engine.vlm_inputs import DEFAULT_IMAGE_SIZES, build_vlm_inputs
 
     images = tuple(tuple(tuple(hw) for hw in seq) for seq in (spec.images or DEFAULT_IMAGE_SIZES))
@@ -161,6 +162,7 @@ def vlm_inputs(config, spec: RunSpec, device: str) -> dict[str, torch.Tensor]:
                 inputs["position_ids"] = torch.arange(spec.seq_len).expand(spec.batch, -1).clone()
     except ValueError as e:  # an image too large for the tiny tower's position tables, ...
         raise UserError(f"case {spec.name}: inputs.images: {e}") from None
+    inputs = repad(inputs, spec.padding, spec.position_offset)
     return {k: v.to(device) for k, v in inputs.items()}
 
 
