@@ -1,0 +1,66 @@
+"""Every planted Megatron-side error of ``tests/plants.py`` fails the run and is localised to exactly the module
+it lives in, in tiny fp32 and tiny bf16 (issue 11, item 8); the clean runs pass on five seeds, so no gate is
+flaky. A plant today's engine misses in a dtype is an xfail (strict: it must start failing the day it is
+caught, and the reason says what it waits for); a precision-only plant is a no-op in fp32, where the run must
+pass."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from parity.cases import load_case
+from parity.engine.run import run_case
+from tests.plants import CASES, PLANTS, Shape, exceeds
+
+DTYPES = ("float32", "bfloat16")
+
+
+def _run(dtype: str, seed: int | None = None) -> dict:
+    return run_case(load_case(CASES[dtype]), device="cpu", seed=seed)
+
+
+def _explain(r: dict) -> str:
+    bad = sorted((m for m in r["modules"] if not m["passed"]), key=lambda m: (m["order"], m["mode"] != "isolated"))
+    rows = [f"{m['name']} [{m['mode']}, {m['megatron_name']}] {m['gate']['metric']}={m.get(m['gate']['metric'])} "
+            f"gate={m['gate']['max']} why={m.get('why')}" for m in bad[:6]]
+    return f"passed={r['passed']} first_divergence={r['summary']['first_divergence']!r}\n  " + "\n  ".join(rows)
+
+
+def _params():
+    for plant in PLANTS:
+        for dtype in DTYPES:
+            marks = []
+            if dtype in plant.misses:
+                marks.append(pytest.mark.xfail(strict=True, reason=plant.misses[dtype]))
+            yield pytest.param(plant, dtype, id=f"{plant.name}-{dtype}", marks=marks)
+
+
+@pytest.mark.parametrize(("plant", "dtype"), list(_params()))
+def test_plant_fails_and_is_localised(plant, dtype, monkeypatch):
+    case = load_case(CASES[dtype])
+    where = plant.expected(Shape.of(case))
+    plant.plant(monkeypatch, Shape.of(case))
+    r = run_case(case, device="cpu")
+    if plant.fp32_noop and dtype == "float32":  # identical to HF in fp32: nothing to find, and nothing found
+        assert r["passed"] is True, _explain(r)
+        assert r["summary"]["logits"]["rel_l2"] <= 1e-5
+        return
+    assert r["passed"] is False, _explain(r)
+    assert r["summary"]["first_divergence"] == where, _explain(r)
+    detail = r["summary"]["first_divergence_detail"]
+    if plant.megatron_name is not None:
+        assert detail["megatron_name"] == plant.megatron_name, detail
+    rows = [m for m in r["modules"] if m["name"] == where and not m["passed"]]
+    assert rows and all(exceeds(m) for m in rows), _explain(r)
+    value = detail["value"]
+    assert value is None or math.isnan(value) or value > detail["gate"] or detail["why"], detail
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_clean_runs_pass_on_five_seeds(dtype):
+    for seed in range(5):
+        r = _run(dtype, seed)
+        assert r["passed"] is True, (seed, _explain(r))
+        assert r["summary"]["n_failed"] == 0 and r["summary"]["n_unstable"] == 0
+        assert r["summary"]["logits"]["decisive_share"] >= 0.85, (seed, r["summary"]["logits"])
