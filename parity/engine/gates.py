@@ -19,6 +19,8 @@
 - routers: the gated value is the rel-L2 of the routing weights over the tokens whose top-k *sets agree*
   (``agree_weight_rel_l2``; a flip moves weight wholesale and would inflate any all-token number); in
   isolated mode a decisive top-k flip fails (near-ties are counted and reported with their margins).
+- ``fp32_replay`` rows (a bf16 run's modules replayed in fp32 on both sides, ``parity.engine.replay32``) are
+  gated by the fp32 numbers in any run.
 - a record that carries ``missing`` (a twin never called, on either side) fails with that reason.
 """
 from __future__ import annotations
@@ -27,6 +29,8 @@ import math
 
 from parity.errors import UserError
 
+REPLAYS = ("isolated", "fp32_replay")  # modes that feed a module the same captured inputs on both sides
+MODE_RANK = {"isolated": 0, "fp32_replay": 1, "end_to_end": 2}  # at one module, the row first_divergence names
 _DEFAULTS_REQUIRED = {"float32": ("rel_l2",), "bfloat16": ("floor_multiplier", "floor_abs")}
 
 
@@ -107,6 +111,7 @@ def apply(records: list[dict], gates: dict, dtype: str, logits_summary: dict, kl
     logits_kl_max`` (capped by ``ceiling_kl_max``) instead of ``logits_kl_max`` alone. ``kl_truth`` (bf16 only,
     optional): the per-token KL max of Megatron-bf16 against HF-fp32, gated by ``truth_multiplier``."""
     g = _gate_numbers(gates, dtype)
+    g32 = _gate_numbers(gates, "float32") if dtype != "float32" else g
     exact_names = set(gates.get("exact", []) or [])
     for rec in records:
         exact = rec["gate_class"] == "exact" or rec["name"] in exact_names or rec["kind"] in exact_names
@@ -117,15 +122,16 @@ def apply(records: list[dict], gates: dict, dtype: str, logits_summary: dict, kl
         elif exact:
             rec["gate"] = {"metric": "max_abs", "max": 0.0}
             ok = rec.get("max_abs") == 0.0
-        elif dtype == "float32":
-            limit = g.get("logits_rel_l2", g["rel_l2"]) if rec["kind"] == "logits" else g["rel_l2"]
+        elif dtype == "float32" or rec["mode"] == "fp32_replay":
+            g_ = g32 if rec["mode"] == "fp32_replay" else g
+            limit = g_.get("logits_rel_l2", g_["rel_l2"]) if rec["kind"] == "logits" else g_["rel_l2"]
             value = _value(rec)
             rec["gate"] = {"metric": _metric(rec), "max": limit}
             ok = value <= limit
         else:
             ok = _gate_bf16(rec, g)
         router = rec.get("router")
-        if router is not None and rec["mode"] == "isolated" and router.get("decisive_flips", 0) > 0:
+        if router is not None and rec["mode"] in REPLAYS and router.get("decisive_flips", 0) > 0:
             ok = False
             margins = ", ".join(f"{f['margin']:.2g}" for f in router.get("flip_margins", [])[:3])
             rec["why"] = f"{router['decisive_flips']} decisive top-k flips" + (f" (margins {margins})" if margins else "")
@@ -165,9 +171,12 @@ def summarise(records: list[dict], verdict: dict, logits_summary: dict) -> dict:
     failing = [r for r in records if not r["passed"]]
     # A row failing only end-to-end while the same module passes in isolation was fed wrong inputs: the fault
     # lies upstream (possibly an inline step of its parent, e.g. RoPE or V inside self_attn), not in it.
-    replay_ok = {r["name"] for r in records if r["mode"] == "isolated" and r["passed"]}
-    own = [r for r in failing if r["mode"] == "isolated" or r["kind"] in ("mask", "rope") or r["name"] not in replay_ok]
-    first = min(own or failing, key=lambda r: (r["order"], r["mode"] != "isolated")) if failing else None
+    # The replays (isolated in the run's dtype, fp32_replay in fp32) feed each module the same inputs on both
+    # sides: a module whose replay fails is at fault itself.
+    replay_bad = {r["name"] for r in failing if r["mode"] in REPLAYS}
+    replay_ok = {r["name"] for r in records if r["mode"] in REPLAYS and r["passed"]} - replay_bad
+    own = [r for r in failing if r["mode"] in REPLAYS or r["kind"] in ("mask", "rope") or r["name"] not in replay_ok]
+    first = min(own or failing, key=lambda r: (r["order"], MODE_RANK.get(r["mode"], 3))) if failing else None
     modules_ok = not any(r for r in failing if r["kind"] not in ("router",))
     router_rows = [r for r in records if r["kind"] == "router"]
     routers = []

@@ -337,10 +337,6 @@ def run_text(spec: RunSpec) -> dict:
             device=device if device == "cuda" else None))
     with prog.phase("roundtrip"):
         roundtrip = _roundtrip(mc_model, args, hf_state)
-    del hf_state
-    if host_weights is not None:
-        host_weights.close()
-
     # Megatron's own masks and RoPE tables, from raw inputs
     b, s = inputs["input_ids"].shape
     mc_masks = mc_model.build_masks(b, s, inputs["attention_mask"], device=device)
@@ -357,6 +353,13 @@ def run_text(spec: RunSpec) -> dict:
         mc_logits = _megatron_end_to_end(mc_model, rows, hf_cap, hf_logits, inputs, ctx, records)
     with prog.phase("isolated_replay"):
         _isolated(mc_model, rows, hf_cap, hf_logits, ctx, records, prog)
+    if dtype != torch.float32 and spec.tp * spec.ep == 1:  # math errors under bf16 rounding (issue 11, item 1)
+        from parity.engine.replay32 import fp32_replay
+        with prog.phase("fp32_replay"):
+            fp32_replay(hf_config, hf_state, mc_model, rows, hf_cap, ctx, records, prog)
+    del hf_state
+    if host_weights is not None:
+        host_weights.close()
     with prog.phase("metrics"):
         records += _table_rows(args, hf_cap, ctx, inputs, dtype)
         logits_summary, verdict = judge(records, hf_logits, mc_logits, valid, spec, floors_e2e, floors_iso,
@@ -395,7 +398,8 @@ def judge(records, hf_logits, mc_logits, valid, spec: RunSpec, floors_e2e: dict,
                                       near_tie_margin=near_tie_margin(spec.dtype))
     for rec in records:
         floors = floors_e2e if rec["mode"] == "end_to_end" else floors_iso
-        rec["floor"] = floors.get(rec["name"]) if low and rec["kind"] not in ("mask", "rope") else None
+        rec["floor"] = floors.get(rec["name"]) if low and rec["kind"] not in ("mask", "rope") \
+            and rec["mode"] != "fp32_replay" else None
     verdict = G.apply(records, spec.gates, spec.dtype, logits_summary, kl_floor=kl_floor)
     logits_summary["kl_max_floor"], logits_summary["kl_gate"] = verdict["kl_floor"], verdict["kl_gate"]
     return logits_summary, verdict
