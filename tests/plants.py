@@ -347,13 +347,11 @@ PLANTS = [
     Plant("attention_scale", "attention", "model.layers.0.self_attn", attention_scale),
     Plant("no_top_k_renormalisation", "routing weights", "model.layers.0.router", no_top_k_renormalisation),
     Plant("router_softmax_in_bf16", "precision", "model.layers.0.router", router_softmax_in_bf16,
-          fp32_noop=True, misses={"bfloat16": PRECISION}),
+          fp32_noop=True),
     Plant("experts_combine_in_bf16", "precision", "model.layers.0.experts", experts_combine_in_bf16,
-          fp32_noop=True, misses={"bfloat16": PRECISION}),
-    Plant("experts_exact_gelu", "experts", "model.layers.0.experts", experts_exact_gelu,  # ~2e-4 relative
-          misses={"bfloat16": BF16_ROUNDING}),
-    Plant("experts_output_scaled", "experts", "model.layers.0.experts", experts_output_scaled,  # 1e-2 relative
-          misses={"bfloat16": BF16_ROUNDING}),
+          fp32_noop=True),
+    Plant("experts_exact_gelu", "experts", "model.layers.0.experts", experts_exact_gelu),  # ~2e-4 relative
+    Plant("experts_output_scaled", "experts", "model.layers.0.experts", experts_output_scaled),  # 1e-2 relative
     Plant("missing_final_softcap", "logits", "logits", missing_final_softcap),
 ]
 BY_NAME = {p.name: p for p in PLANTS}

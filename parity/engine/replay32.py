@@ -11,6 +11,9 @@ again in fp32 on both sides, on the same fp32 inputs, and gated by the case's fp
 - Megatron: an fp32 copy of just that layer of the model under test, each aligned module replayed on the
   captured fp32 inputs with Megatron's *own* masks and RoPE tables (``compare.replay``), as in isolated mode.
 
+While each HF layer is resident in fp32, every isolated record of the run also gets ``truth_rel_l2``: the
+Megatron module (run dtype) against HF's module in fp32 on the same captured inputs (``_truth``).
+
 Rows come out in mode ``fp32_replay`` (``parity.engine.gates`` gates them with the fp32 numbers). The final
 norm is replayed too; the logits are not (HF's softcap is inline in its ``forward``: re-composing it here
 would be the harness's code, not HF's).
@@ -98,6 +101,7 @@ def fp32_replay(hf_config, hf_state: dict, mc_model, rows, hf_cap: Capture, ctx,
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm, Gemma4TextRotaryEmbedding
 
     device = ctx.device
+    iso = {r["name"]: r for r in records if r["mode"] == "isolated"}
     by_layer: dict[int | None, list] = {}
     for hf_name, mc_name, row in rows:
         by_layer.setdefault(layer_of(hf_name), []).append((hf_name, mc_name, row))
@@ -120,6 +124,7 @@ def fp32_replay(hf_config, hf_state: dict, mc_model, rows, hf_cap: Capture, ctx,
         names = {n for n, _, _ in by_layer.get(i, [])}
         cap32, out = capture_hf(layer32, names, lambda: layer32(h, **kwargs), Store(offload=False),
                                 prefix=f"{hf_prefix}layers.{i}.")
+        _truth(layer32, f"{hf_prefix}layers.{i}", mc_model, by_layer.get(i, []), hf_cap, ctx, i, iso)
         mc_layer = mc_layer_fp32(_text_model(mc_model, mc_prefix), i, device)
         sub = dict(mc_layer.named_modules())
         base = f"{mc_prefix}decoder.layers.{i}"
@@ -144,6 +149,25 @@ def fp32_replay(hf_config, hf_state: dict, mc_model, rows, hf_cap: Capture, ctx,
             test = replay(row.kind, mc_norm_fp32(mc_model, mc_name, device), c, ctx, None)
         m_ = compare_values(row.kind, hf_value(row.kind, c), test, ctx)
         records.append(row_record(hf_name, mc_name, row, MODE, m_, hf_cap.order.get(hf_name, 0)))
+
+
+def _truth(layer32, layer_name: str, mc_model, rows, hf_cap: Capture, ctx, i: int, iso: dict) -> None:
+    """Accuracy against the truth (issue 11, item 2), isolated mode: each HF module in fp32 on its captured bf16
+    inputs (upcast) is the truth; the Megatron module under test, in the run's dtype on the same bf16 inputs, is
+    ``truth_rel_l2`` away from it -- next to the floor, HF-bf16's own distance from the same truth."""
+    hf_sub = dict(layer32.named_modules())
+    mc_sub = dict(mc_model.named_modules())
+    for hf_name, mc_name, row in rows:
+        rec, call = iso.get(hf_name), hf_cap.first(hf_name)
+        rel = hf_name[len(layer_name) + 1:] if hf_name != layer_name else ""
+        if rec is None or call is None or rel not in hf_sub or mc_name not in mc_sub:
+            continue
+        device = ctx.device
+        with torch.no_grad():
+            out32 = hf_sub[rel](*_upcast(_to(call.args, device)), **_upcast(_to(call.kwargs, device)))
+            test = replay(row.kind, mc_sub[mc_name], call, ctx, i)
+        m_ = compare_values(row.kind, hf_value(row.kind, Call((), {}, out32, 0)), test, ctx)
+        rec["truth_rel_l2"] = m_["router"]["agree_weight_rel_l2"] if row.kind == "router" else m_["rel_l2"]
 
 
 def _text_model(mc_model, mc_prefix: str):
