@@ -41,12 +41,14 @@ def targets(record: dict) -> dict:
 
 
 def bench(case, *, device: str, dtype: str | None, out_dir: Path, progress: bool = False) -> Path:
-    from parity.cli import execute
-    from parity.report.store import atomic_write
+    from parity.cases import checkpoint_for
+    from parity.engine.launch import execute
     from parity.report.html import render_run
+    from parity.report.store import atomic_write
 
     t0 = time.perf_counter()
-    results = execute(case, device=device, dtype=dtype, checkpoint=None, seed=None, progress=progress)
+    results = execute(case, device=device, dtype=dtype, checkpoint=checkpoint_for(case, None), seed=None,
+                      progress=progress)
     wall = time.perf_counter() - t0
     t1 = time.perf_counter()
     html = render_run(results, None)

@@ -1,7 +1,7 @@
 """``python -m parity``: run a case, list cases, re-render reports.
 
     python -m parity run --case NAME [--device cpu|cuda] [--dtype float32|bfloat16] [--checkpoint DIR]
-                         [--out DIR | --reports DIR] [--seed N] [--progress]
+                         [--out DIR | --reports DIR] [--seed N] [--progress] [--system NAME]
     python -m parity cases
     python -m parity report [--dir DIR]
 
@@ -12,7 +12,6 @@ line ``parity: error: ...`` on stderr, no traceback), 3 = internal error (a bug:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -20,6 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
+from parity.engine.launch import execute, resolve_device
 from parity.errors import UserError
 
 PROG = "parity"
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"(default: ${ENV_REPORTS_DIR} or reports)")
     run.add_argument("--seed", type=int, help="override the case's seed")
     run.add_argument("--progress", action="store_true", help="print each phase and its time on stderr")
+    run.add_argument("--system", default="parity", help="the Megatron implementation under test (default: parity)")
 
     sub.add_parser("cases", help="list the case names", description="List the cases, one per line.")
 
@@ -176,7 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _refuse_existing_report(args.out)
     device = resolve_device(case, args.device, checkpoint)
     results = execute(case, device=device, dtype=args.dtype, checkpoint=checkpoint, seed=args.seed,
-                      progress=args.progress)
+                      progress=args.progress, system=args.system)
     report = write_report(results, out=args.out, reports=args.reports or default_reports_dir())
     print(summary_text(results, report))
     return EXIT_OK if results.get("passed") else EXIT_FAIL
@@ -189,45 +190,6 @@ def _refuse_existing_report(out: Path) -> None:
         if (out / name).exists():
             raise UserError(f"{out / name} already exists; refusing to overwrite an earlier report "
                             f"(choose another --out folder)")
-
-
-def resolve_device(case, requested: str | None, checkpoint: str | None, checkpoint_hint: str = "--checkpoint DIR") -> str:
-    """The device a case runs on here, or a ``UserError`` saying why it cannot run as asked."""
-    import torch
-
-    from parity.cases import default_device, unmet_requirement
-
-    cuda = torch.cuda.is_available()
-    device = requested or default_device(case, cuda)
-    why = unmet_requirement(case, device=device, checkpoint=checkpoint, cuda_available=cuda,
-                            device_count=torch.cuda.device_count() if cuda else 0, checkpoint_hint=checkpoint_hint)
-    if why is not None:
-        if requested == "cuda" and not cuda:
-            why = f"--device cuda, but no CUDA GPU is available here (case {case.name})"
-        elif why.startswith("needs CUDA"):
-            why = (f"case {case.name} runs on {', '.join(case.devices)} only" +
-                   (", and no CUDA GPU is available here" if not cuda else f", not on {device}"))
-        raise UserError(why)
-    return device
-
-
-def distributed_available() -> bool:
-    return importlib.util.find_spec("parity.engine.distributed") is not None
-
-
-def execute(case, *, device: str, dtype: str | None = None, checkpoint: str | None = None, seed: int | None = None,
-            progress: bool = False) -> dict:
-    """Run a case: in this process, or through torchrun when its world size (tp * ep) is above 1."""
-    if case.world_size > 1:
-        if not distributed_available():
-            raise UserError(f"case {case.name} needs a multi-GPU launch (parity.engine.distributed), "
-                            f"which this install lacks")
-        from parity.engine.distributed import launch
-
-        return launch(case, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed, progress=progress)
-    from parity.engine.run import run_case
-
-    return run_case(case, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed, progress=progress)
 
 
 def write_report(results: dict, *, out: Path | None = None, reports: Path | None = None) -> Path:

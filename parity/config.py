@@ -169,7 +169,7 @@ def text_config_kwargs(**overrides: Any) -> dict[str, Any]:
 
 
 def full_text_config_kwargs(**overrides: Any) -> dict[str, Any]:
-    """The 26B-A4B text shape (DESIGN.md section 1)."""
+    """The 26B-A4B text shape, as Google released it."""
     layer_types = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(30)]
     kw = text_config_kwargs(
         vocab_size=262_144,

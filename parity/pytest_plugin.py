@@ -174,9 +174,6 @@ class _State:
                                 checkpoint_hint="--parity-checkpoint DIR")
         if why is None and case.world_size > 1 and importlib.util.find_spec("parity.engine.distributed") is None:
             why = f"multi-GPU launch not available: parity.engine.distributed is missing (case {case.name})"
-        # TODO(lead): drop once parity/engine/vlm.py lands; until then VLM cases skip instead of erroring.
-        if why is None and case.kind == "vlm" and importlib.util.find_spec("parity.engine.vlm") is None:
-            why = f"the VLM engine (parity.engine.vlm) is not there yet (case {case.name})"
         return Target(case=case, device=device, dtype=dtype, checkpoint=checkpoint, seed=None,
                       id=run_id(case, self.dtype), skip=why)
 
@@ -184,7 +181,7 @@ class _State:
         """The one engine run of ``target`` in this process (cached, errors included)."""
         if target.key in self.runs:
             return self.runs[target.key]
-        from parity.cli import execute
+        from parity.engine.launch import execute
 
         outcome = _Outcome()
         try:

@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def memoise_reference(run_mod) -> None:
+def memoise_reference(pipeline, kinds) -> None:
     """Build, capture and floor HF once: later runs of this process reuse the first run's results."""
     cache: dict = {}
 
@@ -36,11 +36,12 @@ def memoise_reference(run_mod) -> None:
             return cache[name]
         return wrapped
 
-    for name in ("build_hf_text", "capture_hf", "fp32_end_to_end", "_isolated_floors"):
-        setattr(run_mod, name, once(name, getattr(run_mod, name)))
+    for name in ("capture_hf", "end_to_end_floors", "isolated_floors"):
+        setattr(pipeline, name, once(name, getattr(pipeline, name)))
+    for kind in kinds.values():
+        kind.build = once(f"build_{kind.name}", kind.build)
     # the weights stay in the (kept) HF model: no host staging, nothing released between plants
-    run_mod.host_stage_for_weights = lambda *a, **kw: None
-    run_mod.weights_for_conversion = lambda model, sequential, stage=None: (
+    pipeline.weights_for_conversion = lambda model, sequential, stage=None: (
         {k: v.detach() for k, v in model.state_dict().items()}, None)
 
 
@@ -80,8 +81,8 @@ def main() -> int:
     import pytest
 
     from parity.cases import load_case
-    from parity.engine import run as run_mod
-    from parity.engine.run import env_info
+    from parity.engine import kinds, pipeline
+    from parity.engine.pipeline import env_info
     from tests.plants import BY_NAME, PLANTS, Shape
 
     base = load_case(a.case)
@@ -91,10 +92,10 @@ def main() -> int:
                         run={"sequential": False, "offload": base.run.offload})
     shape = Shape.of(case)
     plants = [BY_NAME[p] for p in a.plants.split(",")] if a.plants else PLANTS
-    memoise_reference(run_mod)
+    memoise_reference(pipeline, kinds.KINDS)
     rows = []
     t0 = time.perf_counter()
-    r = run_mod.run_case(case, device=a.device, progress=True)
+    r = pipeline.run(case, device=a.device, progress=True)
     clean = row(None, shape, r, time.perf_counter() - t0)
     clean["truth_ratios"] = truth_ratios(r)
     clean["phases"] = r.get("phases")
@@ -104,7 +105,7 @@ def main() -> int:
         t0 = time.perf_counter()
         try:
             plant.plant(mp, shape)
-            res = run_mod.run_case(case, device=a.device)
+            res = pipeline.run(case, device=a.device)
             out = row(plant, shape, res, time.perf_counter() - t0)
         except Exception as e:  # a plant that breaks the run is a finding too, not the end of the table
             out = {"plant": plant.name, "kind": plant.kind, "caught": False, "error": f"{type(e).__name__}: {e}"}
@@ -114,7 +115,7 @@ def main() -> int:
         print(json.dumps(out, default=str), flush=True)
         if a.device == "cuda":
             torch.cuda.empty_cache()
-    table = {"case": a.case, "inputs": {k: case.inputs[k] for k in case.inputs if k != "images"},
+    table = {"case": a.case, "inputs": case.to_dict()["inputs"],
              "dtype": case.dtype, "device": a.device, "env": env_info(a.device), "machine": platform.node(),
              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "clean": clean, "plants": rows,
              "caught": sum(1 for x in rows if x.get("caught")), "n_plants": len(rows)}

@@ -36,8 +36,8 @@ def main() -> int:
     ap.add_argument("--checkpoint", help="local HF folder for the cases (the real-checkpoint path)")
     ap.add_argument("--full", action="store_true", help="also write the full results.json of each case")
     a = ap.parse_args()
-    from parity.cli import execute  # routes tp*ep > 1 cases through torchrun
-    from parity.cases import load_case
+    from parity.cases import checkpoint_for, load_case
+    from parity.engine.launch import execute  # routes tp*ep > 1 cases through torchrun
 
     os.makedirs(a.out, exist_ok=True)
     rc = 0
@@ -47,7 +47,8 @@ def main() -> int:
             case = load_case(name)
             if a.seq_len:
                 case = case.replace(inputs={"seq_len": a.seq_len})
-            r = execute(case, device="cuda", dtype=a.dtype, checkpoint=a.checkpoint, seed=None, progress=True)
+            r = execute(case, device="cuda", dtype=a.dtype, checkpoint=checkpoint_for(case, a.checkpoint), seed=None,
+                        progress=True)
             s = summary(r)
             s["wall_s"] = time.perf_counter() - t0
             print(json.dumps(s, indent=1, default=str), flush=True)

@@ -497,7 +497,7 @@ def test_streamed_import_and_export_match_the_dicts_and_check_first(tiny):
 
 def test_load_streamed_refuses_gaps_and_wrong_shapes(tiny):
     from parity.bridge.convert import iter_hf_to_megatron
-    from parity.engine.run import load_streamed
+    from parity.systems.ours import load_streamed
     from parity.models.text import Gemma4Model
     from parity import megatron_env
 

@@ -102,14 +102,18 @@ def test_shipped_case_shapes():
 
 
 def test_engine_reads_a_case():
-    """The engine's ``spec_from_case`` sees the case's numbers (sections read as attributes or mappings)."""
-    run = pytest.importorskip("parity.engine.run")
+    """The engine reads the typed case: the text kind's raw inputs follow its numbers, its gates reach the results."""
+    from types import SimpleNamespace
+
+    kinds = pytest.importorskip("parity.engine.kinds")
     case = C.load_case("gemma4-text-dense-tiny")
-    spec = run.spec_from_case(case, device="cpu")
-    assert spec.overrides == {"sliding_window": 8, "enable_moe_block": False}
-    assert (spec.batch, spec.seq_len, spec.pad_tail, spec.dtype, spec.seed) == (2, 40, 5, "float32", 0)
-    assert spec.gates["float32"] == {"rel_l2": 1e-5, "logits_rel_l2": 1e-5, "kl_max": 1e-6}
-    assert set(spec.gates) == {"float32", "bfloat16", "exact"}
+    assert dict(case.model.overrides) == {"sliding_window": 8, "enable_moe_block": False}
+    assert (case.inputs.batch, case.inputs.seq_len, case.inputs.pad_tail, case.dtype, case.seed) == (2, 40, 5, "float32", 0)
+    inputs = kinds.KINDS["text"].inputs(SimpleNamespace(vocab_size=320, pad_token_id=0), case, case.seed, "cpu")
+    assert inputs["input_ids"].shape == (2, 40) and inputs["attention_mask"].sum(1).tolist() == [40, 35]
+    gates = case.to_dict()["gates"]
+    assert gates["float32"] == {"rel_l2": 1e-5, "logits_rel_l2": 1e-5, "kl_max": 1e-6}
+    assert set(gates) == {"float32", "bfloat16", "exact"}
 
 
 # ---------------------------------------------------------------------------------------------------

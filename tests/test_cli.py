@@ -169,7 +169,7 @@ def test_exit_0_when_parity_holds(fake_engine, tmp_path, capsys, monkeypatch):
     calls, _, written = fake_engine
     assert cli.main(["run", "--case", "gemma4-text-tiny", "--out", str(tmp_path / "o"), "--seed", "7"]) == 0
     assert calls == [{"case": "gemma4-text-tiny", "device": "cpu", "dtype": None, "checkpoint": None, "seed": 7,
-                      "progress": False}]
+                      "progress": False, "system": "parity"}]
     assert written == [(tmp_path / "o", Path("reports"))]
     out = capsys.readouterr().out
     assert "parity HOLDS" in out and "First divergence: none" in out and str(tmp_path / "o" / "index.html") in out
@@ -236,10 +236,11 @@ def test_checkpoint_env_reaches_the_engine(fake_engine, tmp_path, monkeypatch):
 
 def test_multigpu_without_launcher(monkeypatch):
     from parity.cases import load_case
+    from parity.engine import launch
 
-    monkeypatch.setattr(cli, "distributed_available", lambda: False)
+    monkeypatch.setattr(launch, "distributed_available", lambda: False)
     with pytest.raises(UserError, match="multi-GPU launch"):
-        cli.execute(load_case("gemma4-26b-a4b-tp2"), device="cuda")
+        launch.execute(load_case("gemma4-26b-a4b-tp2"), device="cuda")
 
 
 def test_write_report_refuses_existing_out(tmp_path):

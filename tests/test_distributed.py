@@ -14,10 +14,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-GATES = {"float32": {"rel_l2": 1e-5, "logits_rel_l2": 1e-5, "kl_max": 1e-6},
-         "bfloat16": {"floor_multiplier": 4.0, "floor_abs": 1e-3}, "exact": ["model.embed_tokens"]}
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -28,9 +24,17 @@ def _worker(rank, world, port, tp, ep, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from parity.engine.run import RunSpec, run_text
+    import dataclasses
 
-    r = run_text(RunSpec(name=f"tiny-tp{tp}-ep{ep}", tp=tp, ep=ep, pad_tail=5, gates=GATES))
+    from parity.cases import ModelSpec, Parallel, load_case
+    from parity.engine.pipeline import run
+
+    case = load_case("gemma4-text-tiny")  # its gates: fp32 rel-L2 1e-5 per module, logits KL max 1e-6
+    assert case.inputs.pad_tail == 5 and case.gates.float32.rel_l2 == 1e-5
+    # a gloo world of CPU processes: the case file's own validation keeps tp*ep > 1 cases on CUDA
+    case = dataclasses.replace(case, name=f"tiny-tp{tp}-ep{ep}", model=ModelSpec(builder="tiny_text"),
+                               parallel=Parallel(tp=tp, ep=ep))
+    r = run(case, device="cpu")
     if rank == 0:
         q.put({"passed": r["passed"], "checks": r["checks"], "first": r["summary"]["first_divergence"],
                "logits_rel_l2": r["summary"]["logits"]["rel_l2"], "kl_max": r["summary"]["logits"]["kl_max"],

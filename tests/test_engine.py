@@ -1,15 +1,14 @@
 """Acceptance tests of the comparison engine: checked independently, including with discrepancies planted
 on one side.
 
-Each planted test runs the real engine (``run_text``) on the tiny text case with one bug planted through
+Each planted test runs the real engine (``parity.engine.pipeline.run``) on the tiny text case with one bug planted through
 ``monkeypatch`` in a single HF or Megatron module, and asserts that the run fails, that
-``summary.first_divergence`` names exactly *that* module (not a later one; inline steps by the name
-DESIGN.md section 8 gives them), and that the failing row's metric really exceeds its gate. The clean runs
+``summary.first_divergence`` names exactly *that* module (not a later one; an inline step by the name of
+its nearest module, README "Reading a report"), and that the failing row's metric really exceeds its gate. The clean runs
 (fp32 and bf16) are shared by a module fixture.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -17,8 +16,10 @@ import torch
 
 from parity.cases import load_case
 from parity.config import text_config_kwargs
-from parity.engine.alignment import text_rows
-from parity.engine.run import RunSpec, run_text, spec_from_case
+from parity.engine.alignment import TABLE_KINDS, expand
+from parity.engine.kinds import KINDS
+from parity.engine.pipeline import run
+from parity.errors import UserError
 
 _TINY = text_config_kwargs(**load_case("gemma4-text-tiny").model.overrides)
 GLOBAL_HD = _TINY["global_head_dim"]
@@ -28,12 +29,9 @@ FULL_LAYERS = [i for i, t in enumerate(_TINY["layer_types"]) if t == "full_atten
 assert GLOBAL_HD != SLIDING_HD and 0 < ROT < GLOBAL_HD and FULL_LAYERS[0] == 2  # what the plants rely on
 
 
-def _spec(case: str = "gemma4-text-tiny", **changes) -> RunSpec:
-    return dataclasses.replace(spec_from_case(load_case(case), device="cpu"), **changes)
-
-
-def _run(case: str = "gemma4-text-tiny", **changes) -> dict:
-    return run_text(_spec(case, **changes))
+def _run(case: str = "gemma4-text-tiny", **sections) -> dict:
+    c = load_case(case)
+    return run(c.replace(**sections) if sections else c, device="cpu")
 
 
 def _failing(r: dict) -> list[dict]:
@@ -69,7 +67,7 @@ def assert_localised(r: dict, name: str) -> dict:
 
 # An inline step of attention (RoPE on q/k, the V path, the softmax) has no module of its own: its bug makes
 # ``self_attn.o_proj`` fail end_to_end only (its isolated replay passes), and gates.summarise then names the
-# parent ``self_attn`` (DESIGN.md section 8), not the o_proj that merely received wrong inputs.
+# parent ``self_attn`` (README "Reading a report": the deepest failing module wins), not the o_proj that merely received wrong inputs.
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -77,7 +75,7 @@ def assert_localised(r: dict, name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def clean_fp32() -> dict:
-    return _run(sequential=True)  # also proves the HF model is released before Megatron is built
+    return _run(run={"sequential": True})  # also proves the HF model is released before Megatron is built
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +89,11 @@ def test_clean_fp32_passes_every_row_in_both_modes(clean_fp32):
     assert r["summary"]["first_divergence"] is None
     assert all(r["checks"].values()), r["checks"]
     from parity.config import TextArgs
-    from parity.engine.run import build_hf_text
 
-    _model, config = build_hf_text(_spec(), torch.float32, "cpu")
-    table = {h for h, _, _ in text_rows(TextArgs.from_hf(config))}
+    case = load_case("gemma4-text-tiny")
+    _model, config = KINDS["text"].build(case, torch.float32, "cpu", None, case.seed)
+    table = {a.hf for a in expand(KINDS["text"].prefixes, TextArgs.from_hf(config)) if a.row.kind not in TABLE_KINDS}
+    assert {"model.embed_tokens", "model.layers.5.experts", "lm_head", "logits"} <= table
     for mode in ("isolated", "end_to_end"):
         seen = {m["name"] for m in r["modules"] if m["mode"] == mode}
         assert table <= seen, (mode, sorted(table - seen))
@@ -365,3 +364,44 @@ def test_bf16_embedding_scale_not_rounded(monkeypatch):
     r = _run("gemma4-text-tiny-bf16")
     detail = assert_localised(r, "model.embed_tokens")
     assert detail["metric"] == "max_abs" and detail["gate"] == 0.0 and detail["value"] > 0
+
+
+# ---------------------------------------------------------------------------------------------------
+# 10. A second system under test plugs in by name (the interface Megatron-Bridge's adapter is written against)
+
+class _OtherSystem:
+    """System ``parity`` seen as another system: one pre-norm it cannot hook, the embedding run from HF's code."""
+
+    def __new__(cls):
+        from parity import systems
+        from parity.systems.ours import ParitySystem
+
+        class Other(ParitySystem):
+            name, version = "other", "0.0"
+            substituted = [{"part": "TEDotProductAttention", "by": "SDPA", "reason": "no TE on CPU"}]
+            shared = frozenset({"embed_tokens"})
+
+            def build(self, *a, **kw):
+                super().build(*a, **kw)
+                self.names = {**self.names, "layers.{i}.pre_feedforward_layernorm": systems.Elsewhere(
+                    "layers.{i}.mlp", "applied as a function of its weight")}
+        return Other()
+
+
+def test_second_system_plugs_in_through_the_registry(monkeypatch):
+    from parity import systems
+
+    monkeypatch.setitem(systems.SYSTEMS, "other", f"{__name__}:_OtherSystem")
+    r = run(load_case("gemma4-text-tiny"), device="cpu", system="other")
+    assert r["passed"] is True, _explain(r)
+    assert r["system"] == {"name": "other", "version": "0.0", "substituted": [
+        {"part": "TEDotProductAttention", "by": "SDPA", "reason": "no TE on CPU"}]}
+    unseen = [m for m in r["modules"] if m["name"] == "model.layers.3.pre_feedforward_layernorm"]
+    assert sorted(m["mode"] for m in unseen) == ["end_to_end", "isolated"]
+    for m in unseen:
+        assert m["megatron_name"] is None and m["rel_l2"] is None and m["compared_at"] == "model.layers.3.mlp", m
+        assert m["detail"] == "applied as a function of its weight: compared at model.layers.3.mlp"
+    assert {m["name"] for m in r["modules"] if m.get("shared")} == {"model.embed_tokens"}
+    assert len(r["modules"]) == 260  # 2 x 6 rows reported instead of compared: the same count as system parity
+    with pytest.raises(UserError, match="unknown system under test 'nope'"):
+        run(load_case("gemma4-text-tiny"), device="cpu", system="nope")

@@ -10,14 +10,14 @@ import math
 import pytest
 
 from parity.cases import load_case
-from parity.engine.run import run_case
+from parity.engine.launch import execute
 from tests.plants import CASES, PLANTS, Shape, exceeds
 
 DTYPES = ("float32", "bfloat16")
 
 
 def _run(dtype: str, seed: int | None = None) -> dict:
-    return run_case(load_case(CASES[dtype]), device="cpu", seed=seed)
+    return execute(load_case(CASES[dtype]), device="cpu", seed=seed)
 
 
 def _explain(r: dict) -> str:
@@ -41,7 +41,7 @@ def test_plant_fails_and_is_localised(plant, dtype, monkeypatch):
     case = load_case(CASES[dtype])
     where = plant.expected(Shape.of(case))
     plant.plant(monkeypatch, Shape.of(case))
-    r = run_case(case, device="cpu")
+    r = execute(case, device="cpu")
     if plant.fp32_noop and dtype == "float32":  # identical to HF in fp32: nothing to find, and nothing found
         assert r["passed"] is True, _explain(r)
         assert r["summary"]["logits"]["rel_l2"] <= 1e-5

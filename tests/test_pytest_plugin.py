@@ -62,7 +62,7 @@ CONFTEST = '''
 import json, os, time
 from pathlib import Path
 
-import parity.cli
+import parity.engine.launch
 import parity.report.store as store
 
 pytest_plugins = ["parity.pytest_plugin"]
@@ -94,7 +94,7 @@ def execute(case, *, device, dtype, checkpoint, seed, progress):
             "roundtrip": {"tensors": 10, "bit_exact": 10, "max_abs_diff": 0.0, "rows": []}}
 
 
-parity.cli.execute = execute
+parity.engine.launch.execute = execute
 _write_index = store.write_index
 
 

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parity import megatron_env
-from parity.bridge.vision import (gather_vision, hf_to_megatron_vision, megatron_to_hf_vision, module_rows,
-                                  shard_vision)
+from parity.bridge.vision import gather_vision, hf_to_megatron_vision, megatron_to_hf_vision, shard_vision
+from parity.engine.alignment import VISION
 from parity.engine.randomize import randomize_
 from parity.engine.vlm_inputs import (aspect_ratio_preserving_size, build_vlm_inputs, patch_positions, patchify,
                                       process_images)
@@ -29,6 +29,19 @@ def _tensors(out) -> list[torch.Tensor]:
     if isinstance(out, tuple):
         return [t for t in out if isinstance(t, torch.Tensor)]
     return [out]
+
+
+def _rows(num_layers: int) -> list[tuple[str, str, str]]:
+    """(HF path, path in ``Gemma4VisionTowerMC``, layout) of every vision row of the alignment table, with the
+    module names of system ``parity`` (whose VLM holds the tower as ``vision.``)."""
+    from parity.systems.ours import VISION as NAMES
+
+    return [(PREFIX + r.hf.format(i=i), NAMES[r.name_key].format(i=i).removeprefix("vision."),
+             r.kind.value.removeprefix("vision_")) for r in VISION for i in (range(num_layers) if "{i}" in r.hf else [None])]
+
+
+def _twins(mc, num_layers: int) -> dict[str, torch.nn.Module]:
+    return {hf: mc.get_submodule(name) for hf, name, _ in _rows(num_layers)}
 
 
 def _capture(named: dict[str, torch.nn.Module], run) -> dict[str, list[torch.Tensor]]:
@@ -77,7 +90,7 @@ def _compare(setup) -> dict[str, float]:
     """rel-L2 per HF module (at real patches / real soft tokens only, per the layout in MODULES) and for
     the final features."""
     hf, mc, inputs = setup["hf"], setup["mc"], setup["inputs"]
-    twins = mc.hf_twins(PREFIX)
+    twins = _twins(mc, setup["args"].num_layers)
     hf_named = dict(hf.named_modules())
     hf_out = _capture({n: hf_named[n] for n in twins}, lambda: _hf_features(hf, inputs))
     mc_out = _capture(twins, lambda: mc(inputs["pixel_values"], inputs["image_position_ids"]))
@@ -85,7 +98,7 @@ def _compare(setup) -> dict[str, float]:
     pooler = PREFIX + "vision_tower.pooler"
     slots = hf_out[pooler][1]  # [I, N/k^2], HF's own valid-slot mask
     assert torch.equal(mc_out[pooler][1], slots)
-    layouts = {hf_name: layout for hf_name, _, layout in module_rows(setup["args"].num_layers, PREFIX)}
+    layouts = {hf_name: layout for hf_name, _, layout in _rows(setup["args"].num_layers)}
     layouts["<final>"] = "tokens"
     rows = {"patches": real, "rope": real, "pooled": slots, "tokens": None}
     result = {}
@@ -104,7 +117,7 @@ def _compare(setup) -> dict[str, float]:
 
 
 def test_every_hf_vision_module_has_a_twin(setup):
-    twins = setup["mc"].hf_twins(PREFIX)
+    twins = _twins(setup["mc"], setup["args"].num_layers)
     hf_vision = {n: m for n, m in setup["hf"].named_modules()
                  if n.startswith((PREFIX + "vision_tower", PREFIX + "embed_vision"))}
     # every HF vision module that runs a forward has a twin (a ModuleList has no forward)
@@ -115,7 +128,7 @@ def test_every_hf_vision_module_has_a_twin(setup):
 
 def test_vision_modules_match_hf(setup):
     result = _compare(setup)
-    assert len(result) == len(setup["mc"].hf_twins(PREFIX)) + 1
+    assert len(result) == len(_twins(setup["mc"], setup["args"].num_layers)) + 1
     bad = {n: r for n, r in result.items() if not r <= GATE}
     assert not bad, bad
     assert result["<final>"] <= GATE

@@ -9,23 +9,24 @@
 """
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
-from parity.bridge.vision import module_rows
 from parity.cases import load_case
-from parity.engine.alignment import text_rows
-from parity.engine.run import spec_from_case
-from parity.engine.vlm import GROUPS, MERGED, TEXT_HF, run_vlm
+from parity.engine.alignment import TABLE_KINDS, Kind, Stack, expand
+from parity.engine.kinds import GROUPS, KINDS
+from parity.engine.pipeline import run
+from parity.systems.ours import ParitySystem
 
 CASE = "gemma4-vlm-tiny"
 FIRST_SLIDING_ATTN = "model.language_model.layers.0.self_attn"
+MERGED = "merged_embeddings"
+TEXT_HF = KINDS["vlm"].prefixes[Stack.TEXT]
 
 
-def _spec(case: str = CASE, **changes):
-    return dataclasses.replace(spec_from_case(load_case(case), device="cpu"), **changes)
+def run_vlm(case: str = CASE, **sections) -> dict:
+    c = load_case(case)
+    return run(c.replace(**sections) if sections else c, device="cpu")
 
 
 def _explain(r: dict) -> str:
@@ -37,23 +38,27 @@ def _explain(r: dict) -> str:
 
 @pytest.fixture(scope="module")
 def clean() -> dict:
-    return run_vlm(_spec())
+    return run_vlm()
+
+
+def _system(config, state) -> ParitySystem:
+    """System ``parity`` built from the HF config, its weights loaded through the bridges."""
+    sut = ParitySystem()
+    sut.build("vlm", config, dtype=torch.float32, device="cpu")
+    sut.load(state)
+    return sut
 
 
 @pytest.fixture(scope="module")
 def built():
     """HF VLM, Megatron VLM (weights through the bridges) and the case's raw inputs, fp32."""
     from parity import megatron_env
-    from parity.config import TextArgs
-    from parity.engine.vlm import build_hf_vlm, load_hf_state, vlm_inputs
-    from parity.models.vlm import Gemma4VLModel
 
-    spec = _spec()
-    megatron_env.init(seed=spec.seed)
-    hf, config = build_hf_vlm(spec, torch.float32, "cpu")
-    mc = Gemma4VLModel.from_hf_config(config).eval()
-    load_hf_state(mc, hf.state_dict(), TextArgs.from_hf(config.text_config))
-    return dict(hf=hf, mc=mc, config=config, inputs=vlm_inputs(config, spec, "cpu"))
+    case = load_case(CASE)
+    megatron_env.init(seed=case.seed)
+    hf, config = KINDS["vlm"].build(case, torch.float32, "cpu", None, case.seed)
+    mc = _system(config, hf.state_dict()).model
+    return dict(hf=hf, mc=mc, config=config, inputs=KINDS["vlm"].inputs(config, case, case.seed, "cpu"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -63,8 +68,10 @@ def test_fp32_passes_with_every_module_in_both_modes(clean, built):
     assert r["passed"] is True, _explain(r)
     assert r["summary"]["first_divergence"] is None and all(r["checks"].values()), r["checks"]
     mc, config = built["mc"], built["config"]
-    vision = {hf for hf, _, _ in module_rows(mc.vision_args.num_layers, "model.")}
-    text = {hf for hf, _, _ in text_rows(mc.text_args, hf_prefix=TEXT_HF)}
+    rows = [a for a in expand(KINDS["vlm"].prefixes, mc.text_args, mc.vision_args.num_layers)
+            if a.row.kind not in TABLE_KINDS]
+    vision = {a.hf for a in rows if a.group() == "vision"}
+    text = {a.hf for a in rows if a.group() == "text" and a.row.kind is not Kind.MERGED}
     assert "model.vision_tower.encoder.layers.1.self_attn.q_proj.linear" in vision
     assert {"model.language_model.embed_tokens", "model.language_model.layers.5.experts", "lm_head", "logits"} <= text
     for mode in ("end_to_end", "isolated"):
@@ -107,7 +114,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_bf16_passes_against_its_noise_floor():
-    r = run_vlm(_spec("gemma4-vlm-tiny-bf16"))
+    r = run_vlm("gemma4-vlm-tiny-bf16")
     assert r["dtype"] == "bfloat16"
     assert r["passed"] is True, _explain(r)
     floored = [m for m in r["modules"] if m.get("floor") and m["gate"]["metric"] == "rel_l2"]
@@ -206,7 +213,7 @@ def _no_bidirectional_hf(monkeypatch):
 @pytest.mark.parametrize("side", ["megatron", "hf"])
 def test_missing_bidirectional_mask_is_localised(monkeypatch, side):
     (_no_bidirectional_megatron if side == "megatron" else _no_bidirectional_hf)(monkeypatch)
-    r = run_vlm(_spec(sequential=True))
+    r = run_vlm(run={"sequential": True})
     assert r["passed"] is False and r["checks"]["modules"] is False, _explain(r)
     assert r["summary"]["first_divergence"] == FIRST_SLIDING_ATTN, _explain(r)
     failing = {(m["name"], m["mode"], m["kind"]) for m in r["modules"] if not m["passed"]}
@@ -236,7 +243,7 @@ def _no_std_scale(monkeypatch):
 def test_planted_vlm_bug_is_localised(monkeypatch, bug, name):
     """Inline steps name their nearest module: the scatter -> merged_embeddings, standardisation -> vision_tower."""
     bug(monkeypatch)
-    r = run_vlm(_spec())
+    r = run_vlm()
     assert r["passed"] is False and r["summary"]["first_divergence"] == name, _explain(r)
     first = min(m["order"] for m in r["modules"] if m["name"] == name and not m["passed"])
     assert all(m["passed"] for m in r["modules"] if m["order"] < first)  # everything upstream still matches
@@ -245,19 +252,13 @@ def test_planted_vlm_bug_is_localised(monkeypatch, bug, name):
 def test_tiny_vlm_folder_round_trip_is_bit_exact(built, tmp_path):
     from parity.bridge import io as bio
     from parity.bridge.convert import same_bits
-    from parity.config import TextArgs
-    from parity.engine.vlm import _export, load_hf_state
-    from parity.models.vlm import Gemma4VLModel
 
     hf = built["hf"]
     original = hf.state_dict()
     bio.save_folder(original, built["config"], tmp_path)
     config, loaded = bio.load_folder(tmp_path)
     assert type(config).__name__ == "Gemma4Config"
-    args = TextArgs.from_hf(config.text_config)
-    mc = Gemma4VLModel.from_hf_config(config)
-    load_hf_state(mc, loaded, args)
-    back = _export({k: v for k, v in mc.state_dict().items() if not k.endswith("_extra_state")}, args)
+    back = dict(_system(config, loaded).export())
     expected = {k for k in original if k != "lm_head.weight"}  # tied: not written, not exported
     assert set(loaded) == expected and set(back) == expected
     vision_keys = [k for k in expected if k.startswith(("model.vision_tower.", "model.embed_vision."))]

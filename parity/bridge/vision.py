@@ -1,8 +1,7 @@
-"""HF <-> Megatron mapping of the Gemma 4 vision tower and ``embed_vision``: two data tables.
+"""HF <-> Megatron weight mapping of the Gemma 4 vision tower and ``embed_vision``, as data.
 
-``MODULES`` aligns module paths (HF, relative to the model prefix -> ``Gemma4VisionTowerMC`` submodule);
-``WEIGHTS`` maps every state-dict entry, parameters and persistent buffers (clip bounds, std_bias /
-std_scale, position tables) alike. Every vision tensor is a plain copy -- nothing is fused: q/k/v and
+``WEIGHTS`` maps every state-dict entry, parameters and persistent buffers (clip bounds, std_bias / std_scale,
+position tables) alike (which modules are compared is the alignment table's, ``parity.engine.alignment``). Every vision tensor is a plain copy -- nothing is fused: q/k/v and
 gate/up stay separate because each ClippableLinear carries its own clip bounds -- so the only per-row
 datum besides the names is ``tp_dim``, the dimension megatron splits over tensor parallelism (None =
 replicated). ``{i}`` is a layer index, ``{clip}`` one of the four clip-bound buffers.
@@ -26,46 +25,6 @@ _CLIPPABLE = [
     ("mlp.gate_proj", "mlp.linear_fc1_gate", 0),
     ("mlp.up_proj", "mlp.linear_fc1_up", 0),
     ("mlp.down_proj", "mlp.linear_fc2", 1),
-]
-
-# (HF module path under the prefix, Megatron submodule name, layout); ModuleLists (no forward) have no row.
-# Both sides are batch-first; the layout says what the (first) output tensor is and which rows are real:
-#   patches: [I, N, ...], real rows = patches whose position is not (-1, -1)
-#   rope:    (cos, sin), each [I, N, head_dim]; same real rows
-#   pooled:  (features fp32 [I, N/k^2, Hv], valid mask [I, N/k^2]); real rows = the valid mask
-#   tokens:  [soft tokens of all images, ...], every row real
-# Output wrappers differ: HF's vision_tower / encoder return ModelOutputs (``.last_hidden_state``), HF's
-# self_attn returns (out, weights), megatron's parallel linears and self_attention return (out, None).
-MODULES: list[tuple[str, str, str]] = [
-    ("vision_tower", "vision_model", "tokens"),
-    ("vision_tower.patch_embedder", "vision_model.patch_embedder", "patches"),
-    ("vision_tower.patch_embedder.input_proj", "vision_model.patch_embedder.input_proj", "patches"),
-    ("vision_tower.encoder", "vision_model.encoder", "patches"),
-    ("vision_tower.encoder.rotary_emb", "vision_model.encoder.rotary_emb", "rope"),
-    (_L, _M, "patches"),
-    (f"{_L}.input_layernorm", f"{_M}.input_layernorm", "patches"),
-    (f"{_L}.self_attn", f"{_M}.self_attention", "patches"),
-    (f"{_L}.self_attn.q_proj", f"{_M}.self_attention.linear_q", "patches"),
-    (f"{_L}.self_attn.k_proj", f"{_M}.self_attention.linear_k", "patches"),
-    (f"{_L}.self_attn.v_proj", f"{_M}.self_attention.linear_v", "patches"),
-    (f"{_L}.self_attn.q_norm", f"{_M}.self_attention.q_layernorm", "patches"),
-    (f"{_L}.self_attn.k_norm", f"{_M}.self_attention.k_layernorm", "patches"),
-    (f"{_L}.self_attn.v_norm", f"{_M}.self_attention.v_layernorm", "patches"),
-    (f"{_L}.self_attn.o_proj", f"{_M}.self_attention.linear_proj", "patches"),
-    (f"{_L}.post_attention_layernorm", f"{_M}.post_attention_layernorm", "patches"),
-    (f"{_L}.pre_feedforward_layernorm", f"{_M}.pre_mlp_layernorm", "patches"),
-    (f"{_L}.mlp", f"{_M}.mlp", "patches"),
-    (f"{_L}.mlp.gate_proj", f"{_M}.mlp.linear_fc1_gate", "patches"),
-    (f"{_L}.mlp.up_proj", f"{_M}.mlp.linear_fc1_up", "patches"),
-    (f"{_L}.mlp.act_fn", f"{_M}.mlp.activation_func", "patches"),
-    (f"{_L}.mlp.down_proj", f"{_M}.mlp.linear_fc2", "patches"),
-    (f"{_L}.post_feedforward_layernorm", f"{_M}.post_mlp_layernorm", "patches"),
-    ("vision_tower.pooler", "vision_model.pooler", "pooled"),
-    ("embed_vision", "embed_vision", "tokens"),
-    ("embed_vision.embedding_pre_projection_norm", "embed_vision.pre_projection_norm", "tokens"),
-    ("embed_vision.embedding_projection", "embed_vision.linear_proj", "tokens"),
-    # the bare linear inside each ClippableLinear (before the output clamp)
-    *[(f"{_L}.{hf}.linear", f"{_M}.{mc}.linear", "patches") for hf, mc, _ in _CLIPPABLE],
 ]
 
 # (HF state-dict key under the prefix, Megatron state-dict key, tp_dim)
@@ -152,16 +111,3 @@ def gather_vision(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tens
         out[key] = value if dim is None else torch.cat([s[key] for s in shards], dim=dim)
     return out
 
-
-def module_rows(num_layers: int, hf_prefix: str = "model.") -> list[tuple[str, str, str]]:
-    """Expanded ``MODULES``: (full HF module path, Megatron submodule name, layout)."""
-    rows = []
-    for hf, mc, layout in MODULES:
-        for i in (range(num_layers) if "{i}" in hf else [None]):
-            rows.append((hf_prefix + hf.format(i=i), mc.format(i=i), layout))
-    return rows
-
-
-def module_map(num_layers: int, hf_prefix: str = "model.") -> dict[str, str]:
-    """Full HF module path -> Megatron submodule name."""
-    return {hf: mc for hf, mc, _ in module_rows(num_layers, hf_prefix)}

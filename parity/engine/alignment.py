@@ -1,78 +1,185 @@
-"""The one place that says what each HF module maps to on the Megatron side and how it is compared.
+"""The alignment table: every HF module (and every mask and RoPE table) that is compared, and how.
 
-Each ``Align`` row: HF module path pattern (the name users see), Megatron module path pattern, the
-``kind`` that says how outputs are brought to a common layout and how the Megatron module is replayed
-on the HF module's captured inputs, and the ``gate`` class. ``{i}`` is the decoder layer index.
-Layouts: HF is ``[b, s, ...]`` (router/experts ``[b*s, ...]``); Megatron is ``[s, b, ...]``.
+One ``Row`` per HF module pattern: its path under its ``Stack`` (``{i}`` = layer index), the ``Kind`` that
+says how outputs are brought to one layout, compared and replayed (with the explicit ``Part`` of a fused
+Megatron output: q/k/v of ``linear_qkv``, gate/up of ``linear_fc1``), the gate class, and ``when``, a
+predicate of ``parity.bridge.mapping.WHEN`` deciding per layer whether the row applies. Where each row lives
+on the Megatron side is a second table per system under test, keyed by ``Row.key``
+(``parity.systems``). A model kind says where each stack sits in its HF model (``model.`` or
+``model.language_model.`` for the text stack); a stack it lacks drops its rows.
+Layouts: HF is ``[b, s, ...]`` (router/experts ``[b*s, ...]``), vision ``[images, patches, ...]``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, field
+
+from parity.bridge.mapping import WHEN
+
+
+class Kind(enum.Enum):
+    EMBEDDING = "embedding"
+    NORM = "norm"
+    HEAD_NORM = "head_norm"  # per-head q/k norm [b, s, heads, d]
+    FLAT_NORM = "flat_norm"  # a norm on flattened tokens [b*s, H]
+    LAYER = "layer"
+    ATTENTION = "attention"
+    QKV = "qkv"  # one part of Megatron's fused linear_qkv
+    LINEAR = "linear"
+    MLP = "mlp"
+    FC1 = "fc1"  # one part of Megatron's fused [gate; up] linear_fc1
+    ROUTER = "router"
+    EXPERTS = "experts"
+    LM_HEAD = "lm_head"
+    LOGITS = "logits"  # lm_head + softcap: not an HF module
+    MERGED = "merged"  # text embeddings after the image scatter: the inputs_embeds HF's language model receives
+    MASK = "mask"  # an attention mask, each side's own from raw inputs
+    ROPE = "rope"  # a RoPE table (cos, sin), each side's own from raw inputs
+    PATCHES = "vision_patches"  # [I, N, ...]; real rows = patches whose position is not (-1, -1)
+    VISION_ROPE = "vision_rope"  # (cos, sin), each [I, N, d]; same real rows
+    POOLED = "vision_pooled"  # (features [I, N/k^2, Hv], valid-slot mask): real rows = the mask
+    TOKENS = "vision_tokens"  # [soft tokens of all images, ...], every row real
+
+
+class Part(enum.Enum):
+    Q = "q"
+    K = "k"
+    V = "v"
+    GATE = "gate"
+    UP = "up"
+
+
+class Stack(enum.Enum):
+    TEXT = "text"  # the text model (``model.`` / ``model.language_model.``)
+    VISION = "vision"  # vision tower and embed_vision (``model.``)
+    ROOT = "root"  # the model root (lm_head, logits)
+    VLM = "vlm"  # the VLM root (merged embeddings)
+
+
+TABLE_KINDS = (Kind.MASK, Kind.ROPE)  # compared from each side's own tables, not from hooked modules
 
 
 @dataclass(frozen=True)
-class Align:
+class Row:
     hf: str
-    mc: str
-    kind: str
+    kind: Kind
+    part: Part | None = None
+    stack: Stack = Stack.TEXT
     gate: str = "module"  # "module" | "exact" (bit-exact even in bf16)
-    moe_only: bool = False
+    when: str | None = None  # key of parity.bridge.mapping.WHEN, per text layer
+    key: str | None = None  # key of the systems' name tables when ``hf`` is not unique (masks)
+    feeds: tuple[tuple[Stack, str], ...] = ()  # replayed on these HF modules' outputs (inline steps)
+    input_of: str | None = None  # captured as the ``inputs_embeds`` this HF module receives
+    note: str | None = None  # detail of a table row ({layer_type}, {n} mismatching entries)
+    per_type: bool = False  # one row per layer type, at its first layer (masks, RoPE)
+
+    @property
+    def name_key(self) -> str:
+        return self.key or self.hf
+
+    @property
+    def label(self) -> str:
+        """The kind as results.json writes it: ``qkv:q``, ``fc1:gate``, ``vision_patches``, ``norm``."""
+        return f"{self.kind.value}:{self.part.value}" if self.part else self.kind.value
 
 
-TEXT_MODEL = (
-    Align("model.embed_tokens", "embedding", "embedding", gate="exact"),
-    Align("model.norm", "decoder.final_layernorm", "norm"),
-    Align("lm_head", "output_layer", "lm_head"),
-    Align("logits", "logits", "logits"),  # lm_head + softcap: not a module in HF
+_L = "vision_tower.encoder.layers.{i}"
+_CLIPPABLE = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+              "mlp.up_proj", "mlp.down_proj")
+_V = Stack.VISION
+
+VISION = (
+    Row("vision_tower", Kind.TOKENS, stack=_V),
+    Row("vision_tower.patch_embedder", Kind.PATCHES, stack=_V),
+    Row("vision_tower.patch_embedder.input_proj", Kind.PATCHES, stack=_V),
+    Row("vision_tower.encoder", Kind.PATCHES, stack=_V),
+    Row("vision_tower.encoder.rotary_emb", Kind.VISION_ROPE, stack=_V),
+    *(Row(f"{_L}{sub}", Kind.PATCHES, stack=_V) for sub in (
+        "", ".input_layernorm", ".self_attn", *(f".self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "q_norm",
+                                                                            "k_norm", "v_norm", "o_proj")),
+        ".post_attention_layernorm", ".pre_feedforward_layernorm", ".mlp", ".mlp.gate_proj", ".mlp.up_proj",
+        ".mlp.act_fn", ".mlp.down_proj", ".post_feedforward_layernorm")),
+    Row("vision_tower.pooler", Kind.POOLED, stack=_V),
+    Row("embed_vision", Kind.TOKENS, stack=_V),
+    Row("embed_vision.embedding_pre_projection_norm", Kind.TOKENS, stack=_V),
+    Row("embed_vision.embedding_projection", Kind.TOKENS, stack=_V),
+    *(Row(f"{_L}.{p}.linear", Kind.PATCHES, stack=_V) for p in _CLIPPABLE),  # the bare linear before the clamp
 )
 
-TEXT_LAYER = (
-    Align("model.layers.{i}", "decoder.layers.{i}", "layer"),
-    Align("model.layers.{i}.input_layernorm", "decoder.layers.{i}.input_layernorm", "norm"),
-    Align("model.layers.{i}.self_attn", "decoder.layers.{i}.self_attention", "attention"),
-    Align("model.layers.{i}.self_attn.q_proj", "decoder.layers.{i}.self_attention.linear_qkv", "qkv:q"),
-    Align("model.layers.{i}.self_attn.k_proj", "decoder.layers.{i}.self_attention.linear_qkv", "qkv:k"),
-    Align("model.layers.{i}.self_attn.v_proj", "decoder.layers.{i}.self_attention.linear_qkv", "qkv:v"),
-    Align("model.layers.{i}.self_attn.q_norm", "decoder.layers.{i}.self_attention.q_layernorm", "head_norm"),
-    Align("model.layers.{i}.self_attn.k_norm", "decoder.layers.{i}.self_attention.k_layernorm", "head_norm"),
-    Align("model.layers.{i}.self_attn.o_proj", "decoder.layers.{i}.self_attention.linear_proj", "linear"),
-    Align("model.layers.{i}.post_attention_layernorm", "decoder.layers.{i}.post_attention_layernorm", "norm"),
-    Align("model.layers.{i}.pre_feedforward_layernorm", "decoder.layers.{i}.pre_mlp_layernorm", "norm"),
-    Align("model.layers.{i}.mlp", "decoder.layers.{i}.mlp", "mlp"),
-    Align("model.layers.{i}.mlp.gate_proj", "decoder.layers.{i}.mlp.linear_fc1", "fc1:gate"),
-    Align("model.layers.{i}.mlp.up_proj", "decoder.layers.{i}.mlp.linear_fc1", "fc1:up"),
-    Align("model.layers.{i}.mlp.down_proj", "decoder.layers.{i}.mlp.linear_fc2", "linear"),
-    Align("model.layers.{i}.post_feedforward_layernorm_1", "decoder.layers.{i}.post_mlp_layernorm_1", "norm", moe_only=True),
-    Align("model.layers.{i}.router", "decoder.layers.{i}.moe.router", "router", moe_only=True),
-    Align("model.layers.{i}.pre_feedforward_layernorm_2", "decoder.layers.{i}.pre_moe_layernorm", "flat_norm", moe_only=True),
-    Align("model.layers.{i}.experts", "decoder.layers.{i}.moe", "experts", moe_only=True),
-    Align("model.layers.{i}.post_feedforward_layernorm_2", "decoder.layers.{i}.post_moe_layernorm", "norm", moe_only=True),
-    Align("model.layers.{i}.post_feedforward_layernorm", "decoder.layers.{i}.post_mlp_layernorm", "norm"),
+MERGED = Row("merged_embeddings", Kind.MERGED, stack=Stack.VLM, input_of="model.language_model",
+             feeds=((Stack.TEXT, "embed_tokens"), (_V, "embed_vision")))
+
+TEXT = (
+    Row("embed_tokens", Kind.EMBEDDING, gate="exact"),
+    Row("norm", Kind.NORM),
+    Row("lm_head", Kind.LM_HEAD, stack=Stack.ROOT),
+    Row("logits", Kind.LOGITS, stack=Stack.ROOT, feeds=((Stack.TEXT, "norm"),)),
+)
+
+_A = "layers.{i}.self_attn"
+LAYER = (
+    Row("layers.{i}", Kind.LAYER),
+    Row("layers.{i}.input_layernorm", Kind.NORM),
+    Row(_A, Kind.ATTENTION),
+    Row(f"{_A}.q_proj", Kind.QKV, Part.Q),
+    Row(f"{_A}.k_proj", Kind.QKV, Part.K),
+    Row(f"{_A}.v_proj", Kind.QKV, Part.V, when="separate_v"),  # K=V layers have no v_proj: V is k_proj's output
+    Row(f"{_A}.q_norm", Kind.HEAD_NORM),
+    Row(f"{_A}.k_norm", Kind.HEAD_NORM),
+    Row(f"{_A}.o_proj", Kind.LINEAR),
+    Row("layers.{i}.post_attention_layernorm", Kind.NORM),
+    Row("layers.{i}.pre_feedforward_layernorm", Kind.NORM),
+    Row("layers.{i}.mlp", Kind.MLP),
+    Row("layers.{i}.mlp.gate_proj", Kind.FC1, Part.GATE),
+    Row("layers.{i}.mlp.up_proj", Kind.FC1, Part.UP),
+    Row("layers.{i}.mlp.down_proj", Kind.LINEAR),
+    Row("layers.{i}.post_feedforward_layernorm_1", Kind.NORM, when="moe"),
+    Row("layers.{i}.router", Kind.ROUTER, when="moe"),
+    Row("layers.{i}.pre_feedforward_layernorm_2", Kind.FLAT_NORM, when="moe"),
+    Row("layers.{i}.experts", Kind.EXPERTS, when="moe"),
+    Row("layers.{i}.post_feedforward_layernorm_2", Kind.NORM, when="moe"),
+    Row("layers.{i}.post_feedforward_layernorm", Kind.NORM),
+)
+
+TABLES = (  # the mask of ``X.self_attn`` is the ``attention_mask`` its parent ``X`` receives
+    Row("rotary_emb", Kind.ROPE, per_type=True, note="{layer_type}"),
+    Row(_A, Kind.MASK, gate="exact", key="masks", per_type=True,
+        note="attention mask ({layer_type}): {n} mismatching entries"),
+    Row("vision_tower.encoder.layers.0.self_attn", Kind.MASK, stack=_V, gate="exact", key="vision_masks",
+        note="vision encoder attention mask: {n} mismatching entries"),
 )
 
 
-def text_rows(args, hf_prefix: str = "model.", mc_prefix: str = "") -> list[tuple[str, str, Align]]:
-    """Concrete (hf_name, mc_name, row) for a text model. ``hf_prefix`` is where HF's text model lives
-    (``model.`` for Gemma4ForCausalLM, ``model.language_model.`` inside the VLM)."""
-    def hf_name(pattern: str, i: int | None = None) -> str:
-        name = pattern.format(i=i) if i is not None else pattern
-        return hf_prefix + name[len("model."):] if name.startswith("model.") else name
+@dataclass(frozen=True)
+class Aligned:
+    """One concrete row: the full HF path, its row, and the slots it was expanded with."""
 
-    def mc_name(pattern: str, i: int | None = None) -> str:
-        name = pattern.format(i=i) if i is not None else pattern
-        return mc_prefix + name if name != "logits" else name
+    hf: str
+    row: Row
+    slots: dict = field(default_factory=dict)
+    feeds: tuple[str, ...] = ()  # full HF names of the modules whose outputs ``row.feeds`` names
 
-    rows = []
-    for row in TEXT_MODEL:
-        rows.append((hf_name(row.hf), mc_name(row.mc), row))
-    for i, layer in enumerate(args.layers):
-        for row in TEXT_LAYER:
-            if row.moe_only and not args.enable_moe_block:
-                continue
-            if row.kind == "qkv:v" and layer.k_eq_v:
-                continue  # HF has no v_proj on K=V layers: V is the raw k_proj output
-            rows.append((hf_name(row.hf, i), mc_name(row.mc, i), row))
-    return rows
+    @property
+    def layer(self) -> int | None:
+        return layer_of(self.hf)
+
+    def group(self) -> str:
+        return "vision" if self.row.stack is Stack.VISION else "text"
+
+
+def expand(prefixes: dict[Stack, str], text_args, vision_layers: int = 0) -> list[Aligned]:
+    """Every compared row of a model: vision rows (pattern by pattern), merged embeddings, the text model
+    (decoder layer by layer, as its forward visits them), then the mask and RoPE tables. ``prefixes`` says
+    where each stack sits in the HF model; rows of a stack it lacks are left out."""
+    types = list(dict.fromkeys(la.layer_type for la in text_args.layers))
+    first = {t: [la.layer_type for la in text_args.layers].index(t) for t in types}
+    rows = [(r, {"i": i}) for r in VISION for i in (range(vision_layers) if "{i}" in r.hf else [None])]
+    rows += [(MERGED, {})] + [(r, {}) for r in TEXT]
+    rows += [(r, {"i": i}) for i in range(text_args.num_layers) for r in LAYER
+             if r.when is None or WHEN[r.when](text_args, i)]
+    rows += [(r, {"i": first[t], "layer_type": t} if t else {}) for r in TABLES for t in (types if r.per_type else [None])]
+    return [Aligned(prefixes[r.stack] + r.hf.format(**slots), r, slots, tuple(prefixes[s] + n for s, n in r.feeds))
+            for r, slots in rows if r.stack in prefixes]
 
 
 def layer_of(name: str) -> int | None:

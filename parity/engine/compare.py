@@ -1,13 +1,13 @@
-"""Capture, layout alignment, isolated replay and metrics for one HF model and its Megatron twin.
+"""Capture of the HF side, and the metrics of one aligned pair, by the row's kind.
 
 HF side: forward hooks record what each aligned module *received* and *returned* (offloaded to host when
 asked, deduplicated when several modules share one tensor) and the order in which modules returned.
-Megatron side: the end-to-end forward is compared on the fly, hook by hook, against the stored HF
-outputs (nothing of the Megatron side is kept); then each Megatron module is replayed on the HF module's
-captured inputs with the Megatron model's *own* masks and RoPE tables (isolated mode).
+``value`` brings an output to the row's comparison layout (the same on both sides once a system has put
+its output in HF layout); ``compare`` measures it where the positions are real.
 """
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from parity.engine import metrics as M
-from parity.engine.alignment import Align, layer_of
+from parity.engine.alignment import Aligned, Kind, Stack
 from parity.engine.hoststage import HostStage, storage_key
 
 
@@ -82,25 +82,36 @@ class Capture:
         return calls[0] if calls else None
 
 
-def capture_hf(model: nn.Module, names: set[str], run: Callable[[], Any], store: Store,
-               keep_inputs: bool = True, prefix: str = "", cap: Capture | None = None) -> tuple[Capture, Any]:
-    """Run ``run()`` with hooks on the modules of ``model`` whose ``prefix + name`` is in ``names``;
-    returns the capture (``cap`` extended when given) and run()'s result."""
-    cap = cap if cap is not None else Capture()
+def input_hooks(model: nn.Module, rows: list[Aligned], sink: Callable[[str, torch.Tensor], None]) -> list:
+    """Pre-hooks for rows captured as the ``inputs_embeds`` an HF module receives: ``sink(hf_name, value)``."""
+    modules = dict(model.named_modules())
     handles = []
-    for rel, mod in model.named_modules():
-        name = prefix + rel if rel else prefix.rstrip(".")
-        if name not in names:
-            continue
+    for a in rows:
+        if a.row.input_of in modules:
+            def pre(m, args, kwargs, name=a.hf):
+                if kwargs.get("inputs_embeds") is not None:
+                    sink(name, kwargs["inputs_embeds"])
+            handles.append(modules[a.row.input_of].register_forward_pre_hook(pre, with_kwargs=True))
+    return handles
 
-        def hook(m, args, kwargs, output, name=name):
-            order = len(cap.order) + 1
-            cap.order.setdefault(name, order)
-            cap.calls.setdefault(name, []).append(Call(
-                store.keep(args) if keep_inputs else (), store.keep(kwargs) if keep_inputs else {},
-                store.keep(output), order))
 
-        handles.append(mod.register_forward_hook(hook, with_kwargs=True))
+def capture_hf(model: nn.Module, rows: list[Aligned], run: Callable[[], Any], store: Store) -> tuple[Capture, Any]:
+    """Run ``run()`` with hooks on the HF modules of ``rows`` (and the layers whose masks they compare);
+    returns the capture and run()'s result."""
+    cap = Capture()
+    names = {a.hf for a in rows if a.row.kind not in (Kind.LOGITS, Kind.MERGED)}
+    names |= {a.hf.rsplit(".", 1)[0] for a in rows if a.row.kind is Kind.MASK}
+
+    def keep(name, args, kwargs, output):
+        order = len(cap.order) + 1
+        cap.order.setdefault(name, order)
+        cap.calls.setdefault(name, []).append(Call(store.keep(args), store.keep(kwargs), store.keep(output), order))
+
+    handles = input_hooks(model, rows, lambda name, x: keep(name, (), {}, x))
+    for name, mod in model.named_modules():
+        if name in names:
+            handles.append(mod.register_forward_hook(lambda m, a, kw, out, name=name: keep(name, a, kw, out),
+                                                     with_kwargs=True))
     try:
         with torch.no_grad():
             result = run()
@@ -112,174 +123,127 @@ def capture_hf(model: nn.Module, names: set[str], run: Callable[[], Any], store:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Layouts: bring outputs of both sides to HF's layout
+# One aligned pair: both outputs in the row's layout, measured where positions are real
 
 @dataclass
-class Ctx:
-    """What both layout conversion and replay need: sizes, valid-token mask, the Megatron model's own
-    masks and RoPE tables (built from raw inputs), and the Megatron model itself."""
+class Where:
+    """Which positions are real, from the raw inputs: tokens ``[b, s]``, vision patches ``[I, N]``."""
 
-    batch: int
-    seq: int
-    valid: torch.Tensor  # [b, s] bool, True = real token
-    mc_model: Any
-    mc_masks: dict[str, torch.Tensor]
-    mc_rope: dict[str, torch.Tensor]
-    layer_types: list[str]
-    num_heads: int
-    layer_shapes: list[tuple[int, int]]  # (head_dim, num_kv_heads) per layer
-    device: Any = "cpu"
+    valid: torch.Tensor
+    real: torch.Tensor | None = None
 
 
-def _first(x):
+def first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-def _sb(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(0, 1)
-
-
-def _split_qkv(mixed: torch.Tensor, part: str, np_: int, hn: int, ng: int) -> torch.Tensor:
-    """Megatron fused QKV output ``[..., ng_l*(np/ng+2)*hn]`` -> the q, k or v part ``[..., heads*hn]``."""
-    rep = np_ // ng
-    lead = mixed.shape[:-1]
-    ng_local = mixed.shape[-1] // ((rep + 2) * hn)
-    g = mixed.reshape(*lead, ng_local, (rep + 2) * hn)
-    q, k, v = g.split([rep * hn, hn, hn], dim=-1)
-    return {"q": q, "k": k, "v": v}[part].reshape(*lead, -1)
-
-
-def hf_value(kind: str, call: Call) -> Any:
-    out = call.output
-    if kind == "attention":
-        return out[0]
-    if kind == "router":
-        probs, top_w, top_i = out
-        return {"probs": probs, "top_w": top_w, "top_i": top_i}
-    return _first(out)
-
-
-def _tp_size() -> int:
-    from megatron.core import parallel_state
-    return parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
-
-
-def _tp_gather(x: torch.Tensor) -> torch.Tensor:
-    """All-gather a tensor-parallel shard along its last dim (heads / vocab / intermediate)."""
-    if _tp_size() == 1:
-        return x
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-    return gather_from_tensor_model_parallel_region(x.contiguous())
-
-
-def mc_value(kind: str, out: Any, ctx: Ctx, layer: int | None, module: nn.Module | None) -> Any:
-    """Megatron end-to-end output (``[s, b, ...]``, TP shards gathered) -> HF layout."""
-    b, s = ctx.batch, ctx.seq
-    if kind in ("embedding", "logits"):
-        return out
-    if kind == "router":
-        dense, _ = out
-        top_w, top_i = module.last_top_k
-        reorder = lambda t: t.reshape(s, b, -1).transpose(0, 1).reshape(b * s, -1)  # noqa: E731
-        return {"dense": reorder(dense), "top_w": reorder(top_w), "top_i": reorder(top_i)}
-    x = _first(out)
-    if kind.startswith("qkv:"):
-        hn, ng = ctx.layer_shapes[layer]
-        x = _split_qkv(_tp_gather(x), kind[-1], ctx.num_heads, hn, ng)  # ranks hold contiguous KV groups
-    elif kind.startswith("fc1:"):
-        x = _tp_gather(x.chunk(2, dim=-1)[0 if kind.endswith("gate") else 1])  # [gate_r; up_r] per rank
-    elif kind == "head_norm" and _tp_size() > 1 and x.shape[2] != ctx.num_heads and module is not None:
-        x = _tp_gather(x.flatten(2)).unflatten(2, (-1, x.shape[-1]))
-    elif kind == "lm_head":
-        x = _tp_gather(x)
-    x = _sb(x)
-    if kind in ("experts", "flat_norm"):
-        x = x.reshape(b * s, -1)
+def to_device(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(to_device(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: to_device(v, device) for k, v in x.items()}
     return x
 
 
-# ---------------------------------------------------------------------------------------------------
-# Isolated replay: the Megatron module on the HF module's captured inputs, with Megatron's own masks/RoPE
-
-def _arg(call: Call, key: str, pos: int = 0):
-    if key in call.kwargs:
-        return call.kwargs[key]
-    return call.args[pos]
-
-
-def replay(kind: str, module: nn.Module, call: Call, ctx: Ctx, layer: int | None) -> Any:
-    """``module`` on ``call``'s inputs in HF layout; for ``logits`` the call is the final norm's (its output
-    is the input of lm_head + softcap, which are not an HF module)."""
-    dev = ctx.device
-    x = lambda key="hidden_states", pos=0: _arg(call, key, pos).to(dev)  # noqa: E731
-    lt = ctx.layer_types[layer] if layer is not None else None
-    if kind == "embedding":
-        return module(_arg(call, "input_ids").to(dev))
-    if kind in ("norm", "head_norm"):
-        return _sb(module(_sb(x())))
-    if kind == "flat_norm":
-        return module(x())
-    if kind == "layer":
-        return _sb(module(_sb(x()), ctx.mc_masks[lt], ctx.mc_rope[lt]))
-    if kind == "attention":
-        return _sb(module(_sb(x()), ctx.mc_masks[lt], rotary_pos_emb=ctx.mc_rope[lt])[0])
-    if kind == "linear" and getattr(module, "input_is_parallel", False) and _tp_size() > 1:
-        from megatron.core import parallel_state  # row-parallel: this rank's slice of the HF input
-        local = x("input").chunk(_tp_size(), dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
-        return mc_value(kind, module(_sb(local)), ctx, layer, module)
-    if kind.startswith("qkv:") or kind.startswith("fc1:") or kind in ("linear", "mlp"):
-        return mc_value(kind, module(_sb(x("input"))), ctx, layer, module)
-    if kind == "router":
-        dense, _ = module(x())
-        top_w, top_i = module.last_top_k
-        return {"dense": dense, "top_w": top_w, "top_i": top_i}
-    if kind == "experts":  # forced identical routing: HF's top-k indices and weights
-        h = x()
-        top_i, top_w = _arg(call, "top_k_index", 1).to(dev), _arg(call, "top_k_weights", 2).to(dev)
-        probs = torch.zeros(h.shape[0], module.config.num_moe_experts, dtype=top_w.dtype, device=dev)
-        probs.scatter_(1, top_i, top_w)
-        routing_map = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_i, True)
-        return module.experts_forward(h[:, None, :], probs, routing_map)[:, 0, :]
-    if kind == "lm_head":
-        weight = ctx.mc_model.embedding.word_embeddings.weight if ctx.mc_model.args.tie_word_embeddings else None
-        from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-        out, _ = module(_sb(x("input")), weight=weight)
-        return _sb(gather_from_tensor_model_parallel_region(out))
-    if kind == "logits":
-        return ctx.mc_model.output_logits(_sb(_first(call.output).to(dev)))
-    raise ValueError(f"no replay for kind {kind}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Metrics of one aligned pair
-
-def valid_for(kind: str, ctx: Ctx) -> torch.Tensor:
-    return ctx.valid.reshape(-1) if kind in ("experts", "flat_norm", "router") else ctx.valid
-
-
-def compare_values(kind: str, ref: Any, test: Any, ctx: Ctx) -> dict:
-    mask = valid_for(kind, ctx)
-    if kind == "router":
-        e = ref["probs"].shape[-1]
-        ref_dense = torch.zeros_like(ref["probs"]).scatter(1, ref["top_i"].long(), ref["top_w"].float())
-        test_dense = test["dense"].to(ref_dense.device, ref_dense.dtype)
-        out = M.tensor_metrics(ref_dense, test_dense, mask.to(ref_dense.device))
-        out["router"] = M.router_metrics(
-            ref["top_i"].cpu(), test["top_i"].cpu(), ref["top_w"].cpu(), test["top_w"].cpu(),
-            mask=mask.cpu(), ref_probs=ref["probs"].cpu())
-        out["router"]["num_experts"] = e
+def value(kind: Kind, out: Any) -> Any:
+    """An output (HF's, or a system's already in HF layout) in the comparison layout of ``kind``."""
+    if isinstance(out, dict) and "last_hidden_state" in out:  # an HF ModelOutput (the store keeps a plain dict)
+        out = out["last_hidden_state"]
+    if kind is Kind.ROUTER:
+        probs, top_w, top_i = out
+        return {"probs": probs, "top_w": top_w, "top_i": top_i}
+    if kind is Kind.VISION_ROPE:
+        return torch.cat([out[0], out[1]], dim=-1)
+    if kind is Kind.POOLED:
         return out
-    ref_t = ref.to(test.device) if isinstance(ref, torch.Tensor) else ref
-    return M.tensor_metrics(ref_t, test, mask.to(test.device))
+    return first(out)
 
 
-def row_record(hf_name: str, mc_name: str, row: Align, mode: str, m: dict, order: int) -> dict:
+def failed(why: str) -> dict:
+    return {"cosine": math.nan, "rel_l2": math.inf, "max_abs": math.inf, "detail": why}
+
+
+def _router(ref, test, where: Where) -> dict:
+    mask = where.valid.reshape(-1)
+    ref_dense = torch.zeros_like(ref["probs"]).scatter(1, ref["top_i"].long(), ref["top_w"].float())
+    out = M.tensor_metrics(ref_dense, test["dense"].to(ref_dense.device, ref_dense.dtype), mask.to(ref_dense.device))
+    out["router"] = M.router_metrics(ref["top_i"].cpu(), test["top_i"].cpu(), ref["top_w"].cpu(), test["top_w"].cpu(),
+                                     mask=mask.cpu(), ref_probs=ref["probs"].cpu())
+    out["router"]["num_experts"] = ref["probs"].shape[-1]
+    return out
+
+
+def _vision(mask_of: Callable) -> Callable:
+    def measure(ref, test, where: Where) -> dict:
+        mask = mask_of(ref, where)
+        if isinstance(ref, tuple):  # pooled: (features, valid-slot mask); the masks must agree first
+            if not torch.equal(ref[1].to(test[1].device), test[1]):
+                return failed("pooled valid-slot masks differ")
+            ref, test = ref[0], test[0]
+        if tuple(ref.shape) != tuple(test.shape):
+            return failed(f"shape {tuple(test.shape)} vs {tuple(ref.shape)}")
+        return M.tensor_metrics(ref, test.to(ref.device), None if mask is None else mask.to(ref.device))
+    return measure
+
+
+def _tokens(flat: bool) -> Callable:
+    def measure(ref, test, where: Where) -> dict:
+        mask = where.valid.reshape(-1) if flat else where.valid
+        return M.tensor_metrics(ref.to(test.device), test, mask.to(test.device))
+    return measure
+
+
+_BY_TOKEN = _tokens(flat=False)
+_MEASURE = {
+    Kind.ROUTER: _router,
+    Kind.EXPERTS: _tokens(flat=True), Kind.FLAT_NORM: _tokens(flat=True),
+    Kind.MERGED: lambda ref, test, w: M.tensor_metrics(ref, test.to(ref.device), w.valid.to(ref.device)),
+    Kind.PATCHES: _vision(lambda ref, w: w.real), Kind.VISION_ROPE: _vision(lambda ref, w: w.real),
+    Kind.POOLED: _vision(lambda ref, w: ref[1]), Kind.TOKENS: _vision(lambda ref, w: None),
+}
+
+
+def compare(kind: Kind, ref: Any, test: Any, where: Where) -> dict:
+    """Metrics of ``test`` against ``ref`` (both in ``kind``'s layout) at the real positions."""
+    return _MEASURE.get(kind, _BY_TOKEN)(ref, test, where)
+
+
+def compare_mask(a: Aligned, hf_mask, mine: torch.Tensor, where: Where) -> dict:
+    """A mask row: HF's mask (as its layer receives it; None = plain causal for text, all-visible for vision)
+    against the system's, at real query rows over *every* key: a padded key one side lets through must show
+    (padded query rows attend to nothing real and are never compared)."""
+    text = a.row.stack is not Stack.VISION
+    rows = where.valid if text else where.real
+    n = rows.shape[-1]
+    if hf_mask is None:
+        ref = torch.ones(n, n, dtype=torch.bool, device=rows.device)
+        ref = (ref.tril() if text else ref)[None, None]
+    else:
+        ref = hf_mask.to(rows.device)
+        ref = ref if ref.dtype == torch.bool else ref == 0
+    region = rows[:, None, :, None].expand(rows.shape[0], 1, n, n)
+    diff = int(((ref != mine.to(rows.device)) & region).sum())
+    return {"cosine": 1.0 if diff == 0 else 0.0, "rel_l2": diff / max(1, int(region.sum())), "max_abs": float(diff > 0),
+            "n": diff}
+
+
+def compare_rope(hf_call: Call, mine: tuple, where: Where) -> dict:
+    cos, sin = hf_call.output
+    mc = torch.cat(list(mine), -1)
+    return M.tensor_metrics(torch.cat([cos, sin], -1).to(mc.device), mc, where.valid)
+
+
+def row_record(a: Aligned, mc_name: str, mode: str, m: dict, order: int) -> dict:
     rec = {
-        "name": hf_name, "megatron_name": mc_name, "mode": mode, "kind": row.kind,
+        "name": a.hf, "megatron_name": mc_name, "mode": mode, "kind": a.row.label,
         "cosine": m.get("cosine"), "rel_l2": m.get("rel_l2"), "max_abs": m.get("max_abs"),
         "p99_abs": m.get("p99_abs"), "nonfinite": (m.get("nonfinite_ref", 0), m.get("nonfinite_test", 0)),
-        "layer": layer_of(hf_name), "order": order, "gate_class": row.gate,
+        "layer": a.layer, "order": order, "gate_class": a.row.gate, "group": a.group(),
     }
     if "router" in m:
         rec["router"] = m["router"]
+    if m.get("detail"):
+        rec["detail"] = m["detail"]
     return rec

@@ -1,9 +1,9 @@
 """The Gemma 4 vision tower and ``embed_vision`` on megatron-core parts, from ``VisionArgs`` + state dict only.
 
 Module boundaries mirror HF's (``Gemma4VisionModel`` -> ``patch_embedder`` / ``encoder.layers.{i}`` /
-``pooler``, then ``Gemma4MultimodalEmbedder``) so every HF vision module has a Megatron twin; the
-table lives in ``parity.bridge.vision.MODULES``. Layout stays batch-first ``[num_images, N, Hv]`` as in
-HF (no sequence parallelism here, and the alignment needs no transpose).
+``pooler``, then ``Gemma4MultimodalEmbedder``) so every HF vision module has a Megatron twin (the rows:
+``parity.engine.alignment``; these modules' names: ``parity.systems.ours``). Layout stays batch-first
+``[num_images, N, Hv]`` as in HF (no sequence parallelism here, and the alignment needs no transpose).
 
 Dataflow (HF ``modeling_gemma4.py``, transformers 5.24):
     padding = positions == (-1, -1)
@@ -324,12 +324,6 @@ class Gemma4VisionTowerMC(MegatronModule):
 
     def soft_tokens_per_image(self, image_position_ids: torch.Tensor) -> list[int]:
         return soft_tokens_per_image(image_position_ids, self.args.pooling_kernel_size)
-
-    def hf_twins(self, hf_prefix: str = "model.") -> dict[str, nn.Module]:
-        """HF module path -> the Megatron submodule computing the same thing (for hooks on both sides)."""
-        from parity.bridge.vision import module_map
-
-        return {hf: self.get_submodule(mc) for hf, mc in module_map(self.args.num_layers, hf_prefix).items()}
 
 
 def soft_tokens_per_image(image_position_ids: torch.Tensor, pooling_kernel_size: int) -> list[int]:

@@ -1,0 +1,225 @@
+"""Model kinds: the HF side of a run. ``text`` (``Gemma4ForCausalLM``) and ``vlm``
+(``Gemma4ForConditionalGeneration``) each build the HF model (random weights from a builder, or a local
+checkpoint), make the case's raw inputs, run HF's forward (also in fp32, for the bf16 noise floor), say where
+their stacks sit for the alignment table, and split positions into groups.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from parity import config as C
+from parity.engine.alignment import Stack
+from parity.engine.compare import to_device
+from parity.errors import UserError
+
+
+def _check_memory(need: int, device: str, what: str) -> None:
+    """Refuse (one line, exit 2) a checkpoint whose weights cannot fit where the HF model will live."""
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need * 1.05 > free:
+        raise UserError(f"out of memory: {what} needs {need / 2**30:.1f} GiB of weights on {device}, "
+                        f"only {free / 2**30:.1f} GiB free")
+
+
+def _fits(missing, unexpected) -> None:
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise UserError(f"checkpoint does not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def _from_checkpoint(folder: str, dtype: torch.dtype, device: str):
+    from parity.bridge import io as bio
+
+    info = bio.inspect_folder(folder)  # files, keys, shapes: validated before instantiation
+    _check_memory(info.bytes_as(dtype), device, folder)
+    return info, *bio.load_folder(folder, dtype=dtype, device="cpu")
+
+
+class TextKind:
+    name = "text"
+    prefixes = {Stack.TEXT: "model.", Stack.ROOT: ""}
+
+    def check(self, case) -> None:
+        """Refuse (one line) what this kind cannot run."""
+
+    def build(self, case, dtype: torch.dtype, device: str, checkpoint: str | None, seed: int):
+        """HF Gemma4ForCausalLM from the case's builder (random weights) or from a local checkpoint."""
+        from transformers import Gemma4ForCausalLM
+
+        from parity.engine.randomize import randomize_
+
+        if checkpoint:
+            from parity.bridge.convert import split_hf_state
+
+            _info, hf_config, state = _from_checkpoint(checkpoint, dtype, device)
+            config = getattr(hf_config, "text_config", None) or hf_config
+            with torch.device(device):
+                model = Gemma4ForCausalLM._from_config(config, torch_dtype=dtype)
+            prefix, text, _rest = split_hf_state(state)  # a VLM checkpoint: its text part
+            renamed = {}
+            for k, v in text.items():
+                key = k[len(prefix):] if prefix and k.startswith(prefix) else k
+                renamed["model." + key if not key.startswith(("model.", "lm_head")) else key] = v
+            _fits(*model.load_state_dict(renamed, strict=False))
+            return model.eval(), config
+        builders = {"tiny_text": C.text_config_kwargs, "full_text": C.full_text_config_kwargs}
+        if case.model.builder not in builders:
+            raise UserError(f"unknown text model builder {case.model.builder!r}")
+        config = C.make_text_config(builders[case.model.builder](**case.model.overrides))
+        C.check_supported(config)
+        config._attn_implementation = "sdpa"
+        with torch.device(device):
+            model = Gemma4ForCausalLM._from_config(config, torch_dtype=dtype)
+        randomize_(model, seed=seed)
+        return model.eval(), config
+
+    def text_config(self, config):
+        return config
+
+    def vision_layers(self, config) -> int:
+        return 0
+
+    def inputs(self, config, case, seed: int, device: str) -> dict[str, torch.Tensor]:
+        from parity.engine.inputs import text_inputs
+
+        i = case.inputs
+        return text_inputs(config.vocab_size, i.batch, i.seq_len, i.pad_tail, seed, config.pad_token_id or 0, device,
+                           padding=i.padding, lengths=i.lengths, position_offset=i.position_offset)
+
+    def forward(self, model, inputs):
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     position_ids=inputs["position_ids"], use_cache=False).logits
+
+    def forward_fp32(self, model, inputs, cap, run_copy, prog):
+        """The HF text graph in fp32, one decoder layer resident at a time (so it fits beside the bf16 model):
+        embed -> layers (HF's own layer kwargs, RoPE recomputed in fp32) -> norm -> lm_head -> softcap."""
+        base, device = model.model, inputs["input_ids"].device
+        h = run_copy(base.embed_tokens, "model.embed_tokens", cap.first("model.embed_tokens").args[0].to(device))
+        for i, layer in enumerate(base.layers):
+            prog.note(f"fp32 floor: layer {i + 1}/{len(base.layers)}")
+            kwargs = to_device(dict(cap.first(f"model.layers.{i}").kwargs), device)
+            with torch.no_grad():
+                kwargs["position_embeddings"] = base.rotary_emb(h, kwargs["position_ids"], model.config.layer_types[i])
+            h = run_copy(layer, f"model.layers.{i}", h, **kwargs)
+        logits = run_copy(model.lm_head, "lm_head", run_copy(base.norm, "model.norm", h)).float()
+        softcap = model.config.final_logit_softcapping
+        return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+
+    def groups(self, inputs) -> dict | None:
+        return None
+
+    def describe(self, case, config, inputs) -> dict:
+        b, s = inputs["input_ids"].shape
+        return {"batch": b, "seq_len": s, "pad_tail": case.inputs.pad_tail, "padding": case.inputs.padding,
+                "lengths": inputs["attention_mask"].sum(1).tolist(), "position_offset": case.inputs.position_offset}
+
+
+class VlmKind(TextKind):
+    name = "vlm"
+    prefixes = {Stack.VISION: "model.", Stack.TEXT: "model.language_model.", Stack.ROOT: "", Stack.VLM: ""}
+
+    def check(self, case) -> None:
+        if case.parallel.world_size != 1:
+            raise UserError(f"case {case.name}: VLM runs support tp = ep = 1 only "
+                            f"(got tp={case.parallel.tp}, ep={case.parallel.ep})")
+
+    def build(self, case, dtype: torch.dtype, device: str, checkpoint: str | None, seed: int):
+        """HF Gemma4ForConditionalGeneration from the ``tiny_vlm`` builder (random weights) or a checkpoint."""
+        from transformers import Gemma4ForConditionalGeneration
+
+        from parity.engine.randomize import randomize_
+        from parity.vlm_config import VisionArgs, make_vlm_config, vlm_config_kwargs
+
+        if checkpoint:
+            info, config, state = _from_checkpoint(checkpoint, dtype, device)
+            if info.architecture != "Gemma4ForConditionalGeneration":
+                raise UserError(f"{checkpoint}: a {info.architecture} checkpoint, but case {case.name} is a VLM")
+        elif case.model.builder != "tiny_vlm":
+            raise UserError(f"unknown VLM model builder {case.model.builder!r}")
+        else:
+            try:
+                config = make_vlm_config(vlm_config_kwargs(**case.model.overrides))
+            except TypeError as e:
+                raise UserError(f"case {case.name}: model.overrides: {e}") from None
+        C.check_supported_vlm(config)
+        VisionArgs.from_hf(config)  # refuses vision features the Megatron tower lacks
+        with torch.device(device):
+            model = Gemma4ForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+        if checkpoint:
+            _fits(*model.load_state_dict(state, strict=False))
+        else:
+            randomize_(model, seed=seed)
+        return model.eval(), config
+
+    def text_config(self, config):
+        return config.text_config
+
+    def vision_layers(self, config) -> int:
+        return config.vision_config.num_hidden_layers
+
+    def inputs(self, config, case, seed: int, device: str) -> dict[str, torch.Tensor]:
+        """The case's images (``[h, w]`` per image, per sequence), text around them, right padding. With
+        ``inputs.seq_len`` every sequence is filled with text up to it, the last one leaving ``pad_tail``
+        padded positions."""
+        from parity.engine.inputs import repad
+        from parity.engine.vlm_inputs import DEFAULT_IMAGE_SIZES, DEFAULT_TEXT_RUNS, build_vlm_inputs
+
+        n, pad_tail = case.inputs.seq_len, case.inputs.pad_tail
+        images = tuple(tuple(tuple(hw) for hw in seq) for seq in (case.inputs.images or DEFAULT_IMAGE_SIZES))
+        if len(images) != case.inputs.batch:
+            raise UserError(f"case {case.name}: {len(images)} sequences of images but inputs.batch is "
+                            f"{case.inputs.batch}")
+        runs = DEFAULT_TEXT_RUNS if [len(s) for s in images] == [len(r) - 1 for r in DEFAULT_TEXT_RUNS] else \
+            tuple(tuple([5 + 2 * j] + [4] * (len(s) - 1) + [6]) for j, s in enumerate(images))
+        runs = [list(r) for r in runs]  # text tokens before, between and after the images of each sequence
+        try:
+            inputs = build_vlm_inputs(config, seed=seed, image_sizes=images, text_runs=runs)
+            if n:
+                lengths = inputs["attention_mask"].sum(1).tolist()
+                for j, have in enumerate(lengths):
+                    target = n - (pad_tail if j == len(lengths) - 1 else 0)
+                    if target < have:
+                        raise UserError(f"case {case.name}: inputs.seq_len {n} (pad_tail {pad_tail}) is too short "
+                                        f"for sequence {j}: its images and text need {have} tokens")
+                    runs[j][-1] += target - have
+                inputs = build_vlm_inputs(config, seed=seed, image_sizes=images, text_runs=runs)
+                short = n - inputs["input_ids"].shape[1]
+                if short > 0:  # every sequence ends in padding
+                    pad = config.text_config.pad_token_id or 0
+                    for key, v in (("input_ids", pad), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+                        inputs[key] = torch.nn.functional.pad(inputs[key], (0, short), value=v)
+                    inputs["position_ids"] = torch.arange(n).expand(case.inputs.batch, -1).clone()
+        except ValueError as e:  # an image too large for the tiny tower's position tables, ...
+            raise UserError(f"case {case.name}: inputs.images: {e}") from None
+        inputs = repad(inputs, case.inputs.padding, case.inputs.position_offset)  # left padding, offset positions
+        return {k: v.to(device) for k, v in inputs.items()}
+
+    def forward(self, model, inputs):
+        return model(**inputs, use_cache=False).logits
+
+    def forward_fp32(self, model, inputs, cap, run_copy, prog):
+        """A full fp32 copy of the (small) HF VLM on the same raw inputs."""
+        return run_copy(model, "", **inputs, use_cache=False).logits.float()
+
+    def groups(self, inputs) -> dict:
+        """``[b, s]`` bool masks of the real positions of each group: ``text`` (mm type 0, BOI/EOI included),
+        ``image`` (type 1) and ``text_after_image`` (text positions with an image token earlier on)."""
+        valid, mm = inputs["attention_mask"].bool(), inputs["mm_token_type_ids"]
+        image, text = mm == 1, mm == 0
+        seen_image = torch.cumsum(image.long(), dim=-1) > 0
+        return {"text": text & valid, "image": image & valid, "text_after_image": text & seen_image & valid}
+
+    def describe(self, case, config, inputs) -> dict:
+        from parity.models.vision import soft_tokens_per_image
+
+        pos = inputs["image_position_ids"]
+        return {**super().describe(case, config, inputs),
+                "images": [list(map(list, seq)) for seq in (case.inputs.images or [])], "num_images": int(pos.shape[0]),
+                "soft_tokens_per_image": soft_tokens_per_image(pos, config.vision_config.pooling_kernel_size),
+                "sliding_window": config.text_config.sliding_window}
+
+
+KINDS = {"text": TextKind(), "vlm": VlmKind()}
+GROUPS = ("text", "image", "text_after_image")

@@ -1,0 +1,71 @@
+"""Systems under test: the Megatron side of a run, behind one small interface.
+
+The pipeline (``parity.engine.pipeline``) builds the HF reference and hands a ``System`` the HF config,
+the HF state dict and the raw inputs; it never touches the system's model except through these methods.
+A system names its modules in a table keyed by ``Row.name_key`` of the alignment table
+(``parity.engine.alignment``): a module path (``{i}``, ``{layer_type}`` are filled in), or ``Elsewhere`` when
+its model has no hookable module for that row (the row is then reported, not compared).
+Systems are registered by name in ``SYSTEMS``; ``python -m parity run --system NAME`` picks one.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Protocol
+
+import torch
+from torch import nn
+
+from parity.errors import UserError
+
+
+@dataclass(frozen=True)
+class Elsewhere:
+    """This system has no module for the row to hook: its effect is compared at HF row ``at`` (a name key)."""
+
+    at: str
+    why: str = "not observable"
+
+
+class System(Protocol):
+    """The Megatron implementation under test. All values handed back are in HF layout (``[b, s, ...]``,
+    vocab unpadded, tensor-parallel shards gathered)."""
+
+    name: str  # as results.json writes it: ``system: {name, version, substituted}``
+    version: str
+    substituted: list[dict]  # [{part, by, reason}]: what runs in place of parts it cannot run here (TE on CPU)
+    names: Mapping[str, str | Elsewhere]  # alignment-table key -> module path in the built model
+    shared: frozenset[str]  # keys of rows where the system runs HF's own code: reported ``shared``, not parity
+
+    def build(self, kind: str, hf_config: Any, *, dtype: torch.dtype, device: str) -> None: ...  # from the HF config
+
+    def load(self, hf_state: Mapping[str, torch.Tensor]) -> None: ...  # HF weights in, tensor by tensor
+
+    def export(self) -> Iterable[tuple[str, torch.Tensor]]: ...  # its weights as (HF key, tensor), streamed
+
+    def prepare(self, inputs: dict[str, torch.Tensor]) -> None: ...  # its own masks and RoPE from raw inputs
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor: ...  # raw inputs -> logits [b, s, V]
+
+    def module(self, name: str) -> nn.Module | None: ...  # a module of the built model by path
+
+    def tables(self) -> dict[str, Any]: ...  # name -> its mask (bool, True = attend) or RoPE (cos, sin)
+
+    def output(self, row, out: Any, module: nn.Module) -> Any: ...  # a hooked output -> the row's HF layout
+
+    def replay(self, row, module: nn.Module | None, call) -> Any: ...  # the module on HF's captured inputs
+
+    # Layouts by ``row.row.kind`` (``parity.engine.alignment.Kind``): tensors ``[b, s, ...]``; ROUTER
+    # ``{"dense" [b*s, E], "top_w", "top_i" [b*s, k]}``; EXPERTS / FLAT_NORM ``[b*s, H]``; QKV / FC1 the row's
+    # ``Part`` only; vision kinds batch-first as HF's (POOLED: ``(features, valid-slot mask)``). ``replay`` of a
+    # row with ``feeds`` (logits, merged embeddings) gets a call whose args are those HF modules' outputs.
+
+
+SYSTEMS = {"parity": "parity.systems.ours:ParitySystem"}  # name -> "module:factory", imported when chosen
+
+
+def get(name: str) -> System:
+    if name not in SYSTEMS:
+        raise UserError(f"unknown system under test {name!r} (known: {', '.join(sorted(SYSTEMS))})")
+    module, factory = SYSTEMS[name].split(":")
+    return getattr(importlib.import_module(module), factory)()

@@ -1,0 +1,305 @@
+"""System ``parity``: this project's Megatron-core Gemma 4 (``parity.models``) with its bridge (``parity.bridge``).
+
+Its module names per alignment row (``NAMES``), the layout conversions of its outputs (``[s, b, ...]``,
+fused QKV and [gate; up] split by ``Part``, tensor-parallel shards gathered) and the isolated replay of each
+module on HF's captured inputs with its *own* masks and RoPE tables.
+"""
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+from torch import nn
+
+from parity import megatron_env
+from parity.config import TextArgs
+from parity.engine.alignment import Aligned, Kind, Part, Stack
+from parity.engine.compare import value
+
+# Alignment-table key -> module path in the text model (``language_model.`` inside the VLM).
+LM = {
+    "embed_tokens": "embedding", "norm": "decoder.final_layernorm", "lm_head": "output_layer",
+    **{f"layers.{{i}}{hf}": f"decoder.layers.{{i}}{mc}" for hf, mc in (
+        ("", ""), (".input_layernorm", ".input_layernorm"), (".self_attn", ".self_attention"),
+        *((f".self_attn.{p}_proj", ".self_attention.linear_qkv") for p in "qkv"),
+        (".self_attn.q_norm", ".self_attention.q_layernorm"), (".self_attn.k_norm", ".self_attention.k_layernorm"),
+        (".self_attn.o_proj", ".self_attention.linear_proj"),
+        (".post_attention_layernorm", ".post_attention_layernorm"), (".pre_feedforward_layernorm", ".pre_mlp_layernorm"),
+        (".mlp", ".mlp"), (".mlp.gate_proj", ".mlp.linear_fc1"), (".mlp.up_proj", ".mlp.linear_fc1"),
+        (".mlp.down_proj", ".mlp.linear_fc2"), (".post_feedforward_layernorm_1", ".post_mlp_layernorm_1"),
+        (".router", ".moe.router"), (".pre_feedforward_layernorm_2", ".pre_moe_layernorm"), (".experts", ".moe"),
+        (".post_feedforward_layernorm_2", ".post_moe_layernorm"), (".post_feedforward_layernorm", ".post_mlp_layernorm"))},
+}
+_L, _M = "vision_tower.encoder.layers.{i}", "vision.vision_model.encoder.layers.{i}"
+_LINEARS = {"self_attn.q_proj": "self_attention.linear_q", "self_attn.k_proj": "self_attention.linear_k",
+            "self_attn.v_proj": "self_attention.linear_v", "self_attn.o_proj": "self_attention.linear_proj",
+            "mlp.gate_proj": "mlp.linear_fc1_gate", "mlp.up_proj": "mlp.linear_fc1_up", "mlp.down_proj": "mlp.linear_fc2"}
+VISION = {
+    "vision_tower": "vision.vision_model", "vision_tower.patch_embedder": "vision.vision_model.patch_embedder",
+    "vision_tower.patch_embedder.input_proj": "vision.vision_model.patch_embedder.input_proj",
+    "vision_tower.encoder": "vision.vision_model.encoder",
+    "vision_tower.encoder.rotary_emb": "vision.vision_model.encoder.rotary_emb",
+    **{f"{_L}{hf}": f"{_M}{mc}" for hf, mc in (
+        ("", ""), (".input_layernorm", ".input_layernorm"), (".self_attn", ".self_attention"),
+        *((f".{hf}", f".{mc}") for hf, mc in _LINEARS.items()), *((f".{hf}.linear", f".{mc}.linear")
+                                                                  for hf, mc in _LINEARS.items()),
+        (".self_attn.q_norm", ".self_attention.q_layernorm"), (".self_attn.k_norm", ".self_attention.k_layernorm"),
+        (".self_attn.v_norm", ".self_attention.v_layernorm"),
+        (".post_attention_layernorm", ".post_attention_layernorm"), (".pre_feedforward_layernorm", ".pre_mlp_layernorm"),
+        (".mlp", ".mlp"), (".mlp.act_fn", ".mlp.activation_func"), (".post_feedforward_layernorm", ".post_mlp_layernorm"))},
+    "vision_tower.pooler": "vision.vision_model.pooler", "embed_vision": "vision.embed_vision",
+    "embed_vision.embedding_pre_projection_norm": "vision.embed_vision.pre_projection_norm",
+    "embed_vision.embedding_projection": "vision.embed_vision.linear_proj",
+    "merged_embeddings": "image_scatter", "vision_masks": "vision.masks[encoder]",
+}
+TABLES = {"logits": "logits", "rotary_emb": "rotary_tables[{layer_type}]", "masks": "masks[{layer_type}]"}
+TEXT_MC, VISION_MC = "language_model.", "vision."
+
+
+def sb(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(0, 1)
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def _tp_size() -> int:
+    from megatron.core import parallel_state
+    return parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
+
+
+def _tp_gather(x: torch.Tensor) -> torch.Tensor:
+    """All-gather a tensor-parallel shard along its last dim (heads / vocab / intermediate)."""
+    if _tp_size() == 1:
+        return x
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+    return gather_from_tensor_model_parallel_region(x.contiguous())
+
+
+def split_qkv(mixed: torch.Tensor, part: Part, np_: int, hn: int, ng: int) -> torch.Tensor:
+    """Megatron fused QKV output ``[..., ng_l*(np/ng+2)*hn]`` -> the q, k or v part ``[..., heads*hn]``."""
+    rep = np_ // ng
+    lead = mixed.shape[:-1]
+    g = mixed.reshape(*lead, mixed.shape[-1] // ((rep + 2) * hn), (rep + 2) * hn)
+    q, k, v = g.split([rep * hn, hn, hn], dim=-1)
+    return {Part.Q: q, Part.K: k, Part.V: v}[part].reshape(*lead, -1)
+
+
+def _arg(call, key: str, pos: int = 0):
+    return call.kwargs[key] if key in call.kwargs else call.args[pos]
+
+
+def _main_input(call) -> torch.Tensor:
+    if call.args:
+        return call.args[0]
+    for key in ("hidden_states", "inputs_embeds", "pixel_values", "x", "input"):
+        if key in call.kwargs:
+            return call.kwargs[key]
+    raise ValueError("no tensor input captured")
+
+
+def load_streamed(model, pairs) -> None:
+    """Copy converted tensors into ``model`` as they come (no second full state dict in memory); every
+    state-dict entry but ``_extra_state`` must be covered exactly once, with its shape."""
+    targets = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    loaded: set[str] = set()
+    with torch.no_grad():
+        for name, t in pairs:
+            dst = targets.get(name)
+            if dst is None:
+                raise RuntimeError(f"bridge/model mismatch: {name} (unexpected)")
+            if name in loaded:
+                raise RuntimeError(f"bridge/model mismatch: {name} (twice)")
+            if tuple(dst.shape) != tuple(t.shape):
+                raise RuntimeError(f"bridge/model mismatch: {name} (shape {tuple(t.shape)} vs {tuple(dst.shape)})")
+            dst.copy_(t)
+            loaded.add(name)
+    missing = sorted(set(targets) - loaded)
+    if missing:
+        raise RuntimeError(f"bridge/model mismatch: missing {missing[:3]}")
+
+
+def _version() -> str:
+    try:
+        return version("gemma4-parity")
+    except PackageNotFoundError:  # pragma: no cover - a checkout without an install
+        return "unknown"
+
+
+class ParitySystem:
+    name, version = "parity", _version()
+    substituted: list[dict] = []  # nothing: plain megatron-core parts run everywhere
+    shared = frozenset()
+
+    # -- building and weights ----------------------------------------------------------------------
+
+    def build(self, kind: str, hf_config: Any, *, dtype: torch.dtype, device: str) -> None:
+        from parity.models import text, vlm
+
+        self.vlm, self.dtype, self.device = kind == "vlm", dtype, device
+        if self.vlm:
+            self.model = vlm.Gemma4VLModel.from_hf_config(hf_config, dtype=dtype, device=device).eval()
+            self.lm, self.args = self.model.language_model, self.model.text_args
+        else:
+            self.args = TextArgs.from_hf(hf_config)
+            self.model = self.lm = text.Gemma4Model(self.args, dtype=dtype, device=device).eval()
+        prefix = TEXT_MC if self.vlm else ""
+        self.names = {**{k: prefix + v for k, v in LM.items()}, **TABLES, **(VISION if self.vlm else {})}
+        self._modules = dict(self.model.named_modules())
+
+    def load(self, hf_state) -> None:
+        from parity.bridge import convert, vision
+
+        if self.vlm:  # HF VLM state dict -> text and vision bridges, every key accounted for
+            state = {TEXT_MC + k: v for k, v in convert.hf_to_megatron(hf_state, self.args).items()}
+            state.update({VISION_MC + k: v for k, v in vision.hf_to_megatron_vision(hf_state, "model.").items()})
+            return load_streamed(self.model, state.items())
+        rk = megatron_env.ranks()
+        load_streamed(self.model, convert.iter_hf_to_megatron(
+            hf_state, self.args, tp_rank=rk["tp_rank"], tp_size=rk["tp_size"], ep_rank=rk["ep_rank"],
+            ep_size=rk["ep_size"], etp_rank=rk["etp_rank"], etp_size=rk["etp_size"],
+            device=self.device if self.device == "cuda" else None))
+
+    def export(self):
+        """HF (key, tensor) pairs, one at a time; in a world of several ranks each tensor's shards are gathered."""
+        from parity.bridge import convert, vision
+
+        sd = {k: v for k, v in self.model.state_dict().items() if v is not None and not k.endswith("_extra_state")}
+        if not self.vlm:
+            world = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+            yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(sd, self.args)
+            return
+        text = {k[len(TEXT_MC):]: v for k, v in sd.items() if k.startswith(TEXT_MC)}
+        yield from convert.megatron_to_hf(text, self.args, arch="Gemma4ForConditionalGeneration").items()
+        yield from vision.megatron_to_hf_vision({k[len(VISION_MC):]: v for k, v in sd.items()
+                                                 if k.startswith(VISION_MC)}, "model.").items()
+        for k in sd:  # nothing else should carry weights; surfaces as "unexpected key" in the round trip
+            if not k.startswith((TEXT_MC, VISION_MC)):
+                yield f"<megatron>{k}", sd[k]
+
+    # -- running -----------------------------------------------------------------------------------
+
+    def prepare(self, inputs: dict) -> None:
+        """Its own masks and RoPE tables from the raw inputs (and the vision tower's, from image positions)."""
+        self.inputs = inputs
+        b, s = inputs["input_ids"].shape
+        self.b, self.s = b, s
+        self.masks = self.lm.build_masks(b, s, inputs["attention_mask"], inputs.get("mm_token_type_ids"), self.device)
+        self.rope = self.lm.rotary_tables(inputs["position_ids"])
+        self.layer_types = [la.layer_type for la in self.args.layers]
+        if self.vlm:
+            pos = self.positions = inputs["image_position_ids"]
+            self.padding = (pos == -1).all(dim=-1)
+            with torch.no_grad():
+                self.vcos, self.vsin = self.model.vision.vision_model.encoder.rotary_emb(
+                    torch.empty(0, dtype=self.dtype, device=pos.device), pos)
+            self.vmask = (~self.padding)[:, None, None, :]
+
+    def forward(self, inputs: dict) -> torch.Tensor:
+        if self.vlm:
+            keys = ("input_ids", "pixel_values", "image_position_ids", "attention_mask", "position_ids",
+                    "mm_token_type_ids")
+            return self.model(**{k: inputs[k] for k in keys})
+        return self.model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
+                          padding_mask=inputs["attention_mask"])
+
+    def module(self, name: str) -> nn.Module | None:
+        return self._modules.get(name)
+
+    def tables(self) -> dict[str, Any]:
+        out = {f"masks[{t}]": m for t, m in self.masks.items()}
+        for t, freqs in self.rope.items():  # [s, b, 1, d] -> (cos, sin) [b, s, d] in the run's dtype
+            out[f"rotary_tables[{t}]"] = tuple(f(freqs).to(self.dtype)[:, :, 0].transpose(0, 1)
+                                               for f in (torch.cos, torch.sin))
+        if self.vlm:
+            out["vision.masks[encoder]"] = self.vmask
+        return out
+
+    # -- layouts -----------------------------------------------------------------------------------
+
+    def output(self, a: Aligned, out: Any, module: nn.Module) -> Any:
+        """A hooked output (``[s, b, ...]``, TP shards) -> HF layout."""
+        kind, b, s = a.row.kind, self.b, self.s
+        if kind in (Kind.EMBEDDING, Kind.LOGITS, Kind.MERGED) or a.row.stack is Stack.VISION:
+            return value(kind, out)
+        if kind is Kind.ROUTER:
+            top_w, top_i = module.last_top_k
+            bs = lambda t: t.reshape(s, b, -1).transpose(0, 1).reshape(b * s, -1)  # noqa: E731
+            return {"dense": bs(out[0]), "top_w": bs(top_w), "top_i": bs(top_i)}
+        x = _first(out)
+        if kind is Kind.QKV:
+            hn, ng = self._shape(a.layer)
+            x = split_qkv(_tp_gather(x), a.row.part, self.args.num_heads, hn, ng)  # ranks hold whole KV groups
+        elif kind is Kind.FC1:
+            x = _tp_gather(x.chunk(2, dim=-1)[0 if a.row.part is Part.GATE else 1])  # [gate_r; up_r] per rank
+        elif kind is Kind.HEAD_NORM and _tp_size() > 1 and x.shape[2] != self.args.num_heads:
+            x = _tp_gather(x.flatten(2)).unflatten(2, (-1, x.shape[-1]))
+        elif kind is Kind.LM_HEAD:
+            x = _tp_gather(x)
+        x = sb(x)
+        return x.reshape(b * s, -1) if kind in (Kind.EXPERTS, Kind.FLAT_NORM) else x
+
+    def _shape(self, layer: int) -> tuple[int, int]:
+        la = self.args.layers[layer]
+        return la.head_dim, la.num_kv_heads
+
+    def replay(self, a: Aligned, module: nn.Module | None, call) -> Any:
+        """``module`` on ``call``'s inputs in HF layout (for rows with ``feeds``: on those modules' outputs)."""
+        kind, dev = a.row.kind, self.device
+        x = lambda key="hidden_states", pos=0: _arg(call, key, pos).to(dev)  # noqa: E731
+        if a.row.stack is Stack.VISION:
+            return value(kind, self._vision_replay(module, _main_input(call).to(dev)))
+        if kind is Kind.MERGED:  # the scatter of HF's captured text embeddings and image features
+            emb, feats = (t.to(dev) for t in call.args)
+            return self.model.image_scatter(emb, feats, self.inputs["input_ids"] == self.model.image_token_id)
+        if kind is Kind.LOGITS:  # lm_head + softcap on HF's final-norm output
+            return self.lm.output_logits(sb(call.args[0].to(dev)))
+        if kind is Kind.EMBEDDING:
+            return module(_arg(call, "input_ids").to(dev))
+        if kind in (Kind.NORM, Kind.HEAD_NORM):
+            return sb(module(sb(x())))
+        if kind is Kind.FLAT_NORM:
+            return module(x())
+        if kind in (Kind.LAYER, Kind.ATTENTION):  # with its own mask and RoPE table of the layer's type
+            lt = self.layer_types[a.layer]
+            out = module(sb(x()), self.masks[lt], rotary_pos_emb=self.rope[lt])
+            return sb(out if kind is Kind.LAYER else out[0])
+        if kind is Kind.LINEAR and getattr(module, "input_is_parallel", False) and _tp_size() > 1:
+            from megatron.core import parallel_state  # row-parallel: this rank's slice of the HF input
+            local = x("input").chunk(_tp_size(), dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
+            return self.output(a, module(sb(local)), module)
+        if kind in (Kind.QKV, Kind.FC1, Kind.LINEAR, Kind.MLP):
+            return self.output(a, module(sb(x("input"))), module)
+        if kind is Kind.ROUTER:
+            dense, _ = module(x())
+            top_w, top_i = module.last_top_k
+            return {"dense": dense, "top_w": top_w, "top_i": top_i}
+        if kind is Kind.EXPERTS:  # forced identical routing: HF's top-k indices and weights
+            h = x()
+            top_i, top_w = _arg(call, "top_k_index", 1).to(dev), _arg(call, "top_k_weights", 2).to(dev)
+            probs = torch.zeros(h.shape[0], module.config.num_moe_experts, dtype=top_w.dtype, device=dev)
+            probs.scatter_(1, top_i, top_w)
+            routing_map = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_i, True)
+            return module.experts_forward(h[:, None, :], probs, routing_map)[:, 0, :]
+        if kind is Kind.LM_HEAD:
+            from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+            weight = self.lm.embedding.word_embeddings.weight if self.args.tie_word_embeddings else None
+            out, _ = module(sb(x("input")), weight=weight)
+            return sb(gather_from_tensor_model_parallel_region(out))
+        raise ValueError(f"no replay for kind {kind}")
+
+    def _vision_replay(self, module: nn.Module, x: torch.Tensor) -> Any:
+        """A vision module on HF's captured input, with its own positions-derived padding, RoPE and mask."""
+        from parity.models import vision as V
+
+        pos, pad = self.positions, self.padding
+        if isinstance(module, (V.VisionModel, V.VisionRotaryEmbedding)):
+            return module(x, pos)
+        if isinstance(module, (V.VisionPatchEmbedder, V.VisionEncoder, V.VisionPooler)):
+            return module(x, pos, pad)
+        if isinstance(module, (V.VisionEncoderLayer, V.VisionSelfAttention)):
+            return module(x, self.vcos, self.vsin, self.vmask)
+        return module(x)
+
