@@ -158,7 +158,7 @@ def layer_scalar_ignored(mp, shape):
     def fn(model):
         layer = model.decoder.layers[3]
         forward = layer.forward
-        layer.forward = lambda h, mask, rope: forward(h, mask, rope) / layer.layer_scalar  # BUG: layer 3 forgets it
+        layer.forward = lambda *a, **kw: forward(*a, **kw) / layer.layer_scalar  # BUG: layer 3 forgets it
     _after_init(mp, fn)
 
 

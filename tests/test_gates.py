@@ -149,3 +149,26 @@ def test_exact_rows_stay_exact_in_bf16():
     r["gate_class"] = "exact"
     judge([r])
     assert r["gate"] == {"metric": "max_abs", "max": 0.0} and r["passed"] is False
+
+
+def test_inputs_left_padding_mixed_lengths_and_offsets():
+    import torch
+
+    from parity.engine.inputs import repad, text_inputs
+
+    right = text_inputs(320, 2, 40, 5, 0, 0)  # the former layout, bit for bit
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 320, (2, 40), generator=g)
+    ids[-1, 35:] = 0
+    assert torch.equal(right["input_ids"], ids) and torch.equal(right["position_ids"][1], torch.arange(40))
+    left = text_inputs(320, 3, 10, seed=1, padding="left", lengths=[10, 6, 3], position_offset=7)
+    assert left["attention_mask"].sum(1).tolist() == [10, 6, 3]
+    assert left["attention_mask"][1].tolist() == [0] * 4 + [1] * 6 and (left["input_ids"][1, :4] == 0).all()
+    assert left["position_ids"][1].tolist() == [7] * 5 + [8, 9, 10, 11, 12]  # real tokens count from the offset
+    same = text_inputs(320, 3, 10, seed=1, lengths=[10, 6, 3])  # the same tokens, right-padded
+    for b, n in enumerate([10, 6, 3]):
+        assert torch.equal(left["input_ids"][b, 10 - n:], same["input_ids"][b, :n])
+    back = repad({k: v for k, v in same.items()}, "left", 7)
+    assert all(torch.equal(back[k], left[k]) for k in left)
+    with pytest.raises(ValueError, match="repad expects right-padded inputs"):
+        repad(left, "left")

@@ -64,3 +64,49 @@ def test_clean_runs_pass_on_five_seeds(dtype):
         assert r["passed"] is True, (seed, _explain(r))
         assert r["summary"]["n_failed"] == 0 and r["summary"]["n_unstable"] == 0
         assert r["summary"]["logits"]["decisive_share"] >= 0.85, (seed, r["summary"]["logits"])
+
+
+def test_a_twin_never_called_fails_and_is_counted(monkeypatch):
+    """No silent rows (issue 11, item 5): layer 1 computes its post-MLP norm inline (numerically the same) instead
+    of calling the aligned module, so that module's end-to-end hook never fires. The row fails with the reason
+    and counts in n_failed; its isolated replay (the module called directly) still passes."""
+    from parity.models import text
+
+    forward = text.Gemma4TransformerLayer.forward
+
+    def planted(self, hidden_states, attention_mask, rotary_pos_emb):
+        if self.layer_args is not self._silent:
+            return forward(self, hidden_states, attention_mask, rotary_pos_emb)
+        norm = self.post_mlp_layernorm_1
+        call = norm.forward
+        norm.forward = None  # any call through the module would fail loudly
+        try:
+            norm_fn = lambda x: text.rms_norm(x, norm.eps, norm.weight)  # noqa: E731  the same math, inline
+            residual = hidden_states
+            h = self.input_layernorm(hidden_states)
+            h, _ = self.self_attention(h, attention_mask, rotary_pos_emb=rotary_pos_emb)
+            h = residual + self.post_attention_layernorm(h)
+            residual = h
+            m, _ = self.mlp(self.pre_mlp_layernorm(h))
+            m = norm_fn(m) + self.post_moe_layernorm(self.moe(residual, self.pre_moe_layernorm(residual)))
+            return (residual + self.post_mlp_layernorm(m)) * self.layer_scalar
+        finally:
+            norm.forward = call
+
+    monkeypatch.setattr(text.Gemma4TransformerLayer, "forward", planted)
+    monkeypatch.setattr(text.Gemma4TransformerLayer, "_silent", None, raising=False)
+    init = text.Gemma4Model.__init__
+
+    def planted_init(self, *a, **kw):
+        init(self, *a, **kw)
+        self.decoder.layers[1]._silent = self.decoder.layers[1].layer_args
+    monkeypatch.setattr(text.Gemma4Model, "__init__", planted_init)
+    r = _run("float32")
+    name = "model.layers.1.post_feedforward_layernorm_1"
+    assert r["passed"] is False and r["summary"]["first_divergence"] == name, _explain(r)
+    rows = {m["mode"]: m for m in r["modules"] if m["name"] == name}
+    assert rows["end_to_end"]["passed"] is False
+    assert rows["end_to_end"]["why"] == "parity module decoder.layers.1.post_mlp_layernorm_1 was never called"
+    assert rows["isolated"]["passed"] is True
+    assert r["summary"]["n_failed"] == 1
+    assert r["summary"]["logits"]["rel_l2"] <= 1e-5  # numerically nothing changed: only the evidence is missing

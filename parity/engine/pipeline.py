@@ -136,6 +136,7 @@ def run(case, *, device: str, dtype: str | None = None, checkpoint: str | None =
         host_weights.close()
     with prog.phase("metrics"):
         compared.tables()
+        compared.silent()
         records = compared.records
         logits_summary, verdict = judge(records, hf_logits, mc_logits, where.valid, dtype_name,
                                         case.to_dict()["gates"], floors_e2e, floors_iso)
@@ -419,6 +420,25 @@ class Comparison:
                 rec = self.record(a, "end_to_end", None, None, m_)
                 rec["order"] = self.cap.order.get(f"{a.hf}.q_proj", self.cap.order.get(a.hf, 0))
             rec["detail"] = a.row.note.format(n=m_.get("n"), **a.slots)
+
+    def silent(self, modes=("end_to_end", "isolated")) -> None:
+        """No silent rows (issue 11, item 5): every row the system has a module for yields a record in every mode
+        it is compared in; a twin never called (either side) is a failing record with that reason."""
+        seen = {(r["name"], r["mode"]) for r in self.records}
+        for a in self.rows:
+            name = self.name(a)
+            if a.row.kind in TABLE_KINDS or not isinstance(name, str):
+                continue
+            for mode in modes:
+                if (a.hf, mode) in seen:
+                    continue
+                hf_missing = self.cap.first(a.hf) is None or any(self.cap.first(n) is None for n in a.feeds)
+                why = (f"HF module {a.hf} was never called" if hf_missing else
+                       f"{self.sut.name} module {name} was never called" if mode == "end_to_end" else
+                       f"{self.sut.name} module {name} could not be replayed")
+                rec = row_record(a, name, mode, {}, self.cap.order.get(a.hf, 0))
+                rec["missing"] = why
+                self.records.append(rec)
 
     def unobserved(self) -> list[dict]:
         """Rows the system has no module for (``Elsewhere``): reported with where their effect is compared."""
