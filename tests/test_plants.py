@@ -110,3 +110,25 @@ def test_a_twin_never_called_fails_and_is_counted(monkeypatch):
     assert rows["isolated"]["passed"] is True
     assert r["summary"]["n_failed"] == 1
     assert r["summary"]["logits"]["rel_l2"] <= 1e-5  # numerically nothing changed: only the evidence is missing
+
+
+def test_hf_side_logits_error_is_not_absorbed_by_its_floor(monkeypatch):
+    """Floors are measurements, never licences (issue 11, item 4): with an error planted in HF's own forward
+    (logits x 1.05 after the softcap) the logits floors come from that same forward in fp32, so they stay at
+    HF's rounding (0.023 end to end, 0.0034 isolated, as in a clean run) instead of growing with the error, and
+    the run fails at the logits."""
+    from transformers.models.gemma4 import modeling_gemma4 as hf
+
+    forward = hf.Gemma4ForCausalLM.forward
+
+    def planted(self, *a, **kw):
+        out = forward(self, *a, **kw)
+        out.logits = out.logits * 1.05
+        return out
+
+    monkeypatch.setattr(hf.Gemma4ForCausalLM, "forward", planted)
+    r = _run("bfloat16")
+    assert r["passed"] is False and r["summary"]["first_divergence"] == "logits", _explain(r)
+    rows = {m["mode"]: m for m in r["modules"] if m["name"] == "logits"}
+    assert rows["isolated"]["passed"] is False and rows["isolated"]["floor"] < 0.01, rows["isolated"]
+    assert rows["end_to_end"]["floor"] < 0.03, rows["end_to_end"]

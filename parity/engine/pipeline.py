@@ -104,7 +104,7 @@ def run(case, *, device: str, dtype: str | None = None, checkpoint: str | None =
         with prog.phase("noise_floor"):
             floors_e2e = end_to_end_floors(kind, hf_model, rows, cap, inputs, where, prog)
         with prog.phase("noise_floor_isolated"):
-            floors_iso = isolated_floors(hf_model, rows, cap, inputs, where, device, hf_config)
+            floors_iso = isolated_floors(hf_model, rows, cap, inputs, where, device, hf_config, kind)
 
     with prog.phase("hf_state_to_host"):
         hf_state, host_weights = weights_for_conversion(hf_model, sequential, host_weights)
@@ -226,9 +226,11 @@ def fp32_isolated(hf_model, hf_name: str, call, device) -> Any:
         return mod32(*_upcast(to_device(call.args, device)), **_upcast(to_device(call.kwargs, device)))  # upcast on the device
 
 
-def isolated_floors(hf_model, rows, cap: Capture, inputs, where: Where, device, hf_config) -> dict[str, float]:
+def isolated_floors(hf_model, rows, cap: Capture, inputs, where: Where, device, hf_config,
+                    model_kind) -> dict[str, float]:
     """Each HF module in fp32 on its own (upcast) captured inputs; inline steps (lm_head + softcap, the image
-    scatter) as HF computes them, on the upcast outputs of the modules that feed them."""
+    scatter) as HF computes them, on the upcast outputs of the modules that feed them (the text logits through
+    HF's own forward: ``kind.head_fp32``)."""
     out: dict[str, float] = {}
     softcap = getattr(hf_config, "text_config", hf_config).final_logit_softcapping
     for a in rows:
@@ -242,8 +244,8 @@ def isolated_floors(hf_model, rows, cap: Capture, inputs, where: Where, device, 
             lm = cap.first("lm_head")
             if lm is None:
                 continue
-            out32 = first(fp32_isolated(hf_model, "lm_head", Call((first(feeds[0].output),), {}, None, 0), device)).float()
-            out32 = out32 if softcap is None else torch.tanh(out32 / softcap) * softcap
+            head = lambda x: first(fp32_isolated(hf_model, "lm_head", Call((x,), {}, None, 0), device))  # noqa: E731
+            out32 = model_kind.head_fp32(hf_model, first(feeds[0].output).to(device).float(), inputs, head, softcap)
         elif kind is Kind.MERGED:
             emb, feats = (first(f.output).float() for f in feeds)
             mask = (inputs["input_ids"] == hf_config.image_token_id)[..., None].expand_as(emb)
