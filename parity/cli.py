@@ -1,9 +1,14 @@
 """``python -m parity``: run a case, list cases, re-render reports.
 
     python -m parity run --case NAME [--device cpu|cuda] [--dtype float32|bfloat16] [--checkpoint DIR]
-                         [--out DIR | --reports DIR] [--seed N] [--progress] [--system NAME]
+                         [--out DIR | --reports DIR] [--seed N] [--progress] [--system NAME] [--verbose]
     python -m parity cases
     python -m parity report [--dir DIR]
+    python -m parity card [--dir DIR] [--since TIME] [--junit FILE] [--out FILE] [--fail-on-regression]
+
+A run prints one line: verdict, first divergence, regressions against the previous run, report and history.
+Third-party notices (Transformer Engine/Apex absent, deprecations) go into the report; ``--verbose`` prints
+them too.
 
 Exit codes: 0 = parity holds, 1 = parity fails (the report is still written), 2 = bad input or usage (one
 line ``parity: error: ...`` on stderr, no traceback), 3 = internal error (a bug: traceback on stderr),
@@ -12,12 +17,11 @@ line ``parity: error: ...`` on stderr, no traceback), 3 = internal error (a bug:
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import NoReturn, Sequence
 
 from parity.engine.launch import execute, resolve_device
 from parity.errors import UserError
@@ -41,7 +45,7 @@ def default_reports_dir() -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Module-by-module parity of a Megatron-core Gemma 4 against HF.")
-    sub = parser.add_subparsers(dest="command", metavar="{run,cases,report,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{run,cases,report,card,bench}")
 
     run = sub.add_parser("run", help="run one case and write its report",
                          description="Run one case; exit 0 when parity holds, 1 when it fails, 2 on bad input.")
@@ -60,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="override the case's seed")
     run.add_argument("--progress", action="store_true", help="print each phase and its time on stderr")
     run.add_argument("--system", default="parity", help="the Megatron implementation under test (default: parity)")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="also print the third-party notices collected during the run (they are in the report)")
 
     sub.add_parser("cases", help="list the case names", description="List the cases, one per line.")
 
@@ -67,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Rebuild every run page and the history page from the stored results.")
     report.add_argument("--dir", type=Path, default=None,
                         help=f"report root (default: ${ENV_REPORTS_DIR} or reports)")
+    from parity.report.card import add_arguments as card_arguments
+
+    card = sub.add_parser("card", help="export a verification card (YAML) of a report root",
+                          description="Versions, commands, per-check results, round-trip counts and regressions "
+                                      "of the runs in a report root, as YAML; exit 1 on a failure (or regression).")
+    card_arguments(card)
     bench = sub.add_parser("bench", help="time each phase of a case and record it under bench/",
                            description="Run a case, time every phase and peak memory, write bench/<case>-<device>-<dtype>.json.")
     bench.add_argument("--case", required=True, help="case name or path to a .toml")
@@ -90,9 +102,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"run": cmd_run, "cases": cmd_cases, "report": cmd_report, "bench": cmd_bench}
+    commands = {"run": cmd_run, "cases": cmd_cases, "report": cmd_report, "card": cmd_card, "bench": cmd_bench}
     if args.command is None:
-        return _usage_error("choose a command: run, cases, report or bench (see python -m parity --help)")
+        return _usage_error("choose a command: run, cases, report, card or bench (see python -m parity --help)")
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:
@@ -161,6 +173,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    from parity.report.card import run
+
+    return run(args)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from parity.cases import checkpoint_for, load_case
 
@@ -173,13 +191,27 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"checkpoint folder {checkpoint} does not exist (from {source})")
         if not path.is_dir():
             raise UserError(f"checkpoint {checkpoint} is not a folder (expected a local HF checkpoint folder)")
+        if not (path / "config.json").is_file():  # before the heavy imports; the rest is checked from headers
+            raise UserError(f"{path / 'config.json'}: missing (not an HF checkpoint folder)")
     if args.out is not None:
         _refuse_existing_report(args.out)
     device = resolve_device(case, args.device, checkpoint)
-    results = execute(case, device=device, dtype=args.dtype, checkpoint=checkpoint, seed=args.seed,
-                      progress=args.progress, system=args.system)
-    report = write_report(results, out=args.out, reports=args.reports or default_reports_dir())
-    print(summary_text(results, report))
+    from parity.provenance import third_party_notices
+
+    notices: list[str] = []
+    try:
+        with third_party_notices(notices):
+            results = execute(case, device=device, dtype=args.dtype, checkpoint=checkpoint, seed=args.seed,
+                              progress=args.progress, system=args.system)
+    finally:
+        if args.verbose:
+            for n in notices:
+                print(f"notice: {n}", file=sys.stderr)
+    if isinstance(results.get("env"), dict):
+        results["env"]["warnings"] = notices
+    reports = args.reports or default_reports_dir()
+    report = write_report(results, out=args.out, reports=reports)
+    print(summary_text(results, report, None if args.out is not None else reports / "index.html"))
     return EXIT_OK if results.get("passed") else EXIT_FAIL
 
 
@@ -205,59 +237,20 @@ def write_report(results: dict, *, out: Path | None = None, reports: Path | None
 
 
 # ---------------------------------------------------------------------------------------------------
-# The one-paragraph summary
-
-def _num(x: Any) -> str:
-    if x is None:
-        return "n/a"
-    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
-        return str(x)
-    if isinstance(x, (int, float)):
-        return "0" if x == 0 else f"{x:.3g}"
-    return str(x)
-
+# The one-line summary (parity.report.oneline)
 
 def divergence_text(results: dict) -> str:
-    """``model.layers.3.self_attn (end_to_end: rel_l2 3.1e-02 > gate 1e-05)`` or ``none``."""
-    summary = results.get("summary") or {}
-    first = summary.get("first_divergence")
-    if not first:
-        return "none"
-    d = summary.get("first_divergence_detail") or {}
-    parts = []
-    if d.get("mode"):
-        parts.append(str(d["mode"]))
-    if d.get("metric"):
-        parts.append(f"{d['metric']} {_num(d.get('value'))} > gate {_num(d.get('gate'))}")
-    if d.get("why"):
-        parts.append(str(d["why"]))
-    mc = f" = megatron {d['megatron_name']}" if d.get("megatron_name") else ""
-    return f"{first}{mc}" + (f" ({'; '.join(parts)})" if parts else "")
+    """``model.layers.3.self_attn = megatron ... (end_to_end; rel_l2 0.031 > gate 1e-05)`` or ``none``."""
+    from parity.report.oneline import divergence
+
+    return divergence(results)
 
 
-def summary_text(results: dict, report: Path | str | None = None) -> str:
-    case, device, dtype = results.get("case"), results.get("device"), results.get("dtype")
-    checks = results.get("checks") or {}
-    failed = [k for k, ok in checks.items() if not ok]
-    if results.get("passed"):
-        verdict = "parity HOLDS" + (f" ({', '.join(checks)} ok)" if checks else "")
-    else:
-        verdict = "parity FAILS" + (f" ({', '.join(failed)} failed)" if failed else "")
-    logits = (results.get("summary") or {}).get("logits") or {}
-    top1 = logits.get("top1_agreement")
-    top1_text = f", top-1 agreement {top1:.2%}" if isinstance(top1, (int, float)) else ""
-    sentences = [
-        f"{case} on {device} in {dtype}: {verdict}.",
-        f"First divergence: {divergence_text(results)}.",
-        f"Logits: rel-L2 {_num(logits.get('rel_l2'))}, KL max {_num(logits.get('kl_max'))} "
-        f"(mean {_num(logits.get('kl_mean'))}){top1_text}.",
-    ]
-    rt = results.get("roundtrip") or {}
-    if rt.get("tensors") is not None:
-        sentences.append(f"Weights round trip: {rt.get('bit_exact')}/{rt.get('tensors')} tensors bit-exact.")
-    if report is not None:
-        sentences.append(f"Report: {report}")
-    return " ".join(sentences)
+def summary_text(results: dict, report: Path | str | None = None, history: Path | str | None = None) -> str:
+    """One line: verdict, first divergence, regressions, report and history paths."""
+    from parity.report.oneline import summary_line
+
+    return summary_line(results, report, history)
 
 
 if __name__ == "__main__":  # pragma: no cover

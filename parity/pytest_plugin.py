@@ -9,21 +9,25 @@ Options are the interface::
     --parity-case NAME              run only these cases (repeatable)
     --parity-progress               print the engine's phases (use with -s)
 
-A test that takes ``parity_target`` is parametrised over the cases, one id per case and check:
-``test_logits[gemma4-text-tiny-logits]``. The expensive run is cached per session and keyed by what makes
-runs differ (case, device, dtype, checkpoint, seed), so the checks of one case share ONE engine run; each run
-is written at once with ``parity.report.store.write_run`` (a fresh run folder, never overwritten).
+A test that takes ``parity_target`` is parametrised over the cases, one id per case:
+``test_logits[gemma4-text-tiny]`` (the check is the test's name, so ``-k logits`` selects a check and
+``-k tiny`` a case). The expensive run is cached per session and keyed by what makes runs differ (case,
+device, dtype, checkpoint, seed), so the checks of one case share ONE engine run; each run is written at once
+with ``parity.report.store.write_run`` (a fresh run folder, never overwritten). Third-party warnings printed
+during a run are collected into its report (``env.warnings``); ``-v`` lists them in the summary.
 
-pytest-xdist: every test of a case carries ``xdist_group(<case id>)``, and ``-n N`` without an explicit
-``--dist`` switches to ``--dist loadgroup``, so a case runs once, on one worker. Workers write their runs
-into the shared report root; the controller collects each case's verdict from the test reports (user
-properties, which also land in ``--junitxml``), regenerates the history page once in
-``pytest_sessionfinish`` and lists the cases in a terminal summary section.
+pytest-xdist: ``-n N`` without an explicit ``--dist`` schedules by case (``CaseScheduling``: the checks of
+one case go to one worker, other tests are spread one by one), so a case runs once and node ids -- hence
+JUnit names -- are the same as in a serial run (``--dist loadgroup`` would append ``@<group>``). Workers
+write their runs into the shared report root; the controller collects each case's verdict from the test
+reports (user properties, which also land in ``--junitxml``), regenerates the history page once in
+``pytest_sessionfinish`` and prints one line per case in a terminal summary section.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,10 +68,29 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config: pytest.Config) -> None:
-    """``-n N`` without ``--dist``: use ``loadgroup`` so the checks of one case stay on one worker."""
+    """``-n N`` without ``--dist``: schedule by case (``CaseScheduling``) so the checks of a case share a worker."""
     opt = config.option
     if getattr(opt, "numprocesses", None) and getattr(opt, "dist", None) == "no" and not getattr(opt, "distload", False):
-        opt.dist = "loadgroup"
+        opt.dist = "loadscope"  # xdist then asks pytest_xdist_make_scheduler, which answers CaseScheduling
+        opt.parity_by_case = True
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    if not getattr(config.option, "parity_by_case", False):
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    ids = {t.id for t in config.stash[_STATE].all_targets()}
+
+    class CaseScheduling(LoadScopeScheduling):
+        """One work unit per case (all its checks), every other test a unit of its own; node ids untouched."""
+
+        def _split_scope(self, nodeid: str) -> str:
+            m = re.search(r"\[([^\[\]]+)\]$", nodeid)
+            return f"parity-case:{m.group(1)}" if m and m.group(1) in ids else nodeid
+
+    return CaseScheduling(config, log)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -76,23 +99,18 @@ def pytest_configure(config: pytest.Config) -> None:
     state = _State.from_config(config)
     config.stash[_STATE] = state
     worker = getattr(config, "workerinput", None)
-    if worker is not None and worker.get("parity_loadgroup"):
-        # xdist derives a worker's loadgroup flag from the worker's own argv, which lacks the --dist we set in
-        # pytest_cmdline_main; without it the worker would not tag node ids with their group.
-        config.option.loadgroup = True
     if worker is None:
         dist = getattr(config.option, "dist", "no")
-        if dist not in ("no", "loadgroup"):
+        if dist not in ("no", "loadgroup") and not getattr(config.option, "parity_by_case", False):
             config.issue_config_time_warning(pytest.PytestConfigWarning(
                 f"parity: --dist {dist} may split the checks of one case over several workers, each of which then "
-                f"reruns the case; use --dist loadgroup"), stacklevel=2)
+                f"reruns the case; leave --dist out (-n N alone schedules by case)"), stacklevel=2)
         config.pluginmanager.register(_Controller(state), "parity-controller")
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node) -> None:  # xdist: tell each worker the report root and the distribution mode
     node.workerinput["parity_reports"] = str(node.config.stash[_STATE].reports)
-    node.workerinput["parity_loadgroup"] = getattr(node.config.option, "dist", None) == "loadgroup"
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -128,6 +146,7 @@ class _Outcome:
     report: Path | None = None
     error: BaseException | None = None
     shown: bool = False
+    notices: list[str] = field(default_factory=list, repr=False)
 
 
 @dataclass
@@ -150,6 +169,8 @@ class _State:
         checkpoint = opt("parity_checkpoint")
         if checkpoint and not Path(checkpoint).is_dir():
             raise pytest.UsageError(f"--parity-checkpoint {checkpoint}: no such folder")
+        if checkpoint and not (Path(checkpoint) / "config.json").is_file():  # before any heavy import
+            raise pytest.UsageError(f"--parity-checkpoint {checkpoint}: no config.json (not an HF checkpoint folder)")
         only = tuple(dict.fromkeys(opt("parity_case") or ()))
         for name in only:
             try:
@@ -182,14 +203,19 @@ class _State:
         if target.key in self.runs:
             return self.runs[target.key]
         from parity.engine.launch import execute
+        from parity.provenance import third_party_notices
 
         outcome = _Outcome()
         try:
-            outcome.results = execute(target.case, device=target.device, dtype=target.dtype,
-                                      checkpoint=target.checkpoint, seed=target.seed, progress=self.progress)
+            with third_party_notices(outcome.notices):
+                outcome.results = execute(target.case, device=target.device, dtype=target.dtype,
+                                          checkpoint=target.checkpoint, seed=target.seed, progress=self.progress)
         except Exception as e:  # cached: the other checks of this case report it without rerunning
             outcome.error = e
         if outcome.results is not None:
+            env = outcome.results.setdefault("env", {})
+            if isinstance(env, dict):
+                env["warnings"] = list(outcome.notices)
             try:
                 from parity.report.store import write_run
 
@@ -229,7 +255,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             marks.append(pytest.mark.skip(reason=t.skip))
         elif check == "router" and t.case.dense:
             marks.append(pytest.mark.skip(reason=f"dense model: no router (case {t.case.name})"))
-        params.append(pytest.param(t, id=f"{t.id}-{check}", marks=marks))
+        params.append(pytest.param(t, id=t.id, marks=marks))
     metafunc.parametrize("parity_target", params)
 
 
@@ -275,9 +301,14 @@ def parity_run(request: pytest.FixtureRequest, parity_runs: _State, parity_targe
         raise e
     run = ParityRun(parity_target, outcome.results, outcome.report)
     summary = outcome.results.get("summary") or {}
+    from parity.report.oneline import stored_regressions
+
+    record = stored_regressions(outcome.report) or {}
     props += [("passed", bool(outcome.results.get("passed"))), ("check_passed", run.passed(check)),
               ("first_divergence", summary.get("first_divergence")),
-              ("report", str(outcome.report) if outcome.report else None)]
+              ("report", str(outcome.report) if outcome.report else None),
+              ("regressions", record.get("count") if record.get("previous") else None),
+              ("notices", "\n".join(outcome.notices))]
     return run
 
 
@@ -285,9 +316,9 @@ def parity_run(request: pytest.FixtureRequest, parity_runs: _State, parity_targe
 # Verdicts and the messages that explain them
 
 def _num(x: Any) -> str:
-    from parity.cli import _num as num
+    from parity.report.oneline import fmt_num
 
-    return num(x)
+    return fmt_num(x)
 
 
 @dataclass
@@ -303,6 +334,11 @@ class ParityRun:
     def passed(self, check: str) -> bool:
         return bool((self.results.get("checks") or {}).get(check, False))
 
+    def require(self, check: str) -> None:
+        """Fail the calling test with ``explain(check)`` alone (no assertion rewrite of this object)."""
+        if not self.passed(check):
+            pytest.fail(self.explain(check), pytrace=False)
+
     def has_router(self) -> bool:
         return bool(self.results.get("routers")) or any(r.get("kind") == "router" for r in self.modules())
 
@@ -316,9 +352,9 @@ class ParityRun:
             body = f"the results carry no {check!r} verdict (checks: {', '.join(checks) or 'none'})"
         else:
             body = getattr(self, f"_explain_{check}")()
-        from parity.cli import divergence_text
+        from parity.report.oneline import divergence
 
-        tail = f" First divergence: {divergence_text(self.results)}."
+        tail = f" First divergence: {divergence(self.results)}."
         if self.report:
             tail += f" Report: {self.report}"
         return f"{self.where}: {check} check failed: {body}.{tail}"
@@ -384,8 +420,8 @@ class _Controller:
         if pid is None or report.when not in ("setup", "call"):
             return
         entry = self.cases.setdefault(pid, {"checks": {}})
-        entry.update({k: props[k] for k in ("case", "device", "dtype", "passed", "first_divergence", "report", "error")
-                      if k in props})
+        entry.update({k: props[k] for k in ("case", "device", "dtype", "passed", "first_divergence", "report", "error",
+                                            "regressions", "notices") if k in props})
         if report.when == "call" or report.failed:
             entry["checks"][props.get("check")] = report.outcome
 
@@ -407,17 +443,28 @@ class _Controller:
         tr = terminalreporter
         tr.section("parity")
         width = max(len(k) for k in self.cases)
+        notices: list[str] = []
         for pid, e in self.cases.items():
             if e.get("error"):
                 verdict, text = "ERROR", e["error"]
             else:
                 verdict = "PASS" if e.get("passed") else "FAIL"
-                text = f"first divergence: {e.get('first_divergence') or 'none'}"
+                n = e.get("regressions")
+                regs = "first run" if n is None else str(n)
+                text = f"first divergence: {e.get('first_divergence') or 'none'} · regressions: {regs}"
                 if e.get("report"):
-                    text += f"  report: {_rel(e['report'])}"
+                    text += f" · report: {_rel(e['report'])}"
             tr.write_line(f"{verdict:<5} {pid:<{width}}  {e.get('device')} {e.get('dtype') or '':<8}  {text}")
+            notices += [n for n in (e.get("notices") or "").splitlines() if n and n not in notices]
         if any(e.get("report") for e in self.cases.values()):
             tr.write_line(f"history: {_rel(self.state.reports / 'index.html')}")
+        if notices and tr.config.option.verbose > 0:
+            tr.write_line(f"third-party notices ({len(notices)}, also in each report's environment section):")
+            for n in notices:
+                tr.write_line(f"  {n}")
+        elif notices:
+            tr.write_line(f"{len(notices)} third-party notices (Transformer Engine/Apex absent, deprecations): "
+                          f"-v lists them; each report keeps them")
 
 
 def _rel(path: str | Path) -> str:

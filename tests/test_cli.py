@@ -1,6 +1,7 @@
 """``python -m parity``: listing, exit codes, one-line user errors. No engine run here (the fast ones fake it)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -172,7 +173,9 @@ def test_exit_0_when_parity_holds(fake_engine, tmp_path, capsys, monkeypatch):
                       "progress": False, "system": "parity"}]
     assert written == [(tmp_path / "o", Path("reports"))]
     out = capsys.readouterr().out
-    assert "parity HOLDS" in out and "First divergence: none" in out and str(tmp_path / "o" / "index.html") in out
+    assert out.count("\n") == 1  # one line
+    assert "parity HOLDS · first divergence: none · regressions: no history (--out) · report: " in out
+    assert str(tmp_path / "o" / "index.html") in out
 
 
 def test_exit_1_when_parity_fails(fake_engine, tmp_path, capsys, monkeypatch):
@@ -185,7 +188,7 @@ def test_exit_1_when_parity_fails(fake_engine, tmp_path, capsys, monkeypatch):
     assert "parity FAILS (logits, modules failed)" in out
     assert "model.layers.2.self_attn = megatron decoder.layers.2.self_attention (isolated; rel_l2 0.031 > gate 1e-05)" \
         in out
-    assert "KL max 0.3" in out
+    assert f"· history: {tmp_path / 'r' / 'index.html'}" in out and out.count("\n") == 1
 
 
 @pytest.mark.parametrize("error, needle", [
@@ -229,6 +232,7 @@ def test_bug_is_not_a_verdict(fake_engine, capsys):
 
 def test_checkpoint_env_reaches_the_engine(fake_engine, tmp_path, monkeypatch):
     calls, _, _ = fake_engine
+    (tmp_path / "config.json").write_text("{}")
     monkeypatch.setenv("GEMMA4_CHECKPOINT", str(tmp_path))
     assert cli.main(["run", "--case", "gemma4-checkpoint"]) == 0
     assert calls[0]["checkpoint"] == str(tmp_path) and calls[0]["device"] == "cpu"
@@ -263,3 +267,56 @@ def test_bench_targets_arithmetic():
     assert not t["capture_plus_metrics_over_forwards"]["met"]
     assert t["megatron_over_hf_forward"] == {"value": pytest.approx(2.0), "limit": 1.5, "met": False}
     assert t["wall_over_forwards_plus_conversion"]["met"] is False and t["gpu_peak_gib"]["met"] is True
+
+
+def test_checkpoint_folder_without_config_fails_before_heavy_imports(tmp_path):
+    """A folder that is not an HF checkpoint: one line, exit 2, before torch/transformers/megatron load."""
+    code = ("import sys; from parity import cli; rc = cli.main(['run', '--case', 'gemma4-text-tiny', "
+            f"'--checkpoint', {str(tmp_path)!r}]); "
+            "print(sorted(m for m in ('torch', 'transformers', 'megatron') if m in sys.modules)); sys.exit(rc)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout.strip() == "[]", p.stdout + p.stderr
+    assert p.stderr.strip() == f"parity: error: {tmp_path / 'config.json'}: missing (not an HF checkpoint folder)"
+
+
+def test_verbose_prints_notices_and_the_report_keeps_them(fake_engine, tmp_path, capsys, monkeypatch):
+    import logging
+
+    _, outcome, _ = fake_engine
+
+    def noisy(case, **kwargs):
+        logging.getLogger("megatron.core.optimizer").warning("Transformer Engine and Apex are not installed.")
+        return json.loads(json.dumps({**fake_results(True), "env": {"torch": "2.13.0"}}))
+
+    monkeypatch.setattr(cli, "execute", noisy)
+    written = []
+    monkeypatch.setattr(cli, "write_report", lambda results, **kw: written.append(results) or tmp_path / "x.html")
+    assert cli.main(["run", "--case", "gemma4-text-tiny", "--out", str(tmp_path / "a")]) == 0
+    captured = capsys.readouterr()
+    assert "Transformer Engine" not in captured.err + captured.out
+    notice = "megatron.core.optimizer: Transformer Engine and Apex are not installed."
+    assert written[0]["env"]["warnings"] == [notice]
+    assert cli.main(["run", "--case", "gemma4-text-tiny", "--out", str(tmp_path / "b"), "--verbose"]) == 0
+    assert f"notice: {notice}" in capsys.readouterr().err
+
+
+def test_card_subcommand(tmp_path, capsys):
+    assert cli.main(["card", "--dir", str(tmp_path / "none")]) == 2
+    (tmp_path / "runs").mkdir()
+    assert cli.main(["card", "--dir", str(tmp_path)]) == 1  # no run covered: not a pass
+    assert "verification_card:" in capsys.readouterr().out
+
+
+def test_plain_run_prints_one_line_and_no_warnings(tmp_path):
+    """The real engine on the tiny case, as a user runs it: nothing on stderr, one line on stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PARITY_"))}
+    p = subprocess.run([sys.executable, "-m", "parity", "run", "--case", "gemma4-text-tiny", "--reports",
+                        str(tmp_path)], capture_output=True, text=True, timeout=600, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stderr == ""
+    (line,) = p.stdout.splitlines()
+    assert line.startswith("gemma4-text-tiny on cpu in float32: parity HOLDS · first divergence: none · ")
+    assert f"history: {tmp_path / 'index.html'}" in line
+    (run,) = (tmp_path / "runs").iterdir()
+    env_rec = json.loads((run / "results.json").read_text())["env"]
+    assert isinstance(env_rec["warnings"], list) and env_rec["threads"] == 1

@@ -6,7 +6,6 @@ import json
 import math
 import multiprocessing
 import re
-import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 from parity.report import compare, find_previous, load_runs, render_index, render_run, results_frame, runs_frame
 from parity.report import store
 from parity.report.cli import rerender
+from parity.report.history import RULE
 from parity.report.store import write_run, write_to
 from parity.report.summary import fmt
 
@@ -25,7 +25,6 @@ _spec.loader.exec_module(_fixtures)
 make_results = _fixtures.make_results
 
 T0 = datetime(2026, 5, 9, 9, 0, tzinfo=timezone.utc)
-CHROMIUM = Path("/usr/bin/chromium")
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +80,7 @@ def test_module_table_marks_failures_and_groups_by_layer(failing):
     html = render_run(failing, None)
     table = html[html.index('id="modtable"'):html.index('id="routers"')]
     n_bad = sum(1 for m in failing["modules"] if not m["passed"])
-    assert table.count('<tr class="bad"') == n_bad
+    assert table.count('<tr class="bad') == n_bad
     for i in range(6):
         assert f'<tr class="grp' in table and f">model.layers.{i}<" in table
     assert "text: before the layers" in table and "text: after the layers" in table
@@ -164,8 +163,8 @@ def test_nonfinite_metrics_render(failing):
 def test_compare_flags_verdict_flip_and_growth(passing, failing):
     flags = compare(failing, passing)
     assert flags[0]["kind"] == "verdict" and flags[0]["severity"] == "regression"
-    names = {(f["name"], f["mode"]) for f in flags if f["kind"] == "rel_l2"}
-    assert ("model.layers.2.self_attn", "isolated") in names
+    names = {(f["name"], f["mode"]) for f in flags if f["kind"] == "gate" and f["severity"] == "regression"}
+    assert ("model.layers.2.self_attn", "isolated") in names  # crossed its gate
     back = compare(passing, failing)
     assert back[0]["kind"] == "verdict" and back[0]["severity"] == "improvement"
     assert compare(passing, None) == []
@@ -173,16 +172,25 @@ def test_compare_flags_verdict_flip_and_growth(passing, failing):
 
 
 def test_compare_growth_threshold_and_noise_floor():
-    def run(v: float, passed: bool = True) -> dict:
-        return {"case": "c", "passed": True, "modules": [{"name": "m", "mode": "isolated", "rel_l2": v,
-                                                          "passed": passed}]}
-    assert [f["kind"] for f in compare(run(2e-3), run(1e-3))] == ["rel_l2"]
-    assert compare(run(1.9e-3), run(1e-3)) == []
+    def run(v: float, passed: bool = True, gate: float | None = 1e-2) -> dict:
+        row = {"name": "m", "mode": "isolated", "rel_l2": v, "passed": passed}
+        if gate is not None:
+            row["gate"] = {"metric": "rel_l2", "max": gate}
+        return {"case": "c", "passed": True, "modules": [row]}
+
+    def kinds(cur: dict, prev: dict) -> list[tuple[str, str]]:
+        return [(f["kind"], f["severity"]) for f in compare(cur, prev)]
+
+    assert kinds(run(2e-3), run(1e-3)) == [("growth", "regression")]  # 2x, at 20 % of the gate
+    assert kinds(run(2e-4), run(1e-4)) == [("growth", "drift")]  # 2x, at 2 % of the gate
+    assert kinds(run(1.9e-3), run(1e-3)) == []
     assert compare(run(1e-15), run(0.0)) == []  # 0 -> 1e-15 is noise below the absolute floor
-    assert compare(run(3e-12), run(0.0))[0]["factor"] is None  # from zero: flagged, no finite factor
-    assert compare(run(float("nan")), run(1e-3))[0]["kind"] == "rel_l2"
-    gate_only = compare(run(1.5e-3, passed=False), run(1e-3))
-    assert [f["kind"] for f in gate_only] == ["gate"]
+    from_zero = compare(run(3e-3), run(0.0))[0]
+    assert from_zero["factor"] is None and "from 0" in from_zero["message"]
+    assert kinds(run(float("nan")), run(1e-3)) == [("nonfinite", "regression")]
+    assert kinds(run(1.5e-3, passed=False), run(1e-3)) == [("gate", "regression")]
+    assert kinds(run(1e-3), run(1.5e-3, passed=False)) == [("gate", "improvement")]
+    assert kinds(run(4e-3, gate=None), run(1e-3, gate=None)) == [("growth", "drift")]  # no gate: drift
 
 
 def test_find_previous_matches_case_device_dtype(passing):
@@ -206,22 +214,36 @@ def test_write_run_twice_gives_two_runs_and_flags_regressions(tmp_path, passing)
     for d in (first, second):
         assert (d / "results.json").is_file() and (d / "index.html").is_file()
     assert re.fullmatch(r"\d{8}T\d{9}Z-gemma4-text-tiny-[0-9a-f]{6}", second.name)
-    assert json.loads((first / "results.json").read_text()) == passing
+    stored = json.loads((first / "results.json").read_text())
+    assert stored.pop("regressions") == {"previous": None, "rule": RULE, "count": 0, "drift": 0, "flags": []}
+    assert stored == passing
 
     report = (second / "index.html").read_text()
-    regs = report[report.index('id="regressions"'):report.index('id="modules"')]
+    regs = report[report.index('id="regressions"'):report.index('id="modules"')].replace("<wbr>", "")
+    # 3x on a row at ~1e-7 against a 1e-5 gate is drift, not a regression
     assert "model.layers.4.experts" in regs and "3×" in regs and "PASS → FAIL" not in regs
+    assert "0 regressions, 2 drift" in regs
 
     index = (tmp_path / "index.html").read_text()
     assert f'href="runs/{first.name}/index.html"' in index and f'href="runs/{second.name}/index.html"' in index
     assert index.index(second.name) < index.index(first.name)  # newest first
-    assert "2 regressions" in index
+    at = index.index(second.name)
+    row = index[index.rfind("<tr", 0, at):index.index("</tr>", at)]
+    assert 'data-regressions="0"' in row and "2 drift" in row and "regression<" not in row
+
+    material = write_run(make_results(created=T0 + timedelta(minutes=90), bump={"model.layers.4.experts": 60.0}),
+                         tmp_path)
+    stored = json.loads((material / "results.json").read_text())["regressions"]
+    assert stored["previous"]["id"] == second.name and stored["count"] == 2
+    assert {(f["name"], f["mode"]) for f in stored["flags"] if f["severity"] == "regression"} == {
+        ("model.layers.4.experts", "isolated"), ("model.layers.4.experts", "end_to_end")}
+    assert "2 regressions" in (tmp_path / "index.html").read_text()
 
     third = write_run(make_results(created=T0 + timedelta(hours=2), failure="rope"), tmp_path)
     report = (third / "index.html").read_text()
     assert "verdict PASS → FAIL" in report and 'data-verdict="FAIL"' in report
     index = (tmp_path / "index.html").read_text()
-    assert "verdict PASS → FAIL" in index and index.count('href="runs/') == 3
+    assert "verdict PASS → FAIL" in index and index.count('href="runs/') == 4
 
 
 def test_run_dirs_never_collide(tmp_path, passing, monkeypatch):
@@ -327,62 +349,129 @@ def test_report_cli_main(tmp_path, passing, capsys):
     assert main(["--dir", str(f)]) == 2
 
 
-# ---------------------------------------------------------------------------------------------- browser
-
-_CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                   "--hide-scrollbars", "--window-size=1280,800"]
-
-# Injected into a copy of the page: checks the first screen and the table sorting, then reports in the DOM.
-_PROBE = """<script>
-window.addEventListener('load', function(){
-  var out = {};
-  ['verdict','first-divergence','worst-layer','logits-card'].forEach(function(id){
-    var el = document.getElementById(id), r = el && el.getBoundingClientRect();
-    out[id] = r ? (r.bottom <= window.innerHeight && r.right <= window.innerWidth && r.height > 0) : false;
-  });
-  out.vw = window.innerWidth; out.vh = window.innerHeight;
-  var t = document.getElementById('modtable'), th = t.tHead.rows[0].cells[5];
-  th.click();
-  var rows = Array.prototype.filter.call(t.tBodies[0].rows, function(r){ return !r.classList.contains('grp'); });
-  out.top = rows[0].cells[0].textContent + ' ' + rows[0].cells[2].textContent;
-  out.flat = t.classList.contains('flat');
-  document.body.setAttribute('data-probe', JSON.stringify(out));
-});
-</script></body>"""
+# ---------------------------------------------------------------------------------------------- since when
 
 
-def _chromium(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(CHROMIUM), *_CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", *args],
-                          capture_output=True, text=True, timeout=120)
+def test_run_page_links_history_previous_last_pass_and_failing_since(tmp_path):
+    dirs = [write_run(make_results(created=T0 + timedelta(hours=h), failure=f), tmp_path)
+            for h, f in ((0, None), (1, None), (2, "rope"), (3, "rope"))]
+    other = write_run(make_results(created=T0 + timedelta(hours=4), dtype="bfloat16"), tmp_path)  # other group
+    last = (dirs[3] / "index.html").read_text()
+    nav = last[last.index('<div class="since">'):last.index("</nav>")]
+    assert 'href="../../index.html" id="link-history"' in nav
+    assert f'href="../{dirs[2].name}/index.html" id="link-previous"' in nav
+    assert f'href="../{dirs[1].name}/index.html" id="link-last-pass"' in nav
+    assert f'href="../{dirs[2].name}/index.html" id="link-failing-since"' in nav and "(2 runs)" in nav
+    assert other.name not in last
+    third = (dirs[2] / "index.html").read_text()
+    assert "failing since this run" in third and f'../{dirs[1].name}/index.html" id="link-last-pass"' in third
+    first = (dirs[0] / "index.html").read_text()
+    assert 'id="link-history"' in first and 'id="link-previous"' not in first and "failing since" not in first
+    for d in dirs:  # every link points at a page that exists
+        html = (d / "index.html").read_text()
+        for href in re.findall(r'<a href="(\.\./[^"#]+)" id="link-', html):
+            assert (d / href).resolve().is_file(), href
+    rerender(tmp_path)  # the re-rendered page keeps its links
+    assert f'href="../{dirs[1].name}/index.html" id="link-last-pass"' in (dirs[3] / "index.html").read_text()
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
-                    "(apt-get install -y chromium)")
-@pytest.mark.parametrize("variant", ["pass", "fail"])
-def test_headless_browser_renders_first_screen(variant, tmp_path, passing, failing):
-    results = passing if variant == "pass" else failing
-    out = write_to(results, tmp_path / "report", previous=passing if variant == "fail" else None)
-    page = out / "index.html"
+def test_failing_page_opens_on_failing_rows_with_the_first_divergence_linked(passing, failing):
+    html = render_run(failing, None)
+    table = html[html.index('id="modules"'):html.index('id="routers"')]
+    assert 'class="sortable failonly" id="modtable"' in table and 'data-failonly="modtable" checked' in table
+    fd = failing["summary"]["first_divergence_detail"]
+    row = table[table.rfind("<tr", 0, table.index('id="fd-row"')):]
+    row = row[:row.index("</tr>")]
+    assert 'class="bad fd"' in row and ">isolated<" in row
+    assert fd["name"] == re.sub(r"<[^>]+>", "", re.search(r'<td class="name">(.*?)</td>', row).group(1))
+    card = html[html.index('id="first-divergence"'):html.index('id="worst-layer"')]
+    assert 'href="#fd-row"' in card
+    ok = render_run(passing, None)
+    assert 'id="fd-row"' not in ok and 'class="sortable" id="modtable"' in ok and " checked" not in ok
 
-    shot = tmp_path / "shot.png"
-    proc = _chromium([f"--screenshot={shot}", page.as_uri()], tmp_path)
-    assert shot.is_file() and shot.stat().st_size > 10_000, proc.stderr[-2000:]
-    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    dom = _chromium(["--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()], tmp_path)
-    assert 'data-js="ok"' in dom.stdout  # the inline script ran to its end
-    console = [line for line in dom.stderr.splitlines() if "CONSOLE" in line]
-    assert console == [], console
+def test_megatron_names_wrap_at_dots_not_mid_word(failing):
+    from parity.report.page import CSS
+    html = render_run(failing, None)
+    assert "decoder.<wbr>layers.<wbr>3.<wbr>self_attention.<wbr>linear_qkv[q]" in html
+    rule = re.search(r"td\.name\{([^}]*)\}", CSS).group(1)
+    assert "anywhere" not in rule and "break-all" not in rule
 
-    probe_page = tmp_path / "probe.html"
-    probe_page.write_text(page.read_text().replace("</body>", _PROBE, 1))
-    dom = _chromium(["--dump-dom", probe_page.as_uri()], tmp_path)
-    m = re.search(r'data-probe="([^"]*)"', dom.stdout)
-    assert m, dom.stderr[-2000:]
-    probe = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
-    assert all(probe[k] for k in ("verdict", "first-divergence", "worst-layer", "logits-card")), probe
-    assert probe["flat"]
-    worst = max(results["modules"], key=lambda r: r["rel_l2"])
-    assert probe["top"].startswith(worst["name"] + " "), probe
 
+def test_regressions_table_shows_growth_from_zero():
+    def run(v, created):
+        return {"case": "c", "passed": True, "created": created, "modules": [
+            {"name": "model.layers.0.mlp", "megatron_name": "decoder.layers.0.mlp", "mode": "isolated",
+             "rel_l2": v, "gate": {"metric": "rel_l2", "max": 1e-5}, "passed": True}]}
+    html = render_run(run(5e-6, "2026-05-09T10:00:00Z"), run(0.0, "2026-05-09T09:00:00Z"))
+    regs = html[html.index('id="regressions"'):html.index('id="modules"')]
+    assert ">from 0<" in regs and "50.00 %" in regs and "1 regression," in regs
+
+
+def test_heatmap_marks_gate_use_per_layer_and_module(passing, failing):
+    from parity.report.heatmap import cells, colour
+    html = render_run(failing, None)
+    heat = html[html.index('id="heatmap"'):html.index('id="regressions"')]
+    types, layers, grid = cells(failing, "text")
+    assert layers == list(range(6)) and types[-1] == "(layer output)" and types[0] == "input_layernorm"
+    assert heat.count("<tr>") == len(types) + 1
+    full = [i for i, t in enumerate(failing["layer_types"]) if t == "full_attention"]
+    assert heat.count('<th class="full"') == len(full)
+    over = re.findall(r'<td class="over" title="([^"&]+)', heat)
+    assert "model.layers.2.self_attn" in over and not any(n.startswith(("model.layers.0.", "model.layers.1."))
+                                                           for n in over)
+    assert 'class="over"' not in render_run(passing, None).split('id="heatmap"')[1].split('id="regressions"')[0]
+    assert colour(1e-7) == colour(1e-6) != colour(0.05) != colour(0.5)
+
+
+def test_history_lists_corrupt_runs_and_offers_filters_and_pages(tmp_path, passing):
+    write_run(passing, tmp_path)
+    broken = tmp_path / "runs" / "20260101T000000000Z-broken-000000"
+    broken.mkdir()
+    (broken / "results.json").write_text("{not json")
+    write_run(make_results(created=T0 + timedelta(hours=1), failure="rope"), tmp_path)
+    index = (tmp_path / "index.html").read_text()
+    assert "CORRUPT" in index and broken.name in index and "1 corrupt" in index
+    assert f'href="runs/{broken.name}/results.json"' in index
+    for name in ("case", "system", "verdict", "regressions"):
+        assert f'data-hfilter="{name}"' in index
+    assert f'data-pager="runs" data-size="{200}"' in index
+    assert index.count('data-case="gemma4-text-tiny"') == 2 and 'data-verdict="corrupt"' in index
+
+
+def test_run_key_separates_systems(passing):
+    bridge = dict(passing, system={"name": "megatron-bridge", "version": "0.3"}, created="2026-05-09T10:00:00Z")
+    ours = dict(passing, created="2026-05-09T11:00:00Z")
+    assert find_previous(ours, [bridge, passing]) is passing
+    assert find_previous(bridge, [ours, passing]) is None
+
+
+# ---------------------------------------------------------------------------------------------- one line
+
+
+def test_summary_line_has_verdict_divergence_regressions_report_and_history(tmp_path):
+    from parity.report.oneline import summary_line
+    write_run(make_results(created=T0), tmp_path)
+    d = write_run(make_results(created=T0 + timedelta(hours=1), failure="rope"), tmp_path)
+    r = json.loads((d / "results.json").read_text())
+    line = summary_line(r, d / "index.html", tmp_path / "index.html")
+    assert "\n" not in line
+    assert line.startswith("gemma4-text-tiny on cpu in float32: parity FAILS · first divergence: "
+                           "model.layers.2.self_attn = megatron decoder.layers.2.self_attention (isolated; rel_l2 ")
+    assert f"regressions: {r['regressions']['count']} · report: {d / 'index.html'} · history: " in line
+    assert r["regressions"]["count"] > 0
+    first = summary_line(make_results(created=T0), None, None)
+    assert "parity HOLDS · first divergence: none · regressions: no history (--out)" in first
+
+
+def test_environment_shows_dirty_commit_threads_and_third_party_notices(passing):
+    r = json.loads(json.dumps(passing))
+    r["env"].update({"git_dirty": True, "threads": 1, "command": "python -m parity run --case x",
+                     "warnings": ["UserWarning: Transformer Engine and Apex are not installed. (megatron/x.py:1)"]})
+    html = render_run(r, None)
+    env = html[html.index('id="provenance"'):]
+    assert ">dirty</span>" in env and "<dt>threads</dt><dd>1</dd>" in env
+    assert "1 third-party warning</summary>" in env and "Transformer Engine and Apex are not installed" in env
+    assert "(dirty)" in html[:html.index("</header>")]
+    r["env"]["git_dirty"] = False
+    assert ">dirty</span>" not in render_run(r, None)

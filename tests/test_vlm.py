@@ -98,6 +98,24 @@ def test_fp32_passes_with_every_module_in_both_modes(clean, built):
     assert config.text_config.use_bidirectional_attention == "vision"
 
 
+def test_every_row_of_the_table_has_its_module_in_system_parity(built, clean):
+    """The table and system parity's names agree: every row of the VLM (vision, merged, text) names a module of
+    the built model, and every mask / RoPE row one of its own tables; no row is left unobserved."""
+    sut = _system(built["config"], built["hf"].state_dict())
+    sut.prepare(built["inputs"])
+    rows, tables = expand(KINDS["vlm"].prefixes, sut.args, sut.model.vision_args.num_layers), sut.tables()
+    n_tables = sum(a.row.kind in TABLE_KINDS for a in rows)
+    assert n_tables == 5 and 2 * (len(rows) - n_tables) + n_tables == len(clean["modules"])  # both modes + tables
+    for a in rows:
+        name = sut.names[a.row.name_key].format(**a.slots)
+        if a.row.kind in TABLE_KINDS:
+            assert name in tables, (a.hf, name)
+        elif a.row.kind is not Kind.LOGITS:  # lm_head + softcap: not a module on either side
+            assert sut.module(name) is not None, (a.hf, name)
+    assert {"masks[sliding_attention]", "masks[full_attention]", "rotary_tables[sliding_attention]",
+            "rotary_tables[full_attention]", "vision.masks[encoder]"} == set(tables)
+
+
 def test_metrics_split_by_position_group(clean):
     g = clean["groups"]
     assert set(g["positions"]) == set(GROUPS) and all(n > 0 for n in g["positions"].values())

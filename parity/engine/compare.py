@@ -137,6 +137,17 @@ def first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+def upcast(x):
+    """Floating tensors (in tuples, lists, dicts) in fp32; everything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(upcast(v) for v in x)
+    if isinstance(x, dict):
+        return {k: upcast(v) for k, v in x.items()}
+    return x
+
+
 def to_device(x, device):
     if isinstance(x, torch.Tensor):
         return x.to(device)
@@ -165,10 +176,24 @@ def failed(why: str) -> dict:
     return {"cosine": math.nan, "rel_l2": math.inf, "max_abs": math.inf, "detail": why}
 
 
+def device_of(*tensors: torch.Tensor) -> torch.device:
+    """Where the metrics of a pair run: on the accelerator when either side is there (a host-staged capture
+    goes to it, never the other way round), else on the host."""
+    return next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
+
+
+def metrics(ref: torch.Tensor, test: torch.Tensor, mask: torch.Tensor | None) -> dict:
+    """``tensor_metrics`` with both sides (and the mask) on ``device_of(ref, test)``."""
+    dev = device_of(ref, test)
+    return M.tensor_metrics(ref.to(dev), test.to(dev), None if mask is None else mask.to(dev))
+
+
 def _router(ref, test, where: Where) -> dict:
     mask = where.valid.reshape(-1)
-    ref_dense = torch.zeros_like(ref["probs"]).scatter(1, ref["top_i"].long(), ref["top_w"].float())
-    out = M.tensor_metrics(ref_dense, test["dense"].to(ref_dense.device, ref_dense.dtype), mask.to(ref_dense.device))
+    dev = device_of(ref["probs"], test["dense"])
+    ref_dense = torch.zeros_like(ref["probs"], device=dev).scatter(1, ref["top_i"].long().to(dev),
+                                                                    ref["top_w"].float().to(dev))
+    out = metrics(ref_dense, test["dense"].to(dev, ref_dense.dtype), mask)
     out["router"] = M.router_metrics(ref["top_i"].cpu(), test["top_i"].cpu(), ref["top_w"].cpu(), test["top_w"].cpu(),
                                      mask=mask.cpu(), ref_probs=ref["probs"].cpu())
     out["router"]["num_experts"] = ref["probs"].shape[-1]
@@ -184,14 +209,13 @@ def _vision(mask_of: Callable) -> Callable:
             ref, test = ref[0], test[0]
         if tuple(ref.shape) != tuple(test.shape):
             return failed(f"shape {tuple(test.shape)} vs {tuple(ref.shape)}")
-        return M.tensor_metrics(ref, test.to(ref.device), None if mask is None else mask.to(ref.device))
+        return metrics(ref, test, mask)
     return measure
 
 
 def _tokens(flat: bool) -> Callable:
     def measure(ref, test, where: Where) -> dict:
-        mask = where.valid.reshape(-1) if flat else where.valid
-        return M.tensor_metrics(ref.to(test.device), test, mask.to(test.device))
+        return metrics(ref, test, where.valid.reshape(-1) if flat else where.valid)
     return measure
 
 
@@ -199,7 +223,7 @@ _BY_TOKEN = _tokens(flat=False)
 _MEASURE = {
     Kind.ROUTER: _router,
     Kind.EXPERTS: _tokens(flat=True), Kind.FLAT_NORM: _tokens(flat=True),
-    Kind.MERGED: lambda ref, test, w: M.tensor_metrics(ref, test.to(ref.device), w.valid.to(ref.device)),
+    Kind.MERGED: lambda ref, test, w: metrics(ref, test, w.valid),
     Kind.PATCHES: _vision(lambda ref, w: w.real), Kind.VISION_ROPE: _vision(lambda ref, w: w.real),
     Kind.POOLED: _vision(lambda ref, w: ref[1]), Kind.TOKENS: _vision(lambda ref, w: None),
 }
@@ -231,8 +255,7 @@ def compare_mask(a: Aligned, hf_mask, mine: torch.Tensor, where: Where) -> dict:
 
 def compare_rope(hf_call: Call, mine: tuple, where: Where) -> dict:
     cos, sin = hf_call.output
-    mc = torch.cat(list(mine), -1)
-    return M.tensor_metrics(torch.cat([cos, sin], -1).to(mc.device), mc, where.valid)
+    return metrics(torch.cat([cos, sin], -1), torch.cat(list(mine), -1), where.valid)
 
 
 def row_record(a: Aligned, mc_name: str, mode: str, m: dict, order: int) -> dict:

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import os
-import platform
-import subprocess
 import sys
 import time
 import weakref
@@ -30,7 +27,7 @@ from parity.engine import gates as G
 from parity.engine import metrics as M
 from parity.engine.alignment import TABLE_KINDS, Aligned, Kind, expand
 from parity.engine.compare import (Call, Capture, Store, Where, capture_hf, compare, compare_mask, compare_rope,
-                                   first, input_hooks, row_record, to_device, value)
+                                   first, input_hooks, metrics, row_record, to_device, upcast, value)
 from parity.engine.hoststage import HostStage, stage_bytes, storage_key
 from parity.engine.kinds import KINDS
 from parity.errors import UserError
@@ -164,23 +161,12 @@ def run(case, *, device: str, dtype: str | None = None, checkpoint: str | None =
 # ---------------------------------------------------------------------------------------------------
 # Noise floors: the same HF graph in fp32 (bf16 runs only)
 
-def _upcast(x):
-    if isinstance(x, torch.Tensor):
-        return x.float() if x.is_floating_point() else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_upcast(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _upcast(v) for k, v in x.items()}
-    return x
-
-
 def floor_value(kind: Kind, out32, out16, where: Where) -> float:
     """rel-L2 of the bf16 output against the fp32 one (HF vs HF), in the comparison layout of ``kind``."""
     ref, test = value(kind, out32), value(kind, out16)
     if kind is Kind.ROUTER:
         test = {"dense": torch.zeros_like(test["probs"]).scatter(1, test["top_i"], test["top_w"].float()),
                 "top_i": test["top_i"], "top_w": test["top_w"]}
-        ref = to_device(ref, test["dense"].device)
         # the routing weights' own error, over the tokens whose top-k sets agree: a flip between HF-bf16 and
         # HF-fp32 moves weight wholesale and would make the floor (and the gate) as large as the flips
         return float(compare(kind, ref, test, where)["router"]["agree_weight_rel_l2"])
@@ -223,7 +209,7 @@ def fp32_isolated(hf_model, hf_name: str, call, device) -> Any:
     """The HF module in fp32 on its own (upcast) captured inputs."""
     mod32 = copy.deepcopy(dict(hf_model.named_modules())[hf_name]).float()
     with torch.no_grad():
-        return mod32(*_upcast(to_device(call.args, device)), **_upcast(to_device(call.kwargs, device)))  # upcast on the device
+        return mod32(*upcast(to_device(call.args, device)), **upcast(to_device(call.kwargs, device)))  # upcast on the device
 
 
 def isolated_floors(hf_model, rows, cap: Capture, inputs, where: Where, device, hf_config,
@@ -485,7 +471,7 @@ def judge(records, hf_logits, mc_logits, valid, dtype: str, gates: dict, floors_
 def _group_metrics(ref: torch.Tensor, test: torch.Tensor, groups: dict[str, torch.Tensor]) -> dict:
     out = {}
     for g, mask in groups.items():
-        m_ = M.tensor_metrics(ref, test.to(ref.device), mask.to(ref.device)) if bool(mask.any()) else None
+        m_ = metrics(ref, test, mask) if bool(mask.any()) else None
         out[g] = None if m_ is None else {k: m_[k] for k in ("cosine", "rel_l2", "max_abs", "numel")}
     return out
 
@@ -505,24 +491,8 @@ def _logits_groups(ref: torch.Tensor, test: torch.Tensor, groups: dict[str, torc
 # Provenance and timing
 
 def env_info(device: str) -> dict:
-    import transformers
-    from importlib.metadata import version
-
-    import megatron.core as mc
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    try:
-        commit = subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip() or None
-    except Exception:
-        commit = None
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "megatron_core": getattr(mc, "__version__", None) or version("megatron-core"), "git_commit": commit,
-        "host": platform.node(),
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(),
-    }
+    from parity.provenance import collect  # packages' own versions, git commit + dirty flag, threads, command
+    return collect(device)
 
 
 def _peak_memory(device: str, prog: Progress) -> dict:

@@ -21,24 +21,12 @@ harness's code, not HF's.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from parity.engine.alignment import TABLE_KINDS, Kind, Stack
-from parity.engine.compare import Call, Store, capture_hf, compare, first, to_device, value
+from parity.engine.compare import Call, Store, capture_hf, compare, first, to_device, upcast, value
 
 MODE = "fp32_replay"
-
-
-def _upcast(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.float() if x.is_floating_point() else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(_upcast(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _upcast(v) for k, v in x.items()}
-    return x
 
 
 def _sub_state(state: dict, prefix: str, device) -> dict:
@@ -92,7 +80,7 @@ def fp32_replay(kind, text_config, hf_state: dict, sut, compared, prog=None) -> 
     with torch.device(device):
         rotary = Gemma4TextRotaryEmbedding(text_config).float()  # HF's own RoPE module, its buffers in fp32
     merged = cap.first("merged_embeddings") if kind.name == "vlm" else None
-    h = _upcast(to_device(first((merged or embed).output), device))
+    h = upcast(to_device(first((merged or embed).output), device))
     n_layers = text_config.num_hidden_layers
     for i in range(n_layers):
         if prog is not None:
@@ -104,7 +92,7 @@ def fp32_replay(kind, text_config, hf_state: dict, sut, compared, prog=None) -> 
         mine = [a for a in rows if a.layer == i]
         hf32 = hf_layer_fp32(text_config, hf_state, i, device, hf_prefix)
         _truth(hf32, layer_name, mine, sut, compared, iso)
-        kwargs = _upcast(to_device(dict(call.kwargs), device))
+        kwargs = upcast(to_device(dict(call.kwargs), device))
         with torch.no_grad():
             kwargs["position_embeddings"] = rotary(h, kwargs["position_ids"], text_config.layer_types[i])
         cap32, out = capture_hf(_mounted(hf32, layer_name), mine, lambda: hf32(h, **kwargs), Store(offload=False))
@@ -159,7 +147,7 @@ def _truth(hf32, layer_name: str, rows, sut, compared, iso: dict) -> None:
         if rec is None or call is None or rel not in subs or module is None or a.feeds:
             continue
         with torch.no_grad():
-            out32 = subs[rel](*_upcast(to_device(call.args, sut.device)), **_upcast(to_device(call.kwargs, sut.device)))
+            out32 = subs[rel](*upcast(to_device(call.args, sut.device)), **upcast(to_device(call.kwargs, sut.device)))
             test = sut.replay(a, module, call)
         m_ = compare(a.row.kind, value(a.row.kind, out32), test, compared.where)
         rec["truth_rel_l2"] = m_["router"]["agree_weight_rel_l2"] if a.row.kind is Kind.ROUTER else m_["rel_l2"]

@@ -10,7 +10,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from parity.report.history import previous_map
+from parity.report.history import previous_map, run_links
 from parity.report.html import render_run
 from parity.report.store import REPORT, atomic_write, load_runs, write_index
 
@@ -26,7 +26,7 @@ def rerender(root: Path) -> int:
     prev = previous_map(runs)
     for run in runs:
         run_dir = Path(run["_run"]["dir"])
-        atomic_write(run_dir / REPORT, render_run(run, prev.get(id(run))))
+        atomic_write(run_dir / REPORT, render_run(run, prev.get(id(run)), run_links(run, runs)))
     write_index(root)
     return len(runs)
 

@@ -14,8 +14,14 @@ from parity.report import summary as S
 from parity.report.page import page
 from parity.report.svg import sparkline
 
-GROWTH = 2.0  # a module's rel_l2 growing by at least this factor is a regression
-ABS_FLOOR = 1e-12  # rel_l2 below this counts as zero (no 0 -> 1e-15 noise flags)
+GROWTH = 2.0  # a gated value growing by at least this factor is worth a look ...
+MATERIAL = 0.1  # ... and a regression only once it uses at least this fraction of its gate (else: drift)
+ABS_FLOOR = 1e-12  # values below this count as zero (no 0 -> 1e-15 noise flags)
+
+RULE = (f"regression: the verdict flips to FAIL, a row crosses its gate, a finite value turns NaN/inf, or a row's "
+        f"gated value grows ≥ {GROWTH:g}× to ≥ {MATERIAL:.0%} of its gate; drift: a ≥ {GROWTH:g}× growth that "
+        f"stays below {MATERIAL:.0%} of the gate (or a row without a gate). Rows are matched by (HF name, "
+        f"Megatron name, kind, mode).")
 
 _EPOCH = datetime.min.replace(tzinfo=timezone.utc)
 
@@ -28,33 +34,77 @@ def _flag(kind: str, severity: str, message: str, **extra: Any) -> dict:
     return {"kind": kind, "severity": severity, "message": message, **extra}
 
 
-def _grew(cur: float | None, prev: float | None) -> bool:
-    if cur is None or prev is None:
-        return False
-    if math.isnan(cur) or math.isinf(cur):
-        return math.isfinite(prev)
-    if not math.isfinite(prev):
-        return False
-    return cur >= GROWTH * max(prev, ABS_FLOOR)
+def _grew(cur: float, prev: float) -> bool:
+    return math.isfinite(prev) and cur >= GROWTH * max(prev, ABS_FLOOR)
 
 
-def _factor(cur: float, prev: float) -> float | None:
-    if not math.isfinite(cur) or prev <= 0 or not math.isfinite(prev):
+def _factor(cur: float | None, prev: float | None) -> float | None:
+    if cur is None or prev is None or not math.isfinite(cur) or prev <= 0 or not math.isfinite(prev):
         return None
     return cur / prev
 
 
-def compare(current: dict, previous: dict | None) -> list[dict]:
-    """Regression flags of ``current`` against ``previous`` (None: no flags).
+def _gated(row: dict) -> tuple[str, float | None]:
+    """(metric, gate max) of a row: its gate's metric and bound, else rel_l2 without a bound."""
+    gate = row.get("gate")
+    if isinstance(gate, dict) and gate.get("metric"):
+        return str(gate["metric"]), S.num(gate.get("max"))
+    return "rel_l2", None
 
-    Each flag is ``{kind, severity, message, ...}``:
-    - ``kind="verdict"``: the verdict flipped; severity ``regression`` (PASS → FAIL) or ``improvement``
-      (FAIL → PASS).
-    - ``kind="rel_l2"``: a module row (same ``name`` and ``mode``) whose rel_l2 grew ≥ 2× (values below 1e-12
-      count as 1e-12; a finite value turning NaN/inf counts); extra keys ``name``, ``megatron_name``, ``mode``,
-      ``previous``, ``current``, ``factor`` (None when the previous value was 0), ``now_failing``.
-    - ``kind="gate"``: a module row that passed its gate before and fails it now without a 2× growth.
-    Verdict first, then modules that now fail their gate, then by growth factor, largest first.
+
+def _label(row: dict) -> str:
+    kind = row.get("kind")
+    extra = f" {kind}" if kind in ("mask", "rope") else ""
+    return f"{row.get('name')} [{row.get('mode')}{extra}]"
+
+
+def _row_flag(row: dict, old: dict) -> dict | None:
+    metric, limit = _gated(row)
+    cur, prev = S.num(row.get(metric)), S.num(old.get(metric))
+    if cur is None or prev is None:
+        return None
+    common = {"name": row.get("name"), "megatron_name": row.get("megatron_name"), "row_kind": row.get("kind"),
+              "mode": row.get("mode"), "metric": metric, "previous": prev, "current": cur, "gate": limit,
+              "factor": _factor(cur, prev), "order": S.num(row.get("order")),
+              "gate_fraction": (cur / limit if limit and math.isfinite(cur) else None)}
+    change = f"{metric} {S.fmt(prev)} → {S.fmt(cur)}"
+    was_ok, is_ok = old.get("passed"), row.get("passed")
+    if was_ok is True and is_ok is False:
+        return _flag("gate", "regression", f"{_label(row)} now fails its gate ({change}, gate {S.fmt(limit)})",
+                     now_failing=True, **common)
+    if was_ok is False and is_ok is True:
+        return _flag("gate", "improvement", f"{_label(row)} passes again ({change})", now_failing=False, **common)
+    if math.isnan(cur) or math.isinf(cur):
+        if math.isfinite(prev):
+            return _flag("nonfinite", "regression", f"{_label(row)} {metric} turned {S.fmt(cur)}",
+                         now_failing=is_ok is False, **common)
+        return None
+    if not _grew(cur, prev):
+        return None
+    how = f"{S.fmt(common['factor'])}×" if common["factor"] is not None else "from 0"
+    material = limit is not None and cur >= MATERIAL * limit
+    if material:
+        return _flag("growth", "regression", f"{_label(row)} {change} ({how}, {S.fmt_pct(cur / limit)} of the "
+                     f"gate {S.fmt(limit)})" if limit else f"{_label(row)} {change} ({how})",
+                     now_failing=is_ok is False, **common)
+    where = f", {S.fmt_pct(cur / limit)} of the gate" if limit else ", no gate"
+    return _flag("growth", "drift", f"{_label(row)} {change} ({how}{where})", now_failing=False, **common)
+
+
+def compare(current: dict, previous: dict | None) -> list[dict]:
+    """Regression, drift and improvement flags of ``current`` against ``previous`` (None: no flags).
+
+    Rows are matched by ``summary.row_key`` (HF name, Megatron name, kind, mode) and judged on their gated
+    metric (``gate.metric``, else rel_l2); the rule is ``RULE``. Each flag is ``{kind, severity, message,
+    ...}`` with ``severity`` one of ``regression``, ``drift``, ``improvement``:
+    - ``kind="verdict"``: the verdict flipped (PASS → FAIL is a regression, FAIL → PASS an improvement).
+    - ``kind="gate"``: a row that passed its gate fails it now (regression), or the reverse (improvement).
+    - ``kind="nonfinite"``: a finite value turned NaN/inf (regression).
+    - ``kind="growth"``: the gated value grew ≥ ``GROWTH``× (values below ``ABS_FLOOR`` count as that
+      floor; ``factor`` is None from 0): a regression at ≥ ``MATERIAL`` of the gate, else drift.
+    Row flags carry ``name, megatron_name, row_kind, mode, metric, previous, current, gate, factor,
+    gate_fraction, order, now_failing``. Order: verdict, regressions (rows that now fail first, in forward
+    order, then by growth factor), drift, improvements.
     """
     if not previous:
         return []
@@ -65,36 +115,38 @@ def compare(current: dict, previous: dict | None) -> list[dict]:
     elif p_pass is False and c_pass is True:
         flags.append(_flag("verdict", "improvement", "verdict FAIL → PASS", previous=False, current=True))
 
-    before = {(r.get("name"), r.get("mode")): r for r in S.modules(previous)}
+    before = {S.row_key(r): r for r in S.modules(previous)}
     rows = S.modules(current)
-    if not any(r.get("name") == "logits" for r in rows):
+    if not any(r.get("name") == "logits" for r in rows):  # older results: the logits summary as a row
         cur_lg, prev_lg = S.logits(current), S.logits(previous)
         if "rel_l2" in cur_lg and "rel_l2" in prev_lg:
-            rows = rows + [{"name": "logits", "mode": "summary", "rel_l2": cur_lg["rel_l2"]}]
-            before[("logits", "summary")] = {"name": "logits", "mode": "summary", "rel_l2": prev_lg["rel_l2"]}
-    growth: list[dict] = []
-    for row in rows:
-        key = (row.get("name"), row.get("mode"))
-        old = before.get(key)
-        if old is None:
-            continue
-        cur, prev = S.num(row.get("rel_l2")), S.num(old.get("rel_l2"))
-        now_failing = row.get("passed") is False and old.get("passed") is True
-        common = {"name": row.get("name"), "megatron_name": row.get("megatron_name"), "mode": row.get("mode"),
-                  "previous": prev, "current": cur}
-        if _grew(cur, prev):
-            factor = _factor(cur, prev)  # type: ignore[arg-type]
-            how = f"{S.fmt(factor)}×" if factor is not None else "from ~0" if math.isfinite(cur) else "to non-finite"
-            msg = f"{row.get('name')} [{row.get('mode')}] rel_l2 {S.fmt(prev)} → {S.fmt(cur)} ({how})"
-            growth.append(_flag("rel_l2", "regression", msg + (", now failing" if now_failing else ""),
-                                factor=factor, now_failing=now_failing, **common))
-        elif now_failing:
-            msg = f"{row.get('name')} [{row.get('mode')}] now fails its gate (rel_l2 {S.fmt(prev)} → {S.fmt(cur)})"
-            growth.append(_flag("gate", "regression", msg, factor=_factor(cur, prev) if cur is not None and
-                                prev is not None else None, now_failing=True, **common))
-    growth.sort(key=lambda f: (not f["now_failing"], -(f["factor"] if f.get("factor") is not None else math.inf),
-                               str(f.get("name"))))
-    return flags + growth
+            row = {"name": "logits", "mode": "summary", "rel_l2": cur_lg["rel_l2"]}
+            rows = rows + [row]
+            before[S.row_key(row)] = {**row, "rel_l2": prev_lg["rel_l2"]}
+    found = [f for f in (_row_flag(r, before[S.row_key(r)]) for r in rows if S.row_key(r) in before) if f]
+    rank = {"regression": 0, "drift": 1, "improvement": 2}
+    def key(f: dict) -> tuple:  # rows that now fail in forward order (the first divergence leads), then growth
+        order = f.get("order") if f["now_failing"] and f.get("order") is not None else math.inf
+        return (rank[f["severity"]], not f["now_failing"], order,
+                -(f["factor"] if f.get("factor") is not None else math.inf), str(f.get("name")))
+
+    found.sort(key=key)
+    return flags + found
+
+
+def regressions(flags: list[dict]) -> list[dict]:
+    return [f for f in flags if f["severity"] == "regression"]
+
+
+def record(current: dict, previous: dict | None) -> dict:
+    """What ``results.json`` stores about regressions: the previous run, the rule, and the flags."""
+    flags = compare(current, previous)
+    prev = None
+    if previous is not None:
+        prev = {"id": (previous.get("_run") or {}).get("id"), "created": previous.get("created"),
+                "passed": previous.get("passed")}
+    return {"previous": prev, "rule": RULE, "count": len(regressions(flags)),
+            "drift": sum(1 for f in flags if f["severity"] == "drift"), "flags": flags}
 
 
 def run_time(results: dict) -> datetime:
@@ -114,15 +166,57 @@ def find_previous(current: dict, runs: list[dict]) -> dict | None:
 
 def previous_map(runs: list[dict]) -> dict[int, dict | None]:
     """``id(run) -> previous run`` for every run of ``runs``."""
-    by_key: dict[tuple, list[dict]] = {}
-    for r in runs:
-        by_key.setdefault(S.run_key(r), []).append(r)
     out: dict[int, dict | None] = {}
-    for group in by_key.values():
-        group.sort(key=_order_key)
+    for group in _groups(runs).values():
         for i, r in enumerate(group):
             out[id(r)] = group[i - 1] if i else None
     return out
+
+
+def _groups(runs: list[dict]) -> dict[tuple, list[dict]]:
+    """Runs by ``run_key``, each group oldest first."""
+    by_key: dict[tuple, list[dict]] = {}
+    for r in runs:
+        by_key.setdefault(S.run_key(r), []).append(r)
+    for group in by_key.values():
+        group.sort(key=_order_key)
+    return by_key
+
+
+def _ref(run: dict | None) -> dict | None:
+    """A run as a link target: its id, its page relative to a sibling run's page, time and verdict."""
+    if run is None:
+        return None
+    meta = run.get("_run") or {}
+    rid = meta.get("id")
+    return {"id": rid, "href": f"../{rid}/index.html" if rid else None, "created": run.get("created"),
+            "passed": run.get("passed")}
+
+
+def run_links(current: dict, runs: list[dict]) -> dict:
+    """Where "since when" lives for ``current``, among ``runs`` of the same case, system, device and dtype.
+
+    ``{history, previous, last_pass, failing_since, streak}``: hrefs relative to the run's own page
+    (``runs/<id>/index.html``); ``last_pass`` is the latest passing run before ``current`` (None if none);
+    ``failing_since`` the first run of the failing streak that ends at ``current`` (None when it passes);
+    ``streak`` how many runs that streak holds.
+    """
+    key, me = S.run_key(current), _order_key(current)
+    earlier = sorted((r for r in runs if r is not current and S.run_key(r) == key and _order_key(r) < me),
+                     key=_order_key)
+    last_pass = next((r for r in reversed(earlier) if r.get("passed") is True), None)
+    since, streak = None, 0
+    if current.get("passed") is False:
+        since, streak = current, 1
+        for r in reversed(earlier):
+            if r.get("passed") is not False:
+                break
+            since, streak = r, streak + 1
+    failing_since = _ref(since)
+    if failing_since is not None:
+        failing_since["self"] = since is current
+    return {"history": "../../index.html", "previous": _ref(earlier[-1] if earlier else None),
+            "last_pass": _ref(last_pass), "failing_since": failing_since, "streak": streak}
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -146,7 +240,8 @@ def _regression_cell(flags: list[dict], has_previous: bool) -> tuple[str, int]:
     """Compact cell: a count pill and the most important flag on one line; the full list in the tooltip."""
     if not has_previous:
         return '<span class="muted">first run</span>', 0
-    bad = [f for f in flags if f["severity"] == "regression"]
+    bad = regressions(flags)
+    drift = [f for f in flags if f["severity"] == "drift"]
     good = [f for f in flags if f["severity"] == "improvement"]
     parts = []
     if bad:
@@ -156,11 +251,16 @@ def _regression_cell(flags: list[dict], has_previous: bool) -> tuple[str, int]:
         if len(bad) > 1:
             parts.append(f'<div class="one" title="{_e(tip)}">{_e(bad[1]["message"])}</div>')
     if good:
-        parts.append('<span class="pill ok">' + _e("; ".join(f["message"] for f in good)) + '</span>')
+        verdict = [f for f in good if f["kind"] == "verdict"]
+        text = verdict[0]["message"] if verdict else f"{len(good)} row{'s' if len(good) != 1 else ''} pass again"
+        parts.append(f'<span class="pill ok">{_e(text)}</span>')
+    if drift:
+        tip = "\n".join(f["message"] for f in drift[:40])
+        parts.append(f' <span class="pill warn" title="{_e(tip)}">{len(drift)} drift</span>')
     return ("".join(parts) or '<span class="muted">none</span>'), len(bad)
 
 
-def _trend_card(key: tuple[str, str, str], group: list[dict]) -> str:
+def _trend_card(key: tuple[str, str, str, str], group: list[dict]) -> str:
     group = sorted(group, key=_order_key)[-40:]  # oldest → newest, last 40 runs
     latest = group[-1]
     failed = [r.get("passed") is False for r in group]
@@ -178,22 +278,45 @@ def _trend_card(key: tuple[str, str, str], group: list[dict]) -> str:
                     f'<span class="mono">{_e(S.fmt(values[-1]))}</span></div>')
     dots = "".join(f'<i class="{"no" if f else ""}" title="{_e(t)}: {"FAIL" if f else "PASS"}"></i>'
                    for f, t in zip(failed, times))
-    case, device, dtype = key
+    case, system, device, dtype = key
+    sys_tag = f'<span class="tag">{_e(system)}</span>' if system != "parity" else ""
     return (f'<div class="card {"bad" if latest.get("passed") is False else "good"}">'
             f'<div style="display:flex;justify-content:space-between;align-items:center;gap:8px">'
-            f'<div><b class="mono">{_e(case)}</b> <span class="tag">{_e(device)}</span>'
+            f'<div><b class="mono">{_e(case)}</b>{sys_tag} <span class="tag">{_e(device)}</span>'
             f'<span class="tag">{_e(dtype)}</span></div>{_verdict_pill(latest.get("passed"))}</div>'
             f'<div class="dots" title="verdicts, oldest → newest">{dots}</div>{"".join(rows)}'
             f'<div class="muted" style="font-size:12px;margin-top:4px">{len(group)} run'
             f'{"s" if len(group) != 1 else ""}, latest {_e(S.fmt_time(latest.get("created")))}</div></div>')
 
 
-def render_index(runs: list[dict]) -> str:
+PAGE_SIZE = 200  # runs per page of the history table (the page flips in the browser; filters span all pages)
+
+
+def _select(name: str, label: str, values: list[str]) -> str:
+    opts = "".join(f'<option value="{_e(v)}">{_e(v)}</option>' for v in values)
+    return (f'<label>{_e(label)} <select data-hfilter="{_e(name)}"><option value="">all</option>{opts}</select>'
+            '</label>')
+
+
+def _corrupt_row(c: dict) -> str:
+    href = c.get("href")
+    name = _e(c.get("id", "?"))
+    link = f'<a href="{_e(href)}">{name}</a>' if href else name
+    return (f'<tr class="bad corrupt" data-case="" data-system="" data-verdict="corrupt">'
+            f'<td class="n" data-v="">{link}</td><td data-v="-1"><span class="pill warn big">CORRUPT</span></td>'
+            f'<td colspan="7" class="mono">unreadable results.json: {_e(c.get("error", ""))}</td></tr>')
+
+
+def render_index(runs: list[dict], corrupt: list[dict] | None = None) -> str:
     """The history page: per-case trends, then every run newest first with its regressions and a link.
 
     ``runs`` are results dicts; a run's link is ``run["_run"]["href"]`` (set by ``store.load_runs``).
+    ``corrupt`` lists run folders whose ``results.json`` cannot be read (``{id, href, error}``): they are
+    listed as CORRUPT, not dropped. The table filters by case, system and verdict and pages by
+    ``PAGE_SIZE``.
     """
     runs = [r for r in runs if isinstance(r, dict)]
+    corrupt = list(corrupt or [])
     ordered = sorted(runs, key=_order_key, reverse=True)
     prev = previous_map(runs)
     n_fail = sum(1 for r in runs if r.get("passed") is False)
@@ -201,13 +324,14 @@ def render_index(runs: list[dict]) -> str:
     for r in ordered:
         groups.setdefault(S.run_key(r), []).append(r)
 
+    bad_files = f' · <b>{len(corrupt)} corrupt</b>' if corrupt else ""
     head = (f'<header class="banner"><div class="wrap"><div class="btitle"><h1>gemma4-parity · run history</h1>'
             f'<div class="meta">{len(runs)} run{"s" if len(runs) != 1 else ""} · {len(groups)} '
-            f'case/device/dtype combination{"s" if len(groups) != 1 else ""} · {len(runs) - n_fail} passed · '
-            f'{n_fail} failed</div></div>'
+            f'case/system/device/dtype combination{"s" if len(groups) != 1 else ""} · {len(runs) - n_fail} passed · '
+            f'{n_fail} failed{bad_files}</div></div>'
             f'<div class="bstats">latest<div class="big">'
             f'{_e(S.fmt_time(ordered[0].get("created")) if ordered else "—")}</div></div></div></header>')
-    if not runs:
+    if not runs and not corrupt:
         body = head + '<main class="wrap"><p class="empty">No runs recorded yet.</p></main>'
         return page("gemma4-parity · run history", body)
 
@@ -223,30 +347,45 @@ def render_index(runs: list[dict]) -> str:
         href = meta.get("href")
         run_id = meta.get("id", "")
         fail = r.get("passed") is False
+        verdict = "PASS" if r.get("passed") is True else "FAIL" if fail else "?"
+        system = S.system_of(r)
         when = _e(S.fmt_time(r.get("created")).removesuffix(" UTC"))
         when_html = f'<a href="{_e(href)}">{when}</a>' if href else when
+        sys_html = f' <span class="tag">{_e(system)}</span>' if system != "parity" else ""
         trs.append(
-            f'<tr class="{"bad" if fail else ""}">'
+            f'<tr class="{"bad" if fail else ""}" data-case="{_e(r.get("case", ""))}" data-system="{_e(system)}" '
+            f'data-verdict="{verdict}" data-regressions="{n_bad}">'
             f'<td class="n" data-v="{run_time(r).timestamp() if run_time(r) != _EPOCH else ""}" '
             f'title="{_e(run_id)}">{when_html}</td>'
             f'<td data-v="{0 if fail else 1}">{_verdict_pill(r.get("passed"))}</td>'
-            f'<td class="mono nowrap">{_e(r.get("case", ""))}</td>'
+            f'<td class="mono nowrap">{_e(r.get("case", ""))}{sys_html}</td>'
             f'<td class="nowrap">{_e(r.get("device", ""))} · {_e(r.get("dtype", ""))}</td>'
             f'<td class="mono nowrap{" red" if fd else ""}">{_e(fd) if fd else "<span class=muted>—</span>"}</td>'
             f'{_num_td(lg.get("rel_l2"))}{_num_td(lg.get("kl_max"))}{_num_td(S.worst_module_rel_l2(r))}'
             f'<td class="regs" data-v="{n_bad}">{reg_html}</td></tr>')
+    trs = [_corrupt_row(c) for c in corrupt] + trs
+    cases = sorted({str(r.get("case", "")) for r in runs})
+    systems = sorted({S.system_of(r) for r in runs})
+    verdicts = ["PASS", "FAIL"] + (["corrupt"] if corrupt else [])
+    filters = ('<div class="controls">' + _select("case", "case", cases) + _select("system", "system", systems)
+               + _select("verdict", "verdict", verdicts)
+               + '<label><input type="checkbox" data-hfilter="regressions"> with regressions</label>'
+               f'<span class="pager" data-pager="runs" data-size="{PAGE_SIZE}"><button type="button" '
+               'data-page="-1">‹ newer</button> <span class="pageinfo"></span> <button type="button" '
+               'data-page="1">older ›</button></span></div>')
     table = ('<div class="tablewrap"><table class="sortable runs" id="runs"><thead><tr>'
              '<th title="links to the run\'s report">time (UTC) · report</th><th>verdict</th><th>case</th>'
              '<th>device · dtype</th><th>first divergence</th><th>logits rel L2</th><th>logits KL max</th>'
              '<th title="largest rel L2 of any module row">worst rel L2</th>'
-             '<th title="against the previous run of the same case, device and dtype">regressions</th>'
+             f'<th title="{_e(RULE)}">regressions</th>'
              '</tr></thead><tbody>'
              + "".join(trs) + '</tbody></table></div>')
     body = (head + '<main class="wrap">'
-            f'<section><h2>Trends<span class="sub">per case, device and dtype; oldest → newest; '
+            f'<section><h2>Trends<span class="sub">per case, system, device and dtype; oldest → newest; '
             f'red = failing run; log scale</span></h2><div class="trend">{trends}</div></section>'
-            f'<section><h2>Runs<span class="sub">newest first; regressions are against the previous run of the '
-            f'same case, device and dtype (rel_l2 grown ≥ {GROWTH:g}×, verdict flips)</span></h2>{table}</section>'
+            f'<section id="history"><h2>Runs<span class="sub">newest first; regressions are against the previous '
+            f'run of the same case, system, device and dtype</span></h2>'
+            f'<p class="muted" style="margin:0 0 8px;font-size:12.5px">{_e(RULE)}</p>{filters}{table}</section>'
             '<footer>Generated by parity.report. Self-contained: no scripts or resources are loaded from '
             'elsewhere.</footer></main>')
     return page("gemma4-parity · run history", body)

@@ -1,9 +1,12 @@
 """One run's report: a single self-contained HTML file rendered from ``results.json`` (DESIGN.md section 8).
 
-The first screen (1280×800) answers "does it hold, and if not where does it break": the verdict banner, the
-first divergent module, the worst decoder layer, the logits metrics, a strip of counts, and the per-layer
-drift charts. Details follow: regressions against the previous run, the module table (grouped by layer,
-sortable), routers, logits, the weight round-trip and the provenance.
+The first screen (1280×800) answers "does it hold, and if not where does it break, and since when": the
+verdict banner, links to the history, the previous run, the last passing run and the start of a failing
+streak, the first divergent module (a link to its row), the worst decoder layer, the logits metrics, a strip
+of counts, and the per-layer drift charts. Details follow: the layer × module heatmap of gate use,
+regressions against the previous run, the module table (grouped by layer, sortable; a failing report opens
+on its failing rows with the first divergence scrolled into view), routers, logits, the weight round-trip
+and the provenance (third-party notices included).
 
 Every string from the results goes through ``html.escape``; numbers are formatted by ``summary.fmt``.
 """
@@ -14,7 +17,8 @@ from html import escape
 from typing import Any
 
 from parity.report import summary as S
-from parity.report.history import compare
+from parity.report.heatmap import section as heatmap_section
+from parity.report.history import RULE, compare
 from parity.report.page import page
 from parity.report.svg import Point, Series, bar_chart, line_chart
 
@@ -98,7 +102,8 @@ def _banner(results: dict, regressions: list[dict]) -> str:
             f'<div class="btitle"><h1 title="{_e(results.get("case", ""))}">{_e(results.get("case", "(no case)"))}'
             f'</h1><div class="meta">{" · ".join(meta)}</div></div>'
             f'<div class="bstats">modules within gate<div class="big">{n_ok} / {n}</div>'
-            f'{"commit " + _e(commit[:12]) if commit else ""}{_e(reg)}</div></div></header>')
+            f'{"commit " + _e(commit[:12]) if commit else ""}{" (dirty)" if env.get("git_dirty") is True else ""}'
+            f'{_e(reg)}</div></div></header>')
 
 
 def _checks_html(results: dict) -> str:
@@ -160,8 +165,7 @@ def _first_divergence_card(results: dict) -> str:
              ("gate", _e(fd.get("gate") or "—"))]
     if fd.get("why"):
         pairs.append(("why", f'<b class="red">{_e(fd["why"])}</b>'))
-    row = next((r for r in S.modules(results) if r.get("name") == fd.get("name") and r.get("mode") == fd.get("mode")),
-               None)
+    row = first_divergence_row(results)
     if row is not None:
         others = [m for m in ("cosine", "rel_l2", "max_abs") if m != metric and row.get(m) is not None]
         if others:
@@ -172,8 +176,10 @@ def _first_divergence_card(results: dict) -> str:
         layer = S.layer_of(row)
         if layer is not None:
             pairs.append(("layer", _e(f"{layer} · {S.short_type(S.layer_type(results, layer)) or '?'} attention")))
+    link = ' <a href="#fd-row" style="font-size:12px;font-weight:400">row ↓</a>' if row is not None else ""
     return ('<div class="card bad" id="first-divergence"><h3>First divergence</h3>'
-            f'<div class="headline bad">{_e(fd.get("name"))}</div>'
+            f'<div class="headline bad"><a class="red" href="#fd-row" title="go to its row in the module table">'
+            f'{_e(fd.get("name"))}</a>{link}</div>'
             f'{_kv(pairs)}{_checks_html(results)}</div>')
 
 
@@ -342,37 +348,66 @@ def _layers_section(results: dict) -> str:
 
 
 def _regressions_section(results: dict, previous: dict | None, flags: list[dict]) -> str:
+    title = '<h2>Regressions vs previous run'
     if previous is None:
-        return ('<section id="regressions"><h2>Regressions vs previous run</h2><p class="empty">No earlier run of '
-                'this case on this device and dtype.</p></section>')
+        return (f'<section id="regressions">{title}</h2><p class="empty">No earlier run of this case, system, '
+                'device and dtype.</p></section>')
     prev_desc = (f'previous: {S.fmt_time(previous.get("created"))}, '
                  f'{"PASS" if previous.get("passed") is True else "FAIL" if previous.get("passed") is False else "?"}')
     pid = (previous.get("_run") or {}).get("id")
-    if pid:
-        prev_desc += f", run {pid}"
+    sub = _e(prev_desc) + (f', run <a href="../{_e(pid)}/index.html">{_e(pid)}</a>' if pid else "")
+    rule = f'<p class="muted" style="margin:0 0 8px;font-size:12.5px">{_e(RULE)}</p>'
     if not flags:
-        return (f'<section id="regressions"><h2>Regressions vs previous run<span class="sub">{_e(prev_desc)}</span>'
-                '</h2><p class="empty">None: no verdict flip, no module whose rel L2 grew ≥ 2×.</p></section>')
+        return (f'<section id="regressions">{title}<span class="sub">{sub}</span></h2>{rule}'
+                '<p class="empty">None: no verdict flip, no row that crossed its gate or grew.</p></section>')
     trs = []
+    pills = {"regression": '<span class="pill no">regression</span>', "drift": '<span class="pill warn">drift</span>',
+             "improvement": '<span class="pill ok">improvement</span>'}
     for f in flags:
         sev = f["severity"]
-        pill = ('<span class="pill no">regression</span>' if sev == "regression"
-                else '<span class="pill ok">improvement</span>')
+        cls = "bad" if sev == "regression" else ""
         if f["kind"] == "verdict":
-            trs.append(f'<tr class="{"bad" if sev == "regression" else ""}"><td>{pill}</td><td>verdict</td>'
-                       f'<td colspan="5">{_e(f["message"])}</td></tr>')
+            trs.append(f'<tr class="{cls}"><td>{pills[sev]}</td><td>verdict</td>'
+                       f'<td colspan="7">{_e(f["message"])}</td></tr>')
             continue
         factor = f.get("factor")
-        trs.append(f'<tr class="bad"><td>{pill}</td><td>{_e(f["kind"])}</td><td class="name">{_e(f.get("name"))}</td>'
+        growth = (S.fmt(factor) + "×" if factor is not None else "from 0" if S.num(f.get("current")) else "—")
+        kind = f' <span class="tag">{_e(f["row_kind"])}</span>' if f.get("row_kind") in ("mask", "rope") else ""
+        trs.append(f'<tr class="{cls}"><td>{pills[sev]}</td><td>{_e(f["kind"])}</td>'
+                   f'<td class="name">{_name(f.get("name"))}{kind}</td>'
+                   f'<td class="name muted">{_name(f.get("megatron_name") or "—")}</td>'
                    f'<td>{_e(MODE_LABELS.get(str(f.get("mode")), f.get("mode")))}</td>'
-                   f'<td class="n">{_e(S.fmt(f.get("previous")))}</td><td class="n">{_e(S.fmt(f.get("current")))}</td>'
-                   f'<td class="n">{_e(S.fmt(factor) + "×" if factor is not None else "—")}'
-                   f'{" · now failing" if f.get("now_failing") else ""}</td></tr>')
-    return (f'<section id="regressions"><h2>Regressions vs previous run<span class="sub">{_e(prev_desc)}</span></h2>'
+                   f'<td class="n">{_e(f.get("metric", ""))} {_e(S.fmt(f.get("previous")))}</td>'
+                   f'<td class="n">{_e(S.fmt(f.get("current")))}</td>'
+                   f'<td class="n">{_e(growth)}{" · now failing" if f.get("now_failing") else ""}</td>'
+                   f'<td class="n">{_e(_of_gate(f.get("gate_fraction")))}'
+                   f'</td></tr>')
+    n_reg = sum(1 for f in flags if f["severity"] == "regression")
+    n_drift = sum(1 for f in flags if f["severity"] == "drift")
+    counts = f"{n_reg} regression{'s' if n_reg != 1 else ''}, {n_drift} drift"
+    return (f'<section id="regressions">{title}<span class="sub">{_e(counts)} · {sub}</span></h2>{rule}'
             '<div class="tablewrap" style="max-height:340px"><table><thead><tr><th></th><th>kind</th>'
-            '<th>module</th><th>mode</th>'
-            '<th>rel L2 before</th><th>rel L2 now</th><th>growth</th></tr></thead><tbody>' + "".join(trs)
+            '<th>module (HF)</th><th>Megatron</th><th>mode</th>'
+            '<th>before</th><th>now</th><th>growth</th><th>of the gate</th></tr></thead><tbody>' + "".join(trs)
             + "</tbody></table></div></section>")
+
+
+def _of_gate(fraction: Any) -> str:
+    v = S.num(fraction)
+    if v is None:
+        return "—"
+    return S.fmt_pct(v) if v < 1 else f"{S.fmt(v)}× the gate"
+
+
+def first_divergence_row(results: dict) -> dict | None:
+    """The module row the first divergence names (HF name, mode and, when given, Megatron name), failing first."""
+    fd = S.first_divergence(results)
+    if not fd or not fd.get("name"):
+        return None
+    rows = [r for r in S.modules(results) if r.get("name") == fd.get("name")
+            and (fd.get("mode") is None or r.get("mode") == fd.get("mode"))
+            and (not fd.get("megatron_name") or r.get("megatron_name") == fd.get("megatron_name"))]
+    return next((r for r in rows if r.get("passed") is False), rows[0] if rows else None)
 
 
 def _modules_section(results: dict) -> str:
@@ -402,6 +437,7 @@ def _modules_section(results: dict) -> str:
             return (vision_last, 0 if label.endswith("before the layers") else 2, 0)
         return (vision_last, 1, min(layers))
 
+    fd_row = first_divergence_row(results)
     trs, i = [], 0
     for label in sorted(groups, key=order):
         members = groups[label]
@@ -433,8 +469,10 @@ def _modules_section(results: dict) -> str:
             kind_tag = f'<span class="tag">{_e(kind)}</span>' if kind in ("mask", "rope", "router") else ""
             reason = r.get("why") or (r.get("detail") if isinstance(r.get("detail"), str) else None)
             why = f'<div class="why{" red" if fail else ""}">{_e(reason)}</div>' if reason else ""
+            fd_attr = ' id="fd-row"' if r is fd_row else ""
             trs.append(
-                f'<tr class="{"bad" if fail else ""}" data-i="{i}" data-s="{_e(search)}">'
+                f'<tr class="{"bad" if fail else ""}{" fd" if fd_attr else ""}" data-i="{i}" data-s="{_e(search)}"'
+                f'{fd_attr}>'
                 f'<td class="name">{_name(r.get("name", ""))}{kind_tag}</td>'
                 f'<td class="name muted">{_name(r.get("megatron_name") or "—")}</td>'
                 f'<td class="nowrap">{_e(MODE_LABELS.get(str(r.get("mode")), r.get("mode") or ""))}</td>'
@@ -446,15 +484,18 @@ def _modules_section(results: dict) -> str:
                 f'<td data-v="{0 if fail else 1}">{_pill(r.get("passed"), _is_shared(r))}{why}</td></tr>')
             i += 1
     n_bad = sum(1 for r in rows if r.get("passed") is False)
+    failing = n_bad > 0  # a failing report opens on its failing rows
     controls = ('<div class="controls"><input type="search" placeholder="filter by module name (HF or Megatron)" '
                 'data-filter="modtable" aria-label="filter modules">'
-                f'<label><input type="checkbox" data-failonly="modtable"> failing only ({n_bad})</label>'
+                f'<label><input type="checkbox" data-failonly="modtable"{" checked" if failing else ""}> '
+                f'failing only ({n_bad})</label>'
                 '<button type="button" data-regroup="modtable">group by layer</button>'
                 '<span class="muted">click a header to sort (flattens the groups); the gated metric is bold</span>'
                 '</div>')
     return ('<section id="modules"><h2>Modules<span class="sub">'
             f'{len(rows)} rows · both modes · HF path with the Megatron module beside it</span></h2>{controls}'
-            '<div class="tablewrap" style="max-height:720px"><table class="sortable" id="modtable"><thead><tr>'
+            f'<div class="tablewrap" style="max-height:720px"><table class="sortable{" failonly" if failing else ""}" '
+            'id="modtable"><thead><tr>'
             '<th>module (HF)</th><th>Megatron</th><th>mode</th><th>layer</th><th>cosine</th><th>rel L2</th>'
             '<th>max |Δ|</th><th>gate</th><th title="noise floor: HF bf16 vs HF fp32, same module and mode">floor</th>'
             '<th title="rel L2 / floor">ratio</th><th>result</th></tr></thead><tbody>'
@@ -588,18 +629,41 @@ def _roundtrip_section(results: dict) -> str:
             + (_kv(extra) if extra else "") + tables + "</section>")
 
 
+def _dirty(env: dict) -> str:
+    """A marker after the commit: local edits (``git_dirty``) make a run unlike a clean one of that commit."""
+    dirty = env.get("git_dirty")
+    if dirty is True:
+        return ' <span class="pill warn" title="the working tree had uncommitted changes">dirty</span>'
+    if dirty is False:
+        return ' <span class="muted">clean</span>'
+    return ""
+
+
 def _provenance_section(results: dict) -> str:
     env = results.get("env") or {}
     pairs = [("case", _e(results.get("case", "—"))), ("device", _e(results.get("device", "—"))),
              ("dtype", _e(results.get("dtype", "—"))), ("seed", _e(results.get("seed", "—"))),
              ("created", _e(S.fmt_time(results.get("created")))),
              ("config hash", f'<code>{_e(results.get("config_hash") or "—")}</code>')]
+    notes: list[str] = []
     if isinstance(env, dict):
         for k, v in env.items():
-            val = f"<code>{_e(v)}</code>" if k == "git_commit" else _e(v if not isinstance(v, (dict, list)) else v)
+            if k == "warnings":
+                notes = [str(w) for w in v] if isinstance(v, list) else [str(v)]
+                continue
+            if k == "git_dirty":
+                continue
+            if k == "git_commit":
+                val = f"<code>{_e(v)}</code>" + _dirty(env)
+            elif isinstance(v, dict):
+                val = _e(", ".join(f"{a} {b}" for a, b in v.items()))
+            elif isinstance(v, list):
+                val = _e(" ".join(map(str, v)))
+            else:
+                val = _e(v)
             pairs.append((k.replace("_", " "), val))
     listed = {"case", "device", "dtype", "seed", "created", "config_hash", "env", "passed", "summary", "modules",
-              "routers", "roundtrip", "phases", "peak_memory", "layer_types", "_run"}
+              "routers", "roundtrip", "phases", "peak_memory", "layer_types", "_run", "regressions"}
     for k, v in results.items():
         if k not in listed and not isinstance(v, (dict, list)):
             pairs.append((k.replace("_", " "), _e(S.fmt(v) if isinstance(v, float) else v)))
@@ -607,6 +671,10 @@ def _provenance_section(results: dict) -> str:
     if types:
         pattern = " ".join("F" if t == "full_attention" else "S" if t == "sliding_attention" else "?" for t in types)
         pairs.append(("layer pattern", f'<code>{_e(pattern)}</code> <span class="muted">(S sliding, F full)</span>'))
+    if notes:
+        items = "".join(f"<li><code>{_e(n)}</code></li>" for n in notes)
+        pairs.append(("warnings", f'<details><summary>{len(notes)} third-party warning{"s" if len(notes) != 1 else ""}'
+                                  f'</summary><ul style="margin:0;padding-left:18px">{items}</ul></details>'))
     blocks = [f'<div class="card"><h3>Environment</h3>{_kv(pairs)}</div>']
     handled = listed | {"checks"}
     settings = []
@@ -663,25 +731,59 @@ def _flatten(d: dict, prefix: str, depth: int = 0) -> list[tuple[str, Any]]:
 # ------------------------------------------------------------------------------------------ page
 
 
-def render_run(results: dict, previous: dict | None = None) -> str:
-    """One self-contained HTML report of ``results``; regressions are computed against ``previous``."""
+def _since(links: dict | None) -> str:
+    """The "since when" links of a run page: history, previous run, last passing run, failing since."""
+    if not links:
+        return ""
+
+    def a(ref: dict | None, label: str, anchor: str) -> str:
+        if not ref or not ref.get("href"):
+            return ""
+        verdict = "PASS" if ref.get("passed") is True else "FAIL" if ref.get("passed") is False else "?"
+        tip = f'{S.fmt_time(ref.get("created"))} · {verdict} · run {ref.get("id") or "?"}'
+        return f'<a href="{_e(ref["href"])}" id="{anchor}" title="{_e(tip)}">{_e(label)}</a>'
+
+    prev = links.get("previous")
+    prev_label = f'previous ({"PASS" if prev.get("passed") is True else "FAIL"})' if prev else ""
+    parts = [f'<a href="{_e(links.get("history") or "../../index.html")}" id="link-history">history</a>',
+             a(prev, prev_label, "link-previous")]
+    since = links.get("failing_since")
+    if since is not None:
+        parts.append(a(links.get("last_pass"), "last pass", "link-last-pass")
+                     or '<span id="link-last-pass">never passed</span>')
+        n = links.get("streak") or 1
+        if since.get("self"):
+            parts.append(f'<span class="red" id="link-failing-since">failing since this run</span>')
+        else:
+            parts.append(a(since, f"failing since {S.fmt_time(since.get('created')).removesuffix(' UTC')} "
+                                  f"({n} runs)", "link-failing-since"))
+    return '<div class="since">' + "".join(p for p in parts if p) + "</div>"
+
+
+def render_run(results: dict, previous: dict | None = None, links: dict | None = None) -> str:
+    """One self-contained HTML report of ``results``; regressions are computed against ``previous``.
+
+    ``links`` (``history.run_links``) adds the "since when" links: the history page, the previous run, the
+    last passing run and the first failing run of the current streak.
+    """
     results = results if isinstance(results, dict) else {}
     flags = compare(results, previous)
     sections = [
-        ("summary", "Summary"), ("layers", "Layers"), ("regressions", "Regressions"), ("modules", "Modules"),
-        ("routers", "Routing"), ("logits", "Logits"), ("roundtrip", "Round-trip"), ("provenance", "Environment"),
+        ("summary", "Summary"), ("layers", "Layers"), ("heatmap", "Heatmap"), ("regressions", "Regressions"),
+        ("modules", "Modules"), ("routers", "Routing"), ("logits", "Logits"), ("roundtrip", "Round-trip"),
+        ("provenance", "Environment"),
     ]
     body_parts = [
         '<section id="summary"><div class="grid g3">', _first_divergence_card(results), _worst_layer_card(results),
         _logits_card(results), "</div>", _strip(results, flags, previous is not None), "</section>",
-        _layers_section(results), _regressions_section(results, previous, flags), _modules_section(results),
-        _routers_section(results), _logits_section(results), _roundtrip_section(results),
-        _provenance_section(results),
+        _layers_section(results), heatmap_section(results), _regressions_section(results, previous, flags),
+        _modules_section(results), _routers_section(results), _logits_section(results),
+        _roundtrip_section(results), _provenance_section(results),
     ]
     body_html = "".join(body_parts)
     toc = "".join(f'<a href="#{sid}">{label}</a>' for sid, label in sections if f'id="{sid}"' in body_html)
     verdict = "PASS" if results.get("passed") is True else "FAIL" if results.get("passed") is False else "N/A"
-    body = (_banner(results, flags) + f'<nav class="toc"><div class="wrap">{toc}</div></nav>'
+    body = (_banner(results, flags) + f'<nav class="toc"><div class="wrap">{toc}{_since(links)}</div></nav>'
             f'<main class="wrap">{body_html}<footer>gemma4-parity report · self-contained file, nothing is loaded '
             'from elsewhere · Hugging Face is the reference, Megatron-core the implementation under test.'
             '</footer></main>')

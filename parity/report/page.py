@@ -82,7 +82,7 @@ table.sortable th:not(.nosort){cursor:pointer;user-select:none}
 table.sortable th:not(.nosort):hover{color:var(--accent)}
 th[data-dir=asc]::after{content:" \\25B2";font-size:9px}th[data-dir=desc]::after{content:" \\25BC";font-size:9px}
 td.n{text-align:right;font-family:var(--mono);font-variant-numeric:tabular-nums;white-space:nowrap}
-td.name{font-family:var(--mono);overflow-wrap:anywhere}td.nowrap{white-space:nowrap}
+td.name{font-family:var(--mono);overflow-wrap:normal;word-break:normal}td.nowrap{white-space:nowrap}
 .regs{max-width:195px}.regs .one{font-family:var(--mono);font-size:11.5px;white-space:nowrap;overflow:hidden;
 text-overflow:ellipsis;max-width:195px;margin-top:2px}
 td.gate{white-space:nowrap;color:var(--muted)}
@@ -92,7 +92,23 @@ tr.grp td{background:#eef1f6;font-family:var(--mono);font-weight:650;border-top:
 tr.grp td .cnt{float:right;font-family:inherit;font-weight:400;color:var(--muted)}
 table.flat tr.grp{display:none}
 table.failonly tbody tr:not(.bad):not(.grp),table.failonly tr.grp:not(.hasbad){display:none}
-tr.hide{display:none}
+tr.hide,tr.off{display:none}
+tr:target td,tr.fd td{box-shadow:inset 0 2px 0 var(--fail),inset 0 -2px 0 var(--fail)}
+nav.toc .since{margin-left:auto;display:flex;gap:12px;color:var(--muted)}
+nav.toc .since a{color:var(--accent)}
+.pager button:disabled{opacity:.4;cursor:default}
+.controls select{font:inherit;padding:2px 4px;border:1px solid var(--line);border-radius:6px;background:#fff}
+table.heat{width:auto;border-collapse:separate;border-spacing:2px;font-size:11px}
+table.heat th,table.heat td{border:0;padding:0;text-align:center}
+table.heat th{position:static;background:none;font-weight:600;color:var(--muted);padding:0 2px}
+table.heat th.full{color:#24292f;background:#eef1f6;border-radius:3px}
+table.heat th.rowh{text-align:right;font-family:var(--mono);font-weight:400;padding-right:6px;white-space:nowrap}
+table.heat td{width:26px;height:18px;border-radius:3px;font-size:10px;line-height:18px}
+table.heat td.na{background:none}
+table.heat td.zero{background:#f0f3f6;color:#afb8c1}
+table.heat td.over{background:#cf222e;color:#fff;font-weight:700}
+.heatscale{display:inline-block;width:160px;height:10px;vertical-align:-1px;border-radius:2px;
+background:linear-gradient(90deg,#f0faf2,#8fd19e 83%,#fff3b0 83%,#fb8f44)}
 #modtable td.name:first-child{min-width:245px}
 .why{font-size:11px;color:var(--muted);max-width:180px}.why.red{color:var(--fail)}
 .controls{display:flex;gap:14px;align-items:center;margin:0 0 8px;font-size:13px;flex-wrap:wrap}
@@ -138,6 +154,7 @@ SCRIPT = """
         });
         t.classList.add('flat');
         rows.forEach(function(r){body.appendChild(r);});
+        t.dispatchEvent(new Event('sorted'));
       });
     });
   });
@@ -148,23 +165,67 @@ SCRIPT = """
       rows.sort(function(a,b){return (+a.getAttribute('data-i'))-(+b.getAttribute('data-i'));});
       rows.forEach(function(r){body.appendChild(r);});
       t.classList.remove('flat');
+      refilter(t);
       each(t.tHead.rows[0].cells,function(h){h.removeAttribute('data-dir');});
     });
   });
-  each(document.querySelectorAll('[data-failonly]'),function(cb){
-    cb.addEventListener('change',function(){
-      document.getElementById(cb.getAttribute('data-failonly')).classList.toggle('failonly',cb.checked);
+  function refilter(t){
+    var inp=document.querySelector('[data-filter="'+t.id+'"]'),cb=document.querySelector('[data-failonly="'+t.id+'"]');
+    var q=inp?inp.value.trim().toLowerCase():'',fo=!!(cb&&cb.checked),head=null,any=false;
+    t.classList.toggle('failonly',fo);
+    function close(){if(head)head.classList.toggle('off',!any);}
+    each(t.tBodies[0].rows,function(r){
+      if(r.classList.contains('grp')){close();head=r;any=false;return;}
+      var s=(r.getAttribute('data-s')||r.textContent).toLowerCase();
+      var show=(q===''||s.indexOf(q)>=0)&&(!fo||r.classList.contains('bad'));
+      r.classList.toggle('hide',!show);
+      if(show)any=true;
     });
+    close();
+  }
+  each(document.querySelectorAll('[data-failonly]'),function(cb){
+    var t=document.getElementById(cb.getAttribute('data-failonly'));
+    cb.addEventListener('change',function(){refilter(t);});
+    refilter(t);
   });
   each(document.querySelectorAll('[data-filter]'),function(inp){
-    inp.addEventListener('input',function(){
-      var q=inp.value.trim().toLowerCase(),t=document.getElementById(inp.getAttribute('data-filter'));
-      each(t.tBodies[0].rows,function(r){
-        if(r.classList.contains('grp'))return;
-        var s=(r.getAttribute('data-s')||r.textContent).toLowerCase();
-        r.classList.toggle('hide',q!==''&&s.indexOf(q)<0);
+    var t=document.getElementById(inp.getAttribute('data-filter'));
+    inp.addEventListener('input',function(){refilter(t);});
+  });
+  each(document.querySelectorAll('tr.fd'),function(row){
+    var wrap=row.closest('.tablewrap');
+    if(!wrap||location.hash)return;
+    var head=wrap.querySelector('thead'),h=head?head.getBoundingClientRect().height:0;
+    wrap.scrollTop+=row.getBoundingClientRect().top-wrap.getBoundingClientRect().top-h-4;
+  });
+  each(document.querySelectorAll('[data-pager]'),function(pager){
+    var t=document.getElementById(pager.getAttribute('data-pager')),size=+pager.getAttribute('data-size')||200;
+    var info=pager.querySelector('.pageinfo'),page=0;
+    var sels=document.querySelectorAll('[data-hfilter]');
+    function want(r){
+      var ok=true;
+      each(sels,function(el){
+        var k=el.getAttribute('data-hfilter');
+        if(el.type==='checkbox'){if(el.checked&&!(+r.getAttribute('data-'+k)>0))ok=false;}
+        else if(el.value!==''&&r.getAttribute('data-'+k)!==el.value)ok=false;
       });
+      return ok;
+    }
+    function show(){
+      var rows=Array.prototype.filter.call(t.tBodies[0].rows,function(r){r.classList.add('off');return want(r);});
+      var pages=Math.max(1,Math.ceil(rows.length/size));
+      page=Math.min(Math.max(page,0),pages-1);
+      rows.slice(page*size,(page+1)*size).forEach(function(r){r.classList.remove('off');});
+      info.textContent='page '+(page+1)+' of '+pages+' · '+rows.length+' run'+(rows.length===1?'':'s');
+      pager.querySelector('[data-page="-1"]').disabled=page===0;
+      pager.querySelector('[data-page="1"]').disabled=page>=pages-1;
+    }
+    each(pager.querySelectorAll('[data-page]'),function(b){
+      b.addEventListener('click',function(){page+=+b.getAttribute('data-page');show();});
     });
+    each(sels,function(el){el.addEventListener('change',function(){page=0;show();});});
+    t.addEventListener('sorted',function(){page=0;show();});
+    show();
   });
   document.documentElement.setAttribute('data-js','ok');
 })();

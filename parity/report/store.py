@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from parity.report import summary as S
-from parity.report.history import find_previous, render_index
+from parity.report.history import find_previous, record, render_index, run_links
 from parity.report.html import render_run
 
 RESULTS = "results.json"
@@ -151,16 +151,23 @@ def _public(results: dict) -> dict:
 def write_run(results: dict, root: Path) -> Path:
     """Store one run under ``root/runs/<UTC stamp>-<case>-<random>/`` and regenerate ``root/index.html``.
 
-    The run's report flags regressions against the most recent earlier run of the same case, device and
-    dtype already under ``root``. Returns the new run directory.
+    The run is compared with the most recent earlier run of the same case, system, device and dtype already
+    under ``root``: ``results.json`` carries that comparison as ``regressions`` (``history.record``: the
+    previous run, the rule, the flags), and the page links the history, the previous run, the last passing
+    one and the start of a failing streak. Returns the new run directory.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     results = _public(results)
-    previous = find_previous(results, load_runs(root))
+    if not S.parse_time(results.get("created")):  # the history orders runs by it
+        results["created"] = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    runs = load_runs(root, warn=False)
+    previous = find_previous(results, runs)
+    results["regressions"] = record(results, previous)
     run_dir = _new_run_dir(root / RUNS, results.get("case"))
     atomic_write(run_dir / RESULTS, dumps(results))
-    atomic_write(run_dir / REPORT, render_run(results, previous))
+    links = run_links(results, runs)
+    atomic_write(run_dir / REPORT, render_run(results, previous, links))
     write_index(root)
     return run_dir
 
@@ -171,7 +178,7 @@ def write_index(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
         path = root / REPORT
-        atomic_write(path, render_index(load_runs(root)))
+        atomic_write(path, render_index(*scan(root)))
     return path
 
 
@@ -207,14 +214,13 @@ def run_dirs(root: Path) -> list[Path]:
     return sorted(d for d in runs.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def load_runs(root: Path) -> list[dict]:
-    """Every readable run under ``root/runs``, newest first.
-
-    Each dict is the run's results plus ``_run = {id, dir, href}`` (``href`` relative to ``root``).
-    Runs whose ``results.json`` is missing or unreadable are skipped with a warning (a directory still being
-    written by another process has no ``results.json`` yet and is skipped silently).
+def scan(root: Path) -> tuple[list[dict], list[dict]]:
+    """``(runs, corrupt)`` under ``root/runs``: every readable run, newest first (its results plus
+    ``_run = {id, dir, href}``, ``href`` relative to ``root``), and every folder whose ``results.json``
+    exists but cannot be read (``{id, dir, href, error}``, ``href`` to that file). A folder without
+    ``results.json`` is a run still being written by another process and is in neither list.
     """
-    out = []
+    runs, corrupt = [], []
     for d in run_dirs(root):
         path = d / RESULTS
         if not path.exists():
@@ -222,13 +228,30 @@ def load_runs(root: Path) -> list[dict]:
         try:
             data = read_results(path)
         except (OSError, ValueError) as exc:
-            warnings.warn(f"skipping unreadable run {d.name}: {exc}", RuntimeWarning, stacklevel=2)
+            corrupt.append({**_run_meta(d), "href": f"{RUNS}/{d.name}/{RESULTS}",
+                            "error": f"{type(exc).__name__}: {exc}"})
             continue
         data["_run"] = _run_meta(d)
-        out.append(data)
-    out.sort(key=lambda r: (S.parse_time(r.get("created")) or datetime.min.replace(tzinfo=timezone.utc),
-                            r["_run"]["id"]), reverse=True)
-    return out
+        runs.append(data)
+    runs.sort(key=lambda r: (S.parse_time(r.get("created")) or datetime.min.replace(tzinfo=timezone.utc),
+                             r["_run"]["id"]), reverse=True)
+    return runs, corrupt
+
+
+def corrupt_runs(root: Path) -> list[dict]:
+    """Run folders whose ``results.json`` cannot be read (see ``scan``): the history lists them as corrupt,
+    since a run that vanished from the history would hide a failure."""
+    return scan(root)[1]
+
+
+def load_runs(root: Path, warn: bool = True) -> list[dict]:
+    """Every readable run under ``root/runs``, newest first (see ``scan``); unreadable ones are skipped, with
+    a warning unless ``warn`` is False."""
+    runs, corrupt = scan(root)
+    if warn:
+        for c in corrupt:
+            warnings.warn(f"skipping unreadable run {c['id']}: {c['error']}", RuntimeWarning, stacklevel=2)
+    return runs
 
 
 # ------------------------------------------------------------------------------------------------ tables

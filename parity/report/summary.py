@@ -240,9 +240,24 @@ def parse_time(value: Any) -> datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
-def run_key(results: dict) -> tuple[str, str, str]:
-    """Runs are comparable when case, device and dtype agree."""
-    return (str(results.get("case", "")), str(results.get("device", "")), str(results.get("dtype", "")))
+def system_of(results: dict) -> str:
+    """The Megatron implementation under test: ``system.name`` (``parity`` when the results do not say)."""
+    system = results.get("system")
+    name = system.get("name") if isinstance(system, dict) else system
+    return str(name or "parity")
+
+
+def run_key(results: dict) -> tuple[str, str, str, str]:
+    """Runs are comparable when case, system, device and dtype agree."""
+    return (str(results.get("case", "")), system_of(results), str(results.get("device", "")),
+            str(results.get("dtype", "")))
+
+
+def row_key(row: dict) -> tuple[str, str, str, str]:
+    """A module row's identity across runs: (HF name, Megatron name, kind, mode). One HF module can have
+    several rows (its attention output and its mask are both ``model.layers.2.self_attn``)."""
+    return (str(row.get("name", "")), str(row.get("megatron_name") or ""), str(row.get("kind") or ""),
+            str(row.get("mode") or ""))
 
 
 # ------------------------------------------------------------------------------------------------ format

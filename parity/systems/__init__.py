@@ -16,6 +16,8 @@ from typing import Any, Iterable, Mapping, Protocol
 import torch
 from torch import nn
 
+from parity.engine.alignment import Aligned
+from parity.engine.compare import Call
 from parity.errors import UserError
 
 
@@ -51,14 +53,15 @@ class System(Protocol):
 
     def tables(self) -> dict[str, Any]: ...  # name -> its mask (bool, True = attend) or RoPE (cos, sin)
 
-    def output(self, row, out: Any, module: nn.Module) -> Any: ...  # a hooked output -> the row's HF layout
+    def output(self, a: Aligned, out: Any, module: nn.Module) -> Any: ...  # a hooked output -> a's HF layout
 
-    def replay(self, row, module: nn.Module | None, call) -> Any: ...  # the module on HF's captured inputs
+    def replay(self, a: Aligned, module: nn.Module | None, call: Call) -> Any: ...  # on HF's captured inputs
 
-    # Layouts by ``row.row.kind`` (``parity.engine.alignment.Kind``): tensors ``[b, s, ...]``; ROUTER
-    # ``{"dense" [b*s, E], "top_w", "top_i" [b*s, k]}``; EXPERTS / FLAT_NORM ``[b*s, H]``; QKV / FC1 the row's
-    # ``Part`` only; vision kinds batch-first as HF's (POOLED: ``(features, valid-slot mask)``). ``replay`` of a
-    # row with ``feeds`` (logits, merged embeddings) gets a call whose args are those HF modules' outputs.
+    # ``a`` is one concrete row of the table (``a.hf``, ``a.row.kind``, ``a.row.part``, ``a.layer``, ``a.slots``).
+    # Layouts by ``a.row.kind``: tensors ``[b, s, ...]``; ROUTER ``{"dense" [b*s, E], "top_w", "top_i" [b*s, k]}``;
+    # EXPERTS / FLAT_NORM ``[b*s, H]``; QKV / FC1 the row's ``Part`` only; vision kinds batch-first as HF's
+    # (POOLED: ``(features, valid-slot mask)``). ``replay`` of a row with ``feeds`` (logits, merged embeddings)
+    # gets a call whose args are those HF modules' outputs.
 
 
 SYSTEMS = {"parity": "parity.systems.ours:ParitySystem"}  # name -> "module:factory", imported when chosen
