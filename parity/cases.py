@@ -24,6 +24,9 @@ Schema (fields without a default are required)::
     seq_len = 40                         # required for text; optional for vlm (the images set the length)
     pad_tail = 5                         # default 0: right-padded positions of the last sequence
     images = [[[24, 32], [16, 16]], [[32, 24]]]   # vlm only (required): [h, w] per image, per sequence
+    padding = "left"                     # default "right": where each sequence's padding goes
+    lengths = [40, 23]                   # text only, optional: real tokens per sequence (not with pad_tail)
+    position_offset = 0                  # default 0: position ids of real tokens start here
     [parallel]                           # default tp = ep = 1; world size tp*ep > 1 means torchrun
     tp = 1
     ep = 1
@@ -39,7 +42,11 @@ Schema (fields without a default are required)::
     [gates.bfloat16]
     floor_multiplier = 4.0               # rel_l2 <= floor_multiplier * floor + floor_abs
     floor_abs = 1e-3
-    logits_kl_max = 0.05
+    logits_kl_max = 0.05                 # KL max <= floor_multiplier * KL floor + logits_kl_max
+    truth_multiplier = 1.5               # optional: rho; err vs HF-fp32 <= rho * floor + truth_abs
+    truth_abs = 1e-3                     # optional
+    ceiling_rel_l2 = 0.1                 # optional: cap of every module gate; a floor above: reference unstable
+    ceiling_kl_max = 0.5                 # optional: the same for the logits KL max
 """
 from __future__ import annotations
 
@@ -112,6 +119,9 @@ class Inputs(_Section):
     seq_len: int | None = None
     pad_tail: int = 0
     images: tuple[tuple[tuple[int, int], ...], ...] | None = None  # per sequence, (h, w) per image
+    padding: str = "right"  # "right" | "left": where each sequence's padding goes
+    lengths: tuple[int, ...] | None = None  # text only: real tokens per sequence (mixed lengths in one batch)
+    position_offset: int = 0  # position ids of real tokens start here (a continuation after a prefix)
 
 
 @dataclass(frozen=True)
@@ -142,6 +152,10 @@ class BFloat16Gates(_Section):
     floor_multiplier: float
     floor_abs: float
     logits_kl_max: float
+    truth_multiplier: float | None = None  # rho: err(Megatron-bf16 vs HF-fp32) <= rho * floor + truth_abs
+    truth_abs: float | None = None
+    ceiling_rel_l2: float | None = None  # no module gate above it; a floor above it: "reference unstable"
+    ceiling_kl_max: float | None = None  # the same for the logits KL max
 
 
 @dataclass(frozen=True)
@@ -365,8 +379,22 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
     elif i.has("images"):
         i.raw("images")
         i.fail("images", "only for kind 'vlm'")
+    padding = i.str_("padding", ("right", "left"), default="right")
+    position_offset = i.int_("position_offset", default=0)
+    lengths = None
+    if i.has("lengths"):
+        raw = i.raw("lengths")
+        if kind != "text":
+            i.fail("lengths", "only for kind 'text' (vlm lengths follow from the images and text)")
+        if (not isinstance(raw, list) or len(raw) != batch
+                or not all(isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= seq_len for n in raw)):
+            i.fail("lengths", f"expected {batch} integers in 1..inputs.seq_len ({seq_len}), got {_show(raw)}")
+        if pad_tail:
+            i.fail("lengths", "give either inputs.lengths or inputs.pad_tail, not both")
+        lengths = tuple(raw)
     i.done()
-    inputs = Inputs(batch=batch, seq_len=seq_len, pad_tail=pad_tail, images=images)
+    inputs = Inputs(batch=batch, seq_len=seq_len, pad_tail=pad_tail, images=images, padding=padding,
+                    lengths=lengths, position_offset=position_offset)
 
     p = top.sub("parallel")
     parallel = Parallel(tp=p.int_("tp", default=1, minimum=1), ep=p.int_("ep", default=1, minimum=1))
@@ -391,8 +419,10 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
                        kl_max=g32.float_("kl_max"))
     g32.done()
     g16 = g.sub("bfloat16", required=True)
+    optional = {k: g16.float_(k, positive=True) for k in ("truth_multiplier", "truth_abs", "ceiling_rel_l2",
+                                                          "ceiling_kl_max") if g16.has(k)}
     bf16 = BFloat16Gates(floor_multiplier=g16.float_("floor_multiplier", positive=True),
-                         floor_abs=g16.float_("floor_abs"), logits_kl_max=g16.float_("logits_kl_max"))
+                         floor_abs=g16.float_("floor_abs"), logits_kl_max=g16.float_("logits_kl_max"), **optional)
     g16.done()
     gates = Gates(float32=f32, bfloat16=bf16, exact=g.str_list("exact", default=[]))
     g.done()

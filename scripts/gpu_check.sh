@@ -2,12 +2,18 @@
 # One-call GPU check on a lent machine (Python 3.12, torch, transformers 5.17, no megatron-core):
 # installs the carried megatron-core wheel, then runs the given cases (default: tiny on GPU + 26B-A4B).
 # Usage (device tool, carry [".whl"]): bash scripts/gpu_check.sh [CASE ...]
+#        bash scripts/gpu_check.sh --plants [--case gemma4-26b-a4b] [--seq-len 2048] [--plants a,b]
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 OUT=${OUT:-gpu_out}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'grouped_mm', hasattr(torch, '_grouped_mm'))" | tee -a "$OUT/gpu.txt"
+if [ "${1:-}" = "--plants" ]; then  # the planted-error detection table at the 26B shape (scripts/gpu_plants.py)
+  shift
+  python3 scripts/gpu_plants.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/log.txt"
+  exit "${PIPESTATUS[0]}"
+fi
 cases=("$@")
 [ ${#cases[@]} -eq 0 ] && cases=(gemma4-text-tiny gemma4-text-tiny-bf16 gemma4-26b-a4b)
 python3 scripts/gpu_run.py "${cases[@]}" --out "$OUT" 2>&1 | tee -a "$OUT/log.txt"

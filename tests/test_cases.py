@@ -301,3 +301,17 @@ def test_any_leaf_value_validates_or_fails_in_one_line(leaf, value):
         C.parse_case(data, source="x.toml", stem="x-tiny")
     except CaseError as e:
         assert "\n" not in str(e) and str(e).startswith("x.toml: ")
+
+
+def test_padding_lengths_and_offsets_validate():
+    case = C.load_case("gemma4-text-tiny-padded")
+    assert (case.inputs.padding, case.inputs.lengths, case.inputs.position_offset) == ("left", (40, 29, 13), 5)
+    with pytest.raises(CaseError, match=r"inputs\.padding: expected one of right, left"):
+        case.replace(inputs={"padding": "middle"})
+    with pytest.raises(CaseError, match=r"inputs\.lengths: expected 3 integers in 1\.\.inputs\.seq_len \(40\)"):
+        case.replace(inputs={"lengths": [40, 29]})
+    with pytest.raises(CaseError, match=r"inputs\.lengths: give either inputs\.lengths or inputs\.pad_tail"):
+        case.replace(inputs={"pad_tail": 3})
+    with pytest.raises(CaseError, match=r"inputs\.lengths: only for kind 'text'"):
+        C.load_case("gemma4-vlm-tiny").replace(inputs={"lengths": [10, 10]})
+    assert C.load_case("gemma4-text-tiny").inputs.padding == "right"  # the former layout by default

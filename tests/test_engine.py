@@ -125,7 +125,7 @@ def test_clean_bf16_passes_against_its_floor(clean_bf16):
     assert len(floored) > 100
     for m in floored:
         assert m["ratio"] is not None and m["ratio"] >= 0, m
-        assert m["gate"]["max"] == pytest.approx(4.0 * m["floor"] + 1e-3), m
+        assert m["gate"]["max"] == pytest.approx(min(4.0 * m["floor"] + 1e-3, 0.35)), m  # capped by the ceiling
     emb = [m for m in r["modules"] if m["name"] == "model.embed_tokens"]
     assert {m["mode"] for m in emb} == {"isolated", "end_to_end"}
     for m in emb:

@@ -304,3 +304,30 @@ def test_tensor_digest():
 def test_noise_floor_ratio():
     assert noise_floor_ratio(4e-3, 2e-3) == pytest.approx(2.0)
     assert noise_floor_ratio(1e-6, 0.0) == pytest.approx(1e6)
+
+
+def test_router_agreeing_tokens_judge_the_weights_apart_from_flips():
+    """A flip moves weight wholesale (rel-L2 ~1 on its token); the agreeing tokens' rel-L2 sees only the weights'
+    own error, so a 10 % per-expert scale error stays visible beside a flip (issue 11, item 3)."""
+    ref_idx = torch.tensor([[0, 1], [2, 3], [0, 3]])
+    test_idx = torch.tensor([[1, 0], [2, 3], [0, 2]])  # token 2 flips expert 3 -> 2
+    ref_w = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]], dtype=torch.float64)
+    test_w = torch.tensor([[0.4 * 1.1, 0.6 * 1.1], [0.7 * 1.1, 0.3 * 1.1], [0.5, 0.5]], dtype=torch.float64)
+    probs = torch.tensor([[0.6, 0.4, 0.0, 0.0], [0.0, 0.0, 0.7, 0.3], [0.5, 0.0, 0.2, 0.3]], dtype=torch.float64)
+    m = router_metrics(ref_idx, test_idx, ref_w, test_w, ref_probs=probs)
+    assert m["n_agree"] == 2 and m["n_set_mismatch"] == 1
+    assert m["agree_weight_rel_l2"] == pytest.approx(0.1, rel=1e-12)  # exactly the 10 % scale
+    assert m["agree_weight_max_abs"] == pytest.approx(0.07, rel=1e-9)
+    assert m["weight_rel_l2"] > 0.5  # the flip dominates the all-token number
+    # the flipped token's margin: (p_2 - p_3) / p_2 = (0.3 - 0.2) / 0.3, decisive at the default margin
+    assert m["flip_margins"] == [{"token": 2, "margin": pytest.approx(1 / 3), "near": False}]
+    assert m["decisive_flips"] == 1
+    loose = router_metrics(ref_idx, test_idx, ref_w, test_w, ref_probs=probs, tie_margin=0.5)
+    assert loose["near_tie_flips"] == 1 and loose["decisive_flips"] == 0 and loose["flip_margins"][0]["near"]
+
+
+def test_router_agreement_of_nothing_is_nan():
+    ref_idx, test_idx = torch.tensor([[0, 1]]), torch.tensor([[2, 3]])
+    w = torch.tensor([[0.5, 0.5]])
+    m = router_metrics(ref_idx, test_idx, w, w)
+    assert m["n_agree"] == 0 and math.isnan(m["agree_weight_rel_l2"]) and math.isnan(m["agree_weight_max_abs"])

@@ -138,14 +138,14 @@ def test_bf16_passes_against_its_noise_floor():
     floored = [m for m in r["modules"] if m.get("floor") and m["gate"]["metric"] == "rel_l2"]
     assert {m["group"] for m in floored} == {"vision", "text"} and len(floored) > 250
     for m in floored:
-        assert m["gate"]["max"] == pytest.approx(4.0 * m["floor"] + 1e-3) and m["rel_l2"] <= m["gate"]["max"], m
+        assert m["gate"]["max"] == pytest.approx(min(4.0 * m["floor"] + 1e-3, 0.35)) and m["rel_l2"] <= m["gate"]["max"], m
     by_mode = {(m["name"], m["mode"]): m for m in r["modules"]}
     for name in (MERGED, "model.vision_tower", "model.embed_vision", "logits"):
         assert by_mode[(name, "end_to_end")]["floor"] > 0
     for mode in ("end_to_end", "isolated"):  # deterministic elementwise: bit-exact even in bf16
         assert by_mode[("model.language_model.embed_tokens", mode)]["max_abs"] == 0.0
     logits = r["summary"]["logits"]
-    assert logits["kl_max_floor"] > 0 and logits["kl_gate"] == pytest.approx(4.0 * logits["kl_max_floor"] + 0.05)
+    assert logits["kl_max_floor"] > 0 and logits["kl_gate"] == pytest.approx(min(4.0 * logits["kl_max_floor"] + 1e-3, 1.0))
     assert logits["kl_max"] <= logits["kl_gate"]
 
 

@@ -137,6 +137,17 @@ def first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+def upcast(x):
+    """Floating tensors (in tuples, lists, dicts) in fp32; everything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return x.float() if x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(upcast(v) for v in x)
+    if isinstance(x, dict):
+        return {k: upcast(v) for k, v in x.items()}
+    return x
+
+
 def to_device(x, device):
     if isinstance(x, torch.Tensor):
         return x.to(device)
@@ -225,7 +236,8 @@ def compare(kind: Kind, ref: Any, test: Any, where: Where) -> dict:
 
 def compare_mask(a: Aligned, hf_mask, mine: torch.Tensor, where: Where) -> dict:
     """A mask row: HF's mask (as its layer receives it; None = plain causal for text, all-visible for vision)
-    against the system's, at real query rows (text: and real keys)."""
+    against the system's, at real query rows over *every* key: a padded key one side lets through must show
+    (padded query rows attend to nothing real and are never compared)."""
     text = a.row.stack is not Stack.VISION
     rows = where.valid if text else where.real
     n = rows.shape[-1]
@@ -235,8 +247,7 @@ def compare_mask(a: Aligned, hf_mask, mine: torch.Tensor, where: Where) -> dict:
     else:
         ref = hf_mask.to(rows.device)
         ref = ref if ref.dtype == torch.bool else ref == 0
-    region = rows[:, None, :, None] & (rows[:, None, None, :] if text else True)
-    region = region.expand(rows.shape[0], 1, n, n)
+    region = rows[:, None, :, None].expand(rows.shape[0], 1, n, n)
     diff = int(((ref != mine.to(rows.device)) & region).sum())
     return {"cosine": 1.0 if diff == 0 else 0.0, "rel_l2": diff / max(1, int(region.sum())), "max_abs": float(diff > 0),
             "n": diff}

@@ -2,12 +2,26 @@
 
 - float32: every module's rel-L2 <= ``gates.float32.rel_l2`` (round-off); logits rel-L2 <=
   ``logits_rel_l2`` and per-token KL max <= ``kl_max``.
-- bfloat16: rel-L2 <= ``floor_multiplier`` * floor + ``floor_abs``, where the floor is the same module's
-  rel-L2 of HF-bf16 against HF-fp32 (same mode); the ratio to the floor is reported. Logits KL max <=
-  ``logits_kl_max``.
+- bfloat16, each module against its *floor* (the same module's rel-L2 of HF-bf16 against HF-fp32, same mode):
+  - parity: rel-L2 (Megatron-bf16 vs HF-bf16) <= ``floor_multiplier`` * floor + ``floor_abs``;
+  - accuracy against the truth, when the record carries ``truth_rel_l2`` (Megatron-bf16 vs HF-fp32) and the
+    case states ``truth_multiplier`` (rho): ``truth_rel_l2 <= rho * floor + truth_abs`` -- "is Megatron-bf16 as
+    close to fp32 as HF-bf16 is?", the question a precision-only error (a combine or softmax in bf16 where HF
+    uses fp32) fails;
+  - a floor is a measurement, never a licence: with ``ceiling_rel_l2`` stated, no floor-relative gate exceeds
+    it, and a floor above it marks the row "reference unstable" (it fails and says so) instead of widening
+    the gate.
+  Logits KL max <= ``floor_multiplier`` * KL floor + ``logits_kl_max`` (a small absolute term), capped by
+  ``ceiling_kl_max`` the same way; with a truth KL given, ``KL(HF-fp32 || Megatron-bf16) <= rho * KL floor +
+  logits_kl_max`` too. The ratio to the floor is reported.
 - exact: rows whose kind is deterministic elementwise (embedding scale, masks) and names listed in
   ``gates.exact`` must match bit for bit (max-abs 0) in any dtype.
-- routers, isolated mode: no decisive top-k flip (near-ties are counted and reported, not gated).
+- routers: the gated value is the rel-L2 of the routing weights over the tokens whose top-k *sets agree*
+  (``agree_weight_rel_l2``; a flip moves weight wholesale and would inflate any all-token number); in
+  isolated mode a decisive top-k flip fails (near-ties are counted and reported with their margins).
+- ``fp32_replay`` rows (a bf16 run's modules replayed in fp32 on both sides, ``parity.engine.replay32``) are
+  gated by the fp32 numbers in any run.
+- a record that carries ``missing`` (a twin never called, on either side) fails with that reason.
 """
 from __future__ import annotations
 
@@ -15,80 +29,172 @@ import math
 
 from parity.errors import UserError
 
+REPLAYS = ("isolated", "fp32_replay")  # modes that feed a module the same captured inputs on both sides
+MODE_RANK = {"isolated": 0, "fp32_replay": 1, "end_to_end": 2}  # at one module, the row first_divergence names
 _DEFAULTS_REQUIRED = {"float32": ("rel_l2",), "bfloat16": ("floor_multiplier", "floor_abs")}
 
 
 def _gate_numbers(gates: dict, dtype: str) -> dict:
-    g = dict(gates.get(dtype) or {})
+    g = {k: v for k, v in dict(gates.get(dtype) or {}).items() if v is not None}
     missing = [k for k in _DEFAULTS_REQUIRED.get(dtype, ()) if k not in g]
     if missing:
         raise UserError(f"case gates for {dtype} lack {', '.join(missing)}")
     return g
 
 
-def apply(records: list[dict], gates: dict, dtype: str, logits_summary: dict, kl_floor: float | None = None) -> dict:
+def _num(x) -> float | None:
+    """A measured number, or None when there is none (None, NaN)."""
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def _bad(x) -> float:
+    """A measured error for a ``<=`` test: nothing measured (None, NaN) is an infinite error."""
+    v = _num(x)
+    return math.inf if v is None else v
+
+
+def floor_limit(floor: float | None, multiplier: float, absolute: float, ceiling: float | None) -> tuple[float, bool]:
+    """``(limit, unstable)``: ``multiplier * floor + absolute`` (``absolute`` alone without a floor), never above
+    ``ceiling``; ``unstable`` when the floor itself exceeds the ceiling (the reference is too noisy to judge)."""
+    limit = absolute if floor is None else multiplier * floor + absolute
+    if ceiling is None:
+        return limit, False
+    return min(limit, ceiling), floor is not None and floor > ceiling
+
+
+def _value(rec: dict) -> float:
+    """The gated error of a record: routers by their agreeing tokens' weights, everything else by rel-L2."""
+    router = rec.get("router")
+    if rec["kind"] == "router" and router is not None and "agree_weight_rel_l2" in router:
+        rec["agree_weight_rel_l2"] = router["agree_weight_rel_l2"]
+        return _bad(router["agree_weight_rel_l2"])
+    return _bad(rec.get("rel_l2"))
+
+
+def _metric(rec: dict) -> str:
+    return "agree_weight_rel_l2" if "agree_weight_rel_l2" in rec else "rel_l2"
+
+
+def _gate_bf16(rec: dict, g: dict) -> bool:
+    floor = _num(rec.get("floor"))
+    ceiling = g.get("ceiling_rel_l2")
+    value, metric = _value(rec), _metric(rec)
+    limit, unstable = floor_limit(floor, g["floor_multiplier"], g["floor_abs"], ceiling)
+    rec["gate"] = {"metric": metric, "max": limit, "floor_multiplier": g["floor_multiplier"],
+                   "floor_abs": g["floor_abs"], "ceiling": ceiling}
+    rec["ratio"] = (value / floor) if floor else None
+    if unstable:
+        rec["why"] = (f"reference unstable: HF's own bf16 error (vs HF-fp32) {floor:.3g} exceeds the case "
+                      f"ceiling {ceiling:g}")
+        rec["unstable"] = True
+        return False
+    ok = value <= limit
+    truth = rec.get("truth_rel_l2")
+    if "truth_multiplier" in g and "truth_rel_l2" in rec:
+        rho, t_abs = g["truth_multiplier"], g.get("truth_abs", g["floor_abs"])
+        t_limit, _ = floor_limit(floor, rho, t_abs, ceiling)
+        rec["truth_gate"] = {"metric": "truth_rel_l2", "max": t_limit, "truth_multiplier": rho, "truth_abs": t_abs}
+        rec["truth_ratio"] = (_bad(truth) / floor) if floor else None
+        if _bad(truth) > t_limit:
+            if ok:  # the parity gate held: the truth gate is the one that failed, and the row says so
+                rec["gate"] = dict(rec["truth_gate"], ceiling=ceiling)
+            rec["why"] = (f"accuracy: {_bad(truth):.3g} from HF-fp32 > {rho:g} x HF-bf16's {floor if floor else 0:.3g}"
+                          f" + {t_abs:g}")
+            ok = False
+    return ok
+
+
+def apply(records: list[dict], gates: dict, dtype: str, logits_summary: dict, kl_floor: float | None = None,
+          kl_truth: float | None = None) -> dict:
     """Gate every record in place; returns the logits verdict. ``kl_floor`` (bf16 only, optional): the per-token
-    KL max of HF-bf16 against HF-fp32; when given, the logits KL gate follows the module rule,
-    ``floor_multiplier * kl_floor + logits_kl_max``, instead of ``logits_kl_max`` alone."""
+    KL max of HF-bf16 against HF-fp32; when given, the logits KL gate is ``floor_multiplier * kl_floor +
+    logits_kl_max`` (capped by ``ceiling_kl_max``) instead of ``logits_kl_max`` alone. ``kl_truth`` (bf16 only,
+    optional): the per-token KL max of Megatron-bf16 against HF-fp32, gated by ``truth_multiplier``."""
     g = _gate_numbers(gates, dtype)
+    g32 = _gate_numbers(gates, "float32") if dtype != "float32" else g
     exact_names = set(gates.get("exact", []) or [])
     for rec in records:
         exact = rec["gate_class"] == "exact" or rec["name"] in exact_names or rec["kind"] in exact_names
-        rel = rec.get("rel_l2")
-        rel = math.inf if rel is None or (isinstance(rel, float) and math.isnan(rel)) else rel
-        if exact:
+        if rec.get("missing"):
+            rec["gate"] = {"metric": "rel_l2", "max": 0.0}
+            rec["why"] = rec["missing"]
+            ok = False
+        elif exact:
             rec["gate"] = {"metric": "max_abs", "max": 0.0}
             ok = rec.get("max_abs") == 0.0
-        elif dtype == "float32":
-            limit = g.get("logits_rel_l2", g["rel_l2"]) if rec["kind"] == "logits" else g["rel_l2"]
-            rec["gate"] = {"metric": "rel_l2", "max": limit}
-            ok = rel <= limit
+        elif dtype == "float32" or rec["mode"] == "fp32_replay":
+            g_ = g32 if rec["mode"] == "fp32_replay" else g
+            limit = g_.get("logits_rel_l2", g_["rel_l2"]) if rec["kind"] == "logits" else g_["rel_l2"]
+            value = _value(rec)
+            rec["gate"] = {"metric": _metric(rec), "max": limit}
+            ok = value <= limit
         else:
-            floor = rec.get("floor")
-            if floor is None or (isinstance(floor, float) and math.isnan(floor)):
-                limit = g["floor_abs"]  # no floor could be measured: only the absolute allowance
-            else:
-                limit = g["floor_multiplier"] * floor + g["floor_abs"]
-            rec["gate"] = {"metric": "rel_l2", "max": limit, "floor_multiplier": g["floor_multiplier"],
-                           "floor_abs": g["floor_abs"]}
-            rec["ratio"] = (rel / floor) if floor else None
-            ok = rel <= limit
+            ok = _gate_bf16(rec, g)
         router = rec.get("router")
-        if router is not None and rec["mode"] == "isolated" and router.get("decisive_flips", 0) > 0:
+        if router is not None and rec["mode"] in REPLAYS and router.get("decisive_flips", 0) > 0:
             ok = False
-            rec["why"] = f"{router['decisive_flips']} decisive top-k flips"
+            margins = ", ".join(f"{f['margin']:.2g}" for f in router.get("flip_margins", [])[:3])
+            rec["why"] = f"{router['decisive_flips']} decisive top-k flips" + (f" (margins {margins})" if margins else "")
         rec["passed"] = bool(ok)
         rec.setdefault("ratio", None)
-    kl_gate = g.get("kl_max") if dtype == "float32" else g.get("logits_kl_max")
-    if kl_gate is not None and kl_floor is not None and dtype != "float32" and not math.isnan(kl_floor):
-        kl_gate = g["floor_multiplier"] * kl_floor + kl_gate
+    out = {"passed": None, "kl_floor": kl_floor, "kl_truth": kl_truth, "kl_truth_gate": None, "logits_why": None}
     logits_ok = all(r["passed"] for r in records if r["kind"] == "logits")
-    if kl_gate is not None:
-        logits_ok = logits_ok and logits_summary["kl_max"] <= kl_gate
-    return {"passed": None, "logits_ok": logits_ok, "kl_gate": kl_gate, "kl_floor": kl_floor}
+    kl = _bad(logits_summary.get("kl_max"))
+    if dtype == "float32":
+        kl_gate = g.get("kl_max")
+    else:
+        kl_abs = g.get("logits_kl_max")
+        kl_gate = kl_abs
+        floor = _num(kl_floor)
+        if kl_abs is not None:
+            kl_gate, unstable = floor_limit(floor, g["floor_multiplier"], kl_abs, g.get("ceiling_kl_max"))
+            if unstable:
+                logits_ok = False
+                out["logits_why"] = (f"reference unstable: HF's own bf16 logits KL max (vs HF-fp32) {floor:.3g} "
+                                     f"exceeds the case ceiling {g['ceiling_kl_max']:g}")
+            if kl_truth is not None and "truth_multiplier" in g:
+                t_gate, _ = floor_limit(floor, g["truth_multiplier"], kl_abs, g.get("ceiling_kl_max"))
+                out["kl_truth_gate"] = t_gate
+                if _bad(kl_truth) > t_gate:
+                    logits_ok = False
+                    out["logits_why"] = out["logits_why"] or (
+                        f"accuracy: logits KL max {_bad(kl_truth):.3g} from HF-fp32 > {g['truth_multiplier']:g} x "
+                        f"HF-bf16's {floor if floor else 0:.3g} + {kl_abs:g}")
+    if kl_gate is not None and kl > kl_gate:
+        logits_ok = False
+        out["logits_why"] = out["logits_why"] or f"logits KL max {kl:.3g} > gate {kl_gate:.3g}"
+    out.update(logits_ok=logits_ok, kl_gate=kl_gate)
+    return out
 
 
 def summarise(records: list[dict], verdict: dict, logits_summary: dict) -> dict:
     failing = [r for r in records if not r["passed"]]
     # A row failing only end-to-end while the same module passes in isolation was fed wrong inputs: the fault
     # lies upstream (possibly an inline step of its parent, e.g. RoPE or V inside self_attn), not in it.
-    replay_ok = {r["name"] for r in records if r["mode"] == "isolated" and r["passed"]}
-    own = [r for r in failing if r["mode"] == "isolated" or r["kind"] in ("mask", "rope") or r["name"] not in replay_ok]
-    first = min(own or failing, key=lambda r: (r["order"], r["mode"] != "isolated")) if failing else None
+    # The replays (isolated in the run's dtype, fp32_replay in fp32) feed each module the same inputs on both
+    # sides: a module whose replay fails is at fault itself.
+    replay_bad = {r["name"] for r in failing if r["mode"] in REPLAYS}
+    replay_ok = {r["name"] for r in records if r["mode"] in REPLAYS and r["passed"]} - replay_bad
+    own = [r for r in failing if r["mode"] in REPLAYS or r["kind"] in ("mask", "rope") or r["name"] not in replay_ok]
+    first = min(own or failing, key=lambda r: (r["order"], MODE_RANK.get(r["mode"], 3))) if failing else None
     modules_ok = not any(r for r in failing if r["kind"] not in ("router",))
     router_rows = [r for r in records if r["kind"] == "router"]
     routers = []
     for r in router_rows:
-        if r["mode"] != "end_to_end":
+        if r["mode"] != "end_to_end" or r.get("router") is None:
             continue
         iso = next((x for x in router_rows if x["name"] == r["name"] and x["mode"] == "isolated"), None)
         routers.append({"layer": r["layer"], "name": r["name"], **r["router"],
-                        "isolated_decisive_flips": iso["router"]["decisive_flips"] if iso else None})
+                        "isolated_decisive_flips": iso["router"]["decisive_flips"] if iso and iso.get("router")
+                        else None})
     router_ok = all(r["passed"] for r in router_rows)
     logits = {k: logits_summary[k] for k in ("cosine", "rel_l2", "max_abs", "top1_agreement", "kl_mean", "kl_max",
                                              "kl_p95", "top1_decisive_agreement", "n_decisive", "n_near_tie",
-                                             "top1_flips_decisive", "top1_flips_near_tie", "top5_overlap", "kl_max_floor", "kl_gate",
+                                             "decisive_share", "top1_flips_decisive", "top1_flips_near_tie",
+                                             "top5_overlap", "kl_max_floor", "kl_gate", "kl_truth", "kl_truth_gate",
                                              "worst_positions") if k in logits_summary}
+    if verdict.get("logits_why"):
+        logits["why"] = verdict["logits_why"]
     detail = None
     if first:
         detail = {"name": first["name"], "megatron_name": first["megatron_name"], "mode": first["mode"],
@@ -102,7 +208,8 @@ def summarise(records: list[dict], verdict: dict, logits_summary: dict) -> dict:
         "summary": {"first_divergence": first["name"] if first else None, "first_divergence_detail": detail,
                     "worst_layer": {"layer": worst["layer"], "name": worst["name"], "rel_l2": worst["rel_l2"]}
                     if worst else None,
-                    "logits": logits, "n_modules": len(records), "n_failed": len(failing)},
+                    "logits": logits, "n_modules": len(records), "n_failed": len(failing),
+                    "n_unstable": sum(1 for r in records if r.get("unstable"))},
         "modules": records,
         "routers": routers,
         "checks": {"logits": verdict["logits_ok"], "modules": modules_ok, "router": router_ok},

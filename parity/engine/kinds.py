@@ -5,6 +5,7 @@ their stacks sit for the alignment table, and split positions into groups.
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -35,6 +36,34 @@ def _from_checkpoint(folder: str, dtype: torch.dtype, device: str):
     info = bio.inspect_folder(folder)  # files, keys, shapes: validated before instantiation
     _check_memory(info.bytes_as(dtype), device, folder)
     return info, *bio.load_folder(folder, dtype=dtype, device="cpu")
+
+
+class _Returns(torch.nn.Module):
+    """Stands in for a submodule of an HF model: returns what it is given to (``fn`` of its first input)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args, **kwargs):
+        return self.fn(*args, **kwargs)
+
+
+def hf_head(model, hidden: torch.Tensor, inputs: dict, lm_head) -> torch.Tensor:
+    """The logits from the final hidden state through HF's own ``Gemma4ForCausalLM.forward`` (its slicing,
+    ``lm_head``, softcap; issue 11 item 4: a floor from the same code path as the output it qualifies): a
+    shallow shell of ``model`` whose text model returns ``hidden`` and whose ``lm_head`` is ``lm_head``."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+    from transformers.models.gemma4 import modeling_gemma4
+
+    out_cls = getattr(modeling_gemma4, "Gemma4TextModelOutputWithPast", BaseModelOutputWithPast)  # its own fields
+    shell = copy.copy(model)
+    shell._modules = dict(model._modules)  # the shell's own module table: the model itself is untouched
+    shell._modules["model"] = _Returns(lambda *a, **kw: out_cls(last_hidden_state=hidden))
+    shell._modules["lm_head"] = _Returns(lm_head)
+    with torch.no_grad():
+        return shell(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     position_ids=inputs["position_ids"], use_cache=False).logits
 
 
 class TextKind:
@@ -84,8 +113,9 @@ class TextKind:
     def inputs(self, config, case, seed: int, device: str) -> dict[str, torch.Tensor]:
         from parity.engine.inputs import text_inputs
 
-        return text_inputs(config.vocab_size, case.inputs.batch, case.inputs.seq_len, case.inputs.pad_tail, seed,
-                           config.pad_token_id or 0, device)
+        i = case.inputs
+        return text_inputs(config.vocab_size, i.batch, i.seq_len, i.pad_tail, seed, config.pad_token_id or 0, device,
+                           padding=i.padding, lengths=i.lengths, position_offset=i.position_offset)
 
     def forward(self, model, inputs):
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
@@ -102,16 +132,20 @@ class TextKind:
             with torch.no_grad():
                 kwargs["position_embeddings"] = base.rotary_emb(h, kwargs["position_ids"], model.config.layer_types[i])
             h = run_copy(layer, f"model.layers.{i}", h, **kwargs)
-        logits = run_copy(model.lm_head, "lm_head", run_copy(base.norm, "model.norm", h)).float()
-        softcap = model.config.final_logit_softcapping
-        return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+        hidden = run_copy(base.norm, "model.norm", h)
+        return hf_head(model, hidden, inputs, lambda x: run_copy(model.lm_head, "lm_head", x)).float()
+
+    def head_fp32(self, model, hidden, inputs, lm_head, softcap):
+        """fp32 logits from a final hidden state, through HF's own forward (its lm_head call and softcap)."""
+        return hf_head(model, hidden, inputs, lm_head).float()
 
     def groups(self, inputs) -> dict | None:
         return None
 
     def describe(self, case, config, inputs) -> dict:
         b, s = inputs["input_ids"].shape
-        return {"batch": b, "seq_len": s, "pad_tail": case.inputs.pad_tail}
+        return {"batch": b, "seq_len": s, "pad_tail": case.inputs.pad_tail, "padding": case.inputs.padding,
+                "lengths": inputs["attention_mask"].sum(1).tolist(), "position_offset": case.inputs.position_offset}
 
 
 class VlmKind(TextKind):
@@ -161,6 +195,7 @@ class VlmKind(TextKind):
         """The case's images (``[h, w]`` per image, per sequence), text around them, right padding. With
         ``inputs.seq_len`` every sequence is filled with text up to it, the last one leaving ``pad_tail``
         padded positions."""
+        from parity.engine.inputs import repad
         from parity.engine.vlm_inputs import DEFAULT_IMAGE_SIZES, DEFAULT_TEXT_RUNS, build_vlm_inputs
 
         n, pad_tail = case.inputs.seq_len, case.inputs.pad_tail
@@ -190,10 +225,17 @@ class VlmKind(TextKind):
                     inputs["position_ids"] = torch.arange(n).expand(case.inputs.batch, -1).clone()
         except ValueError as e:  # an image too large for the tiny tower's position tables, ...
             raise UserError(f"case {case.name}: inputs.images: {e}") from None
+        inputs = repad(inputs, case.inputs.padding, case.inputs.position_offset)  # left padding, offset positions
         return {k: v.to(device) for k, v in inputs.items()}
 
     def forward(self, model, inputs):
         return model(**inputs, use_cache=False).logits
+
+    def head_fp32(self, model, hidden, inputs, lm_head, softcap):
+        """The VLM's lm_head + softcap as HF's ``Gemma4ForConditionalGeneration.forward`` computes them (not yet
+        through that forward itself: its text model cannot be stood in for as simply as the text kind's)."""
+        logits = lm_head(hidden).float()
+        return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
     def forward_fp32(self, model, inputs, cap, run_copy, prog):
         """A full fp32 copy of the (small) HF VLM on the same raw inputs."""

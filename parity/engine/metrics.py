@@ -212,7 +212,8 @@ def logits_metrics(ref_logits: torch.Tensor, test_logits: torch.Tensor, mask: to
     the ref top-1 logit, see ``bf16_step``; pass a small number for fp32 runs), top-5 overlap.
 
     Keys: ``n_tokens``, ``kl_mean``, ``kl_p95``, ``kl_max``, ``top1_agreement``, ``top1_decisive_agreement``,
-    ``n_decisive``, ``n_near_tie``, ``top1_flips_decisive``, ``top1_flips_near_tie``, ``top5_overlap``,
+    ``n_decisive``, ``n_near_tie``, ``decisive_share`` (``n_decisive / n_tokens``: with too few decisive positions
+    top-1 checks carry no signal), ``top1_flips_decisive``, ``top1_flips_near_tie``, ``top5_overlap``,
     ``worst_positions`` (up to 10 dicts ``batch``, ``pos``, ``kl``, ``ref_top1``, ``test_top1``, ``gap``,
     KL descending), plus every ``tensor_metrics`` key on the raw logits.
     """
@@ -244,7 +245,7 @@ def logits_metrics(ref_logits: torch.Tensor, test_logits: torch.Tensor, mask: to
     out["n_tokens"] = n
     if n == 0:
         out.update(kl_mean=_NAN, kl_p95=_NAN, kl_max=_NAN, top1_agreement=_NAN, top1_decisive_agreement=_NAN,
-                   n_decisive=0, n_near_tie=0, top1_flips_decisive=0, top1_flips_near_tie=0,
+                   n_decisive=0, n_near_tie=0, decisive_share=_NAN, top1_flips_decisive=0, top1_flips_near_tie=0,
                    top5_overlap=_NAN, worst_positions=[])
         return out
     tok = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -264,6 +265,7 @@ def logits_metrics(ref_logits: torch.Tensor, test_logits: torch.Tensor, mask: to
         top1_decisive_agreement=1.0 - flips_decisive / n_decisive if n_decisive else 1.0,
         n_decisive=n_decisive,
         n_near_tie=n_near,
+        decisive_share=n_decisive / n,
         top1_flips_decisive=flips_decisive,
         top1_flips_near_tie=int((~agree & near).sum().item()),
         top5_overlap=tok["top5_overlap"].mean().item(),
@@ -299,10 +301,14 @@ def router_metrics(ref_idx: torch.Tensor, test_idx: torch.Tensor, ref_weights: t
     """Compare top-k routing decisions ``[T, k]`` (leading dims are flattened) as expert *sets*.
 
     Keys: ``n_tokens``, ``exact_set_agreement``, ``jaccard_mean``, ``n_set_mismatch``, ``near_tie_flips``,
-    ``decisive_flips``; with both weights: ``weight_mass_moved`` (mean of 0.5 * sum_e |w_ref(e) - w_test(e)|)
-    and ``weight_rel_l2`` (on the dense [T, E] weights). A mismatching token is a near-tie flip when
-    ``ref_probs`` [T, E] is given and its reference k-th minus (k+1)-th probability is below
-    ``tie_margin * p_k``; without ``ref_probs`` no flip can be explained, so all count as decisive.
+    ``decisive_flips``, ``flip_margins`` (up to 10 mismatching tokens, largest margin first: ``token``,
+    ``margin`` = the reference's relative k-th vs (k+1)-th probability gap ``(p_k - p_k+1) / p_k``, ``near``);
+    with both weights: ``weight_mass_moved`` (mean of 0.5 * sum_e |w_ref(e) - w_test(e)|) and
+    ``weight_rel_l2`` (on the dense [T, E] weights, all tokens), and over the tokens whose top-k *sets agree*
+    only: ``n_agree``, ``agree_weight_rel_l2`` and ``agree_weight_max_abs`` -- the weights' own error, which a
+    flip (a different expert, weight moved wholesale) cannot inflate; NaN when no token agrees.
+    A mismatching token is a near-tie flip when ``ref_probs`` [T, E] is given and its margin is below
+    ``tie_margin``; without ``ref_probs`` no flip can be explained, so all count as decisive.
     """
     _check_same_shape(ref_idx, test_idx, "router indices")
     k = ref_idx.shape[-1]
@@ -328,9 +334,14 @@ def router_metrics(ref_idx: torch.Tensor, test_idx: torch.Tensor, ref_weights: t
     mismatch = ~same
     if ref_probs is not None and num_experts > k:
         top = ref_probs[keep].to(torch.float64).topk(k + 1, dim=-1).values
-        near = (top[:, k - 1] - top[:, k]) < tie_margin * top[:, k - 1].abs()
+        margin = (top[:, k - 1] - top[:, k]) / top[:, k - 1].abs().clamp_min(1e-300)
+        near = margin < tie_margin
     else:
+        margin = torch.full(mismatch.shape, _INF, dtype=torch.float64, device=mismatch.device)
         near = torch.zeros_like(mismatch)
+    tokens = keep.nonzero().squeeze(-1)
+    flipped = mismatch.nonzero().squeeze(-1)
+    worst = flipped[torch.argsort(margin[flipped], descending=True, stable=True)[:10]]
     out = {
         "n_tokens": n,
         "exact_set_agreement": same.to(torch.float64).mean().item() if n else _NAN,
@@ -338,6 +349,8 @@ def router_metrics(ref_idx: torch.Tensor, test_idx: torch.Tensor, ref_weights: t
         "n_set_mismatch": int(mismatch.sum().item()),
         "near_tie_flips": int((mismatch & near).sum().item()),
         "decisive_flips": int((mismatch & ~near).sum().item()),
+        "flip_margins": [{"token": int(tokens[i].item()), "margin": margin[i].item(), "near": bool(near[i].item())}
+                         for i in worst.tolist()],
     }
     if ref_weights is not None and test_weights is not None:
         _check_same_shape(ref_weights, test_weights, "router weights")
@@ -346,6 +359,10 @@ def router_metrics(ref_idx: torch.Tensor, test_idx: torch.Tensor, ref_weights: t
         moved = 0.5 * (w_ref - w_test).abs().sum(-1)
         out["weight_mass_moved"] = moved.mean().item() if n else _NAN
         out["weight_rel_l2"] = _rel_l2(w_ref, w_test) if n else _NAN
+        n_agree = int(same.sum().item())
+        out["n_agree"] = n_agree
+        out["agree_weight_rel_l2"] = _rel_l2(w_ref[same], w_test[same]) if n_agree else _NAN
+        out["agree_weight_max_abs"] = (w_ref[same] - w_test[same]).abs().max().item() if n_agree else _NAN
     return out
 
 

@@ -1,0 +1,164 @@
+"""fp32 replay of every aligned decoder module, and accuracy against the fp32 truth (issue 11, items 1 and 2).
+
+In a bf16 run each module's error is judged against HF's own bf16 noise, so an error smaller than that noise
+(a 2e-4 change inside a module, a 1 % expert scale behind a norm) passes, and so does a step done in bf16
+where HF uses fp32 (it is "as close to HF-bf16 as HF-bf16 is to itself"). Two more measurements close both:
+
+- ``fp32_replay`` rows: every aligned module of each text decoder layer run again in fp32 on both sides, on
+  the same fp32 inputs, gated by the case's fp32 gates. HF: the decoder layer rebuilt in fp32 from its class
+  and the run's HF weights (the state dict handed to the system; one layer resident at a time, as at full
+  size), run on the fp32 reference stream (the previous fp32 layer's output, starting from the captured
+  embedding output) with HF's own layer kwargs and HF's own rotary module in fp32, every aligned submodule's
+  inputs and outputs captured. Megatron: an fp32 copy of just that layer of the model under test (built from
+  its own spec with an fp32 config, loaded with its weights), each module replayed on the captured fp32
+  inputs with the system's *own* masks and RoPE tables (``System.replay``). Then the final norm the same way.
+- ``truth_rel_l2`` on every isolated record of those layers: the Megatron module in the run's dtype on HF's
+  captured bf16 inputs against HF's module in fp32 on the same inputs (upcast) -- the truth; its floor is
+  HF-bf16's own distance from the same truth, and ``gates`` asks ``truth <= rho * floor + truth_abs``.
+
+The logits are not replayed here: HF's softcap is inline in its ``forward``, and re-composing it would be the
+harness's code, not HF's.
+"""
+from __future__ import annotations
+
+import torch
+
+from parity.engine.alignment import TABLE_KINDS, Kind, Stack
+from parity.engine.compare import Call, Store, capture_hf, compare, first, to_device, upcast, value
+
+MODE = "fp32_replay"
+
+
+def _sub_state(state: dict, prefix: str, device) -> dict:
+    return {k[len(prefix):]: v.to(device=device, dtype=torch.float32) if v.is_floating_point() else v.to(device)
+            for k, v in state.items() if k.startswith(prefix)}
+
+
+def hf_layer_fp32(text_config, state: dict, i: int, device, prefix: str):
+    """HF's decoder layer ``i`` in fp32, built from its class and loaded from the run's HF weights."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4TextDecoderLayer
+
+    with torch.device(device):
+        layer = Gemma4TextDecoderLayer(text_config, i).float()
+    missing, unexpected = layer.load_state_dict(_sub_state(state, f"{prefix}layers.{i}.", device), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"fp32 replay: HF layer {i} does not fit the weights: {missing[:3]} {unexpected[:3]}")
+    return layer.eval()
+
+
+def mc_layer_fp32(lm, i: int, device):
+    """An fp32 copy of just decoder layer ``i`` of our Megatron text model ``lm``: built from its own spec with an
+    fp32 config, loaded from the model under test (its weights upcast)."""
+    from parity.models.text import Gemma4TransformerLayer, layer_spec, transformer_config
+
+    args = lm.args
+    la = args.layers[i]
+    config = transformer_config(args, la, torch.float32, str(device).split(":")[0])
+    with torch.device(device):
+        layer = Gemma4TransformerLayer(config, layer_spec(args.enable_moe_block), i + 1, la, args.enable_moe_block)
+    src = {k: v for k, v in lm.decoder.layers[i].state_dict().items() if not k.endswith("_extra_state")}
+    missing = [k for k in layer.state_dict() if k not in src and not k.endswith("_extra_state")]
+    if missing:
+        raise RuntimeError(f"fp32 replay: Megatron layer {i} copy lacks {missing[:3]}")
+    layer.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in src.items()}, strict=False)
+    return layer.to(device).eval()
+
+
+def fp32_replay(kind, text_config, hf_state: dict, sut, compared, prog=None) -> None:
+    """Append ``fp32_replay`` records (and ``truth_rel_l2`` on the isolated ones) for every text decoder layer
+    and the final norm of ``compared`` (a ``pipeline.Comparison`` of our system ``sut``)."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm, Gemma4TextRotaryEmbedding
+
+    from parity.models.norms import Gemma4RMSNorm as McNorm
+
+    cap, device, hf_prefix = compared.cap, sut.device, kind.prefixes[Stack.TEXT]
+    rows = [a for a in compared.rows if a.row.stack is Stack.TEXT and a.row.kind not in TABLE_KINDS]
+    iso = {r["name"]: r for r in compared.records if r["mode"] == "isolated"}
+    embed = cap.first(f"{hf_prefix}embed_tokens")
+    if embed is None:
+        return
+    with torch.device(device):
+        rotary = Gemma4TextRotaryEmbedding(text_config).float()  # HF's own RoPE module, its buffers in fp32
+    merged = cap.first("merged_embeddings") if kind.name == "vlm" else None
+    h = upcast(to_device(first((merged or embed).output), device))
+    n_layers = text_config.num_hidden_layers
+    for i in range(n_layers):
+        if prog is not None:
+            prog.note(f"fp32 replay: layer {i + 1}/{n_layers}")
+        layer_name = f"{hf_prefix}layers.{i}"
+        call = cap.first(layer_name)
+        if call is None:
+            return
+        mine = [a for a in rows if a.layer == i]
+        hf32 = hf_layer_fp32(text_config, hf_state, i, device, hf_prefix)
+        _truth(hf32, layer_name, mine, sut, compared, iso)
+        kwargs = upcast(to_device(dict(call.kwargs), device))
+        with torch.no_grad():
+            kwargs["position_embeddings"] = rotary(h, kwargs["position_ids"], text_config.layer_types[i])
+        cap32, out = capture_hf(_mounted(hf32, layer_name), mine, lambda: hf32(h, **kwargs), Store(offload=False))
+        mc32 = mc_layer_fp32(sut.lm, i, device)
+        subs = dict(mc32.named_modules())
+        for a in mine:
+            name, c = compared.name(a), cap32.first(a.hf)
+            rel = _relative(name, "decoder.layers.{}".format(i))
+            if not isinstance(name, str) or c is None or rel not in subs:
+                continue
+            with torch.no_grad():
+                test = sut.replay(a, subs[rel], c)
+            compared.record(a, MODE, value(a.row.kind, c.output), test)
+        h = first(out)
+        del hf32, mc32, cap32
+    for a in rows:  # the final norm, on the last fp32 layer's output
+        if a.row.kind is not Kind.NORM or a.layer is not None:
+            continue
+        name = compared.name(a)
+        src = sut.module(name) if isinstance(name, str) else None
+        if src is None:
+            continue
+        hf_norm = Gemma4RMSNorm(text_config.hidden_size, eps=text_config.rms_norm_eps).to(device)
+        hf_norm.load_state_dict(_sub_state(hf_state, f"{a.hf}.", device))
+        mc_norm = McNorm(src.weight.shape[0], eps=src.eps, dtype=torch.float32).to(device)
+        mc_norm.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
+        with torch.no_grad():
+            c = Call((h,), {}, hf_norm(h), 0)
+            compared.record(a, MODE, value(a.row.kind, c.output), sut.replay(a, mc_norm, c))
+
+
+def _mounted(layer: torch.nn.Module, path: str) -> torch.nn.Module:
+    """A bare module tree holding ``layer`` at ``path`` (e.g. ``model.layers.3``), so that its submodules carry
+    their full HF names for ``capture_hf``."""
+    root = cur = torch.nn.Module()
+    *parents, last = path.split(".")
+    for seg in parents:
+        cur.add_module(seg, torch.nn.Module())
+        cur = getattr(cur, seg)
+    cur.add_module(last, layer)
+    return root
+
+
+def _truth(hf32, layer_name: str, rows, sut, compared, iso: dict) -> None:
+    """``truth_rel_l2`` of each isolated record of one layer: the system's module (run dtype) on HF's captured
+    inputs against HF's module in fp32 on the same inputs (upcast)."""
+    subs = dict(hf32.named_modules())
+    for a in rows:
+        rec, call, name = iso.get(a.hf), compared.cap.first(a.hf), compared.name(a)
+        rel = a.hf[len(layer_name) + 1:] if a.hf != layer_name else ""
+        module = sut.module(name) if isinstance(name, str) else None
+        if rec is None or call is None or rel not in subs or module is None or a.feeds:
+            continue
+        with torch.no_grad():
+            out32 = subs[rel](*upcast(to_device(call.args, sut.device)), **upcast(to_device(call.kwargs, sut.device)))
+            test = sut.replay(a, module, call)
+        m_ = compare(a.row.kind, value(a.row.kind, out32), test, compared.where)
+        rec["truth_rel_l2"] = m_["router"]["agree_weight_rel_l2"] if a.row.kind is Kind.ROUTER else m_["rel_l2"]
+
+
+def _relative(name, layer: str) -> str | None:
+    """A module path of the system relative to its decoder layer (``""`` for the layer itself)."""
+    if not isinstance(name, str):
+        return None
+    at = name.find(layer)
+    if at < 0:
+        return None
+    rest = name[at + len(layer):]
+    return rest[1:] if rest.startswith(".") else (rest if rest == "" else None)
