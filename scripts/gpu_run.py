@@ -12,7 +12,7 @@ import torch
 
 
 def summary(r: dict) -> dict:
-    keep = ("case", "passed", "device", "dtype", "checks", "phases", "timings", "peak_memory", "roundtrip", "inputs",
+    keep = ("case", "system", "passed", "device", "dtype", "checks", "phases", "timings", "peak_memory", "roundtrip", "inputs",
             "parallel", "env", "hf_released_before_megatron", "host_staged_gib")
     out = {k: r.get(k) for k in keep}
     out["roundtrip"] = {k: v for k, v in (r.get("roundtrip") or {}).items() if k != "rows"}
@@ -35,6 +35,7 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--checkpoint", help="local HF folder for the cases (the real-checkpoint path)")
     ap.add_argument("--full", action="store_true", help="also write the full results.json of each case")
+    ap.add_argument("--system", default="parity", help="system under test (parity | megatron-bridge)")
     a = ap.parse_args()
     from parity.cases import checkpoint_for, load_case
     from parity.engine.launch import execute  # routes tp*ep > 1 cases through torchrun
@@ -48,11 +49,11 @@ def main() -> int:
             if a.seq_len:
                 case = case.replace(inputs={"seq_len": a.seq_len})
             r = execute(case, device="cuda", dtype=a.dtype, checkpoint=checkpoint_for(case, a.checkpoint), seed=None,
-                        progress=True)
+                        progress=True, **({"system": a.system} if a.system != "parity" else {}))
             s = summary(r)
             s["wall_s"] = time.perf_counter() - t0
             print(json.dumps(s, indent=1, default=str), flush=True)
-            tag = name + ("-checkpoint" if a.checkpoint else "")
+            tag = name + ("-checkpoint" if a.checkpoint else "") + ("" if a.system == "parity" else f"-{a.system}")
             with open(os.path.join(a.out, f"{tag}.json"), "w") as f:
                 json.dump(s, f, indent=1, default=str)
             if a.full:

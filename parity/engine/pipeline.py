@@ -320,6 +320,7 @@ class Comparison:
     groups: dict | None
     records: list = field(default_factory=list)
     layer_groups: list = field(default_factory=list)
+    reported: list = field(default_factory=list)  # rows shown with the reason they have no metric in a mode
 
     def name(self, a: Aligned):
         """The system's name of a row: a module path (slots filled in), ``Elsewhere`` or None."""
@@ -386,6 +387,8 @@ class Comparison:
             with torch.no_grad():
                 test = self.sut.replay(a, module, replayed)
             if test is None:  # the system cannot run this module alone (e.g. a norm fused into the next linear)
+                self.reported.append(self.not_compared(a, "isolated", name, f"{self.sut.name} cannot run {name} "
+                                                       "alone: compared end to end only"))
                 continue
             self.record(a, "isolated", value(a.row.kind, call.output), test)
 
@@ -414,7 +417,7 @@ class Comparison:
     def silent(self, modes=("end_to_end", "isolated")) -> None:
         """No silent rows (issue 11, item 5): every row the system has a module for yields a record in every mode
         it is compared in; a twin never called (either side) is a failing record with that reason."""
-        seen = {(r["name"], r["mode"]) for r in self.records}
+        seen = {(r["name"], r["mode"]) for r in self.records + self.reported}
         for a in self.rows:
             name = self.name(a)
             if a.row.kind in TABLE_KINDS or not isinstance(name, str):
@@ -431,18 +434,23 @@ class Comparison:
                 self.records.append(rec)
 
     def unobserved(self) -> list[dict]:
-        """Rows the system has no module for (``Elsewhere``): reported with where their effect is compared."""
-        out = []
+        """Rows the system has no module for (``Elsewhere``): reported with where their effect is compared; and
+        the rows it cannot replay alone."""
+        out = list(self.reported)
         for a in self.rows:
             where = self.name(a)
             if isinstance(where, systems.Elsewhere):
                 at = a.hf[: len(a.hf) - len(a.row.hf.format(**a.slots))] + where.at.format(**a.slots)  # same stack
-                out += [{"name": a.hf, "megatron_name": None, "mode": mode, "kind": a.row.label, "cosine": None,
-                         "rel_l2": None, "max_abs": None, "floor": None, "gate": None, "ratio": None,
-                         "layer": a.layer, "order": 0, "group": a.group(), "passed": True, "compared_at": at,
-                         "detail": f"{where.why}: compared at {at}"}
+                out += [{**self.not_compared(a, mode, None, f"{where.why}: compared at {at}"), "compared_at": at}
                         for mode in ("end_to_end", "isolated")]
         return out
+
+    @staticmethod
+    def not_compared(a: Aligned, mode: str, megatron_name, why: str) -> dict:
+        """A row reported with the reason it has no metric in ``mode`` (never gated, never silent)."""
+        return {"name": a.hf, "megatron_name": megatron_name, "mode": mode, "kind": a.row.label, "cosine": None,
+                "rel_l2": None, "max_abs": None, "floor": None, "gate": None, "ratio": None, "layer": a.layer,
+                "order": 0, "group": a.group(), "passed": True, "detail": why}
 
 
 # ---------------------------------------------------------------------------------------------------
