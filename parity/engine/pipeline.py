@@ -123,11 +123,12 @@ def run(case, *, device: str, dtype: str | None = None, checkpoint: str | None =
         mc_logits = compared.end_to_end(inputs)
     with prog.phase("isolated_replay"):
         compared.isolated(prog)
-    if tdtype != torch.float32 and case.world_size == 1 and sut.name == "parity":
-        from parity.engine.replay32 import fp32_replay  # math errors under bf16 rounding (issue 11, item 1)
+    if tdtype != torch.float32 and case.world_size == 1:
+        from parity.engine.replay32 import fp32_replay, truth_only  # math errors under bf16 rounding
 
-        with prog.phase("fp32_replay"):
-            fp32_replay(kind, kind.text_config(hf_config), hf_state, sut, compared, prog)
+        with prog.phase("fp32_replay"):  # systems without an fp32 copy of their layers get the truth gate only
+            (fp32_replay if sut.name == "parity" else truth_only)(kind, kind.text_config(hf_config), hf_state, sut,
+                                                                  compared, prog)
     del hf_state
     if host_weights is not None:
         host_weights.close()

@@ -124,6 +124,21 @@ def fp32_replay(kind, text_config, hf_state: dict, sut, compared, prog=None) -> 
             compared.record(a, MODE, value(a.row.kind, c.output), sut.replay(a, mc_norm, c))
 
 
+def truth_only(kind, text_config, hf_state: dict, sut, compared, prog=None) -> None:
+    """``truth_rel_l2`` on the isolated records of every text decoder layer, for a system with no fp32 copy of
+    its layers (Megatron-Bridge): HF's layer in fp32 from the run's weights, one layer at a time."""
+    hf_prefix = kind.prefixes[Stack.TEXT]
+    rows = [a for a in compared.rows if a.row.stack is Stack.TEXT and a.row.kind not in TABLE_KINDS]
+    iso = {r["name"]: r for r in compared.records if r["mode"] == "isolated"}
+    n_layers = text_config.num_hidden_layers
+    for i in range(n_layers):
+        if prog is not None:
+            prog.note(f"fp32 truth: layer {i + 1}/{n_layers}")
+        hf32 = hf_layer_fp32(text_config, hf_state, i, sut.device, hf_prefix)
+        _truth(hf32, f"{hf_prefix}layers.{i}", [a for a in rows if a.layer == i], sut, compared, iso)
+        del hf32
+
+
 def _mounted(layer: torch.nn.Module, path: str) -> torch.nn.Module:
     """A bare module tree holding ``layer`` at ``path`` (e.g. ``model.layers.3``), so that its submodules carry
     their full HF names for ``capture_hf``."""
