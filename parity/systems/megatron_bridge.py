@@ -58,7 +58,8 @@ def _names(moe: bool, vlm: bool) -> dict[str, str | Elsewhere]:
     out["logits"] = "logits"
     out["masks"] = "masks[{layer_type}]"
     if vlm:
-        out["merged_embeddings"] = LM_VLM.rstrip(".") + INPUT
+        # its VLM calls ``language_model.forward`` directly (no hooks fire there): its decoder's input it is
+        out["merged_embeddings"] = LM_VLM + "decoder" + INPUT
         out.update({r.hf: r.hf for r in VISION})  # HF's own modules, same paths inside the bridge's model
     return out
 
@@ -144,7 +145,7 @@ class MegatronBridgeSystem:
         module = self._modules[path]
 
         def pre(mod, args, kwargs):
-            x = kwargs.get("decoder_input") if "decoder_input" in kwargs else (args[0] if args else None)
+            x = next((kwargs[k] for k in ("decoder_input", "hidden_states") if k in kwargs), args[0] if args else None)
             if x is not None:
                 self._inputs[id(mod)] = x.detach()
         self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
