@@ -51,13 +51,21 @@ def _digest(r: dict) -> dict:
             "parallel": r["parallel"], "system": r["system"]["name"]}
 
 
-def _worker(rank, world, port, tp, ep, q):
+def _without_tp_reduction(self, x):
+    """A planted fault: the row-parallel attention output projection's partial sums left un-reduced."""
+    return self.post_layernorm(torch.nn.functional.linear(x, self.weight)), None
+
+
+def _worker(rank, world, port, tp, ep, q, plant=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from parity import systems
     from parity.engine.pipeline import run
 
+    if plant:
+        from parity.mbridge import substitutes as S
+        S.RowParallelLinearPostNormSubstitute.forward = _without_tp_reduction
     built = []  # the system the pipeline builds, kept to read its shard shapes afterwards
     get = systems.get
     systems.get = lambda name: built.append(get(name)) or built[-1]
@@ -72,11 +80,11 @@ def _worker(rank, world, port, tp, ep, q):
         q.put({**_digest(r), "shards": shards})
 
 
-def _world(tp: int, ep: int) -> dict:
+def _world(tp: int, ep: int, plant: bool = False) -> dict:
     q = mp.get_context("spawn").SimpleQueue()
     for attempt in range(3):  # a free port can be taken by a parallel test between probing and binding
         try:
-            mp.spawn(_worker, args=(tp * ep, _free_port(), tp, ep, q), nprocs=tp * ep)
+            mp.spawn(_worker, args=(tp * ep, _free_port(), tp, ep, q, plant), nprocs=tp * ep)
             break
         except mp.ProcessRaisedException as e:
             if "EADDRINUSE" not in str(e) or attempt == 2:
@@ -105,3 +113,12 @@ def test_bridge_sharded_world_matches_hf_and_exports_bit_exact(tp, ep):
     assert r["tensors"] == r["bit_exact"] == 132  # its own export, gathered from both ranks' shards
     # really sharded: TP splits attention, vocab and (expert TP = TP) the experts' fc1; EP splits the experts
     assert r["shards"] == SHARDS[(tp, ep)]
+
+
+def test_bridge_tp2_without_the_row_parallel_reduction_fails_at_o_proj():
+    """The sharded comparison can fail: each rank's half of ``o_proj`` un-summed is caught at its first row."""
+    r = _world(2, 1, plant=True)
+    assert not r["passed"] and not r["checks"]["logits"]
+    assert r["first"] == "model.layers.0.self_attn.o_proj"
+    assert r["logits_rel_l2"] > 0.1
+    assert r["tensors"] == r["bit_exact"] == 132  # the weights themselves are intact
