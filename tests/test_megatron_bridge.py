@@ -43,7 +43,8 @@ def kl_max(logits: torch.Tensor, ref: torch.Tensor) -> float:
 def _cfg(**kw):
     base = dict(window_size=8, interleaved_attn_pattern=(2, 1), window_attn_skip_freq=None, kv_channels=4,
                 num_attention_heads=2, num_query_groups=1, normalization="RMSNorm", layernorm_epsilon=1e-6,
-                layernorm_zero_centered_gamma=False, params_dtype=torch.float32, tensor_model_parallel_size=1)
+                layernorm_zero_centered_gamma=False, params_dtype=torch.float32, tensor_model_parallel_size=1,
+                sequence_parallel=False)
     base.update(kw)
     return types.SimpleNamespace(**base)
 

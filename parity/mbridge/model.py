@@ -194,6 +194,16 @@ def export_hf(bm: BridgeModel, hf_model=None) -> Iterator[tuple[str, torch.Tenso
         yield name, tensor
 
 
+def tp_gather(x: torch.Tensor) -> torch.Tensor:
+    """A tensor-parallel shard (split along its last dim) gathered over the TP group; as is for TP=1."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return x
+    return gather_from_tensor_model_parallel_region(x.contiguous())
+
+
 def megatron_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Megatron's GPT attention mask from a 2-D padding mask (1 = real token): ``[b, 1, s, s]`` bool,
     True = masked (a future key, or a padded key)."""
@@ -222,7 +232,7 @@ def forward(bm: BridgeModel, input_ids: torch.Tensor, attention_mask: torch.Tens
     else:
         out = bm.model(input_ids=input_ids, position_ids=position_ids.to(device),
                        attention_mask=megatron_attention_mask(attention_mask.to(device)))
-    logits = out[0] if isinstance(out, tuple) else out
+    logits = tp_gather(out[0] if isinstance(out, tuple) else out)  # output_layer: parallel_output (vocab shards)
     if logits.shape[0] != b:  # [s, b, v]
         logits = logits.transpose(0, 1)
     return logits[..., : bm.vocab_size].contiguous()

@@ -183,6 +183,14 @@ def te_rms_norm(x: torch.Tensor, gamma: torch.Tensor, eps: float, zero_centered_
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * g).to(x.dtype)
 
 
+def _tp_group(size: int):
+    """megatron-core's tensor-parallel group where a caller passes none (``None`` for TP=1)."""
+    if size == 1:
+        return None
+    from megatron.core import parallel_state
+    return parallel_state.get_tensor_model_parallel_group()
+
+
 def _partition(size: int, pg_collection, attr: str) -> int:
     group = getattr(pg_collection, attr, None) if pg_collection is not None else None
     world = group.size() if group is not None else 1
@@ -253,15 +261,22 @@ class RowParallelLinearPostNormSubstitute(nn.Module):
         if bias:
             raise NotImplementedError("RowParallelLinearPostNormSubstitute: bias")
         self.config = config
-        world = tp_group.size() if tp_group is not None else config.tensor_model_parallel_size
-        if world != 1:
-            raise NotImplementedError("RowParallelLinearPostNormSubstitute: tensor parallelism")
-        self.weight = nn.Parameter(torch.empty(output_size, input_size, dtype=config.params_dtype))
-        self.weight.tensor_model_parallel, self.weight.partition_dim = True, 1
+        if config.sequence_parallel:
+            raise NotImplementedError("RowParallelLinearPostNormSubstitute: sequence parallelism")
+        self.tp_group = tp_group if tp_group is not None else _tp_group(config.tensor_model_parallel_size)
+        world = self.tp_group.size() if self.tp_group is not None else 1
+        self.weight = nn.Parameter(torch.empty(output_size, input_size // world, dtype=config.params_dtype))
+        self.weight.tensor_model_parallel, self.weight.partition_dim, self.weight.partition_stride = True, 1, 1
         self.post_layernorm = TENormSubstitute(config, output_size)
 
     def forward(self, x):
-        return self.post_layernorm(torch.nn.functional.linear(x, self.weight)), None
+        """``x`` is this rank's slice of the input features (``input_is_parallel``); the partial products
+        are summed over the TP group (TE ``Linear``, row mode, no sequence parallelism: an all-reduce),
+        then the post-norm sees the whole output."""
+        y = torch.nn.functional.linear(x, self.weight)
+        if self.tp_group is not None and self.tp_group.size() > 1:
+            torch.distributed.all_reduce(y, group=self.tp_group)
+        return self.post_layernorm(y), None
 
 
 class _GroupedLinearSubstitute(nn.Module):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from parity import megatron_env
 from parity.config import TextArgs
 from parity.engine.alignment import VISION, Aligned, Kind, Part, Stack
 from parity.engine.compare import value
@@ -83,7 +84,9 @@ class MegatronBridgeSystem:
 
         self.vlm, self.dtype, self.device = kind == "vlm", dtype, device
         self.args = TextArgs.from_hf(getattr(hf_config, "text_config", None) or hf_config)
-        self.bm = MB.build(hf_config, dtype=dtype, device=device)
+        rk = megatron_env.ranks()  # the world the pipeline set up (TP x EP): the bridge builds this rank's shard
+        self.tp = rk["tp_size"]
+        self.bm = MB.build(hf_config, dtype=dtype, device=device, tp=rk["tp_size"], ep=rk["ep_size"])
         self.model = self.bm.model
         self.lm = self.model.language_model if self.vlm else self.model
         self.substituted = list(self.bm.substituted)
@@ -176,12 +179,17 @@ class MegatronBridgeSystem:
         return self._layout(a, _first(x))
 
     def _layout(self, a: Aligned, x: torch.Tensor) -> torch.Tensor:
+        """``[s, b, ...]`` -> HF layout; column-parallel outputs (this rank's heads or features) gathered."""
+        from parity.mbridge.model import tp_gather
+
         kind, b, s = a.row.kind, self.b, self.s
-        if kind is Kind.QKV:
+        if kind is Kind.QKV:  # each rank holds whole query groups [q..; k; v] of the fused layout
             la = self.args.layers[a.layer]
-            x = split_qkv(x, a.row.part, self.args.num_heads, la.head_dim, la.num_kv_heads)
-        elif kind is Kind.FC1:
-            x = x.chunk(2, dim=-1)[0 if a.row.part is Part.GATE else 1]
+            x = split_qkv(tp_gather(x), a.row.part, self.args.num_heads, la.head_dim, la.num_kv_heads)
+        elif kind is Kind.FC1:  # [gate_r; up_r] per rank
+            x = tp_gather(x.chunk(2, dim=-1)[0 if a.row.part is Part.GATE else 1])
+        elif kind is Kind.HEAD_NORM and self.tp > 1:  # [s, b, heads/tp, d]
+            x = tp_gather(x.flatten(2)).unflatten(2, (-1, x.shape[-1]))
         x = sb(x)
         return x.reshape(b * s, -1) if kind in (Kind.EXPERTS, Kind.FLAT_NORM) else x
 
@@ -196,13 +204,16 @@ class MegatronBridgeSystem:
 
     def replay(self, a: Aligned, module: nn.Module | None, call) -> Any:
         """The bridge's module on HF's captured inputs, in HF layout; None where the module cannot run alone."""
+        from parity.mbridge import model as MB
+
         kind, dev = a.row.kind, self.device
         if a.row.stack is Stack.VISION:  # HF's own module on HF's own inputs
             return value(kind, module(*call.args, **call.kwargs))
         arg = lambda key="hidden_states": (call.kwargs[key] if key in call.kwargs else call.args[0]).to(dev)  # noqa: E731
         if kind is Kind.LOGITS:  # output_layer (tied weight) + its softcap on HF's final-norm output
             weight = self.lm.shared_embedding_or_output_weight()
-            return sb(self.lm.output_layer(sb(call.args[0].to(dev)), weight=weight)[0])[..., : self.bm.vocab_size]
+            logits = MB.tp_gather(self.lm.output_layer(sb(call.args[0].to(dev)), weight=weight)[0])
+            return sb(logits)[..., : self.bm.vocab_size]
         if kind is Kind.MERGED or self._is_input(a) and kind not in (Kind.NORM,):
             return None  # inline steps of the bridge's forward, or an input that is another module's output
         if kind is Kind.EMBEDDING:
@@ -213,6 +224,10 @@ class MegatronBridgeSystem:
             return sb(_first(module(sb(arg()))))
         if kind is Kind.QKV and not self.bm.dense:
             return None  # linear_qkv holds the input norm: HF's q/k/v_proj input is already normed
+        if kind is Kind.LINEAR and getattr(module, "input_is_parallel", False) and self.tp > 1:
+            from megatron.core import parallel_state  # row-parallel: this rank's slice of HF's input features
+            local = arg("input").chunk(self.tp, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
+            return self._layout(a, _first(module(sb(local))))
         if kind in (Kind.QKV, Kind.FC1, Kind.LINEAR, Kind.MLP):
             return self._layout(a, _first(module(sb(arg("input")))))
         if kind is Kind.ROUTER:  # HF's router input is [b*s, H] in HF token order
