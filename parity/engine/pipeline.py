@@ -37,6 +37,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 KL_FLOOR = "logits_kl_max"  # key of the logits KL floor among the end-to-end floors
 
 
+def _now() -> str:
+    """UTC time with milliseconds: two runs within one second must still order (the history's previous run)."""
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class Progress:
     def __init__(self, enabled: bool):
         self.enabled = enabled
@@ -147,7 +154,7 @@ def run(case, *, device: str, dtype: str | None = None, checkpoint: str | None =
     summary["checks"]["roundtrip"] = roundtrip["bit_exact"] == roundtrip["tensors"] and roundtrip["tensors"] > 0
     return Results(
         case=case.name, kind=case.kind, passed=all(summary["checks"].values()), device=device, dtype=dtype_name,
-        seed=seed, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), env=env_info(device),
+        seed=seed, created=_now(), env=env_info(device),
         system={"name": sut.name, "version": sut.version, "substituted": list(sut.substituted)},
         config_hash=config_hash(hf_config), layer_types=[la.layer_type for la in text_args.layers], **summary,
         roundtrip=roundtrip, phases=prog.phases, timings=timings,
