@@ -119,7 +119,7 @@ def run(case, *, device: str, dtype: str | None = None, checkpoint: str | None =
     with prog.phase("build_megatron"):
         sut.build(case.kind, hf_config, dtype=tdtype, device=device)
     with prog.phase("convert"):
-        sut.load(hf_state)
+        sut.load(hf_state, folder=checkpoint)
     with prog.phase("roundtrip"):
         skip = {"lm_head.weight"} if text_args.tie_word_embeddings else set()
         roundtrip = compare_weights(sut.export(), {k: v for k, v in hf_state.items() if k not in skip})

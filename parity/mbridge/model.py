@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterator
@@ -154,9 +155,14 @@ def build(hf_config, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
 
 
 def _pretrained(bm: BridgeModel, hf) -> PreTrainedCausalLM:
-    """The bridge's HF-side wrapper around an in-memory HF model or an HF state dict (a mapping)."""
+    """The bridge's HF-side wrapper around an in-memory HF model, an HF state dict (a mapping) or a checkpoint
+    folder (a path: its lazy safetensors state source reads the shards, as ``from_pretrained`` sets it up)."""
     from megatron.bridge.models.hf_pretrained.state import StateDict
 
+    if isinstance(hf, (str, os.PathLike)):
+        pre = PreTrainedCausalLM.from_pretrained(str(hf))
+        pre.config = bm.hf_config  # adapted: its own config read cannot parse transformers >= 5.15's Gemma 4
+        return pre
     pre = PreTrainedCausalLM()
     pre.config = bm.hf_config
     if isinstance(hf, torch.nn.Module):
@@ -174,7 +180,7 @@ def _loadable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def load_hf(bm: BridgeModel, hf_model) -> list[str]:
-    """Load an in-memory HF model's (or an HF state dict's) weights through the bridge's own HF -> Megatron mapping
+    """Load an in-memory HF model's (or an HF state dict's, or a checkpoint folder's) weights through the bridge's own HF -> Megatron mapping
     (``load_weights_hf_to_megatron``). Every parameter and persistent buffer is NaN-filled first; returns
     the names that the mapping left unloaded (still NaN), ``[]`` when every tensor was written."""
     tensors = _loadable(bm.model)

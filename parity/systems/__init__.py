@@ -41,7 +41,9 @@ class System(Protocol):
 
     def build(self, kind: str, hf_config: Any, *, dtype: torch.dtype, device: str) -> None: ...  # from the HF config
 
-    def load(self, hf_state: Mapping[str, torch.Tensor]) -> None: ...  # HF weights in, tensor by tensor
+    def load(self, hf_state: Mapping[str, torch.Tensor], folder: str | None = None) -> None: ...
+    # HF weights in, tensor by tensor; ``folder``: the HF checkpoint folder they were read from, when the run
+    # has one (a system with its own checkpoint import reads the folder itself: that import is under test too)
 
     def export(self) -> Iterable[tuple[str, torch.Tensor]]: ...  # its weights as (HF key, tensor), streamed
 

@@ -95,10 +95,12 @@ class MegatronBridgeSystem:
         self._inputs: dict[int, torch.Tensor] = {}
         self._handles = []  # pre-hooks on the input-side modules, installed by ``prepare``
 
-    def load(self, hf_state) -> None:
+    def load(self, hf_state, folder=None) -> None:
+        """Its own HF -> Megatron mapping; from a checkpoint folder, its own import reads the safetensors (the
+        folder's state source, as ``AutoBridge.load_hf_weights(model, hf_path)`` does)."""
         from parity.mbridge import model as MB
 
-        unloaded = MB.load_hf(self.bm, hf_state)
+        unloaded = MB.load_hf(self.bm, folder if folder is not None else hf_state)
         if unloaded:
             raise RuntimeError(f"Megatron-Bridge's mapping left {len(unloaded)} tensors unloaded: {unloaded[:3]}")
 

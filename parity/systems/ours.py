@@ -149,7 +149,7 @@ class ParitySystem:
         self.names = {**{k: prefix + v for k, v in LM.items()}, **TABLES, **(VISION if self.vlm else {})}
         self._modules = dict(self.model.named_modules())
 
-    def load(self, hf_state) -> None:
+    def load(self, hf_state, folder=None) -> None:  # our import is parity.bridge.io's: ``hf_state`` is its output
         from parity.bridge import convert, vision
 
         if self.vlm:  # HF VLM state dict -> text and vision bridges, every key accounted for
