@@ -132,3 +132,28 @@ def test_hf_side_logits_error_is_not_absorbed_by_its_floor(monkeypatch):
     rows = {m["mode"]: m for m in r["modules"] if m["name"] == "logits"}
     assert rows["isolated"]["passed"] is False and rows["isolated"]["floor"] < 0.01, rows["isolated"]
     assert rows["end_to_end"]["floor"] < 0.03, rows["end_to_end"]
+
+
+def test_vlm_logits_floor_comes_from_hf_s_own_forward(monkeypatch):
+    """The VLM's isolated logits floor runs HF's own ``Gemma4ForConditionalGeneration.forward`` (its lm_head,
+    its softcap) in fp32, not the harness's recomposition of them: an error planted after HF's softcap
+    (logits x 1.05) is in the fp32 floor too, so the floor stays at HF's rounding and the run fails at the
+    logits (a recomposed head would measure a floor of ~0.05 and license the error)."""
+    from transformers.models.gemma4 import modeling_gemma4 as hf
+
+    from parity.cases import load_case
+    from parity.engine.pipeline import run
+
+    forward = hf.Gemma4ForConditionalGeneration.forward
+
+    def planted(self, *a, **kw):
+        out = forward(self, *a, **kw)
+        out.logits = out.logits * 1.05
+        return out
+
+    monkeypatch.setattr(hf.Gemma4ForConditionalGeneration, "forward", planted)
+    r = run(load_case("gemma4-vlm-tiny-bf16"), device="cpu")
+    assert r["passed"] is False and r["summary"]["first_divergence"] == "logits", r["summary"]["first_divergence_detail"]
+    rows = {m["mode"]: m for m in r["modules"] if m["name"] == "logits"}
+    assert rows["isolated"]["passed"] is False and rows["isolated"]["floor"] < 0.01, rows["isolated"]  # clean: 0.0030
+    assert rows["end_to_end"]["floor"] < 0.06, rows["end_to_end"]  # clean: 0.0496 (the tiny VLM's bf16 rounding)

@@ -49,14 +49,16 @@ class _Returns(torch.nn.Module):
         return self.fn(*args, **kwargs)
 
 
-def hf_head(model, hidden: torch.Tensor, inputs: dict, lm_head) -> torch.Tensor:
-    """The logits from the final hidden state through HF's own ``Gemma4ForCausalLM.forward`` (its slicing,
-    ``lm_head``, softcap; issue 11 item 4: a floor from the same code path as the output it qualifies): a
-    shallow shell of ``model`` whose text model returns ``hidden`` and whose ``lm_head`` is ``lm_head``."""
+def hf_head(model, hidden: torch.Tensor, inputs: dict, lm_head, output: str = "Gemma4TextModelOutputWithPast"
+            ) -> torch.Tensor:
+    """The logits from the final hidden state through HF's own top-level forward (``Gemma4ForCausalLM`` or
+    ``Gemma4ForConditionalGeneration``: its slicing, ``lm_head``, softcap; issue 11 item 4: a floor from the same
+    code path as the output it qualifies): a shallow shell of ``model`` whose inner model returns ``hidden`` (as
+    HF's ``output`` class, every other field None) and whose ``lm_head`` is ``lm_head``."""
     from transformers.modeling_outputs import BaseModelOutputWithPast
     from transformers.models.gemma4 import modeling_gemma4
 
-    out_cls = getattr(modeling_gemma4, "Gemma4TextModelOutputWithPast", BaseModelOutputWithPast)  # its own fields
+    out_cls = getattr(modeling_gemma4, output, BaseModelOutputWithPast)  # its own fields
     shell = copy.copy(model)
     shell._modules = dict(model._modules)  # the shell's own module table: the model itself is untouched
     shell._modules["model"] = _Returns(lambda *a, **kw: out_cls(last_hidden_state=hidden))
@@ -135,7 +137,7 @@ class TextKind:
         hidden = run_copy(base.norm, "model.norm", h)
         return hf_head(model, hidden, inputs, lambda x: run_copy(model.lm_head, "lm_head", x)).float()
 
-    def head_fp32(self, model, hidden, inputs, lm_head, softcap):
+    def head_fp32(self, model, hidden, inputs, lm_head):
         """fp32 logits from a final hidden state, through HF's own forward (its lm_head call and softcap)."""
         return hf_head(model, hidden, inputs, lm_head).float()
 
@@ -231,11 +233,9 @@ class VlmKind(TextKind):
     def forward(self, model, inputs):
         return model(**inputs, use_cache=False).logits
 
-    def head_fp32(self, model, hidden, inputs, lm_head, softcap):
-        """The VLM's lm_head + softcap as HF's ``Gemma4ForConditionalGeneration.forward`` computes them (not yet
-        through that forward itself: its text model cannot be stood in for as simply as the text kind's)."""
-        logits = lm_head(hidden).float()
-        return logits if softcap is None else torch.tanh(logits / softcap) * softcap
+    def head_fp32(self, model, hidden, inputs, lm_head):
+        """fp32 logits from a final hidden state through HF's own ``Gemma4ForConditionalGeneration.forward``."""
+        return hf_head(model, hidden, inputs, lm_head, output="Gemma4ModelOutputWithPast").float()
 
     def forward_fp32(self, model, inputs, cap, run_copy, prog):
         """A full fp32 copy of the (small) HF VLM on the same raw inputs."""

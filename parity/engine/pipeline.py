@@ -226,7 +226,6 @@ def isolated_floors(hf_model, rows, cap: Capture, inputs, where: Where, device, 
     scatter) as HF computes them, on the upcast outputs of the modules that feed them (the text logits through
     HF's own forward: ``kind.head_fp32``)."""
     out: dict[str, float] = {}
-    softcap = getattr(hf_config, "text_config", hf_config).final_logit_softcapping
     for a in rows:
         kind, call = a.row.kind, cap.first(a.hf)
         if kind in TABLE_KINDS or a.hf in out or call is None:
@@ -239,7 +238,7 @@ def isolated_floors(hf_model, rows, cap: Capture, inputs, where: Where, device, 
             if lm is None:
                 continue
             head = lambda x: first(fp32_isolated(hf_model, "lm_head", Call((x,), {}, None, 0), device))  # noqa: E731
-            out32 = model_kind.head_fp32(hf_model, first(feeds[0].output).to(device).float(), inputs, head, softcap)
+            out32 = model_kind.head_fp32(hf_model, first(feeds[0].output).to(device).float(), inputs, head)
         elif kind is Kind.MERGED:
             emb, feats = (first(f.output).float() for f in feeds)
             mask = (inputs["input_ids"] == hf_config.image_token_id)[..., None].expand_as(emb)
