@@ -35,8 +35,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def memoise_reference(pipeline, kinds) -> None:
-    """Build, capture and floor HF once: later runs of this process reuse the first run's results."""
+def memoise_reference(pipeline, kinds, setattr=setattr) -> None:  # noqa: A002 - a MonkeyPatch's setattr undoes
+    """Build, capture and floor HF once: later runs of this process reuse the first run's results (one case and
+    dtype per memo: pass a ``pytest.MonkeyPatch().setattr`` to undo it)."""
     cache: dict = {}
 
     def once(name, fn):
@@ -49,10 +50,10 @@ def memoise_reference(pipeline, kinds) -> None:
     for name in ("capture_hf", "end_to_end_floors", "isolated_floors"):
         setattr(pipeline, name, once(name, getattr(pipeline, name)))
     for kind in kinds.values():
-        kind.build = once(f"build_{kind.name}", kind.build)
+        setattr(kind, "build", once(f"build_{kind.name}", kind.build))
     # the weights stay in the (kept) HF model: no host staging, nothing released between plants
-    pipeline.weights_for_conversion = lambda model, sequential, stage=None: (
-        {k: v.detach() for k, v in model.state_dict().items()}, None)
+    setattr(pipeline, "weights_for_conversion", lambda model, sequential, stage=None: (
+        {k: v.detach() for k, v in model.state_dict().items()}, None))
 
 
 def row(plant, shape, r: dict, wall: float) -> dict:
