@@ -3,6 +3,7 @@
 # installs the carried megatron-core wheel, then runs the given cases (default: tiny on GPU + 26B-A4B).
 # Usage (device tool, carry [".whl"]): bash scripts/gpu_check.sh [CASE ...]
 #        bash scripts/gpu_check.sh --plants [--case gemma4-26b-a4b] [--seq-len 2048] [--plants a,b]
+#        bash scripts/gpu_check.sh --plants --sensitivity [--eps 1e-4,1e-5,1e-6] [--max-wall 360]  (gpu_plants.py)
 set -uo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True

@@ -8,12 +8,22 @@ mode, value, gate) with machine and versions as JSON.
 
     python scripts/gpu_plants.py [--case gemma4-26b-a4b] [--seq-len 2048] [--plants a,b] [--out bench/]
 
+``--sensitivity`` measures instead, per module class of ``tests/plants.py`` ``SENSITIVITY`` (a norm weight, a
+projection, routing weights, an expert output; all in layer 0), the smallest planted relative error caught and
+localised: the ``--eps`` list is descended and each class stops at its first eps not caught (breadth first over
+the classes; ``--max-runs`` / ``--max-wall`` bound the sweep). Writes
+``detection-sensitivity-<case>-<device>.json`` (rewritten after every point, so a cut run leaves its points):
+
+    python scripts/gpu_plants.py --sensitivity [--eps 1e-2,1e-3,1e-4,1e-5,1e-6] [--classes "norm weight,projection"]
+        [--max-runs 12] [--max-wall 400] [--case-inputs] [--case gemma4-text-tiny-padded --device cpu]
+
 Memory: the HF model stays resident beside the Megatron model (47 + 47 GiB in bf16 at the 26B shape): an H200
 (139 GiB) holds both. On CPU (tiny cases) it is the same flow, a smoke test of the script itself.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -25,8 +35,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def memoise_reference(pipeline, kinds) -> None:
-    """Build, capture and floor HF once: later runs of this process reuse the first run's results."""
+def memoise_reference(pipeline, kinds, setattr=setattr) -> None:  # noqa: A002 - a MonkeyPatch's setattr undoes
+    """Build, capture and floor HF once: later runs of this process reuse the first run's results (one case and
+    dtype per memo: pass a ``pytest.MonkeyPatch().setattr`` to undo it)."""
     cache: dict = {}
 
     def once(name, fn):
@@ -39,10 +50,10 @@ def memoise_reference(pipeline, kinds) -> None:
     for name in ("capture_hf", "end_to_end_floors", "isolated_floors"):
         setattr(pipeline, name, once(name, getattr(pipeline, name)))
     for kind in kinds.values():
-        kind.build = once(f"build_{kind.name}", kind.build)
+        setattr(kind, "build", once(f"build_{kind.name}", kind.build))
     # the weights stay in the (kept) HF model: no host staging, nothing released between plants
-    pipeline.weights_for_conversion = lambda model, sequential, stage=None: (
-        {k: v.detach() for k, v in model.state_dict().items()}, None)
+    setattr(pipeline, "weights_for_conversion", lambda model, sequential, stage=None: (
+        {k: v.detach() for k, v in model.state_dict().items()}, None))
 
 
 def row(plant, shape, r: dict, wall: float) -> dict:
@@ -69,12 +80,99 @@ def truth_ratios(r: dict) -> dict:
             "worst": {k: worst.get(k) for k in ("name", "kind", "truth_rel_l2", "floor", "truth_ratio")}}
 
 
+OUTCOMES = ("caught", "misplaced", "missed", "unrepresentable", "error", "not run")
+SENSITIVITY_EPS = "1e-2,1e-3,1e-4,1e-5,1e-6"
+
+
+def outcome(point: dict) -> str:
+    """caught: FAIL with the planted module as first divergence; misplaced: a module fails, but another one first;
+    missed: no module row fails (a weight plant may still fail the weight round trip, which is no localisation)."""
+    if point.get("caught"):
+        return "caught"
+    return "misplaced" if point.get("first_divergence") else "missed"
+
+
+def sensitivity(case, a, shape, out_path: str, table: dict) -> dict:
+    """Per class, the planted relative error descends the ``--eps`` list (breadth first over the classes, so a cut
+    by ``--max-runs`` / ``--max-wall`` still leaves every class some points) and stops at the class's first eps that
+    is not caught; the table is rewritten after every point."""
+    import pytest
+
+    from parity.engine import pipeline
+    from tests.plants import SENSITIVITY, Unrepresentable, sensitivity_plant
+
+    eps_list = [float(e) for e in a.eps.split(",")]
+    classes = [c.strip() for c in a.classes.split(",")] if a.classes else list(SENSITIVITY)
+    results = {c: {"expected": SENSITIVITY[c][0], "points": [], "smallest_caught": None, "stopped_at": None}
+               for c in classes}
+    table.update(eps_tried=eps_list, classes=classes, max_runs=a.max_runs, max_wall_s=a.max_wall,
+                 results=results, smallest_caught={c: None for c in classes}, runs=0)
+    t_start, active = time.perf_counter(), list(classes)
+    for eps in eps_list:
+        for cls in list(active):
+            plant = sensitivity_plant(cls, eps)
+            over = (a.max_runs is not None and table["runs"] >= a.max_runs) or \
+                   (a.max_wall is not None and time.perf_counter() - t_start > a.max_wall)
+            if over:
+                point = {"eps": eps, "outcome": "not run", "why": "budget (--max-runs / --max-wall) spent"}
+            else:
+                mp = pytest.MonkeyPatch()
+                t0 = time.perf_counter()
+                try:
+                    plant.plant(mp, shape)
+                    res = pipeline.run(case, device=a.device)
+                    table["runs"] += 1
+                    point = {"eps": eps, **row(plant, shape, res, time.perf_counter() - t0),
+                             "roundtrip_bit_exact": res["roundtrip"]["bit_exact"] == res["roundtrip"]["tensors"]}
+                    point["outcome"] = outcome(point)
+                except Unrepresentable as e:  # nothing would be planted: no run
+                    point = {"eps": eps, "outcome": "unrepresentable", "why": str(e),
+                             "wall_s": time.perf_counter() - t0}
+                except Exception as e:  # noqa: BLE001 - a plant that breaks the run is a finding, not the end
+                    table["runs"] += 1
+                    point = {"eps": eps, "outcome": "error", "error": f"{type(e).__name__}: {e}",
+                             "wall_s": time.perf_counter() - t0}
+                finally:
+                    mp.undo()
+                point["planted"] = dict(plant.info)
+                if a.device == "cuda":
+                    torch.cuda.empty_cache()
+            for k in ("plant", "kind", "expected", "caught", "logits_kl_max", "decisive_share"):
+                point.pop(k, None)
+            res_c = results[cls]
+            res_c["points"].append(point)
+            if point["outcome"] == "caught":
+                res_c["smallest_caught"] = table["smallest_caught"][cls] = eps
+            else:
+                res_c["stopped_at"] = {"eps": eps, "outcome": point["outcome"]}
+                active.remove(cls)
+            print(json.dumps({"class": cls, **point}, default=str), flush=True)
+            table["wall_s"] = time.perf_counter() - t_start
+            with open(out_path, "w") as f:
+                json.dump(table, f, indent=1, default=str)
+        if not active:
+            break
+    return table
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--case", default="gemma4-26b-a4b")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--seq-len", type=int, default=2048, help="per sequence; two sequences (2048 keeps 4,096 tokens)")
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="per sequence; two sequences (default: 2048 at the full shape, keeping 4,096 tokens; else "
+                         "the case's own seq_len)")
+    ap.add_argument("--case-inputs", action="store_true",
+                    help="keep the case's own inputs (e.g. the padded tiny cases) instead of the 2-sequence batch")
     ap.add_argument("--plants", help="comma-separated plant names (default: all)")
+    ap.add_argument("--sensitivity", action="store_true",
+                    help="instead of the plant table: the smallest planted relative error caught, per class")
+    ap.add_argument("--eps", default=SENSITIVITY_EPS, help="--sensitivity: the relative errors, tried in this order")
+    ap.add_argument("--classes", help="--sensitivity: comma-separated classes (default: all of tests/plants.py "
+                                      "SENSITIVITY)")
+    ap.add_argument("--max-runs", type=int, default=None, help="--sensitivity: at most this many plant runs")
+    ap.add_argument("--max-wall", type=float, default=None,
+                    help="--sensitivity: start no plant run after this many seconds of the sweep")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench"))
     a = ap.parse_args()
 
@@ -82,44 +180,86 @@ def main() -> int:
 
     from parity.cases import load_case
     from parity.engine import kinds, pipeline
+    from parity.engine.launch import cpu_threads
     from parity.engine.pipeline import env_info
-    from tests.plants import BY_NAME, PLANTS, Shape
+    from tests.plants import BY_NAME, PLANTS, SENSITIVITY, Shape
 
+    if a.sensitivity:
+        for e in a.eps.split(","):
+            try:
+                float(e)
+            except ValueError:
+                print(f"gpu_plants: --eps: not a number: {e!r}", file=sys.stderr)
+                return 2
+        unknown = [c for c in (a.classes.split(",") if a.classes else []) if c.strip() not in SENSITIVITY]
+        if unknown:
+            print(f"gpu_plants: --classes: unknown {unknown[0]!r} (known: {', '.join(SENSITIVITY)})", file=sys.stderr)
+            return 2
     base = load_case(a.case)
-    n = a.seq_len
-    case = base.replace(inputs={"batch": 2, "seq_len": n, "pad_tail": 0, "padding": "left",
-                                "lengths": [n, (3 * n) // 4 + 1], "position_offset": 5},
-                        run={"sequential": False, "offload": base.run.offload})
+    if a.case_inputs:
+        case = base.replace(run={"sequential": False, "offload": base.run.offload})
+    else:
+        n = a.seq_len or (2048 if base.model.builder == "full_text" else base.inputs.seq_len)
+        case = base.replace(inputs={"batch": 2, "seq_len": n, "pad_tail": 0, "padding": "left",
+                                    "lengths": [n, (3 * n) // 4 + 1], "position_offset": 5},
+                            run={"sequential": False, "offload": base.run.offload})
     shape = Shape.of(case)
-    plants = [BY_NAME[p] for p in a.plants.split(",")] if a.plants else PLANTS
     memoise_reference(pipeline, kinds.KINDS)
-    rows = []
-    t0 = time.perf_counter()
-    r = pipeline.run(case, device=a.device, progress=True)
-    clean = row(None, shape, r, time.perf_counter() - t0)
-    clean["truth_ratios"] = truth_ratios(r)
-    clean["phases"] = r.get("phases")
-    print(json.dumps(clean, default=str), flush=True)
-    for plant in plants:
-        mp = pytest.MonkeyPatch()
+    with cpu_threads(a.device) if a.sensitivity else contextlib.nullcontext():  # CPU: one thread, as the tests
         t0 = time.perf_counter()
-        try:
-            plant.plant(mp, shape)
-            res = pipeline.run(case, device=a.device)
-            out = row(plant, shape, res, time.perf_counter() - t0)
-        except Exception as e:  # a plant that breaks the run is a finding too, not the end of the table
-            out = {"plant": plant.name, "kind": plant.kind, "caught": False, "error": f"{type(e).__name__}: {e}"}
-        finally:
-            mp.undo()
-        rows.append(out)
-        print(json.dumps(out, default=str), flush=True)
-        if a.device == "cuda":
-            torch.cuda.empty_cache()
-    table = {"case": a.case, "inputs": case.to_dict()["inputs"],
-             "dtype": case.dtype, "device": a.device, "env": env_info(a.device), "machine": platform.node(),
-             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "clean": clean, "plants": rows,
+        r = pipeline.run(case, device=a.device, progress=True)
+        clean = row(None, shape, r, time.perf_counter() - t0)
+        clean["truth_ratios"] = truth_ratios(r)
+        clean["phases"] = r.get("phases")
+        print(json.dumps(clean, default=str), flush=True)
+        os.makedirs(a.out, exist_ok=True)
+        head = {"case": a.case, "inputs": case.to_dict()["inputs"], "dtype": case.dtype, "device": a.device,
+                "env": env_info(a.device), "machine": platform.node(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        if a.sensitivity:
+            path = os.path.join(a.out, f"detection-sensitivity-{a.case}-{a.device}.json")
+            table = {"what": "the smallest planted relative error caught and localised (FAIL with the planted "
+                             "module as first_divergence), per module class, layer 0 only (issue 11 item 8)",
+                     "how": "norm weight / projection: the converted Megatron tensor with a relative error eps "
+                            "(rel-L2) as realised in its dtype (tests/plants.py perturbed: dense x (1 + eps N(0,1)), "
+                            "seeded; below what the dtype carries densely, one-ulp moves of a seeded random subset; "
+                            "'unrepresentable' where even one ulp of one element exceeds 2 eps); routing weights "
+                            "(top-k weights of layer 0's router) and expert output (layer 0's prob-weighted expert "
+                            "outputs) x (1 + eps) at runtime. Per class the eps list is descended and the sweep stops "
+                            "at the first eps not caught",
+                     "outcomes": {"caught": "FAIL, first_divergence = the planted module",
+                                  "misplaced": "FAIL, but another module diverges first",
+                                  "missed": "no module row fails (a weight plant may still fail the bit-exact weight "
+                                            "round trip, which localises nothing)",
+                                  "unrepresentable": "the dtype cannot carry this error in this tensor: not run",
+                                  "not run": "--max-runs / --max-wall spent"},
+                     **head, "clean": clean}
+            sensitivity(case, a, shape, path, table)
+            with open(path, "w") as f:
+                json.dump(table, f, indent=1, default=str)
+            print(f"[gpu_plants] sensitivity, smallest caught: {json.dumps(table['smallest_caught'])}; "
+                  f"{table['runs']} plant runs; clean run {'PASS' if clean['passed'] else 'FAIL'}; wrote {path}",
+                  flush=True)
+            return 0 if clean["passed"] and all(v is not None for v in table["smallest_caught"].values()) else 1
+        plants = [BY_NAME[p] for p in a.plants.split(",")] if a.plants else PLANTS
+        rows = []
+        for plant in plants:
+            mp = pytest.MonkeyPatch()
+            t0 = time.perf_counter()
+            try:
+                plant.plant(mp, shape)
+                res = pipeline.run(case, device=a.device)
+                out = row(plant, shape, res, time.perf_counter() - t0)
+            except Exception as e:  # a plant that breaks the run is a finding too, not the end of the table
+                out = {"plant": plant.name, "kind": plant.kind, "caught": False, "error": f"{type(e).__name__}: {e}"}
+            finally:
+                mp.undo()
+            rows.append(out)
+            print(json.dumps(out, default=str), flush=True)
+            if a.device == "cuda":
+                torch.cuda.empty_cache()
+    table = {**head, "clean": clean, "plants": rows,
              "caught": sum(1 for x in rows if x.get("caught")), "n_plants": len(rows)}
-    os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, f"gpu-plants-{a.case}-{a.device}.json")
     with open(path, "w") as f:
         json.dump(table, f, indent=1, default=str)

@@ -55,6 +55,7 @@ class Plant:
     misses: dict = field(default_factory=dict)  # dtype -> why today's engine misses it (xfail, strict)
     fp32_noop: bool = False  # precision-only: identical to HF in fp32, so the fp32 run must pass
     megatron_name: str | None = None  # expected first_divergence_detail.megatron_name, when it says more
+    info: dict = field(default_factory=dict, compare=False)  # what the planting realised (sensitivity plants)
 
     def expected(self, shape: Shape) -> str:
         return self.where.format(full=shape.first_full)
@@ -362,3 +363,122 @@ def exceeds(row: dict) -> bool:
     g = row["gate"]
     value = row.get(g["metric"])
     return value is None or (isinstance(value, float) and math.isnan(value)) or value > g["max"] or bool(row.get("why"))
+
+
+# ------------------------------------------------------------------------------------ sensitivity (item 8)
+# A planted relative error of size ``eps`` in one module of layer 0, for the sensitivity sweep of
+# ``scripts/gpu_plants.py --sensitivity``: the smallest ``eps`` that still fails the run *at that module* is what
+# the comparison can see there. Deterministic: the weight noise comes from a generator seeded per tensor, the
+# runtime errors are exact scales, so a rerun gives the same numbers.
+
+SENSITIVITY_SEED = 1234
+SENSITIVITY = {  # class -> (expected first_divergence, converted Megatron tensor or None for a runtime error)
+    "norm weight": ("model.layers.0.pre_feedforward_layernorm", "decoder.layers.0.pre_mlp_layernorm.weight"),
+    "projection": ("model.layers.0.self_attn.o_proj", "decoder.layers.0.self_attention.linear_proj.weight"),
+    "routing weights": ("model.layers.0.router", None),
+    "expert output": ("model.layers.0.experts", None),
+}
+
+
+class Unrepresentable(ValueError):
+    """The planted error cannot exist in the tensor's dtype (nothing would be planted)."""
+
+
+def perturbed(w: torch.Tensor, eps: float, seed: int = SENSITIVITY_SEED, info: dict | None = None) -> torch.Tensor:
+    """``w`` with a relative error of ``eps`` (rel-L2 of the change) as realised in ``w``'s own dtype; what was
+    realised goes into ``info`` (method, numel, changed, rel_l2).
+
+    Dense first: ``w x (1 + eps N(0,1))`` in fp32, rounded once to the dtype. A weight already on the bf16 grid
+    rounds back unless its change exceeds half an ulp (2^-9 to 2^-8 relative), so below ~2e-3 a bf16 weight would
+    not change at all (the error would not exist); there, and wherever the dense change realises less than
+    0.8 eps, the error is one-ulp moves (up or down, at random) of a random subset of the non-zero elements, taken
+    in a seeded random order until the change's rel-L2 reaches ``eps``. All randomness from a CPU generator
+    seeded with ``seed``: a rerun plants the same tensor. Where even that realises a rel-L2 outside
+    [eps/2, 2 eps] (one ulp of one element is already more than 2 eps), the dtype cannot carry this error in this
+    tensor: ``Unrepresentable``, nothing is planted."""
+    g = torch.Generator().manual_seed(seed)
+    n = torch.randn(w.shape, generator=g, dtype=torch.float32).to(w.device)
+    ref = w.float()
+    norm = float(ref.norm())
+    out, method = (ref * (1 + eps * n)).to(w.dtype), "dense"
+    if float((out.float() - ref).norm()) < 0.8 * eps * norm:
+        bits = {2: torch.int16, 4: torch.int32}[w.element_size()]
+        step = torch.randint(0, 2, w.shape, generator=g).to(w.device, bits) * 2 - 1
+        moved = (w.contiguous().view(bits) + step).view(w.dtype)  # sign-magnitude: +-1 is one ulp in magnitude
+        ok = (w != 0) & torch.isfinite(moved)
+        d2 = torch.where(ok, (moved.float() - ref) ** 2, 0).flatten().double()
+        order = torch.randperm(d2.numel(), generator=g).to(w.device)
+        k = int(torch.searchsorted(torch.cumsum(d2[order], 0), (eps * norm) ** 2)) + 1  # first k reach eps
+        pick = torch.zeros(d2.numel(), dtype=torch.bool, device=w.device)
+        pick[order[:k]] = True
+        out, method = torch.where(pick.view(w.shape) & ok, moved, w), "ulp"
+    realised = float((out.float() - ref).norm()) / norm
+    if info is not None:
+        info.update(method=method, numel=w.numel(), changed=int((out != w).sum()), rel_l2=realised)
+    if not 0.5 * eps <= realised <= 2 * eps:
+        raise Unrepresentable(f"a relative error of {eps:g} does not exist in this {w.dtype} tensor of {w.numel()} "
+                              f"elements: the nearest it carries is {realised:.3g}")
+    return out
+
+
+def _layer0_moe(mp, fn):
+    """``fn(moe)`` on the MoE block of decoder layer 0 (megatron layer_number 1) whenever one is built: the
+    model under test and the fp32 copy its fp32 replay builds from the same spec."""
+    text = _text()
+    init = text.Gemma4MoE.__init__
+
+    def planted(self, *a, **kw):
+        init(self, *a, **kw)
+        if self.layer_number == 1:
+            fn(self)
+
+    mp.setattr(text.Gemma4MoE, "__init__", planted)
+
+
+def _scaled_routing(eps):
+    def fn(moe):
+        router = moe.router
+        routing = router.routing
+
+        def planted(logits, padding_mask=None):  # the top-k routing weights x (1 + eps)
+            dense, routing_map = routing(logits, padding_mask)
+            top_w, top_i = router.last_top_k
+            router.last_top_k = (top_w * (1 + eps), top_i)
+            return dense * (1 + eps), routing_map
+        router.routing = planted
+    return fn
+
+
+def _scaled_experts(eps):
+    def fn(moe):
+        experts = moe.experts
+        forward = experts.forward
+
+        def planted(*a, **kw):  # the prob-weighted expert outputs x (1 + eps), before the combine
+            out, bias = forward(*a, **kw)
+            return out * (1 + eps), bias
+        experts.forward = planted
+    return fn
+
+
+def sensitivity_plant(cls: str, eps: float) -> Plant:
+    """The class ``cls`` of ``SENSITIVITY`` with a relative error ``eps`` planted in layer 0: a weight (norm weight,
+    projection) as the converted tensor x (1 + eps N(0,1)), seeded; routing weights (the router's top-k
+    weights) and an expert output (the experts' prob-weighted outputs) x (1 + eps) at runtime."""
+    if cls not in SENSITIVITY:
+        raise KeyError(f"unknown sensitivity class {cls!r} (known: {', '.join(SENSITIVITY)})")
+    where, key = SENSITIVITY[cls]
+
+    info: dict = {}  # what the last planting realised (weights: method, numel, changed, rel_l2)
+    if key is not None:
+        def plant(mp, shape):
+            _converted(mp, lambda k, w: perturbed(w, eps, info=info) if k == key else w)
+    elif cls == "routing weights":
+        def plant(mp, shape):
+            info.update(method="scale", rel_l2=eps)
+            _layer0_moe(mp, _scaled_routing(eps))
+    else:
+        def plant(mp, shape):
+            info.update(method="scale", rel_l2=eps)
+            _layer0_moe(mp, _scaled_experts(eps))
+    return Plant(f"sensitivity[{cls}, {eps:g}]", cls, where, plant, info=info)
