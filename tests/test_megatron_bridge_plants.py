@@ -1,0 +1,55 @@
+"""Errors planted in the HF reference are caught and localised with the megatron-bridge system as well as with
+ours (issue 12): each plant patches one HF Gemma 4 class for one run of the tiny fp32 text case."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from parity import mbridge
+from parity.cases import load_case
+from parity.engine.pipeline import run
+
+from test_engine import assert_localised
+
+OK, WHY = mbridge.available()
+SYSTEMS = ["parity", pytest.param("megatron-bridge", marks=pytest.mark.skipif(
+    not OK, reason=f"Megatron-Bridge not importable: {WHY}"))]
+
+
+def _run(system: str) -> dict:
+    return run(load_case("gemma4-text-tiny"), device="cpu", system=system)
+
+
+def router_without_per_expert_scale(mp):
+    from transformers.models.gemma4 import modeling_gemma4 as hf
+
+    def forward(self, hidden_states):  # HF's Gemma4TextRouter.forward minus the per-expert scale
+        hidden_states = self.norm(hidden_states)
+        hidden_states = hidden_states * self.scale * self.scalar_root_size
+        expert_scores = self.proj(hidden_states)
+        probs = nn.functional.softmax(expert_scores, dim=-1, dtype=torch.float32)
+        top_w, top_i = torch.topk(probs, k=self.config.top_k_experts, dim=-1)
+        top_w /= top_w.sum(dim=-1, keepdim=True)  # BUG: `* self.per_expert_scale[top_i]` dropped
+        return probs, top_w, top_i
+    mp.setattr(hf.Gemma4TextRouter, "forward", forward)
+
+
+def experts_output_scaled(mp):
+    from transformers.models.gemma4 import modeling_gemma4 as hf
+    forward = hf.Gemma4TextExperts.forward
+    mp.setattr(hf.Gemma4TextExperts, "forward", lambda self, *a, **kw: forward(self, *a, **kw) * 1.01)  # BUG
+
+
+PLANTS = {"router_without_per_expert_scale": (router_without_per_expert_scale, "model.layers.0.router"),
+          "experts_output_scaled": (experts_output_scaled, "model.layers.0.experts")}
+
+
+@pytest.mark.parametrize("system", SYSTEMS)
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_hf_plant_is_localised(monkeypatch, plant, system):
+    fn, where = PLANTS[plant]
+    fn(monkeypatch)
+    r = _run(system)
+    assert r["system"]["name"] == system
+    assert_localised(r, where)
