@@ -66,7 +66,17 @@ def v_norm_skipped(mp):  # BUG: layer 0 skips v_norm
     _after_init(mp, "Gemma4TextAttention", fn)
 
 
-PLANTS = {"dropped_post_attention_norm": (dropped_post_attention_norm, "model.layers.3.post_attention_layernorm"),
+def missing_final_softcap(mp):  # BUG: HF's causal LM head skips the tanh softcap (its own config copy only)
+    import copy
+
+    def fn(lm):
+        lm.config = copy.copy(lm.config)
+        lm.config.final_logit_softcapping = None
+    _after_init(mp, "Gemma4ForCausalLM", fn)
+
+
+PLANTS = {"missing_final_softcap": (missing_final_softcap, "logits"),
+          "dropped_post_attention_norm": (dropped_post_attention_norm, "model.layers.3.post_attention_layernorm"),
           # ours compares the attention block whole; Megatron-Bridge's linear_proj input (the attention context,
           # HF's o_proj input) is observed first, one row earlier in layer 0's attention
           "v_norm_skipped": (v_norm_skipped, {"parity": "model.layers.0.self_attn",
