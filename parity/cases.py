@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from parity.errors import CaseError
+from parity.errors import CaseError, UserError
 
 KINDS = ("text", "vlm")
 BUILDERS = {"tiny_text": ("text",), "full_text": ("text",), "tiny_vlm": ("vlm",), "checkpoint": ("text", "vlm")}
@@ -166,6 +166,11 @@ class Gates(_Section):
 
 
 @dataclass(frozen=True)
+class SystemSpec:
+    name: str = "parity"  # the system under test (parity.registry.SYSTEMS); --system / --parity-system override it
+
+
+@dataclass(frozen=True)
 class Case:
     """One validated case file. Sections are frozen dataclasses that also read like mappings."""
 
@@ -181,6 +186,7 @@ class Case:
     run: RunOptions = RunOptions()
     gates: Gates = None  # type: ignore[assignment]  # always set by the loader
     markers: tuple[str, ...] = ()
+    system: SystemSpec = SystemSpec()
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -409,6 +415,14 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
     if "cpu" in markers and "cpu" not in devices:
         top.fail("markers", "has \"cpu\" but devices lack \"cpu\"")
 
+    from parity.registry import DEFAULT_SYSTEM, SYSTEMS, known
+
+    y = top.sub("system")
+    system = SystemSpec(name=y.str_("name", default=DEFAULT_SYSTEM))
+    if system.name not in SYSTEMS:
+        y.fail("name", f"unknown system under test {system.name!r} (known: {known()})")
+    y.done()
+
     r = top.sub("run")
     run = RunOptions(sequential=r.bool_("sequential"), offload=r.bool_("offload"))
     r.done()
@@ -428,7 +442,7 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
     g.done()
     top.done()
     return Case(name=name, description=description, kind=kind, model=model, devices=devices, dtype=dtype, seed=seed,
-                inputs=inputs, parallel=parallel, run=run, gates=gates, markers=markers, path=path)
+                inputs=inputs, parallel=parallel, run=run, gates=gates, markers=markers, system=system, path=path)
 
 
 def _images(reader: _Reader, raw: Any) -> tuple:
@@ -540,6 +554,15 @@ def unmet_requirement(case: Case, *, device: str, checkpoint: str | None, cuda_a
         return (f"needs a checkpoint (case {case.name}): pass {checkpoint_hint} or set "
                 f"{case.model.checkpoint_env}")
     return None
+
+
+def system_for(case: Case, explicit: str | None) -> str:
+    """The effective system under test: an explicit --system / --parity-system, else the case's [system] name."""
+    from parity.registry import SYSTEMS, known
+
+    if explicit is not None and explicit not in SYSTEMS:
+        raise UserError(f"unknown system under test {explicit!r} (known: {known()})")
+    return explicit if explicit is not None else case.system.name
 
 
 def run_id(case: Case, dtype: str | None = None) -> str:

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                             f"(default: ${ENV_REPORTS_DIR} or reports)")
     run.add_argument("--seed", type=int, help="override the case's seed")
     run.add_argument("--progress", action="store_true", help="print each phase and its time on stderr")
-    run.add_argument("--system", default="parity", help="the Megatron implementation under test (default: parity)")
+    run.add_argument("--system", default=None,
+                     help="the Megatron implementation under test (default: the case's [system] name, else parity)")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="also print the third-party notices collected during the run (they are in the report)")
 
@@ -86,17 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=("float32", "bfloat16"))
     bench.add_argument("--out", metavar="DIR", type=Path, default=Path("bench"), help="where the record goes (default: bench)")
     bench.add_argument("--progress", action="store_true")
-    bench.add_argument("--system", default="parity", help="the Megatron implementation under test (default: parity)")
+    bench.add_argument("--system", default=None,
+                     help="the Megatron implementation under test (default: the case's [system] name, else parity)")
     return parser
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from parity.bench import bench
-    from parity.cases import load_case
+    from parity.cases import load_case, system_for
 
     case = load_case(args.case)
+    system = system_for(case, args.system)
     device = resolve_device(case, args.device, None)
-    path = bench(case, device=device, dtype=args.dtype, out_dir=args.out, progress=args.progress, system=args.system)
+    path = bench(case, device=device, dtype=args.dtype, out_dir=args.out, progress=args.progress, system=system)
     print(f"benchmark record: {path}")
     return EXIT_OK
 
@@ -181,9 +184,10 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from parity.cases import checkpoint_for, load_case
+    from parity.cases import checkpoint_for, load_case, system_for
 
     case = load_case(args.case)
+    system = system_for(case, args.system)
     checkpoint = checkpoint_for(case, args.checkpoint)
     if checkpoint is not None:
         path = Path(checkpoint)
@@ -203,7 +207,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with third_party_notices(notices):
             results = execute(case, device=device, dtype=args.dtype, checkpoint=checkpoint, seed=args.seed,
-                              progress=args.progress, system=args.system)
+                              progress=args.progress, system=system)
     finally:
         if args.verbose:
             for n in notices:

@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from parity.cases import Case, checkpoint_for, default_device, list_cases, load_case, run_id, unmet_requirement
+from parity.cases import Case, checkpoint_for, default_device, list_cases, load_case, run_id, system_for, unmet_requirement
 from parity.errors import UserError
 
 CHECKS = ("logits", "modules", "roundtrip", "router")
@@ -65,8 +65,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="run only this case (repeatable)")
     group.addoption("--parity-progress", action="store_true", default=False,
                     help="print the engine's phases on stderr (see them with -s)")
-    group.addoption("--parity-system", metavar="NAME", default="parity",
-                    help="the Megatron implementation under test (default: parity; e.g. megatron-bridge)")
+    group.addoption("--parity-system", metavar="NAME", default=None,
+                    help="the Megatron implementation under test (default: each case's [system] name, else parity; "
+                         "e.g. megatron-bridge)")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -161,7 +162,7 @@ class _State:
     checkpoint: str | None
     only: tuple[str, ...]
     progress: bool
-    system: str = "parity"
+    system: str | None = None  # explicit --parity-system; None: each case's [system] name
     targets: list[Target] | None = None
     runs: dict[tuple, _Outcome] = field(default_factory=dict)
 
@@ -183,10 +184,10 @@ class _State:
             except UserError as e:
                 raise pytest.UsageError(f"--parity-case: {e}") from None
         system = opt("parity_system")
-        from parity import systems
+        from parity.registry import SYSTEMS, known
 
-        if system not in systems.SYSTEMS:
-            raise pytest.UsageError(f"--parity-system: unknown system {system!r} (known: {', '.join(sorted(systems.SYSTEMS))})")
+        if system is not None and system not in SYSTEMS:
+            raise pytest.UsageError(f"--parity-system: unknown system {system!r} (known: {known()})")
         return cls(reports=reports, device=opt("parity_device"), dtype=opt("parity_dtype"), checkpoint=checkpoint,
                    only=only, progress=bool(opt("parity_progress")), system=system)
 
@@ -205,14 +206,15 @@ class _State:
                                 checkpoint_hint="--parity-checkpoint DIR")
         if why is None and case.world_size > 1 and importlib.util.find_spec("parity.engine.distributed") is None:
             why = f"multi-GPU launch not available: parity.engine.distributed is missing (case {case.name})"
-        if why is None and self.system == "megatron-bridge":
+        system = system_for(case, self.system)
+        if why is None and system == "megatron-bridge":
             from parity import mbridge
 
             ok, reason = mbridge.available()
             why = None if ok else f"system megatron-bridge: {reason}"
         run = run_id(case, self.dtype)
         return Target(case=case, device=device, dtype=dtype, checkpoint=checkpoint, seed=None,
-                      id=run if self.system == "parity" else f"{run}@{self.system}", skip=why, system=self.system)
+                      id=run if system == "parity" else f"{run}@{system}", skip=why, system=system)
 
     def run(self, target: Target) -> _Outcome:
         """The one engine run of ``target`` in this process (cached, errors included)."""

@@ -241,6 +241,9 @@ BAD = [
     (lambda t: t.replace('exact = ["model.embed_tokens"]', "exact = [1]"), "gates.exact: expected a list of strings"),
     (lambda t: t.replace("[gates.float32]", "[gates.float32]\nrel_l1 = 1.0"), "gates.float32.rel_l1: unknown field"),
     (lambda t: t.replace("seed = 0", "seed = "), "invalid TOML"),
+    (lambda t: t.replace("[model]", '[system]\nname = "nemo"\n\n[model]'),
+     "system.name: unknown system under test 'nemo' (known: megatron-bridge, parity)"),
+    (lambda t: t.replace("[model]", '[system]\nsystem = "parity"\n\n[model]'), "system.system: unknown field"),
 ]
 
 
@@ -315,3 +318,17 @@ def test_padding_lengths_and_offsets_validate():
     with pytest.raises(CaseError, match=r"inputs\.lengths: only for kind 'text'"):
         C.load_case("gemma4-vlm-tiny").replace(inputs={"lengths": [10, 10]})
     assert C.load_case("gemma4-text-tiny").inputs.padding == "right"  # the former layout by default
+
+
+def test_system_section_and_its_override(tmp_path):
+    assert C.load_case_file(write(tmp_path, VALID)).system.name == "parity"  # the default
+    case = C.load_case_file(write(tmp_path, VALID.replace("[model]", '[system]\nname = "megatron-bridge"\n\n[model]')))
+    assert case.system.name == "megatron-bridge" and case.to_dict()["system"] == {"name": "megatron-bridge"}
+    assert C.system_for(case, None) == "megatron-bridge" and C.system_for(case, "parity") == "parity"
+    assert case.replace(system={"name": "parity"}).system.name == "parity"
+    with pytest.raises(UserError, match="unknown system under test 'nemo'"):
+        C.system_for(case, "nemo")
+    shipped = C.load_case("gemma4-text-tiny-megatron-bridge")
+    assert shipped.system.name == "megatron-bridge" and C.load_case("gemma4-text-tiny").system.name == "parity"
+    assert dataclasses.replace(shipped, name="gemma4-text-tiny", description="", system=C.SystemSpec()) == \
+        dataclasses.replace(C.load_case("gemma4-text-tiny"), description="")  # the same case otherwise

@@ -320,3 +320,22 @@ def test_plain_run_prints_one_line_and_no_warnings(tmp_path):
     (run,) = (tmp_path / "runs").iterdir()
     env_rec = json.loads((run / "results.json").read_text())["env"]
     assert isinstance(env_rec["warnings"], list) and env_rec["threads"] == 1
+
+
+def test_case_system_and_the_explicit_override(fake_engine, tmp_path):
+    calls, _, _ = fake_engine
+    assert cli.main(["run", "--case", "gemma4-text-tiny-megatron-bridge", "--out", str(tmp_path / "a")]) == 0
+    assert cli.main(["run", "--case", "gemma4-text-tiny-megatron-bridge", "--system", "parity",
+                     "--out", str(tmp_path / "b")]) == 0
+    assert cli.main(["run", "--case", "gemma4-text-tiny", "--system", "megatron-bridge",
+                     "--out", str(tmp_path / "c")]) == 0
+    assert [c["system"] for c in calls] == ["megatron-bridge", "parity", "megatron-bridge"]
+
+
+def test_unknown_system_is_one_line(tmp_path):
+    assert_usage_error(parity("run", "--case", "gemma4-text-tiny", "--system", "nemo"),
+                       "unknown system under test 'nemo'")
+    text = (ROOT / "cases" / "gemma4-text-tiny.toml").read_text().replace("[model]", '[system]\nname = "nemo"\n\n[model]')
+    (tmp_path / "gemma4-text-tiny.toml").write_text(text)
+    p = parity("run", "--case", "gemma4-text-tiny", env={"PARITY_CASES_DIR": str(tmp_path)})
+    assert_usage_error(p, "gemma4-text-tiny.toml", "system.name: unknown system under test 'nemo'")

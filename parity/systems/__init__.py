@@ -67,8 +67,7 @@ class System(Protocol):
     # gets a call whose args are those HF modules' outputs.
 
 
-SYSTEMS = {"parity": "parity.systems.ours:ParitySystem",
-           "megatron-bridge": "parity.systems.megatron_bridge:MegatronBridgeSystem"}  # name -> "module:factory", imported when chosen
+from parity.registry import SYSTEMS  # noqa: E402  name -> "module:factory", imported when chosen
 
 
 def get(name: str) -> System:

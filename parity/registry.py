@@ -1,0 +1,10 @@
+"""The systems under test by name (no heavy imports: case files are validated against it before torch loads)."""
+from __future__ import annotations
+
+SYSTEMS = {"parity": "parity.systems.ours:ParitySystem",
+           "megatron-bridge": "parity.systems.megatron_bridge:MegatronBridgeSystem"}  # name -> "module:factory"
+DEFAULT_SYSTEM = "parity"
+
+
+def known() -> str:
+    return ", ".join(sorted(SYSTEMS))
