@@ -75,7 +75,18 @@ def missing_final_softcap(mp):  # BUG: HF's causal LM head skips the tanh softca
     _after_init(mp, "Gemma4ForCausalLM", fn)
 
 
+def rope_positions_doubled(mp):  # BUG: HF's rotary tables for positions 2p (a shift p + c would be no error:
+    from transformers.models.gemma4 import modeling_gemma4 as hf  # RoPE scores depend on differences only)
+    forward = hf.Gemma4TextRotaryEmbedding.forward
+    mp.setattr(hf.Gemma4TextRotaryEmbedding, "forward",
+               lambda self, x, position_ids, layer_type=None: forward(self, x, position_ids * 2, layer_type))
+
+
 PLANTS = {"missing_final_softcap": (missing_final_softcap, "logits"),
+          # ours exposes its RoPE tables (a table row); Megatron-Bridge computes them inside its attention, so the
+          # first place it can disagree is layer 0's attention output (o_proj, observed at its post-norm's input)
+          "rope_positions_doubled": (rope_positions_doubled, {"parity": "model.rotary_emb",
+                                                              "megatron-bridge": "model.layers.0.self_attn.o_proj"}),
           "dropped_post_attention_norm": (dropped_post_attention_norm, "model.layers.3.post_attention_layernorm"),
           # ours compares the attention block whole; Megatron-Bridge's linear_proj input (the attention context,
           # HF's o_proj input) is observed first, one row earlier in layer 0's attention
