@@ -151,7 +151,8 @@ def test_megatron_router_without_scale(monkeypatch):
     assert r["checks"]["router"] is False
 
 
-def test_hf_router_without_per_expert_scale(monkeypatch):
+def hf_router_without_per_expert_scale(monkeypatch):
+    """Plant (HF side, also used by tests/test_megatron_bridge_plants.py): HF's router drops its per-expert scale."""
     from torch import nn
     from transformers.models.gemma4 import modeling_gemma4 as hf
 
@@ -166,6 +167,10 @@ def test_hf_router_without_per_expert_scale(monkeypatch):
         return router_probabilities, top_k_weights, top_k_index
 
     monkeypatch.setattr(hf.Gemma4TextRouter, "forward", forward)
+
+
+def test_hf_router_without_per_expert_scale(monkeypatch):
+    hf_router_without_per_expert_scale(monkeypatch)
     r = _run()
     assert_localised(r, "model.layers.0.router")
     # experts under forced (HF's) routing still agree: the expert math is judged apart from routing

@@ -3,14 +3,12 @@ ours (issue 12): each plant patches one HF Gemma 4 class for one run of the tiny
 from __future__ import annotations
 
 import pytest
-import torch
-from torch import nn
 
 from parity import mbridge
 from parity.cases import load_case
 from parity.engine.pipeline import run
 
-from test_engine import assert_localised
+from test_engine import assert_localised, hf_router_without_per_expert_scale
 
 OK, WHY = mbridge.available()
 SYSTEMS = ["parity", pytest.param("megatron-bridge", marks=pytest.mark.skipif(
@@ -19,20 +17,6 @@ SYSTEMS = ["parity", pytest.param("megatron-bridge", marks=pytest.mark.skipif(
 
 def _run(system: str) -> dict:
     return run(load_case("gemma4-text-tiny"), device="cpu", system=system)
-
-
-def router_without_per_expert_scale(mp):
-    from transformers.models.gemma4 import modeling_gemma4 as hf
-
-    def forward(self, hidden_states):  # HF's Gemma4TextRouter.forward minus the per-expert scale
-        hidden_states = self.norm(hidden_states)
-        hidden_states = hidden_states * self.scale * self.scalar_root_size
-        expert_scores = self.proj(hidden_states)
-        probs = nn.functional.softmax(expert_scores, dim=-1, dtype=torch.float32)
-        top_w, top_i = torch.topk(probs, k=self.config.top_k_experts, dim=-1)
-        top_w /= top_w.sum(dim=-1, keepdim=True)  # BUG: `* self.per_expert_scale[top_i]` dropped
-        return probs, top_w, top_i
-    mp.setattr(hf.Gemma4TextRouter, "forward", forward)
 
 
 def experts_output_scaled(mp):
@@ -92,7 +76,7 @@ PLANTS = {"missing_final_softcap": (missing_final_softcap, "logits"),
           # HF's o_proj input) is observed first, one row earlier in layer 0's attention
           "v_norm_skipped": (v_norm_skipped, {"parity": "model.layers.0.self_attn",
                                               "megatron-bridge": "model.layers.0.self_attn.o_proj"}),
-          "router_without_per_expert_scale": (router_without_per_expert_scale, "model.layers.0.router"),
+          "router_without_per_expert_scale": (hf_router_without_per_expert_scale, "model.layers.0.router"),
           "experts_output_scaled": (experts_output_scaled, "model.layers.0.experts")}
 
 

@@ -112,48 +112,29 @@ def test_a_twin_never_called_fails_and_is_counted(monkeypatch):
     assert r["summary"]["logits"]["rel_l2"] <= 1e-5  # numerically nothing changed: only the evidence is missing
 
 
-def test_hf_side_logits_error_is_not_absorbed_by_its_floor(monkeypatch):
-    """Floors are measurements, never licences (issue 11, item 4): with an error planted in HF's own forward
-    (logits x 1.05 after the softcap) the logits floors come from that same forward in fp32, so they stay at
-    HF's rounding (0.023 end to end, 0.0034 isolated, as in a clean run) instead of growing with the error, and
-    the run fails at the logits."""
+@pytest.mark.parametrize("head_cls, case, e2e_max", [
+    ("Gemma4ForCausalLM", CASES["bfloat16"], 0.03),  # clean: 0.023 end to end, 0.0034 isolated
+    ("Gemma4ForConditionalGeneration", "gemma4-vlm-tiny-bf16", 0.06),  # clean: 0.0496 (tiny VLM), 0.0030
+])
+def test_hf_side_logits_error_is_not_absorbed_by_its_floor(monkeypatch, head_cls, case, e2e_max):
+    """Floors are measurements, never licences (issue 11, item 4): with an error planted in HF's own top-level
+    forward (logits x 1.05 after the softcap) the logits floors come from that same forward in fp32 (the VLM's
+    too: HF's ``Gemma4ForConditionalGeneration.forward``, not the harness's recomposition of lm_head + softcap,
+    which would measure ~0.05 and license the error), so they stay at HF's rounding and the run fails at the
+    logits."""
     from transformers.models.gemma4 import modeling_gemma4 as hf
 
-    forward = hf.Gemma4ForCausalLM.forward
+    cls = getattr(hf, head_cls)
+    forward = cls.forward
 
     def planted(self, *a, **kw):
         out = forward(self, *a, **kw)
         out.logits = out.logits * 1.05
         return out
 
-    monkeypatch.setattr(hf.Gemma4ForCausalLM, "forward", planted)
-    r = _run("bfloat16")
+    monkeypatch.setattr(cls, "forward", planted)
+    r = execute(load_case(case), device="cpu")
     assert r["passed"] is False and r["summary"]["first_divergence"] == "logits", _explain(r)
     rows = {m["mode"]: m for m in r["modules"] if m["name"] == "logits"}
     assert rows["isolated"]["passed"] is False and rows["isolated"]["floor"] < 0.01, rows["isolated"]
-    assert rows["end_to_end"]["floor"] < 0.03, rows["end_to_end"]
-
-
-def test_vlm_logits_floor_comes_from_hf_s_own_forward(monkeypatch):
-    """The VLM's isolated logits floor runs HF's own ``Gemma4ForConditionalGeneration.forward`` (its lm_head,
-    its softcap) in fp32, not the harness's recomposition of them: an error planted after HF's softcap
-    (logits x 1.05) is in the fp32 floor too, so the floor stays at HF's rounding and the run fails at the
-    logits (a recomposed head would measure a floor of ~0.05 and license the error)."""
-    from transformers.models.gemma4 import modeling_gemma4 as hf
-
-    from parity.cases import load_case
-    from parity.engine.pipeline import run
-
-    forward = hf.Gemma4ForConditionalGeneration.forward
-
-    def planted(self, *a, **kw):
-        out = forward(self, *a, **kw)
-        out.logits = out.logits * 1.05
-        return out
-
-    monkeypatch.setattr(hf.Gemma4ForConditionalGeneration, "forward", planted)
-    r = run(load_case("gemma4-vlm-tiny-bf16"), device="cpu")
-    assert r["passed"] is False and r["summary"]["first_divergence"] == "logits", r["summary"]["first_divergence_detail"]
-    rows = {m["mode"]: m for m in r["modules"] if m["name"] == "logits"}
-    assert rows["isolated"]["passed"] is False and rows["isolated"]["floor"] < 0.01, rows["isolated"]  # clean: 0.0030
-    assert rows["end_to_end"]["floor"] < 0.06, rows["end_to_end"]  # clean: 0.0496 (the tiny VLM's bf16 rounding)
+    assert rows["end_to_end"]["floor"] < e2e_max, rows["end_to_end"]
