@@ -415,12 +415,12 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
     if "cpu" in markers and "cpu" not in devices:
         top.fail("markers", "has \"cpu\" but devices lack \"cpu\"")
 
-    from parity.registry import DEFAULT_SYSTEM, SYSTEMS, known
+    from parity.registry import DEFAULT_SYSTEM, SYSTEMS, unknown
 
     y = top.sub("system")
     system = SystemSpec(name=y.str_("name", default=DEFAULT_SYSTEM))
     if system.name not in SYSTEMS:
-        y.fail("name", f"unknown system under test {system.name!r} (known: {known()})")
+        y.fail("name", unknown(system.name))
     y.done()
 
     r = top.sub("run")
@@ -558,10 +558,10 @@ def unmet_requirement(case: Case, *, device: str, checkpoint: str | None, cuda_a
 
 def system_for(case: Case, explicit: str | None) -> str:
     """The effective system under test: an explicit --system / --parity-system, else the case's [system] name."""
-    from parity.registry import SYSTEMS, known
+    from parity.registry import SYSTEMS, unknown
 
     if explicit is not None and explicit not in SYSTEMS:
-        raise UserError(f"unknown system under test {explicit!r} (known: {known()})")
+        raise UserError(unknown(explicit))
     return explicit if explicit is not None else case.system.name
 
 

@@ -8,3 +8,8 @@ DEFAULT_SYSTEM = "parity"
 
 def known() -> str:
     return ", ".join(sorted(SYSTEMS))
+
+
+def unknown(name: str) -> str:
+    """The one message for a system name that is not registered (case files, flags, the registry lookup)."""
+    return f"unknown system under test {name!r} (known: {known()})"

@@ -67,11 +67,11 @@ class System(Protocol):
     # gets a call whose args are those HF modules' outputs.
 
 
-from parity.registry import SYSTEMS  # noqa: E402  name -> "module:factory", imported when chosen
+from parity.registry import SYSTEMS, unknown  # noqa: E402  name -> "module:factory", imported when chosen
 
 
 def get(name: str) -> System:
     if name not in SYSTEMS:
-        raise UserError(f"unknown system under test {name!r} (known: {', '.join(sorted(SYSTEMS))})")
+        raise UserError(unknown(name))
     module, factory = SYSTEMS[name].split(":")
     return getattr(importlib.import_module(module), factory)()
