@@ -132,6 +132,27 @@ def _local_softmax_masks_on_cpu() -> None:
     fused_softmax.get_sliding_window_causal_mask = sliding_window_mask
 
 
+def _quiet_bridge() -> None:
+    # Third-party noise out of the terminal (the CLI's notices collect the "megatron" logger's records):
+    # import_utils attaches its own stderr handler and logs a traceback for TE's absent FP8GlobalStateManager,
+    # and the HF -> Megatron load draws a rich progress bar that no argument turns off.
+    import logging
+
+    from megatron.bridge.utils import import_utils
+
+    log = logging.getLogger(import_utils.__name__)
+    for h in [h for h in log.handlers if type(h) is logging.StreamHandler]:
+        log.removeHandler(h)
+    from megatron.bridge.models.conversion import model_bridge  # after: importing it logs that traceback
+
+    track = model_bridge.MegatronModelBridge._with_progress_tracking
+
+    def without_bar(self, tasks, description: str, show_progress: bool = True):
+        return track(self, tasks, description, show_progress=False)
+
+    model_bridge.MegatronModelBridge._with_progress_tracking = without_bar
+
+
 def apply_megatron_bridge() -> None:
     """Install the megatron-core patches and the ones Megatron-Bridge's Gemma 4 import needs, once."""
     global _MBRIDGE_APPLIED
@@ -143,3 +164,4 @@ def apply_megatron_bridge() -> None:
     _typing_override_on_311()
     _bridge_lora_layers_without_te()
     _local_softmax_masks_on_cpu()
+    _quiet_bridge()

@@ -67,15 +67,14 @@ def rope_positions_doubled(mp):  # BUG: HF's rotary tables for positions 2p (a s
 
 
 PLANTS = {"missing_final_softcap": (missing_final_softcap, "logits"),
-          # ours exposes its RoPE tables (a table row); Megatron-Bridge computes them inside its attention, so the
-          # first place it can disagree is layer 0's attention output (o_proj, observed at its post-norm's input)
+          # ours exposes its RoPE tables (a table row); Megatron-Bridge computes them inside its attention: its
+          # self_attention replayed alone on HF's layer-0 input disagrees (o_proj, replayed on HF's own o_proj
+          # input, passes: it only received the wrong attention context end to end)
           "rope_positions_doubled": (rope_positions_doubled, {"parity": "model.rotary_emb",
-                                                              "megatron-bridge": "model.layers.0.self_attn.o_proj"}),
+                                                              "megatron-bridge": "model.layers.0.self_attn"}),
           "dropped_post_attention_norm": (dropped_post_attention_norm, "model.layers.3.post_attention_layernorm"),
-          # ours compares the attention block whole; Megatron-Bridge's linear_proj input (the attention context,
-          # HF's o_proj input) is observed first, one row earlier in layer 0's attention
-          "v_norm_skipped": (v_norm_skipped, {"parity": "model.layers.0.self_attn",
-                                              "megatron-bridge": "model.layers.0.self_attn.o_proj"}),
+          # an inline step of attention: both systems' attention replayed alone disagree, their o_proj does not
+          "v_norm_skipped": (v_norm_skipped, "model.layers.0.self_attn"),
           "router_without_per_expert_scale": (hf_router_without_per_expert_scale, "model.layers.0.router"),
           "experts_output_scaled": (experts_output_scaled, "model.layers.0.experts")}
 

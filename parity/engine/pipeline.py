@@ -334,11 +334,37 @@ class Comparison:
         name = self.sut.names.get(a.row.name_key)
         return name.format(**a.slots) if isinstance(name, str) else name
 
-    def record(self, a: Aligned, mode: str, ref, test, m_: dict | None = None) -> dict:
+    @staticmethod
+    def sibling(a: Aligned, key: str) -> str:
+        """The full HF path of name key ``key`` (slots of ``a`` filled in) in ``a``'s stack."""
+        return a.hf[: len(a.hf) - len(a.row.hf.format(**a.slots))] + key.format(**a.slots)
+
+    def replay_name(self, a: Aligned):
+        """The system's name of the module isolated replay runs for ``a`` (its ``Replay``'s, else ``name``)."""
+        plan = self.sut.replays.get(a.row.name_key)
+        return self.name(a) if plan is None else plan.module.format(**a.slots)
+
+    def replay_input(self, a: Aligned) -> tuple[str, Any, Call] | None:
+        """(module name, module, the call it replays: HF's captured inputs, the HF row's output) for ``a``; None
+        where nothing can be replayed. Inputs: the outputs of the row's ``feeds`` (inline steps), else the
+        captured inputs of the HF row its ``Replay`` names, else the row's own."""
+        name, call = self.replay_name(a), self.cap.first(a.hf)
+        if a.row.kind in TABLE_KINDS or not isinstance(name, str) or call is None:
+            return None
+        module, feeds = self.sut.module(name), [self.cap.first(n) for n in a.feeds]
+        plan = self.sut.replays.get(a.row.name_key)
+        source = self.cap.first(self.sibling(a, plan.on)) if plan is not None and plan.on else call
+        if None in feeds or source is None or (module is None and not a.feeds):
+            return None
+        if feeds:
+            return name, module, Call(tuple(first(f.output) for f in feeds), {}, call.output, call.order)
+        return name, module, Call(source.args, source.kwargs, call.output, call.order)
+
+    def record(self, a: Aligned, mode: str, ref, test, m_: dict | None = None, name: str | None = None) -> dict:
         m_ = compare(a.row.kind, ref, test, self.where) if m_ is None else m_
         order = (self.cap.order.get("lm_head", max(self.cap.order.values(), default=0)) + 1
                  if a.row.kind is Kind.LOGITS else self.cap.order.get(a.hf, 0))
-        rec = row_record(a, self.name(a), mode, m_, order)
+        rec = row_record(a, self.name(a) if name is None else name, mode, m_, order)
         if a.row.name_key in self.sut.shared:  # the system runs HF's own code here: evidence only of its inputs
             rec["shared"] = True
         if self.groups is not None and a.row.kind is Kind.LAYER:
@@ -381,23 +407,23 @@ class Comparison:
         the system's own); inline steps on the captured outputs of the modules that feed them."""
         last, n_layers = None, sum(a.row.kind is Kind.LAYER and a.group() == "text" for a in self.rows)
         for a in self.rows:
-            name, call = self.name(a), self.cap.first(a.hf)
-            if a.row.kind in TABLE_KINDS or not isinstance(name, str) or call is None:
-                continue
             if a.group() == "text" and a.layer is not None and a.layer != last:
                 prog.note(f"isolated replay: layer {a.layer + 1}/{n_layers}")
                 last = a.layer
-            module, feeds = self.sut.module(name), [self.cap.first(n) for n in a.feeds]
-            if None in feeds or (module is None and not a.feeds):
+            planned = self.replay_input(a)
+            if planned is None:
                 continue
-            replayed = Call(tuple(first(f.output) for f in feeds), {}, call.output, call.order) if feeds else call
+            name, module, replayed = planned
             with torch.no_grad():
                 test = self.sut.replay(a, module, replayed)
             if test is None:  # the system cannot run this module alone (e.g. a norm fused into the next linear)
                 self.reported.append(self.not_compared(a, "isolated", name, f"{self.sut.name} cannot run {name} "
                                                        "alone: compared end to end only"))
                 continue
-            self.record(a, "isolated", value(a.row.kind, call.output), test)
+            rec = self.record(a, "isolated", value(a.row.kind, replayed.output), test, name=name)
+            plan = self.sut.replays.get(a.row.name_key)
+            if plan is not None and plan.why:
+                rec["detail"] = plan.why
 
     def tables(self) -> None:
         """Masks and RoPE tables compared as their own rows (each side built its own from raw inputs)."""
@@ -426,11 +452,11 @@ class Comparison:
         it is compared in; a twin never called (either side) is a failing record with that reason."""
         seen = {(r["name"], r["mode"]) for r in self.records + self.reported}
         for a in self.rows:
-            name = self.name(a)
-            if a.row.kind in TABLE_KINDS or not isinstance(name, str):
+            if a.row.kind in TABLE_KINDS:
                 continue
             for mode in modes:
-                if (a.hf, mode) in seen:
+                name = self.replay_name(a) if mode == "isolated" else self.name(a)
+                if (a.hf, mode) in seen or not isinstance(name, str):
                     continue
                 hf_missing = self.cap.first(a.hf) is None or any(self.cap.first(n) is None for n in a.feeds)
                 why = (f"HF module {a.hf} was never called" if hf_missing else
@@ -447,9 +473,10 @@ class Comparison:
         for a in self.rows:
             where = self.name(a)
             if isinstance(where, systems.Elsewhere):
-                at = a.hf[: len(a.hf) - len(a.row.hf.format(**a.slots))] + where.at.format(**a.slots)  # same stack
+                at = self.sibling(a, where.at)
+                modes = ("end_to_end",) if a.row.name_key in self.sut.replays else ("end_to_end", "isolated")
                 out += [{**self.not_compared(a, mode, None, f"{where.why}: compared at {at}"), "compared_at": at}
-                        for mode in ("end_to_end", "isolated")]
+                        for mode in modes]
         return out
 
     @staticmethod

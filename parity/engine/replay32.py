@@ -159,14 +159,14 @@ def _truth(hf32, layer_name: str, rows, sut, compared, iso: dict) -> None:
     inputs against HF's module in fp32 on the same inputs (upcast)."""
     subs = dict(hf32.named_modules())
     for a in rows:
-        rec, call, name = iso.get(a.hf), compared.cap.first(a.hf), compared.name(a)
+        rec, call, planned = iso.get(a.hf), compared.cap.first(a.hf), compared.replay_input(a)
         rel = a.hf[len(layer_name) + 1:] if a.hf != layer_name else ""
-        module = sut.module(name) if isinstance(name, str) else None
-        if rec is None or call is None or rel not in subs or module is None or a.feeds:
+        if rec is None or call is None or rel not in subs or planned is None or a.feeds:
             continue
+        _, module, replayed = planned  # the system's module on what its isolated record was replayed on
         with torch.no_grad():
             out32 = subs[rel](*upcast(to_device(call.args, sut.device)), **upcast(to_device(call.kwargs, sut.device)))
-            test = sut.replay(a, module, call)
+            test = sut.replay(a, module, replayed)
         m_ = compare(a.row.kind, value(a.row.kind, out32), test, compared.where)
         rec["truth_rel_l2"] = m_["router"]["agree_weight_rel_l2"] if a.row.kind is Kind.ROUTER else m_["rel_l2"]
 

@@ -18,7 +18,7 @@ inside the bridge's model (``shared``: the same code, compared for inputs and ou
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,11 @@ class Twin:
     io: str = "output"  # "output" | "input"
     observable: bool = True
     note: str = ""
+    replay: str | None = None  # the module isolated replay runs, where not ``module`` (an enclosing module or
+    # the norm whose weight the layer applies as a function); with ``io="input"`` the value is then read as
+    # ``module``'s input during that run
+    replay_on: str | None = None  # HF module whose captured input the replay runs on, where not the row's own
+    replay_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,9 @@ class Row:
 _L = "decoder.layers.{i}"
 _FUSED_IN = "HF input_layernorm is fused into linear_qkv (layer_norm_weight): its output is never materialised"
 _FN_NORM = "applied by Gemma4TransformerLayer as a function of this module's weight: hooks on it never fire"
+_ON_NORM_IN = "model.layers.{i}.input_layernorm"  # HF's input norm's input = the fused linear's input
+_QKV_REPLAY = "linear_qkv (input norm fused) on HF input_layernorm's input"
+_FN_REPLAY = "Megatron-Bridge's _gemma4_rms_norm with this module's weight and the layer's eps, as the layer applies it"
 
 TEXT_MODEL = (
     Row("model.embed_tokens", "embedding", Twin("embedding"),
@@ -61,11 +69,13 @@ TEXT_LAYER = (
         Twin(f"{_L}.input_layernorm")),
     Row("model.layers.{i}.self_attn", "attention",
         Twin(f"{_L}.self_attention.linear_proj.post_layernorm", io="input",
-             note="self_attention's own output is after the post-attention norm (inside linear_proj)"),
+             note="self_attention's own output is after the post-attention norm (inside linear_proj)",
+             replay=f"{_L}.self_attention", replay_on=_ON_NORM_IN,
+             replay_note="self_attention (input norm fused) on HF input_layernorm's input; read before its post-norm"),
         Twin(f"{_L}.self_attention")),
-    Row("model.layers.{i}.self_attn.q_proj", "qkv:q", Twin(f"{_L}.self_attention.linear_qkv"), Twin(f"{_L}.self_attention.linear_qkv")),
-    Row("model.layers.{i}.self_attn.k_proj", "qkv:k", Twin(f"{_L}.self_attention.linear_qkv"), Twin(f"{_L}.self_attention.linear_qkv")),
-    Row("model.layers.{i}.self_attn.v_proj", "qkv:v", Twin(f"{_L}.self_attention.linear_qkv"), Twin(f"{_L}.self_attention.linear_qkv")),
+    *(Row(f"model.layers.{{i}}.self_attn.{p}_proj", f"qkv:{p}",
+          Twin(f"{_L}.self_attention.linear_qkv", replay_on=_ON_NORM_IN, replay_note=_QKV_REPLAY),
+          Twin(f"{_L}.self_attention.linear_qkv")) for p in "qkv"),
     Row("model.layers.{i}.self_attn.q_norm", "head_norm", Twin(f"{_L}.self_attention.q_layernorm"), Twin(f"{_L}.self_attention.q_layernorm")),
     Row("model.layers.{i}.self_attn.k_norm", "head_norm", Twin(f"{_L}.self_attention.k_layernorm"), Twin(f"{_L}.self_attention.k_layernorm")),
     Row("model.layers.{i}.self_attn.v_norm", "head_norm",
@@ -75,13 +85,15 @@ TEXT_LAYER = (
              note="v_norm runs inside Gemma4DenseSelfAttention.get_query_key_value_tensors; core_attention's third input is V")),
     Row("model.layers.{i}.self_attn.o_proj", "linear",
         Twin(f"{_L}.self_attention.linear_proj.post_layernorm", io="input",
-             note="linear_proj = o_proj + post-attention norm (TERowParallelLinearLayerNorm)"),
+             note="linear_proj = o_proj + post-attention norm (TERowParallelLinearLayerNorm)",
+             replay=f"{_L}.self_attention.linear_proj", replay_note="linear_proj on HF o_proj's input; read before its post-norm"),
         Twin(f"{_L}.self_attention.linear_proj")),
     Row("model.layers.{i}.post_attention_layernorm", "norm",
         Twin(f"{_L}.self_attention.linear_proj.post_layernorm"), Twin(f"{_L}.post_self_attn_layernorm")),
     Row("model.layers.{i}.pre_feedforward_layernorm", "norm",
         Twin(f"{_L}.mlp.shared_experts", io="input",
-             note="pre_shared_expert_layernorm is " + _FN_NORM + "; its output is shared_experts' input"),
+             note="pre_shared_expert_layernorm is " + _FN_NORM + "; its output is shared_experts' input",
+             replay=f"{_L}.pre_shared_expert_layernorm", replay_note=_FN_REPLAY),
         Twin(f"{_L}.pre_mlp_layernorm")),
     Row("model.layers.{i}.mlp", "mlp", Twin(f"{_L}.mlp.shared_experts"), Twin(f"{_L}.mlp")),
     Row("model.layers.{i}.mlp.gate_proj", "fc1:gate", Twin(f"{_L}.mlp.shared_experts.linear_fc1"), Twin(f"{_L}.mlp.linear_fc1")),
@@ -93,10 +105,13 @@ TEXT_LAYER = (
         note="megatron router output: (probs [tokens, experts] zero off the top-k, routing_map)"), None, moe_only=True),
     Row("model.layers.{i}.pre_feedforward_layernorm_2", "flat_norm",
         Twin(f"{_L}.mlp.experts", io="input", observable=False,
-             note="pre_mlp_layernorm is " + _FN_NORM + "; the routed experts see it permuted by expert"),
+             note="pre_mlp_layernorm is " + _FN_NORM + "; the routed experts see it permuted by expert",
+             replay=f"{_L}.pre_mlp_layernorm", replay_note=_FN_REPLAY),
         None, moe_only=True),
     Row("model.layers.{i}.experts", "experts",
-        Twin(f"{_L}.mlp.post_moe_layernorm", io="input", note="routed output after the dispatcher's combine"),
+        Twin(f"{_L}.mlp.post_moe_layernorm", io="input", note="routed output after the dispatcher's combine",
+             replay=f"{_L}.mlp", replay_note="its MoE layer's dispatch, experts, combine and postprocess under HF's "
+             "routing (HF's top-k indices and weights) on HF experts' input; read before post_moe_layernorm"),
         None, moe_only=True),
     Row("model.layers.{i}.post_feedforward_layernorm_2", "norm", Twin(f"{_L}.mlp.post_moe_layernorm"), None, moe_only=True),
     Row("model.layers.{i}.post_feedforward_layernorm", "norm", Twin(f"{_L}.post_ffn_layernorm"), Twin(f"{_L}.post_mlp_layernorm")),
@@ -123,15 +138,16 @@ def rows(num_layers: int, *, moe: bool, k_eq_v_layers: frozenset[int] = frozense
     for row in TEXT_MODEL:
         twin = row.moe if moe else row.dense
         if twin is not None:
-            out.append((name(row.hf, None, hf_pre, True), row, Twin(name(twin.module, None, mb_pre, False), twin.io,
-                                                                     twin.observable, twin.note)))
+            out.append((name(row.hf, None, hf_pre, True), row, replace(twin, module=name(twin.module, None, mb_pre, False))))
     for i in range(num_layers):
         for row in TEXT_LAYER:
             twin = row.moe if moe else row.dense
             if twin is None or (row.kind == "qkv:v" and i in k_eq_v_layers):
                 continue
-            out.append((name(row.hf, i, hf_pre, True), row,
-                        Twin(name(twin.module, i, mb_pre, False), twin.io, twin.observable, twin.note)))
+            out.append((name(row.hf, i, hf_pre, True), row, replace(
+                twin, module=name(twin.module, i, mb_pre, False),
+                replay=twin.replay and name(twin.replay, i, mb_pre, False),
+                replay_on=twin.replay_on and name(twin.replay_on, i, hf_pre, True))))
     if vlm:
         for hf, mb in SHARED_VISION:
             out.append((hf, Row(hf, "shared", None, None), Twin(mb, note="HF's own module inside Megatron-Bridge")))

@@ -29,6 +29,18 @@ class Elsewhere:
     why: str = "not observable"
 
 
+@dataclass(frozen=True)
+class Replay:
+    """How a system replays a row alone when that is not "the row's module on the row's own HF inputs": it runs
+    ``module`` (a path, slots filled in) on the captured inputs of HF row ``on`` (a name key of the same stack;
+    None: the row's own), e.g. a linear with the input norm fused into it on the HF norm's input. ``why`` is
+    the detail the isolated record carries. A row whose name is ``Elsewhere`` may still have a ``Replay``."""
+
+    module: str
+    on: str | None = None
+    why: str = ""
+
+
 class System(Protocol):
     """The Megatron implementation under test. All values handed back are in HF layout (``[b, s, ...]``,
     vocab unpadded, tensor-parallel shards gathered)."""
@@ -38,6 +50,7 @@ class System(Protocol):
     substituted: list[dict]  # [{part, by, reason}]: what runs in place of parts it cannot run here (TE on CPU)
     names: Mapping[str, str | Elsewhere]  # alignment-table key -> module path in the built model
     shared: frozenset[str]  # keys of rows where the system runs HF's own code: reported ``shared``, not parity
+    replays: Mapping[str, Replay]  # alignment-table key -> how isolated replay runs it, where not as ``names`` says
 
     def build(self, kind: str, hf_config: Any, *, dtype: torch.dtype, device: str) -> None: ...  # from the HF config
 

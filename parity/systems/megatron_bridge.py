@@ -19,7 +19,7 @@ from parity.config import TextArgs
 from parity.engine.alignment import VISION, Aligned, Kind, Part, Stack
 from parity.engine.compare import value
 from parity.errors import UserError
-from parity.systems import Elsewhere
+from parity.systems import Elsewhere, Replay
 from parity.systems.ours import split_qkv
 
 INPUT = " (input)"
@@ -37,6 +37,25 @@ def _first(x):
     return x
 
 
+def _key(hf: str) -> str:
+    """The bridge table's HF path -> the engine table's name key (text stack rows drop ``model.``)."""
+    return hf[len("model."):] if hf.startswith("model.") else hf
+
+
+def _replays(moe: bool, vlm: bool) -> dict[str, Replay]:
+    """Alignment-table key -> how isolated replay runs the row, for the rows the bridge's table says."""
+    from parity.mbridge import alignment as A
+
+    prefix = LM_VLM if vlm else ""
+    out = {}
+    for row in (*A.TEXT_MODEL, *A.TEXT_LAYER):
+        twin = row.moe if moe else row.dense
+        if twin is not None and (twin.replay or twin.replay_on):
+            out[_key(row.hf)] = Replay(prefix + (twin.replay or twin.module), twin.replay_on and _key(twin.replay_on),
+                                       twin.replay_note)
+    return out
+
+
 def _names(moe: bool, vlm: bool) -> dict[str, str | Elsewhere]:
     """Alignment-table key -> module path (`` (input)``: the module's first input), from the bridge's table."""
     from parity.mbridge import alignment as A
@@ -45,7 +64,7 @@ def _names(moe: bool, vlm: bool) -> dict[str, str | Elsewhere]:
     out: dict[str, str | Elsewhere] = {}
     for row in (*A.TEXT_MODEL, *A.TEXT_LAYER):
         twin = row.moe if moe else row.dense
-        key = row.hf[len("model."):] if row.hf.startswith("model.") else row.hf
+        key = _key(row.hf)
         if twin is None or key in ("logits", "rotary_emb"):
             continue
         if not twin.observable:
@@ -76,6 +95,7 @@ class MegatronBridgeSystem:
         self.version = mbridge.version()
         self.substituted: list[dict] = []
         self.shared = frozenset(r.hf for r in VISION)
+        self.replays: dict[str, Replay] = {}
 
     # -- building and weights ----------------------------------------------------------------------
 
@@ -91,6 +111,7 @@ class MegatronBridgeSystem:
         self.lm = self.model.language_model if self.vlm else self.model
         self.substituted = list(self.bm.substituted)
         self.names = _names(moe=not self.bm.dense, vlm=self.vlm)
+        self.replays = _replays(moe=not self.bm.dense, vlm=self.vlm)
         self._modules = dict(self.model.named_modules())
         self._inputs: dict[int, torch.Tensor] = {}
         self._handles = []  # pre-hooks on the input-side modules, installed by ``prepare``
@@ -205,7 +226,10 @@ class MegatronBridgeSystem:
         return {"dense": dense, "top_w": top_w, "top_i": top_i}
 
     def replay(self, a: Aligned, module: nn.Module | None, call) -> Any:
-        """The bridge's module on HF's captured inputs, in HF layout; None where the module cannot run alone."""
+        """The bridge's module on HF's captured inputs, in HF layout; None where the module cannot run alone.
+        Rows with a ``Replay`` run the module it names (on the HF row's inputs it names): an enclosing module
+        whose run yields the row's value as the observed module's input, or a norm the layer applies as a
+        function of its weight."""
         from parity.mbridge import model as MB
 
         kind, dev = a.row.kind, self.device
@@ -216,26 +240,80 @@ class MegatronBridgeSystem:
             weight = self.lm.shared_embedding_or_output_weight()
             logits = MB.tp_gather(self.lm.output_layer(sb(call.args[0].to(dev)), weight=weight)[0])
             return sb(logits)[..., : self.bm.vocab_size]
-        if kind is Kind.MERGED or self._is_input(a) and kind not in (Kind.NORM,):
-            return None  # inline steps of the bridge's forward, or an input that is another module's output
+        if kind is Kind.MERGED:
+            return None  # an inline step of the bridge's VLM forward
+        if a.row.name_key in self.replays and kind in (Kind.NORM, Kind.FLAT_NORM):
+            return self._norm_fn(a, module, arg())  # a norm the layer applies as a function
+        if self._is_input(a):  # run the enclosing module; the value is the observed module's input meanwhile
+            if a.row.name_key not in self.replays:
+                return None  # an input that is another module's output: nothing to run alone
+            return self._via_input(a, module, call)
         if kind is Kind.EMBEDDING:
             return sb(module(input_ids=arg("input_ids"), position_ids=None))
         if kind in (Kind.NORM, Kind.HEAD_NORM):
-            if self._is_input(a):  # shared_experts' input = the pre-feedforward norm applied as a function
-                return None
             return sb(_first(module(sb(arg()))))
-        if kind is Kind.QKV and not self.bm.dense:
-            return None  # linear_qkv holds the input norm: HF's q/k/v_proj input is already normed
-        if kind is Kind.LINEAR and getattr(module, "input_is_parallel", False) and self.tp > 1:
-            from megatron.core import parallel_state  # row-parallel: this rank's slice of HF's input features
-            local = arg("input").chunk(self.tp, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
-            return self._layout(a, _first(module(sb(local))))
-        if kind in (Kind.QKV, Kind.FC1, Kind.LINEAR, Kind.MLP):
+        if kind is Kind.LINEAR:  # a row-parallel linear gets this rank's slice of HF's input features
+            return self._layout(a, _first(module(self._linear_input(module, arg("input")))))
+        if kind is Kind.QKV and a.row.name_key in self.replays:  # linear_qkv on the HF input norm's input
+            return self._layout(a, _first(module(sb(arg()))))
+        if kind in (Kind.QKV, Kind.FC1, Kind.MLP):
             return self._layout(a, _first(module(sb(arg("input")))))
         if kind is Kind.ROUTER:  # HF's router input is [b*s, H] in HF token order
             return self._router(module(sb(arg().reshape(self.b, self.s, -1))))
         if kind is Kind.LAYER:  # with its own mask and its own RoPE tables
-            rope = self.lm.rotary_pos_emb(self.s)
-            mask = self.megatron_mask.to(dev)
-            return sb(_first(module(sb(arg()), attention_mask=mask, rotary_pos_emb=rope)))
+            return sb(_first(module(sb(arg()), **self._attention_kwargs())))
         return None
+
+    def _attention_kwargs(self) -> dict:
+        """What its decoder passes a layer (or a layer its self-attention): its mask and its RoPE tables."""
+        return {"attention_mask": self.megatron_mask.to(self.device), "rotary_pos_emb": self.lm.rotary_pos_emb(self.s)}
+
+    def _linear_input(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``[b, s, F]`` HF input -> ``[s, b, F]``; for a row-parallel linear (its weight split along its input
+        features, ``partition_dim`` 1, as megatron marks it) this rank's slice ``[s, b, F/tp]``."""
+        from megatron.core import parallel_state
+
+        if self.tp > 1 and getattr(linear.weight, "partition_dim", None) == 1:
+            x = x.chunk(self.tp, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
+        return sb(x)
+
+    def _norm_fn(self, a: Aligned, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``_gemma4_rms_norm(x, norm.weight, eps)`` as ``Gemma4TransformerLayer._forward_mlp`` applies it."""
+        from parity.mbridge import model as MB
+
+        layer = self._modules[f"{LM_VLM if self.vlm else ''}decoder.layers.{a.layer}"]
+        y = MB.modeling_gemma4._gemma4_rms_norm(x if a.row.kind is Kind.FLAT_NORM else sb(x), norm.weight,
+                                                layer.config.layernorm_epsilon)
+        return y if a.row.kind is Kind.FLAT_NORM else sb(y)
+
+    def _via_input(self, a: Aligned, module: nn.Module, call) -> Any:
+        """Run ``module`` (self_attention, linear_proj, the MoE layer) on ``call``'s HF inputs; the row's value is
+        the input its observed module (hooked in ``prepare``) receives during that run."""
+        observed = self._modules[self.names[a.row.name_key].format(**a.slots)[: -len(INPUT)]]
+        x = (call.kwargs.get("hidden_states") if "hidden_states" in call.kwargs else call.args[0]).to(self.device)
+        self._inputs.pop(id(observed), None)
+        if a.row.kind is Kind.ATTENTION:
+            module(sb(x), **self._attention_kwargs())
+        elif a.row.kind is Kind.LINEAR:
+            module(self._linear_input(module, x))
+        elif a.row.kind is Kind.EXPERTS:
+            self._experts_under_hf_routing(module, x, call)
+        else:
+            return None
+        seen = self._inputs.pop(id(observed), None)
+        return None if seen is None else self._layout(a, _first(seen))
+
+    def _experts_under_hf_routing(self, moe: nn.Module, x: torch.Tensor, call) -> None:
+        """Its MoE layer's routed path (preprocess, dispatch, experts, combine, postprocess) for HF's routing:
+        HF's top-k indices and weights as its ``(probs, routing_map)``, in the dtype its router emits. Tokens
+        are independent here: ``[b*s, H]`` goes in as ``[b*s, 1, H]`` (``[s, b, H]`` with b = 1)."""
+        top_i = (call.kwargs["top_k_index"] if "top_k_index" in call.kwargs else call.args[1]).to(self.device)
+        top_w = (call.kwargs["top_k_weights"] if "top_k_weights" in call.kwargs else call.args[2]).to(self.device)
+        dtype = torch.float32 if moe.config.moe_router_dtype == "fp32" else x.dtype
+        probs = torch.zeros(x.shape[0], moe.config.num_moe_experts, dtype=dtype, device=self.device)
+        probs.scatter_(1, top_i, top_w.to(dtype))
+        routing_map = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_i, True)
+        hidden, probs = moe.preprocess(x[:, None, :].contiguous(), probs, routing_map)
+        hidden, probs = moe.dispatch(hidden, probs)
+        out, _ = moe.routed_experts_compute(hidden, probs)
+        moe.postprocess(moe.combine(out), None)

@@ -132,6 +132,7 @@ class ParitySystem:
     name, version = "parity", _version()
     substituted: list[dict] = []  # nothing: plain megatron-core parts run everywhere
     shared = frozenset()
+    replays: dict = {}  # every row replays on its own module and its own HF inputs
 
     # -- building and weights ----------------------------------------------------------------------
 
