@@ -66,6 +66,19 @@ def rope_positions_doubled(mp):  # BUG: HF's rotary tables for positions 2p (a s
                lambda self, x, position_ids, layer_type=None: forward(self, x, position_ids * 2, layer_type))
 
 
+def sliding_window_widened(mp):  # BUG: HF's sliding layers see W+1 keys (its mask built from a config copy)
+    import copy
+
+    from transformers.models.gemma4 import modeling_gemma4 as hf
+    make = hf.create_sliding_window_causal_mask
+
+    def planted(config, **kw):
+        config = copy.copy(config)
+        config.sliding_window += 1
+        return make(config=config, **kw)
+    mp.setattr(hf, "create_sliding_window_causal_mask", planted)
+
+
 PLANTS = {"missing_final_softcap": (missing_final_softcap, "logits"),
           # ours exposes its RoPE tables (a table row); Megatron-Bridge computes them inside its attention: its
           # self_attention replayed alone on HF's layer-0 input disagrees (o_proj, replayed on HF's own o_proj
@@ -75,6 +88,9 @@ PLANTS = {"missing_final_softcap": (missing_final_softcap, "logits"),
           "dropped_post_attention_norm": (dropped_post_attention_norm, "model.layers.3.post_attention_layernorm"),
           # an inline step of attention: both systems' attention replayed alone disagree, their o_proj does not
           "v_norm_skipped": (v_norm_skipped, "model.layers.0.self_attn"),
+          # each system's own mask of the sliding layers (its core attention's window) against the one HF's
+          # layer 0 received: the table row, ordered first inside that attention
+          "sliding_window_widened": (sliding_window_widened, "model.layers.0.self_attn", "masks[sliding_attention]"),
           "router_without_per_expert_scale": (hf_router_without_per_expert_scale, "model.layers.0.router"),
           "experts_output_scaled": (experts_output_scaled, "model.layers.0.experts")}
 
@@ -82,11 +98,13 @@ PLANTS = {"missing_final_softcap": (missing_final_softcap, "logits"),
 @pytest.mark.parametrize("system", SYSTEMS)
 @pytest.mark.parametrize("plant", sorted(PLANTS))
 def test_hf_plant_is_localised(monkeypatch, plant, system):
-    fn, where = PLANTS[plant]
+    fn, where, *megatron_name = PLANTS[plant]
     fn(monkeypatch)
     r = _run(system)
     assert r["system"]["name"] == system
-    assert_localised(r, where if isinstance(where, str) else where[system])
+    detail = assert_localised(r, where if isinstance(where, str) else where[system])
+    if megatron_name:
+        assert detail["megatron_name"] == megatron_name[0], detail
 
 
 @pytest.mark.parametrize("system", SYSTEMS)
