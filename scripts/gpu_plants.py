@@ -92,13 +92,30 @@ def outcome(point: dict) -> str:
     return "misplaced" if point.get("first_divergence") else "missed"
 
 
+def run_plant(plant, case, a, shape) -> tuple[dict | None, float, BaseException | None]:
+    """One run of ``case`` with ``plant`` in place (undone after): (results or None, wall seconds, the error the
+    run raised, if any — a plant that breaks the run is a finding, not the end of the table)."""
+    import pytest
+
+    from parity.engine import pipeline
+
+    mp = pytest.MonkeyPatch()
+    t0 = time.perf_counter()
+    try:
+        plant.plant(mp, shape)
+        return pipeline.run(case, device=a.device, system=a.system), time.perf_counter() - t0, None
+    except Exception as e:  # noqa: BLE001
+        return None, time.perf_counter() - t0, e
+    finally:
+        mp.undo()
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def sensitivity(case, a, shape, out_path: str, table: dict) -> dict:
     """Per class, the planted relative error descends the ``--eps`` list (breadth first over the classes, so a cut
     by ``--max-runs`` / ``--max-wall`` still leaves every class some points) and stops at the class's first eps that
     is not caught; the table is rewritten after every point."""
-    import pytest
-
-    from parity.engine import pipeline
     from tests.plants import SENSITIVITY, Unrepresentable, sensitivity_plant
 
     eps_list = [float(e) for e in a.eps.split(",")]
@@ -116,27 +133,18 @@ def sensitivity(case, a, shape, out_path: str, table: dict) -> dict:
             if over:
                 point = {"eps": eps, "outcome": "not run", "why": "budget (--max-runs / --max-wall) spent"}
             else:
-                mp = pytest.MonkeyPatch()
-                t0 = time.perf_counter()
-                try:
-                    plant.plant(mp, shape)
-                    res = pipeline.run(case, device=a.device)
+                res, wall, err = run_plant(plant, case, a, shape)
+                if isinstance(err, Unrepresentable):  # nothing would be planted: no run
+                    point = {"eps": eps, "outcome": "unrepresentable", "why": str(err), "wall_s": wall}
+                elif err is not None:
                     table["runs"] += 1
-                    point = {"eps": eps, **row(plant, shape, res, time.perf_counter() - t0),
+                    point = {"eps": eps, "outcome": "error", "error": f"{type(err).__name__}: {err}", "wall_s": wall}
+                else:
+                    table["runs"] += 1
+                    point = {"eps": eps, **row(plant, shape, res, wall),
                              "roundtrip_bit_exact": res["roundtrip"]["bit_exact"] == res["roundtrip"]["tensors"]}
                     point["outcome"] = outcome(point)
-                except Unrepresentable as e:  # nothing would be planted: no run
-                    point = {"eps": eps, "outcome": "unrepresentable", "why": str(e),
-                             "wall_s": time.perf_counter() - t0}
-                except Exception as e:  # noqa: BLE001 - a plant that breaks the run is a finding, not the end
-                    table["runs"] += 1
-                    point = {"eps": eps, "outcome": "error", "error": f"{type(e).__name__}: {e}",
-                             "wall_s": time.perf_counter() - t0}
-                finally:
-                    mp.undo()
                 point["planted"] = dict(plant.info)
-                if a.device == "cuda":
-                    torch.cuda.empty_cache()
             for k in ("plant", "kind", "expected", "caught", "logits_kl_max", "decisive_share"):
                 point.pop(k, None)
             res_c = results[cls]
@@ -173,16 +181,16 @@ def main() -> int:
     ap.add_argument("--max-runs", type=int, default=None, help="--sensitivity: at most this many plant runs")
     ap.add_argument("--max-wall", type=float, default=None,
                     help="--sensitivity: start no plant run after this many seconds of the sweep")
+    ap.add_argument("--system", default="parity", choices=("parity", "megatron-bridge"),
+                    help="system under test; megatron-bridge runs tests/plants.py BRIDGE_PLANTS by default")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench"))
     a = ap.parse_args()
-
-    import pytest
 
     from parity.cases import load_case
     from parity.engine import kinds, pipeline
     from parity.engine.launch import cpu_threads
     from parity.engine.pipeline import env_info
-    from tests.plants import BY_NAME, PLANTS, SENSITIVITY, Shape
+    from tests.plants import BRIDGE_PLANTS, BY_NAME, PLANTS, SENSITIVITY, Shape
 
     if a.sensitivity:
         for e in a.eps.split(","):
@@ -207,13 +215,13 @@ def main() -> int:
     memoise_reference(pipeline, kinds.KINDS)
     with cpu_threads(a.device) if a.sensitivity else contextlib.nullcontext():  # CPU: one thread, as the tests
         t0 = time.perf_counter()
-        r = pipeline.run(case, device=a.device, progress=True)
+        r = pipeline.run(case, device=a.device, progress=True, system=a.system)
         clean = row(None, shape, r, time.perf_counter() - t0)
         clean["truth_ratios"] = truth_ratios(r)
         clean["phases"] = r.get("phases")
         print(json.dumps(clean, default=str), flush=True)
         os.makedirs(a.out, exist_ok=True)
-        head = {"case": a.case, "inputs": case.to_dict()["inputs"], "dtype": case.dtype, "device": a.device,
+        head = {"case": a.case, "system": r.get("system"), "inputs": case.to_dict()["inputs"], "dtype": case.dtype, "device": a.device,
                 "env": env_info(a.device), "machine": platform.node(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if a.sensitivity:
@@ -241,26 +249,21 @@ def main() -> int:
                   f"{table['runs']} plant runs; clean run {'PASS' if clean['passed'] else 'FAIL'}; wrote {path}",
                   flush=True)
             return 0 if clean["passed"] and all(v is not None for v in table["smallest_caught"].values()) else 1
-        plants = [BY_NAME[p] for p in a.plants.split(",")] if a.plants else PLANTS
+        plants = [BY_NAME[p] for p in a.plants.split(",")] if a.plants else (
+            PLANTS if a.system == "parity" else BRIDGE_PLANTS)
         rows = []
         for plant in plants:
-            mp = pytest.MonkeyPatch()
-            t0 = time.perf_counter()
-            try:
-                plant.plant(mp, shape)
-                res = pipeline.run(case, device=a.device)
-                out = row(plant, shape, res, time.perf_counter() - t0)
-            except Exception as e:  # a plant that breaks the run is a finding too, not the end of the table
-                out = {"plant": plant.name, "kind": plant.kind, "caught": False, "error": f"{type(e).__name__}: {e}"}
-            finally:
-                mp.undo()
+            res, wall, err = run_plant(plant, case, a, shape)
+            out = (row(plant, shape, res, wall) if err is None else
+                   {"plant": plant.name, "kind": plant.kind, "caught": False, "error": f"{type(err).__name__}: {err}"})
+            if err is None and plant.megatron_name is not None:  # the planted part itself is named
+                out["caught"] = out["caught"] and out["megatron_name"] == plant.megatron_name
             rows.append(out)
             print(json.dumps(out, default=str), flush=True)
-            if a.device == "cuda":
-                torch.cuda.empty_cache()
     table = {**head, "clean": clean, "plants": rows,
              "caught": sum(1 for x in rows if x.get("caught")), "n_plants": len(rows)}
-    path = os.path.join(a.out, f"gpu-plants-{a.case}-{a.device}.json")
+    tag = "" if a.system == "parity" else f"-{a.system}"
+    path = os.path.join(a.out, f"gpu-plants-{a.case}{tag}-{a.device}.json")
     with open(path, "w") as f:
         json.dump(table, f, indent=1, default=str)
     print(f"[gpu_plants] {table['caught']}/{len(rows)} plants caught and localised; clean run "

@@ -355,7 +355,46 @@ PLANTS = [
     Plant("experts_output_scaled", "experts", "model.layers.0.experts", experts_output_scaled),  # 1e-2 relative
     Plant("missing_final_softcap", "logits", "logits", missing_final_softcap),
 ]
-BY_NAME = {p.name: p for p in PLANTS}
+
+
+# Planted errors in Megatron-Bridge's model (system ``megatron-bridge``): one weight scaled by 1.01 after its own
+# HF -> Megatron import, where its forward fuses or inlines the HF module, so that only its isolated replay of
+# the part holding the weight (``MegatronBridgeSystem.replays``) can localise it. Same layers at both shapes.
+
+def bridge_weight_scaled(name: str) -> Callable:
+    def plant(mp, shape=None):
+        from parity.systems.megatron_bridge import MegatronBridgeSystem
+        load = MegatronBridgeSystem.load
+
+        def planted(self, hf_state, folder=None):
+            load(self, hf_state, folder)
+            with torch.no_grad():
+                dict(self.model.named_parameters())[name].mul_(1.01)  # BUG
+        mp.setattr(MegatronBridgeSystem, "load", planted)
+    return plant
+
+
+BRIDGE_PLANTS = [
+    # the input norm fused into linear_qkv: replayed on HF input_layernorm's input, first compared at q_proj
+    Plant("bridge_fused_input_norm", "fused norm", "model.layers.2.self_attn.q_proj",
+          bridge_weight_scaled("decoder.layers.2.self_attention.linear_qkv.layer_norm_weight"),
+          megatron_name="decoder.layers.2.self_attention.linear_qkv"),
+    # the pre-norms the layer applies as functions of these modules' weights (no hook ever sees them)
+    Plant("bridge_shared_pre_norm", "function norm", "model.layers.1.pre_feedforward_layernorm",
+          bridge_weight_scaled("decoder.layers.1.pre_shared_expert_layernorm.weight"),
+          megatron_name="decoder.layers.1.pre_shared_expert_layernorm"),
+    Plant("bridge_experts_pre_norm", "function norm", "model.layers.1.pre_feedforward_layernorm_2",
+          bridge_weight_scaled("decoder.layers.1.pre_mlp_layernorm.weight"),
+          megatron_name="decoder.layers.1.pre_mlp_layernorm"),
+    # one routed expert, replayed under HF's routing: its router (and its input) agree
+    Plant("bridge_one_expert", "experts", "model.layers.0.experts",
+          bridge_weight_scaled("decoder.layers.0.mlp.experts.linear_fc1.weight3"), megatron_name="decoder.layers.0.mlp"),
+    # o_proj inside linear_proj (TERowParallelLinearLayerNorm): read at its post-norm's input
+    Plant("bridge_o_proj", "fused norm", "model.layers.3.self_attn.o_proj",
+          bridge_weight_scaled("decoder.layers.3.self_attention.linear_proj.weight"),
+          megatron_name="decoder.layers.3.self_attention.linear_proj"),
+]
+BY_NAME = {p.name: p for p in PLANTS + BRIDGE_PLANTS}
 
 
 def exceeds(row: dict) -> bool:

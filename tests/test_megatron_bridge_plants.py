@@ -8,6 +8,7 @@ from parity import mbridge
 from parity.cases import load_case
 from parity.engine.pipeline import run
 
+from tests.plants import BRIDGE_PLANTS
 from test_engine import assert_localised, hf_router_without_per_expert_scale
 
 OK, WHY = mbridge.available()
@@ -115,44 +116,13 @@ def test_clean_run_passes(system, seed):  # the plants above fail a case that is
     assert r["summary"]["logits"]["rel_l2"] < 1e-5 and r["summary"]["n_failed"] == 0
 
 
-# Errors planted in Megatron-Bridge's own model (one weight, after its own HF -> Megatron import), where its
-# forward fuses or inlines the HF module: each is localised at the HF row whose isolated replay runs the part
-# that holds the weight (``MegatronBridgeSystem.replays``), not merely somewhere downstream.
-
-def _bridge_weight_scaled(name: str):
-    def plant(mp):
-        import torch
-
-        from parity.systems.megatron_bridge import MegatronBridgeSystem
-        load = MegatronBridgeSystem.load
-
-        def planted(self, hf_state, folder=None):
-            load(self, hf_state, folder)
-            with torch.no_grad():
-                dict(self.model.named_parameters())[name].mul_(1.01)  # BUG
-        mp.setattr(MegatronBridgeSystem, "load", planted)
-    return plant
-
-
-BRIDGE_PLANTS = {  # the weight scaled by 1.01 -> the HF row that must be the first divergence
-    # the input norm fused into linear_qkv: replayed on HF input_layernorm's input, first compared at q_proj
-    "decoder.layers.2.self_attention.linear_qkv.layer_norm_weight": "model.layers.2.self_attn.q_proj",
-    # the pre-norms the layer applies as functions of these modules' weights (no hook ever sees them)
-    "decoder.layers.1.pre_shared_expert_layernorm.weight": "model.layers.1.pre_feedforward_layernorm",
-    "decoder.layers.1.pre_mlp_layernorm.weight": "model.layers.1.pre_feedforward_layernorm_2",
-    # one routed expert, replayed under HF's routing: its router (and its input) agree
-    "decoder.layers.0.mlp.experts.linear_fc1.weight3": "model.layers.0.experts",
-    # o_proj inside linear_proj (TERowParallelLinearLayerNorm): read at its post-norm's input
-    "decoder.layers.3.self_attention.linear_proj.weight": "model.layers.3.self_attn.o_proj",
-}
-
 
 @pytest.mark.skipif(not OK, reason=f"Megatron-Bridge not importable: {WHY}")
-@pytest.mark.parametrize("weight", sorted(BRIDGE_PLANTS))
-def test_bridge_plant_is_localised_by_its_replay(monkeypatch, weight):
-    _bridge_weight_scaled(weight)(monkeypatch)
+@pytest.mark.parametrize("plant", BRIDGE_PLANTS, ids=lambda p: p.name)
+def test_bridge_plant_is_localised_by_its_replay(monkeypatch, plant):
+    """A weight planted in Megatron-Bridge's model where its forward fuses or inlines the HF module (tests/plants.py
+    BRIDGE_PLANTS) is localised by the isolated replay of the part that holds it, not merely downstream."""
+    plant.plant(monkeypatch)
     r = _run("megatron-bridge")
-    detail = assert_localised(r, BRIDGE_PLANTS[weight])
-    assert detail["mode"] == "isolated", detail  # its own replay fails, not only what it feeds
-    iso = next(m for m in r["modules"] if m["name"] == BRIDGE_PLANTS[weight] and m["mode"] == "isolated")
-    assert weight.startswith(iso["megatron_name"] + "."), iso  # the replayed part is the one holding the weight
+    detail = assert_localised(r, plant.where)
+    assert detail["mode"] == "isolated" and detail["megatron_name"] == plant.megatron_name, detail
