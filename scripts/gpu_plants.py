@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -56,17 +57,43 @@ def memoise_reference(pipeline, kinds, setattr=setattr) -> None:  # noqa: A002 -
         {k: v.detach() for k, v in model.state_dict().items()}, None))
 
 
-def row(plant, shape, r: dict, wall: float) -> dict:
+def failing(r: dict) -> set:
+    """(name, mode) of every failing module row of a run."""
+    return {(m["name"], m["mode"]) for m in r["modules"] if not m["passed"]}
+
+
+def first_new(r: dict, known: set) -> dict:
+    """The engine's own first-divergence rule (``gates.summarise``) over the rows that fail in ``r`` but not in
+    the clean run (``known``): where a plant shows when the clean run itself fails (a system with findings,
+    e.g. Megatron-Bridge's bf16 embedding scale, finding 3, at ``model.embed_tokens``)."""
+    from parity.engine import gates as G
+
+    records = [{**m, "passed": m["passed"] or (m["name"], m["mode"]) in known} for m in r["modules"]]
+    return G.summarise(records, {"logits_ok": True}, {})["summary"]["first_divergence_detail"] or {}
+
+
+def row(plant, shape, r: dict, wall: float, known: set | None = None) -> dict:
+    """One plant's outcome. ``known``: the rows failing in the clean run; when there are any, the plant is
+    judged by its first *new* divergence (``first_new``) instead of the run's first divergence."""
     s = r["summary"]
     d = s.get("first_divergence_detail") or {}
     where = plant.expected(shape) if plant is not None else None
-    caught = (not r["passed"]) and s["first_divergence"] == where if plant is not None else None
-    return {"plant": plant.name if plant else "clean", "kind": plant.kind if plant else None, "expected": where,
-            "passed": r["passed"], "caught": caught, "first_divergence": s["first_divergence"],
-            "megatron_name": d.get("megatron_name"), "mode": d.get("mode"), "metric": d.get("metric"),
-            "value": d.get("value"), "gate": d.get("gate"), "why": d.get("why"), "n_failed": s["n_failed"],
-            "logits_rel_l2": s["logits"].get("rel_l2"), "logits_kl_max": s["logits"].get("kl_max"),
-            "decisive_share": s["logits"].get("decisive_share"), "wall_s": wall}
+    out = {"plant": plant.name if plant else "clean", "kind": plant.kind if plant else None, "expected": where,
+           "passed": r["passed"], "caught": None, "first_divergence": s["first_divergence"],
+           "megatron_name": d.get("megatron_name"), "mode": d.get("mode"), "metric": d.get("metric"),
+           "value": d.get("value"), "gate": d.get("gate"), "why": d.get("why"), "n_failed": s["n_failed"],
+           "logits_rel_l2": s["logits"].get("rel_l2"), "logits_kl_max": s["logits"].get("kl_max"),
+           "decisive_share": s["logits"].get("decisive_share"), "wall_s": wall}
+    if plant is None:
+        return out
+    judged = d
+    if known:
+        judged = first_new(r, known)
+        out["first_new_divergence"] = {k: judged.get(k) for k in ("name", "megatron_name", "mode", "metric",
+                                                                   "value", "gate")}
+    out["caught"] = (not r["passed"]) and judged.get("name") == where and (
+        plant.megatron_name is None or judged.get("megatron_name") == plant.megatron_name)
+    return out
 
 
 def truth_ratios(r: dict) -> dict:
@@ -89,7 +116,9 @@ def outcome(point: dict) -> str:
     missed: no module row fails (a weight plant may still fail the weight round trip, which is no localisation)."""
     if point.get("caught"):
         return "caught"
-    return "misplaced" if point.get("first_divergence") else "missed"
+    first = (point["first_new_divergence"].get("name") if "first_new_divergence" in point
+             else point.get("first_divergence"))
+    return "misplaced" if first else "missed"
 
 
 def run_plant(plant, case, a, shape) -> tuple[dict | None, float, BaseException | None]:
@@ -108,11 +137,12 @@ def run_plant(plant, case, a, shape) -> tuple[dict | None, float, BaseException 
         return None, time.perf_counter() - t0, e
     finally:
         mp.undo()
+        gc.collect()  # a run that raised leaves its model in the traceback's frames until collected
         if a.device == "cuda":
             torch.cuda.empty_cache()
 
 
-def sensitivity(case, a, shape, out_path: str, table: dict) -> dict:
+def sensitivity(case, a, shape, out_path: str, table: dict, known: set) -> dict:
     """Per class, the planted relative error descends the ``--eps`` list (breadth first over the classes, so a cut
     by ``--max-runs`` / ``--max-wall`` still leaves every class some points) and stops at the class's first eps that
     is not caught; the table is rewritten after every point."""
@@ -141,7 +171,7 @@ def sensitivity(case, a, shape, out_path: str, table: dict) -> dict:
                     point = {"eps": eps, "outcome": "error", "error": f"{type(err).__name__}: {err}", "wall_s": wall}
                 else:
                     table["runs"] += 1
-                    point = {"eps": eps, **row(plant, shape, res, wall),
+                    point = {"eps": eps, **row(plant, shape, res, wall, known),
                              "roundtrip_bit_exact": res["roundtrip"]["bit_exact"] == res["roundtrip"]["tensors"]}
                     point["outcome"] = outcome(point)
                 point["planted"] = dict(plant.info)
@@ -219,6 +249,8 @@ def main() -> int:
         clean = row(None, shape, r, time.perf_counter() - t0)
         clean["truth_ratios"] = truth_ratios(r)
         clean["phases"] = r.get("phases")
+        known = failing(r)  # a clean run that fails (a system's findings): plants are judged by new divergences
+        clean["failing_rows"] = sorted(f"{n} [{m}]" for n, m in known)
         print(json.dumps(clean, default=str), flush=True)
         os.makedirs(a.out, exist_ok=True)
         head = {"case": a.case, "system": r.get("system"), "inputs": case.to_dict()["inputs"], "dtype": case.dtype, "device": a.device,
@@ -242,7 +274,7 @@ def main() -> int:
                                   "unrepresentable": "the dtype cannot carry this error in this tensor: not run",
                                   "not run": "--max-runs / --max-wall spent"},
                      **head, "clean": clean}
-            sensitivity(case, a, shape, path, table)
+            sensitivity(case, a, shape, path, table, known)
             with open(path, "w") as f:
                 json.dump(table, f, indent=1, default=str)
             print(f"[gpu_plants] sensitivity, smallest caught: {json.dumps(table['smallest_caught'])}; "
@@ -254,10 +286,8 @@ def main() -> int:
         rows = []
         for plant in plants:
             res, wall, err = run_plant(plant, case, a, shape)
-            out = (row(plant, shape, res, wall) if err is None else
+            out = (row(plant, shape, res, wall, known) if err is None else
                    {"plant": plant.name, "kind": plant.kind, "caught": False, "error": f"{type(err).__name__}: {err}"})
-            if err is None and plant.megatron_name is not None:  # the planted part itself is named
-                out["caught"] = out["caught"] and out["megatron_name"] == plant.megatron_name
             rows.append(out)
             print(json.dumps(out, default=str), flush=True)
     table = {**head, "clean": clean, "plants": rows,

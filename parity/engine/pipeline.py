@@ -152,7 +152,7 @@ def run(case, *, device: str, dtype: str | None = None, checkpoint: str | None =
     summary = G.summarise(records, verdict, logits_summary)
     summary["modules"] += compared.unobserved()
     summary["checks"]["roundtrip"] = roundtrip["bit_exact"] == roundtrip["tensors"] and roundtrip["tensors"] > 0
-    return Results(
+    results = Results(
         case=case.name, kind=case.kind, passed=all(summary["checks"].values()), device=device, dtype=dtype_name,
         seed=seed, created=_now(), env=env_info(device),
         system={"name": sut.name, "version": sut.version, "substituted": list(sut.substituted)},
@@ -164,6 +164,11 @@ def run(case, *, device: str, dtype: str | None = None, checkpoint: str | None =
         host_staged_gib={"activations": store.host_bytes / 2**30,
                          "weights": (host_weights.staged_bytes if host_weights is not None else 0) / 2**30},
         inputs=kind.describe(case, hf_config, inputs), groups=group_summary).to_dict()
+    # the system's model is freed before the next run builds one (a system's hooks can hold it in a cycle)
+    sut_ref = weakref.ref(sut)
+    del compared, sut
+    released(sut_ref, device)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------
