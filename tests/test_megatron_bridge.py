@@ -400,7 +400,7 @@ def test_finding_left_padding_keys_are_attended():
 def test_finding_routed_experts_less_accurate_than_hf_in_bf16():
     """Its routed experts replayed alone under HF's routing are further from HF-fp32 than HF-bf16 is, on every
     layer (truth ratio 1.07-1.11 on this tiny case; 1.33 at the 26B shape on an H200, where it fails the 1.1
-    gate): megatron-core's expert path rounds differently from HF's."""
+    gate): megatron-core rounds the probability-scaled activation to bf16 before linear_fc2."""
     r = _pipeline("gemma4-text-tiny-bf16")
     ratios = [m["truth_ratio"] for m in r["modules"] if m["name"].endswith(".experts") and m["mode"] == "isolated"]
     assert len(ratios) == 6 and min(ratios) > 1.03, ratios

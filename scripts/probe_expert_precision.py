@@ -1,12 +1,13 @@
-"""Probe for a Megatron-Bridge finding: is its bf16 routed-expert error (isolated truth ratio up to 1.33 at the
-26B shape on an H200, 1.08 on CPU) the activation it uses, megatron-core's ``fast_gelu`` (the tanh formula
-written out op by op), where HF uses ``gelu_pytorch_tanh`` (one fused kernel)?
+"""Probe for Megatron-Bridge finding 9: where does its bf16 routed-expert error come from (isolated truth ratio
+1.32-1.33 at the 26B shape on an H200, 1.07-1.11 on CPU)?
 
-HF's own ``Gemma4TextExperts`` at the 26B-A4B expert shape (random weights and routing, 4,096 tokens), in fp32
-(the truth) and bf16, once with HF's activation and once with megatron-core's ``fast_gelu`` put in its place;
-prints the error of each against the fp32 truth and their ratio, and the activations alone.
+HF's own ``Gemma4TextExperts`` at the 26B-A4B expert shape (random weights and routing, 4,096 tokens) in fp32 is
+the truth; against it, in bf16: HF as is; HF with megatron-core's ``fast_gelu`` (the bridge's activation) in
+place of ``gelu_pytorch_tanh``; and HF's loop with the probabilities applied as megatron-core's ``TEGroupedMLP``
+applies them (on the activation before the down projection, rounded to bf16), summed as its unpermute sums
+(``scatter_add_`` into a bf16 buffer). Prints each error and its ratio to HF-bf16's.
 
-    python scripts/probe_expert_activation.py [--device cuda] [--tokens 4096]
+    python scripts/probe_expert_precision.py [--device cuda] [--tokens 4096]
 """
 from __future__ import annotations
 
@@ -27,6 +28,22 @@ class Lambda(torch.nn.Module):
 
     def forward(self, x):
         return self.fn(x)
+
+
+def megatron_order(experts, x, top_i, top_w):
+    """HF's expert loop with megatron-core's order: ``act(gate) * up`` times the probability (fp32), rounded to
+    the activation dtype, then the down projection; the outputs summed by ``scatter_add_`` in the input dtype."""
+    out = torch.zeros_like(x)
+    for e in range(experts.num_experts):
+        tok, slot = (top_i == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        gate, up = torch.nn.functional.linear(x[tok], experts.gate_up_proj[e]).chunk(2, dim=-1)
+        a = experts.act_fn(gate) * up
+        a = (a * top_w[tok, slot, None]).to(a.dtype)
+        y = torch.nn.functional.linear(a, experts.down_proj[e])
+        out.scatter_add_(0, tok[:, None].expand(-1, y.shape[-1]), y)
+    return out
 
 
 def main() -> int:
@@ -63,7 +80,10 @@ def main() -> int:
         out["hf_bf16"] = rel(bf(x.bfloat16(), top_i, top_w), truth)
         bf.act_fn = Lambda(fast_gelu)
         out["fast_gelu_bf16"] = rel(bf(x.bfloat16(), top_i, top_w), truth)
-        out["ratio"] = out["fast_gelu_bf16"] / out["hf_bf16"]
+        out["fast_gelu_ratio"] = out["fast_gelu_bf16"] / out["hf_bf16"]
+        bf.act_fn = hf_act
+        out["probs_before_down_proj_bf16"] = rel(megatron_order(bf, x.bfloat16(), top_i, top_w), truth)
+        out["probs_before_down_proj_ratio"] = out["probs_before_down_proj_bf16"] / out["hf_bf16"]
         z = torch.randn(1 << 22, device=a.device) * 3
         ref = torch.nn.functional.gelu(z.double(), approximate="tanh")
         out["activation_alone"] = {"hf": rel(hf_act(z.bfloat16()), ref), "fast_gelu": rel(fast_gelu(z.bfloat16()), ref)}
