@@ -265,7 +265,7 @@ class MegatronBridgeSystem:
         return None
 
     def _attention_kwargs(self) -> dict:
-        """What its decoder passes a layer (or a layer its self-attention): its mask and its RoPE tables."""
+        """What its decoder passes a layer, and a layer its self-attention: its own mask and RoPE tables."""
         return {"attention_mask": self.megatron_mask.to(self.device), "rotary_pos_emb": self.lm.rotary_pos_emb(self.s)}
 
     def _linear_input(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
