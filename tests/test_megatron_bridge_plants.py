@@ -126,3 +126,27 @@ def test_bridge_plant_is_localised_by_its_replay(monkeypatch, plant):
     r = _run("megatron-bridge")
     detail = assert_localised(r, plant.where)
     assert detail["mode"] == "isolated" and detail["megatron_name"] == plant.megatron_name, detail
+
+
+@pytest.mark.skipif(not OK, reason=f"Megatron-Bridge not importable: {WHY}")
+def test_bridge_bf16_error_under_the_noise_is_caught_by_its_fp32_replay(monkeypatch):
+    """Its layers are replayed in fp32 too (``MegatronBridgeSystem.fp32``): an exact-erf GELU in place of its tanh
+    one (a ~2e-4 change, under the bf16 noise floors) fails the bf16 tiny run at the first MLP (the activation is
+    an inline step of it: its down_proj, replayed on HF's activation output, agrees), in fp32_replay only."""
+    import torch
+
+    from parity.mbridge import model as MB
+
+    configure = MB._configure
+
+    def planted(provider, *a, **kw):
+        configure(provider, *a, **kw)
+        provider.activation_func = torch.nn.functional.gelu  # BUG: erf GELU, HF's is the tanh approximation
+    monkeypatch.setattr(MB, "_configure", planted)
+    r = run(load_case("gemma4-text-tiny-bf16"), device="cpu", system="megatron-bridge")
+    failing = [m for m in r["modules"] if not m["passed"] and m["mode"] != "end_to_end"]
+    first_new = min((m for m in failing if m["name"] != "model.embed_tokens"), key=lambda m: m["order"])
+    assert first_new["name"] == "model.layers.0.mlp" and first_new["mode"] == "fp32_replay", first_new
+    assert first_new["rel_l2"] > 1e-5 and first_new["megatron_name"] == "decoder.layers.0.mlp.shared_experts"
+    iso = {m["name"]: m for m in r["modules"] if m["mode"] == "isolated"}
+    assert iso["model.layers.0.mlp"]["passed"]  # the bf16 gates alone do not see it

@@ -131,11 +131,10 @@ def run(case, *, device: str, dtype: str | None = None, checkpoint: str | None =
     with prog.phase("isolated_replay"):
         compared.isolated(prog)
     if tdtype != torch.float32 and case.world_size == 1:
-        from parity.engine.replay32 import fp32_replay, truth_only  # math errors under bf16 rounding
+        from parity.engine.replay32 import fp32_replay  # math errors under bf16 rounding
 
-        with prog.phase("fp32_replay"):  # systems without an fp32 copy of their layers get the truth gate only
-            (fp32_replay if sut.name == "parity" else truth_only)(kind, kind.text_config(hf_config), hf_state, sut,
-                                                                  compared, prog)
+        with prog.phase("fp32_replay"):  # each layer of both sides in fp32 on the same inputs, and the truth gate
+            fp32_replay(kind, kind.text_config(hf_config), hf_state, sut, compared, prog)
     del hf_state
     if host_weights is not None:
         host_weights.close()
@@ -349,16 +348,18 @@ class Comparison:
         plan = self.sut.replays.get(a.row.name_key)
         return self.name(a) if plan is None else plan.module.format(**a.slots)
 
-    def replay_input(self, a: Aligned) -> tuple[str, Any, Call] | None:
+    def replay_input(self, a: Aligned, cap: Capture | None = None, module_of=None) -> tuple[str, Any, Call] | None:
         """(module name, module, the call it replays: HF's captured inputs, the HF row's output) for ``a``; None
         where nothing can be replayed. Inputs: the outputs of the row's ``feeds`` (inline steps), else the
-        captured inputs of the HF row its ``Replay`` names, else the row's own."""
-        name, call = self.replay_name(a), self.cap.first(a.hf)
+        captured inputs of the HF row its ``Replay`` names, else the row's own; from ``cap`` (default: the run's
+        capture) and modules by ``module_of`` (default: the system's ``module``; the fp32 replay's copies)."""
+        cap, module_of = cap or self.cap, module_of or self.sut.module
+        name, call = self.replay_name(a), cap.first(a.hf)
         if a.row.kind in TABLE_KINDS or not isinstance(name, str) or call is None:
             return None
-        module, feeds = self.sut.module(name), [self.cap.first(n) for n in a.feeds]
+        module, feeds = module_of(name), [cap.first(n) for n in a.feeds]
         plan = self.sut.replays.get(a.row.name_key)
-        source = self.cap.first(self.sibling(a, plan.on)) if plan is not None and plan.on else call
+        source = cap.first(self.sibling(a, plan.on)) if plan is not None and plan.on else call
         if None in feeds or source is None or (module is None and not a.feeds):
             return None
         if feeds:

@@ -9,9 +9,11 @@ where HF uses fp32 (it is "as close to HF-bf16 as HF-bf16 is to itself"). Two mo
   and the run's HF weights (the state dict handed to the system; one layer resident at a time, as at full
   size), run on the fp32 reference stream (the previous fp32 layer's output, starting from the captured
   embedding output) with HF's own layer kwargs and HF's own rotary module in fp32, every aligned submodule's
-  inputs and outputs captured. Megatron: an fp32 copy of just that layer of the model under test (built from
-  its own spec with an fp32 config, loaded with its weights), each module replayed on the captured fp32
-  inputs with the system's *own* masks and RoPE tables (``System.replay``). Then the final norm the same way.
+  inputs and outputs captured. The system: just that layer of the model under test in fp32 (``System.fp32``:
+  ours builds a copy from its own spec with an fp32 config; Megatron-Bridge's is upcast in place and cast
+  back, bf16 -> fp32 -> bf16 being exact), each module replayed on the captured fp32 inputs as isolated replay
+  runs it (its ``Replay`` plans included) with the system's *own* masks and RoPE tables (``System.replay``).
+  Then the final norm the same way.
 - ``truth_rel_l2`` on every isolated record of those layers: the Megatron module in the run's dtype on HF's
   captured bf16 inputs against HF's module in fp32 on the same inputs (upcast) -- the truth; its floor is
   HF-bf16's own distance from the same truth, and ``gates`` asks ``truth <= rho * floor + truth_abs``.
@@ -49,30 +51,11 @@ def hf_layer_fp32(text_config, state: dict, i: int, device, prefix: str):
     return layer.eval()
 
 
-def mc_layer_fp32(lm, i: int, device):
-    """An fp32 copy of just decoder layer ``i`` of our Megatron text model ``lm``: built from its own spec with an
-    fp32 config, loaded from the model under test (its weights upcast)."""
-    from parity.models.text import Gemma4TransformerLayer, layer_spec, transformer_config
-
-    args = lm.args
-    la = args.layers[i]
-    config = transformer_config(args, la, torch.float32, str(device).split(":")[0])
-    with torch.device(device):
-        layer = Gemma4TransformerLayer(config, layer_spec(args.enable_moe_block), i + 1, la, args.enable_moe_block)
-    src = {k: v for k, v in lm.decoder.layers[i].state_dict().items() if not k.endswith("_extra_state")}
-    missing = [k for k in layer.state_dict() if k not in src and not k.endswith("_extra_state")]
-    if missing:
-        raise RuntimeError(f"fp32 replay: Megatron layer {i} copy lacks {missing[:3]}")
-    layer.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in src.items()}, strict=False)
-    return layer.to(device).eval()
-
-
 def fp32_replay(kind, text_config, hf_state: dict, sut, compared, prog=None) -> None:
     """Append ``fp32_replay`` records (and ``truth_rel_l2`` on the isolated ones) for every text decoder layer
-    and the final norm of ``compared`` (a ``pipeline.Comparison`` of our system ``sut``)."""
+    and the final norm of ``compared`` (a ``pipeline.Comparison`` of system ``sut``): HF's layer rebuilt in fp32
+    from the run's weights, the system's layer in fp32 (``sut.fp32``), both on HF's fp32 activations."""
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm, Gemma4TextRotaryEmbedding
-
-    from parity.models.norms import Gemma4RMSNorm as McNorm
 
     cap, device, hf_prefix = compared.cap, sut.device, kind.prefixes[Stack.TEXT]
     rows = [a for a in compared.rows if a.row.stack is Stack.TEXT and a.row.kind not in TABLE_KINDS]
@@ -99,47 +82,30 @@ def fp32_replay(kind, text_config, hf_state: dict, sut, compared, prog=None) -> 
         with torch.no_grad():
             kwargs["position_embeddings"] = rotary(h, kwargs["position_ids"], text_config.layer_types[i])
         cap32, out = capture_hf(_mounted(hf32, layer_name), mine, lambda: hf32(h, **kwargs), Store(offload=False))
-        mc32 = mc_layer_fp32(sut.lm, i, device)
-        subs = dict(mc32.named_modules())
-        for a in mine:
-            name, c = compared.name(a), cap32.first(a.hf)
-            rel = _relative(name, "decoder.layers.{}".format(i))
-            if not isinstance(name, str) or c is None or rel not in subs:
-                continue
-            with torch.no_grad():
-                test = sut.replay(a, subs[rel], c)
-            compared.record(a, MODE, value(a.row.kind, c.output), test)
+        layer_row = next(a for a in mine if a.row.kind is Kind.LAYER)
+        with sut.fp32(compared.name(layer_row)) as module_of:  # the system's layer i in fp32
+            for a in mine:
+                planned = compared.replay_input(a, cap32, module_of)
+                if planned is None:
+                    continue
+                name, module, c = planned
+                with torch.no_grad():
+                    test = sut.replay(a, module, c)
+                if test is not None:
+                    compared.record(a, MODE, value(a.row.kind, c.output), test, name=name)
         h = first(out)
-        del hf32, mc32, cap32
+        del hf32, cap32
     for a in rows:  # the final norm, on the last fp32 layer's output
         if a.row.kind is not Kind.NORM or a.layer is not None:
             continue
         name = compared.name(a)
-        src = sut.module(name) if isinstance(name, str) else None
-        if src is None:
+        if not isinstance(name, str) or sut.module(name) is None:
             continue
         hf_norm = Gemma4RMSNorm(text_config.hidden_size, eps=text_config.rms_norm_eps).to(device)
         hf_norm.load_state_dict(_sub_state(hf_state, f"{a.hf}.", device))
-        mc_norm = McNorm(src.weight.shape[0], eps=src.eps, dtype=torch.float32).to(device)
-        mc_norm.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
-        with torch.no_grad():
+        with sut.fp32(name) as module_of, torch.no_grad():
             c = Call((h,), {}, hf_norm(h), 0)
-            compared.record(a, MODE, value(a.row.kind, c.output), sut.replay(a, mc_norm, c))
-
-
-def truth_only(kind, text_config, hf_state: dict, sut, compared, prog=None) -> None:
-    """``truth_rel_l2`` on the isolated records of every text decoder layer, for a system with no fp32 copy of
-    its layers (Megatron-Bridge): HF's layer in fp32 from the run's weights, one layer at a time."""
-    hf_prefix = kind.prefixes[Stack.TEXT]
-    rows = [a for a in compared.rows if a.row.stack is Stack.TEXT and a.row.kind not in TABLE_KINDS]
-    iso = {r["name"]: r for r in compared.records if r["mode"] == "isolated"}
-    n_layers = text_config.num_hidden_layers
-    for i in range(n_layers):
-        if prog is not None:
-            prog.note(f"fp32 truth: layer {i + 1}/{n_layers}")
-        hf32 = hf_layer_fp32(text_config, hf_state, i, sut.device, hf_prefix)
-        _truth(hf32, f"{hf_prefix}layers.{i}", [a for a in rows if a.layer == i], sut, compared, iso)
-        del hf32
+            compared.record(a, MODE, value(a.row.kind, c.output), sut.replay(a, module_of(name), c))
 
 
 def _mounted(layer: torch.nn.Module, path: str) -> torch.nn.Module:
@@ -169,14 +135,3 @@ def _truth(hf32, layer_name: str, rows, sut, compared, iso: dict) -> None:
             test = sut.replay(a, module, replayed)
         m_ = compare(a.row.kind, value(a.row.kind, out32), test, compared.where)
         rec["truth_rel_l2"] = m_["router"]["agree_weight_rel_l2"] if a.row.kind is Kind.ROUTER else m_["rel_l2"]
-
-
-def _relative(name, layer: str) -> str | None:
-    """A module path of the system relative to its decoder layer (``""`` for the layer itself)."""
-    if not isinstance(name, str):
-        return None
-    at = name.find(layer)
-    if at < 0:
-        return None
-    rest = name[at + len(layer):]
-    return rest[1:] if rest.startswith(".") else (rest if rest == "" else None)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Protocol
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -65,6 +65,10 @@ class System(Protocol):
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor: ...  # raw inputs -> logits [b, s, V]
 
     def module(self, name: str) -> nn.Module | None: ...  # a module of the built model by path
+
+    def fp32(self, path: str) -> ContextManager[Callable[[str], nn.Module | None]]: ...
+    # module ``path`` (a text decoder layer, the final norm) in fp32 while inside, for the fp32 replay of a bf16
+    # run; yields ``name -> module`` resolving the system's names of its modules to the fp32 ones
 
     def tables(self) -> dict[str, Any]: ...  # name -> its mask (bool, True = attend) or RoPE (cos, sin)
 

@@ -9,6 +9,7 @@ module on HF's captured inputs where the module can run alone; ``replay`` return
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -181,6 +182,18 @@ class MegatronBridgeSystem:
 
     def module(self, name: str) -> nn.Module | None:
         return self._modules.get(name[: -len(INPUT)] if name.endswith(INPUT) else name)
+
+    @contextmanager
+    def fp32(self, path: str):
+        """``path`` (a decoder layer or the final norm) upcast to fp32 in place for the fp32 replay, cast back
+        after (bf16 -> fp32 -> bf16 is exact; every floating tensor of the built model is in the run's dtype).
+        Its own modules, hooks included, then run in fp32: yields ``module``."""
+        module = self._modules[path]
+        module.float()
+        try:
+            yield self.module
+        finally:
+            module.to(self.dtype)
 
     def tables(self) -> dict[str, Any]:
         return {f"masks[{t}]": m for t, m in self.masks.items()}

@@ -6,6 +6,7 @@ module on HF's captured inputs with its *own* masks and RoPE tables.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -209,6 +210,22 @@ class ParitySystem:
     def module(self, name: str) -> nn.Module | None:
         return self._modules.get(name)
 
+    @contextmanager
+    def fp32(self, path: str):
+        """``path`` (a text decoder layer or the final norm) as an fp32 copy: the layer built from its own spec
+        with an fp32 config, the norm from its class, both loaded with the model's weights upcast. Yields
+        ``name -> module`` for the copy's modules (by their names in the model)."""
+        from parity.models.norms import Gemma4RMSNorm
+
+        src = self._modules[path]
+        if isinstance(src, Gemma4RMSNorm):
+            copy = Gemma4RMSNorm(src.weight.shape[0], eps=src.eps, dtype=torch.float32).to(self.device)
+            copy.load_state_dict({k: v.float() for k, v in src.state_dict().items()})
+        else:
+            copy = _layer_fp32(self.lm, int(path.rsplit(".", 1)[1]), self.device)
+        subs = {path + (f".{n}" if n else ""): m for n, m in copy.named_modules()}
+        yield subs.get
+
     def tables(self) -> dict[str, Any]:
         out = {f"masks[{t}]": m for t, m in self.masks.items()}
         for t, freqs in self.rope.items():  # [s, b, 1, d] -> (cos, sin) [b, s, d] in the run's dtype
@@ -304,3 +321,20 @@ class ParitySystem:
             return module(x, self.vcos, self.vsin, self.vmask)
         return module(x)
 
+
+def _layer_fp32(lm, i: int, device):
+    """An fp32 copy of just decoder layer ``i`` of our Megatron text model ``lm``: built from its own spec with an
+    fp32 config, loaded from the model under test (its weights upcast)."""
+    from parity.models.text import Gemma4TransformerLayer, layer_spec, transformer_config
+
+    args = lm.args
+    la = args.layers[i]
+    config = transformer_config(args, la, torch.float32, str(device).split(":")[0])
+    with torch.device(device):
+        layer = Gemma4TransformerLayer(config, layer_spec(args.enable_moe_block), i + 1, la, args.enable_moe_block)
+    src = {k: v for k, v in lm.decoder.layers[i].state_dict().items() if not k.endswith("_extra_state")}
+    missing = [k for k in layer.state_dict() if k not in src and not k.endswith("_extra_state")]
+    if missing:
+        raise RuntimeError(f"fp32 replay: Megatron layer {i} copy lacks {missing[:3]}")
+    layer.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in src.items()}, strict=False)
+    return layer.to(device).eval()
