@@ -57,21 +57,6 @@ def memoise_reference(pipeline, kinds, setattr=setattr) -> None:  # noqa: A002 -
         {k: v.detach() for k, v in model.state_dict().items()}, None))
 
 
-def failing(r: dict) -> set:
-    """(name, mode) of every failing module row of a run."""
-    return {(m["name"], m["mode"]) for m in r["modules"] if not m["passed"]}
-
-
-def first_new(r: dict, known: set) -> dict:
-    """The engine's own first-divergence rule (``gates.summarise``) over the rows that fail in ``r`` but not in
-    the clean run (``known``): where a plant shows when the clean run itself fails (a system with findings,
-    e.g. Megatron-Bridge's bf16 embedding scale, finding 3, at ``model.embed_tokens``)."""
-    from parity.engine import gates as G
-
-    records = [{**m, "passed": m["passed"] or (m["name"], m["mode"]) in known} for m in r["modules"]]
-    return G.summarise(records, {"logits_ok": True}, {})["summary"]["first_divergence_detail"] or {}
-
-
 def row(plant, shape, r: dict, wall: float, known: set | None = None) -> dict:
     """One plant's outcome. ``known``: the rows failing in the clean run; when there are any, the plant is
     judged by its first *new* divergence (``first_new``) instead of the run's first divergence."""
@@ -88,6 +73,8 @@ def row(plant, shape, r: dict, wall: float, known: set | None = None) -> dict:
         return out
     judged = d
     if known:
+        from tests.plants import first_new
+
         judged = first_new(r, known)
         out["first_new_divergence"] = {k: judged.get(k) for k in ("name", "megatron_name", "mode", "metric",
                                                                    "value", "gate")}
@@ -220,7 +207,7 @@ def main() -> int:
     from parity.engine import kinds, pipeline
     from parity.engine.launch import cpu_threads
     from parity.engine.pipeline import env_info
-    from tests.plants import BRIDGE_PLANTS, BY_NAME, PLANTS, SENSITIVITY, Shape
+    from tests.plants import BRIDGE_PLANTS, BY_NAME, PLANTS, SENSITIVITY, Shape, failing
 
     if a.sensitivity:
         for e in a.eps.split(","):

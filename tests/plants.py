@@ -397,6 +397,21 @@ BRIDGE_PLANTS = [
 BY_NAME = {p.name: p for p in PLANTS + BRIDGE_PLANTS}
 
 
+def failing(r: dict) -> set:
+    """(name, mode) of every failing module row of a run."""
+    return {(m["name"], m["mode"]) for m in r["modules"] if not m["passed"]}
+
+
+def first_new(r: dict, known: set) -> dict:
+    """The engine's own first-divergence rule (``gates.summarise``) over the rows that fail in ``r`` but not in
+    the clean run (``known``): where a plant shows when the clean run itself fails (a system with findings,
+    e.g. Megatron-Bridge's bf16 embedding scale, finding 3, at ``model.embed_tokens``)."""
+    from parity.engine import gates as G
+
+    records = [{**m, "passed": m["passed"] or (m["name"], m["mode"]) in known} for m in r["modules"]]
+    return G.summarise(records, {"logits_ok": True}, {})["summary"]["first_divergence_detail"] or {}
+
+
 def exceeds(row: dict) -> bool:
     """The row's gated metric really exceeds its gate (or a stated reason fails it)."""
     g = row["gate"]

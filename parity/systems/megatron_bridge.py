@@ -20,7 +20,7 @@ from parity.config import TextArgs
 from parity.engine.alignment import VISION, Aligned, Kind, Part, Stack
 from parity.engine.compare import value
 from parity.errors import UserError
-from parity.systems import Elsewhere, Replay
+from parity.systems import Elsewhere, Replay, call_arg, hf_routing
 from parity.systems.ours import split_qkv
 
 INPUT = " (input)"
@@ -248,7 +248,7 @@ class MegatronBridgeSystem:
         kind, dev = a.row.kind, self.device
         if a.row.stack is Stack.VISION:  # HF's own module on HF's own inputs
             return value(kind, module(*call.args, **call.kwargs))
-        arg = lambda key="hidden_states": (call.kwargs[key] if key in call.kwargs else call.args[0]).to(dev)  # noqa: E731
+        arg = lambda key="hidden_states": call_arg(call, key).to(dev)  # noqa: E731
         if kind is Kind.LOGITS:  # output_layer (tied weight) + its softcap on HF's final-norm output
             weight = self.lm.shared_embedding_or_output_weight()
             logits = MB.tp_gather(self.lm.output_layer(sb(call.args[0].to(dev)), weight=weight)[0])
@@ -260,7 +260,7 @@ class MegatronBridgeSystem:
         if self._is_input(a):  # run the enclosing module; the value is the observed module's input meanwhile
             if a.row.name_key not in self.replays:
                 return None  # an input that is another module's output: nothing to run alone
-            return self._via_input(a, module, call)
+            return self._via_input(a, module, arg(), call)
         if kind is Kind.EMBEDDING:
             return sb(module(input_ids=arg("input_ids"), position_ids=None))
         if kind in (Kind.NORM, Kind.HEAD_NORM):
@@ -299,11 +299,10 @@ class MegatronBridgeSystem:
                                                 layer.config.layernorm_epsilon)
         return y if a.row.kind is Kind.FLAT_NORM else sb(y)
 
-    def _via_input(self, a: Aligned, module: nn.Module, call) -> Any:
-        """Run ``module`` (self_attention, linear_proj, the MoE layer) on ``call``'s HF inputs; the row's value is
-        the input its observed module (hooked in ``prepare``) receives during that run."""
+    def _via_input(self, a: Aligned, module: nn.Module, x: torch.Tensor, call) -> Any:
+        """Run ``module`` (self_attention, linear_proj, the MoE layer) on ``x``, ``call``'s first HF input; the
+        row's value is the input its observed module (hooked in ``prepare``) receives during that run."""
         observed = self._modules[self.names[a.row.name_key].format(**a.slots)[: -len(INPUT)]]
-        x = (call.kwargs.get("hidden_states") if "hidden_states" in call.kwargs else call.args[0]).to(self.device)
         self._inputs.pop(id(observed), None)
         if a.row.kind is Kind.ATTENTION:
             module(sb(x), **self._attention_kwargs())
@@ -320,12 +319,8 @@ class MegatronBridgeSystem:
         """Its MoE layer's routed path (preprocess, dispatch, experts, combine, postprocess) for HF's routing:
         HF's top-k indices and weights as its ``(probs, routing_map)``, in the dtype its router emits. Tokens
         are independent here: ``[b*s, H]`` goes in as ``[b*s, 1, H]`` (``[s, b, H]`` with b = 1)."""
-        top_i = (call.kwargs["top_k_index"] if "top_k_index" in call.kwargs else call.args[1]).to(self.device)
-        top_w = (call.kwargs["top_k_weights"] if "top_k_weights" in call.kwargs else call.args[2]).to(self.device)
         dtype = torch.float32 if moe.config.moe_router_dtype == "fp32" else x.dtype
-        probs = torch.zeros(x.shape[0], moe.config.num_moe_experts, dtype=dtype, device=self.device)
-        probs.scatter_(1, top_i, top_w.to(dtype))
-        routing_map = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_i, True)
+        probs, routing_map = hf_routing(call, moe.config.num_moe_experts, dtype, self.device)
         hidden, probs = moe.preprocess(x[:, None, :].contiguous(), probs, routing_map)
         hidden, probs = moe.dispatch(hidden, probs)
         out, _ = moe.routed_experts_compute(hidden, probs)

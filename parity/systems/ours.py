@@ -17,6 +17,7 @@ from parity import megatron_env
 from parity.config import TextArgs
 from parity.engine.alignment import Aligned, Kind, Part, Stack
 from parity.engine.compare import value
+from parity.systems import call_arg, hf_routing
 
 # Alignment-table key -> module path in the text model (``language_model.`` inside the VLM).
 LM = {
@@ -86,10 +87,6 @@ def split_qkv(mixed: torch.Tensor, part: Part, np_: int, hn: int, ng: int) -> to
     g = mixed.reshape(*lead, mixed.shape[-1] // ((rep + 2) * hn), (rep + 2) * hn)
     q, k, v = g.split([rep * hn, hn, hn], dim=-1)
     return {Part.Q: q, Part.K: k, Part.V: v}[part].reshape(*lead, -1)
-
-
-def _arg(call, key: str, pos: int = 0):
-    return call.kwargs[key] if key in call.kwargs else call.args[pos]
 
 
 def _main_input(call) -> torch.Tensor:
@@ -266,7 +263,7 @@ class ParitySystem:
     def replay(self, a: Aligned, module: nn.Module | None, call) -> Any:
         """``module`` on ``call``'s inputs in HF layout (for rows with ``feeds``: on those modules' outputs)."""
         kind, dev = a.row.kind, self.device
-        x = lambda key="hidden_states", pos=0: _arg(call, key, pos).to(dev)  # noqa: E731
+        x = lambda key="hidden_states", pos=0: call_arg(call, key, pos).to(dev)  # noqa: E731
         if a.row.stack is Stack.VISION:
             return value(kind, self._vision_replay(module, _main_input(call).to(dev)))
         if kind is Kind.MERGED:  # the scatter of HF's captured text embeddings and image features
@@ -275,7 +272,7 @@ class ParitySystem:
         if kind is Kind.LOGITS:  # lm_head + softcap on HF's final-norm output
             return self.lm.output_logits(sb(call.args[0].to(dev)))
         if kind is Kind.EMBEDDING:
-            return module(_arg(call, "input_ids").to(dev))
+            return module(call_arg(call, "input_ids").to(dev))
         if kind in (Kind.NORM, Kind.HEAD_NORM):
             return sb(module(sb(x())))
         if kind is Kind.FLAT_NORM:
@@ -296,10 +293,8 @@ class ParitySystem:
             return {"dense": dense, "top_w": top_w, "top_i": top_i}
         if kind is Kind.EXPERTS:  # forced identical routing: HF's top-k indices and weights
             h = x()
-            top_i, top_w = _arg(call, "top_k_index", 1).to(dev), _arg(call, "top_k_weights", 2).to(dev)
-            probs = torch.zeros(h.shape[0], module.config.num_moe_experts, dtype=top_w.dtype, device=dev)
-            probs.scatter_(1, top_i, top_w)
-            routing_map = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_i, True)
+            dtype = call_arg(call, "top_k_weights", 2).dtype
+            probs, routing_map = hf_routing(call, module.config.num_moe_experts, dtype, dev)
             return module.experts_forward(h[:, None, :], probs, routing_map)[:, 0, :]
         if kind is Kind.LM_HEAD:
             from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
