@@ -1,12 +1,15 @@
 """``python -m parity``: run a case, list cases, re-render reports.
 
     python -m parity run --case NAME [--device cpu|cuda] [--dtype float32|bfloat16] [--checkpoint DIR]
-                         [--out DIR | --reports DIR] [--seed N] [--progress] [--system NAME] [--verbose]
+                         [--out DIR | --reports DIR] [--seed N] [--progress] [--system NAME[,NAME...]] [--verbose]
     python -m parity cases
     python -m parity report [--dir DIR]
     python -m parity card [--dir DIR] [--since TIME] [--junit FILE] [--out FILE] [--fail-on-regression]
 
-A run prints one line: verdict, first divergence, regressions against the previous run, report and history.
+A run prints one line per system under test: verdict, first divergence, regressions against the previous run,
+report and history. Several systems (``--system parity,megatron-bridge``) run against one HF reference, built
+once; with ``--out DIR`` each system's report is in ``DIR/<system>/`` and ``DIR/index.html`` shows them side by
+side.
 Third-party notices (Transformer Engine/Apex absent, deprecations) go into the report; ``--verbose`` prints
 them too.
 
@@ -23,7 +26,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from parity.engine.launch import execute, resolve_device
+from parity.engine.launch import execute_systems, resolve_device
 from parity.errors import UserError
 
 PROG = "parity"
@@ -64,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="override the case's seed")
     run.add_argument("--progress", action="store_true", help="print each phase and its time on stderr")
     run.add_argument("--system", default=None,
-                     help="the Megatron implementation under test (default: the case's [system] name, else parity)")
+                     help="the Megatron implementation(s) under test, comma-separated: several run against one HF "
+                          "reference (default: the case's [system] name, else parity)")
     run.add_argument("-v", "--verbose", action="store_true",
                      help="also print the third-party notices collected during the run (they are in the report)")
 
@@ -187,7 +191,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from parity.cases import checkpoint_for, load_case, system_for
 
     case = load_case(args.case)
-    system = system_for(case, args.system)
+    systems = systems_for(case, args.system, system_for)
     checkpoint = checkpoint_for(case, args.checkpoint)
     if checkpoint is not None:
         path = Path(checkpoint)
@@ -198,32 +202,64 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"checkpoint {checkpoint} is not a folder (expected a local HF checkpoint folder)")
         if not (path / "config.json").is_file():  # before the heavy imports; the rest is checked from headers
             raise UserError(f"{path / 'config.json'}: missing (not an HF checkpoint folder)")
+    several = len(systems) > 1
     if args.out is not None:
-        _refuse_existing_report(args.out)
+        for out in ([args.out / s for s in systems] + [args.out] if several else [args.out]):
+            _refuse_existing_report(out, names=("index.html",) if several and out == args.out else None)
     device = resolve_device(case, args.device, checkpoint)
     from parity.provenance import third_party_notices
 
     notices: list[str] = []
     try:
         with third_party_notices(notices):
-            results = execute(case, device=device, dtype=args.dtype, checkpoint=checkpoint, seed=args.seed,
-                              progress=args.progress, system=system)
+            runs = execute_systems(case, device=device, dtype=args.dtype, checkpoint=checkpoint, seed=args.seed,
+                           progress=args.progress, systems=systems)
     finally:
         if args.verbose:
             for n in notices:
                 print(f"notice: {n}", file=sys.stderr)
-    if isinstance(results.get("env"), dict):
-        results["env"]["warnings"] = notices
     reports = args.reports or default_reports_dir()
-    report = write_report(results, out=args.out, reports=reports)
-    print(summary_text(results, report, None if args.out is not None else reports / "index.html"))
-    return EXIT_OK if results.get("passed") else EXIT_FAIL
+    written = []
+    for results in runs:
+        if isinstance(results.get("env"), dict):
+            results["env"]["warnings"] = notices
+        out = None if args.out is None else (args.out / results["system"]["name"] if several else args.out)
+        report = write_report(results, out=out, reports=reports)
+        written.append(report)
+        print(summary_text(results, report, None if args.out is not None else reports / "index.html"))
+    if several:
+        print(f"systems side by side: {write_side_by_side(case.name, runs, written, args.out, reports)}")
+    return EXIT_OK if all(r.get("passed") for r in runs) else EXIT_FAIL
 
 
-def _refuse_existing_report(out: Path) -> None:
+def systems_for(case, flag: str | None, system_for) -> list[str]:
+    """The systems under test of a run: ``--system a,b`` (each known, none twice), else the case's own."""
+    if flag is None:
+        return [system_for(case, None)]
+    names = [n.strip() for n in flag.split(",")]
+    if "" in names:
+        raise UserError(f"--system {flag!r}: an empty system name")
+    if len(set(names)) != len(names):
+        raise UserError(f"--system {flag!r}: a system named twice")
+    return [system_for(case, n) for n in names]
+
+
+def write_side_by_side(case: str, runs: list[dict], reports: list[Path], out: Path | None, root: Path) -> Path:
+    """The page showing several systems' runs of one case side by side: ``out/index.html`` with ``--out``, else
+    ``root/systems/<the first run's id>/index.html`` beside the history."""
+    import os
+
+    from parity.report.systems import write_systems
+
+    where = out if out is not None else root / "systems" / reports[0].parent.name
+    entries = [(r["system"]["name"], r, os.path.relpath(p, where)) for r, p in zip(runs, reports)]
+    return Path(write_systems(where, case, entries))
+
+
+def _refuse_existing_report(out: Path, names: tuple[str, ...] | None = None) -> None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
-    for name in ("results.json", "index.html"):
+    for name in names or ("results.json", "index.html"):
         if (out / name).exists():
             raise UserError(f"{out / name} already exists; refusing to overwrite an earlier report "
                             f"(choose another --out folder)")

@@ -209,3 +209,12 @@ def config_hash(config: Any) -> str:
 def is_perfect_square(n: int) -> bool:
     r = math.isqrt(n)
     return r * r == n
+
+
+# Per-layer predicates that tables name by key (the weight mapping's rules, the alignment table's rows).
+WHEN = {
+    "untied": lambda args, i: not args.tie_word_embeddings,
+    "moe": lambda args, i: args.enable_moe_block,
+    "k_eq_v": lambda args, i: args.layers[i].k_eq_v,
+    "separate_v": lambda args, i: not args.layers[i].k_eq_v,
+}

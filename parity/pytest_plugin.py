@@ -8,7 +8,8 @@ Options are the interface::
     --parity-reports DIR            report root (default: $PARITY_REPORTS_DIR or reports/)
     --parity-case NAME              run only these cases (repeatable)
     --parity-progress               print the engine's phases (use with -s)
-    --parity-system NAME            the Megatron implementation under test (default parity; ids then carry it)
+    --parity-system NAME[,NAME]     the Megatron implementation(s) under test (default parity; ids then carry
+                                    it); several run against one HF reference, built once per case
 
 A test that takes ``parity_target`` is parametrised over the cases, one id per case:
 ``test_logits[gemma4-text-tiny]`` (the check is the test's name, so ``-k logits`` selects a check and
@@ -66,8 +67,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--parity-progress", action="store_true", default=False,
                     help="print the engine's phases on stderr (see them with -s)")
     group.addoption("--parity-system", metavar="NAME", default=None,
-                    help="the Megatron implementation under test (default: each case's [system] name, else parity; "
-                         "e.g. megatron-bridge)")
+                    help="the Megatron implementation(s) under test, comma-separated (default: each case's [system] "
+                         "name, else parity; e.g. megatron-bridge or parity,megatron-bridge: one HF build for both)")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -85,14 +86,15 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    ids = {t.id for t in config.stash[_STATE].all_targets()}
+    groups = {t.id: t.group for t in config.stash[_STATE].all_targets()}
 
     class CaseScheduling(LoadScopeScheduling):
-        """One work unit per case (all its checks), every other test a unit of its own; node ids untouched."""
+        """One work unit per case (all its checks, of every system under test), every other test a unit of its
+        own; node ids untouched."""
 
         def _split_scope(self, nodeid: str) -> str:
             m = re.search(r"\[([^\[\]]+)\]$", nodeid)
-            return f"parity-case:{m.group(1)}" if m and m.group(1) in ids else nodeid
+            return f"parity-case:{groups[m.group(1)]}" if m and m.group(1) in groups else nodeid
 
     return CaseScheduling(config, log)
 
@@ -136,6 +138,7 @@ class Target:
     id: str
     skip: str | None = None
     system: str = "parity"
+    group: str = ""  # the run id without the system: targets of one group share one HF reference
 
     @property
     def key(self) -> tuple:
@@ -162,7 +165,7 @@ class _State:
     checkpoint: str | None
     only: tuple[str, ...]
     progress: bool
-    system: str | None = None  # explicit --parity-system; None: each case's [system] name
+    systems: tuple[str, ...] | None = None  # explicit --parity-system; None: each case's [system] name
     targets: list[Target] | None = None
     runs: dict[tuple, _Outcome] = field(default_factory=dict)
 
@@ -183,21 +186,23 @@ class _State:
                 load_case(name)
             except UserError as e:
                 raise pytest.UsageError(f"--parity-case: {e}") from None
-        system = opt("parity_system")
+        flag = opt("parity_system")
         from parity.registry import SYSTEMS, known
 
-        if system is not None and system not in SYSTEMS:
-            raise pytest.UsageError(f"--parity-system: unknown system {system!r} (known: {known()})")
+        systems = None if flag is None else tuple(dict.fromkeys(n.strip() for n in flag.split(",")))
+        for system in systems or ():
+            if system not in SYSTEMS:
+                raise pytest.UsageError(f"--parity-system: unknown system {system!r} (known: {known()})")
         return cls(reports=reports, device=opt("parity_device"), dtype=opt("parity_dtype"), checkpoint=checkpoint,
-                   only=only, progress=bool(opt("parity_progress")), system=system)
+                   only=only, progress=bool(opt("parity_progress")), systems=systems)
 
     def all_targets(self) -> list[Target]:
         if self.targets is None:
             cases = [load_case(n) for n in self.only] if self.only else list_cases()
-            self.targets = _unique_ids([self.target(c) for c in cases])
+            self.targets = _unique_ids([self.target(c, s) for c in cases for s in (self.systems or (None,))])
         return self.targets
 
-    def target(self, case: Case) -> Target:
+    def target(self, case: Case, explicit: str | None = None) -> Target:
         cuda, count = _cuda() if self.device != "cpu" else (False, 0)  # --parity-device cpu: no torch import
         device = self.device or default_device(case, cuda)
         dtype = self.dtype or case.dtype
@@ -206,7 +211,7 @@ class _State:
                                 checkpoint_hint="--parity-checkpoint DIR")
         if why is None and case.world_size > 1 and importlib.util.find_spec("parity.engine.distributed") is None:
             why = f"multi-GPU launch not available: parity.engine.distributed is missing (case {case.name})"
-        system = system_for(case, self.system)
+        system = system_for(case, explicit)
         if why is None and system == "megatron-bridge":
             from parity import mbridge
 
@@ -214,37 +219,46 @@ class _State:
             why = None if ok else f"system megatron-bridge: {reason}"
         run = run_id(case, self.dtype)
         return Target(case=case, device=device, dtype=dtype, checkpoint=checkpoint, seed=None,
-                      id=run if system == "parity" else f"{run}@{system}", skip=why, system=system)
+                      id=run if system == "parity" else f"{run}@{system}", skip=why, system=system, group=run)
 
     def run(self, target: Target) -> _Outcome:
-        """The one engine run of ``target`` in this process (cached, errors included)."""
+        """The one engine run of ``target`` in this process (cached, errors included). The targets of its group
+        (the same case run against other systems) that are still to run share it: one HF reference for all."""
         if target.key in self.runs:
             return self.runs[target.key]
-        from parity.engine.launch import execute
+        from parity.engine.launch import execute_systems
         from parity.provenance import third_party_notices
 
-        outcome = _Outcome()
+        ahead = [target] + [t for t in self.all_targets() if t.group == target.group and t.key != target.key
+                            and t.skip is None and t.key not in self.runs and t.key[:-1] == target.key[:-1]]
+        outcomes = {t.key: _Outcome() for t in ahead}
+        notices: list[str] = []
         try:
-            other = {} if target.system == "parity" else {"system": target.system}  # the default stays implicit
-            with third_party_notices(outcome.notices):
-                outcome.results = execute(target.case, device=target.device, dtype=target.dtype,
-                                          checkpoint=target.checkpoint, seed=target.seed, progress=self.progress,
-                                          **other)
-        except Exception as e:  # cached: the other checks of this case report it without rerunning
-            outcome.error = e
-        if outcome.results is not None:
-            env = outcome.results.setdefault("env", {})
-            if isinstance(env, dict):
-                env["warnings"] = list(outcome.notices)
-            try:
-                from parity.report.store import write_run
+            with third_party_notices(notices):
+                runs = execute_systems(target.case, device=target.device, dtype=target.dtype,
+                                       checkpoint=target.checkpoint, seed=target.seed, progress=self.progress,
+                                       systems=[t.system for t in ahead])
+            for t, results in zip(ahead, runs):
+                outcomes[t.key].results = results
+        except Exception as e:  # cached: the other checks of these targets report it without rerunning
+            for o in outcomes.values():
+                o.error = e
+        for t in ahead:
+            outcome = outcomes[t.key]
+            outcome.notices = list(notices)
+            if outcome.results is not None:
+                env = outcome.results.setdefault("env", {})
+                if isinstance(env, dict):
+                    env["warnings"] = list(notices)
+                try:
+                    from parity.report.store import write_run
 
-                outcome.report = Path(write_run(outcome.results, self.reports)) / "index.html"
-            except Exception as e:  # noqa: BLE001 - the verdicts stand; the missing report is a warning
-                warnings.warn(pytest.PytestWarning(f"parity: could not write the report of {target.id}: "
-                                                   f"{type(e).__name__}: {e}"))
-        self.runs[target.key] = outcome
-        return outcome
+                    outcome.report = Path(write_run(outcome.results, self.reports)) / "index.html"
+                except Exception as e:  # noqa: BLE001 - the verdicts stand; the missing report is a warning
+                    warnings.warn(pytest.PytestWarning(f"parity: could not write the report of {t.id}: "
+                                                       f"{type(e).__name__}: {e}"))
+            self.runs[t.key] = outcome
+        return self.runs[target.key]
 
 
 def _cuda() -> tuple[bool, int]:
@@ -270,7 +284,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     check = metafunc.function.__name__.removeprefix("test_")
     params = []
     for t in metafunc.config.stash[_STATE].all_targets():
-        marks = [getattr(pytest.mark, m) for m in t.case.markers] + [pytest.mark.xdist_group(t.id)]
+        marks = [getattr(pytest.mark, m) for m in t.case.markers] + [pytest.mark.xdist_group(t.group)]
         if t.skip:
             marks.append(pytest.mark.skip(reason=t.skip))
         elif check == "router" and t.case.dense:

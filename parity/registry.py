@@ -13,3 +13,15 @@ def known() -> str:
 def unknown(name: str) -> str:
     """The one message for a system name that is not registered (case files, flags, the registry lookup)."""
     return f"unknown system under test {name!r} (known: {known()})"
+
+
+def get(name: str):
+    """A new instance of system ``name`` (its module imported now), or a ``UserError`` naming the known ones."""
+    import importlib
+
+    from parity.errors import UserError
+
+    if name not in SYSTEMS:
+        raise UserError(unknown(name))
+    module, factory = SYSTEMS[name].split(":")
+    return getattr(importlib.import_module(module), factory)()

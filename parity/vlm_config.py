@@ -167,3 +167,9 @@ def make_vlm_config(kwargs: dict[str, Any] | None = None):
     from transformers import Gemma4Config
 
     return Gemma4Config(**(kwargs if kwargs is not None else vlm_config_kwargs()))
+
+
+def soft_tokens_per_image(image_position_ids, pooling_kernel_size: int) -> list[int]:
+    """Real patches / k^2 per image (what the processor writes as image tokens between BOI and EOI)."""
+    real = (image_position_ids != -1).all(dim=-1).sum(dim=-1)
+    return (real // pooling_kernel_size**2).tolist()

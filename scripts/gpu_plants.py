@@ -1,8 +1,7 @@
 """The planted Megatron-side errors of ``tests/plants.py`` at the 26B-A4B shape, in one run (issue 11, item 8).
 
-The HF side is built, captured and floored once: the script keeps the first run's HF model, capture, noise
-floors and fp32 reference (``parity.engine.run``'s own functions, memoised for this process) and re-runs only
-the Megatron side per plant. The case's inputs become a left-padded batch of mixed lengths with offset
+The HF side is built, captured and floored once (``parity.engine.pipeline.reference``) and every plant runs
+only the system against that one reference (``pipeline.against``). The case's inputs become a left-padded batch of mixed lengths with offset
 positions, so padding and position plants can show. Writes the detection table (plant -> caught? -> module,
 mode, value, gate) with machine and versions as JSON.
 
@@ -34,27 +33,6 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def memoise_reference(pipeline, kinds, setattr=setattr) -> None:  # noqa: A002 - a MonkeyPatch's setattr undoes
-    """Build, capture and floor HF once: later runs of this process reuse the first run's results (one case and
-    dtype per memo: pass a ``pytest.MonkeyPatch().setattr`` to undo it)."""
-    cache: dict = {}
-
-    def once(name, fn):
-        def wrapped(*a, **kw):
-            if name not in cache:
-                cache[name] = fn(*a, **kw)
-            return cache[name]
-        return wrapped
-
-    for name in ("capture_hf", "end_to_end_floors", "isolated_floors"):
-        setattr(pipeline, name, once(name, getattr(pipeline, name)))
-    for kind in kinds.values():
-        setattr(kind, "build", once(f"build_{kind.name}", kind.build))
-    # the weights stay in the (kept) HF model: no host staging, nothing released between plants
-    setattr(pipeline, "weights_for_conversion", lambda model, sequential, stage=None: (
-        {k: v.detach() for k, v in model.state_dict().items()}, None))
 
 
 def row(plant, shape, r: dict, wall: float, known: set | None = None) -> dict:
@@ -108,9 +86,10 @@ def outcome(point: dict) -> str:
     return "misplaced" if first else "missed"
 
 
-def run_plant(plant, case, a, shape) -> tuple[dict | None, float, BaseException | None]:
-    """One run of ``case`` with ``plant`` in place (undone after): (results or None, wall seconds, the error the
-    run raised, if any — a plant that breaks the run is a finding, not the end of the table)."""
+def run_plant(plant, ref, a, shape) -> tuple[dict | None, float, BaseException | None]:
+    """One run of the system against reference ``ref`` with ``plant`` in place (undone after): (results or None,
+    wall seconds, the error the run raised, if any — a plant that breaks the run is a finding, not the end of
+    the table)."""
     import pytest
 
     from parity.engine import pipeline
@@ -119,7 +98,7 @@ def run_plant(plant, case, a, shape) -> tuple[dict | None, float, BaseException 
     t0 = time.perf_counter()
     try:
         plant.plant(mp, shape)
-        return pipeline.run(case, device=a.device, system=a.system), time.perf_counter() - t0, None
+        return pipeline.against(ref, a.system), time.perf_counter() - t0, None
     except Exception as e:  # noqa: BLE001
         return None, time.perf_counter() - t0, e
     finally:
@@ -129,7 +108,7 @@ def run_plant(plant, case, a, shape) -> tuple[dict | None, float, BaseException 
             torch.cuda.empty_cache()
 
 
-def sensitivity(case, a, shape, out_path: str, table: dict, known: set) -> dict:
+def sensitivity(ref, a, shape, out_path: str, table: dict, known: set) -> dict:
     """Per class, the planted relative error descends the ``--eps`` list (breadth first over the classes, so a cut
     by ``--max-runs`` / ``--max-wall`` still leaves every class some points) and stops at the class's first eps that
     is not caught; the table is rewritten after every point."""
@@ -150,7 +129,7 @@ def sensitivity(case, a, shape, out_path: str, table: dict, known: set) -> dict:
             if over:
                 point = {"eps": eps, "outcome": "not run", "why": "budget (--max-runs / --max-wall) spent"}
             else:
-                res, wall, err = run_plant(plant, case, a, shape)
+                res, wall, err = run_plant(plant, ref, a, shape)
                 if isinstance(err, Unrepresentable):  # nothing would be planted: no run
                     point = {"eps": eps, "outcome": "unrepresentable", "why": str(err), "wall_s": wall}
                 elif err is not None:
@@ -204,7 +183,7 @@ def main() -> int:
     a = ap.parse_args()
 
     from parity.cases import load_case
-    from parity.engine import kinds, pipeline
+    from parity.engine import pipeline
     from parity.engine.launch import cpu_threads
     from parity.engine.pipeline import env_info
     from tests.plants import BRIDGE_PLANTS, BY_NAME, PLANTS, SENSITIVITY, Shape, failing
@@ -229,10 +208,10 @@ def main() -> int:
                                     "lengths": [n, (3 * n) // 4 + 1], "position_offset": 5},
                             run={"sequential": False, "offload": base.run.offload})
     shape = Shape.of(case)
-    memoise_reference(pipeline, kinds.KINDS)
     with cpu_threads(a.device) if a.sensitivity else contextlib.nullcontext():  # CPU: one thread, as the tests
         t0 = time.perf_counter()
-        r = pipeline.run(case, device=a.device, progress=True, system=a.system)
+        ref = pipeline.reference(case, device=a.device, progress=True)  # HF once; kept resident (not sequential)
+        r = pipeline.against(ref, a.system)
         clean = row(None, shape, r, time.perf_counter() - t0)
         clean["truth_ratios"] = truth_ratios(r)
         clean["phases"] = r.get("phases")
@@ -261,7 +240,7 @@ def main() -> int:
                                   "unrepresentable": "the dtype cannot carry this error in this tensor: not run",
                                   "not run": "--max-runs / --max-wall spent"},
                      **head, "clean": clean}
-            sensitivity(case, a, shape, path, table, known)
+            sensitivity(ref, a, shape, path, table, known)
             with open(path, "w") as f:
                 json.dump(table, f, indent=1, default=str)
             print(f"[gpu_plants] sensitivity, smallest caught: {json.dumps(table['smallest_caught'])}; "
@@ -272,7 +251,7 @@ def main() -> int:
             PLANTS if a.system == "parity" else BRIDGE_PLANTS)
         rows = []
         for plant in plants:
-            res, wall, err = run_plant(plant, case, a, shape)
+            res, wall, err = run_plant(plant, ref, a, shape)
             out = (row(plant, shape, res, wall, known) if err is None else
                    {"plant": plant.name, "kind": plant.kind, "caught": False, "error": f"{type(err).__name__}: {err}"})
             rows.append(out)

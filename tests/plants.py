@@ -407,8 +407,9 @@ def first_new(r: dict, known: set) -> dict:
     the clean run (``known``): where a plant shows when the clean run itself fails (a system with findings,
     e.g. Megatron-Bridge's bf16 embedding scale, finding 3, at ``model.embed_tokens``)."""
     from parity.engine import gates as G
+    from parity.engine.record import Record
 
-    records = [{**m, "passed": m["passed"] or (m["name"], m["mode"]) in known} for m in r["modules"]]
+    records = [Record.from_dict({**m, "passed": m["passed"] or (m["name"], m["mode"]) in known}) for m in r["modules"]]
     return G.summarise(records, {"logits_ok": True}, {})["summary"]["first_divergence_detail"] or {}
 
 

@@ -12,7 +12,7 @@ import torch
 from parity.engine import metrics as M
 from parity.engine.alignment import Kind
 from parity.engine.compare import Where, compare, device_of
-from parity.engine.pipeline import floor_value
+from parity.engine.compare import floor_value
 
 ACCEL = torch.device("meta")
 

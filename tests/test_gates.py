@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parity.engine import gates as G
+from parity.engine.record import Record
 
 FAST = settings(max_examples=60, deadline=None)
 
@@ -19,9 +20,9 @@ GATES = {"float32": {"rel_l2": 1e-5, "logits_rel_l2": 1e-5, "kl_max": 1e-6}, "bf
 LOGITS_OK = {"kl_max": 0.0}
 
 
-def rec(name="model.layers.0.mlp", kind="mlp", mode="end_to_end", rel_l2=0.0, floor=None, order=1, **extra) -> dict:
-    return {"name": name, "megatron_name": "mc." + name, "mode": mode, "kind": kind, "gate_class": "module",
-            "rel_l2": rel_l2, "max_abs": rel_l2, "floor": floor, "order": order, "layer": 0, **extra}
+def rec(name="model.layers.0.mlp", kind="mlp", mode="end_to_end", rel_l2=0.0, floor=None, order=1, **extra) -> Record:
+    return Record(name=name, megatron_name="mc." + name, mode=mode, kind=kind, gate_class="module", rel_l2=rel_l2,
+                  max_abs=rel_l2, floor=floor, order=order, layer=0, **extra)
 
 
 def router(agree: float, all_tokens: float, decisive=0, margins=()):
@@ -38,11 +39,11 @@ def judge(records, dtype="bfloat16", logits=LOGITS_OK, **kw):
 def test_bf16_parity_gate_is_floor_relative():
     r = rec(rel_l2=0.0135, floor=0.003)
     judge([r])
-    assert r["gate"]["max"] == pytest.approx(4 * 0.003 + 1e-3) and r["passed"] is False
-    assert r["ratio"] == pytest.approx(0.0135 / 0.003)
+    assert r.gate["max"] == pytest.approx(4 * 0.003 + 1e-3) and r.passed is False
+    assert r.ratio == pytest.approx(0.0135 / 0.003)
     ok = rec(rel_l2=0.0135, floor=0.003 * 1.1)  # 4 x 0.0033 + 1e-3 = 0.0142
     judge([ok])
-    assert ok["passed"] is True
+    assert ok.passed is True
 
 
 def test_accuracy_against_the_truth_catches_what_the_parity_gate_lets_through():
@@ -50,24 +51,24 @@ def test_accuracy_against_the_truth_catches_what_the_parity_gate_lets_through():
     twice as far from HF-fp32 as HF-bf16 is: the truth gate (rho 1.5) fails and says why."""
     r = rec(rel_l2=0.005, floor=0.004, truth_rel_l2=0.008)
     _, res = judge([r])
-    assert r["passed"] is False
-    assert r["gate"] == {"metric": "truth_rel_l2", "max": pytest.approx(1.5 * 0.004 + 1e-3), "truth_multiplier": 1.5,
+    assert r.passed is False
+    assert r.gate == {"metric": "truth_rel_l2", "max": pytest.approx(1.5 * 0.004 + 1e-3), "truth_multiplier": 1.5,
                          "truth_abs": 1e-3, "ceiling": 0.1}
-    assert r["truth_ratio"] == pytest.approx(2.0) and r["why"].startswith("accuracy:")
+    assert r.truth_ratio == pytest.approx(2.0) and r.why.startswith("accuracy:")
     d = res["summary"]["first_divergence_detail"]
     assert d["metric"] == "truth_rel_l2" and d["value"] == 0.008 and d["gate"] == pytest.approx(0.007)
     clean = rec(rel_l2=0.003, floor=0.004, truth_rel_l2=0.0045)  # ratio 1.1: passes
     judge([clean])
-    assert clean["passed"] is True and clean["truth_ratio"] == pytest.approx(1.125)
+    assert clean.passed is True and clean.truth_ratio == pytest.approx(1.125)
 
 
 def test_a_floor_above_the_ceiling_fails_as_reference_unstable():
     r = rec(rel_l2=0.0, floor=0.3)  # Megatron equals HF-bf16; HF-bf16 itself is 30 % off HF-fp32
     _, res = judge([r])
-    assert r["passed"] is False and r["unstable"] is True
-    assert r["why"] == "reference unstable: HF's own bf16 error (vs HF-fp32) 0.3 exceeds the case ceiling 0.1"
+    assert r.passed is False and r.unstable is True
+    assert r.why == "reference unstable: HF's own bf16 error (vs HF-fp32) 0.3 exceeds the case ceiling 0.1"
     assert res["summary"]["n_unstable"] == 1 and res["summary"]["n_failed"] == 1
-    assert res["summary"]["first_divergence"] == r["name"]
+    assert res["summary"]["first_divergence"] == r.name
 
 
 @FAST
@@ -75,9 +76,9 @@ def test_a_floor_above_the_ceiling_fails_as_reference_unstable():
 def test_no_floor_relative_gate_exceeds_its_ceiling(floor, value):
     r = rec(rel_l2=value, floor=floor, truth_rel_l2=value)
     judge([r])
-    assert r["gate"]["max"] <= BF16["ceiling_rel_l2"]
+    assert r.gate["max"] <= BF16["ceiling_rel_l2"]
     if value > BF16["ceiling_rel_l2"]:
-        assert r["passed"] is False
+        assert r.passed is False
 
 
 @FAST
@@ -85,7 +86,7 @@ def test_no_floor_relative_gate_exceeds_its_ceiling(floor, value):
 def test_logits_rel_l2_of_0_7_never_passes(floor, kl_floor):
     r = rec(name="logits", kind="logits", rel_l2=0.7, floor=floor)
     verdict, res = judge([r], kl_floor=kl_floor)
-    assert r["passed"] is False and verdict["logits_ok"] is False and res["checks"]["logits"] is False
+    assert r.passed is False and verdict["logits_ok"] is False and res["checks"]["logits"] is False
 
 
 def test_logits_kl_gate_is_floor_relative_with_a_small_absolute_term_and_capped():
@@ -114,41 +115,41 @@ def test_router_gate_uses_the_agreeing_tokens():
     dropped = rec("model.layers.0.router", "router", rel_l2=0.12, floor=0.002, router=router(0.1, 0.12))
     clean = rec("model.layers.1.router", "router", rel_l2=0.09, floor=0.002, router=router(0.002, 0.09), order=2)
     _, res = judge([dropped, clean])
-    assert dropped["passed"] is False and dropped["gate"]["metric"] == "agree_weight_rel_l2"
-    assert dropped["gate"]["max"] == pytest.approx(0.009)
-    assert clean["passed"] is True  # its all-token rel-L2 0.09 is flips, not weights
+    assert dropped.passed is False and dropped.gate["metric"] == "agree_weight_rel_l2"
+    assert dropped.gate["max"] == pytest.approx(0.009)
+    assert clean.passed is True  # its all-token rel-L2 0.09 is flips, not weights
     assert res["summary"]["first_divergence"] == "model.layers.0.router"
     assert res["checks"]["router"] is False
     f32 = rec("model.layers.0.router", "router", rel_l2=0.5, router=router(0.0, 0.5))
     judge([f32], dtype="float32")
-    assert f32["passed"] is True and f32["gate"] == {"metric": "agree_weight_rel_l2", "max": 1e-5}
+    assert f32.passed is True and f32.gate == {"metric": "agree_weight_rel_l2", "max": 1e-5}
     nothing = rec("model.layers.0.router", "router", rel_l2=0.5, router=router(math.nan, 0.5))
     judge([nothing], dtype="float32")
-    assert nothing["passed"] is False  # no token agrees: nothing compared is no evidence
+    assert nothing.passed is False  # no token agrees: nothing compared is no evidence
 
 
 def test_isolated_decisive_flip_fails_with_its_margins():
     r = rec("model.layers.0.router", "router", mode="isolated", router=router(0.0, 0.3, decisive=2,
                                                                               margins=(0.31, 0.05)))
     judge([r], dtype="float32")
-    assert r["passed"] is False and r["why"] == "2 decisive top-k flips (margins 0.31, 0.05)"
+    assert r.passed is False and r.why == "2 decisive top-k flips (margins 0.31, 0.05)"
     e2e = rec("model.layers.0.router", "router", router=router(0.0, 0.3, decisive=2))
     judge([e2e], dtype="float32")
-    assert e2e["passed"] is True  # end to end its inputs differ already; upstream rows carry the blame
+    assert e2e.passed is True  # end to end its inputs differ already; upstream rows carry the blame
 
 
 def test_a_twin_never_called_is_a_failing_row():
     r = rec(rel_l2=None, missing="Megatron module decoder.layers.0.mlp was never called")
     _, res = judge([r], dtype="float32")
-    assert r["passed"] is False and r["why"] == "Megatron module decoder.layers.0.mlp was never called"
-    assert res["summary"]["n_failed"] == 1 and res["summary"]["first_divergence_detail"]["why"] == r["why"]
+    assert r.passed is False and r.why == "Megatron module decoder.layers.0.mlp was never called"
+    assert res["summary"]["n_failed"] == 1 and res["summary"]["first_divergence_detail"]["why"] == r.why
 
 
 def test_exact_rows_stay_exact_in_bf16():
     r = rec("model.embed_tokens", "embedding", rel_l2=1e-4, floor=0.01)
-    r["gate_class"] = "exact"
+    r.gate_class = "exact"
     judge([r])
-    assert r["gate"] == {"metric": "max_abs", "max": 0.0} and r["passed"] is False
+    assert r.gate == {"metric": "max_abs", "max": 0.0} and r.passed is False
 
 
 def test_inputs_left_padding_mixed_lengths_and_offsets():

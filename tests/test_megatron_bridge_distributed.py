@@ -60,15 +60,15 @@ def _worker(rank, world, port, tp, ep, q, plant=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from parity import systems
+    from parity import registry
     from parity.engine.pipeline import run
 
     if plant:
         from parity.mbridge import substitutes as S
         S.RowParallelLinearPostNormSubstitute.forward = _without_tp_reduction
     built = []  # the system the pipeline builds, kept to read its shard shapes afterwards
-    get = systems.get
-    systems.get = lambda name: built.append(get(name)) or built[-1]
+    get = registry.get
+    registry.get = lambda name: built.append(get(name)) or built[-1]
     r = run(_case(tp, ep), device="cpu", system="megatron-bridge")
     params = dict(built[0].model.named_parameters())
     shards = {"qkv_rows": params["decoder.layers.0.self_attention.linear_qkv.weight"].shape[0],

@@ -3,12 +3,11 @@ weight, a projection, the routing weights, an expert output; ``tests/plants.py``
 caught and localised at that module down to the sizes ``bench/detection-sensitivity-*.json`` record, and
 below the fp32 gate (1e-5) no module row fails: detection is the gate, not noise.
 
-The HF side is built, captured and floored once per dtype (``scripts/gpu_plants.py``'s ``memoise_reference``,
-undone afterwards); only the Megatron side re-runs per plant.
+The HF side is built, captured and floored once per dtype (``parity.engine.pipeline.reference``); only the
+Megatron side re-runs per plant, against that one reference (``pipeline.against``).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -26,48 +25,37 @@ CLASSES = list(SENSITIVITY)
 WEIGHTS = [c for c in CLASSES if SENSITIVITY[c][1] is not None]
 
 
-def _gpu_plants():
-    spec = importlib.util.spec_from_file_location("gpu_plants", os.path.join(ROOT, "scripts", "gpu_plants.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 class Runs:
     """``runs(dtype, plant)``: the padded tiny case of ``dtype`` on CPU (one thread, as ``execute``) with ``plant``
-    planted; HF memoised for one dtype at a time."""
+    planted; one HF reference per dtype, kept while that dtype's runs last."""
 
     def __init__(self):
-        self.dtype, self.memo, self.memoise = None, None, _gpu_plants().memoise_reference
+        self.dtype, self.ref = None, None
 
     def __call__(self, dtype: str, plant=None) -> dict:
-        from parity.engine import kinds, pipeline
+        from parity.engine import pipeline
         from parity.engine.launch import cpu_threads
 
-        if dtype != self.dtype:
-            self.close()
-            self.memo, self.dtype = pytest.MonkeyPatch(), dtype
-            self.memoise(pipeline, kinds.KINDS, self.memo.setattr)
-        with pytest.MonkeyPatch.context() as mp, cpu_threads("cpu"):
-            if plant is not None:
-                plant.plant(mp, None)
-            return pipeline.run(load_case(CASES[dtype]), device="cpu")
+        with cpu_threads("cpu"):
+            if dtype != self.dtype:
+                self.close()
+                self.ref, self.dtype = pipeline.reference(load_case(CASES[dtype]), device="cpu"), dtype
+            with pytest.MonkeyPatch.context() as mp:
+                if plant is not None:
+                    plant.plant(mp, None)
+                return pipeline.against(self.ref, "parity")
 
     def close(self):
-        if self.memo is not None:
-            self.memo.undo()
-        self.dtype = self.memo = None
+        if self.ref is not None:
+            self.ref.close()
+        self.dtype = self.ref = None
 
 
 @pytest.fixture(scope="module")
 def runs():
-    from parity.engine import kinds, pipeline
-
-    before = (pipeline.capture_hf, pipeline.weights_for_conversion, kinds.KINDS["text"].build)
     r = Runs()
     yield r
     r.close()
-    assert (pipeline.capture_hf, pipeline.weights_for_conversion, kinds.KINDS["text"].build) == before  # undone
 
 
 def _explain(r: dict) -> str:
@@ -103,7 +91,7 @@ def test_fp32_below_the_gate_no_module_fails(runs, cls):
 
 
 @pytest.mark.parametrize("cls", CLASSES)
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # dtype outermost: one HF memo each
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])  # dtype outermost: one HF reference each
 def test_a_1e3_error_is_caught_at_its_module(runs, dtype, cls):
     plant = sensitivity_plant(cls, 1e-3)
     detail = _caught(runs(dtype, plant), plant.where)

@@ -14,23 +14,11 @@ from torch import Tensor
 
 from parity.bridge.mapping import NON_TEXT_PREFIXES, TEXT_PREFIX, expand, shape, sizes
 from parity.config import TextArgs
+from parity.tensors import same_bits  # noqa: F401  (re-exported: tests and callers use it from here)
 
 
 class BridgeError(ValueError):
     """A state dict that does not fit the mapping; the one-line message names the tensor."""
-
-
-def same_bits(a: Tensor, b: Tensor) -> bool:
-    """Bit-exact equality (dtype, shape and bytes; NaNs and -0.0 included)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.data_ptr() == b.data_ptr() and a.stride() == b.stride():
-        return True  # the same memory (replicas sliced from one tensor, tied weights)
-    bits = _SAME_SIZE_INT.get(a.element_size(), torch.uint8)
-    return torch.equal(a.reshape(-1).view(bits), b.reshape(-1).view(bits))
-
-
-_SAME_SIZE_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
 
 # ---------------------------------------------------------------------------------------------------

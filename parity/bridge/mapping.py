@@ -7,13 +7,13 @@ One row per Megatron tensor. HF names are relative to the text model (``layers.{
 Shapes are templates over the per-layer sizes of :func:`sizes`; they are the *full* (TP1/EP1) shapes.
 ``tp`` / ``ep`` / ``etp`` name the dimension that tensor, expert and expert-tensor parallelism split;
 ``gated`` says that dimension holds ``[gate; up]`` and each rank takes its rows of both halves.
-``when`` names a predicate of :data:`WHEN` that decides whether the row applies to a layer.
+``when`` names a predicate of :data:`parity.config.WHEN` that decides whether the row applies to a layer.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from parity.config import TextArgs
+from parity.config import WHEN, TextArgs  # noqa: F401  (WHEN: the per-layer predicates rules name)
 
 
 @dataclass(frozen=True)
@@ -90,12 +90,6 @@ OUTPUT_RULES: tuple[Rule, ...] = (
 
 RULES = EMBEDDING_RULES + LAYER_RULES + OUTPUT_RULES
 
-WHEN = {
-    "untied": lambda args, i: not args.tie_word_embeddings,
-    "moe": lambda args, i: args.enable_moe_block,
-    "k_eq_v": lambda args, i: args.layers[i].k_eq_v,
-    "separate_v": lambda args, i: not args.layers[i].k_eq_v,
-}
 
 # Keys of a ``Gemma4ForConditionalGeneration`` that are not the text model's: routed elsewhere
 # (``parity.bridge.vision``), returned as leftovers by ``split_hf_state``.

@@ -3,7 +3,7 @@
 One ``Row`` per HF module pattern: its path under its ``Stack`` (``{i}`` = layer index), the ``Kind`` that
 says how outputs are brought to one layout, compared and replayed (with the explicit ``Part`` of a fused
 Megatron output: q/k/v of ``linear_qkv``, gate/up of ``linear_fc1``), the gate class, and ``when``, a
-predicate of ``parity.bridge.mapping.WHEN`` deciding per layer whether the row applies. Where each row lives
+predicate of ``parity.config.WHEN`` deciding per layer whether the row applies. Where each row lives
 on the Megatron side is a second table per system under test, keyed by ``Row.key``
 (``parity.systems``). A model kind says where each stack sits in its HF model (``model.`` or
 ``model.language_model.`` for the text stack); a stack it lacks drops its rows.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from parity.bridge.mapping import WHEN
+from parity.config import WHEN
 
 
 class Kind(enum.Enum):
@@ -66,7 +66,7 @@ class Row:
     part: Part | None = None
     stack: Stack = Stack.TEXT
     gate: str = "module"  # "module" | "exact" (bit-exact even in bf16)
-    when: str | None = None  # key of parity.bridge.mapping.WHEN, per text layer
+    when: str | None = None  # key of parity.config.WHEN, per text layer
     key: str | None = None  # key of the systems' name tables when ``hf`` is not unique (masks)
     feeds: tuple[tuple[Stack, str], ...] = ()  # replayed on these HF modules' outputs (inline steps)
     input_of: str | None = None  # captured as the ``inputs_embeds`` this HF module receives

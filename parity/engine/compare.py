@@ -270,3 +270,16 @@ def row_record(a: Aligned, mc_name: str, mode: str, m: dict, order: int) -> dict
     if m.get("detail"):
         rec["detail"] = m["detail"]
     return rec
+
+
+def floor_value(kind: Kind, out32, out16, where: Where) -> float:
+    """A noise floor: rel-L2 of the bf16 output against the fp32 one (HF vs HF), in the comparison layout of
+    ``kind``."""
+    ref, test = value(kind, out32), value(kind, out16)
+    if kind is Kind.ROUTER:
+        test = {"dense": torch.zeros_like(test["probs"]).scatter(1, test["top_i"], test["top_w"].float()),
+                "top_i": test["top_i"], "top_w": test["top_w"]}
+        # the routing weights' own error, over the tokens whose top-k sets agree: a flip between HF-bf16 and
+        # HF-fp32 moves weight wholesale and would make the floor (and the gate) as large as the flips
+        return float(compare(kind, ref, test, where)["router"]["agree_weight_rel_l2"])
+    return float(compare(kind, ref, test, where)["rel_l2"])

@@ -19,18 +19,18 @@
 - routers: the gated value is the rel-L2 of the routing weights over the tokens whose top-k *sets agree*
   (``agree_weight_rel_l2``; a flip moves weight wholesale and would inflate any all-token number); in
   isolated mode a decisive top-k flip fails (near-ties are counted and reported with their margins).
-- ``fp32_replay`` rows (a bf16 run's modules replayed in fp32 on both sides, ``parity.engine.replay32``) are
-  gated by the fp32 numbers in any run.
+- rows of a mode whose gate section is ``float32`` (``parity.engine.modes``: the fp32 replay, a bf16 run's
+  modules replayed in fp32 on both sides) are gated by the fp32 numbers in any run.
 - a record that carries ``missing`` (a twin never called, on either side) fails with that reason.
 """
 from __future__ import annotations
 
 import math
 
+from parity.engine.modes import BY_NAME, REPLAYS, rank
+from parity.engine.record import Record
 from parity.errors import UserError
 
-REPLAYS = ("isolated", "fp32_replay")  # modes that feed a module the same captured inputs on both sides
-MODE_RANK = {"isolated": 0, "fp32_replay": 1, "end_to_end": 2}  # at one module, the row first_divergence names
 _DEFAULTS_REQUIRED = {"float32": ("rel_l2",), "bfloat16": ("floor_multiplier", "floor_abs")}
 
 
@@ -62,49 +62,55 @@ def floor_limit(floor: float | None, multiplier: float, absolute: float, ceiling
     return min(limit, ceiling), floor is not None and floor > ceiling
 
 
-def _value(rec: dict) -> float:
+def _value(rec: Record) -> float:
     """The gated error of a record: routers by their agreeing tokens' weights, everything else by rel-L2."""
-    router = rec.get("router")
-    if rec["kind"] == "router" and router is not None and "agree_weight_rel_l2" in router:
-        rec["agree_weight_rel_l2"] = router["agree_weight_rel_l2"]
+    router = rec.router
+    if rec.kind == "router" and router is not None and "agree_weight_rel_l2" in router:
+        rec.agree_weight_rel_l2 = router["agree_weight_rel_l2"]
         return _bad(router["agree_weight_rel_l2"])
-    return _bad(rec.get("rel_l2"))
+    return _bad(rec.rel_l2)
 
 
-def _metric(rec: dict) -> str:
-    return "agree_weight_rel_l2" if "agree_weight_rel_l2" in rec else "rel_l2"
+def _metric(rec: Record) -> str:
+    return "agree_weight_rel_l2" if rec.agree_weight_rel_l2 is not None else "rel_l2"
 
 
-def _gate_bf16(rec: dict, g: dict) -> bool:
-    floor = _num(rec.get("floor"))
+def _fp32_gated(rec: Record) -> bool:
+    """A row of a mode judged by the case's float32 gates in any run (the fp32 replay)."""
+    mode = BY_NAME.get(rec.mode)
+    return mode is not None and mode.gates == "float32"
+
+
+def _gate_bf16(rec: Record, g: dict) -> bool:
+    floor = _num(rec.floor)
     ceiling = g.get("ceiling_rel_l2")
     value, metric = _value(rec), _metric(rec)
     limit, unstable = floor_limit(floor, g["floor_multiplier"], g["floor_abs"], ceiling)
-    rec["gate"] = {"metric": metric, "max": limit, "floor_multiplier": g["floor_multiplier"],
+    rec.gate = {"metric": metric, "max": limit, "floor_multiplier": g["floor_multiplier"],
                    "floor_abs": g["floor_abs"], "ceiling": ceiling}
-    rec["ratio"] = (value / floor) if floor else None
+    rec.ratio = (value / floor) if floor else None
     if unstable:
-        rec["why"] = (f"reference unstable: HF's own bf16 error (vs HF-fp32) {floor:.3g} exceeds the case "
+        rec.why = (f"reference unstable: HF's own bf16 error (vs HF-fp32) {floor:.3g} exceeds the case "
                       f"ceiling {ceiling:g}")
-        rec["unstable"] = True
+        rec.unstable = True
         return False
     ok = value <= limit
-    truth = rec.get("truth_rel_l2")
-    if "truth_multiplier" in g and "truth_rel_l2" in rec:
+    truth = rec.truth_rel_l2
+    if "truth_multiplier" in g and rec.truth_rel_l2 is not None:
         rho, t_abs = g["truth_multiplier"], g.get("truth_abs", g["floor_abs"])
         t_limit, _ = floor_limit(floor, rho, t_abs, ceiling)
-        rec["truth_gate"] = {"metric": "truth_rel_l2", "max": t_limit, "truth_multiplier": rho, "truth_abs": t_abs}
-        rec["truth_ratio"] = (_bad(truth) / floor) if floor else None
+        rec.truth_gate = {"metric": "truth_rel_l2", "max": t_limit, "truth_multiplier": rho, "truth_abs": t_abs}
+        rec.truth_ratio = (_bad(truth) / floor) if floor else None
         if _bad(truth) > t_limit:
             if ok:  # the parity gate held: the truth gate is the one that failed, and the row says so
-                rec["gate"] = dict(rec["truth_gate"], ceiling=ceiling)
-            rec["why"] = (f"accuracy: {_bad(truth):.3g} from HF-fp32 > {rho:g} x HF-bf16's {floor if floor else 0:.3g}"
+                rec.gate = dict(rec.truth_gate, ceiling=ceiling)
+            rec.why = (f"accuracy: {_bad(truth):.3g} from HF-fp32 > {rho:g} x HF-bf16's {floor if floor else 0:.3g}"
                           f" + {t_abs:g}")
             ok = False
     return ok
 
 
-def apply(records: list[dict], gates: dict, dtype: str, logits_summary: dict, kl_floor: float | None = None,
+def apply(records: list[Record], gates: dict, dtype: str, logits_summary: dict, kl_floor: float | None = None,
           kl_truth: float | None = None) -> dict:
     """Gate every record in place; returns the logits verdict. ``kl_floor`` (bf16 only, optional): the per-token
     KL max of HF-bf16 against HF-fp32; when given, the logits KL gate is ``floor_multiplier * kl_floor +
@@ -114,31 +120,30 @@ def apply(records: list[dict], gates: dict, dtype: str, logits_summary: dict, kl
     g32 = _gate_numbers(gates, "float32") if dtype != "float32" else g
     exact_names = set(gates.get("exact", []) or [])
     for rec in records:
-        exact = rec["gate_class"] == "exact" or rec["name"] in exact_names or rec["kind"] in exact_names
-        if rec.get("missing"):
-            rec["gate"] = {"metric": "rel_l2", "max": 0.0}
-            rec["why"] = rec["missing"]
+        exact = rec.gate_class == "exact" or rec.name in exact_names or rec.kind in exact_names
+        if rec.missing:
+            rec.gate = {"metric": "rel_l2", "max": 0.0}
+            rec.why = rec.missing
             ok = False
         elif exact:
-            rec["gate"] = {"metric": "max_abs", "max": 0.0}
-            ok = rec.get("max_abs") == 0.0
-        elif dtype == "float32" or rec["mode"] == "fp32_replay":
-            g_ = g32 if rec["mode"] == "fp32_replay" else g
-            limit = g_.get("logits_rel_l2", g_["rel_l2"]) if rec["kind"] == "logits" else g_["rel_l2"]
+            rec.gate = {"metric": "max_abs", "max": 0.0}
+            ok = rec.max_abs == 0.0
+        elif dtype == "float32" or _fp32_gated(rec):
+            g_ = g32 if _fp32_gated(rec) else g
+            limit = g_.get("logits_rel_l2", g_["rel_l2"]) if rec.kind == "logits" else g_["rel_l2"]
             value = _value(rec)
-            rec["gate"] = {"metric": _metric(rec), "max": limit}
+            rec.gate = {"metric": _metric(rec), "max": limit}
             ok = value <= limit
         else:
             ok = _gate_bf16(rec, g)
-        router = rec.get("router")
-        if router is not None and rec["mode"] in REPLAYS and router.get("decisive_flips", 0) > 0:
+        router = rec.router
+        if router is not None and rec.mode in REPLAYS and router.get("decisive_flips", 0) > 0:
             ok = False
             margins = ", ".join(f"{f['margin']:.2g}" for f in router.get("flip_margins", [])[:3])
-            rec["why"] = f"{router['decisive_flips']} decisive top-k flips" + (f" (margins {margins})" if margins else "")
-        rec["passed"] = bool(ok)
-        rec.setdefault("ratio", None)
+            rec.why = f"{router['decisive_flips']} decisive top-k flips" + (f" (margins {margins})" if margins else "")
+        rec.passed = bool(ok)
     out = {"passed": None, "kl_floor": kl_floor, "kl_truth": kl_truth, "kl_truth_gate": None, "logits_why": None}
-    logits_ok = all(r["passed"] for r in records if r["kind"] == "logits")
+    logits_ok = all(r.passed for r in records if r.kind == "logits")
     kl = _bad(logits_summary.get("kl_max"))
     if dtype == "float32":
         kl_gate = g.get("kl_max")
@@ -167,27 +172,27 @@ def apply(records: list[dict], gates: dict, dtype: str, logits_summary: dict, kl
     return out
 
 
-def summarise(records: list[dict], verdict: dict, logits_summary: dict) -> dict:
-    failing = [r for r in records if not r["passed"]]
+def summarise(records: list[Record], verdict: dict, logits_summary: dict) -> dict:
+    failing = [r for r in records if not r.passed]
     # A row failing only end-to-end while the same module passes in isolation was fed wrong inputs: the fault
     # lies upstream (possibly an inline step of its parent, e.g. RoPE or V inside self_attn), not in it.
     # The replays (isolated in the run's dtype, fp32_replay in fp32) feed each module the same inputs on both
     # sides: a module whose replay fails is at fault itself.
-    replay_bad = {r["name"] for r in failing if r["mode"] in REPLAYS}
-    replay_ok = {r["name"] for r in records if r["mode"] in REPLAYS and r["passed"]} - replay_bad
-    own = [r for r in failing if r["mode"] in REPLAYS or r["kind"] in ("mask", "rope") or r["name"] not in replay_ok]
-    first = min(own or failing, key=lambda r: (r["order"], MODE_RANK.get(r["mode"], 3))) if failing else None
-    modules_ok = not any(r for r in failing if r["kind"] not in ("router",))
-    router_rows = [r for r in records if r["kind"] == "router"]
+    replay_bad = {r.name for r in failing if r.mode in REPLAYS}
+    replay_ok = {r.name for r in records if r.mode in REPLAYS and r.passed} - replay_bad
+    own = [r for r in failing if r.mode in REPLAYS or r.kind in ("mask", "rope") or r.name not in replay_ok]
+    first = min(own or failing, key=lambda r: (r.order, rank(r.mode))) if failing else None
+    modules_ok = not any(r for r in failing if r.kind not in ("router",))
+    router_rows = [r for r in records if r.kind == "router"]
     routers = []
     for r in router_rows:
-        if r["mode"] != "end_to_end" or r.get("router") is None:
+        if r.mode != "end_to_end" or r.router is None:
             continue
-        iso = next((x for x in router_rows if x["name"] == r["name"] and x["mode"] == "isolated"), None)
-        routers.append({"layer": r["layer"], "name": r["name"], **r["router"],
-                        "isolated_decisive_flips": iso["router"]["decisive_flips"] if iso and iso.get("router")
+        iso = next((x for x in router_rows if x.name == r.name and x.mode == "isolated"), None)
+        routers.append({"layer": r.layer, "name": r.name, **r.router,
+                        "isolated_decisive_flips": iso.router["decisive_flips"] if iso and iso.router
                         else None})
-    router_ok = all(r["passed"] for r in router_rows)
+    router_ok = all(r.passed for r in router_rows)
     logits = {k: logits_summary[k] for k in ("cosine", "rel_l2", "max_abs", "top1_agreement", "kl_mean", "kl_max",
                                              "kl_p95", "top1_decisive_agreement", "n_decisive", "n_near_tie",
                                              "decisive_share", "top1_flips_decisive", "top1_flips_near_tie",
@@ -197,20 +202,18 @@ def summarise(records: list[dict], verdict: dict, logits_summary: dict) -> dict:
         logits["why"] = verdict["logits_why"]
     detail = None
     if first:
-        detail = {"name": first["name"], "megatron_name": first["megatron_name"], "mode": first["mode"],
-                  "metric": first["gate"]["metric"], "value": first.get(first["gate"]["metric"]),
-                  "gate": first["gate"]["max"], "why": first.get("why") or first.get("detail")}
-    layer_rows = [r for r in records if r["kind"] == "layer" and r["mode"] == "end_to_end"]
-    worst = max(layer_rows, key=lambda r: r["rel_l2"] or 0.0) if layer_rows else None
-    for r in records:
-        r.setdefault("group", "text")
+        detail = {"name": first.name, "megatron_name": first.megatron_name, "mode": first.mode,
+                  "metric": first.gate["metric"], "value": getattr(first, first.gate["metric"]),
+                  "gate": first.gate["max"], "why": first.why or first.detail}
+    layer_rows = [r for r in records if r.kind == "layer" and r.mode == "end_to_end"]
+    worst = max(layer_rows, key=lambda r: r.rel_l2 or 0.0) if layer_rows else None
     return {
-        "summary": {"first_divergence": first["name"] if first else None, "first_divergence_detail": detail,
-                    "worst_layer": {"layer": worst["layer"], "name": worst["name"], "rel_l2": worst["rel_l2"]}
+        "summary": {"first_divergence": first.name if first else None, "first_divergence_detail": detail,
+                    "worst_layer": {"layer": worst.layer, "name": worst.name, "rel_l2": worst.rel_l2}
                     if worst else None,
                     "logits": logits, "n_modules": len(records), "n_failed": len(failing),
-                    "n_unstable": sum(1 for r in records if r.get("unstable"))},
-        "modules": records,
+                    "n_unstable": sum(1 for r in records if r.unstable)},
+        "modules": [r.to_dict() for r in records],
         "routers": routers,
         "checks": {"logits": verdict["logits_ok"], "modules": modules_ok, "router": router_ok},
     }

@@ -12,7 +12,7 @@ import torch
 
 from parity import config as C
 from parity.engine.alignment import Stack
-from parity.engine.compare import to_device
+from parity.engine.compare import to_device, upcast
 from parity.errors import UserError
 
 
@@ -66,6 +66,17 @@ def hf_head(model, hidden: torch.Tensor, inputs: dict, lm_head, output: str = "G
     with torch.no_grad():
         return shell(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                      position_ids=inputs["position_ids"], use_cache=False).logits
+
+
+def layer_call(call, h: torch.Tensor, position_embeddings, device, fp32: bool = False) -> tuple[tuple, dict]:
+    """How HF's text model calls a decoder layer, from that layer's captured call: the hidden states replaced
+    by ``h``, every other captured argument as HF passed it (the positional ``per_layer_input`` too), and
+    ``position_embeddings`` recomputed by the caller (fp32 passes: HF's rotary module in fp32)."""
+    args, kwargs = to_device(tuple(call.args[1:]), device), to_device(dict(call.kwargs), device)
+    if fp32:
+        args, kwargs = upcast(args), upcast(kwargs)
+    kwargs["position_embeddings"] = position_embeddings
+    return (h, *args), kwargs
 
 
 class TextKind:
@@ -130,10 +141,11 @@ class TextKind:
         h = run_copy(base.embed_tokens, "model.embed_tokens", cap.first("model.embed_tokens").args[0].to(device))
         for i, layer in enumerate(base.layers):
             prog.note(f"fp32 floor: layer {i + 1}/{len(base.layers)}")
-            kwargs = to_device(dict(cap.first(f"model.layers.{i}").kwargs), device)
+            call = cap.first(f"model.layers.{i}")
             with torch.no_grad():
-                kwargs["position_embeddings"] = base.rotary_emb(h, kwargs["position_ids"], model.config.layer_types[i])
-            h = run_copy(layer, f"model.layers.{i}", h, **kwargs)
+                rope = base.rotary_emb(h, call.kwargs["position_ids"].to(device), model.config.layer_types[i])
+            args, kwargs = layer_call(call, h, rope, device)
+            h = run_copy(layer, f"model.layers.{i}", *args, **kwargs)
         hidden = run_copy(base.norm, "model.norm", h)
         return hf_head(model, hidden, inputs, lambda x: run_copy(model.lm_head, "lm_head", x)).float()
 
@@ -250,7 +262,7 @@ class VlmKind(TextKind):
         return {"text": text & valid, "image": image & valid, "text_after_image": text & seen_image & valid}
 
     def describe(self, case, config, inputs) -> dict:
-        from parity.models.vision import soft_tokens_per_image
+        from parity.vlm_config import soft_tokens_per_image
 
         pos = inputs["image_position_ids"]
         return {**super().describe(case, config, inputs),

@@ -57,30 +57,39 @@ def cpu_threads(device: str, threads: int = 1):
 
 def execute(case, *, device: str, dtype: str | None = None, checkpoint: str | None = None, seed: int | None = None,
             progress: bool = False, system: str = "parity") -> dict:
-    """Run a case: in this process, or through torchrun when its world size (tp * ep) is above 1."""
+    """Run a case against one system (see ``execute_systems``)."""
+    return execute_systems(case, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed, progress=progress,
+                           systems=[system])[0]
+
+
+def execute_systems(case, *, device: str, dtype: str | None = None, checkpoint: str | None = None,
+                    seed: int | None = None, progress: bool = False, systems: list[str]) -> list[dict]:
+    """Run a case against each system of ``systems`` (one HF reference for all): in this process, or through
+    torchrun when its world size (tp * ep) is above 1. One results dict per system, in order."""
     if case.world_size > 1:
         if not distributed_available():
             raise UserError(f"case {case.name} needs a multi-GPU launch (parity.engine.distributed), "
                             f"which this install lacks")
         return torchrun(case, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed, progress=progress,
-                      system=system)
-    from parity.engine.pipeline import run
+                        systems=systems)
+    from parity.engine.pipeline import run_systems
 
     with cpu_threads(device):
-        return run(case, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed, progress=progress,
-                   system=system)
+        return run_systems(case, systems, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed,
+                           progress=progress)
 
 
-def torchrun(case, *, device=None, dtype=None, checkpoint=None, seed=None, progress=False, system="parity") -> dict:
-    """Start ``tp*ep`` processes with torchrun for ``case`` and return rank 0's results."""
+def torchrun(case, *, device=None, dtype=None, checkpoint=None, seed=None, progress=False,
+             systems=("parity",)) -> list[dict]:
+    """Start ``tp*ep`` processes with torchrun for ``case`` and return rank 0's results, one per system."""
     world = case.world_size
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "results.json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                "-m", "parity.engine.distributed", "--case", str(getattr(case, "path", None) or case.name),
-               "--out", out]
+               "--out", out, "--system", ",".join(systems)]
         for flag, value in (("--device", device), ("--dtype", dtype), ("--checkpoint", checkpoint),
-                            ("--seed", seed), ("--system", system)):
+                            ("--seed", seed)):
             if value is not None:
                 cmd += [flag, str(value)]
         if progress:

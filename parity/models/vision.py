@@ -24,7 +24,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from parity import compat
-from parity.vlm_config import VisionArgs
+from parity.vlm_config import VisionArgs, soft_tokens_per_image
 
 compat.apply()
 
@@ -324,9 +324,3 @@ class Gemma4VisionTowerMC(MegatronModule):
 
     def soft_tokens_per_image(self, image_position_ids: torch.Tensor) -> list[int]:
         return soft_tokens_per_image(image_position_ids, self.args.pooling_kernel_size)
-
-
-def soft_tokens_per_image(image_position_ids: torch.Tensor, pooling_kernel_size: int) -> list[int]:
-    """Real patches / k^2 per image (what the processor writes as image tokens between BOI and EOI)."""
-    real = (image_position_ids != -1).all(dim=-1).sum(dim=-1)
-    return (real // pooling_kernel_size**2).tolist()

@@ -16,14 +16,15 @@ import math
 from html import escape
 from typing import Any
 
+from parity.engine.modes import MODES
 from parity.report import summary as S
 from parity.report.heatmap import section as heatmap_section
 from parity.report.history import RULE, compare
 from parity.report.page import page
 from parity.report.svg import Point, Series, bar_chart, line_chart
 
-MODE_COLORS = {"isolated": "#0969da", "end_to_end": "#bc4c00"}
-MODE_LABELS = {"isolated": "isolated", "end_to_end": "end-to-end"}
+MODE_COLORS = {m.name: m.color for m in MODES}
+MODE_LABELS = {m.name: m.label for m in MODES}
 
 _LOGIT_LABELS = [
     ("cosine", "cosine"), ("rel_l2", "rel L2"), ("max_abs", "max |Δ|"), ("top1_agreement", "top-1 agreement"),

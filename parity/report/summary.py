@@ -1,4 +1,4 @@
-"""The layout of ``results.json`` (``Results``) and what a report shows, extracted from one such dict.
+"""What a report shows, extracted from one ``results.json`` dict (its layout: ``parity.engine.results.Results``).
 
 Pure functions on plain dicts; every optional key may be missing. The renderers (``html``, ``history``) and
 the tables (``store.results_frame``) read results only through these helpers, so a change of the results
@@ -8,52 +8,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from typing import Any
+
+from parity.engine.modes import PLOTTED
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
 _DECODER_OUT_RE = re.compile(r"(?:^|\.)layers\.(\d+)$")
 
-MODES = ("isolated", "end_to_end")
-
-
-@dataclass
-class Results:
-    """The layout of ``results.json``, as the engine writes it (the readers below take it as a plain dict)."""
-
-    case: str
-    kind: str  # "text" | "vlm"
-    passed: bool
-    device: str
-    dtype: str
-    seed: int
-    created: str  # ISO time, UTC
-    env: dict  # versions, git commit, host, device name, torch threads
-    system: dict  # the system under test: {name, version, substituted: [{part, by, reason}]}
-    config_hash: str
-    layer_types: list
-    summary: dict  # first_divergence (+ _detail), worst_layer, logits {cosine, rel_l2, ..., kl_max}, n_modules, n_failed
-    modules: list  # rows {name (HF path), megatron_name, mode, kind, cosine, rel_l2, max_abs, floor, gate, passed, ...}
-    routers: list  # per MoE layer: expert-set agreement, flips (end to end, and decisive flips in isolation)
-    checks: dict  # logits, modules, router, roundtrip -> bool
-    roundtrip: dict  # tensors, bit_exact (a count), max_abs_diff, rows
-    phases: dict  # seconds per phase
-    timings: dict  # plain forward seconds of both sides
-    peak_memory: dict
-    parallel: dict  # tp, ep, world_size
-    sequential: bool
-    hf_released_before_megatron: bool | None
-    gates: dict  # the case's gates
-    host_staged_gib: dict  # activations, weights
-    inputs: dict  # batch, seq_len, pad_tail (+ images, soft tokens, sliding window for a VLM)
-    groups: dict | None = None  # VLM: metrics per position group (text, image, text_after_image)
-
-    def to_dict(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.groups is None:
-            del out["groups"]
-        return out
+MODES = PLOTTED  # the modes whose rows reports draw per layer, in drawing order
 
 
 def num(x: Any) -> float | None:

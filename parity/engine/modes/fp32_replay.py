@@ -1,4 +1,4 @@
-"""fp32 replay of every aligned decoder module, and accuracy against the fp32 truth (issue 11, items 1 and 2).
+"""fp32 replay of every aligned decoder module, and accuracy against the fp32 truth (bf16 runs of one process).
 
 In a bf16 run each module's error is judged against HF's own bf16 noise, so an error smaller than that noise
 (a 2e-4 change inside a module, a 1 % expert scale behind a norm) passes, and so does a step done in bf16
@@ -27,8 +27,10 @@ import torch
 
 from parity.engine.alignment import TABLE_KINDS, Kind, Stack
 from parity.engine.compare import Call, Store, capture_hf, compare, first, to_device, upcast, value
+from parity.engine.kinds import layer_call
 
 MODE = "fp32_replay"
+ISOLATED = "isolated"  # the mode whose records get ``truth_rel_l2``
 
 
 def _sub_state(state: dict, prefix: str, device) -> dict:
@@ -51,15 +53,17 @@ def hf_layer_fp32(text_config, state: dict, i: int, device, prefix: str):
     return layer.eval()
 
 
-def fp32_replay(kind, text_config, hf_state: dict, sut, compared, prog=None) -> None:
+def run(compared, prog) -> None:
     """Append ``fp32_replay`` records (and ``truth_rel_l2`` on the isolated ones) for every text decoder layer
-    and the final norm of ``compared`` (a ``pipeline.Comparison`` of system ``sut``): HF's layer rebuilt in fp32
-    from the run's weights, the system's layer in fp32 (``sut.fp32``), both on HF's fp32 activations."""
+    and the final norm of ``compared`` (a ``parity.engine.comparison.Comparison``): HF's layer rebuilt in fp32 from the reference's weights, the
+    system's layer in fp32 (``sut.fp32``), both on HF's fp32 activations."""
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm, Gemma4TextRotaryEmbedding
 
+    sut, ref = compared.sut, compared.ref
+    kind, text_config, hf_state = ref.kind, ref.text_config, ref.state
     cap, device, hf_prefix = compared.cap, sut.device, kind.prefixes[Stack.TEXT]
     rows = [a for a in compared.rows if a.row.stack is Stack.TEXT and a.row.kind not in TABLE_KINDS]
-    iso = {r["name"]: r for r in compared.records if r["mode"] == "isolated"}
+    iso = {r.name: r for r in compared.records if r.mode == ISOLATED}
     embed = cap.first(f"{hf_prefix}embed_tokens")
     if embed is None:
         return
@@ -78,10 +82,10 @@ def fp32_replay(kind, text_config, hf_state: dict, sut, compared, prog=None) -> 
         mine = [a for a in rows if a.layer == i]
         hf32 = hf_layer_fp32(text_config, hf_state, i, device, hf_prefix)
         _truth(hf32, layer_name, mine, sut, compared, iso)
-        kwargs = upcast(to_device(dict(call.kwargs), device))
         with torch.no_grad():
-            kwargs["position_embeddings"] = rotary(h, kwargs["position_ids"], text_config.layer_types[i])
-        cap32, out = capture_hf(_mounted(hf32, layer_name), mine, lambda: hf32(h, **kwargs), Store(offload=False))
+            rope = rotary(h, call.kwargs["position_ids"].to(device), text_config.layer_types[i])
+        args, kwargs = layer_call(call, h, rope, device, fp32=True)
+        cap32, out = capture_hf(_mounted(hf32, layer_name), mine, lambda: hf32(*args, **kwargs), Store(offload=False))
         layer_row = next(a for a in mine if a.row.kind is Kind.LAYER)
         with sut.fp32(compared.name(layer_row)) as module_of:  # the system's layer i in fp32
             for a in mine:
@@ -134,4 +138,4 @@ def _truth(hf32, layer_name: str, rows, sut, compared, iso: dict) -> None:
             out32 = subs[rel](*upcast(to_device(call.args, sut.device)), **upcast(to_device(call.kwargs, sut.device)))
             test = sut.replay(a, module, replayed)
         m_ = compare(a.row.kind, value(a.row.kind, out32), test, compared.where)
-        rec["truth_rel_l2"] = m_["router"]["agree_weight_rel_l2"] if a.row.kind is Kind.ROUTER else m_["rel_l2"]
+        rec.truth_rel_l2 = m_["router"]["agree_weight_rel_l2"] if a.row.kind is Kind.ROUTER else m_["rel_l2"]

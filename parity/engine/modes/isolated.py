@@ -1,0 +1,73 @@
+"""Isolated replay: each module of the system on the HF module's captured inputs (activations only; masks
+and RoPE are the system's own), inline steps on the captured outputs of the modules that feed them.
+
+Floors: each HF module in fp32 on its own (upcast) captured inputs; inline steps (lm_head + softcap, the
+image scatter) as HF computes them, on the upcast outputs of the modules that feed them (the text logits
+through HF's own forward: the model kind's ``head_fp32``).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+from parity.engine.alignment import TABLE_KINDS, Kind
+from parity.engine.compare import Call, first, floor_value, to_device, upcast, value
+
+MODE = "isolated"
+
+
+def run(c, prog) -> None:
+    last, n_layers = None, sum(a.row.kind is Kind.LAYER and a.group() == "text" for a in c.rows)
+    for a in c.rows:
+        if a.group() == "text" and a.layer is not None and a.layer != last:
+            prog.note(f"isolated replay: layer {a.layer + 1}/{n_layers}")
+            last = a.layer
+        planned = c.replay_input(a)
+        if planned is None:
+            continue
+        name, module, replayed = planned
+        with torch.no_grad():
+            test = c.sut.replay(a, module, replayed)
+        if test is None:  # the system cannot run this module alone (e.g. a norm fused into the next linear)
+            c.not_run(a, MODE, name, f"{c.sut.name} cannot run {name} alone: compared end to end only")
+            continue
+        rec = c.record(a, MODE, value(a.row.kind, replayed.output), test, name=name)
+        plan = c.sut.replays.get(a.row.name_key)
+        if plan is not None and plan.why:
+            rec.detail = plan.why
+
+
+def fp32_module(hf_model, hf_name: str, call, device) -> Any:
+    """The HF module in fp32 on its own (upcast) captured inputs."""
+    mod32 = copy.deepcopy(dict(hf_model.named_modules())[hf_name]).float()
+    with torch.no_grad():
+        return mod32(*upcast(to_device(call.args, device)), **upcast(to_device(call.kwargs, device)))
+
+
+def floors(ref, prog) -> dict[str, float]:
+    hf_model, cap, device, out = ref.model, ref.cap, ref.device, {}
+    for a in ref.rows:
+        kind, call = a.row.kind, cap.first(a.hf)
+        if kind in TABLE_KINDS or a.hf in out or call is None:
+            continue
+        feeds = [cap.first(n) for n in a.feeds]
+        if None in feeds:
+            continue
+        if kind is Kind.LOGITS:
+            if cap.first("lm_head") is None:
+                continue
+            head = lambda x: first(fp32_module(hf_model, "lm_head", Call((x,), {}, None, 0), device))  # noqa: E731
+            out32 = ref.kind.head_fp32(hf_model, first(feeds[0].output).to(device).float(), ref.inputs, head)
+        elif kind is Kind.MERGED:
+            emb, feats = (first(f.output).float() for f in feeds)
+            mask = (ref.inputs["input_ids"] == ref.config.image_token_id)[..., None].expand_as(emb)
+            out32 = emb.masked_scatter(mask, feats)
+        else:
+            try:
+                out32 = fp32_module(hf_model, a.hf, call, device)
+            except Exception:  # a module that cannot be re-run alone gets no floor: its gate is floor_abs only
+                continue
+        out[a.hf] = floor_value(kind, out32, call.output, ref.where)
+    return out

@@ -1,0 +1,51 @@
+"""Phase timing (and, on CUDA, peak memory per phase) of a run, with optional progress lines on stderr."""
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+
+class Progress:
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.phases: dict[str, float] = {}
+        self.gpu_peaks: dict[str, float] = {}  # GiB, per phase
+
+    @contextmanager
+    def phase(self, name: str):
+        self.note(f"{name} ...", indent="")
+        t0 = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            yield
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                self.gpu_peaks[name] = max(self.gpu_peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+            self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
+            self.note(f"{name} done in {self.phases[name]:.2f}s", indent="")
+
+    def note(self, msg: str, indent: str = "  "):
+        if self.enabled:
+            print(f"[parity] {indent}{msg}", file=sys.stderr, flush=True)
+
+
+def timed(fn, device, repeats: int = 2) -> float:
+    """Plain forward time (no hooks, no capture): one warm-up, then the best of ``repeats``."""
+    best = float("inf")
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if i:
+                best = min(best, time.perf_counter() - t0)
+            del out
+    return best

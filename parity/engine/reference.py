@@ -1,0 +1,144 @@
+"""The HF side of a case, built once: model, config, rows, raw inputs, capture, weights and noise floors.
+
+A ``Reference`` is what every system under test is compared against, and what plant scripts and later modes
+reuse: ``Reference.build`` makes the model kind's HF model and raw inputs and captures its forward (every
+aligned module's inputs and output); the pipeline then adds each mode's bf16 noise floors
+(``floors[mode]``) and calls ``release`` before the first system is built (its weights for conversion, on
+the host for a ``sequential`` case, whose HF model is freed then). Nothing here is cached across runs:
+every run builds and reruns HF from the installed transformers classes.
+"""
+from __future__ import annotations
+
+import gc
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from parity.config import TextArgs
+from parity.engine.alignment import Aligned, expand
+from parity.engine.compare import Call, Capture, Store, Where, capture_hf
+from parity.engine.hoststage import HostStage, stage_bytes, storage_key
+from parity.engine.kinds import KINDS
+from parity.engine.progress import Progress, timed
+from parity.errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Reference:
+    case: Any
+    kind: Any  # the model kind (parity.engine.kinds): text or VLM
+    device: str
+    dtype: str  # "float32" | "bfloat16"
+    seed: int
+    checkpoint: str | None
+    model: Any  # the HF model; None once released
+    config: Any
+    text_args: TextArgs
+    rows: list[Aligned]
+    inputs: dict[str, torch.Tensor]
+    where: Where
+    groups: dict | None
+    cap: Capture
+    logits: torch.Tensor
+    store: Store
+    prog: Progress
+    timings: dict
+    floors: dict[str, dict[str, float]] = field(default_factory=dict)  # mode name -> HF name -> floor
+    state: dict | None = None  # HF's state dict for conversion and the round trip (``release``)
+    host_weights: HostStage | None = None
+    released: bool | None = None  # a sequential case: was the HF model freed before the systems were built
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def sequential(self) -> bool:
+        return self.case.run.sequential
+
+    @property
+    def text_config(self):
+        return self.kind.text_config(self.config)
+
+    @classmethod
+    def build(cls, case, *, device: str, dtype: str | None = None, checkpoint: str | None = None,
+              seed: int | None = None, progress: bool | Progress = False) -> "Reference":
+        """The model kind's HF model, the case's raw inputs, and HF's forward captured module by module."""
+        dtype, seed = dtype or case.dtype, case.seed if seed is None else seed
+        prog = progress if isinstance(progress, Progress) else Progress(progress)
+        kind = KINDS[case.kind]
+        if case.needs_checkpoint and not checkpoint:
+            raise UserError(f"case {case.name} needs a checkpoint: pass --checkpoint DIR or set "
+                            f"{case.model.checkpoint_env}")
+        kind.check(case)
+        with prog.phase("build_hf"):
+            model, config = kind.build(case, DTYPES[dtype], device, checkpoint, seed)
+        host_weights = HostStage(reserve=stage_bytes(model.state_dict().values()), background=True) \
+            if case.run.sequential and device == "cuda" else None  # page locking overlaps the forwards and floors
+        text_args = TextArgs.from_hf(kind.text_config(config))
+        rows = expand(kind.prefixes, text_args, kind.vision_layers(config))
+        inputs = kind.inputs(config, case, seed, device)
+        pos = inputs.get("image_position_ids")
+        where = Where(valid=inputs["attention_mask"].bool(), real=None if pos is None else ~(pos == -1).all(dim=-1))
+        store = Store(offload=case.run.offload)
+        timings = {"hf_forward_s": timed(lambda: kind.forward(model, inputs), device)}
+        with prog.phase("hf_forward"):
+            cap, logits = capture_hf(model, rows, lambda: kind.forward(model, inputs), store)
+            logits = store.keep(logits)
+            store.sync()
+            cap.calls["logits"] = [Call((), {}, logits, 0)]
+        return cls(case=case, kind=kind, device=device, dtype=dtype, seed=seed, checkpoint=checkpoint, model=model,
+                   config=config, text_args=text_args, rows=rows, inputs=inputs, where=where,
+                   groups=kind.groups(inputs), cap=cap, logits=logits, store=store, prog=prog, timings=timings,
+                   host_weights=host_weights)
+
+    def release(self) -> None:
+        """HF's weights for the systems (on the host, page-locked, for a sequential case) and, for a sequential
+        case, the HF model freed. Idempotent: the first system's run calls it, the others find it done."""
+        if self.state is not None:
+            return
+        with self.prog.phase("hf_state_to_host"):
+            self.state, self.host_weights = weights_for_conversion(self.model, self.sequential, self.host_weights)
+        ref = weakref.ref(self.model)
+        self.model = None  # sequential: the last reference; otherwise ``state`` keeps the weights alive
+        self.released = freed(ref, self.device) if self.sequential else None
+
+    def close(self) -> None:
+        """Drop the weights and the host stage (the capture stays readable)."""
+        self.state = None
+        if self.host_weights is not None:
+            self.host_weights.close()
+            self.host_weights = None
+
+
+def weights_for_conversion(hf_model, sequential: bool, stage=None) -> tuple[dict, Any]:
+    """HF's state dict for the system and the round trip, and the host stage holding it (close it when done).
+    Sequential runs release the model next, so its weights go to the host first: page-locked and
+    asynchronous on CUDA (``HostStage``, one chunk of the exact size), each storage once (a tied
+    ``lm_head`` stays the embedding's tensor)."""
+    state = {k: v.detach() for k, v in hf_model.state_dict().items()}
+    if not sequential:
+        return state, None
+    if stage is None:
+        stage = HostStage(reserve=stage_bytes(state.values()))
+    seen: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for k, v in state.items():
+        key = storage_key(v)
+        if key not in seen:
+            seen[key] = stage.put(v)
+        out[k] = seen[key]
+    stage.sync()
+    return out, stage
+
+
+def freed(ref: weakref.ref, device: str) -> bool:
+    """Collect, free the CUDA cache, and say whether the object behind ``ref`` is gone."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return ref() is None

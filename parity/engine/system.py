@@ -1,0 +1,97 @@
+"""The port a system under test plugs into: what the engine asks of a Megatron implementation.
+
+The engine builds the HF reference and hands a ``System`` the HF config, the HF state dict and the raw
+inputs; it never touches the system's model except through these methods. A system names its modules in a
+table keyed by ``Row.name_key`` of the alignment table (``parity.engine.alignment``): a module path (``{i}``,
+``{layer_type}`` are filled in), or ``Elsewhere`` when its model has no hookable module for that row (the row
+is then reported, not compared). Concrete systems live in ``parity.systems`` and are registered by name in
+``parity.registry``; the engine imports none of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Protocol
+
+import torch
+from torch import nn
+
+from parity.engine.alignment import Aligned
+from parity.engine.compare import Call
+
+
+@dataclass(frozen=True)
+class Elsewhere:
+    """This system has no module for the row to hook: its effect is compared at HF row ``at`` (a name key)."""
+
+    at: str
+    why: str = "not observable"
+
+
+@dataclass(frozen=True)
+class Replay:
+    """How a system replays a row alone when that is not "the row's module on the row's own HF inputs": it runs
+    ``module`` (a path, slots filled in) on the captured inputs of HF row ``on`` (a name key of the same stack;
+    None: the row's own), e.g. a linear with the input norm fused into it on the HF norm's input. ``why`` is
+    the detail the isolated record carries. A row whose name is ``Elsewhere`` may still have a ``Replay``."""
+
+    module: str
+    on: str | None = None
+    why: str = ""
+
+
+def call_arg(call: Call, key: str, pos: int = 0):
+    """Argument ``key`` of a captured HF call, passed by keyword or at position ``pos``."""
+    return call.kwargs[key] if key in call.kwargs else call.args[pos]
+
+
+def hf_routing(call: Call, n_experts: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF experts' routing (its call's ``top_k_index`` and ``top_k_weights``) as megatron's ``(probs [tokens, E]
+    zero off the top-k, routing_map)``: what a system's experts replay under forced identical routing takes."""
+    top_i = call_arg(call, "top_k_index", 1).to(device)
+    top_w = call_arg(call, "top_k_weights", 2).to(device)
+    probs = torch.zeros(top_i.shape[0], n_experts, dtype=dtype, device=device).scatter_(1, top_i, top_w.to(dtype))
+    return probs, torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_i, True)
+
+
+class System(Protocol):
+    """The Megatron implementation under test. All values handed back are in HF layout (``[b, s, ...]``,
+    vocab unpadded, tensor-parallel shards gathered)."""
+
+    name: str  # as results.json writes it: ``system: {name, version, substituted}``
+    version: str
+    substituted: list[dict]  # [{part, by, reason}]: what runs in place of parts it cannot run here (TE on CPU)
+    names: Mapping[str, str | Elsewhere]  # alignment-table key -> module path in the built model
+    shared: frozenset[str]  # keys of rows where the system runs HF's own code: reported ``shared``, not parity
+    replays: Mapping[str, Replay]  # alignment-table key -> how isolated replay runs it, where not as ``names`` says
+    device: str
+
+    def build(self, kind: str, hf_config: Any, *, dtype: torch.dtype, device: str) -> None: ...  # from the HF config
+
+    def load(self, hf_state: Mapping[str, torch.Tensor], folder: str | None = None) -> None: ...
+    # HF weights in, tensor by tensor; ``folder``: the HF checkpoint folder they were read from, when the run
+    # has one (a system with its own checkpoint import reads the folder itself: that import is under test too)
+
+    def export(self) -> Iterable[tuple[str, torch.Tensor]]: ...  # its weights as (HF key, tensor), streamed
+
+    def prepare(self, inputs: dict[str, torch.Tensor]) -> None: ...  # its own masks and RoPE from raw inputs
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor: ...  # raw inputs -> logits [b, s, V]
+
+    def module(self, name: str) -> nn.Module | None: ...  # a module of the built model by path
+
+    def fp32(self, path: str) -> ContextManager[Callable[[str], nn.Module | None]]: ...
+    # module ``path`` (a text decoder layer, the final norm) in fp32 while inside, for the fp32 replay of a bf16
+    # run; yields ``name -> module`` resolving the system's names of its modules to the fp32 ones
+
+    def tables(self) -> dict[str, Any]: ...  # name -> its mask (bool, True = attend) or RoPE (cos, sin)
+
+    def output(self, a: Aligned, out: Any, module: nn.Module) -> Any: ...  # a hooked output -> a's HF layout
+
+    def replay(self, a: Aligned, module: nn.Module | None, call: Call) -> Any: ...  # on HF's captured inputs
+    # (None: this system's module cannot run alone on that input; the row then has no isolated record)
+
+    # ``a`` is one concrete row of the table (``a.hf``, ``a.row.kind``, ``a.row.part``, ``a.layer``, ``a.slots``).
+    # Layouts by ``a.row.kind``: tensors ``[b, s, ...]``; ROUTER ``{"dense" [b*s, E], "top_w", "top_i" [b*s, k]}``;
+    # EXPERTS / FLAT_NORM ``[b*s, H]``; QKV / FC1 the row's ``Part`` only; vision kinds batch-first as HF's
+    # (POOLED: ``(features, valid-slot mask)``). ``replay`` of a row with ``feeds`` (logits, merged embeddings)
+    # gets a call whose args are those HF modules' outputs.
