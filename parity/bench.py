@@ -3,7 +3,9 @@
 Phases come from the engine (build, HF forward + capture, noise floor, conversion, round trip, Megatron
 forward + on-the-fly comparison, isolated replay, metrics) plus report rendering; plain forward times
 (no hooks) are measured by the engine for both models. The record, with machine, card and versions,
-is written to ``bench/<case>-<device>-<dtype>.json`` so later changes can be compared.
+is written to ``bench/<case>-<device>-<dtype>.json`` so later changes can be compared. With several systems
+(``--system a,b``: one HF reference for all) the record is ``...-systems-a+b.json``: the wall of the whole run,
+the reference's phases (measured once) and each system's own phases.
 """
 from __future__ import annotations
 
@@ -41,16 +43,48 @@ def targets(record: dict) -> dict:
 
 
 def bench(case, *, device: str, dtype: str | None, out_dir: Path, progress: bool = False,
-          system: str = "parity") -> Path:
+          system: str = "parity", systems: list[str] | None = None) -> Path:
     from parity.cases import checkpoint_for
-    from parity.engine.launch import execute
+    from parity.engine.launch import execute_systems
+    from parity.report.store import atomic_write
+
+    systems = systems or [system]
+    t0 = time.perf_counter()
+    runs = execute_systems(case, device=device, dtype=dtype, checkpoint=checkpoint_for(case, None), seed=None,
+                           progress=progress, systems=systems)
+    wall = time.perf_counter() - t0
+    if len(runs) > 1:
+        record = several(runs, wall)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        r = runs[0]
+        path = out_dir / f"{r['case']}-{r['device']}-{r['dtype']}-systems-{'+'.join(systems)}.json"
+        atomic_write(path, json.dumps(record, indent=1, default=str) + "\n")
+        return path
+    return single(runs[0], wall, out_dir, system=systems[0])
+
+
+def several(runs: list[dict], wall: float) -> dict:
+    """Several systems against one reference: the reference's phases (the same measurement in every system's
+    results: built and timed once) and each system's own."""
+    phases = [dict(r.get("phases") or {}) for r in runs]
+    shared = {k: v for k, v in phases[0].items() if all(p.get(k) == v for p in phases[1:])}
+    r = runs[0]
+    return {"case": r["case"], "device": r["device"], "dtype": r["dtype"], "systems": [x["system"] for x in runs],
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "machine": {"host": platform.node(), "cpu_count": os.cpu_count(),
+                        "device_name": r["env"].get("device_name")}, "env": r["env"], "inputs": r.get("inputs"),
+            "wall_s": wall, "reference_phases_s": shared, "reference_s": sum(shared.values()),
+            "per_system": {x["system"]["name"]: {"passed": x["passed"], "n_failed": x["summary"]["n_failed"],
+                                                 "phases_s": {k: v for k, v in p.items() if k not in shared},
+                                                 "system_s": sum(v for k, v in p.items() if k not in shared),
+                                                 "timings": x.get("timings"), "peak_memory": x.get("peak_memory")}
+                           for x, p in zip(runs, phases)}}
+
+
+def single(results: dict, wall: float, out_dir: Path, system: str) -> Path:
     from parity.report.html import render_run
     from parity.report.store import atomic_write
 
-    t0 = time.perf_counter()
-    results = execute(case, device=device, dtype=dtype, checkpoint=checkpoint_for(case, None), seed=None,
-                      progress=progress, system=system)
-    wall = time.perf_counter() - t0
     t1 = time.perf_counter()
     html = render_run(results, None)
     render_s = time.perf_counter() - t1

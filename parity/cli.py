@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", metavar="DIR", type=Path, default=Path("bench"), help="where the record goes (default: bench)")
     bench.add_argument("--progress", action="store_true")
     bench.add_argument("--system", default=None,
-                     help="the Megatron implementation under test (default: the case's [system] name, else parity)")
+                       help="the Megatron implementation(s) under test, comma-separated: several against one HF "
+                            "reference (default: the case's [system] name, else parity)")
     return parser
 
 
@@ -101,9 +102,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from parity.cases import load_case, system_for
 
     case = load_case(args.case)
-    system = system_for(case, args.system)
+    systems = systems_for(case, args.system, system_for)
     device = resolve_device(case, args.device, None)
-    path = bench(case, device=device, dtype=args.dtype, out_dir=args.out, progress=args.progress, system=system)
+    path = bench(case, device=device, dtype=args.dtype, out_dir=args.out, progress=args.progress, systems=systems)
     print(f"benchmark record: {path}")
     return EXIT_OK
 
@@ -149,7 +150,8 @@ def user_error_message(e: BaseException) -> str | None:
     if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)):
         what = e.strerror or type(e).__name__
         return _one_line(f"{what}: {e.filename}" if e.filename else str(e))
-    for module, name in (("parity.bridge.io", "CheckpointError"), ("parity.config", "UnsupportedConfig")):
+    # (a bad checkpoint folder, parity.hf_checkpoint.CheckpointError, is a UserError: handled above)
+    for module, name in (("parity.config", "UnsupportedConfig"),):
         mod = sys.modules.get(module)
         cls = getattr(mod, name, None) if mod else None
         if cls is not None and isinstance(e, cls):

@@ -147,11 +147,11 @@ def fake_engine(monkeypatch):
     calls: list[dict] = []
     outcome: dict = {"results": fake_results(True), "raise": None}
 
-    def execute(case, **kwargs):
+    def execute_systems(case, **kwargs):
         calls.append({"case": case.name, **kwargs})
         if outcome["raise"] is not None:
             raise outcome["raise"]
-        return outcome["results"]
+        return [json.loads(json.dumps({**outcome["results"], "system": {"name": s}})) for s in kwargs["systems"]]
 
     written: list[tuple] = []
 
@@ -159,7 +159,7 @@ def fake_engine(monkeypatch):
         written.append((out, reports))
         return Path(out or reports) / "index.html"
 
-    monkeypatch.setattr(cli, "execute", execute)
+    monkeypatch.setattr(cli, "execute_systems", execute_systems)
     monkeypatch.setattr(cli, "write_report", write_report)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     return calls, outcome, written
@@ -170,7 +170,7 @@ def test_exit_0_when_parity_holds(fake_engine, tmp_path, capsys, monkeypatch):
     calls, _, written = fake_engine
     assert cli.main(["run", "--case", "gemma4-text-tiny", "--out", str(tmp_path / "o"), "--seed", "7"]) == 0
     assert calls == [{"case": "gemma4-text-tiny", "device": "cpu", "dtype": None, "checkpoint": None, "seed": 7,
-                      "progress": False, "system": "parity"}]
+                      "progress": False, "systems": ["parity"]}]
     assert written == [(tmp_path / "o", Path("reports"))]
     out = capsys.readouterr().out
     assert out.count("\n") == 1  # one line
@@ -286,9 +286,9 @@ def test_verbose_prints_notices_and_the_report_keeps_them(fake_engine, tmp_path,
 
     def noisy(case, **kwargs):
         logging.getLogger("megatron.core.optimizer").warning("Transformer Engine and Apex are not installed.")
-        return json.loads(json.dumps({**fake_results(True), "env": {"torch": "2.13.0"}}))
+        return [json.loads(json.dumps({**fake_results(True), "env": {"torch": "2.13.0"}}))]
 
-    monkeypatch.setattr(cli, "execute", noisy)
+    monkeypatch.setattr(cli, "execute_systems", noisy)
     written = []
     monkeypatch.setattr(cli, "write_report", lambda results, **kw: written.append(results) or tmp_path / "x.html")
     assert cli.main(["run", "--case", "gemma4-text-tiny", "--out", str(tmp_path / "a")]) == 0
@@ -329,7 +329,30 @@ def test_case_system_and_the_explicit_override(fake_engine, tmp_path):
                      "--out", str(tmp_path / "b")]) == 0
     assert cli.main(["run", "--case", "gemma4-text-tiny", "--system", "megatron-bridge",
                      "--out", str(tmp_path / "c")]) == 0
-    assert [c["system"] for c in calls] == ["megatron-bridge", "parity", "megatron-bridge"]
+    assert [c["systems"] for c in calls] == [["megatron-bridge"], ["parity"], ["megatron-bridge"]]
+
+
+def test_several_systems_one_reference_and_a_page_side_by_side(fake_engine, tmp_path, capsys):
+    """``--system parity,megatron-bridge``: one engine call for both (one HF reference), each system's report in
+    ``DIR/<system>/``, ``DIR/index.html`` beside them; a second run into the same folder is refused."""
+    from parity.report.store import write_to
+
+    calls, outcome, _ = fake_engine
+    cli.write_report = lambda results, *, out=None, reports=None: write_to(results, out) / "index.html"
+    out = tmp_path / "both"
+    assert cli.main(["run", "--case", "gemma4-text-tiny", "--system", "parity,megatron-bridge", "--out", str(out)]) == 0
+    assert [c["systems"] for c in calls] == [["parity", "megatron-bridge"]]
+    assert (out / "parity" / "results.json").is_file() and (out / "megatron-bridge" / "index.html").is_file()
+    page = (out / "index.html").read_text()
+    assert 'href="parity/index.html"' in page and 'href="megatron-bridge/index.html"' in page
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and lines[-1] == f"systems side by side: {out / 'index.html'}"
+    assert cli.main(["run", "--case", "gemma4-text-tiny", "--system", "parity,megatron-bridge", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and len(calls) == 1
+    for bad, why in (("parity,parity", "a system named twice"), ("parity,", "an empty system name"),
+                     ("parity,nope", "unknown system under test 'nope'")):
+        assert cli.main(["run", "--case", "gemma4-text-tiny", "--system", bad, "--out", str(tmp_path / "x")]) == 2
+        assert why in capsys.readouterr().err
 
 
 def test_unknown_system_is_one_line(tmp_path):

@@ -97,7 +97,13 @@ def execute(case, *, device, dtype, checkpoint, seed, progress):
             "roundtrip": {"tensors": 10, "bit_exact": 10, "max_abs_diff": 0.0, "rows": []}}
 
 
-parity.engine.launch.execute = execute
+def execute_systems(case, *, device, dtype, checkpoint, seed, progress, systems):
+    (CALLS / f"systems.{case.name}.{os.getpid()}.{time.monotonic_ns()}").write_text(json.dumps(list(systems)))
+    return [{**execute(case, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed, progress=progress),
+             "system": {"name": s}} for s in systems]
+
+
+parity.engine.launch.execute_systems = execute_systems
 _write_index = store.write_index
 
 
