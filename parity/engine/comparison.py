@@ -11,7 +11,7 @@ from typing import Any
 
 from parity.engine.alignment import TABLE_KINDS, Aligned, Kind
 from parity.engine.compare import Call, Capture, compare, first, metrics
-from parity.engine.modes import MODES
+from parity.engine import modes as M
 from parity.engine.record import Record
 from parity.engine.system import Elsewhere
 
@@ -102,7 +102,7 @@ class Comparison:
         for a in self.rows:
             if a.row.kind in TABLE_KINDS:
                 continue
-            for mode in (m for m in MODES if m.every_row):
+            for mode in (m for m in M.MODES if m.every_row):
                 name = self.replay_name(a) if mode.replay else self.name(a)
                 if (a.hf, mode.name) in seen or not isinstance(name, str):
                     continue
@@ -124,7 +124,7 @@ class Comparison:
             if not isinstance(where, Elsewhere):
                 continue
             at = self.sibling(a, where.at)
-            for mode in MODES:
+            for mode in M.MODES:
                 if mode.every_row and not (mode.replay and a.row.name_key in self.sut.replays):
                     out.append(Record.reported(a, mode.name, None, f"{where.why}: compared at {at}", compared_at=at))
         return out

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 
-from parity.engine.modes import BY_NAME, REPLAYS, rank
+from parity.engine import modes as M
 from parity.engine.record import Record
 from parity.errors import UserError
 
@@ -77,7 +77,7 @@ def _metric(rec: Record) -> str:
 
 def _fp32_gated(rec: Record) -> bool:
     """A row of a mode judged by the case's float32 gates in any run (the fp32 replay)."""
-    mode = BY_NAME.get(rec.mode)
+    mode = M.get(rec.mode)
     return mode is not None and mode.gates == "float32"
 
 
@@ -137,7 +137,7 @@ def apply(records: list[Record], gates: dict, dtype: str, logits_summary: dict, 
         else:
             ok = _gate_bf16(rec, g)
         router = rec.router
-        if router is not None and rec.mode in REPLAYS and router.get("decisive_flips", 0) > 0:
+        if router is not None and M.is_replay(rec.mode) and router.get("decisive_flips", 0) > 0:
             ok = False
             margins = ", ".join(f"{f['margin']:.2g}" for f in router.get("flip_margins", [])[:3])
             rec.why = f"{router['decisive_flips']} decisive top-k flips" + (f" (margins {margins})" if margins else "")
@@ -178,10 +178,10 @@ def summarise(records: list[Record], verdict: dict, logits_summary: dict) -> dic
     # lies upstream (possibly an inline step of its parent, e.g. RoPE or V inside self_attn), not in it.
     # The replays (isolated in the run's dtype, fp32_replay in fp32) feed each module the same inputs on both
     # sides: a module whose replay fails is at fault itself.
-    replay_bad = {r.name for r in failing if r.mode in REPLAYS}
-    replay_ok = {r.name for r in records if r.mode in REPLAYS and r.passed} - replay_bad
-    own = [r for r in failing if r.mode in REPLAYS or r.kind in ("mask", "rope") or r.name not in replay_ok]
-    first = min(own or failing, key=lambda r: (r.order, rank(r.mode))) if failing else None
+    replay_bad = {r.name for r in failing if M.is_replay(r.mode)}
+    replay_ok = {r.name for r in records if M.is_replay(r.mode) and r.passed} - replay_bad
+    own = [r for r in failing if M.is_replay(r.mode) or r.kind in ("mask", "rope") or r.name not in replay_ok]
+    first = min(own or failing, key=lambda r: (r.order, M.rank(r.mode))) if failing else None
     modules_ok = not any(r for r in failing if r.kind not in ("router",))
     router_rows = [r for r in records if r.kind == "router"]
     routers = []

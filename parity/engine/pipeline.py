@@ -19,7 +19,7 @@ from parity.config import config_hash
 from parity.engine import gates as G
 from parity.engine import metrics as M
 from parity.engine.comparison import Comparison
-from parity.engine.modes import BY_NAME, MODES
+from parity.engine import modes
 from parity.engine.modes.end_to_end import KL_FLOOR
 from parity.engine.progress import Progress, timed
 from parity.engine.reference import Reference, freed
@@ -57,7 +57,7 @@ def reference(case, *, device: str, dtype: str | None = None, checkpoint: str | 
     megatron_env.init(tp=case.parallel.tp, ep=case.parallel.ep, seed=case.seed if seed is None else seed)
     ref = Reference.build(case, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed, progress=progress)
     if ref.dtype != "float32":
-        for mode in MODES:
+        for mode in modes.MODES:
             if mode.floors:
                 with ref.prog.phase(FLOOR_PHASES.get(mode.name, f"noise_floor_{mode.name}")):
                     ref.floors[mode.name] = mode.implementation().floors(ref, ref.prog)
@@ -74,9 +74,11 @@ def against(ref: Reference, system: str) -> dict:
         sut.load(ref.state, folder=ref.checkpoint)
     sut.prepare(ref.inputs)
     timings = {**ref.timings, "megatron_forward_s": timed(lambda: sut.forward(ref.inputs), ref.device)}
-    c = Comparison(sut, ref)
-    for mode in MODES:
-        if mode.runs(ref.dtype, case.world_size):
+    c, ran = Comparison(sut, ref), []
+    for mode in modes.MODES:
+        why = mode.why_not(ref.dtype, case.world_size, sut)
+        ran.append({"name": mode.name, "label": mode.label, "ran": why is None, **({"why": why} if why else {})})
+        if why is None:
             with prog.phase(RUN_PHASES.get(mode.name, mode.name)):
                 mode.implementation().run(c, prog)
     with prog.phase("metrics"):
@@ -102,7 +104,7 @@ def against(ref: Reference, system: str) -> dict:
         sequential=ref.sequential, hf_released_before_megatron=ref.released, gates=case.to_dict()["gates"],
         host_staged_gib={"activations": ref.store.host_bytes / 2**30,
                          "weights": (host.staged_bytes if host is not None else 0) / 2**30},
-        inputs=ref.kind.describe(case, ref.config, ref.inputs), groups=group_summary).to_dict()
+        inputs=ref.kind.describe(case, ref.config, ref.inputs), groups=group_summary, modes=ran).to_dict()
     # the system's model is freed before the next system (or run) builds one: its hooks can hold it in a cycle
     sut_ref = weakref.ref(sut)
     del c, sut
@@ -127,7 +129,7 @@ def judge(ref: Reference, c: Comparison) -> tuple[dict, dict]:
     logits_summary = M.logits_metrics(ref.logits.to(c.logits.device), c.logits, ref.where.valid,
                                       near_tie_margin=near_tie_margin(ref.dtype))
     for rec in c.records:
-        mode = BY_NAME.get(rec.mode)
+        mode = modes.get(rec.mode)
         measured = low and mode is not None and mode.floors and rec.kind not in ("mask", "rope")
         rec.floor = ref.floors.get(rec.mode, {}).get(rec.name) if measured else None
     kl_floor = ref.floors.get("end_to_end", {}).get(KL_FLOOR)

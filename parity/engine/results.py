@@ -35,9 +35,11 @@ class Results:
     host_staged_gib: dict  # activations, weights
     inputs: dict  # batch, seq_len, pad_tail (+ images, soft tokens, sliding window for a VLM)
     groups: dict | None = None  # VLM: metrics per position group (text, image, text_after_image)
+    modes: list | None = None  # [{name, label, ran, why}]: each comparison mode, and why it did not run
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.groups is None:
-            del out["groups"]
+        for key in ("groups", "modes"):
+            if out[key] is None:
+                del out[key]
         return out

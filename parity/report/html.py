@@ -16,7 +16,7 @@ import math
 from html import escape
 from typing import Any
 
-from parity.engine.modes import MODES
+from parity.engine.modes import MODES, is_replay
 from parity.report import summary as S
 from parity.report.heatmap import section as heatmap_section
 from parity.report.history import RULE, compare
@@ -115,7 +115,18 @@ def _checks_html(results: dict) -> str:
     pills = "".join(f'<span class="pill {"ok" if v is True else "no" if v is False else "warn"}" '
                     f'style="margin-right:4px">{_e(k)} {"✓" if v is True else "✗" if v is False else "?"}</span>'
                     for k, v in checks.items())
-    return f'<div style="margin-top:10px">{pills}</div>'
+    return f'<div style="margin-top:10px">{pills}</div>{_modes_html(results)}'
+
+
+def _modes_html(results: dict) -> str:
+    """The comparison modes of the run (``results["modes"]``): those measured, and why any other did not run."""
+    modes = results.get("modes")
+    if not isinstance(modes, list) or not modes:
+        return ""
+    ran = ", ".join(_e(m.get("label") or m.get("name")) for m in modes if m.get("ran"))
+    skipped = "; ".join(f'{_e(m.get("label") or m.get("name"))}: {_e(m.get("why"))}' for m in modes if not m.get("ran"))
+    return (f'<div class="muted" style="font-size:12px;margin-top:6px" id="modes">modes: {ran}'
+            f'{" · not run — " + skipped if skipped else ""}</div>')
 
 
 def _fail_reasons(results: dict) -> list[str]:
@@ -309,7 +320,7 @@ def _drift_series(results: dict, rows: list[dict], metric: str, typed: bool) -> 
             pts.append(Point(x=layer, y=y, tip=tip, failed=r.get("passed") is False,
                              full=ltype == "full_attention"))
         if pts:
-            out.append(Series(MODE_LABELS[mode], MODE_COLORS[mode], pts, dash="5 3" if mode == "isolated" else ""))
+            out.append(Series(MODE_LABELS[mode], MODE_COLORS[mode], pts, dash="5 3" if is_replay(mode) else ""))
     return out
 
 

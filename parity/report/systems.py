@@ -14,14 +14,14 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from parity.engine.modes import MODES, rank
 from parity.report import summary as S
 from parity.report.html import _e, _kv, _name, _pill
 from parity.report.page import page
 from parity.report.store import REPORT, atomic_write
 
 Run = tuple[str, dict, str]  # (system name, its results.json, relative link to its report)
-MODE_LABELS = {"isolated": "isolated", "end_to_end": "end-to-end", "fp32_replay": "fp32 replay"}
-MODE_RANK = {"isolated": 0, "fp32_replay": 1, "end_to_end": 2}  # as the engine orders the modes of one module
+MODE_LABELS = {m.name: m.label for m in MODES}
 WORST = 5  # rows per system in the worst-rows table
 CAP = 50  # rows in the disagreement table
 
@@ -176,7 +176,7 @@ def _worst(runs: list[Run]) -> str:
     trs = []
     for name, results, _ in runs:
         ranked = [(u, i, r) for i, r in enumerate(S.modules(results)) if (u := _use(r)) is not None]
-        ranked.sort(key=lambda t: (-t[0], _order(t[2], t[1]), MODE_RANK.get(str(t[2].get("mode")), 9)))
+        ranked.sort(key=lambda t: (-t[0], _order(t[2], t[1]), rank(str(t[2].get("mode")))))
         top = [r for _, _, r in ranked[:WORST]]
         head = f'<td rowspan="{max(1, len(top))}"><b>{_e(name)}</b></td>'
         if not top:
@@ -221,7 +221,7 @@ def disagreements(runs: list[Run]) -> list[dict]:
         if ("pass" in states and "fail" in states) or "none" in states:
             out.append({"name": name, "mode": mode, "rows": entry["rows"], "states": states,
                         "failing": "fail" in states, "order": entry["order"]})
-    out.sort(key=lambda d: (not d["failing"], d["order"], MODE_RANK.get(d["mode"], 9), d["name"]))
+    out.sort(key=lambda d: (not d["failing"], d["order"], rank(d["mode"] or ""), d["name"]))
     return out
 
 

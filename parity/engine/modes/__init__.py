@@ -3,8 +3,9 @@
 Each ``Mode`` says its name (as results.json writes it), its label and colour in reports, whether it feeds
 both sides the same captured inputs (a *replay*: a module failing there is at fault itself), its rank when
 one module fails in several modes (the first divergence names the lowest), which gate section of the case
-file judges its rows, whether HF's bf16 noise floors are measured for it, when it runs, and the module that
-implements it. An implementation module has ``run(comparison, progress)`` and, with ``floors``,
+file judges its rows, whether HF's bf16 noise floors are measured for it, when it runs, what it needs of the
+system (methods of the port; a system without them: the mode is skipped and results.json's ``modes`` says
+why), and the module that implements it. An implementation module has ``run(comparison, progress)`` and, with ``floors``,
 ``floors(reference, progress) -> {HF name: floor}`` (parity.engine.pipeline calls both). Adding a mode is
 one module under ``parity.engine.modes`` plus its line here; gates, the report and the pytest plugin read
 this list. Pure data: the report imports it without torch.
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 class Mode:
     name: str  # results.json ``mode`` of its rows (a mode without rows of its own: its section's key)
     label: str  # in reports
-    module: str  # parity.engine.modes.<module>: its ``run`` (and ``floors``)
+    module: str  # parity.engine.modes.<module> (or a full module path): its ``run`` (and ``floors``)
     color: str = "#57606a"
     replay: bool = False  # both sides fed HF's captured inputs: a row failing here is at fault itself
     rank: int = 9  # at one module failing in several modes, the first divergence names the lowest rank
@@ -27,33 +28,50 @@ class Mode:
     floors: bool = False  # bf16 runs measure HF-bf16 against HF-fp32 in this mode (each row's noise floor)
     every_row: bool = False  # every row the system has a module for yields a record (else a failing one)
     when: str = "always"  # "always" | "bf16_single": bf16 runs of one process (the fp32 replay)
+    needs: tuple[str, ...] = ()  # the System methods it calls (a system without one: the mode is skipped, said so)
     records_as: str | None = None  # its rows are written with this mode's name (tables: end_to_end rows)
 
-    def runs(self, dtype: str, world_size: int) -> bool:
-        return self.when == "always" or (dtype != "float32" and world_size == 1)
+    def why_not(self, dtype: str, world_size: int, system) -> str | None:
+        """Why this mode does not run for ``system`` in a run of ``dtype`` over ``world_size`` processes."""
+        if self.when == "bf16_single" and dtype == "float32":
+            return "a float32 run: nothing to replay in fp32"
+        if self.when == "bf16_single" and world_size != 1:
+            return f"runs of one process only (this run has {world_size})"
+        missing = [m for m in self.needs if not callable(getattr(system, m, None))]
+        return f"{system.name} has no {', '.join(missing)}" if missing else None
 
     def implementation(self):
-        return importlib.import_module(f"parity.engine.modes.{self.module}")
+        return importlib.import_module(self.module if "." in self.module else f"parity.engine.modes.{self.module}")
 
 
 MODES = (  # in the order a run measures them
-    Mode("roundtrip", "round trip", "roundtrip"),
-    Mode("end_to_end", "end-to-end", "end_to_end", color="#bc4c00", rank=2, floors=True, every_row=True),
-    Mode("isolated", "isolated", "isolated", color="#0969da", replay=True, rank=0, floors=True, every_row=True),
+    Mode("roundtrip", "round trip", "roundtrip", needs=("export",)),
+    Mode("end_to_end", "end-to-end", "end_to_end", color="#bc4c00", rank=2, floors=True, every_row=True,
+         needs=("forward", "module", "output")),
+    Mode("isolated", "isolated", "isolated", color="#0969da", replay=True, rank=0, floors=True, every_row=True,
+         needs=("module", "replay")),
     Mode("fp32_replay", "fp32 replay", "fp32_replay", color="#8250df", replay=True, rank=1, gates="float32",
-         when="bf16_single"),
-    Mode("tables", "masks and RoPE", "tables", records_as="end_to_end"),
+         when="bf16_single", needs=("module", "replay", "fp32")),
+    Mode("tables", "masks and RoPE", "tables", records_as="end_to_end", needs=("tables",)),
 )
-BY_NAME = {m.name: m for m in MODES}
-REPLAYS = tuple(m.name for m in MODES if m.replay)  # modes feeding both sides the same captured inputs
-PLOTTED = tuple(m.name for m in sorted(MODES, key=lambda m: m.rank) if m.every_row)  # drawn layer by layer
+PLOTTED = tuple(m.name for m in sorted(MODES, key=lambda m: m.rank) if m.every_row)  # reports draw these per layer
+
+
+def get(name: str | None) -> Mode | None:
+    """The mode named ``name`` in the current list (read at call time: a test may extend ``MODES``)."""
+    return next((m for m in MODES if m.name == name), None)
+
+
+def is_replay(name: str) -> bool:
+    mode = get(name)
+    return mode is not None and mode.replay
 
 
 def label(name: str | None) -> str:
-    mode = BY_NAME.get(name or "")
+    mode = get(name)
     return mode.label if mode else (name or "")
 
 
 def rank(name: str) -> int:
-    mode = BY_NAME.get(name)
+    mode = get(name)
     return mode.rank if mode else 3
