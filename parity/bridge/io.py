@@ -1,8 +1,10 @@
 """Local HF checkpoint folders: validate before anything is built, load, and save.
 
-``inspect_folder`` reads only ``config.json``, the safetensors index and the safetensors headers: it
-refuses a folder whose files, keys or shapes do not match the config (``CheckpointError``) or whose config
-uses a feature the Megatron side lacks (``UnsupportedConfig``), and estimates the bytes the weights need.
+``inspect_folder`` reads only ``config.json``, the safetensors index and the safetensors headers (read by
+``parity.hf_checkpoint``): it refuses a folder whose files, keys or shapes do not match our bridge's mapping
+table for the config (``CheckpointError``) or whose config uses a feature the Megatron side lacks
+(``UnsupportedConfig``), and estimates the bytes the weights need. (The engine's HF reference validates folders
+against HF's own model class instead: ``parity.hf_checkpoint.inspect``.)
 Keys outside the text model (a VLM's vision tower) are listed in ``FolderInfo.other_keys`` for their bridge.
 """
 from __future__ import annotations
@@ -19,17 +21,14 @@ from torch import Tensor
 from parity.bridge.convert import detect_prefix, split_hf_state
 from parity.bridge.mapping import NON_TEXT_PREFIXES, TEXT_PREFIX, expand, shape, sizes
 from parity.config import TextArgs, check_supported, check_supported_vlm
-
-CONFIG_NAME = "config.json"
-SINGLE_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
-               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-DEFAULT_ARCH = {"gemma4_text": "Gemma4ForCausalLM", "gemma4": "Gemma4ForConditionalGeneration"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be used; the message is one line naming the file or tensor."""
+# reading a folder (config, index, headers) is HF-side knowledge, shared with the engine's HF reference; the
+# names are re-exported (callers and tests take ``CheckpointError`` from here)
+from parity.hf_checkpoint import CONFIG_NAME, DEFAULT_ARCH, DTYPE_BYTES, INDEX_NAME, SINGLE_NAME  # noqa: F401
+from parity.hf_checkpoint import CheckpointError  # noqa: F401
+from parity.hf_checkpoint import headers as _headers
+from parity.hf_checkpoint import numel as _numel
+from parity.hf_checkpoint import read_config as _read_config
+from parity.hf_checkpoint import weight_files as _weight_files
 
 
 @dataclass
@@ -55,80 +54,6 @@ class FolderInfo:
         size = torch.empty((), dtype=dtype).element_size()
         return sum(_numel(s) * (size if d.startswith(("F", "BF")) else DTYPE_BYTES.get(d, 4))
                    for s, d, _ in self.tensors.values())
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def _read_config(path: Path):
-    from transformers import Gemma4Config, Gemma4TextConfig
-
-    file = path / CONFIG_NAME
-    if not file.is_file():
-        raise CheckpointError(f"{file}: missing (not an HF checkpoint folder)")
-    try:
-        raw = json.loads(file.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{file}: does not parse as JSON ({e})") from None
-    model_type = raw.get("model_type")
-    if model_type == "gemma4" and not raw.get("text_config"):
-        raise CheckpointError(f"{file}: model_type 'gemma4' without a text_config")
-    if model_type not in DEFAULT_ARCH:
-        raise CheckpointError(f"{file}: model_type {model_type!r} is not Gemma 4 (expected 'gemma4_text' or 'gemma4')")
-    archs = raw.get("architectures") or [DEFAULT_ARCH[model_type]]
-    if len(archs) != 1 or archs[0] not in TEXT_PREFIX:
-        raise CheckpointError(f"{file}: architectures {archs} not supported (expected one of {sorted(TEXT_PREFIX)})")
-    cls = Gemma4TextConfig if model_type == "gemma4_text" else Gemma4Config
-    try:
-        config = cls.from_dict(raw)
-    except Exception as e:  # HF's strict dataclass validation
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{file}: not a valid {cls.__name__} ({msg})") from None
-    return config, archs[0]
-
-
-def _weight_files(path: Path) -> dict[str, str]:
-    """key -> file name, from the index (sharded) or the single file's header."""
-    from safetensors import safe_open
-
-    index = path / INDEX_NAME
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, ValueError, KeyError) as e:
-            raise CheckpointError(f"{index}: unreadable index ({e})") from None
-        for name in sorted(set(weight_map.values())):
-            if not (path / name).is_file():
-                raise CheckpointError(f"{path / name}: missing shard referenced by {INDEX_NAME}")
-        return dict(weight_map)
-    if not (path / SINGLE_NAME).is_file():
-        raise CheckpointError(f"{path}: no {SINGLE_NAME} and no {INDEX_NAME}")
-    with safe_open(path / SINGLE_NAME, framework="pt") as f:
-        return {k: SINGLE_NAME for k in f.keys()}
-
-
-def _headers(path: Path, weight_map: dict[str, str]) -> dict[str, tuple[tuple[int, ...], str, str]]:
-    from safetensors import safe_open
-
-    tensors = {}
-    for name in sorted(set(weight_map.values())):
-        try:
-            with safe_open(path / name, framework="pt") as f:
-                for key in f.keys():
-                    sl = f.get_slice(key)
-                    tensors[key] = (tuple(sl.get_shape()), sl.get_dtype(), name)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{path / name}: unreadable safetensors header ({e})") from None
-    for key, name in weight_map.items():
-        if key not in tensors:
-            raise CheckpointError(f"{path / name}: lacks {key}, which {INDEX_NAME} places there")
-    return tensors
 
 
 def expected_hf_shapes(args: TextArgs, prefix: str) -> dict[str, tuple[int, ...]]:

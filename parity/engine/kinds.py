@@ -30,12 +30,18 @@ def _fits(missing, unexpected) -> None:
         raise UserError(f"checkpoint does not fit the config: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
-def _from_checkpoint(folder: str, dtype: torch.dtype, device: str):
-    from parity.bridge import io as bio
+def _from_checkpoint(folder: str, dtype: torch.dtype, device: str, case, architecture: str | None = None):
+    """``(hf_config, state)`` of a local HF folder, validated against HF's own model class (files, keys, shapes,
+    memory) before anything is instantiated. ``architecture``: the folder must be a checkpoint of that class;
+    without it (a text case) the state is the folder's ``Gemma4ForCausalLM`` part (a VLM's language model)."""
+    from parity import hf_checkpoint
 
-    info = bio.inspect_folder(folder)  # files, keys, shapes: validated before instantiation
-    _check_memory(info.bytes_as(dtype), device, folder)
-    return info, *bio.load_folder(folder, dtype=dtype, device="cpu")
+    info = hf_checkpoint.inspect(folder)
+    if architecture is not None and info.architecture != architecture:
+        raise UserError(f"{folder}: a {info.architecture} checkpoint, but case {case.name} needs a {architecture}")
+    keys = None if architecture is not None else hf_checkpoint.text_keys(info)
+    _check_memory(info.bytes_as(dtype, keys), device, folder)
+    return info.config, hf_checkpoint.load(info, dtype=dtype, device="cpu", keys=keys)
 
 
 class _Returns(torch.nn.Module):
@@ -93,18 +99,11 @@ class TextKind:
         from parity.engine.randomize import randomize_
 
         if checkpoint:
-            from parity.bridge.convert import split_hf_state
-
-            _info, hf_config, state = _from_checkpoint(checkpoint, dtype, device)
+            hf_config, state = _from_checkpoint(checkpoint, dtype, device, case)  # a VLM checkpoint: its text part
             config = getattr(hf_config, "text_config", None) or hf_config
             with torch.device(device):
                 model = Gemma4ForCausalLM._from_config(config, torch_dtype=dtype)
-            prefix, text, _rest = split_hf_state(state)  # a VLM checkpoint: its text part
-            renamed = {}
-            for k, v in text.items():
-                key = k[len(prefix):] if prefix and k.startswith(prefix) else k
-                renamed["model." + key if not key.startswith(("model.", "lm_head")) else key] = v
-            _fits(*model.load_state_dict(renamed, strict=False))
+            _fits(*model.load_state_dict(state, strict=False))
             return model.eval(), config
         builders = {"tiny_text": C.text_config_kwargs, "full_text": C.full_text_config_kwargs}
         if case.model.builder not in builders:
@@ -179,9 +178,7 @@ class VlmKind(TextKind):
         from parity.vlm_config import VisionArgs, make_vlm_config, vlm_config_kwargs
 
         if checkpoint:
-            info, config, state = _from_checkpoint(checkpoint, dtype, device)
-            if info.architecture != "Gemma4ForConditionalGeneration":
-                raise UserError(f"{checkpoint}: a {info.architecture} checkpoint, but case {case.name} is a VLM")
+            config, state = _from_checkpoint(checkpoint, dtype, device, case, "Gemma4ForConditionalGeneration")
         elif case.model.builder != "tiny_vlm":
             raise UserError(f"unknown VLM model builder {case.model.builder!r}")
         else:
