@@ -186,8 +186,9 @@ def _layout(model: torch.nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[st
     return expected, tied, text[0] if text else "", head
 
 
-def inspect(path: str | Path) -> CheckpointInfo:
-    """Validate a local HF Gemma 4 folder from its config and headers only (no tensor data is read)."""
+def read_folder(path: str | Path) -> tuple[Path, Any, str, dict, dict]:
+    """``(path, config, architecture, weight map, headers)`` of a local HF Gemma 4 folder whose config this harness
+    supports; no tensor data is read."""
     from parity.vlm_config import check_supported_vision
 
     path = Path(path)
@@ -201,7 +202,12 @@ def inspect(path: str | Path) -> CheckpointInfo:
     else:
         check_supported(config)
     weight_map = weight_files(path)
-    tensors = headers(path, weight_map)
+    return path, config, arch, weight_map, headers(path, weight_map)
+
+
+def inspect(path: str | Path) -> CheckpointInfo:
+    """Validate a local HF Gemma 4 folder from its config and headers only (no tensor data is read)."""
+    path, config, arch, weight_map, tensors = read_folder(path)
     try:
         model = meta_model(arch, config)
     except Exception as e:  # a config HF's own class cannot be built from

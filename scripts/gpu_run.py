@@ -35,31 +35,42 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--checkpoint", help="local HF folder for the cases (the real-checkpoint path)")
     ap.add_argument("--full", action="store_true", help="also write the full results.json of each case")
-    ap.add_argument("--system", default="parity", help="system under test (parity | megatron-bridge)")
+    ap.add_argument("--system", default="parity",
+                    help="system(s) under test, comma-separated: several run against one HF reference (one summary "
+                         "each, plus <case>-<a>+<b>.json with the shared run's wall and the reference's phases)")
     a = ap.parse_args()
     from parity.cases import checkpoint_for, load_case
-    from parity.engine.launch import execute  # routes tp*ep > 1 cases through torchrun
+    from parity.engine.launch import execute_systems  # routes tp*ep > 1 cases through torchrun
 
     os.makedirs(a.out, exist_ok=True)
     rc = 0
+    systems = a.system.split(",")
     for name in a.cases:
         t0 = time.perf_counter()
         try:
             case = load_case(name)
             if a.seq_len:
                 case = case.replace(inputs={"seq_len": a.seq_len})
-            r = execute(case, device="cuda", dtype=a.dtype, checkpoint=checkpoint_for(case, a.checkpoint), seed=None,
-                        progress=True, **({"system": a.system} if a.system != "parity" else {}))
-            s = summary(r)
-            s["wall_s"] = time.perf_counter() - t0
-            print(json.dumps(s, indent=1, default=str), flush=True)
-            tag = name + ("-checkpoint" if a.checkpoint else "") + ("" if a.system == "parity" else f"-{a.system}")
-            with open(os.path.join(a.out, f"{tag}.json"), "w") as f:
-                json.dump(s, f, indent=1, default=str)
-            if a.full:
-                with open(os.path.join(a.out, f"{tag}.results.json"), "w") as f:
-                    json.dump(r, f, default=str)
-            rc |= 0 if r["passed"] else 1
+            runs = execute_systems(case, device="cuda", dtype=a.dtype, checkpoint=checkpoint_for(case, a.checkpoint),
+                                   seed=None, progress=True, systems=systems)
+            wall = time.perf_counter() - t0
+            for system, r in zip(systems, runs):
+                s = summary(r)
+                s["wall_s"] = wall
+                print(json.dumps(s, indent=1, default=str), flush=True)
+                tag = name + ("-checkpoint" if a.checkpoint else "") + ("" if system == "parity" else f"-{system}")
+                tag += "-shared" if len(systems) > 1 else ""
+                with open(os.path.join(a.out, f"{tag}.json"), "w") as f:
+                    json.dump(s, f, indent=1, default=str)
+                if a.full:
+                    with open(os.path.join(a.out, f"{tag}.results.json"), "w") as f:
+                        json.dump(r, f, default=str)
+                rc |= 0 if r["passed"] else 1
+            if len(systems) > 1:
+                from parity.bench import several
+
+                with open(os.path.join(a.out, f"{name}-{'+'.join(systems)}.json"), "w") as f:
+                    json.dump(several(runs, wall), f, indent=1, default=str)
         except Exception:
             traceback.print_exc()
             rc |= 4

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-
 from parity.cases import load_case
 from parity.engine import modes as M
 from parity.engine.launch import cpu_threads

@@ -20,15 +20,14 @@ from torch import Tensor
 
 from parity.bridge.convert import detect_prefix, split_hf_state
 from parity.bridge.mapping import NON_TEXT_PREFIXES, TEXT_PREFIX, expand, shape, sizes
-from parity.config import TextArgs, check_supported, check_supported_vlm
+from parity.config import TextArgs
 # reading a folder (config, index, headers) is HF-side knowledge, shared with the engine's HF reference; the
 # names are re-exported (callers and tests take ``CheckpointError`` from here)
 from parity.hf_checkpoint import CONFIG_NAME, DEFAULT_ARCH, DTYPE_BYTES, INDEX_NAME, SINGLE_NAME  # noqa: F401
 from parity.hf_checkpoint import CheckpointError  # noqa: F401
-from parity.hf_checkpoint import headers as _headers
 from parity.hf_checkpoint import numel as _numel
-from parity.hf_checkpoint import read_config as _read_config
-from parity.hf_checkpoint import weight_files as _weight_files
+from parity.hf_checkpoint import read_config as _read_config  # noqa: F401
+from parity.hf_checkpoint import read_folder
 
 
 @dataclass
@@ -68,21 +67,8 @@ def expected_hf_shapes(args: TextArgs, prefix: str) -> dict[str, tuple[int, ...]
 
 def inspect_folder(path: str | Path) -> FolderInfo:
     """Validate a local HF Gemma 4 folder from its config and headers only (no tensor data is read)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: not a directory")
-    config, arch = _read_config(path)
-    if getattr(config, "text_config", None) is not None:
-        check_supported_vlm(config)
-        if getattr(config, "vision_config", None) is not None:
-            from parity.vlm_config import check_supported_vision
-
-            check_supported_vision(config.vision_config)
-    else:
-        check_supported(config)
+    path, config, arch, weight_map, tensors = read_folder(path)
     args = TextArgs.from_hf(config)
-    weight_map = _weight_files(path)
-    tensors = _headers(path, weight_map)
 
     prefix = TEXT_PREFIX[arch]
     if tensors and detect_prefix(tensors) != prefix:
