@@ -39,16 +39,17 @@ class Replay:
     why: str = ""
 
 
-def call_arg(call: Call, key: str, pos: int = 0):
-    """Argument ``key`` of a captured HF call, passed by keyword or at position ``pos``."""
-    return call.kwargs[key] if key in call.kwargs else call.args[pos]
+def call_arg(call: Call, key: str, pos: int = 0, device=None):
+    """Argument ``key`` of a captured HF call, passed by keyword or at position ``pos`` (moved to ``device``)."""
+    x = call.kwargs[key] if key in call.kwargs else call.args[pos]
+    return x if device is None else x.to(device)
 
 
 def hf_routing(call: Call, n_experts: int, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     """HF experts' routing (its call's ``top_k_index`` and ``top_k_weights``) as megatron's ``(probs [tokens, E]
     zero off the top-k, routing_map)``: what a system's experts replay under forced identical routing takes."""
-    top_i = call_arg(call, "top_k_index", 1).to(device)
-    top_w = call_arg(call, "top_k_weights", 2).to(device)
+    top_i = call_arg(call, "top_k_index", 1, device)
+    top_w = call_arg(call, "top_k_weights", 2, device)
     probs = torch.zeros(top_i.shape[0], n_experts, dtype=dtype, device=device).scatter_(1, top_i, top_w.to(dtype))
     return probs, torch.zeros_like(probs, dtype=torch.bool).scatter(1, top_i, True)
 

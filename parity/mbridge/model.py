@@ -31,6 +31,7 @@ from megatron.core.transformer.moe.experts import GroupedMLPSubmodules, TEGroupe
 
 from parity import megatron_env  # noqa: E402
 from parity.mbridge import substitutes as S  # noqa: E402
+from parity.megatron_layout import tp_gather  # noqa: E402  (the one TP gather both systems use)
 
 TEXT_ARCH = "Gemma4ForCausalLM"
 VLM_ARCH = "Gemma4ForConditionalGeneration"
@@ -198,16 +199,6 @@ def export_hf(bm: BridgeModel, hf_model=None) -> Iterator[tuple[str, torch.Tenso
     dtype = next(bm.model.parameters()).dtype
     for name, tensor in bridge.export_hf_weights([bm.model], cpu=False, show_progress=False, weight_dtype=dtype):
         yield name, tensor
-
-
-def tp_gather(x: torch.Tensor) -> torch.Tensor:
-    """A tensor-parallel shard (split along its last dim) gathered over the TP group; as is for TP=1."""
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-
-    if parallel_state.get_tensor_model_parallel_world_size() == 1:
-        return x
-    return gather_from_tensor_model_parallel_region(x.contiguous())
 
 
 def megatron_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -17,25 +17,19 @@ from torch import nn
 
 from parity import megatron_env
 from parity.config import TextArgs
-from parity.engine.alignment import VISION, Aligned, Kind, Part, Stack
+from parity.engine.alignment import VISION, Aligned, Kind, Stack
 from parity.engine.compare import value
 from parity.errors import UserError
-from parity.systems import Elsewhere, Replay, call_arg, hf_routing
-from parity.systems.ours import split_qkv
+from parity.engine.system import Elsewhere, Replay, call_arg, hf_routing
+from parity.megatron_layout import first, hf_token_order, sb, to_hf, tp_gather, tp_size, tp_slice
 
 INPUT = " (input)"
 LM_VLM = "language_model."
 
 
-def sb(x: torch.Tensor) -> torch.Tensor:
-    """``[b, s, ...]`` <-> ``[s, b, ...]`` (contiguous: megatron's modules view their inputs)."""
-    return x.transpose(0, 1).contiguous()
-
-
-def _first(x):
-    while isinstance(x, (tuple, list)):
-        x = x[0]
-    return x
+def _sb(x: torch.Tensor) -> torch.Tensor:
+    """``[b, s, ...]`` <-> ``[s, b, ...]``, contiguous: the bridge's modules view their inputs."""
+    return sb(x, contiguous=True)
 
 
 def _key(hf: str) -> str:
@@ -106,7 +100,6 @@ class MegatronBridgeSystem:
         self.vlm, self.dtype, self.device = kind == "vlm", dtype, device
         self.args = TextArgs.from_hf(getattr(hf_config, "text_config", None) or hf_config)
         rk = megatron_env.ranks()  # the world the pipeline set up (TP x EP): the bridge builds this rank's shard
-        self.tp = rk["tp_size"]
         self.bm = MB.build(hf_config, dtype=dtype, device=device, tp=rk["tp_size"], ep=rk["ep_size"])
         self.model = self.bm.model
         self.lm = self.model.language_model if self.vlm else self.model
@@ -206,76 +199,88 @@ class MegatronBridgeSystem:
 
     def output(self, a: Aligned, out: Any, module: nn.Module) -> Any:
         """A hooked output (or the hooked module's input) in ``[s, b, ...]`` -> HF layout."""
-        kind = a.row.kind
         if a.row.stack is Stack.VISION:
-            return value(kind, out)
+            return value(a.row.kind, out)
         x = self._inputs[id(module)] if self._is_input(a) else out
-        if kind is Kind.ROUTER:
-            return self._router(x)
-        return self._layout(a, _first(x))
+        return self._router(x) if a.row.kind is Kind.ROUTER else self._layout(a, first(x))
 
     def _layout(self, a: Aligned, x: torch.Tensor) -> torch.Tensor:
         """``[s, b, ...]`` -> HF layout; column-parallel outputs (this rank's heads or features) gathered."""
-        from parity.mbridge.model import tp_gather
-
-        kind, b, s = a.row.kind, self.b, self.s
-        if kind is Kind.QKV:  # each rank holds whole query groups [q..; k; v] of the fused layout
-            la = self.args.layers[a.layer]
-            x = split_qkv(tp_gather(x), a.row.part, self.args.num_heads, la.head_dim, la.num_kv_heads)
-        elif kind is Kind.FC1:  # [gate_r; up_r] per rank
-            x = tp_gather(x.chunk(2, dim=-1)[0 if a.row.part is Part.GATE else 1])
-        elif kind is Kind.HEAD_NORM and self.tp > 1:  # [s, b, heads/tp, d]
-            x = tp_gather(x.flatten(2)).unflatten(2, (-1, x.shape[-1]))
-        x = sb(x)
-        return x.reshape(b * s, -1) if kind in (Kind.EXPERTS, Kind.FLAT_NORM) else x
+        return to_hf(a, x, self.b, self.s, self.args, contiguous=True)
 
     def _router(self, out) -> dict:
         """megatron router output ``(probs [s*b, E] zero off the top-k, routing_map)`` -> HF token order."""
         probs, routing_map = out
-        b, s, k = self.b, self.s, self.args.top_k
-        bs = lambda t: t.reshape(s, b, -1).transpose(0, 1).reshape(b * s, -1)  # noqa: E731
-        dense = bs(probs)
-        top_w, top_i = dense.masked_fill(~bs(routing_map).bool(), float("-inf")).topk(k, dim=-1)
+        b, s = self.b, self.s
+        dense = hf_token_order(probs, b, s)
+        top_w, top_i = dense.masked_fill(~hf_token_order(routing_map, b, s).bool(), float("-inf")).topk(
+            self.args.top_k, dim=-1)
         return {"dense": dense, "top_w": top_w, "top_i": top_i}
+
+    # -- isolated replay ---------------------------------------------------------------------------
 
     def replay(self, a: Aligned, module: nn.Module | None, call) -> Any:
         """The bridge's module on HF's captured inputs, in HF layout; None where the module cannot run alone.
         Rows with a ``Replay`` run the module it names (on the HF row's inputs it names): an enclosing module
         whose run yields the row's value as the observed module's input, or a norm the layer applies as a
-        function of its weight."""
-        from parity.mbridge import model as MB
-
-        kind, dev = a.row.kind, self.device
+        function of its weight (``_planned``); every other row its kind's handler (``_REPLAY``)."""
+        kind = a.row.kind
         if a.row.stack is Stack.VISION:  # HF's own module on HF's own inputs
             return value(kind, module(*call.args, **call.kwargs))
-        arg = lambda key="hidden_states": call_arg(call, key).to(dev)  # noqa: E731
-        if kind is Kind.LOGITS:  # output_layer (tied weight) + its softcap on HF's final-norm output
-            weight = self.lm.shared_embedding_or_output_weight()
-            logits = MB.tp_gather(self.lm.output_layer(sb(call.args[0].to(dev)), weight=weight)[0])
-            return sb(logits)[..., : self.bm.vocab_size]
-        if kind is Kind.MERGED:
-            return None  # an inline step of the bridge's VLM forward
-        if a.row.name_key in self.replays and kind in (Kind.NORM, Kind.FLAT_NORM):
-            return self._norm_fn(a, module, arg())  # a norm the layer applies as a function
-        if self._is_input(a):  # run the enclosing module; the value is the observed module's input meanwhile
-            if a.row.name_key not in self.replays:
-                return None  # an input that is another module's output: nothing to run alone
-            return self._via_input(a, module, arg(), call)
-        if kind is Kind.EMBEDDING:
-            return sb(module(input_ids=arg("input_ids"), position_ids=None))
-        if kind in (Kind.NORM, Kind.HEAD_NORM):
-            return sb(_first(module(sb(arg()))))
-        if kind is Kind.LINEAR:  # a row-parallel linear gets this rank's slice of HF's input features
-            return self._layout(a, _first(module(self._linear_input(module, arg("input")))))
-        if kind is Kind.QKV and a.row.name_key in self.replays:  # linear_qkv on the HF input norm's input
-            return self._layout(a, _first(module(sb(arg()))))
-        if kind in (Kind.QKV, Kind.FC1, Kind.MLP):
-            return self._layout(a, _first(module(sb(arg("input")))))
-        if kind is Kind.ROUTER:  # HF's router input is [b*s, H] in HF token order
-            return self._router(module(sb(arg().reshape(self.b, self.s, -1))))
-        if kind is Kind.LAYER:  # with its own mask and its own RoPE tables
-            return sb(_first(module(sb(arg()), **self._attention_kwargs())))
+        planned = None if kind in (Kind.LOGITS, Kind.MERGED) else self._planned(a)
+        handler = planned or self._REPLAY.get(kind)
+        return None if handler is None else handler(self, a, module, call)
+
+    def _planned(self, a: Aligned):
+        """The handler of a row whose value the bridge's table reads elsewhere than its module's output: a norm
+        the layer applies as a function, or a module's input (run the enclosing module its ``Replay`` names;
+        without one there is nothing to run alone: an input that is another module's output)."""
+        planned = a.row.name_key in self.replays
+        if planned and a.row.kind in (Kind.NORM, Kind.FLAT_NORM):
+            return MegatronBridgeSystem._replay_fn_norm
+        if self._is_input(a):
+            return MegatronBridgeSystem._via_input if planned else MegatronBridgeSystem._replay_nothing
         return None
+
+    def _arg(self, call, key: str = "hidden_states") -> torch.Tensor:
+        return call_arg(call, key, device=self.device)
+
+    def _replay_nothing(self, a: Aligned, module, call) -> None:
+        return None
+
+    def _replay_logits(self, a: Aligned, module, call) -> torch.Tensor:
+        """output_layer (tied weight) + its softcap on HF's final-norm output."""
+        weight = self.lm.shared_embedding_or_output_weight()
+        logits = tp_gather(self.lm.output_layer(_sb(call.args[0].to(self.device)), weight=weight)[0])
+        return _sb(logits)[..., : self.bm.vocab_size]
+
+    def _replay_embedding(self, a: Aligned, module, call) -> torch.Tensor:
+        return _sb(module(input_ids=self._arg(call, "input_ids"), position_ids=None))
+
+    def _replay_norm(self, a: Aligned, module, call) -> torch.Tensor:
+        return _sb(first(module(_sb(self._arg(call)))))
+
+    def _replay_linear(self, a: Aligned, module, call) -> torch.Tensor:
+        """A row-parallel linear gets this rank's slice of HF's input features."""
+        return self._layout(a, first(module(self._linear_input(module, self._arg(call, "input")))))
+
+    def _replay_projection(self, a: Aligned, module, call) -> torch.Tensor:
+        """The fused QKV (planned: on the HF input norm's input, that norm fused into it), FC1 or the MLP."""
+        key = "hidden_states" if a.row.kind is Kind.QKV and a.row.name_key in self.replays else "input"
+        return self._layout(a, first(module(_sb(self._arg(call, key)))))
+
+    def _replay_router(self, a: Aligned, module, call) -> dict:  # HF's router input is [b*s, H] in HF token order
+        return self._router(module(_sb(self._arg(call).reshape(self.b, self.s, -1))))
+
+    def _replay_layer(self, a: Aligned, module, call) -> torch.Tensor:  # with its own mask and RoPE tables
+        return _sb(first(module(_sb(self._arg(call)), **self._attention_kwargs())))
+
+    _REPLAY = {
+        Kind.LOGITS: _replay_logits, Kind.MERGED: _replay_nothing,  # MERGED: an inline step of its VLM forward
+        Kind.EMBEDDING: _replay_embedding, Kind.NORM: _replay_norm, Kind.HEAD_NORM: _replay_norm,
+        Kind.LINEAR: _replay_linear, **dict.fromkeys((Kind.QKV, Kind.FC1, Kind.MLP), _replay_projection),
+        Kind.ROUTER: _replay_router, Kind.LAYER: _replay_layer,
+    }  # any other kind (not planned): None
 
     def _attention_kwargs(self) -> dict:
         """What its decoder passes a layer, and a layer its self-attention: its own mask and RoPE tables."""
@@ -284,28 +289,28 @@ class MegatronBridgeSystem:
     def _linear_input(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``[b, s, F]`` HF input -> ``[s, b, F]``; for a row-parallel linear (its weight split along its input
         features, ``partition_dim`` 1, as megatron marks it) this rank's slice ``[s, b, F/tp]``."""
-        from megatron.core import parallel_state
+        if tp_size() > 1 and getattr(linear.weight, "partition_dim", None) == 1:
+            x = tp_slice(x)
+        return _sb(x)
 
-        if self.tp > 1 and getattr(linear.weight, "partition_dim", None) == 1:
-            x = x.chunk(self.tp, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
-        return sb(x)
-
-    def _norm_fn(self, a: Aligned, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def _replay_fn_norm(self, a: Aligned, norm: nn.Module, call) -> torch.Tensor:
         """``_gemma4_rms_norm(x, norm.weight, eps)`` as ``Gemma4TransformerLayer._forward_mlp`` applies it."""
         from parity.mbridge import model as MB
 
+        x = self._arg(call)
         layer = self._modules[f"{LM_VLM if self.vlm else ''}decoder.layers.{a.layer}"]
-        y = MB.modeling_gemma4._gemma4_rms_norm(x if a.row.kind is Kind.FLAT_NORM else sb(x), norm.weight,
+        y = MB.modeling_gemma4._gemma4_rms_norm(x if a.row.kind is Kind.FLAT_NORM else _sb(x), norm.weight,
                                                 layer.config.layernorm_epsilon)
-        return y if a.row.kind is Kind.FLAT_NORM else sb(y)
+        return y if a.row.kind is Kind.FLAT_NORM else _sb(y)
 
-    def _via_input(self, a: Aligned, module: nn.Module, x: torch.Tensor, call) -> Any:
-        """Run ``module`` (self_attention, linear_proj, the MoE layer) on ``x``, ``call``'s first HF input; the
-        row's value is the input its observed module (hooked in ``prepare``) receives during that run."""
+    def _via_input(self, a: Aligned, module: nn.Module, call) -> Any:
+        """Run ``module`` (self_attention, linear_proj, the MoE layer) on ``call``'s first HF input; the row's
+        value is the input its observed module (hooked in ``prepare``) receives during that run."""
+        x = self._arg(call)
         observed = self._modules[self.names[a.row.name_key].format(**a.slots)[: -len(INPUT)]]
         self._inputs.pop(id(observed), None)
         if a.row.kind is Kind.ATTENTION:
-            module(sb(x), **self._attention_kwargs())
+            module(_sb(x), **self._attention_kwargs())
         elif a.row.kind is Kind.LINEAR:
             module(self._linear_input(module, x))
         elif a.row.kind is Kind.EXPERTS:
@@ -313,7 +318,7 @@ class MegatronBridgeSystem:
         else:
             return None
         seen = self._inputs.pop(id(observed), None)
-        return None if seen is None else self._layout(a, _first(seen))
+        return None if seen is None else self._layout(a, first(seen))
 
     def _experts_under_hf_routing(self, moe: nn.Module, x: torch.Tensor, call) -> None:
         """Its MoE layer's routed path (preprocess, dispatch, experts, combine, postprocess) for HF's routing:

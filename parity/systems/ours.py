@@ -1,8 +1,9 @@
 """System ``parity``: this project's Megatron-core Gemma 4 (``parity.models``) with its bridge (``parity.bridge``).
 
 Its module names per alignment row (``NAMES``), the layout conversions of its outputs (``[s, b, ...]``,
-fused QKV and [gate; up] split by ``Part``, tensor-parallel shards gathered) and the isolated replay of each
-module on HF's captured inputs with its *own* masks and RoPE tables.
+fused QKV and [gate; up] split by ``Part``, tensor-parallel shards gathered: ``megatron_layout``) and the
+isolated replay of each module on HF's captured inputs with its *own* masks and RoPE tables, one handler per
+row kind (``_OUTPUT``, ``_REPLAY``).
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ from torch import nn
 
 from parity import megatron_env
 from parity.config import TextArgs
-from parity.engine.alignment import Aligned, Kind, Part, Stack
+from parity.engine.alignment import Aligned, Kind, Stack
 from parity.engine.compare import value
-from parity.systems import call_arg, hf_routing
+from parity.engine.system import call_arg, hf_routing
+from parity.megatron_layout import first, hf_token_order, sb, to_hf, tp_gather, tp_slice
 
 # Alignment-table key -> module path in the text model (``language_model.`` inside the VLM).
 LM = {
@@ -57,36 +59,6 @@ VISION = {
 }
 TABLES = {"logits": "logits", "rotary_emb": "rotary_tables[{layer_type}]", "masks": "masks[{layer_type}]"}
 TEXT_MC, VISION_MC = "language_model.", "vision."
-
-
-def sb(x: torch.Tensor) -> torch.Tensor:
-    return x.transpose(0, 1)
-
-
-def _first(x):
-    return x[0] if isinstance(x, (tuple, list)) else x
-
-
-def _tp_size() -> int:
-    from megatron.core import parallel_state
-    return parallel_state.get_tensor_model_parallel_world_size() if parallel_state.model_parallel_is_initialized() else 1
-
-
-def _tp_gather(x: torch.Tensor) -> torch.Tensor:
-    """All-gather a tensor-parallel shard along its last dim (heads / vocab / intermediate)."""
-    if _tp_size() == 1:
-        return x
-    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-    return gather_from_tensor_model_parallel_region(x.contiguous())
-
-
-def split_qkv(mixed: torch.Tensor, part: Part, np_: int, hn: int, ng: int) -> torch.Tensor:
-    """Megatron fused QKV output ``[..., ng_l*(np/ng+2)*hn]`` -> the q, k or v part ``[..., heads*hn]``."""
-    rep = np_ // ng
-    lead = mixed.shape[:-1]
-    g = mixed.reshape(*lead, mixed.shape[-1] // ((rep + 2) * hn), (rep + 2) * hn)
-    q, k, v = g.split([rep * hn, hn, hn], dim=-1)
-    return {Part.Q: q, Part.K: k, Part.V: v}[part].reshape(*lead, -1)
 
 
 def _main_input(call) -> torch.Tensor:
@@ -236,72 +208,92 @@ class ParitySystem:
 
     def output(self, a: Aligned, out: Any, module: nn.Module) -> Any:
         """A hooked output (``[s, b, ...]``, TP shards) -> HF layout."""
-        kind, b, s = a.row.kind, self.b, self.s
-        if kind in (Kind.EMBEDDING, Kind.LOGITS, Kind.MERGED) or a.row.stack is Stack.VISION:
-            return value(kind, out)
-        if kind is Kind.ROUTER:
-            top_w, top_i = module.last_top_k
-            bs = lambda t: t.reshape(s, b, -1).transpose(0, 1).reshape(b * s, -1)  # noqa: E731
-            return {"dense": bs(out[0]), "top_w": bs(top_w), "top_i": bs(top_i)}
-        x = _first(out)
-        if kind is Kind.QKV:
-            hn, ng = self._shape(a.layer)
-            x = split_qkv(_tp_gather(x), a.row.part, self.args.num_heads, hn, ng)  # ranks hold whole KV groups
-        elif kind is Kind.FC1:
-            x = _tp_gather(x.chunk(2, dim=-1)[0 if a.row.part is Part.GATE else 1])  # [gate_r; up_r] per rank
-        elif kind is Kind.HEAD_NORM and _tp_size() > 1 and x.shape[2] != self.args.num_heads:
-            x = _tp_gather(x.flatten(2)).unflatten(2, (-1, x.shape[-1]))
-        elif kind is Kind.LM_HEAD:
-            x = _tp_gather(x)
-        x = sb(x)
-        return x.reshape(b * s, -1) if kind in (Kind.EXPERTS, Kind.FLAT_NORM) else x
+        if a.row.stack is Stack.VISION:
+            return value(a.row.kind, out)
+        return self._OUTPUT.get(a.row.kind, ParitySystem._out_layout)(self, a, out, module)
 
-    def _shape(self, layer: int) -> tuple[int, int]:
-        la = self.args.layers[layer]
-        return la.head_dim, la.num_kv_heads
+    def _out_as_is(self, a: Aligned, out: Any, module: nn.Module) -> Any:
+        """Its embedding, logits and image scatter: batch-first and whole already."""
+        return value(a.row.kind, out)
+
+    def _out_router(self, a: Aligned, out: Any, module: nn.Module) -> dict:
+        """Its router's ``(probs [s*b, E], ...)`` and the top-k it kept -> HF token order."""
+        top_w, top_i = module.last_top_k
+        b, s = self.b, self.s
+        return {"dense": hf_token_order(out[0], b, s), "top_w": hf_token_order(top_w, b, s),
+                "top_i": hf_token_order(top_i, b, s)}
+
+    def _out_layout(self, a: Aligned, out: Any, module: nn.Module) -> torch.Tensor:
+        return to_hf(a, first(out), self.b, self.s, self.args)
+
+    _OUTPUT = {Kind.EMBEDDING: _out_as_is, Kind.LOGITS: _out_as_is, Kind.MERGED: _out_as_is, Kind.ROUTER: _out_router}
+
+    # -- isolated replay ---------------------------------------------------------------------------
 
     def replay(self, a: Aligned, module: nn.Module | None, call) -> Any:
         """``module`` on ``call``'s inputs in HF layout (for rows with ``feeds``: on those modules' outputs)."""
-        kind, dev = a.row.kind, self.device
-        x = lambda key="hidden_states", pos=0: call_arg(call, key, pos).to(dev)  # noqa: E731
         if a.row.stack is Stack.VISION:
-            return value(kind, self._vision_replay(module, _main_input(call).to(dev)))
-        if kind is Kind.MERGED:  # the scatter of HF's captured text embeddings and image features
-            emb, feats = (t.to(dev) for t in call.args)
-            return self.model.image_scatter(emb, feats, self.inputs["input_ids"] == self.model.image_token_id)
-        if kind is Kind.LOGITS:  # lm_head + softcap on HF's final-norm output
-            return self.lm.output_logits(sb(call.args[0].to(dev)))
-        if kind is Kind.EMBEDDING:
-            return module(call_arg(call, "input_ids").to(dev))
-        if kind in (Kind.NORM, Kind.HEAD_NORM):
-            return sb(module(sb(x())))
-        if kind is Kind.FLAT_NORM:
-            return module(x())
-        if kind in (Kind.LAYER, Kind.ATTENTION):  # with its own mask and RoPE table of the layer's type
-            lt = self.layer_types[a.layer]
-            out = module(sb(x()), self.masks[lt], rotary_pos_emb=self.rope[lt])
-            return sb(out if kind is Kind.LAYER else out[0])
-        if kind is Kind.LINEAR and getattr(module, "input_is_parallel", False) and _tp_size() > 1:
-            from megatron.core import parallel_state  # row-parallel: this rank's slice of the HF input
-            local = x("input").chunk(_tp_size(), dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
-            return self.output(a, module(sb(local)), module)
-        if kind in (Kind.QKV, Kind.FC1, Kind.LINEAR, Kind.MLP):
-            return self.output(a, module(sb(x("input"))), module)
-        if kind is Kind.ROUTER:
-            dense, _ = module(x())
-            top_w, top_i = module.last_top_k
-            return {"dense": dense, "top_w": top_w, "top_i": top_i}
-        if kind is Kind.EXPERTS:  # forced identical routing: HF's top-k indices and weights
-            h = x()
-            dtype = call_arg(call, "top_k_weights", 2).dtype
-            probs, routing_map = hf_routing(call, module.config.num_moe_experts, dtype, dev)
-            return module.experts_forward(h[:, None, :], probs, routing_map)[:, 0, :]
-        if kind is Kind.LM_HEAD:
-            from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-            weight = self.lm.embedding.word_embeddings.weight if self.args.tie_word_embeddings else None
-            out, _ = module(sb(x("input")), weight=weight)
-            return sb(gather_from_tensor_model_parallel_region(out))
-        raise ValueError(f"no replay for kind {kind}")
+            return value(a.row.kind, self._vision_replay(module, _main_input(call).to(self.device)))
+        handler = self._REPLAY.get(a.row.kind)
+        if handler is None:
+            raise ValueError(f"no replay for kind {a.row.kind}")
+        return handler(self, a, module, call)
+
+    def _replay_merged(self, a: Aligned, module, call) -> torch.Tensor:
+        """The scatter of HF's captured text embeddings and image features."""
+        emb, feats = (t.to(self.device) for t in call.args)
+        return self.model.image_scatter(emb, feats, self.inputs["input_ids"] == self.model.image_token_id)
+
+    def _replay_logits(self, a: Aligned, module, call) -> torch.Tensor:  # lm_head + softcap on HF's final norm
+        return self.lm.output_logits(sb(call.args[0].to(self.device)))
+
+    def _replay_embedding(self, a: Aligned, module, call) -> torch.Tensor:
+        return module(call_arg(call, "input_ids", device=self.device))
+
+    def _replay_norm(self, a: Aligned, module, call) -> torch.Tensor:
+        return sb(module(sb(call_arg(call, "hidden_states", device=self.device))))
+
+    def _replay_flat_norm(self, a: Aligned, module, call) -> torch.Tensor:
+        return module(call_arg(call, "hidden_states", device=self.device))
+
+    def _replay_layer(self, a: Aligned, module, call) -> torch.Tensor:
+        """A decoder layer or its self-attention, with its own mask and RoPE table of the layer's type."""
+        lt = self.layer_types[a.layer]
+        x = call_arg(call, "hidden_states", device=self.device)
+        out = module(sb(x), self.masks[lt], rotary_pos_emb=self.rope[lt])
+        return sb(out if a.row.kind is Kind.LAYER else out[0])
+
+    def _replay_projection(self, a: Aligned, module, call) -> Any:
+        """A linear (a row-parallel one on this rank's slice of the HF input), the fused QKV / FC1 or the MLP."""
+        x = call_arg(call, "input", device=self.device)
+        if a.row.kind is Kind.LINEAR and getattr(module, "input_is_parallel", False):
+            x = tp_slice(x)
+        return self.output(a, module(sb(x)), module)
+
+    def _replay_router(self, a: Aligned, module, call) -> dict:
+        dense, _ = module(call_arg(call, "hidden_states", device=self.device))
+        top_w, top_i = module.last_top_k
+        return {"dense": dense, "top_w": top_w, "top_i": top_i}
+
+    def _replay_experts(self, a: Aligned, module, call) -> torch.Tensor:
+        """Forced identical routing: HF's top-k indices and weights."""
+        h = call_arg(call, "hidden_states", device=self.device)
+        dtype = call_arg(call, "top_k_weights", 2).dtype
+        probs, routing_map = hf_routing(call, module.config.num_moe_experts, dtype, self.device)
+        return module.experts_forward(h[:, None, :], probs, routing_map)[:, 0, :]
+
+    def _replay_lm_head(self, a: Aligned, module, call) -> torch.Tensor:
+        weight = self.lm.embedding.word_embeddings.weight if self.args.tie_word_embeddings else None
+        out, _ = module(sb(call_arg(call, "input", device=self.device)), weight=weight)
+        return sb(tp_gather(out))
+
+    _REPLAY = {
+        Kind.MERGED: _replay_merged, Kind.LOGITS: _replay_logits, Kind.EMBEDDING: _replay_embedding,
+        Kind.NORM: _replay_norm, Kind.HEAD_NORM: _replay_norm, Kind.FLAT_NORM: _replay_flat_norm,
+        Kind.LAYER: _replay_layer, Kind.ATTENTION: _replay_layer,
+        **dict.fromkeys((Kind.LINEAR, Kind.QKV, Kind.FC1, Kind.MLP), _replay_projection),
+        Kind.ROUTER: _replay_router, Kind.EXPERTS: _replay_experts, Kind.LM_HEAD: _replay_lm_head,
+    }
 
     def _vision_replay(self, module: nn.Module, x: torch.Tensor) -> Any:
         """A vision module on HF's captured input, with its own positions-derived padding, RoPE and mask."""

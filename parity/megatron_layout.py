@@ -1,0 +1,118 @@
+"""Megatron layouts -> HF layouts: what both Megatron-core systems under test share (``ours``: system ``parity``;
+``megatron_bridge``: NVIDIA Megatron-Bridge's Gemma 4).
+
+Megatron modules run sequence-first (``[s, b, ...]``) on this rank's tensor-parallel shard; they fuse q, k, v
+into one ``linear_qkv`` and gate and up into one ``linear_fc1``; their router works on ``[s*b, ...]`` tokens.
+HF's modules are batch-first, whole, unfused, with tokens in ``[b*s, ...]`` order. ``to_hf`` is the common
+tail: a Megatron ``[s, b, ...]`` output -> the layout of its alignment row (``parity.engine.system.System``).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from parity.engine.alignment import Aligned, Kind, Part
+
+if TYPE_CHECKING:
+    from parity.config import TextArgs
+
+
+def sb(x: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
+    """``[b, s, ...]`` <-> ``[s, b, ...]``: a transposed view, or with ``contiguous`` a contiguous copy (for
+    modules that ``view`` their inputs; same values)."""
+    x = x.transpose(0, 1)
+    return x.contiguous() if contiguous else x
+
+
+def first(x):
+    """The first tensor of a module's output: ``(output, bias)``, ``(hidden, context)`` and nestings of them."""
+    while isinstance(x, (tuple, list)):
+        x = x[0]
+    return x
+
+
+# -- tensor parallelism ----------------------------------------------------------------------------------
+
+def tp_size() -> int:
+    """The tensor-parallel world size (1 before megatron's model-parallel state is initialised)."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return parallel_state.get_tensor_model_parallel_world_size()
+
+
+def tp_gather(x: torch.Tensor) -> torch.Tensor:
+    """All-gather a tensor-parallel shard along its last dim (heads / vocab / intermediate); as is for TP=1."""
+    if tp_size() == 1:
+        return x
+    from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+    return gather_from_tensor_model_parallel_region(x.contiguous())
+
+
+def tp_slice(x: torch.Tensor) -> torch.Tensor:
+    """This rank's slice of ``x``'s last dim: what a row-parallel linear (weight split along its input
+    features) takes of a whole HF input; as is for TP=1."""
+    n = tp_size()
+    if n == 1:
+        return x
+    from megatron.core import parallel_state
+
+    return x.chunk(n, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
+
+
+# -- fused projections, per-head norms, router tokens -------------------------------------------------------
+
+def split_qkv(mixed: torch.Tensor, part: Part, np_: int, hn: int, ng: int) -> torch.Tensor:
+    """Megatron fused QKV output ``[..., ng_l*(np/ng+2)*hn]`` -> the q, k or v part ``[..., heads*hn]``."""
+    rep = np_ // ng
+    lead = mixed.shape[:-1]
+    g = mixed.reshape(*lead, mixed.shape[-1] // ((rep + 2) * hn), (rep + 2) * hn)
+    q, k, v = g.split([rep * hn, hn, hn], dim=-1)
+    return {Part.Q: q, Part.K: k, Part.V: v}[part].reshape(*lead, -1)
+
+
+def qkv_part(x: torch.Tensor, part: Part, args: TextArgs, layer: int) -> torch.Tensor:
+    """This rank's fused ``linear_qkv`` output -> HF's q, k or v projection (each rank holds whole KV groups
+    ``[q..; k; v]``, so the gathered shards are the whole fused layout)."""
+    la = args.layers[layer]
+    return split_qkv(tp_gather(x), part, args.num_heads, la.head_dim, la.num_kv_heads)
+
+
+def fc1_part(x: torch.Tensor, part: Part) -> torch.Tensor:
+    """This rank's fused ``linear_fc1`` output ``[gate_r; up_r]`` -> HF's gate or up projection, gathered."""
+    return tp_gather(x.chunk(2, dim=-1)[0 if part is Part.GATE else 1])
+
+
+def gather_heads(x: torch.Tensor) -> torch.Tensor:
+    """``[s, b, heads/tp, d]`` (a per-head norm's output on this rank's heads) -> ``[s, b, heads, d]``."""
+    return tp_gather(x.flatten(2)).unflatten(2, (-1, x.shape[-1]))
+
+
+def hf_token_order(t: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    """Megatron's router tokens ``[s*b, ...]`` (sequence-major) -> HF's ``[b*s, ...]`` (batch-major)."""
+    return t.reshape(s, b, -1).transpose(0, 1).reshape(b * s, -1)
+
+
+# -- the common tail ----------------------------------------------------------------------------------------
+
+FLAT = (Kind.EXPERTS, Kind.FLAT_NORM)  # rows HF computes on flattened tokens ``[b*s, H]``
+
+
+def to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, args: TextArgs, *, contiguous: bool = False) -> torch.Tensor:
+    """A Megatron output ``[s, b, ...]`` (this rank's shard) -> row ``a``'s HF layout: the row's ``Part`` of a
+    fused projection, column-parallel outputs (heads, features, vocab) gathered, batch-first, ``[b*s, H]`` for
+    ``FLAT`` rows. ``contiguous``: the transpose as a contiguous copy (same values)."""
+    kind = a.row.kind
+    if kind is Kind.QKV:
+        x = qkv_part(x, a.row.part, args, a.layer)
+    elif kind is Kind.FC1:
+        x = fc1_part(x, a.row.part)
+    elif kind is Kind.HEAD_NORM and tp_size() > 1 and x.shape[2] != args.num_heads:
+        x = gather_heads(x)
+    elif kind is Kind.LM_HEAD:
+        x = tp_gather(x)
+    x = sb(x, contiguous)
+    return x.reshape(b * s, -1) if kind in FLAT else x
