@@ -4,7 +4,7 @@ Phases come from the engine (build, HF forward + capture, noise floor, conversio
 forward + on-the-fly comparison, isolated replay, metrics) plus report rendering; plain forward times
 (no hooks) are measured by the engine for both models. The record, with machine, card and versions,
 is written to ``bench/<case>-<device>-<dtype>.json`` so later changes can be compared. With several systems
-(``--system a,b``: one HF reference for all) the record is ``...-systems-a+b.json``: the wall of the whole run,
+(``--system a,b``: one HF reference for all) the record is ``...-systems-a__b.json``: the wall of the whole run,
 the reference's phases (measured once) and each system's own phases.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def bench(case, *, device: str, dtype: str | None, out_dir: Path, progress: bool
         record = several(runs, wall)
         out_dir.mkdir(parents=True, exist_ok=True)
         r = runs[0]
-        path = out_dir / f"{r['case']}-{r['device']}-{r['dtype']}-systems-{'+'.join(systems)}.json"
+        path = out_dir / f"{r['case']}-{r['device']}-{r['dtype']}-systems-{'__'.join(systems)}.json"
         atomic_write(path, json.dumps(record, indent=1, default=str) + "\n")
         return path
     return single(runs[0], wall, out_dir, system=systems[0])

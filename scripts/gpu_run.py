@@ -37,7 +37,7 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help="also write the full results.json of each case")
     ap.add_argument("--system", default="parity",
                     help="system(s) under test, comma-separated: several run against one HF reference (one summary "
-                         "each, plus <case>-<a>+<b>.json with the shared run's wall and the reference's phases)")
+                         "each, plus <case>-<a>__<b>.json with the shared run's wall and the reference's phases)")
     a = ap.parse_args()
     from parity.cases import checkpoint_for, load_case
     from parity.engine.launch import execute_systems  # routes tp*ep > 1 cases through torchrun
@@ -69,7 +69,7 @@ def main() -> int:
             if len(systems) > 1:
                 from parity.bench import several
 
-                with open(os.path.join(a.out, f"{name}-{'+'.join(systems)}.json"), "w") as f:
+                with open(os.path.join(a.out, f"{name}-{'__'.join(systems)}.json"), "w") as f:
                     json.dump(several(runs, wall), f, indent=1, default=str)
         except Exception:
             traceback.print_exc()
