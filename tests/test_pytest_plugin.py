@@ -242,6 +242,30 @@ def test_dtype_override_reaches_the_engine(project):
     assert "PASS  alpha-tiny-as-bf16" in p.stdout
 
 
+@pytest.mark.parametrize("xdist", [[], ["-n", "2"]], ids=["serial", "xdist"])
+def test_several_systems_share_one_engine_call_per_case(project, xdist):
+    """``--parity-system parity,megatron-bridge``: every case's checks for both systems (ids ``case`` and
+    ``case@megatron-bridge``), one engine call per case with both systems (one HF reference), also under xdist."""
+    from parity import mbridge
+
+    ok, why = mbridge.available()
+    if not ok:
+        pytest.skip(f"megatron-bridge not installed here: {why}")
+    p = pytest_run(project, "--parity-case", "alpha-tiny", "--parity-case", "dense-tiny", "--parity-system",
+                   "parity,megatron-bridge", *xdist, "--junitxml", str(project / "j.xml"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    names = {n for _, n in _junit_names(project / "j.xml")}
+    assert {"test_logits[alpha-tiny]", "test_logits[alpha-tiny@megatron-bridge]", "test_modules[dense-tiny]",
+            "test_modules[dense-tiny@megatron-bridge]"} <= names and len(names) == 2 * 2 * 4
+    assert calls(project, "systems") == ["alpha-tiny", "dense-tiny"]  # one call per case ...
+    for f in (project / "calls").iterdir():  # ... with both systems in it
+        if f.name.startswith("systems."):
+            assert json.loads(f.read_text()) == ["parity", "megatron-bridge"]
+    assert len(run_dirs(project)) == 4  # a report per case and system
+    bad = pytest_run(project, "--parity-system", "parity,nope", "--collect-only")
+    assert bad.returncode == 4 and "--parity-system: unknown system 'nope'" in bad.stdout + bad.stderr
+
+
 def test_checkpoint_case_runs_with_a_checkpoint(project, tmp_path):
     folder = tmp_path / "ckpt-folder"
     folder.mkdir()
