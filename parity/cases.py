@@ -33,12 +33,23 @@ Schema (fields without a default are required)::
     [run]
     sequential = false                   # release the HF model before building Megatron
     offload = false                      # keep captured tensors on the host
+    [train]                              # optional: a train case (the backward mode runs)
+    labels = "causal"                    # next-token labels from input_ids; padded positions are ignored
+    steps = 1                            # default 1: optimizer steps of the trajectory
+    [train.optimizer]                    # AdamW, as both sides' users run it
+    lr = 1e-4
+    betas = [0.9, 0.95]
+    eps = 1e-8
+    weight_decay = 0.0
+    clip_grad = 1.0                      # default none: global grad-norm clipping
+    [train.overrides]                    # default {}: a system default a case changes -> the stated reason
     [gates]
     exact = ["model.embed_tokens"]       # default []: HF module names or kinds gated bit-exactly
     [gates.float32]
     rel_l2 = 1e-5                        # per module
     logits_rel_l2 = 1e-5
     kl_max = 1e-6                        # per-token KL, max over tokens
+    grad_rel_l2 = 1e-5                   # train cases (required there): every gradient row, and the loss
     [gates.bfloat16]
     floor_multiplier = 4.0               # rel_l2 <= floor_multiplier * floor + floor_abs
     floor_abs = 1e-3
@@ -145,6 +156,25 @@ class Float32Gates(_Section):
     rel_l2: float
     logits_rel_l2: float
     kl_max: float
+    grad_rel_l2: float | None = None  # train cases: gradients (of parameters, module outputs and inputs), the loss
+
+
+@dataclass(frozen=True)
+class Optimizer(_Section):
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float = 0.0
+    clip_grad: float | None = None
+    name: str = "adamw"
+
+
+@dataclass(frozen=True)
+class TrainSpec(_Section):
+    optimizer: Optimizer
+    labels: str = "causal"
+    steps: int = 1
+    overrides: FrozenDict = field(default_factory=FrozenDict)  # a system default changed -> the stated reason
 
 
 @dataclass(frozen=True)
@@ -187,6 +217,7 @@ class Case:
     gates: Gates = None  # type: ignore[assignment]  # always set by the loader
     markers: tuple[str, ...] = ()
     system: SystemSpec = SystemSpec()
+    train: TrainSpec | None = None
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -427,10 +458,15 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
     run = RunOptions(sequential=r.bool_("sequential"), offload=r.bool_("offload"))
     r.done()
 
+    train = _train(top) if top.has("train") else None
+
     g = top.sub("gates", required=True)
     g32 = g.sub("float32", required=True)
+    if train is not None and not g32.has("grad_rel_l2"):
+        g32.fail("grad_rel_l2", "missing (required in a case with [train])")
     f32 = Float32Gates(rel_l2=g32.float_("rel_l2"), logits_rel_l2=g32.float_("logits_rel_l2"),
-                       kl_max=g32.float_("kl_max"))
+                       kl_max=g32.float_("kl_max"),
+                       grad_rel_l2=g32.float_("grad_rel_l2", positive=True) if g32.has("grad_rel_l2") else None)
     g32.done()
     g16 = g.sub("bfloat16", required=True)
     optional = {k: g16.float_(k, positive=True) for k in ("truth_multiplier", "truth_abs", "ceiling_rel_l2",
@@ -442,7 +478,29 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
     g.done()
     top.done()
     return Case(name=name, description=description, kind=kind, model=model, devices=devices, dtype=dtype, seed=seed,
-                inputs=inputs, parallel=parallel, run=run, gates=gates, markers=markers, system=system, path=path)
+                inputs=inputs, parallel=parallel, run=run, gates=gates, markers=markers, system=system, train=train,
+                path=path)
+
+
+def _train(top: _Reader) -> TrainSpec:
+    t = top.sub("train")
+    labels = t.str_("labels", choices=("causal",), default="causal")
+    steps = t.int_("steps", default=1, minimum=1)
+    o = t.sub("optimizer", required=True)
+    betas = o.raw("betas")
+    if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                                                                 and 0 <= b < 1 for b in betas)):
+        o.fail("betas", f"expected two numbers in [0, 1), got {_show(betas)}")
+    opt = Optimizer(name=o.str_("name", choices=("adamw",), default="adamw"), lr=o.float_("lr", positive=True),
+                    betas=(float(betas[0]), float(betas[1])), eps=o.float_("eps", positive=True),
+                    weight_decay=o.float_("weight_decay") if o.has("weight_decay") else 0.0,
+                    clip_grad=o.float_("clip_grad", positive=True) if o.has("clip_grad") else None)
+    o.done()
+    ov = t.sub("overrides")
+    overrides = {k: ov.str_(k) for k in list(ov.table)}
+    ov.done()
+    t.done()
+    return TrainSpec(optimizer=opt, labels=labels, steps=steps, overrides=FrozenDict(overrides))
 
 
 def _images(reader: _Reader, raw: Any) -> tuple:

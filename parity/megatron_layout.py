@@ -116,3 +116,16 @@ def to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, args: TextArgs, *, contig
         x = tp_gather(x)
     x = sb(x, contiguous)
     return x.reshape(b * s, -1) if kind in FLAT else x
+
+
+def input_to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, module=None) -> torch.Tensor:
+    """A Megatron module's input ``[s, b, ...]`` (or a gradient with respect to it) -> the layout of the HF
+    module's input for row ``a``: a row-parallel linear's slice of the features and per-head norms' heads
+    gathered, batch-first, ``[b*s, H]`` for ``FLAT`` rows."""
+    kind = a.row.kind
+    if kind is Kind.LINEAR and tp_size() > 1 and getattr(getattr(module, "weight", None), "partition_dim", None) == 1:
+        x = tp_gather(x)
+    elif kind is Kind.HEAD_NORM and tp_size() > 1:
+        x = gather_heads(x)
+    x = sb(x)
+    return x.reshape(b * s, -1) if kind in FLAT else x

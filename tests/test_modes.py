@@ -30,11 +30,14 @@ def test_why_a_mode_does_not_run():
     class Bare:
         name = "bare"
 
-    assert fp32.why_not("float32", 1, Bare()) == "a float32 run: nothing to replay in fp32"
-    assert fp32.why_not("bfloat16", 2, Bare()) == "runs of one process only (this run has 2)"
-    assert fp32.why_not("bfloat16", 1, Bare()) == "bare has no module, replay, fp32"
+    one, two = load_case("gemma4-text-tiny"), load_case("gemma4-text-tiny-tp2")
+    assert fp32.why_not(one, "float32", Bare()) == "a float32 run: nothing to replay in fp32"
+    assert fp32.why_not(two, "bfloat16", Bare()) == "runs of one process only (this run has 2)"
+    assert fp32.why_not(one, "bfloat16", Bare()) == "bare has no module, replay, fp32"
     Bare.module = Bare.replay = Bare.fp32 = lambda self, *a: None
-    assert fp32.why_not("bfloat16", 1, Bare()) is None
+    assert fp32.why_not(one, "bfloat16", Bare()) is None
+    assert M.get("backward").why_not(one, "float32") == "not a train case (no [train] table)"
+    assert M.get("grad_input") is M.get("backward")  # its rows' mode values lead to it
 
 
 # --- a new mode: this module is its implementation (``run``), one ``Mode`` line adds it -------------------------

@@ -48,6 +48,13 @@ def _split_gated(t: Tensor, s: dict[str, int], name: str) -> list[Tensor]:
     return list(t.chunk(2, dim=0))
 
 
+def _kv_equal_grad_to_hf(qkv: Tensor, s: dict[str, int], name: str) -> list[Tensor]:
+    """The adjoint of ``kv_equal``'s packing (K copied into the V rows): HF's k_proj gradient is the K rows'
+    gradient plus the V rows'."""
+    q, k, v = unpack_qkv(qkv, s)
+    return [q, k + v]
+
+
 # name -> (to Megatron: (hf tensors, sizes) -> full tensor, to HF: (full tensor, sizes, megatron name) -> hf tensors)
 TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
     "copy": (lambda ts, s: ts[0], lambda t, s, name: [t]),
@@ -58,6 +65,9 @@ TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
     "stacked_experts_fc1": (lambda ts, s: ts[0], lambda t, s, name: [t]),
     "stacked_experts_fc2": (lambda ts, s: ts[0], lambda t, s, name: [t]),
 }
+# Gradients go back to HF by the adjoint of each transform: the same as the inverse, except where one HF tensor
+# was copied into several Megatron places (the gradients of the copies add up).
+GRAD_TO_HF: dict[str, Callable] = {**{k: v[1] for k, v in TRANSFORMS.items()}, "kv_equal": _kv_equal_grad_to_hf}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -260,13 +270,15 @@ def iter_megatron_to_hf(
     args: TextArgs,
     *,
     arch: str = "Gemma4ForCausalLM",
+    grads: bool = False,
 ) -> Iterator[tuple[str, Tensor]]:
     """``megatron_to_hf`` one HF tensor at a time (``(name, tensor)``; a tied ``lm_head`` is never yielded),
-    so a caller can check and drop each before the next is assembled."""
+    so a caller can check and drop each before the next is assembled. ``grads``: the tensors are gradients
+    (each transform's adjoint, ``GRAD_TO_HF``)."""
     shards, tp_size, ep_size, etp_size = _normalise_shards(shards, args)
     _check_known(args, [name for state in shards.values() for name in state])
     fetch = lambda mname: {key: state[mname] for key, state in shards.items() if mname in state}  # noqa: E731
-    return _export(fetch, args, arch, tp_size, ep_size, etp_size)
+    return _export(fetch, args, arch, tp_size, ep_size, etp_size, grads)
 
 
 def _check_known(args: TextArgs, names) -> None:
@@ -277,7 +289,7 @@ def _check_known(args: TextArgs, names) -> None:
 
 
 def _export(fetch: Callable[[str], dict], args: TextArgs, arch: str, tp_size: int, ep_size: int,
-            etp_size: int) -> Iterator[tuple[str, Tensor]]:
+            etp_size: int, grads: bool = False) -> Iterator[tuple[str, Tensor]]:
     """The export proper: ``fetch(mname)`` gives ``{(tp, ep, etp): tensor}`` for every shard holding ``mname``
     (called once per Megatron tensor, in the table's order on every rank)."""
     if arch not in TEXT_PREFIX:
@@ -313,7 +325,8 @@ def _export(fetch: Callable[[str], dict], args: TextArgs, arch: str, tp_size: in
         if tuple(full.shape) != shape(rule.mcore_shape, s):
             raise BridgeError(f"shape mismatch for {mname}: gathered {tuple(full.shape)}, "
                               f"config implies {shape(rule.mcore_shape, s)}")
-        for name, t in zip(hf_names, TRANSFORMS[rule.transform][1](full, s, mname)):
+        to_hf = GRAD_TO_HF[rule.transform] if grads else TRANSFORMS[rule.transform][1]
+        for name, t in zip(hf_names, to_hf(full, s, mname)):
             yield _full_hf_name(rule.root, prefix, name), t.contiguous()
 
 

@@ -15,7 +15,8 @@
   ``ceiling_kl_max`` the same way; with a truth KL given, ``KL(HF-fp32 || Megatron-bf16) <= rho * KL floor +
   logits_kl_max`` too. The ratio to the floor is reported.
 - exact: rows whose kind is deterministic elementwise (embedding scale, masks) and names listed in
-  ``gates.exact`` must match bit for bit (max-abs 0) in any dtype.
+  ``gates.exact`` must match bit for bit (max-abs 0) in any dtype (forward rows only).
+- gradient rows (modes whose ``gate_key`` is ``grad_rel_l2``: the backward mode) are judged by that number.
 - routers: the gated value is the rel-L2 of the routing weights over the tokens whose top-k *sets agree*
   (``agree_weight_rel_l2``; a flip moves weight wholesale and would inflate any all-token number); in
   isolated mode a decisive top-k flip fails (near-ties are counted and reported with their margins).
@@ -120,7 +121,9 @@ def apply(records: list[Record], gates: dict, dtype: str, logits_summary: dict, 
     g32 = _gate_numbers(gates, "float32") if dtype != "float32" else g
     exact_names = set(gates.get("exact", []) or [])
     for rec in records:
-        exact = rec.gate_class == "exact" or rec.name in exact_names or rec.kind in exact_names
+        mode = M.get(rec.mode)
+        key = mode.gate_key if mode is not None else "rel_l2"  # gradients: grad_rel_l2
+        exact = key == "rel_l2" and (rec.gate_class == "exact" or rec.name in exact_names or rec.kind in exact_names)
         if rec.missing:
             rec.gate = {"metric": "rel_l2", "max": 0.0}
             rec.why = rec.missing
@@ -130,7 +133,8 @@ def apply(records: list[Record], gates: dict, dtype: str, logits_summary: dict, 
             ok = rec.max_abs == 0.0
         elif dtype == "float32" or _fp32_gated(rec):
             g_ = g32 if _fp32_gated(rec) else g
-            limit = g_.get("logits_rel_l2", g_["rel_l2"]) if rec.kind == "logits" else g_["rel_l2"]
+            limit = g_[key] if key != "rel_l2" else g_.get("logits_rel_l2", g_["rel_l2"]) if rec.kind == "logits" \
+                else g_["rel_l2"]
             value = _value(rec)
             rec.gate = {"metric": _metric(rec), "max": limit}
             ok = value <= limit

@@ -133,6 +133,11 @@ class TextKind:
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                      position_ids=inputs["position_ids"], use_cache=False).logits
 
+    def forward_train(self, model, inputs, labels):
+        """HF's forward with ``labels``: its output carries the model's own ``loss``."""
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     position_ids=inputs["position_ids"], labels=labels, use_cache=False)
+
     def forward_fp32(self, model, inputs, cap, run_copy, prog):
         """The HF text graph in fp32, one decoder layer resident at a time (so it fits beside the bf16 model):
         embed -> layers (HF's own layer kwargs, RoPE recomputed in fp32) -> norm -> lm_head -> softcap."""
@@ -241,6 +246,9 @@ class VlmKind(TextKind):
 
     def forward(self, model, inputs):
         return model(**inputs, use_cache=False).logits
+
+    def forward_train(self, model, inputs, labels):
+        return model(**inputs, labels=labels, use_cache=False)
 
     def head_fp32(self, model, hidden, inputs, lm_head):
         """fp32 logits from a final hidden state through HF's own ``Gemma4ForConditionalGeneration.forward``."""

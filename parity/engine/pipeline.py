@@ -56,11 +56,16 @@ def reference(case, *, device: str, dtype: str | None = None, checkpoint: str | 
         torch.cuda.reset_peak_memory_stats()
     megatron_env.init(tp=case.parallel.tp, ep=case.parallel.ep, seed=case.seed if seed is None else seed)
     ref = Reference.build(case, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed, progress=progress)
-    if ref.dtype != "float32":
-        for mode in modes.MODES:
-            if mode.floors:
-                with ref.prog.phase(FLOOR_PHASES.get(mode.name, f"noise_floor_{mode.name}")):
-                    ref.floors[mode.name] = mode.implementation().floors(ref, ref.prog)
+    for mode in modes.MODES:
+        if mode.why_not(case, ref.dtype) is not None:
+            continue
+        impl = mode.implementation()
+        if mode.floors and ref.dtype != "float32":
+            with ref.prog.phase(FLOOR_PHASES.get(mode.name, f"noise_floor_{mode.name}")):
+                ref.floors[mode.name] = impl.floors(ref, ref.prog)
+        if hasattr(impl, "prepare"):
+            with ref.prog.phase(f"hf_{mode.name}"):
+                ref.extra[mode.name] = impl.prepare(ref, ref.prog)
     return ref
 
 
@@ -76,7 +81,7 @@ def against(ref: Reference, system: str) -> dict:
     timings = {**ref.timings, "megatron_forward_s": timed(lambda: sut.forward(ref.inputs), ref.device)}
     c, ran = Comparison(sut, ref), []
     for mode in modes.MODES:
-        why = mode.why_not(ref.dtype, case.world_size, sut)
+        why = mode.why_not(case, ref.dtype, sut)
         ran.append({"name": mode.name, "label": mode.label, "ran": why is None, **({"why": why} if why else {})})
         if why is None:
             with prog.phase(RUN_PHASES.get(mode.name, mode.name)):
@@ -104,7 +109,8 @@ def against(ref: Reference, system: str) -> dict:
         sequential=ref.sequential, hf_released_before_megatron=ref.released, gates=case.to_dict()["gates"],
         host_staged_gib={"activations": ref.store.host_bytes / 2**30,
                          "weights": (host.staged_bytes if host is not None else 0) / 2**30},
-        inputs=ref.kind.describe(case, ref.config, ref.inputs), groups=group_summary, modes=ran).to_dict()
+        inputs=ref.kind.describe(case, ref.config, ref.inputs), groups=group_summary, modes=ran,
+        train=c.sections.get("train")).to_dict()
     # the system's model is freed before the next system (or run) builds one: its hooks can hold it in a cycle
     sut_ref = weakref.ref(sut)
     del c, sut

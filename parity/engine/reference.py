@@ -48,6 +48,7 @@ class Reference:
     prog: Progress
     timings: dict
     floors: dict[str, dict[str, float]] = field(default_factory=dict)  # mode name -> HF name -> floor
+    extra: dict[str, Any] = field(default_factory=dict)  # mode name -> what its ``prepare`` computed of HF
     state: dict | None = None  # HF's state dict for conversion and the round trip (``release``)
     host_weights: HostStage | None = None
     released: bool | None = None  # a sequential case: was the HF model freed before the systems were built

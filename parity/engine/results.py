@@ -36,10 +36,11 @@ class Results:
     inputs: dict  # batch, seq_len, pad_tail (+ images, soft tokens, sliding window for a VLM)
     groups: dict | None = None  # VLM: metrics per position group (text, image, text_after_image)
     modes: list | None = None  # [{name, label, ran, why}]: each comparison mode, and why it did not run
+    train: dict | None = None  # train cases: loss (HF's, the system's, per token), grad norms, labels, overrides
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key in ("groups", "modes"):
+        for key in ("groups", "modes", "train"):
             if out[key] is None:
                 del out[key]
         return out

@@ -91,6 +91,18 @@ class System(Protocol):
     def replay(self, a: Aligned, module: nn.Module | None, call: Call) -> Any: ...  # on HF's captured inputs
     # (None: this system's module cannot run alone on that input; the row then has no isolated record)
 
+    # Training (the backward mode; a system without these methods has that mode skipped, with the reason):
+    def train_loss(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ...  # its own training path on raw inputs and HF-convention labels -> (loss, logits [b, s, V]) with grad
+
+    def grads(self) -> Iterable[tuple[str, torch.Tensor]]: ...  # its parameters' gradients as (HF key, tensor)
+    # by its weight mapping's adjoint (a tensor copied into several places: the sum of their gradients)
+
+    def input_key(self, a: Aligned, args: tuple, kwargs: dict) -> int | str | None: ...
+    # where, among a hooked module's arguments, is what HF's module of ``a`` receives as its main input
+
+    def input_layout(self, a: Aligned, x: torch.Tensor, module: nn.Module) -> torch.Tensor: ...  # -> HF layout
+
     # ``a`` is one concrete row of the table (``a.hf``, ``a.row.kind``, ``a.row.part``, ``a.layer``, ``a.slots``).
     # Layouts by ``a.row.kind``: tensors ``[b, s, ...]``; ROUTER ``{"dense" [b*s, E], "top_w", "top_i" [b*s, k]}``;
     # EXPERTS / FLAT_NORM ``[b*s, H]``; QKV / FC1 the row's ``Part`` only; vision kinds batch-first as HF's

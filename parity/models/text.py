@@ -72,14 +72,30 @@ class Gemma4SelfAttention(SelfAttention):
     """Megatron self-attention with Gemma 4's forward: q/k norms (in megatron's split), weightless v-norm,
     HF-form RoPE, scale 1.0, explicit mask."""
 
+    k_eq_v = False  # set by its layer: full-attention layers of the 26B-A4B use the raw K projection as V
+
     def forward(self, hidden_states, attention_mask, rotary_pos_emb=None, **_):
-        query, key, value = self.get_query_key_value_tensors(hidden_states, None)
+        if self.k_eq_v:
+            query, key, value = self._qkv_tied(hidden_states)
+        else:
+            query, key, value = self.get_query_key_value_tensors(hidden_states, None)
         value = rms_norm(value, self.config.layernorm_epsilon)  # v_norm: weightless, on the raw V (= raw K on K=V)
         query = rope.apply_rotary(query, rotary_pos_emb)
         key = rope.apply_rotary(key, rotary_pos_emb)
         context = self.core_attention(query, key, value, attention_mask)
         output, bias = self.linear_proj(context)
         return output, bias
+
+    def _qkv_tied(self, hidden_states):
+        """K=V: V *is* the raw K projection, as in HF (``value_states = key_states`` before k_norm), so its gradient
+        reaches K's weights during training. The fused weight keeps megatron's [q; k; v] layout; its V rows (copies
+        of K, for the layout) take no part."""
+        if self.config.num_query_groups < self.world_size:
+            raise NotImplementedError("K=V with fewer KV groups than tensor-parallel ranks")
+        mixed, split = self.get_query_key_value_tensors(hidden_states, None, split_qkv=False)
+        query, key, _ = torch.split(mixed, split, dim=3)
+        query = query.reshape(query.size(0), query.size(1), -1, self.hidden_size_per_attention_head)
+        return self.q_layernorm(query), self.k_layernorm(key), key
 
 
 class Gemma4Router(TopKRouter):
@@ -190,6 +206,7 @@ class Gemma4TransformerLayer(MegatronModule):
         self.input_layernorm = norm()
         self.self_attention = build_module(submodules["self_attention"], config=config, layer_number=layer_number,
                                            attn_mask_type=AttnMaskType.arbitrary)
+        self.self_attention.k_eq_v = layer_args.k_eq_v
         self.post_attention_layernorm = norm()
         self.pre_mlp_layernorm = norm()
         self.mlp = build_module(submodules["mlp"], config=config)

@@ -19,7 +19,7 @@ from parity.config import TextArgs
 from parity.engine.alignment import Aligned, Kind, Stack
 from parity.engine.compare import value
 from parity.engine.system import call_arg, hf_routing
-from parity.megatron_layout import first, hf_token_order, sb, to_hf, tp_gather, tp_slice
+from parity.megatron_layout import first, hf_token_order, input_to_hf, sb, to_hf, tp_gather, tp_size, tp_slice
 
 # Alignment-table key -> module path in the text model (``language_model.`` inside the VLM).
 LM = {
@@ -100,6 +100,8 @@ def _version() -> str:
 
 class ParitySystem:
     name, version = "parity", _version()
+    loss_description = ("megatron-core vocab_parallel_cross_entropy of the next token, mean over the positions "
+                        "with a label (Megatron-LM's masked mean)")
     substituted: list[dict] = []  # nothing: plain megatron-core parts run everywhere
     shared = frozenset()
     replays: dict = {}  # every row replays on its own module and its own HF inputs
@@ -179,6 +181,35 @@ class ParitySystem:
     def module(self, name: str) -> nn.Module | None:
         return self._modules.get(name)
 
+    # -- training ----------------------------------------------------------------------------------
+
+    def train_loss(self, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Its training path as Megatron-LM runs it: the model's logits, megatron-core's vocab-parallel cross
+        entropy of the next token, the mean over the positions that carry a label. ``labels``: HF's convention
+        (input ids, -100 for none); shifted here. Returns (loss, logits [b, s, V])."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        if self.vlm or tp_size() > 1:
+            raise NotImplementedError("the training path of system parity runs text models at TP=1 for now")
+        self.model.zero_grad(set_to_none=True)
+        logits = self.forward(inputs)
+        target = torch.roll(labels, -1, dims=1)
+        target[:, -1] = -100
+        mask = target != -100
+        # it exponentiates its logits input in place: a copy, so the logits stay what the model returned
+        per = vocab_parallel_cross_entropy(sb(logits, contiguous=True).clone(), sb(target.clamp_min(0), contiguous=True))
+        per = per.transpose(0, 1)
+        return (per * mask).sum() / mask.sum(), logits
+
+    def grads(self):
+        """Its parameters' gradients in HF layout, by its weight mapping's adjoint (``parity.bridge.convert``)."""
+        from parity.bridge import convert
+
+        params = dict(self.model.named_parameters())
+        sd = {k: params[k].grad if k in params and params[k].grad is not None else torch.zeros_like(v)
+              for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        yield from convert.iter_megatron_to_hf(sd, self.args, grads=True)
+
     @contextmanager
     def fp32(self, path: str):
         """``path`` (a text decoder layer or the final norm) as an fp32 copy: the layer built from its own spec
@@ -211,6 +242,14 @@ class ParitySystem:
         if a.row.stack is Stack.VISION:
             return value(a.row.kind, out)
         return self._OUTPUT.get(a.row.kind, ParitySystem._out_layout)(self, a, out, module)
+
+    def input_key(self, a: Aligned, args: tuple, kwargs: dict) -> int | str | None:
+        """Where HF's main input of ``a`` is among its module's arguments: its MoE layer's second (the experts'
+        input; the first is the router's), every other module's first."""
+        return 1 if a.row.kind is Kind.EXPERTS else 0 if args else None
+
+    def input_layout(self, a: Aligned, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        return input_to_hf(a, x, self.b, self.s, module)
 
     def _out_as_is(self, a: Aligned, out: Any, module: nn.Module) -> Any:
         """Its embedding, logits and image scatter: batch-first and whole already."""

@@ -5,8 +5,9 @@ both sides the same captured inputs (a *replay*: a module failing there is at fa
 one module fails in several modes (the first divergence names the lowest), which gate section of the case
 file judges its rows, whether HF's bf16 noise floors are measured for it, when it runs, what it needs of the
 system (methods of the port; a system without them: the mode is skipped and results.json's ``modes`` says
-why), and the module that implements it. An implementation module has ``run(comparison, progress)`` and, with ``floors``,
-``floors(reference, progress) -> {HF name: floor}`` (parity.engine.pipeline calls both). Adding a mode is
+why), and the module that implements it. An implementation module has ``run(comparison, progress)``, with ``floors`` a
+``floors(reference, progress) -> {HF name: floor}``, and may have ``prepare(reference, progress)``: what the mode
+needs of the HF side beyond the forward capture, computed once per reference (``reference.extra[name]``). Adding a mode is
 one module under ``parity.engine.modes`` plus its line here; gates, the report and the pytest plugin read
 this list. Pure data: the report imports it without torch.
 """
@@ -27,16 +28,22 @@ class Mode:
     gates: str = "run"  # "run": the case's gates of the run's dtype; "float32": its fp32 gates in any run
     floors: bool = False  # bf16 runs measure HF-bf16 against HF-fp32 in this mode (each row's noise floor)
     every_row: bool = False  # every row the system has a module for yields a record (else a failing one)
-    when: str = "always"  # "always" | "bf16_single": bf16 runs of one process (the fp32 replay)
+    when: str = "always"  # "always" | "bf16_single": bf16 runs of one process (the fp32 replay) | "train": train cases
+    gate_key: str = "rel_l2"  # the number of its gate section that judges its rows (gradients: grad_rel_l2)
     needs: tuple[str, ...] = ()  # the System methods it calls (a system without one: the mode is skipped, said so)
     records_as: str | None = None  # its rows are written with this mode's name (tables: end_to_end rows)
+    rows: tuple[str, ...] = ()  # the ``mode`` values of its rows when it writes several kinds (backward)
 
-    def why_not(self, dtype: str, world_size: int, system) -> str | None:
-        """Why this mode does not run for ``system`` in a run of ``dtype`` over ``world_size`` processes."""
+    def why_not(self, case, dtype: str, system=None) -> str | None:
+        """Why this mode does not run in a run of ``case`` in ``dtype`` (for ``system``, when given)."""
         if self.when == "bf16_single" and dtype == "float32":
             return "a float32 run: nothing to replay in fp32"
-        if self.when == "bf16_single" and world_size != 1:
-            return f"runs of one process only (this run has {world_size})"
+        if self.when == "bf16_single" and case.world_size != 1:
+            return f"runs of one process only (this run has {case.world_size})"
+        if self.when == "train" and getattr(case, "train", None) is None:
+            return "not a train case (no [train] table)"
+        if system is None:
+            return None
         missing = [m for m in self.needs if not callable(getattr(system, m, None))]
         return f"{system.name} has no {', '.join(missing)}" if missing else None
 
@@ -53,13 +60,16 @@ MODES = (  # in the order a run measures them
     Mode("fp32_replay", "fp32 replay", "fp32_replay", color="#8250df", replay=True, rank=1, gates="float32",
          when="bf16_single", needs=("module", "replay", "fp32")),
     Mode("tables", "masks and RoPE", "tables", records_as="end_to_end", needs=("tables",)),
+    Mode("backward", "backward", "backward", color="#1a7f37", rank=4, when="train", gate_key="grad_rel_l2",
+         needs=("train_loss", "grads", "module", "output", "input_key", "input_layout"), rows=("grad_output", "grad_input", "param_grad")),
 )
 PLOTTED = tuple(m.name for m in sorted(MODES, key=lambda m: m.rank) if m.every_row)  # reports draw these per layer
 
 
 def get(name: str | None) -> Mode | None:
-    """The mode named ``name`` in the current list (read at call time: a test may extend ``MODES``)."""
-    return next((m for m in MODES if m.name == name), None)
+    """The mode named ``name``, or writing rows of that ``mode`` value, in the current list (read at call time: a
+    test may extend ``MODES``)."""
+    return next((m for m in MODES if m.name == name or name in m.rows), None)
 
 
 def is_replay(name: str) -> bool:

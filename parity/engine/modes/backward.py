@@ -1,0 +1,246 @@
+"""Backward: one training step's loss and gradients, HF against the system, module by module (train cases).
+
+Both sides get the same raw inputs and the same next-token labels (``labels``: input ids, -100 at padded
+positions; each side shifts them as its users do). HF's loss is its model's own ``loss``; the system's is its
+own training path (``System.train_loss``: loss function and defaults as its users run it). One backward each,
+and every gradient is compared where it is observed:
+
+- ``grad_output`` / ``grad_input`` rows: the gradient with respect to each aligned module's output (all its
+  consumers) and the gradient the module alone passes back to its main input (its input is replaced by an alias
+  only it consumes), read by tensor hooks during the backward; the system's brought to HF layout by the same
+  ``System.output`` as its forward values (``System.input_key`` / ``input_layout`` for inputs).
+- ``param_grad`` rows: every HF parameter's gradient against the system's gradient in HF layout
+  (``System.grads``: its weight mapping's adjoint -- e.g. on K=V layers HF's ``k_proj`` gradient is the sum of the
+  gradients of every place the system copied K into).
+- ``loss``: HF's loss against the system's (relative difference), the per-token losses at the positions that
+  carry a label (each side's logits through the same cross entropy: a metric, not HF's loss code), and the global
+  gradient norms. Gated by ``gates.float32.grad_rel_l2``.
+
+Rows are ordered after every forward row, in HF's backward order (the order its gradients arrived): the first
+divergence of a backward-only error is the module whose backward is wrong -- its input or parameter gradient is
+the first to fail, while its output gradient still agrees.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from parity.engine.alignment import TABLE_KINDS, Aligned, Kind, layer_of
+from parity.engine.compare import first, metrics, to_device, value
+from parity.engine.record import Record
+
+MODE = "backward"
+OUTPUT, INPUT, PARAM = "grad_output", "grad_input", "param_grad"
+# rows whose gradients are read: plain tensor outputs (routers: discrete top-k, vision and merged rows: VLM later)
+SKIP = set(TABLE_KINDS) | {Kind.ROUTER, Kind.MERGED, Kind.LOGITS, Kind.PATCHES, Kind.VISION_ROPE, Kind.POOLED,
+                           Kind.TOKENS}
+
+
+def labels_of(inputs: dict) -> torch.Tensor:
+    """Causal-LM labels in HF's convention: the input ids, -100 where there is no token (padding)."""
+    return inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+
+
+def per_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position cross entropy of the next token ``[b, s]`` and where a label exists (``[b, s]`` bool)."""
+    target = torch.roll(labels, -1, dims=1)
+    target[:, -1] = -100
+    where = target != -100
+    ce = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), target.clamp_min(0).flatten(),
+                                           reduction="none").view_as(target)
+    return ce * where, where
+
+
+class _Grads:
+    """Gradients read during one backward: ``out[(kind, name)]`` in arrival order (``order``)."""
+
+    def __init__(self):
+        self.out: dict[tuple[str, str], torch.Tensor] = {}
+        self.order: dict[tuple[str, str], int] = {}
+
+    def hook(self, kind: str, name: str, convert=lambda g: g):
+        def keep(g):
+            if (kind, name) not in self.out:
+                self.order[(kind, name)] = len(self.order)
+                self.out[(kind, name)] = convert(g.detach())
+        return keep
+
+
+def hf_input_key(args: tuple, kwargs: dict) -> int | str | None:
+    """Where an HF module's main input is: its first positional argument, else ``hidden_states`` / ``input``."""
+    if args and isinstance(args[0], torch.Tensor):
+        return 0
+    return next((k for k in ("hidden_states", "input", "x") if isinstance(kwargs.get(k), torch.Tensor)), None)
+
+
+def _alias_input(key, args: tuple, kwargs: dict, hook):
+    """The module's input at ``key`` replaced by an alias only this module consumes, with ``hook`` on its
+    gradient: the gradient this module alone passes back to its input (another consumer of the same tensor, a
+    residual say, adds nothing to it)."""
+    x = None if key is None else (args[key] if isinstance(key, int) and key < len(args) else kwargs.get(key))
+    if not isinstance(x, torch.Tensor) or not x.requires_grad:
+        return None
+    y = x.view_as(x)
+    y.register_hook(hook)
+    if isinstance(key, int):
+        return args[:key] + (y,) + args[key + 1:], kwargs
+    return args, {**kwargs, key: y}
+
+
+def _rows(rows: list[Aligned]) -> list[Aligned]:
+    return [a for a in rows if a.row.kind not in SKIP]
+
+
+def prepare(ref, prog) -> dict:
+    """HF's side: its loss, per-token losses, gradients of every row's output and input, parameter gradients,
+    all on the host; the model's gradients cleared after."""
+    model, inputs = ref.model, ref.inputs
+    labels = labels_of(inputs)
+    grads, handles = _Grads(), []
+    by_name = {a.hf: a for a in _rows(ref.rows)}
+    for name, module in model.named_modules():
+        a = by_name.get(name)
+        if a is None:
+            continue
+
+        def pre(m, args, kwargs, a=a):
+            return _alias_input(hf_input_key(args, kwargs), args, kwargs, grads.hook(INPUT, a.hf, lambda g: g.cpu()))
+
+        def fwd(m, args, kwargs, out, a=a):
+            y = first(value(a.row.kind, out))
+            if isinstance(y, torch.Tensor) and y.requires_grad:
+                y.register_hook(grads.hook(OUTPUT, a.hf, lambda g: g.cpu()))
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(fwd, with_kwargs=True))
+    params = dict(model.named_parameters())
+    for pname, p in params.items():
+        handles.append(p.register_post_accumulate_grad_hook(lambda p, n=pname: grads.hook(PARAM, n)(p.grad)))
+    model.zero_grad(set_to_none=True)
+    try:
+        with torch.enable_grad():
+            out = ref.kind.forward_train(model, inputs, labels)
+            out.logits.register_hook(grads.hook(OUTPUT, "logits", lambda g: g.cpu()))
+            out.loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    ce, where = per_token(out.logits.detach(), labels)
+    grads.out = {k: v.cpu() for k, v in grads.out.items()}
+    norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params.values() if p.grad is not None))
+    model.zero_grad(set_to_none=True)
+    return {"loss": float(out.loss), "per_token": ce.cpu(), "where": where.cpu(), "grads": grads, "labels": labels,
+            "grad_norm": norm}
+
+
+def run(c, prog) -> None:
+    """The system's training forward and backward on the same inputs and labels, compared with HF's."""
+    hf, sut, ref = c.ref.extra[MODE], c.sut, c.ref
+    grads, handles, hooked = _Grads(), [], set()
+    for a in _rows(c.rows):
+        name = c.name(a)
+        module = sut.module(name) if isinstance(name, str) else None
+        if module is None:
+            continue
+
+        def pre(m, args, kwargs, a=a):
+            return _alias_input(sut.input_key(a, args, kwargs), args, kwargs,
+                                grads.hook(INPUT, a.hf, lambda g, m=m, a=a: sut.input_layout(a, g, m)))
+
+        def fwd(m, args, kwargs, out, a=a):
+            y = first(out)
+            if isinstance(y, torch.Tensor) and y.requires_grad:
+                y.register_hook(grads.hook(OUTPUT, a.hf, lambda g, m=m, a=a: sut.output(a, g, m)))
+        if id(module) not in hooked:  # rows sharing one module (fused q/k/v) alias its input once
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        hooked.add(id(module))
+        handles.append(module.register_forward_hook(fwd, with_kwargs=True))
+    try:
+        with torch.enable_grad():
+            loss, logits = sut.train_loss(ref.inputs, hf["labels"].to(ref.device))
+            logits.register_hook(grads.hook(OUTPUT, "logits"))
+            loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+    base = max(c.cap.order.values(), default=0) + 1  # after every forward row
+    fused: dict[str, list[Aligned]] = {}  # system module -> the HF rows it computes at once (q/k/v, gate/up)
+    for a in _rows(c.rows):
+        _record(c, a, OUTPUT, hf["grads"], grads, base)
+        name = c.name(a)
+        if a.row.part is not None and isinstance(name, str):
+            fused.setdefault(name, []).append(a)
+        else:
+            _record(c, a, INPUT, hf["grads"], grads, base)
+    for name, parts in fused.items():  # one input for all parts: HF's input gradients of its modules summed
+        _record_fused(c, name, parts, hf["grads"], grads, base)
+    logits_row = next(a for a in c.rows if a.row.kind is Kind.LOGITS)
+    _record(c, logits_row, OUTPUT, hf["grads"], grads, base)
+    own = dict(sut.grads())
+    for (kind, pname), g in hf["grads"].out.items():
+        if kind != PARAM:
+            continue
+        mine = own.get(pname)
+        m_ = {"detail": f"{sut.name} has no gradient for {pname}"} if mine is None else \
+            metrics(g.float(), mine.to(g.device).float(), None)
+        if mine is None:
+            m_.update(cosine=math.nan, rel_l2=math.inf, max_abs=math.inf)
+        rec = Record(name=pname, megatron_name=None, mode=PARAM, kind="param", layer=layer_of(pname),
+                     order=base + hf["grads"].order[(kind, pname)], gate_class="module", cosine=m_.get("cosine"),
+                     rel_l2=m_.get("rel_l2"), max_abs=m_.get("max_abs"), p99_abs=m_.get("p99_abs"),
+                     nonfinite=(m_.get("nonfinite_ref", 0), m_.get("nonfinite_test", 0)), detail=m_.get("detail"))
+        c.records.append(rec)
+    n_sys = math.sqrt(sum(float(g.float().pow(2).sum()) for k, g in own.items()))
+    ce, where = per_token(logits.detach(), hf["labels"].to(logits.device))
+    per = metrics(hf["per_token"].to(ce.device), ce, where.to(ce.device))
+    rel = abs(float(loss) - hf["loss"]) / max(abs(hf["loss"]), 1e-30)
+    gate = c.ref.case.gates.float32.grad_rel_l2 if c.ref.dtype == "float32" else None  # bf16: no floor yet
+    section = {"hf": hf["loss"], "system": float(loss), "rel_diff": rel, "tokens": int(where.sum()),
+               "per_token": {k: per[k] for k in ("cosine", "rel_l2", "max_abs")},
+               "grad_norm": {"hf": hf["grad_norm"], "system": n_sys,
+                             "rel_diff": abs(n_sys - hf["grad_norm"]) / max(hf["grad_norm"], 1e-30)},
+               "gate": gate}
+    if gate is not None:
+        section["passed"] = rel <= gate and _num(per["rel_l2"]) <= gate
+        c.sections.setdefault("checks", {})["loss"] = section["passed"]
+    else:
+        section["why_ungated"] = "bf16 train runs: HF's own bf16 loss floor is not measured yet"
+    c.sections["train"] = {"loss": section, "labels": "causal: input ids, -100 at padding; each side shifts them",
+                           "system_loss": getattr(sut, "loss_description", None),
+                           "overrides": dict(c.ref.case.train.overrides)}
+
+
+def _num(x) -> float:
+    return math.inf if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def _record_fused(c, name: str, parts: list[Aligned], hf_grads: _Grads, mine: _Grads, base: int) -> None:
+    """The input gradient of a system module that computes several HF modules at once (``linear_qkv``:
+    q/k/v_proj; ``linear_fc1``: gate/up_proj) against the sum of their HF input gradients, under the first."""
+    keys = [(INPUT, a.hf) for a in parts if (INPUT, a.hf) in hf_grads.out]
+    if not keys:
+        return
+    summed = _Grads()
+    summed.out[(INPUT, parts[0].hf)] = sum(hf_grads.out[k] for k in keys)
+    summed.order[(INPUT, parts[0].hf)] = min(hf_grads.order[k] for k in keys)
+    rec = _record(c, parts[0], INPUT, summed, mine, base)
+    if rec is not None:
+        rec.detail = (f"input gradient of {name}, which computes {', '.join(a.hf.rsplit('.', 1)[1] for a in parts)} "
+                      "at once: HF's input gradients of those modules summed")
+
+
+def _record(c, a: Aligned, kind: str, hf_grads: _Grads, mine: _Grads, base: int) -> Record | None:
+    key = (kind, a.hf if a.row.kind is not Kind.LOGITS else "logits")
+    ref = hf_grads.out.get(key)
+    if ref is None:
+        return None
+    test = mine.out.get(key)
+    name = c.name(a)
+    if test is None:
+        rec = Record.measured(a, name if isinstance(name, str) else None, kind, {}, base + hf_grads.order[key])
+        rec.missing = f"{c.sut.name} computed no {kind.replace('_', ' ')} for {a.hf}"
+        c.records.append(rec)
+        return rec
+    rec = c.record(a, kind, ref, to_device(test, ref.device) if ref.device.type != "cpu" else test)
+    rec.order = base + hf_grads.order[key]
+    return rec
