@@ -433,6 +433,17 @@ class ParityRun:
         return (f"{rt.get('bit_exact')} of {rt.get('tensors')} tensors bit-exact after HF -> Megatron -> HF, "
                 f"max |diff| {_num(rt.get('max_abs_diff'))}" + (f"; not exact: {names}" if names else ""))
 
+    def _explain_gradients(self) -> str:
+        grads = {"loss", "grad_output", "grad_input", "param_grad"}
+        bad = [r for r in self.modules() if not r.get("passed") and r.get("mode") in grads]
+        return f"{len(bad)} gradient comparisons over their gates: " + "; ".join(self._row(r) for r in bad[:8])
+
+    def _explain_loss(self) -> str:
+        loss = ((self.results.get("train") or {}).get("loss")) or {}
+        return (f"HF loss {_num(loss.get('hf'))}, system {_num(loss.get('system'))}: relative difference "
+                f"{_num(loss.get('rel_diff'))}, per-token rel-L2 {_num((loss.get('per_token') or {}).get('rel_l2'))} "
+                f"> gate {_num(loss.get('gate'))}")
+
     def _explain_router(self) -> str:
         bad = self._failing(kinds=("router",))
         return (f"{len(bad)} router comparisons fail: " + "; ".join(self._row(r) for r in bad[:8])) if bad else \

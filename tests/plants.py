@@ -537,3 +537,168 @@ def sensitivity_plant(cls: str, eps: float) -> Plant:
             info.update(method="scale", rel_l2=eps)
             _layer0_moe(mp, _scaled_experts(eps))
     return Plant(f"sensitivity[{cls}, {eps:g}]", cls, where, plant, info=info)
+
+
+# ------------------------------------------------------------------------------ backward-only (train cases)
+# Each leaves the forward bit for bit as it was and changes only what flows back (checked by
+# tests/test_backward.py: the forward rows stay exact, a gradient row fails first). ``where`` names the row the
+# backward mode's first divergence must be: ``{last_moe}`` the last MoE layer (the first the backward reaches),
+# ``{last_full}`` the last K=V layer.
+
+class _RoundGrad(torch.autograd.Function):
+    """Identity forward; the gradient rounded to bf16 on its way back."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.bfloat16().to(g.dtype)
+
+
+class _StraightThroughSoftcap(torch.autograd.Function):
+    """``tanh(x / cap) * cap`` forward, bit for bit; its derivative replaced by 1."""
+
+    @staticmethod
+    def forward(ctx, x, cap):
+        return torch.tanh(x / cap) * cap
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def _patch_layer(mp, i: int, fn):
+    """``fn(layer)`` on decoder layer ``i`` of every Megatron model built (-1: the last)."""
+    _after_init(mp, lambda model: fn(model.decoder.layers[i]))
+
+
+def rms_detached(mp, shape):
+    """The pre-MLP norm of the last layer with its 1/rms detached (a norm's scale taken as a constant)."""
+    from parity.models import norms
+
+    def detach(layer):
+        norm = layer.pre_mlp_layernorm
+
+        def forward(x):
+            h = x.float()
+            h = h * torch.pow(h.pow(2).mean(-1, keepdim=True) + norm.eps, -0.5).detach()
+            return (h * norm.weight.float()).type_as(x)
+        assert norms.rms_norm  # the formula above is norms.rms_norm's, bit for bit
+        norm.forward = forward
+    _patch_layer(mp, -1, detach)
+
+
+def straight_through_softcap(mp, shape):
+    text = _text()
+
+    def output_logits(self, hidden):
+        from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+        weight = self.embedding.word_embeddings.weight if self.args.tie_word_embeddings else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        logits = gather_from_tensor_model_parallel_region(logits)
+        return _StraightThroughSoftcap.apply(logits, self.args.final_logit_softcapping).transpose(0, 1)
+    mp.setattr(text.Gemma4Model, "output_logits", output_logits)
+
+
+def kv_tie_without_gradient(mp, shape):
+    """K=V layers with V = K detached: the tie holds in the forward, K's weights miss V's gradient."""
+    text = _text()
+    tied = text.Gemma4SelfAttention._qkv_tied
+
+    def planted(self, hidden_states):
+        q, k, v = tied(self, hidden_states)
+        return q, k, v.detach()
+    mp.setattr(text.Gemma4SelfAttention, "_qkv_tied", planted)
+
+
+def logits_grad_bf16(mp, shape):
+    """The gradient the output layer sends back to the final hidden state rounded to bf16 (a lossy fused
+    logits/loss kernel): inline between the final norm and the output layer, it shows at the final norm's own
+    gradients (the output layer's input gradient, read after it, is exact)."""
+    text = _text()
+    output_logits = text.Gemma4Model.output_logits
+
+    def planted(self, hidden):
+        weight = self.embedding.word_embeddings.weight if self.args.tie_word_embeddings else None
+        logits, _ = self.output_layer(_RoundGrad.apply(hidden), weight=weight)
+        assert output_logits  # the rest as the original: gather (TP=1: identity), softcap, batch-first
+        cap = self.args.final_logit_softcapping
+        return (torch.tanh(logits / cap) * cap).transpose(0, 1)
+    mp.setattr(text.Gemma4Model, "output_logits", planted)
+
+
+class _NoGrad(torch.autograd.Function):
+    """Identity forward (the same tensor, still requiring grad: the same kernels run); no gradient back."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.zeros_like(g)
+
+
+def tied_head_grad_dropped(mp, shape):
+    """The output layer uses the tied embedding weight without its gradient: the embedding misses the head's."""
+    text = _text()
+
+    def output_logits(self, hidden):
+        logits, _ = self.output_layer(hidden, weight=_NoGrad.apply(self.embedding.word_embeddings.weight))
+        cap = self.args.final_logit_softcapping
+        return (torch.tanh(logits / cap) * cap).transpose(0, 1)
+    mp.setattr(text.Gemma4Model, "output_logits", output_logits)
+
+
+def combine_probs_detached(mp, shape):
+    """The expert outputs weighted by routing probabilities detached: the router learns nothing from them."""
+    text = _text()
+    forward = text.Gemma4Experts.forward
+
+    def planted(self, x, tokens_per_expert, probs, **kw):
+        return forward(self, x, tokens_per_expert, probs.detach(), **kw)
+    mp.setattr(text.Gemma4Experts, "forward", planted)
+
+
+def loss_over_padding(mp, shape):
+    """The loss averaged over every position, padded ones included (a loss mask that forgot the padding)."""
+    from parity.systems import ours
+
+    train_loss = ours.ParitySystem.train_loss
+
+    def planted(self, inputs, labels):
+        return train_loss(self, inputs, torch.where(labels == -100, inputs["input_ids"], labels))
+    mp.setattr(ours.ParitySystem, "train_loss", planted)
+
+
+def aux_loss_left_on(mp, shape):
+    """A load-balancing loss still attached to the router's probabilities (megatron's MoEAuxLossAutoScaler: the
+    forward is untouched, its gradient is added in the backward)."""
+    text = _text()
+    forward = text.Gemma4Router.forward
+
+    def planted(self, input, padding_mask=None):
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        probs, routing_map = forward(self, input, padding_mask)
+        aux = 1e-2 * (probs.float().sum(0) * routing_map.float().sum(0)).sum() / probs.shape[0] ** 2
+        return MoEAuxLossAutoScaler.apply(probs, aux), routing_map
+    mp.setattr(text.Gemma4Router, "forward", planted)
+
+
+BACKWARD_PLANTS = [
+    Plant("rms detached", "backward", "model.layers.5.pre_feedforward_layernorm", rms_detached),
+    # inline after lm_head in HF's forward: the first module whose own gradients it feeds
+    Plant("straight-through softcap", "backward", "lm_head", straight_through_softcap),
+    Plant("K=V tie without gradient", "backward", "model.layers.5.self_attn.k_proj.weight", kv_tie_without_gradient),
+    Plant("logits gradient in bf16", "backward", "model.norm.weight", logits_grad_bf16),
+    Plant("tied head gradient dropped", "backward", "model.embed_tokens.weight", tied_head_grad_dropped),
+    # the routing weights' gradient reaches the router's parameters: per_expert_scale is the last it multiplies
+    Plant("combine probabilities detached", "backward", "model.layers.5.router.per_expert_scale",
+          combine_probs_detached),
+    Plant("loss over padding", "backward", "loss", loss_over_padding),
+    Plant("aux loss left on", "backward", "model.layers.5.router.per_expert_scale", aux_loss_left_on),
+]

@@ -147,7 +147,7 @@ def apply(records: list[Record], gates: dict, dtype: str, logits_summary: dict, 
             rec.why = f"{router['decisive_flips']} decisive top-k flips" + (f" (margins {margins})" if margins else "")
         rec.passed = bool(ok)
     out = {"passed": None, "kl_floor": kl_floor, "kl_truth": kl_truth, "kl_truth_gate": None, "logits_why": None}
-    logits_ok = all(r.passed for r in records if r.kind == "logits")
+    logits_ok = all(r.passed for r in records if r.kind == "logits" and not (M.get(r.mode) and M.get(r.mode).rows))
     kl = _bad(logits_summary.get("kl_max"))
     if dtype == "float32":
         kl_gate = g.get("kl_max")
@@ -184,9 +184,17 @@ def summarise(records: list[Record], verdict: dict, logits_summary: dict) -> dic
     # sides: a module whose replay fails is at fault itself.
     replay_bad = {r.name for r in failing if M.is_replay(r.mode)}
     replay_ok = {r.name for r in records if M.is_replay(r.mode) and r.passed} - replay_bad
-    own = [r for r in failing if M.is_replay(r.mode) or r.kind in ("mask", "rope") or r.name not in replay_ok]
+    # A backward mode names the rows a module computes itself from the gradient it is given (its input and
+    # parameter gradients, the loss); a failing gradient of its output only carries a later module's fault.
+    def own_row(r) -> bool:
+        mode = M.get(r.mode)
+        if mode is not None and mode.own_rows:
+            return r.mode in mode.own_rows
+        return M.is_replay(r.mode) or r.kind in ("mask", "rope") or r.name not in replay_ok
+    own = [r for r in failing if own_row(r)]
     first = min(own or failing, key=lambda r: (r.order, M.rank(r.mode))) if failing else None
-    modules_ok = not any(r for r in failing if r.kind not in ("router",))
+    backward = {r.mode for r in records if (M.get(r.mode) is not None and M.get(r.mode).rows)}  # gradient rows
+    modules_ok = not any(r for r in failing if r.kind not in ("router",) and r.mode not in backward)
     router_rows = [r for r in records if r.kind == "router"]
     routers = []
     for r in router_rows:
@@ -219,5 +227,6 @@ def summarise(records: list[Record], verdict: dict, logits_summary: dict) -> dic
                     "n_unstable": sum(1 for r in records if r.unstable)},
         "modules": [r.to_dict() for r in records],
         "routers": routers,
-        "checks": {"logits": verdict["logits_ok"], "modules": modules_ok, "router": router_ok},
+        "checks": {"logits": verdict["logits_ok"], "modules": modules_ok, "router": router_ok,
+                   **({"gradients": not any(r.mode in backward for r in failing)} if backward else {})},
     }

@@ -1,4 +1,4 @@
-"""Gemma 4 parity: four checks per case, sharing ONE engine run per case (see ``parity.pytest_plugin``).
+"""Gemma 4 parity: the checks of each case, sharing ONE engine run per case (see ``parity.pytest_plugin``).
 
 Ids are the case (``test_logits[gemma4-text-tiny]``), so ``-k vlm``, ``-k bf16``, ``-k tiny`` or
 ``-k gemma4-26b-a4b`` select cases and ``-k logits`` a check; ids and JUnit names are the same serially and
@@ -28,3 +28,12 @@ def test_router(parity_run):
     if not parity_run.has_router():
         pytest.skip(f"no router in this model (case {parity_run.target.case.name})")
     parity_run.require("router")
+
+
+def test_gradients(parity_run):
+    """Train cases: the loss, every parameter's gradient and every module's output and input gradient within the
+    case's gradient gate (first divergence in backward order)."""
+    if "gradients" not in (parity_run.results.get("checks") or {}):
+        pytest.skip(f"not a train case (case {parity_run.target.case.name})")
+    parity_run.require("loss")
+    parity_run.require("gradients")

@@ -31,7 +31,7 @@ from parity.engine.compare import first, metrics, to_device, value
 from parity.engine.record import Record
 
 MODE = "backward"
-OUTPUT, INPUT, PARAM = "grad_output", "grad_input", "param_grad"
+LOSS, OUTPUT, INPUT, PARAM = "loss", "grad_output", "grad_input", "param_grad"
 # rows whose gradients are read: plain tensor outputs (routers: discrete top-k, vision and merged rows: VLM later)
 SKIP = set(TABLE_KINDS) | {Kind.ROUTER, Kind.MERGED, Kind.LOGITS, Kind.PATCHES, Kind.VISION_ROPE, Kind.POOLED,
                            Kind.TOKENS}
@@ -163,7 +163,7 @@ def run(c, prog) -> None:
     finally:
         for h in handles:
             h.remove()
-    base = max(c.cap.order.values(), default=0) + 1  # after every forward row
+    base = max(c.cap.order.values(), default=0) + 2  # after every forward row (the logits: the last + 1)
     fused: dict[str, list[Aligned]] = {}  # system module -> the HF rows it computes at once (q/k/v, gate/up)
     for a in _rows(c.rows):
         _record(c, a, OUTPUT, hf["grads"], grads, base)
@@ -186,7 +186,7 @@ def run(c, prog) -> None:
         if mine is None:
             m_.update(cosine=math.nan, rel_l2=math.inf, max_abs=math.inf)
         rec = Record(name=pname, megatron_name=None, mode=PARAM, kind="param", layer=layer_of(pname),
-                     order=base + hf["grads"].order[(kind, pname)], gate_class="module", cosine=m_.get("cosine"),
+                     order=base + 1 + hf["grads"].order[(kind, pname)], gate_class="module", cosine=m_.get("cosine"),
                      rel_l2=m_.get("rel_l2"), max_abs=m_.get("max_abs"), p99_abs=m_.get("p99_abs"),
                      nonfinite=(m_.get("nonfinite_ref", 0), m_.get("nonfinite_test", 0)), detail=m_.get("detail"))
         c.records.append(rec)
@@ -200,6 +200,14 @@ def run(c, prog) -> None:
                "grad_norm": {"hf": hf["grad_norm"], "system": n_sys,
                              "rel_diff": abs(n_sys - hf["grad_norm"]) / max(hf["grad_norm"], 1e-30)},
                "gate": gate}
+    # the loss as the first backward row: the per-token losses at the positions with a label, and the scalar
+    c.records.append(Record(name="loss", megatron_name=sut.name, mode=LOSS, kind="loss", layer=None, order=base,
+                            gate_class="module", cosine=per["cosine"], rel_l2=max(_num(per["rel_l2"]), rel),
+                            max_abs=per["max_abs"], p99_abs=per.get("p99_abs"),
+                            nonfinite=(per.get("nonfinite_ref", 0), per.get("nonfinite_test", 0)),
+                            detail=f"HF {hf['loss']:.7g}, {sut.name} {float(loss):.7g} (relative difference {rel:.3g}); "
+                                   f"rel-L2 of the per-token losses at the {int(where.sum())} labelled positions "
+                                   f"{_num(per['rel_l2']):.3g}"))
     if gate is not None:
         section["passed"] = rel <= gate and _num(per["rel_l2"]) <= gate
         c.sections.setdefault("checks", {})["loss"] = section["passed"]
@@ -237,10 +245,10 @@ def _record(c, a: Aligned, kind: str, hf_grads: _Grads, mine: _Grads, base: int)
     test = mine.out.get(key)
     name = c.name(a)
     if test is None:
-        rec = Record.measured(a, name if isinstance(name, str) else None, kind, {}, base + hf_grads.order[key])
+        rec = Record.measured(a, name if isinstance(name, str) else None, kind, {}, base + 1 + hf_grads.order[key])
         rec.missing = f"{c.sut.name} computed no {kind.replace('_', ' ')} for {a.hf}"
         c.records.append(rec)
         return rec
     rec = c.record(a, kind, ref, to_device(test, ref.device) if ref.device.type != "cpu" else test)
-    rec.order = base + hf_grads.order[key]
+    rec.order = base + 1 + hf_grads.order[key]
     return rec
