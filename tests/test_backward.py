@@ -89,3 +89,16 @@ def test_backward_only_plant_is_caught_where_it_is(plant, reference, clean):
     assert all(after[k]["rel_l2"] == before[k]["rel_l2"] for k in before), \
         [k for k in before if after[k]["rel_l2"] != before[k]["rel_l2"]][:3]
     assert r["checks"]["modules"] is True and r["checks"]["logits"] is True
+
+
+def test_the_run_page_has_a_training_section(clean, reference):
+    from parity.report.html import render_run
+
+    page = render_run(clean, None)
+    body = page[page.index('<section id="training">'):]
+    body = body[: body.index("</section>")]
+    loss = clean["train"]["loss"]
+    assert "122 output gradients · 104 input gradients · 126 parameter gradients" in body
+    assert f"<td>{loss['hf']:.7g}</td>" in body and f"<td>{loss['system']:.7g}</td>" in body
+    assert "Every gradient row within its gate" in body and ">gradient of input<" not in page
+    assert '<a href="#training">Training</a>' in page

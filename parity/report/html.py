@@ -22,9 +22,11 @@ from parity.report.heatmap import section as heatmap_section
 from parity.report.history import RULE, compare
 from parity.report.page import page
 from parity.report.svg import Point, Series, bar_chart, line_chart
+from parity.report.training import GRADIENT_ROWS
+from parity.report.training import section as training_section
 
 MODE_COLORS = {m.name: m.color for m in MODES}
-MODE_LABELS = {m.name: m.label for m in MODES}
+MODE_LABELS = {**{m.name: m.label for m in MODES}, **GRADIENT_ROWS}
 
 _LOGIT_LABELS = [
     ("cosine", "cosine"), ("rel_l2", "rel L2"), ("max_abs", "max |Δ|"), ("top1_agreement", "top-1 agreement"),
@@ -782,14 +784,15 @@ def render_run(results: dict, previous: dict | None = None, links: dict | None =
     flags = compare(results, previous)
     sections = [
         ("summary", "Summary"), ("layers", "Layers"), ("heatmap", "Heatmap"), ("regressions", "Regressions"),
-        ("modules", "Modules"), ("routers", "Routing"), ("logits", "Logits"), ("roundtrip", "Round-trip"),
+        ("modules", "Modules"), ("training", "Training"), ("routers", "Routing"), ("logits", "Logits"),
+        ("roundtrip", "Round-trip"),
         ("provenance", "Environment"),
     ]
     body_parts = [
         '<section id="summary"><div class="grid g3">', _first_divergence_card(results), _worst_layer_card(results),
         _logits_card(results), "</div>", _strip(results, flags, previous is not None), "</section>",
         _layers_section(results), heatmap_section(results), _regressions_section(results, previous, flags),
-        _modules_section(results), _routers_section(results), _logits_section(results),
+        _modules_section(results), training_section(results), _routers_section(results), _logits_section(results),
         _roundtrip_section(results), _provenance_section(results),
     ]
     body_html = "".join(body_parts)

@@ -1,0 +1,50 @@
+"""The training section of a run page (train cases): the loss of both sides and the gradients, in backward order.
+
+Reads ``results["train"]`` (the backward mode's loss, per-token losses and gradient norms) and the module rows
+of the backward mode (``loss``, ``grad_output``, ``grad_input``, ``param_grad``).
+"""
+from __future__ import annotations
+
+from html import escape
+
+from parity.report import summary as S
+
+GRADIENT_ROWS = {"loss": "loss", "grad_output": "output gradient", "grad_input": "input gradient",
+                 "param_grad": "parameter gradient"}
+
+
+def _e(x) -> str:
+    return escape(str(x), quote=True)
+
+
+def section(results: dict) -> str:
+    train = results.get("train")
+    if not isinstance(train, dict):
+        return ""
+    loss = train.get("loss") or {}
+    rows = [r for r in S.modules(results) if r.get("mode") in GRADIENT_ROWS]
+    bad = sorted((r for r in rows if r.get("passed") is False), key=lambda r: r.get("order") or 0)
+    counts = " · ".join(f"{sum(r.get('mode') == m for r in rows)} {label}s" for m, label in GRADIENT_ROWS.items()
+                        if m != "loss")
+    worst = max(rows, key=lambda r: S.num(r.get("rel_l2")) or 0.0, default=None)
+    full = lambda x: f"{x:.7g}" if isinstance(x, (int, float)) else "—"  # noqa: E731  (losses agree to ~1e-7)
+    kv = [("loss, HF", full(loss.get("hf"))), ("loss, system", full(loss.get("system"))),
+          ("relative difference", S.fmt(loss.get("rel_diff"))),
+          ("per-token losses, rel L2", S.fmt((loss.get("per_token") or {}).get("rel_l2"))),
+          ("labelled positions", loss.get("tokens")),
+          ("grad norm, HF / system", f'{full((loss.get("grad_norm") or {}).get("hf"))} / '
+                                     f'{full((loss.get("grad_norm") or {}).get("system"))}'),
+          ("gate", S.fmt(loss.get("gate")) if loss.get("gate") is not None else loss.get("why_ungated", "—")),
+          ("system's loss", train.get("system_loss") or "—"), ("labels", train.get("labels") or "—"),
+          ("overrides", "; ".join(f"{k}: {v}" for k, v in (train.get("overrides") or {}).items()) or "none")]
+    table = "".join(f'<tr><th style="text-align:left;font-weight:500">{_e(k)}</th><td>{_e(v)}</td></tr>'
+                    for k, v in kv)
+    first = (f'<p>First gradient to diverge, in backward order: <code>{_e(bad[0].get("name"))}</code> '
+             f'({_e(GRADIENT_ROWS.get(bad[0].get("mode")))}, rel L2 {_e(S.fmt(bad[0].get("rel_l2")))}); '
+             f'{len(bad)} gradient rows fail.</p>' if bad else
+             f'<p class="muted">Every gradient row within its gate; the largest rel L2 is '
+             f'{_e(S.fmt(worst.get("rel_l2")) if worst else "—")}'
+             f'{" at <code>" + _e(worst.get("name")) + "</code>" if worst else ""}.</p>')
+    return (f'<section id="training"><h2>Training step<span class="sub">{_e(counts)} · the module table lists every '
+            f'row</span></h2>{first}<table style="table-layout:fixed;width:100%"><tbody>{table}</tbody></table>'
+            '</section>')
