@@ -444,6 +444,16 @@ class ParityRun:
                 f"{_num(loss.get('rel_diff'))}, per-token rel-L2 {_num((loss.get('per_token') or {}).get('rel_l2'))} "
                 f"> gate {_num(loss.get('gate'))}")
 
+    def _explain_step(self) -> str:
+        bad = [r for r in self.modules() if not r.get("passed") and r.get("mode") == "param_step"]
+        return f"{len(bad)} parameter updates over their gates: " + "; ".join(self._row(r) for r in bad[:8])
+
+    def _explain_trajectory(self) -> str:
+        t = ((self.results.get("train") or {}).get("trajectory")) or {}
+        return (f"over {t.get('steps')} steps the largest relative difference of loss or gradient norm is "
+                f"{_num(t.get('worst_rel_diff'))} > gate {_num(t.get('gate'))}; HF losses {t.get('hf', {}).get('loss')}, "
+                f"system {t.get('system', {}).get('loss')}")
+
     def _explain_router(self) -> str:
         bad = self._failing(kinds=("router",))
         return (f"{len(bad)} router comparisons fail: " + "; ".join(self._row(r) for r in bad[:8])) if bad else \

@@ -702,3 +702,47 @@ BACKWARD_PLANTS = [
     Plant("loss over padding", "backward", "loss", loss_over_padding),
     Plant("aux loss left on", "backward", "model.layers.5.router.per_expert_scale", aux_loss_left_on),
 ]
+
+
+def decay_everything(mp, shape):
+    """The system's optimizer decays every parameter, norms and scales too."""
+    from parity.engine.modes import step
+    from parity.systems import ours
+
+    groups = step.param_groups
+
+    def every(named, weight_decay):
+        return [{"params": [p for g in groups(named, weight_decay) for p in g["params"]], "weight_decay": weight_decay}]
+    mp.setattr(ours.ParitySystem, "optimizer_step", _with(ours.ParitySystem.optimizer_step, step, "param_groups", every))
+
+
+def _with(method, module, name, value):
+    """``method`` run with ``module.name`` set to ``value`` for its duration."""
+    def planted(self, *a, **kw):
+        old = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            return method(self, *a, **kw)
+        finally:
+            setattr(module, name, old)
+    return planted
+
+
+def adam_eps_1e6(mp, shape):
+    """The system's AdamW with eps 1e-6 instead of the case's 1e-8 (a default that moves small updates)."""
+    import dataclasses
+
+    from parity.systems import ours
+
+    step = ours.ParitySystem.optimizer_step
+
+    def planted(self, spec):
+        spec = dataclasses.replace(spec, optimizer=dataclasses.replace(spec.optimizer, eps=1e-6))
+        return step(self, spec)
+    mp.setattr(ours.ParitySystem, "optimizer_step", planted)
+
+
+STEP_PLANTS = [
+    Plant("weight decay on norms", "step", "model.layers.0.self_attn.q_norm.weight", decay_everything),
+    Plant("Adam eps 1e-6", "step", "model.embed_tokens.weight", adam_eps_1e6),
+]

@@ -11,11 +11,12 @@ import pytest
 from parity.cases import load_case
 from parity.engine import pipeline
 from parity.engine.launch import cpu_threads
-from tests.plants import BACKWARD_PLANTS
+from tests.plants import BACKWARD_PLANTS, STEP_PLANTS
 
 CASE = "gemma4-text-tiny-train"
 FORWARD = ("end_to_end", "isolated")
 GRADIENTS = ("loss", "grad_output", "grad_input", "param_grad")
+STEP = ("param_step",)
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +90,29 @@ def test_backward_only_plant_is_caught_where_it_is(plant, reference, clean):
     assert all(after[k]["rel_l2"] == before[k]["rel_l2"] for k in before), \
         [k for k in before if after[k]["rel_l2"] != before[k]["rel_l2"]][:3]
     assert r["checks"]["modules"] is True and r["checks"]["logits"] is True
+
+
+def test_clean_optimizer_step_and_trajectory(clean):
+    steps = _rows(clean, STEP)
+    assert len(steps) == 126 and max(m["rel_l2"] for m in steps.values()) < 1e-5
+    traj = clean["train"]["trajectory"]
+    assert traj["steps"] == 10 and traj["worst_rel_diff"] < 1e-6 and clean["checks"]["trajectory"] is True
+    assert traj["hf"]["loss"][-1] < traj["hf"]["loss"][0] - 2  # it really trains: 12.0 -> 9.3 on this batch
+    assert clean["checks"]["step"] is True
+
+
+@pytest.mark.parametrize("plant", STEP_PLANTS, ids=[p.name for p in STEP_PLANTS])
+def test_optimizer_plant_is_caught_where_it_is(plant, reference):
+    mp = pytest.MonkeyPatch()
+    try:
+        plant.plant(mp, None)
+        with cpu_threads("cpu"):
+            r = pipeline.against(reference, "parity")
+    finally:
+        mp.undo()
+    detail = r["summary"]["first_divergence_detail"]
+    assert r["passed"] is False and (detail["name"], detail["mode"]) == (plant.where, "param_step"), detail
+    assert r["checks"]["step"] is False and r["checks"]["trajectory"] is False and r["checks"]["gradients"] is True
 
 
 def test_the_run_page_has_a_training_section(clean, reference):

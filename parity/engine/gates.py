@@ -193,8 +193,8 @@ def summarise(records: list[Record], verdict: dict, logits_summary: dict) -> dic
         return M.is_replay(r.mode) or r.kind in ("mask", "rope") or r.name not in replay_ok
     own = [r for r in failing if own_row(r)]
     first = min(own or failing, key=lambda r: (r.order, M.rank(r.mode))) if failing else None
-    backward = {r.mode for r in records if (M.get(r.mode) is not None and M.get(r.mode).rows)}  # gradient rows
-    modules_ok = not any(r for r in failing if r.kind not in ("router",) and r.mode not in backward)
+    own_check = {r.mode: M.get(r.mode).check for r in records if M.get(r.mode) is not None and M.get(r.mode).check}
+    modules_ok = not any(r for r in failing if r.kind not in ("router",) and r.mode not in own_check)
     router_rows = [r for r in records if r.kind == "router"]
     routers = []
     for r in router_rows:
@@ -228,5 +228,6 @@ def summarise(records: list[Record], verdict: dict, logits_summary: dict) -> dic
         "modules": [r.to_dict() for r in records],
         "routers": routers,
         "checks": {"logits": verdict["logits_ok"], "modules": modules_ok, "router": router_ok,
-                   **({"gradients": not any(r.mode in backward for r in failing)} if backward else {})},
+                   **{check: not any(own_check.get(r.mode) == check for r in failing)
+                      for check in dict.fromkeys(own_check.values())}},
     }

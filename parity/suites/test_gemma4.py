@@ -37,3 +37,12 @@ def test_gradients(parity_run):
         pytest.skip(f"not a train case (case {parity_run.target.case.name})")
     parity_run.require("loss")
     parity_run.require("gradients")
+
+
+def test_step(parity_run):
+    """Train cases: the first optimizer step's update of every parameter and the loss and gradient norm along a short
+    trajectory (the case's AdamW on its batch) within the case's gradient gate."""
+    if "step" not in (parity_run.results.get("checks") or {}):
+        pytest.skip(f"not a train case (case {parity_run.target.case.name})")
+    parity_run.require("step")
+    parity_run.require("trajectory")

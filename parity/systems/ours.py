@@ -102,6 +102,9 @@ class ParitySystem:
     name, version = "parity", _version()
     loss_description = ("megatron-core vocab_parallel_cross_entropy of the next token, mean over the positions "
                         "with a label (Megatron-LM's masked mean)")
+    optimizer_description = ("torch.optim.AdamW in fp32, matrices decayed, 1-D parameters not, global-norm clipping: "
+                             "megatron-core's optimizer at data-parallel size 1 equals it (its DDP + "
+                             "get_megatron_optimizer need CUDA); K=V layers' V rows re-tied to K after each step")
     substituted: list[dict] = []  # nothing: plain megatron-core parts run everywhere
     shared = frozenset()
     replays: dict = {}  # every row replays on its own module and its own HF inputs
@@ -200,6 +203,27 @@ class ParitySystem:
         per = vocab_parallel_cross_entropy(sb(logits, contiguous=True).clone(), sb(target.clamp_min(0), contiguous=True))
         per = per.transpose(0, 1)
         return (per * mask).sum() / mask.sum(), logits
+
+    def optimizer_step(self, spec) -> float:
+        """One step of its optimizer (made at the first call from the case's ``train.optimizer``): clip the
+        gradients, step, clear them, and re-tie the K=V layers' V rows (unused copies of K, kept for the fused
+        layout, so the export stays exact). Returns the gradient norm before clipping."""
+        from parity.engine.modes.step import _clip, adamw
+
+        if getattr(self, "_optimizer", None) is None:
+            self._optimizer = adamw(self.model.named_parameters(), spec)
+        norm = _clip(self.model.parameters(), spec.optimizer.clip_grad)
+        self._optimizer.step()
+        self._optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for layer in self.lm.decoder.layers:
+                if layer.layer_args.k_eq_v:
+                    att = layer.self_attention
+                    hn, ng = att.hidden_size_per_attention_head, att.num_query_groups_per_partition
+                    rep = att.num_attention_heads_per_partition // ng
+                    rows = att.linear_qkv.weight.view(ng, (rep + 2) * hn, -1)
+                    rows[:, (rep + 1) * hn:].copy_(rows[:, rep * hn:(rep + 1) * hn])
+        return float(norm)
 
     def grads(self):
         """Its parameters' gradients in HF layout, by its weight mapping's adjoint (``parity.bridge.convert``)."""

@@ -34,6 +34,7 @@ class Mode:
     records_as: str | None = None  # its rows are written with this mode's name (tables: end_to_end rows)
     rows: tuple[str, ...] = ()  # the ``mode`` values of its rows when it writes several kinds (backward)
     own_rows: tuple[str, ...] = ()  # of those, the rows a failing module is blamed for itself (first divergence)
+    check: str | None = None  # a mode with rows of its own: the results check its rows decide (else "modules")
 
     def why_not(self, case, dtype: str, system=None) -> str | None:
         """Why this mode does not run in a run of ``case`` in ``dtype`` (for ``system``, when given)."""
@@ -63,7 +64,10 @@ MODES = (  # in the order a run measures them
     Mode("tables", "masks and RoPE", "tables", records_as="end_to_end", needs=("tables",)),
     Mode("backward", "backward", "backward", color="#1a7f37", rank=4, when="train", gate_key="grad_rel_l2",
          needs=("train_loss", "grads", "module", "output", "input_key", "input_layout"), rows=("loss", "grad_output", "grad_input", "param_grad"),
-         own_rows=("loss", "grad_input", "param_grad")),
+         own_rows=("loss", "grad_input", "param_grad"), check="gradients"),
+    Mode("step", "optimizer step", "step", color="#9a6700", rank=4, when="train", gate_key="grad_rel_l2",
+         needs=("train_loss", "optimizer_step", "export"), rows=("param_step",), own_rows=("param_step",),
+         check="step"),
 )
 PLOTTED = tuple(m.name for m in sorted(MODES, key=lambda m: m.rank) if m.every_row)  # reports draw these per layer
 
