@@ -55,6 +55,7 @@ Schema (fields without a default are required)::
     floor_abs = 1e-3
     logits_kl_max = 0.05                 # KL max <= floor_multiplier * KL floor + logits_kl_max
     truth_multiplier = 1.5               # optional: rho; err vs HF-fp32 <= rho * floor + truth_abs
+    grad_truth_multiplier = 1.5          # optional: rho of gradient rows (train cases; default truth_multiplier)
     truth_abs = 1e-3                     # optional
     ceiling_rel_l2 = 0.1                 # optional: cap of every module gate; a floor above: reference unstable
     ceiling_kl_max = 0.5                 # optional: the same for the logits KL max
@@ -183,6 +184,7 @@ class BFloat16Gates(_Section):
     floor_abs: float
     logits_kl_max: float
     truth_multiplier: float | None = None  # rho: err(Megatron-bf16 vs HF-fp32) <= rho * floor + truth_abs
+    grad_truth_multiplier: float | None = None  # rho for gradient rows (train cases); default truth_multiplier
     truth_abs: float | None = None
     ceiling_rel_l2: float | None = None  # no module gate above it; a floor above it: "reference unstable"
     ceiling_kl_max: float | None = None  # the same for the logits KL max
@@ -470,7 +472,7 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
     g32.done()
     g16 = g.sub("bfloat16", required=True)
     optional = {k: g16.float_(k, positive=True) for k in ("truth_multiplier", "truth_abs", "ceiling_rel_l2",
-                                                          "ceiling_kl_max") if g16.has(k)}
+                                                          "ceiling_kl_max", "grad_truth_multiplier") if g16.has(k)}
     bf16 = BFloat16Gates(floor_multiplier=g16.float_("floor_multiplier", positive=True),
                          floor_abs=g16.float_("floor_abs"), logits_kl_max=g16.float_("logits_kl_max"), **optional)
     g16.done()

@@ -690,17 +690,22 @@ def aux_loss_left_on(mp, shape):
 
 
 BACKWARD_PLANTS = [
-    Plant("rms detached", "backward", "model.layers.5.pre_feedforward_layernorm", rms_detached),
+    Plant("rms detached", "backward", "model.layers.5.pre_feedforward_layernorm", rms_detached,
+          misses={"bfloat16": "moves the norm's input gradient by 1.6 % (fp32 run), under its bf16 gate "
+                              "(4 x HF's own bf16-vs-fp32 gradient error of ~5 % + 1e-3)"}),
     # inline after lm_head in HF's forward: the first module whose own gradients it feeds
     Plant("straight-through softcap", "backward", "lm_head", straight_through_softcap),
     Plant("K=V tie without gradient", "backward", "model.layers.5.self_attn.k_proj.weight", kv_tie_without_gradient),
-    Plant("logits gradient in bf16", "backward", "model.norm.weight", logits_grad_bf16),
+    Plant("logits gradient in bf16", "backward", "model.norm.weight", logits_grad_bf16,
+          misses={"bfloat16": "a bf16 run's gradients are bf16 already: rounding to bf16 changes nothing"}),
     Plant("tied head gradient dropped", "backward", "model.embed_tokens.weight", tied_head_grad_dropped),
     # the routing weights' gradient reaches the router's parameters: per_expert_scale is the last it multiplies
     Plant("combine probabilities detached", "backward", "model.layers.5.router.per_expert_scale",
           combine_probs_detached),
     Plant("loss over padding", "backward", "loss", loss_over_padding),
-    Plant("aux loss left on", "backward", "model.layers.5.router.per_expert_scale", aux_loss_left_on),
+    Plant("aux loss left on", "backward", "model.layers.5.router.per_expert_scale", aux_loss_left_on,
+          misses={"bfloat16": "a coefficient of 1e-2 moves the router's gradients by ~5 % (fp32 run), under their "
+                              "bf16 gates (4 x HF's own bf16-vs-fp32 error of 4-28 % + 1e-3)"}),
 ]
 
 

@@ -98,7 +98,9 @@ def _gate_bf16(rec: Record, g: dict) -> bool:
     ok = value <= limit
     truth = rec.truth_rel_l2
     if "truth_multiplier" in g and rec.truth_rel_l2 is not None:
-        rho, t_abs = g["truth_multiplier"], g.get("truth_abs", g["floor_abs"])
+        grad = (M.get(rec.mode) is not None and M.get(rec.mode).gate_key == "grad_rel_l2")
+        rho = g.get("grad_truth_multiplier", g["truth_multiplier"]) if grad else g["truth_multiplier"]
+        t_abs = g.get("truth_abs", g["floor_abs"])
         t_limit, _ = floor_limit(floor, rho, t_abs, ceiling)
         rec.truth_gate = {"metric": "truth_rel_l2", "max": t_limit, "truth_multiplier": rho, "truth_abs": t_abs}
         rec.truth_ratio = (_bad(truth) / floor) if floor else None

@@ -60,12 +60,12 @@ def reference(case, *, device: str, dtype: str | None = None, checkpoint: str | 
         if mode.why_not(case, ref.dtype) is not None:
             continue
         impl = mode.implementation()
+        if hasattr(impl, "prepare"):  # what the mode needs of HF beyond the capture (its floors may use it)
+            with ref.prog.phase(f"hf_{mode.name}"):
+                ref.extra[mode.name] = impl.prepare(ref, ref.prog)
         if mode.floors and ref.dtype != "float32":
             with ref.prog.phase(FLOOR_PHASES.get(mode.name, f"noise_floor_{mode.name}")):
                 ref.floors[mode.name] = impl.floors(ref, ref.prog)
-        if hasattr(impl, "prepare"):
-            with ref.prog.phase(f"hf_{mode.name}"):
-                ref.extra[mode.name] = impl.prepare(ref, ref.prog)
     return ref
 
 
@@ -137,7 +137,8 @@ def judge(ref: Reference, c: Comparison) -> tuple[dict, dict]:
     for rec in c.records:
         mode = modes.get(rec.mode)
         measured = low and mode is not None and mode.floors and rec.kind not in ("mask", "rope")
-        rec.floor = ref.floors.get(rec.mode, {}).get(rec.name) if measured else None
+        key = f"{rec.mode}:{rec.name}" if mode is not None and mode.rows else rec.name  # rows of several kinds
+        rec.floor = ref.floors.get(mode.name, {}).get(key) if measured else None
     kl_floor = ref.floors.get("end_to_end", {}).get(KL_FLOOR)
     verdict = G.apply(c.records, gates, ref.dtype, logits_summary, kl_floor=kl_floor)
     logits_summary["kl_max_floor"], logits_summary["kl_gate"] = verdict["kl_floor"], verdict["kl_gate"]

@@ -35,6 +35,8 @@ class Mode:
     rows: tuple[str, ...] = ()  # the ``mode`` values of its rows when it writes several kinds (backward)
     own_rows: tuple[str, ...] = ()  # of those, the rows a failing module is blamed for itself (first divergence)
     check: str | None = None  # a mode with rows of its own: the results check its rows decide (else "modules")
+    dtypes: tuple[str, ...] = ("float32", "bfloat16")  # run dtypes it runs in
+    dtype_why: str = ""  # why not in the others
 
     def why_not(self, case, dtype: str, system=None) -> str | None:
         """Why this mode does not run in a run of ``case`` in ``dtype`` (for ``system``, when given)."""
@@ -44,6 +46,8 @@ class Mode:
             return f"runs of one process only (this run has {case.world_size})"
         if self.when == "train" and getattr(case, "train", None) is None:
             return "not a train case (no [train] table)"
+        if dtype not in self.dtypes:
+            return self.dtype_why or f"runs in {', '.join(self.dtypes)} only"
         if system is None:
             return None
         missing = [m for m in self.needs if not callable(getattr(system, m, None))]
@@ -63,11 +67,15 @@ MODES = (  # in the order a run measures them
          when="bf16_single", needs=("module", "replay", "fp32")),
     Mode("tables", "masks and RoPE", "tables", records_as="end_to_end", needs=("tables",)),
     Mode("backward", "backward", "backward", color="#1a7f37", rank=4, when="train", gate_key="grad_rel_l2",
+         floors=True,
          needs=("train_loss", "grads", "module", "output", "input_key", "input_layout"), rows=("loss", "grad_output", "grad_input", "param_grad"),
          own_rows=("loss", "grad_input", "param_grad"), check="gradients"),
     Mode("step", "optimizer step", "step", color="#9a6700", rank=4, when="train", gate_key="grad_rel_l2",
          needs=("train_loss", "optimizer_step", "export"), rows=("param_step",), own_rows=("param_step",),
-         check="step"),
+         check="step", dtypes=("float32",),
+         dtype_why="bf16 training steps fp32 master weights on both sides' real paths (megatron-core's mixed-precision "
+                   "optimizer, HF Trainer's autocast); stepping bf16 parameters in place is neither, and is not "
+                   "modelled here yet"),
 )
 PLOTTED = tuple(m.name for m in sorted(MODES, key=lambda m: m.rank) if m.every_row)  # reports draw these per layer
 

@@ -22,12 +22,13 @@ the first to fail, while its output gradient still agrees.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 
 from parity.engine.alignment import TABLE_KINDS, Aligned, Kind, layer_of
-from parity.engine.compare import first, metrics, to_device, value
+from parity.engine.compare import compare, first, metrics, to_device, value
 from parity.engine.record import Record
 
 MODE = "backward"
@@ -92,10 +93,10 @@ def _rows(rows: list[Aligned]) -> list[Aligned]:
     return [a for a in rows if a.row.kind not in SKIP]
 
 
-def prepare(ref, prog) -> dict:
-    """HF's side: its loss, per-token losses, gradients of every row's output and input, parameter gradients,
-    all on the host; the model's gradients cleared after."""
-    model, inputs = ref.model, ref.inputs
+def hf_backward(ref, model) -> dict:
+    """HF's loss, per-token losses, gradients of every row's output and input, parameter gradients of ``model``
+    (the reference's model, or a copy), all on the host; the model's gradients cleared after."""
+    inputs = ref.inputs
     labels = labels_of(inputs)
     grads, handles = _Grads(), []
     by_name = {a.hf: a for a in _rows(ref.rows)}
@@ -131,6 +132,34 @@ def prepare(ref, prog) -> dict:
     model.zero_grad(set_to_none=True)
     return {"loss": float(out.loss), "per_token": ce.cpu(), "where": where.cpu(), "grads": grads, "labels": labels,
             "grad_norm": norm}
+
+
+def prepare(ref, prog) -> dict:
+    """HF's side in the run's dtype (and, for a bf16 run, ``floors`` adds its fp32 side)."""
+    return hf_backward(ref, ref.model)
+
+
+def floors(ref, prog) -> dict[str, float]:
+    """bf16 runs: HF's backward again on an fp32 copy of its model; each gradient row's floor is HF-bf16's rel-L2
+    from it (keyed ``"<row mode>:<name>"``), and the fp32 gradients stay for the truth (``extra["backward32"]``)."""
+    model32 = copy.deepcopy(ref.model).float()
+    hf32 = ref.extra["backward32"] = hf_backward(ref, model32)
+    del model32
+    hf16, out = ref.extra[MODE], {}
+    for key, g32 in hf32["grads"].out.items():
+        g16 = hf16["grads"].out.get(key)
+        if g16 is not None:
+            out[f"{key[0]}:{key[1]}"] = _rel(ref, key, g32, g16)
+    out[f"{LOSS}:loss"] = abs(hf16["loss"] - hf32["loss"]) / max(abs(hf32["loss"]), 1e-30)
+    return out
+
+
+def _rel(ref, key, g32: torch.Tensor, test: torch.Tensor) -> float:
+    """rel-L2 of a gradient against HF-fp32's, at the row's real positions (parameters: every element)."""
+    if key[0] == PARAM:
+        return float(metrics(g32.float(), test.float(), None)["rel_l2"])
+    kind = Kind.LOGITS if key[1] == "logits" else next(a.row.kind for a in ref.rows if a.hf == key[1])
+    return float(compare(kind, g32.float(), test.float(), ref.where)["rel_l2"])
 
 
 def run(c, prog) -> None:
@@ -189,6 +218,8 @@ def run(c, prog) -> None:
                      order=base + 1 + hf["grads"].order[(kind, pname)], gate_class="module", cosine=m_.get("cosine"),
                      rel_l2=m_.get("rel_l2"), max_abs=m_.get("max_abs"), p99_abs=m_.get("p99_abs"),
                      nonfinite=(m_.get("nonfinite_ref", 0), m_.get("nonfinite_test", 0)), detail=m_.get("detail"))
+        if mine is not None:
+            _truth(c, rec, (kind, pname), mine)
         c.records.append(rec)
     n_sys = math.sqrt(sum(float(g.float().pow(2).sum()) for k, g in own.items()))
     ce, where = per_token(logits.detach(), hf["labels"].to(logits.device))
@@ -212,7 +243,8 @@ def run(c, prog) -> None:
         section["passed"] = rel <= gate and _num(per["rel_l2"]) <= gate
         c.sections.setdefault("checks", {})["loss"] = section["passed"]
     else:
-        section["why_ungated"] = "bf16 train runs: HF's own bf16 loss floor is not measured yet"
+        section["why_ungated"] = ("a bf16 run: the loss row is gated against HF's own bf16-vs-fp32 loss difference "
+                                  "(its floor) with the gradient rows")
     c.sections["train"] = {"loss": section, "labels": "causal: input ids, -100 at padding; each side shifts them",
                            "system_loss": getattr(sut, "loss_description", None),
                            "overrides": dict(c.ref.case.train.overrides)}
@@ -228,16 +260,20 @@ def _record_fused(c, name: str, parts: list[Aligned], hf_grads: _Grads, mine: _G
     keys = [(INPUT, a.hf) for a in parts if (INPUT, a.hf) in hf_grads.out]
     if not keys:
         return
-    summed = _Grads()
+    summed, truth = _Grads(), _Grads()
     summed.out[(INPUT, parts[0].hf)] = sum(hf_grads.out[k] for k in keys)
     summed.order[(INPUT, parts[0].hf)] = min(hf_grads.order[k] for k in keys)
-    rec = _record(c, parts[0], INPUT, summed, mine, base)
+    hf32 = c.ref.extra.get("backward32")
+    if hf32 is not None and all(k in hf32["grads"].out for k in keys):
+        truth.out[(INPUT, parts[0].hf)] = sum(hf32["grads"].out[k] for k in keys)
+    rec = _record(c, parts[0], INPUT, summed, mine, base, truth)
     if rec is not None:
         rec.detail = (f"input gradient of {name}, which computes {', '.join(a.hf.rsplit('.', 1)[1] for a in parts)} "
                       "at once: HF's input gradients of those modules summed")
 
 
-def _record(c, a: Aligned, kind: str, hf_grads: _Grads, mine: _Grads, base: int) -> Record | None:
+def _record(c, a: Aligned, kind: str, hf_grads: _Grads, mine: _Grads, base: int,
+            truth: _Grads | None = None) -> Record | None:
     key = (kind, a.hf if a.row.kind is not Kind.LOGITS else "logits")
     ref = hf_grads.out.get(key)
     if ref is None:
@@ -251,4 +287,14 @@ def _record(c, a: Aligned, kind: str, hf_grads: _Grads, mine: _Grads, base: int)
         return rec
     rec = c.record(a, kind, ref, to_device(test, ref.device) if ref.device.type != "cpu" else test)
     rec.order = base + 1 + hf_grads.order[key]
+    _truth(c, rec, key, test, truth)
     return rec
+
+
+def _truth(c, rec: Record, key, test, truth: _Grads | None = None) -> None:
+    """bf16 runs: the system's gradient against HF's in fp32 (``truth_rel_l2``, for the truth gate); ``truth``:
+    HF-fp32's gradients where they are not the backward32 ones as they are (a fused input's sum)."""
+    hf32 = c.ref.extra.get("backward32")
+    g32 = truth.out.get(key) if truth is not None else None if hf32 is None else hf32["grads"].out.get(key)
+    if g32 is not None:
+        rec.truth_rel_l2 = _rel(c.ref, key, g32, test.cpu() if hasattr(test, "cpu") else test)
