@@ -169,3 +169,15 @@ def test_the_run_page_has_a_training_section(clean, reference):
     assert f"<td>{loss['hf']:.7g}</td>" in body and f"<td>{loss['system']:.7g}</td>" in body
     assert "Every gradient row within its gate" in body and ">gradient of input<" not in page
     assert '<a href="#training">Training</a>' in page
+
+
+def test_vlm_train_step_holds():
+    """The VLM: the vision tower's parameters and modules too (labels ignore the images' soft tokens)."""
+    with cpu_threads("cpu"):
+        r = pipeline.run(load_case("gemma4-vlm-tiny-train"), device="cpu")
+    rows = _rows(r, GRADIENTS + STEP)
+    vision = [m for m in rows.values() if m["name"].startswith(("model.vision_tower", "model.embed_vision"))]
+    assert r["passed"] is True and max(m["rel_l2"] for m in rows.values()) < 1e-5, r["summary"]
+    assert len(vision) > 100 and {m["mode"] for m in vision} == {"grad_output", "grad_input", "param_grad",
+                                                                  "param_step"}
+    assert r["train"]["loss"]["tokens"] == 37  # text positions only

@@ -192,8 +192,8 @@ class ParitySystem:
         (input ids, -100 for none); shifted here. Returns (loss, logits [b, s, V])."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        if self.vlm or tp_size() > 1:
-            raise NotImplementedError("the training path of system parity runs text models at TP=1 for now")
+        if tp_size() > 1:
+            raise NotImplementedError("the training path of system parity runs at TP=1 for now")
         self.model.zero_grad(set_to_none=True)
         logits = self.forward(inputs)
         target = torch.roll(labels, -1, dims=1)
@@ -229,10 +229,18 @@ class ParitySystem:
         """Its parameters' gradients in HF layout, by its weight mapping's adjoint (``parity.bridge.convert``)."""
         from parity.bridge import convert
 
+        from parity.bridge import vision
+
         params = dict(self.model.named_parameters())
         sd = {k: params[k].grad if k in params and params[k].grad is not None else torch.zeros_like(v)
               for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
-        yield from convert.iter_megatron_to_hf(sd, self.args, grads=True)
+        if not self.vlm:
+            yield from convert.iter_megatron_to_hf(sd, self.args, grads=True)
+            return
+        text = {k[len(TEXT_MC):]: v for k, v in sd.items() if k.startswith(TEXT_MC)}
+        yield from convert.iter_megatron_to_hf(text, self.args, arch="Gemma4ForConditionalGeneration", grads=True)
+        yield from vision.megatron_to_hf_vision({k[len(VISION_MC):]: v for k, v in sd.items()
+                                                 if k.startswith(VISION_MC)}, "model.").items()  # renames only
 
     @contextmanager
     def fp32(self, path: str):
@@ -273,7 +281,8 @@ class ParitySystem:
         return 1 if a.row.kind is Kind.EXPERTS else 0 if args else None
 
     def input_layout(self, a: Aligned, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-        return input_to_hf(a, x, self.b, self.s, module)
+        """Its vision tower's inputs are HF's layout already (batch-first); the text model's are ``[s, b, ...]``."""
+        return x if a.row.stack is Stack.VISION else input_to_hf(a, x, self.b, self.s, module)
 
     def _out_as_is(self, a: Aligned, out: Any, module: nn.Module) -> Any:
         """Its embedding, logits and image scatter: batch-first and whole already."""

@@ -33,14 +33,18 @@ from parity.engine.record import Record
 
 MODE = "backward"
 LOSS, OUTPUT, INPUT, PARAM = "loss", "grad_output", "grad_input", "param_grad"
-# rows whose gradients are read: plain tensor outputs (routers: discrete top-k, vision and merged rows: VLM later)
-SKIP = set(TABLE_KINDS) | {Kind.ROUTER, Kind.MERGED, Kind.LOGITS, Kind.PATCHES, Kind.VISION_ROPE, Kind.POOLED,
-                           Kind.TOKENS}
+# rows whose gradients are not read here: tables, routers (a discrete top-k; their parameters' gradients are),
+# the merged embeddings and the pooler (not plain tensors), the vision RoPE (no gradient), the logits (read apart)
+SKIP = set(TABLE_KINDS) | {Kind.ROUTER, Kind.MERGED, Kind.LOGITS, Kind.VISION_ROPE, Kind.POOLED}
 
 
 def labels_of(inputs: dict) -> torch.Tensor:
-    """Causal-LM labels in HF's convention: the input ids, -100 where there is no token (padding)."""
-    return inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    """Causal-LM labels in HF's convention: the input ids, -100 where there is nothing to learn: padding, and in a
+    VLM the image's soft tokens (as SFT collators mask them)."""
+    ignore = inputs["attention_mask"] == 0
+    if "mm_token_type_ids" in inputs:
+        ignore = ignore | (inputs["mm_token_type_ids"] != 0)
+    return inputs["input_ids"].masked_fill(ignore, -100)
 
 
 def per_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
