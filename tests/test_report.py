@@ -456,7 +456,8 @@ def test_summary_line_has_verdict_divergence_regressions_report_and_history(tmp_
     r = json.loads((d / "results.json").read_text())
     line = summary_line(r, d / "index.html", tmp_path / "index.html")
     assert "\n" not in line
-    assert line.startswith("gemma4-text-tiny on cpu in float32: parity FAILS · first divergence: "
+    assert line.startswith("gemma4-text-tiny on cpu in float32: parity FAILS (logits, modules, router, roundtrip "
+                           "failed) · first divergence: "
                            "model.layers.2.self_attn = megatron decoder.layers.2.self_attention (isolated; rel_l2 ")
     assert f"regressions: {r['regressions']['count']} · report: {d / 'index.html'} · history: " in line
     assert r["regressions"]["count"] > 0
@@ -475,3 +476,28 @@ def test_environment_shows_dirty_commit_threads_and_third_party_notices(passing)
     assert "(dirty)" in html[:html.index("</header>")]
     r["env"]["git_dirty"] = False
     assert ">dirty</span>" not in render_run(r, None)
+
+
+def test_ctrl_c_while_a_report_is_written_waits_until_it_is_whole(tmp_path, passing, monkeypatch):
+    """SIGINT in the middle of ``write_run`` / ``write_to``: the run folder gets both files and the history lists
+    it; the interrupt is delivered afterwards (here: pytest's KeyboardInterrupt)."""
+    import signal
+
+    from parity.report import store
+
+    dumps = store.dumps
+
+    def interrupted(results):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C between creating the folder and writing results.json
+        return dumps(results)
+
+    monkeypatch.setattr(store, "dumps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_run(passing, tmp_path / "root")
+    (run,) = (tmp_path / "root" / "runs").iterdir()
+    assert sorted(f.name for f in run.iterdir()) == ["index.html", "results.json"]
+    assert json.loads((run / "results.json").read_text())["case"] == passing["case"]
+    assert run.name in (tmp_path / "root" / "index.html").read_text()
+    with pytest.raises(KeyboardInterrupt):
+        write_to(passing, tmp_path / "out")
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["index.html", "results.json"]

@@ -307,16 +307,31 @@ def _corrupt_row(c: dict) -> str:
             f'<td colspan="7" class="mono">unreadable results.json: {_e(c.get("error", ""))}</td></tr>')
 
 
-def render_index(runs: list[dict], corrupt: list[dict] | None = None) -> str:
+def _skip_row(k: dict) -> str:
+    t = S.parse_time(k.get("created"))
+    system = str(k.get("system") or "parity")
+    sys_html = f' <span class="tag">{_e(system)}</span>' if system != "parity" else ""
+    return (f'<tr class="skip" data-case="{_e(k.get("case", ""))}" data-system="{_e(system)}" data-verdict="SKIP" '
+            f'data-regressions="0"><td class="n" data-v="{t.timestamp() if t else ""}" title="session '
+            f'{_e(k.get("session") or "?")}">{_e(S.fmt_time(k.get("created")).removesuffix(" UTC"))}</td>'
+            f'<td data-v="0.5"><span class="pill warn big">SKIP</span></td>'
+            f'<td class="mono nowrap">{_e(k.get("id") or k.get("case", ""))}{sys_html}</td>'
+            f'<td class="nowrap">{_e(k.get("device", ""))} · {_e(k.get("dtype", ""))}</td>'
+            f'<td colspan="5" class="muted">not run: {_e(k.get("reason") or "no reason given")}</td></tr>')
+
+
+def render_index(runs: list[dict], corrupt: list[dict] | None = None, skipped: list[dict] | None = None) -> str:
     """The history page: per-case trends, then every run newest first with its regressions and a link.
 
     ``runs`` are results dicts; a run's link is ``run["_run"]["href"]`` (set by ``store.load_runs``).
     ``corrupt`` lists run folders whose ``results.json`` cannot be read (``{id, href, error}``): they are
-    listed as CORRUPT, not dropped. The table filters by case, system and verdict and pages by
-    ``PAGE_SIZE``.
+    listed as CORRUPT, not dropped. ``skipped`` lists the cases pytest sessions collected but did not run
+    (``store.skips``: ``{id, case, system, device, dtype, reason, created}``): rows marked SKIP with the
+    reason. The table filters by case, system and verdict and pages by ``PAGE_SIZE``.
     """
     runs = [r for r in runs if isinstance(r, dict)]
     corrupt = list(corrupt or [])
+    skipped = [k for k in skipped or [] if isinstance(k, dict)]
     ordered = sorted(runs, key=_order_key, reverse=True)
     prev = previous_map(runs)
     n_fail = sum(1 for r in runs if r.get("passed") is False)
@@ -325,13 +340,14 @@ def render_index(runs: list[dict], corrupt: list[dict] | None = None) -> str:
         groups.setdefault(S.run_key(r), []).append(r)
 
     bad_files = f' · <b>{len(corrupt)} corrupt</b>' if corrupt else ""
+    bad_files += f' · {len(skipped)} skipped' if skipped else ""
     head = (f'<header class="banner"><div class="wrap"><div class="btitle"><h1>gemma4-parity · run history</h1>'
             f'<div class="meta">{len(runs)} run{"s" if len(runs) != 1 else ""} · {len(groups)} '
             f'case/system/device/dtype combination{"s" if len(groups) != 1 else ""} · {len(runs) - n_fail} passed · '
             f'{n_fail} failed{bad_files}</div></div>'
             f'<div class="bstats">latest<div class="big">'
             f'{_e(S.fmt_time(ordered[0].get("created")) if ordered else "—")}</div></div></div></header>')
-    if not runs and not corrupt:
+    if not runs and not corrupt and not skipped:
         body = head + '<main class="wrap"><p class="empty">No runs recorded yet.</p></main>'
         return page("gemma4-parity · run history", body)
 
@@ -363,10 +379,12 @@ def render_index(runs: list[dict], corrupt: list[dict] | None = None) -> str:
             f'<td class="mono nowrap{" red" if fd else ""}">{_e(fd) if fd else "<span class=muted>—</span>"}</td>'
             f'{_num_td(lg.get("rel_l2"))}{_num_td(lg.get("kl_max"))}{_num_td(S.worst_module_rel_l2(r))}'
             f'<td class="regs" data-v="{n_bad}">{reg_html}</td></tr>')
-    trs = [_corrupt_row(c) for c in corrupt] + trs
-    cases = sorted({str(r.get("case", "")) for r in runs})
-    systems = sorted({S.system_of(r) for r in runs})
-    verdicts = ["PASS", "FAIL"] + (["corrupt"] if corrupt else [])
+    dated = [(run_time(r).timestamp(), tr) for r, tr in zip(ordered, trs)]
+    dated += [((S.parse_time(k.get("created")) or _EPOCH).timestamp(), _skip_row(k)) for k in skipped]
+    trs = [_corrupt_row(c) for c in corrupt] + [tr for _, tr in sorted(dated, key=lambda d: -d[0])]
+    cases = sorted({str(r.get("case", "")) for r in runs} | {str(k.get("case", "")) for k in skipped})
+    systems = sorted({S.system_of(r) for r in runs} | {str(k.get("system") or "parity") for k in skipped})
+    verdicts = ["PASS", "FAIL"] + (["SKIP"] if skipped else []) + (["corrupt"] if corrupt else [])
     filters = ('<div class="controls">' + _select("case", "case", cases) + _select("system", "system", systems)
                + _select("verdict", "verdict", verdicts)
                + '<label><input type="checkbox" data-hfilter="regressions"> with regressions</label>'
