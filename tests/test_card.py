@@ -190,8 +190,8 @@ def test_a_night_where_nothing_ran_exits_2_and_lists_the_skips(tmp_path, capsys)
     out = tmp_path / "card.yaml"
     assert main(["--dir", str(tmp_path), "--since", "2026-05-09T02:00:00Z", "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "parity card: no case ran: gemma4-text-tiny: --parity-device cuda, but no CUDA GPU here (case " \
-           "gemma4-text-tiny); gemma4-26b-a4b: needs CUDA (case gemma4-26b-a4b)\n" in err
+    assert "parity card: no case ran: gemma4-text-tiny (--parity-device cuda, but no CUDA GPU here); " \
+           "gemma4-26b-a4b (needs CUDA)\n" in err
     card = yaml.safe_load(out.read_text())
     assert card["verification_card"]["outcome"] == "nothing_ran" and card["verification_card"]["passed"] is False
     assert schema_errors(card) == []
@@ -236,3 +236,59 @@ def test_cards_validate_against_the_documented_schema(tmp_path):
         "card.verification_card.runs[1].checks.modules.row.why: 'worst row' not one of ['first divergence', "
         "'closest to its gate']",
         "card.verification_card: unexpected key 'extra'"]
+
+
+def test_a_cpu_only_nightly_exits_2_and_lists_the_skips(tmp_path):
+    """scripts/nightly.sh on a machine without CUDA (PARITY_DEVICE defaults to cuda): every case of the real suite
+    is skipped, so the night exits 2 with "no case ran: ..." naming each skip, and its card lists them."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        import pytest
+
+        pytest.skip("needs a machine without CUDA")
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "PARITY_", "GEMMA4_"))}
+    env.update(PYTHON=sys.executable, PARITY_NIGHTLY_REPORTS=str(tmp_path / "reports"), PYTHONWARNINGS="ignore")
+    p = subprocess.run(["bash", str(root / "scripts" / "nightly.sh"), "-k", "text-tiny"], capture_output=True,
+                       text=True, timeout=600, env=env)
+    assert p.returncode == 2, p.stdout[-3000:] + p.stderr[-3000:]
+    (night,) = (tmp_path / "reports" / "nights").iterdir()  # the night's artifacts live in the report root
+    card = yaml.safe_load((night / "verification-card.yaml").read_text())["verification_card"]
+    skipped = {k["id"]: k["reason"] for k in card["skipped"]}
+    assert "gemma4-text-tiny" in skipped and len(skipped) >= 3 and card["outcome"] == "nothing_ran"
+    assert all(reason.startswith("needs CUDA (case ") for reason in skipped.values()), skipped
+    line = next(x for x in p.stderr.splitlines() if x.startswith("parity card: no case ran: "))
+    assert line == f"parity card: no case ran: {', '.join(skipped)} (needs CUDA)"
+    assert "SKIP  gemma4-text-tiny " in p.stdout and schema_errors({"verification_card": card}) == []
+
+
+def test_the_ci_example_uploads_the_whole_report_root_and_its_links_resolve_inside_it(tmp_path):
+    """docs/nightly/github-actions.yml keeps the report root as one artifact, tonight's files inside it; every
+    link of the history page and of a run page points at a file inside the root (none is dead in the artifact)."""
+    import re
+
+    root_dir = Path(__file__).resolve().parent.parent
+    job = yaml.safe_load((root_dir / "docs" / "nightly" / "github-actions.yml").read_text())["jobs"]["parity"]
+    env = job["env"]
+    assert env["PARITY_NIGHTLY_OUT"].startswith(env["PARITY_NIGHTLY_REPORTS"] + "/")
+    (upload,) = [s for s in job["steps"] if str(s.get("uses", "")).startswith("actions/upload-artifact")]
+    assert upload["with"]["path"] == "${{ env.PARITY_NIGHTLY_REPORTS }}" and upload["if"] == "always()"
+    _night(tmp_path, T0)
+    _night(tmp_path, T0 + timedelta(hours=1), failure="rope")
+    write_session(tmp_path, {"created": "2026-05-09T03:00:00Z", "skipped": [_skip("big", "needs CUDA (case big)")]})
+    from parity.report.store import write_index
+
+    pages = [write_index(tmp_path)] + sorted(tmp_path.glob("runs/*/index.html"))
+    for page in pages:
+        hrefs = [h for h in re.findall(r'href="([^"#]+)', page.read_text()) if "://" not in h]
+        assert hrefs, page
+        for h in hrefs:
+            target = (page.parent / h).resolve()
+            assert target.is_file() and tmp_path.resolve() in target.parents, (page, h)
+    card = build(tmp_path)["verification_card"]
+    assert all((tmp_path / r["report"]).is_file() for r in card["runs"]) and card["history"] == "index.html"

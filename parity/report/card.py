@@ -35,6 +35,7 @@ from typing import Any
 from parity.engine.modes import get as get_mode, rank
 from parity.report import summary as S
 from parity.report.history import RULE, compare, previous_map, regressions
+from parity.report.oneline import no_case_ran
 from parity.report.store import REPORT, RUNS, atomic_write, scan, sessions, skips
 
 VERSION_KEYS = ("python", "torch", "transformers", "megatron_core", "megatron_bridge", "numpy", "safetensors")
@@ -272,7 +273,7 @@ def nothing_ran(card: dict) -> str:
     """``no case ran: <case>: <reason>; ...`` (every skip of the card), for a card that covers no run."""
     c = card["verification_card"]
     if c["skipped"]:
-        return "no case ran: " + "; ".join(f"{k['id'] or k['case']}: {k['reason']}" for k in c["skipped"])
+        return no_case_ran(c["skipped"])
     where = f"{c['report_root']} since {c['since']}" if c["since"] else c["report_root"]
     return f"no case ran: no run in {where}, and no pytest session recorded a skip"
 
