@@ -34,11 +34,11 @@ from typing import Any
 
 from parity.engine.modes import get as get_mode, rank
 from parity.report import summary as S
-from parity.report.history import RULE, compare, previous_map, regressions
+from parity.report.history import PACKAGES, RULE, compare, previous_map, regressions
 from parity.report.oneline import no_case_ran
 from parity.report.store import REPORT, RUNS, atomic_write, scan, sessions, skips
 
-VERSION_KEYS = ("python", "torch", "transformers", "megatron_core", "megatron_bridge", "numpy", "safetensors")
+VERSION_KEYS = PACKAGES
 EXIT = {"pass": 0, "fail": 1, "nothing_ran": 2, "regression": 5}  # "regression" only with --fail-on-regression
 SCHEMA = Path(__file__).resolve().parents[2] / "docs" / "nightly" / "card-schema.json"
 

@@ -24,6 +24,8 @@ RULE = (f"regression: the verdict flips to FAIL, a row crosses its gate, a finit
         f"Megatron name, kind, mode).")
 
 _EPOCH = datetime.min.replace(tzinfo=timezone.utc)
+PACKAGES = ("python", "torch", "transformers", "megatron_core", "megatron_bridge", "numpy", "safetensors")
+ENVIRONMENT = ("host", "device_name", "threads")
 
 
 def _e(x: Any) -> str:
@@ -193,13 +195,55 @@ def _ref(run: dict | None) -> dict | None:
             "passed": run.get("passed")}
 
 
+def _env(run: dict) -> dict:
+    return run.get("env") if isinstance(run.get("env"), dict) else {}
+
+
+def _commit(env: dict) -> str | None:
+    commit = env.get("git_commit")
+    return None if not commit else str(commit)[:12] + (" (dirty)" if env.get("git_dirty") is True else "")
+
+
+def changes(current: dict, before: dict | None) -> list[dict]:
+    """What differs between ``before`` (the last passing run) and ``current``, each ``{kind, what, before, now}``:
+    kind ``commit`` (the harness's commit range, ``before..now``), ``package`` (versions), ``environment`` (host,
+    device, threads) or ``run`` (seed, config hash, the system's version, the case's gates and inputs)."""
+    if before is None:
+        return []
+    ce, be = _env(current), _env(before)
+    out = []
+
+    def add(kind: str, what: str, old: Any, new: Any) -> None:
+        if old != new:
+            out.append({"kind": kind, "what": what, "before": None if old is None else str(old),
+                        "now": None if new is None else str(new)})
+
+    add("commit", "commit", _commit(be), _commit(ce))
+    for k in PACKAGES:
+        add("package", k.replace("_", "-"), be.get(k), ce.get(k))
+    for k in ENVIRONMENT:
+        add("environment", k.replace("_", " "), be.get(k), ce.get(k))
+    for k in ("seed", "config_hash"):
+        add("run", k.replace("_", " "), before.get(k), current.get(k))
+    version = lambda r: (r.get("system") or {}).get("version") if isinstance(r.get("system"), dict) else None  # noqa: E731
+    add("run", f"{S.system_of(current)} version", version(before), version(current))
+    for k in ("gates", "inputs"):
+        if before.get(k) != current.get(k) and before.get(k) is not None and current.get(k) is not None:
+            changed = sorted(str(x) for x in set(before[k]) | set(current[k])
+                             if before[k].get(x) != current[k].get(x)) if isinstance(before[k], dict) and \
+                isinstance(current[k], dict) else []
+            out.append({"kind": "run", "what": k, "before": None, "now": "changed: " + (", ".join(changed) or k)})
+    return out
+
+
 def run_links(current: dict, runs: list[dict]) -> dict:
     """Where "since when" lives for ``current``, among ``runs`` of the same case, system, device and dtype.
 
-    ``{history, previous, last_pass, failing_since, streak}``: hrefs relative to the run's own page
+    ``{history, previous, last_pass, failing_since, streak, changed}``: hrefs relative to the run's own page
     (``runs/<id>/index.html``); ``last_pass`` is the latest passing run before ``current`` (None if none);
     ``failing_since`` the first run of the failing streak that ends at ``current`` (None when it passes);
-    ``streak`` how many runs that streak holds.
+    ``streak`` how many runs that streak holds; ``changed`` what differs since the last pass (``changes``) of a
+    failing run.
     """
     key, me = S.run_key(current), _order_key(current)
     earlier = sorted((r for r in runs if r is not current and S.run_key(r) == key and _order_key(r) < me),
@@ -216,7 +260,8 @@ def run_links(current: dict, runs: list[dict]) -> dict:
     if failing_since is not None:
         failing_since["self"] = since is current
     return {"history": "../../index.html", "previous": _ref(earlier[-1] if earlier else None),
-            "last_pass": _ref(last_pass), "failing_since": failing_since, "streak": streak}
+            "last_pass": _ref(last_pass), "failing_since": failing_since, "streak": streak,
+            "changed": changes(current, last_pass) if since is not None else []}
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -298,6 +343,11 @@ def _select(name: str, label: str, values: list[str]) -> str:
             '</label>')
 
 
+def _wrap(x: Any) -> str:
+    """An escaped name that may wrap after its dots and dashes (``<wbr>``), never inside a word."""
+    return _e(x).replace(".", ".<wbr>").replace("-", "-<wbr>")
+
+
 def _corrupt_row(c: dict) -> str:
     href = c.get("href")
     name = _e(c.get("id", "?"))
@@ -315,8 +365,8 @@ def _skip_row(k: dict) -> str:
             f'data-regressions="0"><td class="n" data-v="{t.timestamp() if t else ""}" title="session '
             f'{_e(k.get("session") or "?")}">{_e(S.fmt_time(k.get("created")).removesuffix(" UTC"))}</td>'
             f'<td data-v="0.5"><span class="pill warn big">SKIP</span></td>'
-            f'<td class="mono nowrap">{_e(k.get("id") or k.get("case", ""))}{sys_html}</td>'
-            f'<td class="nowrap">{_e(k.get("device", ""))} · {_e(k.get("dtype", ""))}</td>'
+            f'<td class="mono">{_wrap(k.get("id") or k.get("case", ""))}{sys_html}</td>'
+            f'<td>{_e(k.get("device", ""))} · {_e(k.get("dtype", ""))}</td>'
             f'<td colspan="5" class="muted">not run: {_e(k.get("reason") or "no reason given")}</td></tr>')
 
 
@@ -374,9 +424,9 @@ def render_index(runs: list[dict], corrupt: list[dict] | None = None, skipped: l
             f'<td class="n" data-v="{run_time(r).timestamp() if run_time(r) != _EPOCH else ""}" '
             f'title="{_e(run_id)}">{when_html}</td>'
             f'<td data-v="{0 if fail else 1}">{_verdict_pill(r.get("passed"))}</td>'
-            f'<td class="mono nowrap">{_e(r.get("case", ""))}{sys_html}</td>'
-            f'<td class="nowrap">{_e(r.get("device", ""))} · {_e(r.get("dtype", ""))}</td>'
-            f'<td class="mono nowrap{" red" if fd else ""}">{_e(fd) if fd else "<span class=muted>—</span>"}</td>'
+            f'<td class="mono">{_wrap(r.get("case", ""))}{sys_html}</td>'
+            f'<td>{_e(r.get("device", ""))} · {_e(r.get("dtype", ""))}</td>'
+            f'<td class="mono{" red" if fd else ""}">{_wrap(fd) if fd else "<span class=muted>—</span>"}</td>'
             f'{_num_td(lg.get("rel_l2"))}{_num_td(lg.get("kl_max"))}{_num_td(S.worst_module_rel_l2(r))}'
             f'<td class="regs" data-v="{n_bad}">{reg_html}</td></tr>')
     dated = [(run_time(r).timestamp(), tr) for r, tr in zip(ordered, trs)]
@@ -391,7 +441,8 @@ def render_index(runs: list[dict], corrupt: list[dict] | None = None, skipped: l
                f'<span class="pager" data-pager="runs" data-size="{PAGE_SIZE}"><button type="button" '
                'data-page="-1">‹ newer</button> <span class="pageinfo"></span> <button type="button" '
                'data-page="1">older ›</button></span></div>')
-    table = ('<div class="tablewrap"><table class="sortable runs" id="runs"><thead><tr>'
+    cols = "".join(f'<col style="width:{w}%">' for w in (13, 6.5, 16, 10, 19, 7.5, 7.5, 7.5, 13))
+    table = (f'<div class="tablewrap"><table class="sortable runs fixed" id="runs"><colgroup>{cols}</colgroup><thead><tr>'
              '<th title="links to the run\'s report">time (UTC) · report</th><th>verdict</th><th>case</th>'
              '<th>device · dtype</th><th>first divergence</th><th>logits rel L2</th><th>logits KL max</th>'
              '<th title="largest rel L2 of any module row">worst rel L2</th>'
