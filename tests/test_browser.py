@@ -294,8 +294,8 @@ def _all_pages(tmp_path: Path) -> dict[str, Path]:
     pages["history"] = write_index(root)
     ours, bridge = make_results(), _realistic(make_results(failure="rope"))
     bridge["system"] = {"name": "megatron-bridge", "version": "0.6.2", "substituted": []}
-    pages["systems"] = write_systems(tmp_path / "both", "gemma4-text-tiny",
-                                     [("parity", ours, "parity/index.html"), ("megatron-bridge", bridge, "b/index.html")])
+    runs = [("parity", ours, "parity/index.html"), ("megatron-bridge", bridge, "b/index.html")]
+    pages["systems"] = write_systems(tmp_path / "both", "gemma4-text-tiny", runs)
     return pages
 
 

@@ -117,7 +117,8 @@ def test_each_check_names_its_first_divergence_when_failing_and_its_closest_row_
     assert (modules["row"]["module"], modules["row"]["mode"]) == ("model.layers.2.self_attn", "isolated")
     assert (worst["name"], worst["mode"]) == ("model.layers.5", "end_to_end")  # what closest_to_gate reported
     assert S.gate_usage(worst) > modules["row"]["gate_use"] > 1
-    assert modules["row"]["gate"] == "rel_l2 ≤ 1e-5" and modules["row"]["megatron"] == "decoder.layers.2.self_attention"
+    assert modules["row"]["gate"] == "rel_l2 ≤ 1e-5"
+    assert modules["row"]["megatron"] == "decoder.layers.2.self_attention"
     # the router check: its first failing router row in forward order, not a layer's row
     router = checks["router"]["row"]
     assert router["module"].endswith(".router") and router["why"] == "first divergence"

@@ -108,7 +108,8 @@ def heatmap(results: dict, group: str = "text", mode: str | None = None) -> str:
         tds = "".join(_cell(grid[(kind, j)]) if (kind, j) in grid else '<td class="na"></td>' for j in layers)
         body.append(f'<tr><th class="rowh">{_e(kind)}</th>{tds}</tr>')
     return (f'<div class="tablewrap" style="padding:8px;border:0;background:none"><table class="heat" '
-            f'id="heat-{_e(group)}{"-" + _e(mode) if mode else ""}"><thead><tr>{"".join(head)}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+            f'id="heat-{_e(group)}{"-" + _e(mode) if mode else ""}"><thead><tr>{"".join(head)}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>'
             '</div>')
 
 

@@ -204,6 +204,11 @@ def _commit(env: dict) -> str | None:
     return None if not commit else str(commit)[:12] + (" (dirty)" if env.get("git_dirty") is True else "")
 
 
+def _system_version(run: dict) -> str | None:
+    system = run.get("system")
+    return system.get("version") if isinstance(system, dict) else None
+
+
 def changes(current: dict, before: dict | None) -> list[dict]:
     """What differs between ``before`` (the last passing run) and ``current``, each ``{kind, what, before, now}``:
     kind ``commit`` (the harness's commit range, ``before..now``), ``package`` (versions), ``environment`` (host,
@@ -225,8 +230,7 @@ def changes(current: dict, before: dict | None) -> list[dict]:
         add("environment", k.replace("_", " "), be.get(k), ce.get(k))
     for k in ("seed", "config_hash"):
         add("run", k.replace("_", " "), before.get(k), current.get(k))
-    version = lambda r: (r.get("system") or {}).get("version") if isinstance(r.get("system"), dict) else None  # noqa: E731
-    add("run", f"{S.system_of(current)} version", version(before), version(current))
+    add("run", f"{S.system_of(current)} version", _system_version(before), _system_version(current))
     for k in ("gates", "inputs"):
         if before.get(k) != current.get(k) and before.get(k) is not None and current.get(k) is not None:
             changed = sorted(str(x) for x in set(before[k]) | set(current[k])
@@ -442,7 +446,8 @@ def render_index(runs: list[dict], corrupt: list[dict] | None = None, skipped: l
                'data-page="-1">‹ newer</button> <span class="pageinfo"></span> <button type="button" '
                'data-page="1">older ›</button></span></div>')
     cols = "".join(f'<col style="width:{w}%">' for w in (13, 6.5, 16, 10, 19, 7.5, 7.5, 7.5, 13))
-    table = (f'<div class="tablewrap"><table class="sortable runs fixed" id="runs"><colgroup>{cols}</colgroup><thead><tr>'
+    table = (f'<div class="tablewrap"><table class="sortable runs fixed" id="runs"><colgroup>{cols}</colgroup>'
+             '<thead><tr>'
              '<th title="links to the run\'s report">time (UTC) · report</th><th>verdict</th><th>case</th>'
              '<th>device · dtype</th><th>first divergence</th><th>logits rel L2</th><th>logits KL max</th>'
              '<th title="largest rel L2 of any module row">worst rel L2</th>'

@@ -2,8 +2,10 @@
 
 The first screen (1280×800) answers "does it hold, and if not where does it break, and since when": the
 verdict banner, links to the history, the previous run, the last passing run and the start of a failing
-streak, the first divergent module (a link to its row), the worst decoder layer, the logits metrics, a strip
-of counts, and the per-layer drift charts. Details follow: the layer × module heatmap of gate use,
+streak, the first divergent module (a link to its row), the worst decoder layer, the logits metrics, for a
+failing run what changed since the last pass (``history.changes``), a strip of counts (a failing run: how many
+runs it has been failing), and the per-layer drift charts. Details follow: the layer × module heatmaps of gate
+use, one per mode (isolated first),
 regressions against the previous run, the module table (grouped by layer, sortable; a failing report opens
 on its failing rows with the first divergence scrolled into view), routers, logits, the weight round-trip
 and the provenance (third-party notices included).
@@ -457,8 +459,8 @@ def first_divergence_row(results: dict) -> dict | None:
 
 # column widths of the module table: fixed, so that it fits 1280 px whatever its names and numbers (names wrap at
 # dots, a row's reason sits under its Megatron name, numbers keep one line)
-MODTABLE_COLS = "<colgroup>" + "".join(f'<col style="width:{w}%">' for w in (20.5, 19, 7, 4, 8.5, 6.5, 6.5, 10, 6.5, 5.5, 6)) \
-    + "</colgroup>"
+MODTABLE_WIDTHS = (20.5, 19, 7, 4, 8.5, 6.5, 6.5, 10, 6.5, 5.5, 6)  # % of the table, column by column
+MODTABLE_COLS = "<colgroup>" + "".join(f'<col style="width:{w}%">' for w in MODTABLE_WIDTHS) + "</colgroup>"
 
 
 def _modules_section(results: dict) -> str:
@@ -545,7 +547,8 @@ def _modules_section(results: dict) -> str:
                 '</div>')
     return ('<section id="modules"><h2>Modules<span class="sub">'
             f'{len(rows)} rows · both modes · HF path with the Megatron module beside it</span></h2>{controls}'
-            f'<div class="tablewrap" style="max-height:720px"><table class="sortable fixed{" failonly" if failing else ""}" '
+            '<div class="tablewrap" style="max-height:720px">'
+            f'<table class="sortable fixed{" failonly" if failing else ""}" '
             f'id="modtable">{MODTABLE_COLS}<thead><tr>'
             '<th>module (HF)</th><th>Megatron</th><th>mode</th><th>layer</th><th>cosine</th><th>rel L2</th>'
             '<th>max |Δ|</th><th>gate</th><th title="noise floor: HF bf16 vs HF fp32, same module and mode">floor</th>'
