@@ -599,6 +599,13 @@ def checkpoint_for(case: Case, explicit: str | None) -> str | None:
     return None
 
 
+def model_record(case: Case, checkpoint: str | None) -> dict:
+    """What a run compares, as results.json's ``model`` records it: ``weights`` ("checkpoint" or "random", from
+    the case's builder), the ``builder`` and the ``checkpoint`` folder (absolute) when there is one."""
+    return {"weights": "checkpoint" if checkpoint else "random", "builder": case.model.builder,
+            "checkpoint": str(Path(checkpoint).resolve()) if checkpoint else None}
+
+
 def unmet_requirement(case: Case, *, device: str, checkpoint: str | None, cuda_available: bool,
                       device_count: int, checkpoint_hint: str = "--checkpoint DIR") -> str | None:
     """Why ``case`` cannot run here as asked (one line), or None when it can."""

@@ -14,8 +14,10 @@ Third-party notices (Transformer Engine/Apex absent, deprecations) go into the r
 them too.
 
 Exit codes: 0 = parity holds, 1 = parity fails (the report is still written), 2 = bad input or usage (one
-line ``parity: error: ...`` on stderr, no traceback), 3 = internal error (a bug: traceback on stderr),
-130 = interrupted.
+line ``parity: error: ...`` on stderr, no traceback; output locations are checked before anything is built),
+3 = internal error (a bug: traceback on stderr), 130 = interrupted (Ctrl-C at any moment: ``python -m parity``
+exits at once, or once the report being written is whole; ``parity.interrupts``). ``card`` has its own:
+0 pass, 1 failure, 2 no case ran (or bad usage), 5 regression with ``--fail-on-regression``.
 """
 from __future__ import annotations
 
@@ -100,9 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_bench(args: argparse.Namespace) -> int:
     from parity.bench import bench
     from parity.cases import load_case, system_for
+    from parity.report.store import check_out
 
     case = load_case(args.case)
     systems = systems_for(case, args.system, system_for)
+    why = check_out(args.out, names=())  # the record's folder, before anything is built
+    if why is not None:
+        raise UserError(f"--out {args.out}: {why}")
     device = resolve_device(case, args.device, None)
     path = bench(case, device=device, dtype=args.dtype, out_dir=args.out, progress=args.progress, systems=systems)
     print(f"benchmark record: {path}")
@@ -190,10 +196,13 @@ def cmd_card(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from parity.cases import checkpoint_for, load_case, system_for
+    from parity.cases import checkpoint_for, load_case, model_record, system_for
 
     case = load_case(args.case)
     systems = systems_for(case, args.system, system_for)
+    several = len(systems) > 1
+    reports = args.reports or default_reports_dir()
+    check_outputs(args.out, reports, systems)  # before anything is built: a bad path costs one line, not a run
     checkpoint = checkpoint_for(case, args.checkpoint)
     if checkpoint is not None:
         path = Path(checkpoint)
@@ -204,11 +213,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"checkpoint {checkpoint} is not a folder (expected a local HF checkpoint folder)")
         if not (path / "config.json").is_file():  # before the heavy imports; the rest is checked from headers
             raise UserError(f"{path / 'config.json'}: missing (not an HF checkpoint folder)")
-    several = len(systems) > 1
-    if args.out is not None:
-        for out in ([args.out / s for s in systems] + [args.out] if several else [args.out]):
-            _refuse_existing_report(out, names=("index.html",) if several and out == args.out else None)
     device = resolve_device(case, args.device, checkpoint)
+    from parity.interrupts import uninterrupted
     from parity.provenance import third_party_notices
 
     notices: list[str] = []
@@ -220,18 +226,38 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.verbose:
             for n in notices:
                 print(f"notice: {n}", file=sys.stderr)
-    reports = args.reports or default_reports_dir()
-    written = []
-    for results in runs:
-        if isinstance(results.get("env"), dict):
-            results["env"]["warnings"] = notices
-        out = None if args.out is None else (args.out / results["system"]["name"] if several else args.out)
-        report = write_report(results, out=out, reports=reports)
-        written.append(report)
-        print(summary_text(results, report, None if args.out is not None else reports / "index.html"))
-    if several:
-        print(f"systems side by side: {write_side_by_side(case.name, runs, written, args.out, reports)}")
+    written, lines = [], []
+    with uninterrupted():  # Ctrl-C now waits until every report of this run is whole
+        for results in runs:
+            if isinstance(results.get("env"), dict):
+                results["env"]["warnings"] = notices
+            results.setdefault("model", model_record(case, checkpoint))
+            out = None if args.out is None else (args.out / results["system"]["name"] if several else args.out)
+            report = write_report(results, out=out, reports=reports)
+            written.append(report)
+            lines.append(summary_text(results, report, None if args.out is not None else reports / "index.html"))
+        if several:
+            lines.append(f"systems side by side: {write_side_by_side(case.name, runs, written, args.out, reports)}")
+    print("\n".join(lines))
     return EXIT_OK if all(r.get("passed") for r in runs) else EXIT_FAIL
+
+
+def check_outputs(out: Path | None, reports: Path, systems: list[str]) -> None:
+    """Refuse, in one line, an output location a run could not write: ``--out DIR`` (each system's folder and
+    the side-by-side page with several) or else the report root (``--reports`` / $PARITY_REPORTS_DIR)."""
+    from parity.report.store import RESULTS, REPORT, check_out, check_root
+
+    if out is None:
+        why = check_root(reports)
+        if why is not None:
+            raise UserError(f"report root {reports}: {why}")
+        return
+    several = len(systems) > 1
+    for folder, names in ([(out / s, (RESULTS, REPORT)) for s in systems] + [(out, (REPORT,))] if several
+                          else [(out, (RESULTS, REPORT))]):
+        why = check_out(folder, names)
+        if why is not None:
+            raise UserError(f"--out {folder}: {why}" if "already exists" not in why else why)
 
 
 def systems_for(case, flag: str | None, system_for) -> list[str]:
@@ -256,15 +282,6 @@ def write_side_by_side(case: str, runs: list[dict], reports: list[Path], out: Pa
     where = out if out is not None else root / "systems" / reports[0].parent.name
     entries = [(r["system"]["name"], r, os.path.relpath(p, where)) for r, p in zip(runs, reports)]
     return Path(write_systems(where, case, entries))
-
-
-def _refuse_existing_report(out: Path, names: tuple[str, ...] | None = None) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file, not a folder")
-    for name in names or ("results.json", "index.html"):
-        if (out / name).exists():
-            raise UserError(f"{out / name} already exists; refusing to overwrite an earlier report "
-                            f"(choose another --out folder)")
 
 
 def write_report(results: dict, *, out: Path | None = None, reports: Path | None = None) -> Path:
@@ -297,4 +314,7 @@ def summary_text(results: dict, report: Path | str | None = None, history: Path 
 
 
 if __name__ == "__main__":  # pragma: no cover
+    from parity.interrupts import install
+
+    install()
     sys.exit(main())

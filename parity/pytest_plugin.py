@@ -22,8 +22,14 @@ pytest-xdist: ``-n N`` without an explicit ``--dist`` schedules by case (``CaseS
 one case go to one worker, other tests are spread one by one), so a case runs once and node ids -- hence
 JUnit names -- are the same as in a serial run (``--dist loadgroup`` would append ``@<group>``). Workers
 write their runs into the shared report root; the controller collects each case's verdict from the test
-reports (user properties, which also land in ``--junitxml``), regenerates the history page once in
-``pytest_sessionfinish`` and prints one line per case in a terminal summary section.
+reports (user properties, which also land in ``--junitxml``; paths there are relative to the report root),
+regenerates the history page once in ``pytest_sessionfinish`` and prints one line per case in a terminal
+summary section.
+
+Skips are results: a case collected but not run (needs CUDA, a checkpoint, more GPUs, another system) is a
+``SKIP`` line of that section with its reason, a session record in the report root (``store.write_session``:
+what ran, what was skipped and why, what raised) that the history page and the verification card list, and
+``no case ran: ...`` when nothing ran at all. The report root is checked when pytest starts (a usage error).
 """
 from __future__ import annotations
 
@@ -175,6 +181,11 @@ class _State:
         worker = getattr(config, "workerinput", None) or {}
         reports = worker.get("parity_reports") or opt("parity_reports") or os.environ.get(ENV_REPORTS_DIR) or "reports"
         reports = Path(config.invocation_params.dir, reports).resolve()
+        from parity.report.store import check_root
+
+        why = check_root(reports)  # before any case is collected, let alone run
+        if why is not None:
+            raise pytest.UsageError(f"--parity-reports {reports}: {why}")
         checkpoint = opt("parity_checkpoint")
         if checkpoint and not Path(checkpoint).is_dir():
             raise pytest.UsageError(f"--parity-checkpoint {checkpoint}: no such folder")
@@ -243,10 +254,13 @@ class _State:
         except Exception as e:  # cached: the other checks of these targets report it without rerunning
             for o in outcomes.values():
                 o.error = e
+        from parity.cases import model_record
+
         for t in ahead:
             outcome = outcomes[t.key]
             outcome.notices = list(notices)
             if outcome.results is not None:
+                outcome.results.setdefault("model", model_record(t.case, t.checkpoint))
                 env = outcome.results.setdefault("env", {})
                 if isinstance(env, dict):
                     env["warnings"] = list(notices)
@@ -294,10 +308,16 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Keep the checks of one case together (in their file order), so a case's run is reused at once."""
+    """Keep the checks of one case together (in their file order), so a case's run is reused at once; name the
+    target in each item's user properties, so that a skipped check reports which case it skipped and why."""
     slots = [i for i, item in enumerate(items) if _target_of(item) is not None]
     if not slots:
         return
+    for i in slots:
+        t, item = _target_of(items[i]), items[i]
+        item.user_properties += [("parity_id", t.id), ("case", t.case.name), ("system", t.system),
+                                 ("device", t.device), ("dtype", t.dtype),
+                                 ("check", getattr(item, "originalname", item.name).removeprefix("test_"))]
     order = {t.id: n for n, t in enumerate(config.stash[_STATE].all_targets())}
     group = sorted((items[i] for i in slots), key=lambda it: order.get(_target_of(it).id, 0))
     for i, item in zip(slots, group):
@@ -323,9 +343,7 @@ def parity_run(request: pytest.FixtureRequest, parity_runs: _State, parity_targe
     """The results of ``parity_target``'s run; the first test of a case runs it, the others reuse it."""
     outcome = parity_runs.run(parity_target)
     check = request.node.originalname.removeprefix("test_")
-    props = request.node.user_properties
-    props += [("parity_id", parity_target.id), ("case", parity_target.case.name), ("device", parity_target.device),
-              ("dtype", parity_target.dtype), ("check", check)]
+    props = request.node.user_properties  # the target's identity is there from collection on
     if outcome.error is not None:
         e = outcome.error
         props.append(("error", f"{type(e).__name__}: {e}"))
@@ -340,7 +358,7 @@ def parity_run(request: pytest.FixtureRequest, parity_runs: _State, parity_targe
     record = stored_regressions(outcome.report) or {}
     props += [("passed", bool(outcome.results.get("passed"))), ("check_passed", run.passed(check)),
               ("first_divergence", summary.get("first_divergence")),
-              ("report", str(outcome.report) if outcome.report else None),
+              ("report", _under(outcome.report, parity_runs.reports) if outcome.report else None),
               ("regressions", record.get("count") if record.get("previous") else None),
               ("notices", "\n".join(outcome.notices))]
     return run
@@ -467,6 +485,7 @@ class _Controller:
     def __init__(self, state: _State):
         self.state = state
         self.cases: dict[str, dict] = {}
+        self.started = _now()
 
     @pytest.hookimpl
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
@@ -475,21 +494,46 @@ class _Controller:
         if pid is None or report.when not in ("setup", "call"):
             return
         entry = self.cases.setdefault(pid, {"checks": {}})
-        entry.update({k: props[k] for k in ("case", "device", "dtype", "passed", "first_divergence", "report", "error",
-                                            "regressions", "notices") if k in props})
-        if report.when == "call" or report.failed:
+        entry.update({k: props[k] for k in ("case", "system", "device", "dtype", "passed", "first_divergence",
+                                            "report", "error", "regressions", "notices") if k in props})
+        if report.skipped:
+            entry.setdefault("skip", _skip_reason(report))
+        if report.when == "call" or report.failed or report.skipped:
             entry["checks"][props.get("check")] = report.outcome
+
+    def _ran(self) -> dict[str, dict]:
+        return {pid: e for pid, e in sorted(self.cases.items()) if "passed" in e or e.get("error")}
+
+    def _skipped(self) -> dict[str, dict]:
+        """Cases collected but not run: every check of theirs skipped (with the first check's reason)."""
+        ran = self._ran()
+        return {pid: e for pid, e in sorted(self.cases.items()) if pid not in ran and e["checks"]
+                and all(o == "skipped" for o in e["checks"].values())}
+
+    def session(self) -> dict:
+        """This session's record (``store.write_session``): what ran, what was skipped and why, what raised."""
+        from parity.provenance import command_line
+
+        keys = ("case", "system", "device", "dtype")
+        return {"created": self.started, "finished": _now(), "command": command_line(),
+                "ran": [{"id": pid, **{k: e.get(k) for k in keys}, "passed": e.get("passed"),
+                         "report": e.get("report")} for pid, e in self._ran().items() if not e.get("error")],
+                "skipped": [{"id": pid, **{k: e.get(k) for k in keys}, "reason": e.get("skip") or "skipped"}
+                            for pid, e in self._skipped().items()],
+                "errors": [{"id": pid, "case": e.get("case"), "error": e["error"]}
+                           for pid, e in self._ran().items() if e.get("error")]}
 
     @pytest.hookimpl
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
-        if not any(e.get("report") for e in self.cases.values()):
+        if not self.cases or session.config.option.collectonly:
             return
         try:
-            from parity.report.store import write_index
+            from parity.report.store import write_index, write_session
 
+            write_session(self.state.reports, self.session())
             write_index(self.state.reports)
         except Exception as e:  # noqa: BLE001
-            warnings.warn(pytest.PytestWarning(f"parity: could not regenerate {self.state.reports}/index.html: {e}"))
+            warnings.warn(pytest.PytestWarning(f"parity: could not record the session in {self.state.reports}: {e}"))
 
     @pytest.hookimpl
     def pytest_terminal_summary(self, terminalreporter) -> None:
@@ -499,19 +543,29 @@ class _Controller:
         tr.section("parity")
         width = max(len(k) for k in self.cases)
         notices: list[str] = []
+        skipped = self._skipped()
         for pid, e in self.cases.items():
             if e.get("error"):
                 verdict, text = "ERROR", e["error"]
+            elif pid in skipped:
+                verdict, text = "SKIP", f"not run: {e.get('skip')}"
+            elif "passed" not in e:
+                continue
             else:
                 verdict = "PASS" if e.get("passed") else "FAIL"
                 n = e.get("regressions")
                 regs = "first run" if n is None else str(n)
                 text = f"first divergence: {e.get('first_divergence') or 'none'} · regressions: {regs}"
                 if e.get("report"):
-                    text += f" · report: {_rel(e['report'])}"
+                    text += f" · report: {_rel(self.state.reports / e['report'])}"
             tr.write_line(f"{verdict:<5} {pid:<{width}}  {e.get('device')} {e.get('dtype') or '':<8}  {text}")
             notices += [n for n in (e.get("notices") or "").splitlines() if n and n not in notices]
-        if any(e.get("report") for e in self.cases.values()):
+        if skipped and not self._ran():
+            from parity.report.oneline import no_case_ran
+
+            tr.write_line(no_case_ran([{"id": pid, "case": e.get("case"), "reason": e.get("skip")}
+                                       for pid, e in skipped.items()]), red=True, bold=True)
+        if not tr.config.option.collectonly:
             tr.write_line(f"history: {_rel(self.state.reports / 'index.html')}")
         if notices and tr.config.option.verbose > 0:
             tr.write_line(f"third-party notices ({len(notices)}, also in each report's environment section):")
@@ -520,6 +574,26 @@ class _Controller:
         elif notices:
             tr.write_line(f"{len(notices)} third-party notices (Transformer Engine/Apex absent, deprecations): "
                           f"-v lists them; each report keeps them")
+
+
+def _skip_reason(report: pytest.TestReport) -> str:
+    longrepr = report.longrepr
+    text = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr or "skipped")
+    return text.removeprefix("Skipped: ")
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _under(path: Path, root: Path) -> str:
+    """``path`` relative to the report ``root`` (``runs/<id>/index.html``), as JUnit properties carry it."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _rel(path: str | Path) -> str:

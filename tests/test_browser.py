@@ -221,3 +221,95 @@ def test_sorting_flattens_and_orders_by_rel_l2(tmp_path):
     worst = max(results["modules"], key=lambda r: r["rel_l2"])
     assert out["errors"] == [] and out["flat"], out
     assert out["top"].startswith(worst["name"] + " "), out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Every page at 1280x800: all columns shown; a failing page's first screen holds the cause, the streak, what changed
+
+FITS = """
+  out.docW = document.documentElement.scrollWidth;
+  out.tables = 0; out.hidden = []; out.clipped = [];
+  [].forEach.call(document.querySelectorAll('table'), function(t){
+    if (!visible(t)) return;
+    out.tables++;
+    var wrap = t.parentElement, r = t.getBoundingClientRect();
+    if (r.right > 1280 || wrap.scrollWidth > wrap.clientWidth + 1)
+      out.hidden.push([t.id || t.className, Math.round(r.width), wrap.clientWidth]);
+    if (t.classList.contains('heat')) return;
+    [].forEach.call(t.querySelectorAll('th,td'), function(c){
+      if (visible(c) && c.scrollWidth > c.clientWidth + 1) out.clipped.push([t.id, c.textContent.slice(0, 50)]);
+    });
+  });
+  var m = document.getElementById('modtable');
+  out.tall = m ? [].filter.call(m.tBodies[0].rows, function(r){
+    return visible(r) && !r.classList.contains('grp') && r.querySelector('.tag')
+      && r.getBoundingClientRect().height > 80; }).length : 0;
+  ['first-divergence', 'changed', 'streak'].forEach(function(id){ out[id] = inView(document.getElementById(id)); });
+"""
+
+
+def _realistic(results: dict) -> dict:
+    """Rows as real runs have them and the fixture lacks: a mask and a RoPE table row with their detail, a router
+    row gated on its own metric, a row not compared with its reason, a bf16-scale cosine."""
+    rows = results["modules"]
+    rows += [
+        {"name": "model.layers.0.self_attn", "megatron_name": "masks[sliding_attention]", "mode": "end_to_end",
+         "kind": "mask", "layer": 0, "order": 4, "cosine": 1.0, "rel_l2": 0.0, "max_abs": 0.0, "passed": True,
+         "gate": {"metric": "max_abs", "max": 0.0}, "detail": "attention mask (sliding_attention): 0 mismatching "
+         "entries"},
+        {"name": "model.rotary_emb", "megatron_name": "rotary_tables[sliding_attention]", "mode": "end_to_end",
+         "kind": "rope", "order": 1, "cosine": 1.0, "rel_l2": 0.0, "max_abs": 0.0, "passed": True,
+         "gate": {"metric": "max_abs", "max": 0.0}, "detail": "cos/sin tables (sliding_attention), default RoPE"},
+        {"name": "model.layers.1.router", "megatron_name": "decoder.layers.1.mlp.router", "mode": "isolated",
+         "kind": "router", "layer": 1, "order": 40, "cosine": 0.99999971234, "rel_l2": 7.4e-4, "max_abs": 1.2e-3,
+         "agree_weight_rel_l2": 7.4e-4, "gate": {"metric": "agree_weight_rel_l2", "max": 0.00931}, "floor": 2.1e-3,
+         "ratio": 0.352, "passed": True},
+        {"name": "model.layers.0.input_layernorm", "megatron_name": None, "mode": "isolated", "kind": "norm",
+         "layer": 0, "order": 0, "cosine": None, "rel_l2": None, "max_abs": None, "gate": None, "passed": True,
+         "detail": "HF input_layernorm is fused into linear_qkv (layer_norm_weight): its output is never "
+                   "materialised; compared at model.layers.0.self_attn.q_proj"},
+    ]
+    return results
+
+
+def _all_pages(tmp_path: Path) -> dict[str, Path]:
+    from parity.report.store import write_index, write_session
+    from parity.report.systems import write_systems
+
+    root = tmp_path / "reports"
+    pages = {"pass": write_run(_realistic(make_results(created=T0)), root) / "index.html"}
+    write_run(make_results(created=T0 + timedelta(hours=1), failure="rope"), root)
+    failing = _realistic(make_results(created=T0 + timedelta(hours=2), failure="rope"))
+    failing["env"]["torch"] = "2.14.0+cpu"
+    pages["fail"] = write_run(failing, root) / "index.html"
+    big = dict(created=T0 + timedelta(hours=3), case="gemma4-26b-a4b", dtype="bfloat16", device="cuda", n_layers=30)
+    write_run(make_results(**big), root)
+    pages["fail-26b-bf16"] = write_run(_realistic(make_results(**{**big, "created": T0 + timedelta(hours=4)},
+                                                               failure="rope")), root) / "index.html"
+    write_session(root, {"created": "2026-05-09T14:00:00Z", "skipped": [
+        {"id": "gemma4-26b-a4b-checkpoint@megatron-bridge", "case": "gemma4-26b-a4b-checkpoint",
+         "system": "megatron-bridge", "device": "cuda", "dtype": "bfloat16",
+         "reason": "needs a checkpoint (case gemma4-26b-a4b-checkpoint): pass --parity-checkpoint DIR or set "
+                   "GEMMA4_CHECKPOINT"}]})
+    pages["history"] = write_index(root)
+    ours, bridge = make_results(), _realistic(make_results(failure="rope"))
+    bridge["system"] = {"name": "megatron-bridge", "version": "0.6.2", "substituted": []}
+    runs = [("parity", ours, "parity/index.html"), ("megatron-bridge", bridge, "b/index.html")]
+    pages["systems"] = write_systems(tmp_path / "both", "gemma4-text-tiny", runs)
+    return pages
+
+
+@pytest.mark.parametrize("variant", ["pass", "fail", "fail-26b-bf16", "history", "systems"])
+def test_every_page_fits_1280_without_hiding_a_column(variant, tmp_path):
+    out = probe(_all_pages(tmp_path)[variant], FITS, tmp_path)
+    assert out["errors"] == [] and out["vw"] == 1280, out
+    assert out["docW"] <= 1280 and out["tables"] >= 1, out
+    assert out["hidden"] == [], out  # no table wider than its box: every column on screen
+    assert out["clipped"] == [], out  # and no cell whose content spills out of its column
+    assert out["tall"] == 0, out  # a mask or RoPE row holds at most 4 lines (its reason was squeezed into 180 px)
+
+
+@pytest.mark.parametrize("variant", ["fail", "fail-26b-bf16"])
+def test_failing_page_first_screen_shows_the_cause_the_streak_and_what_changed(variant, tmp_path):
+    out = probe(_all_pages(tmp_path)[variant], FITS, tmp_path)
+    assert out["first-divergence"] and out["changed"] and out["streak"], out

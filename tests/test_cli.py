@@ -303,8 +303,9 @@ def test_verbose_prints_notices_and_the_report_keeps_them(fake_engine, tmp_path,
 def test_card_subcommand(tmp_path, capsys):
     assert cli.main(["card", "--dir", str(tmp_path / "none")]) == 2
     (tmp_path / "runs").mkdir()
-    assert cli.main(["card", "--dir", str(tmp_path)]) == 1  # no run covered: not a pass
-    assert "verification_card:" in capsys.readouterr().out
+    assert cli.main(["card", "--dir", str(tmp_path)]) == 2  # no run covered: not a pass, nothing ran
+    out, err = capsys.readouterr()
+    assert "verification_card:" in out and "parity card: no case ran: no run in " in err
 
 
 def test_plain_run_prints_one_line_and_no_warnings(tmp_path):
@@ -362,3 +363,63 @@ def test_unknown_system_is_one_line(tmp_path):
     (tmp_path / "gemma4-text-tiny.toml").write_text(text)
     p = parity("run", "--case", "gemma4-text-tiny", env={"PARITY_CASES_DIR": str(tmp_path)})
     assert_usage_error(p, "gemma4-text-tiny.toml", "system.name: unknown system under test 'nemo'")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output locations, checked before anything is built; Ctrl-C
+
+@pytest.mark.parametrize("flag, where, why", [
+    ("--reports", "file", "is a file, not a folder"),
+    ("--reports", "file/sub", "is a file, so"),
+    ("--reports", "root-with-runs-file", "runs is a file, not a folder"),
+    ("--out", "file", "is a file, not a folder"),
+    ("--out", "file/sub", "is a file, so"),
+])
+def test_bad_output_locations_fail_before_the_engine_runs(fake_engine, tmp_path, capsys, flag, where, why):
+    calls, _, written = fake_engine
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "root-with-runs-file").mkdir()
+    (tmp_path / "root-with-runs-file" / "runs").write_text("")
+    assert cli.main(["run", "--case", "gemma4-text-tiny", flag, str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("parity: error: ") and why in err, err
+    assert calls == [] and written == []  # nothing ran
+
+
+def test_bad_report_root_from_the_environment_and_bench_out(fake_engine, tmp_path, capsys, monkeypatch):
+    calls, _, _ = fake_engine
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("PARITY_REPORTS_DIR", str(tmp_path / "file"))
+    assert cli.main(["run", "--case", "gemma4-text-tiny"]) == 2
+    assert f"parity: error: report root {tmp_path / 'file'}: {tmp_path / 'file'} is a file" in capsys.readouterr().err
+    assert cli.main(["bench", "--case", "gemma4-text-tiny", "--out", str(tmp_path / "file")]) == 2
+    assert "--out" in capsys.readouterr().err and calls == []
+
+
+def test_a_report_root_that_is_a_file_costs_one_line_and_no_run(tmp_path):
+    """The whole command as users run it: exit 2 in one line, before the model is built (no torch forward)."""
+    import time
+
+    (tmp_path / "reports").write_text("")
+    t0 = time.perf_counter()
+    p = parity("run", "--case", "gemma4-text-tiny", "--reports", str(tmp_path / "reports"))
+    assert_usage_error(p, f"report root {tmp_path / 'reports'}: {tmp_path / 'reports'} is a file, not a folder")
+    assert time.perf_counter() - t0 < 30 and "torch" not in p.stderr
+
+
+@pytest.mark.parametrize("delay", [0.3, 1.0, 2.5])
+def test_ctrl_c_at_any_moment_exits_130_and_writes_nothing_half(tmp_path, delay):
+    """SIGINT during imports (torch, transformers, megatron-core) or the run: exit 130, one line, no traceback, and
+    the --out folder holds no report or a whole one."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    p = subprocess.Popen([sys.executable, "-m", "parity", "run", "--case", "gemma4-text-tiny", "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130 and stderr == "parity: interrupted\n" and stdout == "", (p.returncode, stderr)
+    assert not out.exists() or sorted(f.name for f in out.iterdir()) in ([], ["index.html", "results.json"])

@@ -178,6 +178,19 @@ def test_one_run_per_case_and_one_history(project, xdist):
     assert "PASS  alpha-tiny" in section and "FAIL  beta-tiny-bf16" in section and "ERROR err-tiny" in section
     assert "first divergence: model.layers.1.mlp · regressions: first run · report: " in section
     assert "history: " in section
+    # skips are results: a line each with its reason, the session record, the history page
+    assert "SKIP  big             cpu bfloat16  not run: needs CUDA (case big)\n" in section
+    assert "SKIP  ckpt            cpu bfloat16  not run: needs a checkpoint (case ckpt): pass --parity-checkpoint " \
+           "DIR or set PARITY_TEST_CKPT\n" in section
+    assert "dense-tiny" in section and "SKIP  dense" not in section and "no case ran" not in section
+    (record,) = (project / "reports" / "sessions").iterdir()
+    session = json.loads(record.read_text())
+    assert [(k["id"], k["reason"]) for k in session["skipped"]] == [
+        ("big", "needs CUDA (case big)"),
+        ("ckpt", "needs a checkpoint (case ckpt): pass --parity-checkpoint DIR or set PARITY_TEST_CKPT")]
+    assert sorted(r["id"] for r in session["ran"]) == ["alpha-tiny", "beta-tiny-bf16", "dense-tiny"]
+    assert session["errors"] == [{"id": "err-tiny", "case": "err-tiny", "error": "RuntimeError: engine exploded"}]
+    assert history.count('data-verdict="SKIP"') == 2 and "not run: needs CUDA (case big)" in history
     # third-party warnings: counted in the summary, listed only with -v, kept in the report
     assert "TE and Apex are not installed" not in out
     assert "1 third-party notices" in section
@@ -189,7 +202,10 @@ def test_one_run_per_case_and_one_history(project, xdist):
     props = {c.get("name"): {p.get("name"): p.get("value") for p in c.iter("property")} for c in cases}
     assert props["test_modules[beta-tiny-bf16]"]["case"] == "beta-tiny-bf16"
     assert props["test_modules[beta-tiny-bf16]"]["first_divergence"] == "model.layers.1.mlp"
-    assert props["test_logits[alpha-tiny]"]["report"].endswith("index.html")
+    alpha_report = props["test_logits[alpha-tiny]"]["report"]  # relative to the report root: a CI artifact's
+    assert alpha_report == f"runs/{alpha.name}/index.html" and (project / "reports" / alpha_report).is_file()
+    assert props["test_logits[big]"]["case"] == "big" and props["test_logits[big]"]["device"] == "cpu"
+    assert not any(str(project) in v for p in props.values() for v in p.values() if v)
 
 
 def _junit_names(path: Path) -> list[tuple[str, str]]:
@@ -300,3 +316,28 @@ def test_checkpoint_folder_without_config_is_a_usage_error(project, tmp_path):
 def test_explicit_dist_load_warns(project):
     p = pytest_run(project, "-n", "2", "--dist", "load", "--parity-case", "alpha-tiny")
     assert "leave --dist out" in p.stdout + p.stderr
+
+
+def test_a_session_where_nothing_ran_says_so_and_the_card_exits_2(project):
+    """Only GPU and checkpoint cases selected on a CPU run: every case is a SKIP line, 'no case ran: ...' lists
+    them, the session record keeps them, and the verification card of the session exits 2 with the same list."""
+    p = pytest_run(project, "--parity-case", "big", "--parity-case", "ckpt")
+    section = p.stdout[p.stdout.index("= parity ="):]
+    assert p.returncode == 0 and calls(project) == [], p.stdout  # pytest's own status: all skipped
+    assert "SKIP  big " in section and "SKIP  ckpt " in section
+    assert "no case ran: big (needs CUDA); ckpt (needs a checkpoint: pass --parity-checkpoint DIR or " \
+           "set PARITY_TEST_CKPT)\n" in section
+    card = subprocess.run([sys.executable, "-m", "parity", "card", "--dir", str(project / "reports")],
+                          capture_output=True, text=True, timeout=120)
+    assert card.returncode == 2, card.stderr
+    assert "parity card: no case ran: big (needs CUDA); ckpt (needs a checkpoint: pass" in card.stderr
+    assert "skipped:\n  - id: big\n" in card.stdout
+    assert 'data-verdict="SKIP"' in (project / "reports" / "index.html").read_text()
+
+
+@pytest.mark.parametrize("where", ["file", "file/sub"])
+def test_a_report_root_that_cannot_be_written_is_a_usage_error(project, where):
+    (project / "file").write_text("")
+    p = pytest_run(project, "--parity-reports", str(project / where))
+    assert p.returncode == 4 and calls(project) == [], p.stdout + p.stderr
+    assert f"--parity-reports {project / where}: {project / 'file'} is a file" in p.stderr

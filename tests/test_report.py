@@ -378,7 +378,7 @@ def test_run_page_links_history_previous_last_pass_and_failing_since(tmp_path):
 def test_failing_page_opens_on_failing_rows_with_the_first_divergence_linked(passing, failing):
     html = render_run(failing, None)
     table = html[html.index('id="modules"'):html.index('id="routers"')]
-    assert 'class="sortable failonly" id="modtable"' in table and 'data-failonly="modtable" checked' in table
+    assert 'class="sortable fixed failonly" id="modtable"' in table and 'data-failonly="modtable" checked' in table
     fd = failing["summary"]["first_divergence_detail"]
     row = table[table.rfind("<tr", 0, table.index('id="fd-row"')):]
     row = row[:row.index("</tr>")]
@@ -387,13 +387,13 @@ def test_failing_page_opens_on_failing_rows_with_the_first_divergence_linked(pas
     card = html[html.index('id="first-divergence"'):html.index('id="worst-layer"')]
     assert 'href="#fd-row"' in card
     ok = render_run(passing, None)
-    assert 'id="fd-row"' not in ok and 'class="sortable" id="modtable"' in ok and " checked" not in ok
+    assert 'id="fd-row"' not in ok and 'class="sortable fixed" id="modtable"' in ok and " checked" not in ok
 
 
 def test_megatron_names_wrap_at_dots_not_mid_word(failing):
     from parity.report.page import CSS
     html = render_run(failing, None)
-    assert "decoder.<wbr>layers.<wbr>3.<wbr>self_attention.<wbr>linear_qkv[q]" in html
+    assert "decoder.<wbr>layers.<wbr>3.<wbr>self_attention.<wbr>linear_qkv<wbr>[q]" in html
     rule = re.search(r"td\.name\{([^}]*)\}", CSS).group(1)
     assert "anywhere" not in rule and "break-all" not in rule
 
@@ -408,20 +408,70 @@ def test_regressions_table_shows_growth_from_zero():
     assert ">from 0<" in regs and "50.00 %" in regs and "1 regression," in regs
 
 
-def test_heatmap_marks_gate_use_per_layer_and_module(passing, failing):
+def test_heatmap_marks_gate_use_per_layer_and_module_one_map_per_mode_isolated_first(passing, failing):
+    """One map per mode, the isolated replay on top: its 4 red cells (the two full-attention self_attn and their
+    layers) point at the cause; the end-to-end map below has 65, which a max over both modes painted into one."""
     from parity.report.heatmap import cells, colour
     html = render_run(failing, None)
     heat = html[html.index('id="heatmap"'):html.index('id="regressions"')]
-    types, layers, grid = cells(failing, "text")
+    types, layers, grid = cells(failing, "text", "isolated")
     assert layers == list(range(6)) and types[-1] == "(layer output)" and types[0] == "input_layernorm"
-    assert heat.count("<tr>") == len(types) + 1
+    assert heat.index('id="heat-text-isolated"') < heat.index('id="heat-text-end_to_end"')
+    assert heat.index('id="heatmap-isolated">isolated · <span class="red">4 failing</span>') < \
+        heat.index('id="heatmap-end_to_end">end-to-end · <span class="red">')
+
+    def over(mode: str) -> list[str]:
+        table = heat[heat.index(f'id="heat-text-{mode}"'):]
+        table = table[:table.index("</table>")]
+        assert table.count("<tr>") == len(cells(failing, "text", mode)[0]) + 1
+        return re.findall(r'<td class="over" title="([^"&]+)', table)
+
+    assert sorted(over("isolated")) == ["model.layers.2", "model.layers.2.self_attn", "model.layers.5",
+                                        "model.layers.5.self_attn"]
+    assert len(over("end_to_end")) == 65 and not any(n.startswith(("model.layers.0.", "model.layers.1."))
+                                                     for n in over("end_to_end"))
     full = [i for i, t in enumerate(failing["layer_types"]) if t == "full_attention"]
-    assert heat.count('<th class="full"') == len(full)
-    over = re.findall(r'<td class="over" title="([^"&]+)', heat)
-    assert "model.layers.2.self_attn" in over and not any(n.startswith(("model.layers.0.", "model.layers.1."))
-                                                           for n in over)
+    assert heat.count('<th class="full"') == 2 * len(full)
     assert 'class="over"' not in render_run(passing, None).split('id="heatmap"')[1].split('id="regressions"')[0]
     assert colour(1e-7) == colour(1e-6) != colour(0.05) != colour(0.5)
+
+
+def test_a_failing_streak_shows_how_long_and_what_changed_since_the_last_pass(tmp_path):
+    """The strip's tile says "failing since: 2 runs" (not a green "0 regressions" against a failing run), and a
+    card lists the commit range, package versions and environment that differ from the last passing run."""
+    good = make_results(created=T0, git_commit="a" * 40)
+    write_run(good, tmp_path)
+    bad1 = make_results(created=T0 + timedelta(hours=1), failure="rope", git_commit="b" * 40)
+    bad1["env"].update(torch="2.14.0+cpu", host="ci-runner-2")
+    first = write_run(bad1, tmp_path)
+    bad2 = make_results(created=T0 + timedelta(hours=2), failure="rope", git_commit="c" * 40)
+    bad2["env"].update(torch="2.14.0+cpu", host="ci-runner-2", git_dirty=True)
+    last = write_run(bad2, tmp_path)
+    html = (last / "index.html").read_text()
+    record = json.loads((last / "results.json").read_text())["regressions"]
+    assert record["count"] == 0  # against the previous (failing) run: nothing new ...
+    strip = html[html.index('<div class="strip">'):]
+    strip = strip[:strip.index("</section>")]
+    assert "regressions vs previous" not in strip  # ... so the tile no longer says a green 0
+    assert f'<div class="tile bad"><div class="k">failing since</div><div class="v"><span id="streak" data-runs="2">' \
+           f'<a href="../{first.name}/index.html" style="color:inherit">2 runs</a></span><small> · 2026-05-09 10:00' \
+           in strip
+    card = html[html.index('id="changed"'):]
+    card = card[:card.index("</ul>")]
+    items = re.findall(r'<li data-kind="(\w+)"><b>([^<]+)</b> (.*?)</li>', card)
+    assert [(k, w, re.sub(r"<[^>]+>", "", v)) for k, w, v in items] == [
+        ("commit", "commit", f"{'a' * 12} → {'c' * 12} (dirty)"),
+        ("package", "torch", "2.13.0+cpu → 2.14.0+cpu"),
+        ("environment", "host", "ci-runner-1 → ci-runner-2")]
+    assert html.index('id="first-divergence"') < html.index('id="changed"') < html.index('id="heatmap"')
+    second = (first / "index.html").read_text()
+    assert 'data-runs="1">1 run</span><small> · this run' in second
+    ok = sorted((tmp_path / "runs").iterdir())[0]
+    assert 'id="changed"' not in (ok / "index.html").read_text()
+    never = tmp_path / "never"
+    write_run(make_results(created=T0, failure="rope"), never)
+    assert "no passing run of this case, system, device and dtype in the history" in \
+        next((never / "runs").iterdir()).joinpath("index.html").read_text()
 
 
 def test_history_lists_corrupt_runs_and_offers_filters_and_pages(tmp_path, passing):
@@ -456,7 +506,8 @@ def test_summary_line_has_verdict_divergence_regressions_report_and_history(tmp_
     r = json.loads((d / "results.json").read_text())
     line = summary_line(r, d / "index.html", tmp_path / "index.html")
     assert "\n" not in line
-    assert line.startswith("gemma4-text-tiny on cpu in float32: parity FAILS · first divergence: "
+    assert line.startswith("gemma4-text-tiny on cpu in float32: parity FAILS (logits, modules, router, roundtrip "
+                           "failed) · first divergence: "
                            "model.layers.2.self_attn = megatron decoder.layers.2.self_attention (isolated; rel_l2 ")
     assert f"regressions: {r['regressions']['count']} · report: {d / 'index.html'} · history: " in line
     assert r["regressions"]["count"] > 0
@@ -475,3 +526,28 @@ def test_environment_shows_dirty_commit_threads_and_third_party_notices(passing)
     assert "(dirty)" in html[:html.index("</header>")]
     r["env"]["git_dirty"] = False
     assert ">dirty</span>" not in render_run(r, None)
+
+
+def test_ctrl_c_while_a_report_is_written_waits_until_it_is_whole(tmp_path, passing, monkeypatch):
+    """SIGINT in the middle of ``write_run`` / ``write_to``: the run folder gets both files and the history lists
+    it; the interrupt is delivered afterwards (here: pytest's KeyboardInterrupt)."""
+    import signal
+
+    from parity.report import store
+
+    dumps = store.dumps
+
+    def interrupted(results):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C between creating the folder and writing results.json
+        return dumps(results)
+
+    monkeypatch.setattr(store, "dumps", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_run(passing, tmp_path / "root")
+    (run,) = (tmp_path / "root" / "runs").iterdir()
+    assert sorted(f.name for f in run.iterdir()) == ["index.html", "results.json"]
+    assert json.loads((run / "results.json").read_text())["case"] == passing["case"]
+    assert run.name in (tmp_path / "root" / "index.html").read_text()
+    with pytest.raises(KeyboardInterrupt):
+        write_to(passing, tmp_path / "out")
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["index.html", "results.json"]

@@ -1,10 +1,13 @@
-"""Layer × module-type heatmap of how much of its gate each module uses (one run's report).
+"""Layer × module-type heatmaps of how much of its gate each module uses (one run's report), one per mode.
 
-Rows are the module types inside a layer, named by their HF path below ``layers.N`` (``self_attn.q_proj``,
-``mlp``, ``experts``; the whole-layer output is ``(layer output)``), in forward order; columns are the layers,
-full-attention layers marked. A cell is the largest ``value / gate`` over the module's rows in that layer
-(both modes, every kind): 0 is grey, a use of the gate from 1e-6 to 1 runs green → yellow → orange on a log
-scale, and a cell at or past its gate is red with ✗. The tooltip lists each row's mode, metric, value and gate.
+One heatmap per comparison mode that has rows, the replays first (isolated, then the fp32 replay, then end to
+end: ``modes.rank``): a module failing in isolation is at fault itself, while end to end one fault turns every
+later cell red, so the isolated map, on top, points at the cause. Rows are the module types inside a layer,
+named by their HF path below ``layers.N`` (``self_attn.q_proj``, ``mlp``, ``experts``; the whole-layer output
+is ``(layer output)``), in forward order; columns are the layers, full-attention layers marked. A cell is the
+largest ``value / gate`` over the module's rows of that mode in that layer (every kind): 0 is grey, a use of
+the gate from 1e-6 to 1 runs green → yellow → orange on a log scale, and a cell at or past its gate is red with
+✗. The tooltip lists each row's metric, value and gate.
 """
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import re
 from html import escape
 from typing import Any
 
+from parity.engine.modes import label, rank
 from parity.report import summary as S
 from parity.report.history import MATERIAL  # below this use of the gate a cell is green (growth there is drift)
 
@@ -40,15 +44,17 @@ def colour(usage: float) -> str:
     return _mix(*_HIGH, (lg - lm) / -lm)
 
 
-def cells(results: dict, group: str) -> tuple[list[str], list[int], dict[tuple[str, int], list[dict]]]:
-    """(module types in forward order, layers, rows per (type, layer)) of the rows of ``group`` with a gate."""
+def cells(results: dict, group: str, mode: str | None = None) -> tuple[list[str], list[int],
+                                                                      dict[tuple[str, int], list[dict]]]:
+    """(module types in forward order, layers, rows per (type, layer)) of the rows of ``group`` with a gate, of
+    ``mode`` (every mode when None)."""
     types: list[str] = []
     layers: set[int] = set()
     grid: dict[tuple[str, int], list[dict]] = {}
     rows = sorted(S.modules(results), key=lambda r: S.num(r.get("order")) if S.num(r.get("order")) is not None
                   else math.inf)
     for r in rows:
-        if S.group_of(r) != group or S.gate_usage(r) is None:
+        if S.group_of(r) != group or S.gate_usage(r) is None or (mode is not None and r.get("mode") != mode):
             continue
         m = _INSIDE.search(str(r.get("name", "")))
         if not m:
@@ -77,9 +83,16 @@ def _cell(rows: list[dict]) -> str:
     return f'<td style="background:{colour(usage)}" title="{_e(name)}&#10;{_e(tip)}"></td>'
 
 
-def heatmap(results: dict, group: str = "text") -> str:
-    """The heatmap table of ``group`` (``text`` or ``vision``), or "" when no row inside a layer has a gate."""
-    types, layers, grid = cells(results, group)
+def modes_of(results: dict) -> list[str]:
+    """The modes with gated rows, the one of lowest rank (the isolated replay) first."""
+    found = {str(r.get("mode")) for r in S.modules(results) if r.get("mode") and S.gate_usage(r) is not None}
+    return sorted(found, key=lambda m: (rank(m), m))
+
+
+def heatmap(results: dict, group: str = "text", mode: str | None = None) -> str:
+    """The heatmap table of ``group`` (``text`` or ``vision``) in ``mode`` (every mode when None), or "" when no
+    such row inside a layer has a gate."""
+    types, layers, grid = cells(results, group, mode)
     if not types:
         return ""
     typed = group == "text"
@@ -95,24 +108,36 @@ def heatmap(results: dict, group: str = "text") -> str:
         tds = "".join(_cell(grid[(kind, j)]) if (kind, j) in grid else '<td class="na"></td>' for j in layers)
         body.append(f'<tr><th class="rowh">{_e(kind)}</th>{tds}</tr>')
     return (f'<div class="tablewrap" style="padding:8px;border:0;background:none"><table class="heat" '
-            f'id="heat-{_e(group)}"><thead><tr>{"".join(head)}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+            f'id="heat-{_e(group)}{"-" + _e(mode) if mode else ""}"><thead><tr>{"".join(head)}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>'
             '</div>')
+
+
+WHAT = {"isolated": "each module fed HF's captured inputs: the error it adds itself",
+        "fp32_replay": "both sides' layers replayed in fp32", "end_to_end": "both models on the same raw inputs: "
+        "error carried from upstream"}
 
 
 def section(results: dict) -> str:
     parts = []
-    text = heatmap(results, "text")
-    if text:
-        parts.append(text)
-    vision = heatmap(results, "vision")
-    if vision:
-        parts.append('<h3 style="margin-top:10px">Vision encoder</h3>' + vision)
+    for mode in modes_of(results):
+        maps = [(g, heatmap(results, g, mode)) for g in ("text", "vision")]
+        maps = [(g, h) for g, h in maps if h]
+        if not maps:
+            continue
+        bad = sum(1 for r in S.modules(results) if r.get("mode") == mode and r.get("passed") is False)
+        count = f'<span class="red">{bad} failing</span>' if bad else '<span class="green">all within gate</span>'
+        parts.append(f'<h3 class="heatmode" id="heatmap-{_e(mode)}">{_e(label(mode))} · {count}'
+                     f'<span class="sub">{_e(WHAT.get(mode, ""))}</span></h3>'
+                     + "".join(h if g == "text" else '<div class="muted" style="margin:4px 0 0">vision encoder</div>'
+                               + h for g, h in maps))
     if not parts:
         return ""
-    legend = ('<div class="legend">cell = largest value / gate of the module in that layer (both modes) · '
+    legend = ('<div class="legend">cell = largest value / gate of the module in that layer, in that mode · '
               '<span style="background:#f0f3f6;padding:0 5px;border-radius:2px">·</span> exactly 0 · '
               f'<span class="heatscale"></span> 1e-{DECADES} → {MATERIAL:.0%} → 100 % of the gate (log) · '
               '<span style="background:#cf222e;color:#fff;padding:0 4px;border-radius:2px">✗</span> at or past the '
               'gate · F full-attention layer, S sliding · hover for values</div>')
-    return ('<section id="heatmap"><h2>Gate use by layer and module<span class="sub">ratio of each module\'s '
-            'gated metric to its gate</span></h2><div class="card">' + "".join(parts) + legend + '</div></section>')
+    return ('<section id="heatmap"><h2>Gate use by layer and module<span class="sub">one map per mode, the '
+            'replays first: a module failing in isolation is at fault itself</span></h2><div class="card">'
+            + "".join(parts) + legend + '</div></section>')

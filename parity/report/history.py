@@ -24,6 +24,8 @@ RULE = (f"regression: the verdict flips to FAIL, a row crosses its gate, a finit
         f"Megatron name, kind, mode).")
 
 _EPOCH = datetime.min.replace(tzinfo=timezone.utc)
+PACKAGES = ("python", "torch", "transformers", "megatron_core", "megatron_bridge", "numpy", "safetensors")
+ENVIRONMENT = ("host", "device_name", "threads")
 
 
 def _e(x: Any) -> str:
@@ -193,13 +195,59 @@ def _ref(run: dict | None) -> dict | None:
             "passed": run.get("passed")}
 
 
+def _env(run: dict) -> dict:
+    return run.get("env") if isinstance(run.get("env"), dict) else {}
+
+
+def _commit(env: dict) -> str | None:
+    commit = env.get("git_commit")
+    return None if not commit else str(commit)[:12] + (" (dirty)" if env.get("git_dirty") is True else "")
+
+
+def _system_version(run: dict) -> str | None:
+    system = run.get("system")
+    return system.get("version") if isinstance(system, dict) else None
+
+
+def changes(current: dict, before: dict | None) -> list[dict]:
+    """What differs between ``before`` (the last passing run) and ``current``, each ``{kind, what, before, now}``:
+    kind ``commit`` (the harness's commit range, ``before..now``), ``package`` (versions), ``environment`` (host,
+    device, threads) or ``run`` (seed, config hash, the system's version, the case's gates and inputs)."""
+    if before is None:
+        return []
+    ce, be = _env(current), _env(before)
+    out = []
+
+    def add(kind: str, what: str, old: Any, new: Any) -> None:
+        if old != new:
+            out.append({"kind": kind, "what": what, "before": None if old is None else str(old),
+                        "now": None if new is None else str(new)})
+
+    add("commit", "commit", _commit(be), _commit(ce))
+    for k in PACKAGES:
+        add("package", k.replace("_", "-"), be.get(k), ce.get(k))
+    for k in ENVIRONMENT:
+        add("environment", k.replace("_", " "), be.get(k), ce.get(k))
+    for k in ("seed", "config_hash"):
+        add("run", k.replace("_", " "), before.get(k), current.get(k))
+    add("run", f"{S.system_of(current)} version", _system_version(before), _system_version(current))
+    for k in ("gates", "inputs"):
+        if before.get(k) != current.get(k) and before.get(k) is not None and current.get(k) is not None:
+            changed = sorted(str(x) for x in set(before[k]) | set(current[k])
+                             if before[k].get(x) != current[k].get(x)) if isinstance(before[k], dict) and \
+                isinstance(current[k], dict) else []
+            out.append({"kind": "run", "what": k, "before": None, "now": "changed: " + (", ".join(changed) or k)})
+    return out
+
+
 def run_links(current: dict, runs: list[dict]) -> dict:
     """Where "since when" lives for ``current``, among ``runs`` of the same case, system, device and dtype.
 
-    ``{history, previous, last_pass, failing_since, streak}``: hrefs relative to the run's own page
+    ``{history, previous, last_pass, failing_since, streak, changed}``: hrefs relative to the run's own page
     (``runs/<id>/index.html``); ``last_pass`` is the latest passing run before ``current`` (None if none);
     ``failing_since`` the first run of the failing streak that ends at ``current`` (None when it passes);
-    ``streak`` how many runs that streak holds.
+    ``streak`` how many runs that streak holds; ``changed`` what differs since the last pass (``changes``) of a
+    failing run.
     """
     key, me = S.run_key(current), _order_key(current)
     earlier = sorted((r for r in runs if r is not current and S.run_key(r) == key and _order_key(r) < me),
@@ -216,7 +264,8 @@ def run_links(current: dict, runs: list[dict]) -> dict:
     if failing_since is not None:
         failing_since["self"] = since is current
     return {"history": "../../index.html", "previous": _ref(earlier[-1] if earlier else None),
-            "last_pass": _ref(last_pass), "failing_since": failing_since, "streak": streak}
+            "last_pass": _ref(last_pass), "failing_since": failing_since, "streak": streak,
+            "changed": changes(current, last_pass) if since is not None else []}
 
 
 # ---------------------------------------------------------------------------------------------- rendering
@@ -298,6 +347,11 @@ def _select(name: str, label: str, values: list[str]) -> str:
             '</label>')
 
 
+def _wrap(x: Any) -> str:
+    """An escaped name that may wrap after its dots and dashes (``<wbr>``), never inside a word."""
+    return _e(x).replace(".", ".<wbr>").replace("-", "-<wbr>")
+
+
 def _corrupt_row(c: dict) -> str:
     href = c.get("href")
     name = _e(c.get("id", "?"))
@@ -307,16 +361,31 @@ def _corrupt_row(c: dict) -> str:
             f'<td colspan="7" class="mono">unreadable results.json: {_e(c.get("error", ""))}</td></tr>')
 
 
-def render_index(runs: list[dict], corrupt: list[dict] | None = None) -> str:
+def _skip_row(k: dict) -> str:
+    t = S.parse_time(k.get("created"))
+    system = str(k.get("system") or "parity")
+    sys_html = f' <span class="tag">{_e(system)}</span>' if system != "parity" else ""
+    return (f'<tr class="skip" data-case="{_e(k.get("case", ""))}" data-system="{_e(system)}" data-verdict="SKIP" '
+            f'data-regressions="0"><td class="n" data-v="{t.timestamp() if t else ""}" title="session '
+            f'{_e(k.get("session") or "?")}">{_e(S.fmt_time(k.get("created")).removesuffix(" UTC"))}</td>'
+            f'<td data-v="0.5"><span class="pill warn big">SKIP</span></td>'
+            f'<td class="mono">{_wrap(k.get("id") or k.get("case", ""))}{sys_html}</td>'
+            f'<td>{_e(k.get("device", ""))} · {_e(k.get("dtype", ""))}</td>'
+            f'<td colspan="5" class="muted">not run: {_e(k.get("reason") or "no reason given")}</td></tr>')
+
+
+def render_index(runs: list[dict], corrupt: list[dict] | None = None, skipped: list[dict] | None = None) -> str:
     """The history page: per-case trends, then every run newest first with its regressions and a link.
 
     ``runs`` are results dicts; a run's link is ``run["_run"]["href"]`` (set by ``store.load_runs``).
     ``corrupt`` lists run folders whose ``results.json`` cannot be read (``{id, href, error}``): they are
-    listed as CORRUPT, not dropped. The table filters by case, system and verdict and pages by
-    ``PAGE_SIZE``.
+    listed as CORRUPT, not dropped. ``skipped`` lists the cases pytest sessions collected but did not run
+    (``store.skips``: ``{id, case, system, device, dtype, reason, created}``): rows marked SKIP with the
+    reason. The table filters by case, system and verdict and pages by ``PAGE_SIZE``.
     """
     runs = [r for r in runs if isinstance(r, dict)]
     corrupt = list(corrupt or [])
+    skipped = [k for k in skipped or [] if isinstance(k, dict)]
     ordered = sorted(runs, key=_order_key, reverse=True)
     prev = previous_map(runs)
     n_fail = sum(1 for r in runs if r.get("passed") is False)
@@ -325,13 +394,14 @@ def render_index(runs: list[dict], corrupt: list[dict] | None = None) -> str:
         groups.setdefault(S.run_key(r), []).append(r)
 
     bad_files = f' · <b>{len(corrupt)} corrupt</b>' if corrupt else ""
+    bad_files += f' · {len(skipped)} skipped' if skipped else ""
     head = (f'<header class="banner"><div class="wrap"><div class="btitle"><h1>gemma4-parity · run history</h1>'
             f'<div class="meta">{len(runs)} run{"s" if len(runs) != 1 else ""} · {len(groups)} '
             f'case/system/device/dtype combination{"s" if len(groups) != 1 else ""} · {len(runs) - n_fail} passed · '
             f'{n_fail} failed{bad_files}</div></div>'
             f'<div class="bstats">latest<div class="big">'
             f'{_e(S.fmt_time(ordered[0].get("created")) if ordered else "—")}</div></div></div></header>')
-    if not runs and not corrupt:
+    if not runs and not corrupt and not skipped:
         body = head + '<main class="wrap"><p class="empty">No runs recorded yet.</p></main>'
         return page("gemma4-parity · run history", body)
 
@@ -358,22 +428,26 @@ def render_index(runs: list[dict], corrupt: list[dict] | None = None) -> str:
             f'<td class="n" data-v="{run_time(r).timestamp() if run_time(r) != _EPOCH else ""}" '
             f'title="{_e(run_id)}">{when_html}</td>'
             f'<td data-v="{0 if fail else 1}">{_verdict_pill(r.get("passed"))}</td>'
-            f'<td class="mono nowrap">{_e(r.get("case", ""))}{sys_html}</td>'
-            f'<td class="nowrap">{_e(r.get("device", ""))} · {_e(r.get("dtype", ""))}</td>'
-            f'<td class="mono nowrap{" red" if fd else ""}">{_e(fd) if fd else "<span class=muted>—</span>"}</td>'
+            f'<td class="mono">{_wrap(r.get("case", ""))}{sys_html}</td>'
+            f'<td>{_e(r.get("device", ""))} · {_e(r.get("dtype", ""))}</td>'
+            f'<td class="mono{" red" if fd else ""}">{_wrap(fd) if fd else "<span class=muted>—</span>"}</td>'
             f'{_num_td(lg.get("rel_l2"))}{_num_td(lg.get("kl_max"))}{_num_td(S.worst_module_rel_l2(r))}'
             f'<td class="regs" data-v="{n_bad}">{reg_html}</td></tr>')
-    trs = [_corrupt_row(c) for c in corrupt] + trs
-    cases = sorted({str(r.get("case", "")) for r in runs})
-    systems = sorted({S.system_of(r) for r in runs})
-    verdicts = ["PASS", "FAIL"] + (["corrupt"] if corrupt else [])
+    dated = [(run_time(r).timestamp(), tr) for r, tr in zip(ordered, trs)]
+    dated += [((S.parse_time(k.get("created")) or _EPOCH).timestamp(), _skip_row(k)) for k in skipped]
+    trs = [_corrupt_row(c) for c in corrupt] + [tr for _, tr in sorted(dated, key=lambda d: -d[0])]
+    cases = sorted({str(r.get("case", "")) for r in runs} | {str(k.get("case", "")) for k in skipped})
+    systems = sorted({S.system_of(r) for r in runs} | {str(k.get("system") or "parity") for k in skipped})
+    verdicts = ["PASS", "FAIL"] + (["SKIP"] if skipped else []) + (["corrupt"] if corrupt else [])
     filters = ('<div class="controls">' + _select("case", "case", cases) + _select("system", "system", systems)
                + _select("verdict", "verdict", verdicts)
                + '<label><input type="checkbox" data-hfilter="regressions"> with regressions</label>'
                f'<span class="pager" data-pager="runs" data-size="{PAGE_SIZE}"><button type="button" '
                'data-page="-1">‹ newer</button> <span class="pageinfo"></span> <button type="button" '
                'data-page="1">older ›</button></span></div>')
-    table = ('<div class="tablewrap"><table class="sortable runs" id="runs"><thead><tr>'
+    cols = "".join(f'<col style="width:{w}%">' for w in (13, 6.5, 16, 10, 19, 7.5, 7.5, 7.5, 13))
+    table = (f'<div class="tablewrap"><table class="sortable runs fixed" id="runs"><colgroup>{cols}</colgroup>'
+             '<thead><tr>'
              '<th title="links to the run\'s report">time (UTC) · report</th><th>verdict</th><th>case</th>'
              '<th>device · dtype</th><th>first divergence</th><th>logits rel L2</th><th>logits KL max</th>'
              '<th title="largest rel L2 of any module row">worst rel L2</th>'

@@ -2,8 +2,10 @@
 
 The first screen (1280×800) answers "does it hold, and if not where does it break, and since when": the
 verdict banner, links to the history, the previous run, the last passing run and the start of a failing
-streak, the first divergent module (a link to its row), the worst decoder layer, the logits metrics, a strip
-of counts, and the per-layer drift charts. Details follow: the layer × module heatmap of gate use,
+streak, the first divergent module (a link to its row), the worst decoder layer, the logits metrics, for a
+failing run what changed since the last pass (``history.changes``), a strip of counts (a failing run: how many
+runs it has been failing), and the per-layer drift charts. Details follow: the layer × module heatmaps of gate
+use, one per mode (isolated first),
 regressions against the previous run, the module table (grouped by layer, sortable; a failing report opens
 on its failing rows with the first divergence scrolled into view), routers, logits, the weight round-trip
 and the provenance (third-party notices included).
@@ -45,8 +47,8 @@ def _e(x: Any) -> str:
 
 
 def _name(x: Any) -> str:
-    """An escaped dotted name that may wrap after its dots (``<wbr>``), never inside a word."""
-    return _e(x).replace(".", ".<wbr>")
+    """An escaped dotted name that may wrap after its dots and before a bracket (``<wbr>``), never inside a word."""
+    return _e(x).replace(".", ".<wbr>").replace("[", "<wbr>[")
 
 
 def _dv(v: Any) -> str:
@@ -258,7 +260,32 @@ def _logits_card(results: dict) -> str:
             + "".join(_metric(k, v, b) for k, v, b in items) + "</div></div>")
 
 
-def _strip(results: dict, regressions: list[dict], has_previous: bool) -> str:
+def _changed_card(results: dict, links: dict | None) -> str:
+    """A failing run with a history: what changed since the last pass (commit range, packages, environment, run
+    settings; ``history.changes``), the last pass linked, or that the case never passed here."""
+    if results.get("passed") is not False or not links or links.get("failing_since") is None:
+        return ""
+    last = links.get("last_pass")
+    changed = links.get("changed") or []
+    if last is None:
+        head = "no passing run of this case, system, device and dtype in the history"
+        body = '<p class="muted" style="margin:0">Nothing to compare with: it failed from its first run on.</p>'
+    else:
+        head = (f'last pass <a href="{_e(last.get("href"))}" id="changed-last-pass">'
+                f'{_e(S.fmt_time(last.get("created")).removesuffix(" UTC"))}</a>')
+        items = "".join(
+            f'<li data-kind="{_e(c["kind"])}"><b>{_e(c["what"])}</b> '
+            + (f'<span class="mono">{_e(c["before"] or "—")}</span> → ' if c.get("before") is not None or
+               c["kind"] != "run" else "")
+            + f'<span class="mono">{_e(c["now"] or "—")}</span></li>' for c in changed)
+        body = (f'<ul class="changes">{items}</ul>' if changed else
+                '<p class="muted" style="margin:0">Nothing recorded changed: the same commit, packages, environment, '
+                'seed, config and gates as the last pass.</p>')
+    return (f'<div class="card bad changed" id="changed"><h3>Changed since the last pass'
+            f'<span class="sub">{head}</span></h3>{body}</div>')
+
+
+def _strip(results: dict, regressions: list[dict], has_previous: bool, links: dict | None = None) -> str:
     n_ok, n = S.module_counts(results)
     n_bad = sum(1 for r in S.modules(results) if r.get("passed") is False)
     tiles = [("modules within gate", f"{n_ok}<small> / {n}</small>",
@@ -282,7 +309,15 @@ def _strip(results: dict, regressions: list[dict], has_previous: bool) -> str:
     else:
         tiles.append(("weights bit-exact", "<small>not run</small>", ""))
     n_reg = sum(1 for f in regressions if f["severity"] == "regression")
-    if has_previous:
+    since = (links or {}).get("failing_since") if results.get("passed") is False else None
+    if since is not None:  # a failing streak: how long it has lasted, not "0 regressions" against a failing run
+        n = (links or {}).get("streak") or 1
+        when = "this run" if since.get("self") else S.fmt_time(since.get("created")).removesuffix(" UTC")[:16]
+        runs = f'{n} run{"s" if n != 1 else ""}'
+        link = runs if since.get("self") else f'<a href="{_e(since.get("href"))}" style="color:inherit">{runs}</a>'
+        tiles.append(("failing since", f'<span id="streak" data-runs="{n}">{link}</span>'
+                                       f'<small> · {_e(when)}</small>', "bad"))
+    elif has_previous:
         tiles.append(("regressions vs previous", f'<a href="#regressions" style="color:inherit">{n_reg}</a>',
                       "bad" if n_reg else "good"))
     else:
@@ -424,6 +459,12 @@ def first_divergence_row(results: dict) -> dict | None:
     return next((r for r in rows if r.get("passed") is False), rows[0] if rows else None)
 
 
+# column widths of the module table: fixed, so that it fits 1280 px whatever its names and numbers (names wrap at
+# dots, a row's reason sits under its Megatron name, numbers keep one line)
+MODTABLE_WIDTHS = (20.5, 19, 7, 4, 8.5, 6.5, 6.5, 10, 6.5, 5.5, 6)  # % of the table, column by column
+MODTABLE_COLS = "<colgroup>" + "".join(f'<col style="width:{w}%">' for w in MODTABLE_WIDTHS) + "</colgroup>"
+
+
 def _modules_section(results: dict) -> str:
     rows = S.modules(results)
     if not rows:
@@ -488,14 +529,14 @@ def _modules_section(results: dict) -> str:
                 f'<tr class="{"bad" if fail else ""}{" fd" if fd_attr else ""}" data-i="{i}" data-s="{_e(search)}"'
                 f'{fd_attr}>'
                 f'<td class="name">{_name(r.get("name", ""))}{kind_tag}</td>'
-                f'<td class="name muted">{_name(r.get("megatron_name") or "—")}</td>'
+                f'<td class="name muted">{_name(r.get("megatron_name") or "—")}{why}</td>'
                 f'<td class="nowrap">{_e(MODE_LABELS.get(str(r.get("mode")), r.get("mode") or ""))}</td>'
                 f'<td class="n" data-v="{"" if layer_v is None else layer_v}">{_e(S.fmt(layer_v))}</td>'
                 f'{cell("cosine", cos=True)}{cell("rel_l2")}{cell("max_abs")}'
                 f'<td class="gate">{_e(S.gate_text(r.get("gate")) or "—")}</td>'
                 f'<td class="n" data-v="{_e(_dv(r.get("floor")))}">{_e(S.fmt(r.get("floor")))}</td>'
                 f'<td class="n" data-v="{_e(_dv(ratio))}">{_e(ratio_s)}</td>'
-                f'<td data-v="{0 if fail else 1}">{_pill(r.get("passed"), _is_shared(r))}{why}</td></tr>')
+                f'<td data-v="{0 if fail else 1}">{_pill(r.get("passed"), _is_shared(r))}</td></tr>')
             i += 1
     n_bad = sum(1 for r in rows if r.get("passed") is False)
     failing = n_bad > 0  # a failing report opens on its failing rows
@@ -508,8 +549,9 @@ def _modules_section(results: dict) -> str:
                 '</div>')
     return ('<section id="modules"><h2>Modules<span class="sub">'
             f'{len(rows)} rows · both modes · HF path with the Megatron module beside it</span></h2>{controls}'
-            f'<div class="tablewrap" style="max-height:720px"><table class="sortable{" failonly" if failing else ""}" '
-            'id="modtable"><thead><tr>'
+            '<div class="tablewrap" style="max-height:720px">'
+            f'<table class="sortable fixed{" failonly" if failing else ""}" '
+            f'id="modtable">{MODTABLE_COLS}<thead><tr>'
             '<th>module (HF)</th><th>Megatron</th><th>mode</th><th>layer</th><th>cosine</th><th>rel L2</th>'
             '<th>max |Δ|</th><th>gate</th><th title="noise floor: HF bf16 vs HF fp32, same module and mode">floor</th>'
             '<th title="rel L2 / floor">ratio</th><th>result</th></tr></thead><tbody>'
@@ -790,7 +832,8 @@ def render_run(results: dict, previous: dict | None = None, links: dict | None =
     ]
     body_parts = [
         '<section id="summary"><div class="grid g3">', _first_divergence_card(results), _worst_layer_card(results),
-        _logits_card(results), "</div>", _strip(results, flags, previous is not None), "</section>",
+        _logits_card(results), "</div>", _changed_card(results, links),
+        _strip(results, flags, previous is not None, links), "</section>",
         _layers_section(results), heatmap_section(results), _regressions_section(results, previous, flags),
         _modules_section(results), training_section(results), _routers_section(results), _logits_section(results),
         _roundtrip_section(results), _provenance_section(results),

@@ -76,3 +76,13 @@ def summary_line(results: dict, report: Path | str | None = None, history: Path 
     if history is not None:
         parts.append(f"history: {history}")
     return " · ".join(parts)
+
+
+def no_case_ran(skips: list[dict]) -> str:
+    """``no case ran: a, b (needs CUDA); c (needs a checkpoint: ...)``: every skip (``{id, case,
+    reason}``), grouped by reason (the case name a reason ends with is dropped: the id says it)."""
+    groups: dict[str, list[str]] = {}
+    for k in skips:
+        reason = str(k.get("reason") or "skipped").replace(f" (case {k.get('case')})", "")
+        groups.setdefault(reason, []).append(str(k.get("id") or k.get("case")))
+    return "no case ran: " + "; ".join(f"{', '.join(ids)} ({reason})" for reason, ids in groups.items())

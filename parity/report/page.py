@@ -31,7 +31,12 @@ nav.toc .wrap{display:flex;gap:18px;height:34px;align-items:center;font-size:13p
 nav.toc a{color:var(--muted);white-space:nowrap}nav.toc a:hover{color:var(--accent)}
 section{margin:18px 0}
 h2{font-size:17px;margin:0 0 10px;font-weight:650}
-h2 .sub{font-size:13px;font-weight:400;color:var(--muted);margin-left:8px}
+h2 .sub,h3 .sub{font-size:13px;font-weight:400;color:var(--muted);margin-left:8px;text-transform:none;
+letter-spacing:0}
+.changed{margin-top:14px;padding:10px 16px}.changed h3{margin:0 0 4px}
+ul.changes{display:flex;flex-wrap:wrap;gap:4px 22px;margin:0;padding:0;list-style:none;font-size:13px}
+h3.heatmode{text-transform:none;letter-spacing:0;font-size:13.5px;color:var(--ink);margin:12px 0 0}
+h3.heatmode:first-child{margin-top:0}
 h3{font-size:13px;margin:0 0 8px;font-weight:650;text-transform:uppercase;letter-spacing:.05em;color:var(--muted)}
 .grid{display:grid;gap:14px}
 .g3{grid-template-columns:1.2fr 1.1fr 1fr}.g2{grid-template-columns:1fr 1fr}
@@ -83,8 +88,9 @@ table.sortable th:not(.nosort):hover{color:var(--accent)}
 th[data-dir=asc]::after{content:" \\25B2";font-size:9px}th[data-dir=desc]::after{content:" \\25BC";font-size:9px}
 td.n{text-align:right;font-family:var(--mono);font-variant-numeric:tabular-nums;white-space:nowrap}
 td.name{font-family:var(--mono);overflow-wrap:normal;word-break:normal}td.nowrap{white-space:nowrap}
-.regs{max-width:195px}.regs .one{font-family:var(--mono);font-size:11.5px;white-space:nowrap;overflow:hidden;
-text-overflow:ellipsis;max-width:195px;margin-top:2px}
+.regs .one{font-family:var(--mono);font-size:11.5px;white-space:nowrap;overflow:hidden;
+text-overflow:ellipsis;margin-top:2px}
+table.runs th{white-space:normal}table.runs td{padding:4px 7px}
 td.gate{white-space:nowrap;color:var(--muted)}
 td.hit{font-weight:700}
 tr.bad td{background:var(--fail-bg)}tr.bad td.hit{color:var(--fail)}
@@ -109,8 +115,11 @@ table.heat td.zero{background:#f0f3f6;color:#afb8c1}
 table.heat td.over{background:#cf222e;color:#fff;font-weight:700}
 .heatscale{display:inline-block;width:160px;height:10px;vertical-align:-1px;border-radius:2px;
 background:linear-gradient(90deg,#f0faf2,#8fd19e 83%,#fff3b0 83%,#fb8f44)}
-#modtable td.name:first-child{min-width:245px}
+table.fixed{table-layout:fixed}
+#modtable td,#modtable th{padding:4px 6px}#modtable th{white-space:normal}
+#modtable td.gate{white-space:normal;overflow-wrap:anywhere}
 .why{font-size:11px;color:var(--muted);max-width:180px}.why.red{color:var(--fail)}
+td.name .why{max-width:none;line-height:1.3;font-family:system-ui,sans-serif;overflow-wrap:anywhere}
 .controls{display:flex;gap:14px;align-items:center;margin:0 0 8px;font-size:13px;flex-wrap:wrap}
 .controls input[type=search]{font:inherit;padding:3px 8px;border:1px solid var(--line);border-radius:6px;width:260px}
 .controls button{font:inherit;padding:3px 10px;border:1px solid var(--line);border-radius:6px;background:#fff;

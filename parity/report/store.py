@@ -5,11 +5,14 @@ Layout of a report root (e.g. ``reports/``)::
     reports/index.html                                   history of every run (regenerated on each write)
     reports/runs/<UTC stamp>-<case>-<random>/results.json
     reports/runs/<UTC stamp>-<case>-<random>/index.html  self-contained report of that run
+    reports/sessions/<UTC stamp>-<random>.json           a pytest session: the cases it ran, skipped (why), errored
 
 Runs never overwrite each other: each gets a fresh directory made with ``mkdir(exist_ok=False)``, and every
 file is written to a temporary file in the same directory and moved into place with ``os.replace`` (readers
 never see half a file). Concurrent writers (e.g. pytest-xdist workers) each land their own run; the history
-page is regenerated under a file lock, so the last writer's index lists every run.
+page is regenerated under a file lock, so the last writer's index lists every run. A report is written under
+``parity.interrupts.uninterrupted``: Ctrl-C waits until it is whole. ``check_root`` / ``check_out`` say, before
+anything runs, why a folder cannot take reports.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from parity.interrupts import uninterrupted
 from parity.report import summary as S
 from parity.report.history import find_previous, record, render_index, run_links
 from parity.report.html import render_run
@@ -31,6 +35,7 @@ from parity.report.html import render_run
 RESULTS = "results.json"
 REPORT = "index.html"
 RUNS = "runs"
+SESSIONS = "sessions"
 
 try:  # POSIX only; elsewhere the history page is still written atomically, just without the lock
     import fcntl
@@ -74,13 +79,14 @@ def _write_temp(path: Path, text: str) -> str:
 
 def atomic_write(path: Path, text: str) -> None:
     """Replace ``path`` atomically (readers see the old or the new file, never a partial one)."""
-    tmp = _write_temp(path, text)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with uninterrupted():
+        tmp = _write_temp(path, text)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 
@@ -164,22 +170,94 @@ def write_run(results: dict, root: Path) -> Path:
     runs = load_runs(root, warn=False)
     previous = find_previous(results, runs)
     results["regressions"] = record(results, previous)
-    run_dir = _new_run_dir(root / RUNS, results.get("case"))
-    atomic_write(run_dir / RESULTS, dumps(results))
     links = run_links(results, runs)
-    atomic_write(run_dir / REPORT, render_run(results, previous, links))
-    write_index(root)
+    page = render_run(results, previous, links)
+    with uninterrupted():  # the run folder appears with both files, or not at all
+        run_dir = _new_run_dir(root / RUNS, results.get("case"))
+        atomic_write(run_dir / REPORT, page)
+        atomic_write(run_dir / RESULTS, dumps(results))  # last: a folder without it is not a run yet (scan)
+        write_index(root)
     return run_dir
 
 
 def write_index(root: Path) -> Path:
-    """Regenerate ``root/index.html`` from every stored run (under the root's lock)."""
+    """Regenerate ``root/index.html`` from every stored run and session (under the root's lock)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root):
         path = root / REPORT
-        atomic_write(path, render_index(*scan(root)))
+        atomic_write(path, render_index(*scan(root), skipped=skips(sessions(root))))
     return path
+
+
+def write_session(root: Path, session: dict) -> Path:
+    """Store a pytest session's record (``{created, finished, command, ran, skipped, errors}``: what it ran, what
+    it skipped and why) as ``root/sessions/<stamp>-<random>.json``; the history and the card list its skips."""
+    folder = Path(root) / SESSIONS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{_stamp()}-{_token()}.json"
+    atomic_write(path, dumps(session))
+    return path
+
+
+def sessions(root: Path) -> list[dict]:
+    """Every readable session record under ``root/sessions``, newest first (``_file``: its name)."""
+    folder = Path(root) / SESSIONS
+    out = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            data = read_results(path)
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"skipping unreadable session record {path.name}: {exc}", RuntimeWarning, stacklevel=2)
+            continue
+        out.append({**data, "_file": path.name})
+    return sorted(out, key=lambda s: (str(s.get("created") or ""), s["_file"]), reverse=True)
+
+
+def skips(records: list[dict]) -> list[dict]:
+    """The skipped cases of session records, each ``{id, case, system, device, dtype, reason, created, session}``."""
+    return [{**k, "created": s.get("created"), "session": s.get("_file")} for s in records
+            for k in s.get("skipped") or [] if isinstance(k, dict)]
+
+
+def _unusable(path: Path) -> str | None:
+    """Why ``path`` cannot become a folder we write into (None when it can): it, or its nearest existing
+    ancestor, must be a writable folder."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():
+            return f"{probe} is a broken link"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder" if probe == path else f"{probe} is a file, so {path} cannot be made"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable" + ("" if probe == path else f" ({path} cannot be made)")
+    return None
+
+
+def check_root(root: Path) -> str | None:
+    """Why ``root`` cannot be a report root (None when it can): checked before a run starts, so a bad path costs
+    one line, not a run."""
+    root = Path(root)
+    why = _unusable(root)
+    if why is None and (root / RUNS).exists() and not (root / RUNS).is_dir():
+        why = f"{root / RUNS} is a file, not a folder"
+    if why is None and (root / REPORT).is_dir():
+        why = f"{root / REPORT} is a folder, not a page"
+    return why
+
+
+def check_out(out: Path, names: tuple[str, ...] = (RESULTS, REPORT)) -> str | None:
+    """Why ``out`` cannot take a report written with ``write_to`` (None when it can): a file, unwritable, or it
+    already holds one of ``names`` (a report is never overwritten)."""
+    out = Path(out)
+    why = _unusable(out)
+    if why is None:
+        taken = [n for n in names if (out / n).exists()]
+        if taken:
+            why = f"{out / taken[0]} already exists; refusing to overwrite an earlier report"
+    return why
 
 
 def write_to(results: dict, out_dir: Path, previous: dict | None = None) -> Path:
@@ -194,8 +272,10 @@ def write_to(results: dict, out_dir: Path, previous: dict | None = None) -> Path
         if (out_dir / name).exists():
             raise FileExistsError(f"{out_dir / name} already exists; refusing to overwrite an earlier report")
     results = _public(results)
-    _create_new(out_dir / RESULTS, dumps(results))  # claims the directory; a racing writer fails here
-    atomic_write(out_dir / REPORT, render_run(results, previous))
+    page = render_run(results, previous)
+    with uninterrupted():
+        _create_new(out_dir / RESULTS, dumps(results))  # claims the directory; a racing writer fails here
+        atomic_write(out_dir / REPORT, page)
     return out_dir
 
 

@@ -26,7 +26,6 @@ WORST = 5  # rows per system in the worst-rows table
 CAP = 50  # rows in the disagreement table
 
 _STYLE = """<style>
-table.fixed{table-layout:fixed}
 table.fixed th{white-space:normal;overflow-wrap:anywhere}
 table.fixed td,table.fixed td.name{overflow-wrap:anywhere}
 .syscards{grid-template-columns:repeat(auto-fit,minmax(260px,1fr))}
