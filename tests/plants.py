@@ -542,19 +542,19 @@ def sensitivity_plant(cls: str, eps: float) -> Plant:
 # ------------------------------------------------------------------------------ backward-only (train cases)
 # Each leaves the forward bit for bit as it was and changes only what flows back (checked by
 # tests/test_backward.py: the forward rows stay exact, a gradient row fails first). ``where`` names the row the
-# backward mode's first divergence must be: ``{last_moe}`` the last MoE layer (the first the backward reaches),
-# ``{last_full}`` the last K=V layer.
+# backward mode's first divergence must be (the tiny model's last layer is the first the backward reaches).
 
-class _RoundGrad(torch.autograd.Function):
-    """Identity forward; the gradient rounded to bf16 on its way back."""
+class _GradOnly(torch.autograd.Function):
+    """Identity forward (the same tensor, still requiring grad: the same kernels run); ``fn`` on the gradient."""
 
     @staticmethod
-    def forward(ctx, x):
+    def forward(ctx, x, fn):
+        ctx.fn = fn
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, g):
-        return g.bfloat16().to(g.dtype)
+        return ctx.fn(g), None
 
 
 class _StraightThroughSoftcap(torch.autograd.Function):
@@ -623,23 +623,11 @@ def logits_grad_bf16(mp, shape):
 
     def planted(self, hidden):
         weight = self.embedding.word_embeddings.weight if self.args.tie_word_embeddings else None
-        logits, _ = self.output_layer(_RoundGrad.apply(hidden), weight=weight)
+        logits, _ = self.output_layer(_GradOnly.apply(hidden, lambda g: g.bfloat16().to(g.dtype)), weight=weight)
         assert output_logits  # the rest as the original: gather (TP=1: identity), softcap, batch-first
         cap = self.args.final_logit_softcapping
         return (torch.tanh(logits / cap) * cap).transpose(0, 1)
     mp.setattr(text.Gemma4Model, "output_logits", planted)
-
-
-class _NoGrad(torch.autograd.Function):
-    """Identity forward (the same tensor, still requiring grad: the same kernels run); no gradient back."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return torch.zeros_like(g)
 
 
 def tied_head_grad_dropped(mp, shape):
@@ -647,7 +635,8 @@ def tied_head_grad_dropped(mp, shape):
     text = _text()
 
     def output_logits(self, hidden):
-        logits, _ = self.output_layer(hidden, weight=_NoGrad.apply(self.embedding.word_embeddings.weight))
+        logits, _ = self.output_layer(hidden, weight=_GradOnly.apply(self.embedding.word_embeddings.weight,
+                                                                     torch.zeros_like))
         cap = self.args.final_logit_softcapping
         return (torch.tanh(logits / cap) * cap).transpose(0, 1)
     mp.setattr(text.Gemma4Model, "output_logits", output_logits)

@@ -20,26 +20,32 @@ GRADIENTS = ("loss", "grad_output", "grad_input", "param_grad")
 STEP = ("param_step",)
 
 
-@pytest.fixture(scope="module")
-def reference():
+def _reference(case: str):
     with cpu_threads("cpu"):
-        ref = pipeline.reference(load_case(CASE), device="cpu")
+        ref = pipeline.reference(load_case(case), device="cpu")
     yield ref
     ref.close()
 
 
-@pytest.fixture(scope="module")
-def reference_bf16():
-    with cpu_threads("cpu"):
-        ref = pipeline.reference(load_case(CASE_BF16), device="cpu")
-    yield ref
-    ref.close()
+reference = pytest.fixture(scope="module", name="reference")(lambda: (yield from _reference(CASE)))
+reference_bf16 = pytest.fixture(scope="module", name="reference_bf16")(lambda: (yield from _reference(CASE_BF16)))
 
 
 @pytest.fixture(scope="module")
 def clean(reference) -> dict:
     with cpu_threads("cpu"):
         return pipeline.against(reference, "parity")
+
+
+def _planted(plant, reference) -> dict:
+    """The system against ``reference`` with ``plant`` in place (undone after)."""
+    mp = pytest.MonkeyPatch()
+    try:
+        plant.plant(mp, None)
+        with cpu_threads("cpu"):
+            return pipeline.against(reference, "parity")
+    finally:
+        mp.undo()
 
 
 def _rows(r: dict, modes) -> dict:
@@ -100,13 +106,7 @@ def test_clean_bf16_train_step_holds_against_its_floors(seed, reference_bf16):
 @pytest.mark.parametrize("plant", BACKWARD_PLANTS, ids=[p.name for p in BACKWARD_PLANTS])
 def test_bf16_backward_only_plant(plant, reference_bf16):
     """The same plants in the bf16 case: caught where they are, or missed for the reason each states."""
-    mp = pytest.MonkeyPatch()
-    try:
-        plant.plant(mp, None)
-        with cpu_threads("cpu"):
-            r = pipeline.against(reference_bf16, "parity")
-    finally:
-        mp.undo()
+    r = _planted(plant, reference_bf16)
     if "bfloat16" in plant.misses:
         assert r["passed"] is True, (plant.misses["bfloat16"], r["summary"]["first_divergence_detail"])
         return
@@ -116,13 +116,7 @@ def test_bf16_backward_only_plant(plant, reference_bf16):
 
 @pytest.mark.parametrize("plant", BACKWARD_PLANTS, ids=[p.name for p in BACKWARD_PLANTS])
 def test_backward_only_plant_is_caught_where_it_is(plant, reference, clean):
-    mp = pytest.MonkeyPatch()
-    try:
-        plant.plant(mp, None)
-        with cpu_threads("cpu"):
-            r = pipeline.against(reference, "parity")
-    finally:
-        mp.undo()
+    r = _planted(plant, reference)
     assert r["passed"] is False
     detail = r["summary"]["first_divergence_detail"]
     assert detail["name"] == plant.where and detail["mode"] in ("loss", "grad_input", "param_grad"), detail
@@ -146,13 +140,7 @@ def test_clean_optimizer_step_and_trajectory(clean):
 
 @pytest.mark.parametrize("plant", STEP_PLANTS, ids=[p.name for p in STEP_PLANTS])
 def test_optimizer_plant_is_caught_where_it_is(plant, reference):
-    mp = pytest.MonkeyPatch()
-    try:
-        plant.plant(mp, None)
-        with cpu_threads("cpu"):
-            r = pipeline.against(reference, "parity")
-    finally:
-        mp.undo()
+    r = _planted(plant, reference)
     detail = r["summary"]["first_divergence_detail"]
     assert r["passed"] is False and (detail["name"], detail["mode"]) == (plant.where, "param_step"), detail
     assert r["checks"]["step"] is False and r["checks"]["trajectory"] is False and r["checks"]["gradients"] is True
