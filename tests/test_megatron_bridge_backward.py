@@ -155,6 +155,59 @@ def test_gradients_come_back_through_its_own_export_with_the_k_eq_v_adjoint(refe
         assert all(float(own[f"model.layers.{i}.layer_scalar"].abs().max()) == 0 for i in range(6))  # buffers: none
 
 
+def test_te_stand_ins_have_the_backward_of_what_te_computes():
+    """Each stand-in's input and parameter gradients (fp32) against float64 autograd of TE's documented operation,
+    written out independently: the derivative of what they compute, nothing detached or straight-through."""
+    import types
+
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from parity.mbridge import substitutes as S
+
+    cfg = types.SimpleNamespace(window_size=4, interleaved_attn_pattern=(2, 1), window_attn_skip_freq=None,
+                                kv_channels=4, num_attention_heads=2, num_query_groups=1, normalization="RMSNorm",
+                                layernorm_epsilon=1e-6, layernorm_zero_centered_gamma=False,
+                                params_dtype=torch.float32, tensor_model_parallel_size=1, sequence_parallel=False)
+    gen = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=gen).requires_grad_(True)
+
+    def rel(a, b):
+        return float((a.double() - b).norm() / b.norm())
+
+    def rms(x, w, eps):
+        return x * torch.pow(x.pow(2).mean(-1, keepdim=True) + eps, -0.5) * w
+
+    def check(run, ref, tensors):
+        out = run(*tensors)
+        up = torch.randn(out.shape, generator=gen)
+        ours = torch.autograd.grad(out, tensors, up)
+        doubles = [t.detach().double().requires_grad_(True) for t in tensors]
+        theirs = torch.autograd.grad(ref(*doubles), doubles, up.double())
+        assert all(rel(a, b) < 1e-5 for a, b in zip(ours, theirs)), [rel(a, b) for a, b in zip(ours, theirs)]
+
+    lin = S.LayerNormColumnParallelLinearSubstitute(8, 6, config=cfg)
+    check(lambda x, w, g: torch.func.functional_call(lin, {"weight": w, "layer_norm_weight": g}, (x,))[0],
+          lambda x, w, g: rms(x, g, 1e-6) @ w.T, [leaf(5, 8), leaf(6, 8), leaf(8)])
+    proj = S.RowParallelLinearPostNormSubstitute(6, 8, config=cfg)
+    check(lambda x, w, g: torch.func.functional_call(proj, {"weight": w, "post_layernorm.weight": g}, (x,))[0],
+          lambda x, w, g: rms(x @ w.T, g, 1e-5), [leaf(5, 6), leaf(8, 6), leaf(8)])
+    grouped = S.ColumnParallelGroupedLinearSubstitute(2, 4, 3, config=cfg)
+    check(lambda x, w0, w1: torch.func.functional_call(grouped, {"weight0": w0, "weight1": w1}, (x, [2, 3]))[0],
+          lambda x, w0, w1: torch.cat([x[:2] @ w0.T, x[2:] @ w1.T]), [leaf(5, 4), leaf(3, 4), leaf(3, 4)])
+    att = S.CoreAttentionSubstitute(cfg, 1, AttnMaskType.causal, "self")  # sliding layer: window (3, 0)
+    s = 7
+    i, j = torch.arange(s).view(s, 1), torch.arange(s).view(1, s)
+    allowed = (j <= i) & (i - j <= 3)
+
+    def attention(q, k, v):  # [s, b, h, d], one KV group for two heads
+        scores = torch.einsum("shd,thd->hst", q[:, 0], k[:, 0].expand(-1, 2, -1)) * q.shape[-1] ** -0.5
+        p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1)
+        return torch.einsum("hst,thd->shd", p, v[:, 0].expand(-1, 2, -1)).reshape(s, 1, -1)
+    check(lambda q, k, v: att(q, k, v, None), attention, [leaf(s, 1, 2, 4), leaf(s, 1, 1, 4), leaf(s, 1, 1, 4)])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Findings, each with its cause
 
