@@ -27,8 +27,9 @@ import torch
 from parity.megatron_layout import tp_size
 
 LOSS_DESCRIPTION = (
-    "Megatron-Bridge's GPT step as its SFT recipes run it: labels and loss mask from its data path "
-    "(build_shifted_labels_and_loss_mask), the model called with the labels (megatron-core's GPTModel loss: "
+    "Megatron-Bridge's GPT step as its SFT recipes run it (gpt_step.forward_step restated: that module imports NVIDIA "
+    "ModelOpt, not installed here): labels and loss mask from its data path (build_shifted_labels_and_loss_mask; "
+    "attention_mask None, its dataset default), the model called with the labels (megatron-core's GPTModel loss: "
     "cross_entropy_loss_fusion=True, impl 'native' = fused_vocab_parallel_cross_entropy, the provider's defaults), "
     "masked_next_token_loss (sum over the loss mask) divided by the token count by megatron-core's forward_step "
     "(one micro-batch); the model in training mode, so the router's load-balancing loss the provider turns on "
