@@ -137,7 +137,7 @@ def test_gradients_come_back_through_its_own_export_with_the_k_eq_v_adjoint(refe
         sut.build(reference.case.kind, reference.config, dtype=reference.torch_dtype, device="cpu")
         sut.load(reference.state)
         sut.prepare(reference.inputs)
-        loss, logits = sut.train_loss(reference.inputs, labels_of(reference.inputs))
+        loss, _ = sut.train_loss(reference.inputs, labels_of(reference.inputs))
         loss.backward()
         tied = T._kv_tied_layers(sut.bm)
         assert tied == [2, 5]
