@@ -54,7 +54,10 @@ def apply() -> None:
 # Python 3.11 / 3.12, transformers 5.17 / 5.24, torch 2.11 / 2.13, no Transformer Engine.
 
 _MBRIDGE_APPLIED = False
-_BARE_BRIDGE_PACKAGES = ("megatron.bridge", "megatron.bridge.models")
+# megatron.bridge.data(.datasets): their __init__ import the HF `datasets` package for the SFT datasets; the
+# backward mode needs only the data path's label shift (``conversation_processing``), which does not.
+_BARE_BRIDGE_PACKAGES = ("megatron.bridge", "megatron.bridge.models", "megatron.bridge.data",
+                         "megatron.bridge.data.datasets")
 
 
 def _bridge_root() -> str | None:

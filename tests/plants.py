@@ -666,11 +666,14 @@ def loss_over_padding(mp, shape):
 def aux_loss_left_on(mp, shape):
     """A load-balancing loss still attached to the router's probabilities (megatron's MoEAuxLossAutoScaler: the
     forward is untouched, its gradient is added in the backward)."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
     text = _text()
     forward = text.Gemma4Router.forward
+    # its backward sets a class-wide loss scale on first use: restored with the plant (other runs set their own)
+    mp.setattr(MoEAuxLossAutoScaler, "main_loss_backward_scale", MoEAuxLossAutoScaler.main_loss_backward_scale)
 
     def planted(self, input, padding_mask=None):
-        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
         probs, routing_map = forward(self, input, padding_mask)
         aux = 1e-2 * (probs.float().sum(0) * routing_map.float().sum(0)).sum() / probs.shape[0] ** 2

@@ -39,6 +39,23 @@ class Replay:
     why: str = ""
 
 
+@dataclass(frozen=True)
+class GradTap:
+    """Where the backward mode reads a row's gradients when not at its module as ``names`` says (there: the gradient
+    of the module's output, and the gradient the module alone passes back to its main input, ``input_key``).
+
+    ``output``: ``"output"`` as said; ``"input"``: the row's value is its module's input (``names`` observes it
+    there), so its gradient is read there too, through ``input_layout``; None: not observable. ``input``: the path
+    (slots filled in) of the module whose main input is what HF's module of the row receives, so that the gradient
+    that module alone passes back to it is the row's input gradient (through ``input_layout``); ``""``: the row's own
+    module; None: not observable (e.g. a module fused with the HF module before it, whose input is that one's).
+    A row whose name is ``Elsewhere`` may still have a tap. ``why``: said where a gradient is not observable."""
+
+    output: str | None = "output"
+    input: str | None = ""
+    why: str = ""
+
+
 def call_arg(call: Call, key: str, pos: int = 0, device=None):
     """Argument ``key`` of a captured HF call, passed by keyword or at position ``pos`` (moved to ``device``)."""
     x = call.kwargs[key] if key in call.kwargs else call.args[pos]
@@ -64,6 +81,8 @@ class System(Protocol):
     names: Mapping[str, str | Elsewhere]  # alignment-table key -> module path in the built model
     shared: frozenset[str]  # keys of rows where the system runs HF's own code: reported ``shared``, not parity
     replays: Mapping[str, Replay]  # alignment-table key -> how isolated replay runs it, where not as ``names`` says
+    # optional: ``grad_taps: Mapping[str, GradTap]``, alignment-table key -> where the backward mode reads the row's
+    # gradients, where not as ``names`` says
     device: str
 
     def build(self, kind: str, hf_config: Any, *, dtype: torch.dtype, device: str) -> None: ...  # from the HF config

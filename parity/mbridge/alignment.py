@@ -32,6 +32,10 @@ class Twin:
     # ``module``'s input during that run
     replay_on: str | None = None  # HF module whose captured input the replay runs on, where not the row's own
     replay_note: str = ""
+    grad_input: str | None = ""  # the backward mode: the module whose main input is what HF's module of the row
+    # receives, where not ``module`` ("": ``module`` itself, when it is observable and read at its output); None:
+    # no module's input is (``grad_note`` says why)
+    grad_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,8 @@ _FN_NORM = "applied by Gemma4TransformerLayer as a function of this module's wei
 _ON_NORM_IN = "model.layers.{i}.input_layernorm"  # HF's input norm's input = the fused linear's input
 _QKV_REPLAY = "linear_qkv (input norm fused) on HF input_layernorm's input"
 _FN_REPLAY = "Megatron-Bridge's _gemma4_rms_norm with this module's weight and the layer's eps, as the layer applies it"
+_AFTER_FUSED_NORM = ("input is the input norm's (fused into linear_qkv): compared as input_layernorm's input "
+                     "gradient, at linear_qkv")
 
 TEXT_MODEL = (
     Row("model.embed_tokens", "embedding", Twin("embedding"),
@@ -57,7 +63,8 @@ TEXT_MODEL = (
     Row("model.rotary_emb", "rope", Twin("rotary_pos_emb", note="megatron frequency tables (local, global), not HF's (cos, sin)"),
         Twin("rotary_pos_emb", note="megatron frequency tables (sliding, full), not HF's (cos, sin)")),
     Row("model.norm", "norm", Twin("decoder.final_layernorm"), Twin("decoder.final_layernorm")),
-    Row("lm_head", "lm_head", Twin("output_layer", observable=False, note="output_layer applies the final softcap itself: compared as logits"),
+    Row("lm_head", "lm_head", Twin("output_layer", observable=False, note="output_layer applies the final softcap itself: compared as logits",
+                                   grad_input="output_layer"),
         Twin("output_layer", observable=False, note="output_layer applies the final softcap itself: compared as logits")),
     Row("logits", "logits", Twin("output_layer"), Twin("output_layer")),
 )
@@ -65,16 +72,19 @@ TEXT_MODEL = (
 TEXT_LAYER = (
     Row("model.layers.{i}", "layer", Twin(_L), Twin(_L)),
     Row("model.layers.{i}.input_layernorm", "norm",
-        Twin(f"{_L}.self_attention.linear_qkv", observable=False, note=_FUSED_IN + "; compared at q_proj/k_proj/v_proj"),
+        Twin(f"{_L}.self_attention.linear_qkv", observable=False, note=_FUSED_IN + "; compared at q_proj/k_proj/v_proj",
+             grad_input=f"{_L}.self_attention.linear_qkv"),
         Twin(f"{_L}.input_layernorm")),
     Row("model.layers.{i}.self_attn", "attention",
         Twin(f"{_L}.self_attention.linear_proj.post_layernorm", io="input",
              note="self_attention's own output is after the post-attention norm (inside linear_proj)",
              replay=f"{_L}.self_attention", replay_on=_ON_NORM_IN,
-             replay_note="self_attention (input norm fused) on HF input_layernorm's input; read before its post-norm"),
+             replay_note="self_attention (input norm fused) on HF input_layernorm's input; read before its post-norm",
+             grad_input=None, grad_note="self_attention's " + _AFTER_FUSED_NORM),
         Twin(f"{_L}.self_attention")),
     *(Row(f"model.layers.{{i}}.self_attn.{p}_proj", f"qkv:{p}",
-          Twin(f"{_L}.self_attention.linear_qkv", replay_on=_ON_NORM_IN, replay_note=_QKV_REPLAY),
+          Twin(f"{_L}.self_attention.linear_qkv", replay_on=_ON_NORM_IN, replay_note=_QKV_REPLAY, grad_input=None,
+               grad_note="linear_qkv's " + _AFTER_FUSED_NORM),
           Twin(f"{_L}.self_attention.linear_qkv")) for p in "qkv"),
     Row("model.layers.{i}.self_attn.q_norm", "head_norm", Twin(f"{_L}.self_attention.q_layernorm"), Twin(f"{_L}.self_attention.q_layernorm")),
     Row("model.layers.{i}.self_attn.k_norm", "head_norm", Twin(f"{_L}.self_attention.k_layernorm"), Twin(f"{_L}.self_attention.k_layernorm")),
@@ -86,14 +96,17 @@ TEXT_LAYER = (
     Row("model.layers.{i}.self_attn.o_proj", "linear",
         Twin(f"{_L}.self_attention.linear_proj.post_layernorm", io="input",
              note="linear_proj = o_proj + post-attention norm (TERowParallelLinearLayerNorm)",
-             replay=f"{_L}.self_attention.linear_proj", replay_note="linear_proj on HF o_proj's input; read before its post-norm"),
+             replay=f"{_L}.self_attention.linear_proj", replay_note="linear_proj on HF o_proj's input; read before its post-norm",
+             grad_input=f"{_L}.self_attention.linear_proj"),
         Twin(f"{_L}.self_attention.linear_proj")),
     Row("model.layers.{i}.post_attention_layernorm", "norm",
         Twin(f"{_L}.self_attention.linear_proj.post_layernorm"), Twin(f"{_L}.post_self_attn_layernorm")),
     Row("model.layers.{i}.pre_feedforward_layernorm", "norm",
         Twin(f"{_L}.mlp.shared_experts", io="input",
              note="pre_shared_expert_layernorm is " + _FN_NORM + "; its output is shared_experts' input",
-             replay=f"{_L}.pre_shared_expert_layernorm", replay_note=_FN_REPLAY),
+             replay=f"{_L}.pre_shared_expert_layernorm", replay_note=_FN_REPLAY, grad_input=None,
+             grad_note="pre_shared_expert_layernorm is " + _FN_NORM + "; its input, the layer's residual, is also "
+                       "the router's, the other pre-norm's and the residual add's"),
         Twin(f"{_L}.pre_mlp_layernorm")),
     Row("model.layers.{i}.mlp", "mlp", Twin(f"{_L}.mlp.shared_experts"), Twin(f"{_L}.mlp")),
     Row("model.layers.{i}.mlp.gate_proj", "fc1:gate", Twin(f"{_L}.mlp.shared_experts.linear_fc1"), Twin(f"{_L}.mlp.linear_fc1")),
@@ -111,7 +124,9 @@ TEXT_LAYER = (
     Row("model.layers.{i}.experts", "experts",
         Twin(f"{_L}.mlp.post_moe_layernorm", io="input", note="routed output after the dispatcher's combine",
              replay=f"{_L}.mlp", replay_note="its MoE layer's dispatch, experts, combine and postprocess under HF's "
-             "routing (HF's top-k indices and weights) on HF experts' input; read before post_moe_layernorm"),
+             "routing (HF's top-k indices and weights) on HF experts' input; read before post_moe_layernorm",
+             grad_input=None, grad_note="its MoE layer runs forward_with_separate_inputs (no hook fires on it) and "
+                                        "its experts see their input permuted by expert"),
         None, moe_only=True),
     Row("model.layers.{i}.post_feedforward_layernorm_2", "norm", Twin(f"{_L}.mlp.post_moe_layernorm"), None, moe_only=True),
     Row("model.layers.{i}.post_feedforward_layernorm", "norm", Twin(f"{_L}.post_ffn_layernorm"), Twin(f"{_L}.post_mlp_layernorm")),
@@ -138,7 +153,9 @@ def rows(num_layers: int, *, moe: bool, k_eq_v_layers: frozenset[int] = frozense
     for row in TEXT_MODEL:
         twin = row.moe if moe else row.dense
         if twin is not None:
-            out.append((name(row.hf, None, hf_pre, True), row, replace(twin, module=name(twin.module, None, mb_pre, False))))
+            out.append((name(row.hf, None, hf_pre, True), row, replace(
+                twin, module=name(twin.module, None, mb_pre, False),
+                grad_input=twin.grad_input and name(twin.grad_input, None, mb_pre, False))))
     for i in range(num_layers):
         for row in TEXT_LAYER:
             twin = row.moe if moe else row.dense
@@ -147,7 +164,8 @@ def rows(num_layers: int, *, moe: bool, k_eq_v_layers: frozenset[int] = frozense
             out.append((name(row.hf, i, hf_pre, True), row, replace(
                 twin, module=name(twin.module, i, mb_pre, False),
                 replay=twin.replay and name(twin.replay, i, mb_pre, False),
-                replay_on=twin.replay_on and name(twin.replay_on, i, hf_pre, True))))
+                replay_on=twin.replay_on and name(twin.replay_on, i, hf_pre, True),
+                grad_input=twin.grad_input and name(twin.grad_input, i, mb_pre, False))))
     if vlm:
         for hf, mb in SHARED_VISION:
             out.append((hf, Row(hf, "shared", None, None), Twin(mb, note="HF's own module inside Megatron-Bridge")))

@@ -22,10 +22,13 @@ def section(results: dict) -> str:
     if not isinstance(train, dict):
         return ""
     loss = train.get("loss") or {}
-    rows = [r for r in S.modules(results) if r.get("mode") in GRADIENT_ROWS]
+    every = [r for r in S.modules(results) if r.get("mode") in GRADIENT_ROWS]
+    rows = [r for r in every if r.get("gate_class") is not None]  # measured (reported rows carry no gate class)
     bad = sorted((r for r in rows if r.get("passed") is False), key=lambda r: r.get("order") or 0)
     counts = " · ".join(f"{sum(r.get('mode') == m for r in rows)} {label}s" for m, label in GRADIENT_ROWS.items()
                         if m != "loss")
+    if len(every) > len(rows):
+        counts += f" · {len(every) - len(rows)} not observable in its model (reported with the reason)"
     worst = max(rows, key=lambda r: S.num(r.get("rel_l2")) or 0.0, default=None)
     full = lambda x: f"{x:.7g}" if isinstance(x, (int, float)) else "—"  # noqa: E731  (losses agree to ~1e-7)
     kv = [("loss, HF", full(loss.get("hf"))), ("loss, system", full(loss.get("system"))),

@@ -19,9 +19,10 @@ from parity import megatron_env
 from parity.config import TextArgs
 from parity.engine.alignment import VISION, Aligned, Kind, Stack
 from parity.engine.compare import value
+from parity.engine.system import Elsewhere, GradTap, Replay, call_arg, hf_routing
 from parity.errors import UserError
-from parity.engine.system import Elsewhere, Replay, call_arg, hf_routing
-from parity.megatron_layout import first, hf_token_order, sb, to_hf, tp_gather, tp_size, tp_slice
+from parity.mbridge import training as T
+from parity.megatron_layout import first, hf_token_order, input_to_hf, sb, to_hf, tp_gather, tp_size, tp_slice
 
 INPUT = " (input)"
 LM_VLM = "language_model."
@@ -48,6 +49,29 @@ def _replays(moe: bool, vlm: bool) -> dict[str, Replay]:
         if twin is not None and (twin.replay or twin.replay_on):
             out[_key(row.hf)] = Replay(prefix + (twin.replay or twin.module), twin.replay_on and _key(twin.replay_on),
                                        twin.replay_note)
+    return out
+
+
+def _grad_taps(moe: bool, vlm: bool) -> dict[str, GradTap]:
+    """Alignment-table key -> where the backward mode reads the row's gradients, for the rows the bridge's table
+    observes elsewhere than a module's output and input: a value read at a module's input (its gradient is read
+    there too), a module whose input is another HF module's (the input norm fused into linear_qkv), a row without
+    a module whose input is still HF's (lm_head: output_layer's input)."""
+    from parity.mbridge import alignment as A
+
+    prefix = LM_VLM if vlm else ""
+    out = {}
+    for row in (*A.TEXT_MODEL, *A.TEXT_LAYER):
+        twin = row.moe if moe else row.dense
+        key = _key(row.hf)
+        if twin is None or key in ("logits", "rotary_emb"):
+            continue
+        output = None if not twin.observable else "input" if twin.io == "input" else "output"
+        grad_input = twin.grad_input if twin.observable or twin.grad_input else None
+        if output == "output" and grad_input == "":
+            continue  # as ``names`` says
+        out[key] = GradTap(output=output, input=prefix + grad_input if grad_input else grad_input,
+                           why=twin.grad_note or twin.note)
     return out
 
 
@@ -80,6 +104,7 @@ def _names(moe: bool, vlm: bool) -> dict[str, str | Elsewhere]:
 
 class MegatronBridgeSystem:
     name = "megatron-bridge"
+    loss_description = T.LOSS_DESCRIPTION
 
     def __init__(self):
         from parity import mbridge
@@ -106,6 +131,7 @@ class MegatronBridgeSystem:
         self.substituted = list(self.bm.substituted)
         self.names = _names(moe=not self.bm.dense, vlm=self.vlm)
         self.replays = _replays(moe=not self.bm.dense, vlm=self.vlm)
+        self.grad_taps = _grad_taps(moe=not self.bm.dense, vlm=self.vlm)
         self._modules = dict(self.model.named_modules())
         self._inputs: dict[int, torch.Tensor] = {}
         self._handles = []  # pre-hooks on the input-side modules, installed by ``prepare``
@@ -175,6 +201,32 @@ class MegatronBridgeSystem:
 
     def module(self, name: str) -> nn.Module | None:
         return self._modules.get(name[: -len(INPUT)] if name.endswith(INPUT) else name)
+
+    # -- training ----------------------------------------------------------------------------------
+
+    def train_loss(self, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Its GPT training step with its provider's defaults (``parity.mbridge.training``): (loss, logits
+        ``[b, s, V]``), both in the graph. ``labels``: HF's convention; its data path shifts them."""
+        return T.train_loss(self.bm, inputs["input_ids"], labels, inputs["position_ids"])
+
+    def grads(self):
+        """Its parameters' gradients in HF layout, by its own export applied to them (K=V: the adjoint of its
+        import's copy of k_proj into the v slot)."""
+        yield from T.grads(self.bm).items()
+
+    def input_key(self, a: Aligned, args: tuple, kwargs: dict) -> int | str | None:
+        """Its modules' main input: ``hidden_states`` where passed by keyword (its decoder calls layers so), else the
+        first positional argument."""
+        if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+            return "hidden_states"
+        return 0 if args and isinstance(args[0], torch.Tensor) else None
+
+    def input_layout(self, a: Aligned, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        """A module's input (or its gradient) ``[s, b, ...]`` -> HF layout: of the row's value where the row is
+        observed at this module's input (``names`` ending in `` (input)``), else of HF's module's input."""
+        if self._is_input(a) and module is self.module(self.names[a.row.name_key].format(**a.slots)):
+            return self._layout(a, x)
+        return input_to_hf(a, x, self.b, self.s, module)
 
     @contextmanager
     def fp32(self, path: str):

@@ -8,7 +8,9 @@ and every gradient is compared where it is observed:
 - ``grad_output`` / ``grad_input`` rows: the gradient with respect to each aligned module's output (all its
   consumers) and the gradient the module alone passes back to its main input (its input is replaced by an alias
   only it consumes), read by tensor hooks during the backward; the system's brought to HF layout by the same
-  ``System.output`` as its forward values (``System.input_key`` / ``input_layout`` for inputs).
+  ``System.output`` as its forward values (``System.input_key`` / ``input_layout`` for inputs). Where a system
+  observes a row elsewhere (``System.grad_taps``: a value read at a module's input, a module fused with the HF
+  module before it), the row's gradients are read there, or reported with the reason when there is no place.
 - ``param_grad`` rows: every HF parameter's gradient against the system's gradient in HF layout
   (``System.grads``: its weight mapping's adjoint -- e.g. on K=V layers HF's ``k_proj`` gradient is the sum of the
   gradients of every place the system copied K into).
@@ -30,6 +32,7 @@ import torch
 from parity.engine.alignment import TABLE_KINDS, Aligned, Kind, layer_of
 from parity.engine.compare import compare, first, metrics, to_device, value
 from parity.engine.record import Record
+from parity.engine.system import Elsewhere, GradTap
 
 MODE = "backward"
 LOSS, OUTPUT, INPUT, PARAM = "loss", "grad_output", "grad_input", "param_grad"
@@ -166,28 +169,82 @@ def _rel(ref, key, g32: torch.Tensor, test: torch.Tensor) -> float:
     return float(compare(kind, g32.float(), test.float(), ref.where)["rel_l2"])
 
 
+class _Site:
+    """One system module's gradient hooks: the rows read at its main input (one alias, ``input_key`` of the row
+    that first named the module; each converted by ``input_layout``) and at its output (``output``)."""
+
+    def __init__(self, module, path: str, key_row: Aligned):
+        self.module, self.path, self.key_row = module, path, key_row
+        self.at_input: list[tuple[str, Aligned]] = []  # (OUTPUT or INPUT, row): that gradient of the row
+        self.at_output: list[Aligned] = []
+
+    def install(self, sut, grads: _Grads) -> list:
+        handles = []
+        if self.at_input:
+            def pre(m, args, kwargs):
+                hooks = [grads.hook(kind, a.hf, lambda g, a=a: sut.input_layout(a, g, m)) for kind, a in self.at_input]
+
+                def keep(g):
+                    for h in hooks:
+                        h(g)
+                return _alias_input(sut.input_key(self.key_row, args, kwargs), args, kwargs, keep)
+            handles.append(self.module.register_forward_pre_hook(pre, with_kwargs=True))
+        if self.at_output:
+            def fwd(m, args, kwargs, out):
+                y = first(out)
+                if isinstance(y, torch.Tensor) and y.requires_grad:
+                    for a in self.at_output:
+                        y.register_hook(grads.hook(OUTPUT, a.hf, lambda g, a=a: sut.output(a, g, m)))
+            handles.append(self.module.register_forward_hook(fwd, with_kwargs=True))
+        return handles
+
+
+def _plan(c) -> tuple[dict[int, _Site], dict[tuple[str, str], tuple[str | None, str]], dict[str, str]]:
+    """Where each row's gradients are read in the system's model: ``{id(module): _Site}``; the gradients it has no
+    place for, ``{(kind, HF name): (system name or None, why)}``; the module each row's input gradient is read at.
+    By ``names`` (output gradient at the module's output, input gradient at its main input), or by the row's
+    ``GradTap`` where the system has one (``System.grad_taps``)."""
+    sut = c.sut
+    taps = getattr(sut, "grad_taps", None) or {}
+    sites: dict[int, _Site] = {}
+    unseen: dict[tuple[str, str], tuple[str | None, str]] = {}
+    input_at: dict[str, str] = {}
+
+    def site(path: str, a: Aligned) -> _Site | None:
+        module = sut.module(path)
+        return None if module is None else sites.setdefault(id(module), _Site(module, path, a))
+
+    for a in _rows(c.rows):
+        name = c.name(a)
+        tap = taps.get(a.row.name_key)
+        if tap is None:
+            if not isinstance(name, str):
+                if isinstance(name, Elsewhere):
+                    for kind in (OUTPUT, INPUT):
+                        unseen[(kind, a.hf)] = (None, f"{name.why}: compared at {c.sibling(a, name.at)}")
+                continue
+            tap = GradTap()
+        own = site(name, a) if isinstance(name, str) else None
+        if tap.output is not None and own is not None:
+            (own.at_output.append(a) if tap.output == "output" else own.at_input.append((OUTPUT, a)))
+        else:
+            unseen[(OUTPUT, a.hf)] = (name if isinstance(name, str) else None, tap.why or "not observable")
+        where = own if tap.input == "" else None if tap.input is None else site(tap.input.format(**a.slots), a)
+        if where is not None:
+            where.at_input.append((INPUT, a))
+            input_at[a.hf] = name if tap.input == "" else tap.input.format(**a.slots)
+        else:
+            unseen[(INPUT, a.hf)] = (name if isinstance(name, str) else None, tap.why or "not observable")
+    return sites, unseen, input_at
+
+
 def run(c, prog) -> None:
     """The system's training forward and backward on the same inputs and labels, compared with HF's."""
     hf, sut, ref = c.ref.extra[MODE], c.sut, c.ref
-    grads, handles, hooked = _Grads(), [], set()
-    for a in _rows(c.rows):
-        name = c.name(a)
-        module = sut.module(name) if isinstance(name, str) else None
-        if module is None:
-            continue
-
-        def pre(m, args, kwargs, a=a):
-            return _alias_input(sut.input_key(a, args, kwargs), args, kwargs,
-                                grads.hook(INPUT, a.hf, lambda g, m=m, a=a: sut.input_layout(a, g, m)))
-
-        def fwd(m, args, kwargs, out, a=a):
-            y = first(out)
-            if isinstance(y, torch.Tensor) and y.requires_grad:
-                y.register_hook(grads.hook(OUTPUT, a.hf, lambda g, m=m, a=a: sut.output(a, g, m)))
-        if id(module) not in hooked:  # rows sharing one module (fused q/k/v) alias its input once
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        hooked.add(id(module))
-        handles.append(module.register_forward_hook(fwd, with_kwargs=True))
+    grads, handles = _Grads(), []
+    sites, unseen, input_at = _plan(c)
+    for s in sites.values():
+        handles += s.install(sut, grads)
     try:
         with torch.enable_grad():
             loss, logits = sut.train_loss(ref.inputs, hf["labels"].to(ref.device))
@@ -199,12 +256,14 @@ def run(c, prog) -> None:
     base = max(c.cap.order.values(), default=0) + 2  # after every forward row (the logits: the last + 1)
     fused: dict[str, list[Aligned]] = {}  # system module -> the HF rows it computes at once (q/k/v, gate/up)
     for a in _rows(c.rows):
-        _record(c, a, OUTPUT, hf["grads"], grads, base)
-        name = c.name(a)
-        if a.row.part is not None and isinstance(name, str):
-            fused.setdefault(name, []).append(a)
-        else:
-            _record(c, a, INPUT, hf["grads"], grads, base)
+        for kind in (OUTPUT, INPUT):
+            if (kind, a.hf) in unseen:
+                if (kind, a.hf) in hf["grads"].out:
+                    c.not_run(a, kind, *unseen[(kind, a.hf)])
+            elif kind == INPUT and a.row.part is not None and input_at.get(a.hf) == c.name(a):
+                fused.setdefault(input_at[a.hf], []).append(a)
+            else:
+                _record(c, a, kind, hf["grads"], grads, base, input_at.get(a.hf) if kind == INPUT else None)
     for name, parts in fused.items():  # one input for all parts: HF's input gradients of its modules summed
         _record_fused(c, name, parts, hf["grads"], grads, base)
     logits_row = next(a for a in c.rows if a.row.kind is Kind.LOGITS)
@@ -270,26 +329,29 @@ def _record_fused(c, name: str, parts: list[Aligned], hf_grads: _Grads, mine: _G
     hf32 = c.ref.extra.get("backward32")
     if hf32 is not None and all(k in hf32["grads"].out for k in keys):
         truth.out[(INPUT, parts[0].hf)] = sum(hf32["grads"].out[k] for k in keys)
-    rec = _record(c, parts[0], INPUT, summed, mine, base, truth)
+    rec = _record(c, parts[0], INPUT, summed, mine, base, truth=truth)
     if rec is not None:
         rec.detail = (f"input gradient of {name}, which computes {', '.join(a.hf.rsplit('.', 1)[1] for a in parts)} "
                       "at once: HF's input gradients of those modules summed")
 
 
-def _record(c, a: Aligned, kind: str, hf_grads: _Grads, mine: _Grads, base: int,
+def _record(c, a: Aligned, kind: str, hf_grads: _Grads, mine: _Grads, base: int, at: str | None = None,
             truth: _Grads | None = None) -> Record | None:
+    """Row ``a``'s gradient ``kind`` against HF's; ``at``: the system module it was read at, where not ``a``'s;
+    ``truth``: HF-fp32's gradients where not the backward32 ones as they are (a fused input's sum)."""
     key = (kind, a.hf if a.row.kind is not Kind.LOGITS else "logits")
     ref = hf_grads.out.get(key)
     if ref is None:
         return None
     test = mine.out.get(key)
-    name = c.name(a)
+    name = at or c.name(a)
     if test is None:
         rec = Record.measured(a, name if isinstance(name, str) else None, kind, {}, base + 1 + hf_grads.order[key])
         rec.missing = f"{c.sut.name} computed no {kind.replace('_', ' ')} for {a.hf}"
         c.records.append(rec)
         return rec
-    rec = c.record(a, kind, ref, to_device(test, ref.device) if ref.device.type != "cpu" else test)
+    rec = c.record(a, kind, ref, to_device(test, ref.device) if ref.device.type != "cpu" else test,
+                   name=name if isinstance(name, str) else None)
     rec.order = base + 1 + hf_grads.order[key]
     _truth(c, rec, key, test, truth)
     return rec

@@ -1,0 +1,161 @@
+"""Megatron-Bridge's Gemma 4 training step as its SFT users run it, for the backward mode.
+
+Its GPT step (``megatron.bridge.training.gpt_step.forward_step``; the module itself imports NVIDIA ModelOpt, not
+installed here, so its three lines are restated in ``_step``): the batch of its data path
+(``build_shifted_labels_and_loss_mask``: labels are the next token, ``-100`` where there is none, and a loss mask
+that is 0 there), the model called *with* those labels (megatron-core's ``GPTModel`` then computes the per-token
+loss itself, through the cross entropy its provider picks: ``cross_entropy_loss_fusion=True``,
+``cross_entropy_fusion_impl="native"`` by default), its loss function (``masked_next_token_loss``: the sum over
+the loss mask, and the token count) and megatron-core's schedule (``forward_step``: the sum divided by the token
+count and the number of micro-batches; the MoE auxiliary-loss scale set). The model runs in training mode, so the
+router attaches the load-balancing loss its provider turns on (``moe_router_load_balancing_type="aux_loss"``,
+``moe_aux_loss_coeff=1e-3``): its gradient joins in the backward (``MoEAuxLossAutoScaler``), its value is not part
+of the returned loss (as in Megatron's logs: ``lm loss`` and ``load_balancing_loss`` apart).
+
+Gradients come back through its own export (``export_hf_weights``) applied to the gradients, plus the adjoint of
+what its import copies: on K=V layers the import writes HF ``k_proj`` into both the k and the v slot of
+``linear_qkv`` (``Gemma4Bridge.maybe_modify_loaded_hf_weight``), and its export drops the v slot, so HF's
+``k_proj`` gradient is the k slot's plus the v slot's.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+
+import torch
+
+from parity.megatron_layout import tp_size
+
+LOSS_DESCRIPTION = (
+    "Megatron-Bridge's GPT step as its SFT recipes run it (gpt_step.forward_step restated: that module imports NVIDIA "
+    "ModelOpt, not installed here): labels and loss mask from its data path (build_shifted_labels_and_loss_mask; "
+    "attention_mask None, its dataset default), the model called with the labels (megatron-core's GPTModel loss: "
+    "cross_entropy_loss_fusion=True, impl 'native' = fused_vocab_parallel_cross_entropy, the provider's defaults), "
+    "masked_next_token_loss (sum over the loss mask) divided by the token count by megatron-core's forward_step "
+    "(one micro-batch); the model in training mode, so the router's load-balancing loss the provider turns on "
+    "(aux_loss, moe_aux_loss_coeff 1e-3) adds its gradient in the backward (not part of the loss value)")
+
+
+def batch(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> dict:
+    """Its data path's batch for HF-convention ``labels`` (input ids, -100 where no token): ``tokens``, shifted
+    ``labels`` (-100 where none), ``loss_mask`` (float), ``position_ids``, and ``attention_mask`` None (its dataset
+    default ``skip_getting_attention_mask_from_dataset=True``: the model's causal mask)."""
+    from megatron.bridge.data.conversation_processing import build_shifted_labels_and_loss_mask
+
+    shifted, loss_mask = build_shifted_labels_and_loss_mask(input_ids, labels != -100)
+    return {"tokens": input_ids, "labels": shifted, "loss_mask": loss_mask, "position_ids": position_ids,
+            "attention_mask": None}
+
+
+@contextmanager
+def logits_tap(model: torch.nn.Module, box: dict):
+    """While inside, ``box["logits"]`` is set to the output layer's (softcapped) logits as a ``[b, s, V]`` view in the
+    graph, so that a hook on it sees their gradient; the model goes on with a copy of the same values (its cross
+    entropy subtracts and exponentiates its input in place, which would overwrite the view's values)."""
+
+    def keep(mod, args, out):
+        logits, bias = out
+        view = logits.transpose(0, 1)
+        box["logits"] = view
+        return view.transpose(0, 1).clone(), bias
+    handle = model.output_layer.register_forward_hook(keep)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def _step(b: dict, data_iterator, model):
+    """``gpt_step.forward_step``: the model called with the labels, and ``masked_next_token_loss`` on its mask."""
+    from megatron.bridge.training.losses import masked_next_token_loss
+
+    out = model(input_ids=b["tokens"], position_ids=b["position_ids"], attention_mask=b["attention_mask"],
+                labels=b["labels"])
+    return out, partial(masked_next_token_loss, b["loss_mask"], check_for_nan_in_loss=True, check_for_spiky_loss=False)
+
+
+def train_loss(bm, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One training forward of the text model: (loss, logits ``[b, s, V]``), both in the autograd graph; gradients
+    cleared first. Training mode for the forward only (the model is left as it was)."""
+    from megatron.core.pipeline_parallel.schedules import forward_step
+
+    if bm.kind != "text" or tp_size() > 1:
+        raise NotImplementedError("Megatron-Bridge's training step runs text models at TP=1 here for now")
+    model = bm.model
+    device = next(model.parameters()).device
+    b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+         for k, v in batch(input_ids, labels, position_ids).items()}
+    box: dict = {}
+    model.zero_grad(set_to_none=True)
+    was_training = model.training
+    model.train()
+    try:
+        with logits_tap(model, box):
+            loss, _ = forward_step(partial(_step, b), None, model, num_microbatches=1, input_tensor=None,
+                                   forward_data_store=[], config=model.config, cp_group_size=1, is_last_stage=True)
+    finally:
+        model.train(was_training)
+    logits = box["logits"]
+    if logits.shape[-1] != bm.vocab_size:
+        raise NotImplementedError(f"padded vocabulary ({logits.shape[-1]} for {bm.vocab_size})")
+    return loss, logits
+
+
+def _kv_tied_layers(bm) -> list[int]:
+    return [i for i, layer in enumerate(bm.model.decoder.layers) if getattr(layer.self_attention, "_tied_kv", False)]
+
+
+def _swap_k_v(w: torch.Tensor, attention) -> torch.Tensor:
+    """``linear_qkv.weight`` (this rank's rows ``[ng x (q.. | k | v)]``, megatron's interleaved layout) with each
+    group's k and v rows exchanged: the export of it yields as ``k_proj`` what the v slot holds."""
+    hn = attention.hidden_size_per_attention_head
+    groups = attention.num_query_groups_per_partition
+    blocks = w.reshape(groups, -1, hn, w.shape[-1])  # per group: q heads, then k, then v
+    return torch.cat([blocks[:, :-2], blocks[:, -1:], blocks[:, -2:-1]], dim=1).reshape_as(w)
+
+
+@contextmanager
+def _values(model: torch.nn.Module, values: dict[str, torch.Tensor]):
+    """Every parameter's data replaced by ``values[name]`` (zeros where absent) and every floating buffer by
+    zeros while inside; restored after."""
+    saved = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            saved[name] = p.data
+            p.data = values.get(name, torch.zeros_like(p)).to(p.dtype)
+        for name, buf in model.named_buffers():
+            if buf.is_floating_point():
+                saved[name] = buf.data
+                buf.data = torch.zeros_like(buf)
+    try:
+        yield
+    finally:
+        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        for name, data in saved.items():
+            (params.get(name) if name in params else buffers[name]).data = data
+
+
+def grads(bm) -> dict[str, torch.Tensor]:
+    """Its parameters' gradients as HF ``{key: tensor}``: its export applied to the gradients (TP shards and EP
+    experts gathered by it), K=V layers' ``k_proj`` the sum of the k and v slots' gradients (the adjoint of its
+    import's copy). Buffers (``layer_scalar``) come back as zeros: nothing trains them."""
+    from parity.mbridge.model import export_hf
+
+    model = bm.model
+    g = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
+    with _values(model, g):
+        out = {k: v.detach().clone() for k, v in export_hf(bm)}
+    tied = _kv_tied_layers(bm)
+    if tied:
+        swapped = dict(g)
+        for i in tied:
+            name = f"decoder.layers.{i}.self_attention.linear_qkv.weight"
+            if name in g:
+                swapped[name] = _swap_k_v(g[name], model.decoder.layers[i].self_attention)
+        with _values(model, swapped):
+            v_slot = {k: v.detach().clone() for k, v in export_hf(bm)}
+        for i in tied:
+            key = f"model.layers.{i}.self_attn.k_proj.weight"
+            out[key] = out[key] + v_slot[key]
+    return out
