@@ -154,7 +154,8 @@ def test_a_crash_while_building_is_a_failing_phase(monkeypatch, tmp_path):
                               "where": r["failures"][0]["where"]}]
     assert r["modules"] == [] and all(not m["ran"] for m in r["modes"])
     assert r["summary"]["failures"] == ["the system raised while building: build raised RuntimeError: planted: no "
-                                        "kernel for this shape"]
+                                        f"kernel for this shape (at {r['failures'][0]['where']})"]
+    assert "test_verdicts.py:" in r["failures"][0]["where"] and r["failures"][0]["where"].endswith(" in build")
 
 
 def test_a_harness_error_is_still_exit_3(monkeypatch, tmp_path, capsys):
