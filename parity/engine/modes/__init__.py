@@ -27,7 +27,7 @@ class Mode:
     gates: str = "run"  # "run": the case's gates of the run's dtype; "float32": its fp32 gates in any run
     floors: bool = False  # bf16 runs measure HF-bf16 against HF-fp32 in this mode (each row's noise floor)
     every_row: bool = False  # every row the system has a module for yields a record (else a failing one)
-    when: str = "always"  # "always" | "bf16_single": bf16 runs of one process (the fp32 replay)
+    when: str = "always"  # "always" | "bf16_single": bf16 runs of one process (the fp32 replay) | "single": one process
     needs: tuple[str, ...] = ()  # the System methods it calls (a system without one: the mode is skipped, said so)
     records_as: str | None = None  # its rows are written with this mode's name (tables: end_to_end rows)
 
@@ -35,7 +35,7 @@ class Mode:
         """Why this mode does not run for ``system`` in a run of ``dtype`` over ``world_size`` processes."""
         if self.when == "bf16_single" and dtype == "float32":
             return "a float32 run: nothing to replay in fp32"
-        if self.when == "bf16_single" and world_size != 1:
+        if self.when in ("bf16_single", "single") and world_size != 1:
             return f"runs of one process only (this run has {world_size})"
         missing = [m for m in self.needs if not callable(getattr(system, m, None))]
         return f"{system.name} has no {', '.join(missing)}" if missing else None
@@ -53,6 +53,8 @@ MODES = (  # in the order a run measures them
     Mode("fp32_replay", "fp32 replay", "fp32_replay", color="#8250df", replay=True, rank=1, gates="float32",
          when="bf16_single", needs=("module", "replay", "fp32")),
     Mode("tables", "masks and RoPE", "tables", records_as="end_to_end", needs=("tables",)),
+    Mode("probing", "probing", "probing", color="#1a7f37", replay=True, rank=3, when="single",
+         needs=("module", "replay", "prepare", "tables")),
 )
 PLOTTED = tuple(m.name for m in sorted(MODES, key=lambda m: m.rank) if m.every_row)  # reports draw these per layer
 
