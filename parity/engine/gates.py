@@ -238,6 +238,10 @@ def summarise(records: list[Record], verdict: dict, logits_summary: dict) -> dic
         detail = {"name": first.name, "megatron_name": first.megatron_name, "mode": first.mode,
                   "metric": first.gate["metric"], "value": getattr(first, first.gate["metric"]),
                   "gate": first.gate["max"], "why": first.why or first.detail}
+        if first.probe:  # a probing row: the input it failed on (and the search's example)
+            detail["probe"] = first.probe
+            if first.example:
+                detail["example"] = first.example
     layer_rows = [r for r in records if r.kind == "layer" and r.mode == "end_to_end"]
     worst = max(layer_rows, key=lambda r: r.rel_l2 or 0.0) if layer_rows else None
     return {

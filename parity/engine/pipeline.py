@@ -126,6 +126,9 @@ def against(ref: Reference, system: str) -> dict:
                                           f"{f['method']} raised {f['error']}" + (f" (at {f['where']})" if f["where"]
                                                                                    else "") for f in failures]
     phases, peaks = {**ref.prog.phases, **prog.phases}, {**ref.prog.gpu_peaks, **prog.gpu_peaks}
+    probing = c.sections.get("probing")
+    if probing is not None and "probing" in phases:  # its cost, as a share of the whole run so far
+        probing.update(seconds=phases["probing"], share_of_run=phases["probing"] / max(sum(phases.values()), 1e-9))
     host = ref.host_weights
     results = Results(
         case=case.name, kind=case.kind, passed=all(summary["checks"].values()), device=ref.device, dtype=ref.dtype,

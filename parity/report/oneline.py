@@ -33,7 +33,7 @@ def divergence(results: dict) -> str:
     d = summary.get("first_divergence_detail") or {}
     gate = d.get("gate")
     limit = gate.get("max") if isinstance(gate, dict) else gate
-    parts = [str(d["mode"])] if d.get("mode") else []
+    parts = [str(d["mode"]) + (f" on {d['probe']}" if d.get("probe") else "")] if d.get("mode") else []
     value = S.num(d.get("value"))
     if d.get("metric") and (value is None and not d.get("why") or value is not None and S.num(limit) is not None
                             and value > S.num(limit)):  # a row failing for a stated reason shows that reason
