@@ -449,6 +449,20 @@ def first_new(r: dict, known: set) -> dict:
     return G.summarise(records, {"logits_ok": True}, {})["summary"]["first_divergence_detail"] or {}
 
 
+def bridge_probing_finding(row: dict) -> int | None:
+    """The Megatron-Bridge finding a failing probing row of a clean run shows (docs/megatron-bridge-findings.md),
+    or None: 2, its post-attention norm's eps 1e-5, at small input magnitudes; 10, its RoPE from the sequence
+    index instead of the position ids, at long positions (HF's fp32 angles there carry rounding it has not)."""
+    if row.get("mode") != "probing":
+        return None
+    probe = row.get("probe") or ""
+    if row["name"].endswith(".post_attention_layernorm") and probe.startswith("magnitude"):
+        return 2
+    if row.get("kind") == "attention" and probe.startswith("positions"):
+        return 10
+    return None
+
+
 def exceeds(row: dict) -> bool:
     """The row's gated metric really exceeds its gate (or a stated reason fails it)."""
     g = row["gate"]
