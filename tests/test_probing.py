@@ -143,6 +143,23 @@ def test_the_cost_of_probing_is_recorded():
     assert {"name": "probing", "label": "probing", "ran": True} in r["modes"]
 
 
+def test_without_hypothesis_the_fixed_points_still_run(monkeypatch):
+    """A machine without hypothesis (a bare GPU image) runs the fixed probes; each search says why it did not run."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "hypothesis" or m.startswith("hypothesis.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "hypothesis", None)  # import hypothesis -> ImportError
+    r = _run(TINY["float32"])
+    assert r["passed"] is True and len(_rows(r)) > 100
+    searches = [f["search"] for f in r["probing"]["families"].values() if f.get("search")]
+    assert searches and all(s == {"skipped": "hypothesis is not installed here: the fixed points only"}
+                            for s in searches), searches
+    from parity.report.html import render_run
+
+    assert "hypothesis is not installed here" in render_run(r)
+
+
 def _bridge() -> bool:
     from parity import mbridge
 

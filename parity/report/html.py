@@ -621,6 +621,8 @@ def _probing_section(results: dict) -> str:
             found = f'<span class="muted">not run: {_e(f["skipped"])}</span>'
         elif search is None:
             found = '<span class="muted">fixed points only</span>'
+        elif search.get("skipped"):
+            found = f'<span class="muted">{_e(search["skipped"])}</span>'
         elif search.get("found"):
             ex = search["found"]
             found = (f'<b class="red">{_e(ex.get("probe"))}</b> <span class="muted">(smallest failing input, '

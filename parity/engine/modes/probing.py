@@ -118,12 +118,16 @@ class HFSide:
             self._layers["norm"] = self._built(norm, self._weights(f"{a.hf}."), a.hf)
         return self._layers["norm"]
 
-    def fp32(self, module: torch.nn.Module) -> torch.nn.Module:
-        """An fp32 copy of one of these modules (kept: the floors of several probes use it)."""
+    def fp32(self, module: torch.nn.Module, keep: bool = True) -> torch.nn.Module:
+        """An fp32 copy of one of these modules: kept (a norm, a router: the floors of several probes use it), or
+        not (a decoder layer: copied when needed, so that at most one fp32 layer is resident)."""
         key = id(module)
-        if key not in self._fp32:
-            self._fp32[key] = copy.deepcopy(module).float()
-        return self._fp32[key]
+        if key in self._fp32:
+            return self._fp32[key]
+        out = copy.deepcopy(module).float()
+        if keep:
+            self._fp32[key] = out
+        return out
 
     def tables(self, inputs: dict, dtype: torch.dtype) -> tuple[dict, dict]:
         """HF's masks and RoPE tables per layer type for raw ``inputs``, as ``Gemma4TextModel.forward`` makes them
@@ -301,7 +305,7 @@ class Prober:
         lt = self.hf.config.layer_types[i]
         h = take(call.args[0].to(self.sut.device))
         cap = self._hf_layer(self.hf.layer(i), layer_name, rows, h, inputs, lt, self.ref.torch_dtype)
-        cap32 = self._hf_layer(self.hf.fp32(self.hf.layer(i)), layer_name, rows, h.float(), inputs, lt,
+        cap32 = self._hf_layer(self.hf.fp32(self.hf.layer(i), keep=False), layer_name, rows, h.float(), inputs, lt,
                                torch.float32) if self.low else None
         return [r for r in (self._replayed(a, probe, cap, where, cap32) for a in targets) if r is not None]
 
@@ -337,8 +341,11 @@ class Prober:
                seed: int) -> dict:
         """Draw examples of ``strategy``; the law (every row of ``make(example)`` passes its gate) is checked on
         each; a failure shrinks to the smallest failing example, whose rows are kept (with ``example``)."""
-        from hypothesis import HealthCheck, Phase, find, settings
-        from hypothesis.errors import NoSuchExample
+        try:
+            from hypothesis import HealthCheck, Phase, find, settings
+            from hypothesis.errors import NoSuchExample
+        except ImportError:
+            return {"skipped": "hypothesis is not installed here: the fixed points only"}
 
         calls, seen = {"n": 0}, {}
 
@@ -399,7 +406,7 @@ def run(c, prog) -> None:
             rms = 10.0 ** exponent
             probe = Probe("magnitude", f"magnitude: input RMS {rms:.3g} (found)", {"rms": rms, "row": firsts[i].hf})
             return probe, lambda: [r for r in [p.module_probe(firsts[i], probe, p.magnitude(rms))] if r is not None]
-        from hypothesis import strategies as st
+        st = _strategies()
 
         # the exponents on the side of a fixed point that failed (shrinking toward 0 finds the mildest), else all
         failed = {r.probe for r in c.records if r.mode == MODE and not r.passed and r.probe.startswith("magnitude")}
@@ -424,7 +431,7 @@ def run(c, prog) -> None:
                 gap = 10.0 ** exponent
                 probe = Probe("near-tie", f"near-tie: gap {gap:.3g} (found)", {"gap": gap, "row": firsts[i].hf})
                 return probe, lambda: [r for r in [p.module_probe(firsts[i], probe, p.near_tie(gap))] if r is not None]
-            from hypothesis import strategies as st
+            st = _strategies()
             return {"points": [f"gap {g:g}" for g in TIES], "modules": len(routers),
                     "search": p.search("near-tie", st.tuples(st.integers(0, len(firsts) - 1),
                                                              st.floats(-5.0, -1.0, allow_nan=False)), make, seed)}
@@ -436,7 +443,7 @@ def run(c, prog) -> None:
             families[name] = {"skipped": why, "rows": 0, "failing": 0, "seconds": 0.0}
         c.sections[MODE] = p.section
         return
-    from hypothesis import strategies as st
+    st = _strategies()
 
     firsts = sorted({_first_layer(cfg, t) for t in set(cfg.layer_types)})
     positions = c.ref.inputs["position_ids"][c.ref.where.valid]
@@ -476,6 +483,21 @@ def run(c, prog) -> None:
     family("single token", lambda: (p.keep(p.inputs_probe(Probe("single token", "single token: a sequence of one",
                                                                    {"length": 1}))) or {"points": ["length 1"]}))
     c.sections[MODE] = p.section
+
+
+class _NoStrategies:
+    """Stands in for ``hypothesis.strategies`` where hypothesis is not installed: the searches then say so."""
+
+    def __getattr__(self, name):
+        return lambda *a, **kw: None
+
+
+def _strategies():
+    try:
+        from hypothesis import strategies
+    except ImportError:
+        return _NoStrategies()
+    return strategies
 
 
 # ---------------------------------------------------------------------------------------------------
