@@ -177,6 +177,11 @@ def _first_divergence_card(results: dict) -> str:
              ("gate", _e(fd.get("gate") or "—"))]
     if fd.get("probe"):
         pairs.append(("input", _e(fd["probe"])))
+        family = ((results.get("probing") or {}).get("families") or {}).get(str(fd["probe"]).split(":")[0]) or {}
+        found = (family.get("search") or {}).get("found") if isinstance(family.get("search"), dict) else None
+        if found and found.get("probe") != fd["probe"]:
+            pairs.append(("smallest failing", _e(f'{found.get("probe")} (seeded search, seed '
+                                                 f'{family["search"].get("seed")})')))
     if isinstance(fd.get("example"), dict):
         ex = fd["example"]
         pairs.append(("reproduce", _e(", ".join(f"{k} {v}" for k, v in ex.items() if k not in ("family", "search"))
