@@ -451,13 +451,17 @@ def first_new(r: dict, known: set) -> dict:
 
 def bridge_probing_finding(row: dict) -> int | None:
     """The Megatron-Bridge finding a failing probing row of a clean run shows (docs/megatron-bridge-findings.md),
-    or None: 2, its post-attention norm's eps 1e-5, at small input magnitudes; 10, its RoPE from the sequence
-    index instead of the position ids, at long positions (HF's fp32 angles there carry rounding it has not)."""
+    or None: 2, its post-attention norm's eps 1e-5, at small input magnitudes; 8, its masks on a left-padded
+    batch (the positions probe moves the run's own batch); 10, its RoPE from the sequence index instead of the
+    position ids, at long positions (HF's fp32 angles there carry rounding it has not; on a left-padded batch
+    finding 8 adds to it)."""
     if row.get("mode") != "probing":
         return None
     probe = row.get("probe") or ""
     if row["name"].endswith(".post_attention_layernorm") and probe.startswith("magnitude"):
         return 2
+    if row.get("kind") == "mask" and probe.startswith("positions"):
+        return 8
     if row.get("kind") == "attention" and probe.startswith("positions"):
         return 10
     return None
