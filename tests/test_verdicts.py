@@ -105,7 +105,7 @@ def test_a_transposed_layout_fails_with_both_shapes(monkeypatch, tmp_path):
     assert code == 1 and r["passed"] is False
     assert r["summary"]["first_divergence"] == "model.layers.1.post_attention_layernorm"
     rows = [m for m in r["modules"] if m["name"] == "model.layers.1.post_attention_layernorm"]
-    assert {m["mode"] for m in rows} == {"isolated", "end_to_end"}
+    assert {m["mode"] for m in rows} == {"isolated", "end_to_end", "probing"}  # every replay, probes too
     for m in rows:  # the same elements in another order: compared after a reshape, and said so
         assert m["passed"] is False and m["rel_l2"] > 0.1, m
         assert m["layout"] == {"reference": [2, 40, 96], "test": [40, 2, 96], "compared": [2, 40, 96]}, m
