@@ -34,6 +34,8 @@ def targets(record: dict) -> dict:
     ratio = record["ratios"].get("wall_over_forwards_plus_conversion")
     if ratio is not None:
         out["wall_over_forwards_plus_conversion"] = {"value": ratio, "limit": 3.0}
+    if ph.get("probing") is not None and record.get("wall_s"):  # the probing rows: part of every run while cheap
+        out["probing_share_of_run"] = {"value": ph["probing"] / record["wall_s"], "limit": 0.15}
     peak = (record.get("peak_memory") or {}).get("gpu_peak_gib")
     if peak is not None:
         out["gpu_peak_gib"] = {"value": peak, "limit": 75.0}
@@ -102,7 +104,7 @@ def single(results: dict, wall: float, out_dir: Path, system: str) -> Path:
         "wall_s": wall, "phases_s": phases, "timings": timings, "peak_memory": results.get("peak_memory"),
         "ratios": {
             "megatron_over_hf_forward": (timings["megatron_forward_s"] / timings["hf_forward_s"])
-            if timings.get("hf_forward_s") else None,
+            if timings.get("hf_forward_s") and timings.get("megatron_forward_s") else None,
             "wall_over_forwards_plus_conversion": wall / (forwards + conversion) if forwards + conversion else None,
         },
         "report_bytes": len(html.encode()),

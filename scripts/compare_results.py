@@ -1,9 +1,12 @@
 """Compare two results.json files (a baseline and a new run of the same case): verdicts, every module row,
 the logits summary and the round trip must be identical. Timings, creation time and provenance may differ.
 
-    python scripts/compare_results.py BASE_DIR NEW_DIR [CASE ...]
+    python scripts/compare_results.py BASE_DIR NEW_DIR [CASE ...] [--new-mode MODE ...]
 
-Each DIR holds ``CASE/results.json``; prints one line per case and exits 1 if anything differs.
+Each DIR holds ``CASE/results.json``; prints one line per case and exits 1 if anything differs. ``--new-mode
+MODE`` (e.g. ``probing``): the new run's rows of a mode the base run did not have are counted apart ("+N MODE
+rows, F failing") and left out of the row comparison; the verdict fields (``passed``, ``checks``, the summary)
+are still compared, so a new row that fails shows there.
 """
 from __future__ import annotations
 
@@ -26,6 +29,16 @@ def _eq(a, b) -> bool:
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_eq(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def split_new(results: dict, new_modes: tuple[str, ...]) -> tuple[dict, list[dict]]:
+    """``results`` without the rows of ``new_modes`` (and those rows): what a base run without them compares to."""
+    rows = [m for m in results["modules"] if m.get("mode") in new_modes]
+    summary = dict(results["summary"])  # the counts without them
+    summary["n_modules"] = summary.get("n_modules", 0) - len(rows)
+    summary["n_failed"] = summary.get("n_failed", 0) - sum(not m["passed"] for m in rows)
+    return {**results, "summary": summary,
+            "modules": [m for m in results["modules"] if m.get("mode") not in new_modes]}, rows
 
 
 def differences(base: dict, new: dict) -> list[str]:
@@ -57,15 +70,19 @@ def _key(row: dict) -> tuple:
 
 
 def main(argv: list[str]) -> int:
+    new_modes = tuple(argv[i + 1] for i, a in enumerate(argv) if a == "--new-mode")
+    argv = [a for i, a in enumerate(argv) if a != "--new-mode" and (i == 0 or argv[i - 1] != "--new-mode")]
     base_dir, new_dir, *cases = argv
     cases = cases or sorted(p.parent.name for p in Path(base_dir).glob("*/results.json"))
     failed = False
     for case in cases:
         base = json.loads((Path(base_dir) / case / "results.json").read_text())
-        new = json.loads((Path(new_dir) / case / "results.json").read_text())
+        new, added = split_new(json.loads((Path(new_dir) / case / "results.json").read_text()), new_modes)
         diff = differences(base, new)
         failed |= bool(diff)
-        print(f"{case}: {'IDENTICAL' if not diff else 'DIFFERENT'} ({len(new['modules'])} module rows, passed "
+        extra = f", +{len(added)} {'/'.join(new_modes)} rows, {sum(not m['passed'] for m in added)} failing" \
+            if new_modes else ""
+        print(f"{case}: {'IDENTICAL' if not diff else 'DIFFERENT'} ({len(new['modules'])} module rows{extra}, passed "
               f"{new['passed']}, logits rel_l2 {new['summary']['logits'].get('rel_l2')}, round trip "
               f"{new['roundtrip']['bit_exact']}/{new['roundtrip']['tensors']})")
         for line in diff[:20]:

@@ -7,6 +7,14 @@ mode, value, gate) with machine and versions as JSON.
 
     python scripts/gpu_plants.py [--case gemma4-26b-a4b] [--seq-len 2048] [--plants a,b] [--out bench/]
 
+Each row also carries ``probing``: the probing rows' cost and share of the run, what each family's seeded search
+found, and at the plant's module the failing probing row furthest past its gate (``at_expected.times_gate``, e.g.
+the post-attention norm eps plant at input RMS 1e-3) beside the same module's isolated rows
+(``isolated_times_gate``) -- the issue-22 sensitivity figures:
+
+    python scripts/gpu_plants.py --plants post_attention_norm_eps,rope_positions_bf16,rope_angles_bf16,\
+        sliding_window_off_by_one --tag probing --out bench/
+
 ``--sensitivity`` measures instead, per module class of ``tests/plants.py`` ``SENSITIVITY`` (a norm weight, a
 projection, routing weights, an expert output; all in layer 0), the smallest planted relative error caught and
 localised: the ``--eps`` list is descended and each class stops at its first eps not caught (breadth first over
@@ -47,6 +55,7 @@ def row(plant, shape, r: dict, wall: float, known: set | None = None) -> dict:
            "value": d.get("value"), "gate": d.get("gate"), "why": d.get("why"), "n_failed": s["n_failed"],
            "logits_rel_l2": s["logits"].get("rel_l2"), "logits_kl_max": s["logits"].get("kl_max"),
            "decisive_share": s["logits"].get("decisive_share"), "wall_s": wall}
+    out["probing"] = probing(r, where)
     if plant is None:
         return out
     judged = d
@@ -58,6 +67,39 @@ def row(plant, shape, r: dict, wall: float, known: set | None = None) -> dict:
                                                                    "value", "gate")}
     out["caught"] = (not r["passed"]) and judged.get("name") == where and (
         plant.megatron_name is None or judged.get("megatron_name") == plant.megatron_name)
+    return out
+
+
+def times_gate(m: dict) -> float | None:
+    """How far a row is past its gate: its gated value over the gate (and in bf16 its truth over the truth gate)."""
+    g = m.get("gate") or {}
+    value = m.get(g.get("metric"))
+    if value is None or not g.get("max"):
+        return None
+    out = value / g["max"]
+    if m.get("truth_gate") and m.get("truth_rel_l2") is not None:
+        out = max(out, m["truth_rel_l2"] / m["truth_gate"]["max"])
+    return out
+
+
+def probing(r: dict, where: str | None) -> dict:
+    """The probing rows of a run (issue 22): their cost, what each family's search found, and at the plant's module
+    the failing probing row furthest past its gate (the sensitivity figure: how many times its gate)."""
+    pr = r.get("probing") or {}
+    out = {"seconds": pr.get("seconds"), "share_of_run": pr.get("share_of_run"),
+           "found": {f: (d.get("search") or {}).get("found") for f, d in (pr.get("families") or {}).items()
+                     if (d.get("search") or {}).get("found")},
+           "failing_rows": sum(1 for m in r["modules"] if m["mode"] == "probing" and not m["passed"])}
+    rows = [m for m in r["modules"] if m["mode"] == "probing" and not m["passed"] and m["name"] == where]
+    if rows:
+        worst = max(rows, key=lambda m: times_gate(m) or 0.0)
+        out["at_expected"] = {"probe": worst.get("probe"), "kind": worst.get("kind"),
+                              "metric": worst["gate"]["metric"], "value": worst.get(worst["gate"]["metric"]),
+                              "gate": worst["gate"]["max"], "truth_rel_l2": worst.get("truth_rel_l2"),
+                              "times_gate": times_gate(worst)}
+    iso = [m for m in r["modules"] if m["mode"] == "isolated" and m["name"] == where and m.get("gate")]
+    if iso:  # the same module on the run's own inputs, for comparison
+        out["isolated_times_gate"] = max(times_gate(m) or 0.0 for m in iso)
     return out
 
 
@@ -180,6 +222,7 @@ def main() -> int:
     ap.add_argument("--system", default="parity", choices=("parity", "megatron-bridge"),
                     help="system under test; megatron-bridge runs tests/plants.py BRIDGE_PLANTS by default")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench"))
+    ap.add_argument("--tag", default="", help="appended to the record's file name (e.g. probing)")
     a = ap.parse_args()
 
     from parity.cases import load_case
@@ -259,7 +302,7 @@ def main() -> int:
     table = {**head, "clean": clean, "plants": rows,
              "caught": sum(1 for x in rows if x.get("caught")), "n_plants": len(rows)}
     tag = "" if a.system == "parity" else f"-{a.system}"
-    path = os.path.join(a.out, f"gpu-plants-{a.case}{tag}-{a.device}.json")
+    path = os.path.join(a.out, f"gpu-plants-{a.case}{tag}-{a.device}{'-' + a.tag if a.tag else ''}.json")
     with open(path, "w") as f:
         json.dump(table, f, indent=1, default=str)
     print(f"[gpu_plants] {table['caught']}/{len(rows)} plants caught and localised; clean run "

@@ -1,4 +1,4 @@
-"""Planted Megatron-side errors (issue 11, item 8): each one a small, realistic bug in one place of the Megatron
+"""Planted Megatron-side errors (issue 11, item 8; the eps and long-position plants: issue 22): each one a small, realistic bug in one place of the Megatron
 Gemma 4 or its bridge, planted through ``monkeypatch`` for one run, with the HF module path the run must name as
 its first divergence (DESIGN.md section 8: inline steps by the name of their parent, masks and RoPE tables by
 the first affected ``self_attn`` / ``rotary_emb``).
@@ -327,6 +327,39 @@ def missing_final_softcap(mp, shape):
     mp.setattr(text.Gemma4Model, "output_logits", output_logits)
 
 
+# ------------------------------------------------------------------------- where probing looks (issue 22)
+
+def post_attention_norm_eps(mp, shape):
+    """Megatron-Bridge finding 2's class: the post-attention norms built with eps 1e-5 (TE's default), not the
+    config's 1e-6. At the inputs' natural scale it moves the norm by ~7e-6 (under the fp32 gate); the probing rows
+    at input RMS 1e-3 fail it by orders of magnitude."""
+    text = _text()
+    init = text.Gemma4TransformerLayer.__init__
+
+    def planted(self, *a, **kw):  # every layer built (the model's and the fp32 replay's copies)
+        init(self, *a, **kw)
+        self.post_attention_layernorm.eps = 1e-5  # BUG
+    mp.setattr(text.Gemma4TransformerLayer, "__init__", planted)
+
+
+def rope_positions_bf16(mp, shape):
+    """Position ids cast to bf16 before the angles: exact up to 256, then rounded (257 -> 256, 131,071 ->
+    131,072): right on short sequences, wrong at long positions (the probing rows at the end of the context)."""
+    from parity.models import rope
+    rotary_freqs = rope.rotary_freqs
+    mp.setattr(rope, "rotary_freqs", lambda layer, position_ids: rotary_freqs(
+        layer, position_ids.to(torch.bfloat16).to(position_ids.dtype)))  # BUG
+
+
+def rope_angles_bf16(mp, shape):
+    """The RoPE angles (position x inverse frequency) rounded to bf16 before cos/sin: 2^-9 of the angle, so
+    already wrong at short positions and wildly so at long ones."""
+    from parity.models import rope
+    rotary_freqs = rope.rotary_freqs
+    mp.setattr(rope, "rotary_freqs", lambda layer, position_ids: rotary_freqs(layer, position_ids).to(
+        torch.bfloat16).float())  # BUG
+
+
 PLANTS = [
     Plant("swap_experts", "mapping", "model.layers.1.experts", swap_experts),
     Plant("swap_q_k_norm", "mapping", "model.layers.0.self_attn.q_norm", swap_q_k_norm),
@@ -354,6 +387,9 @@ PLANTS = [
     Plant("experts_exact_gelu", "experts", "model.layers.0.experts", experts_exact_gelu),  # ~2e-4 relative
     Plant("experts_output_scaled", "experts", "model.layers.0.experts", experts_output_scaled),  # 1e-2 relative
     Plant("missing_final_softcap", "logits", "logits", missing_final_softcap),
+    Plant("post_attention_norm_eps", "eps", "model.layers.0.post_attention_layernorm", post_attention_norm_eps),
+    Plant("rope_positions_bf16", "rope", "model.rotary_emb", rope_positions_bf16),
+    Plant("rope_angles_bf16", "rope", "model.rotary_emb", rope_angles_bf16),
 ]
 
 
@@ -411,6 +447,24 @@ def first_new(r: dict, known: set) -> dict:
 
     records = [Record.from_dict({**m, "passed": m["passed"] or (m["name"], m["mode"]) in known}) for m in r["modules"]]
     return G.summarise(records, {"logits_ok": True}, {})["summary"]["first_divergence_detail"] or {}
+
+
+def bridge_probing_finding(row: dict) -> int | None:
+    """The Megatron-Bridge finding a failing probing row of a clean run shows (docs/megatron-bridge-findings.md),
+    or None: 2, its post-attention norm's eps 1e-5, at small input magnitudes; 8, its masks on a left-padded
+    batch (the positions probe moves the run's own batch); 10, its RoPE from the sequence index instead of the
+    position ids, at long positions (HF's fp32 angles there carry rounding it has not; on a left-padded batch
+    finding 8 adds to it)."""
+    if row.get("mode") != "probing":
+        return None
+    probe = row.get("probe") or ""
+    if row["name"].endswith(".post_attention_layernorm") and probe.startswith("magnitude"):
+        return 2
+    if row.get("kind") == "mask" and probe.startswith("positions"):
+        return 8
+    if row.get("kind") == "attention" and probe.startswith("positions"):
+        return 10
+    return None
 
 
 def exceeds(row: dict) -> bool:

@@ -18,10 +18,10 @@ def test_every_mode_names_a_module_that_runs_it():
         impl = mode.implementation()
         assert callable(impl.run), mode.name
         assert callable(getattr(impl, "floors", None)) == mode.floors, mode.name
-        assert mode.gates in ("run", "float32") and mode.when in ("always", "bf16_single", "train")
+        assert mode.gates in ("run", "float32") and mode.when in ("always", "bf16_single", "single", "train")
         assert mode.gate_key in ("rel_l2", "grad_rel_l2")
     assert M.PLOTTED == ("isolated", "end_to_end")
-    assert [m.name for m in MODES if m.replay] == ["isolated", "fp32_replay"]
+    assert [m.name for m in MODES if m.replay] == ["isolated", "fp32_replay", "probing"]
     assert M.rank("isolated") < M.rank("fp32_replay") < M.rank("end_to_end") < M.rank("no such mode")
 
 
@@ -100,8 +100,9 @@ def test_a_mode_the_system_cannot_serve_is_skipped_with_its_reason(monkeypatch):
     r = _run(monkeypatch, "gemma4-text-tiny-bf16", system="no-fp32")
     assert {"name": "fp32_replay", "label": "fp32 replay", "ran": False, "why": "no-fp32 has no fp32"} in r["modes"]
     assert not [m for m in r["modules"] if m["mode"] == "fp32_replay"]
-    assert not [m for m in r["modules"] if "truth_rel_l2" in m]  # the truth gate comes with the fp32 replay
-    assert [m["name"] for m in r["modes"] if m["ran"]] == ["roundtrip", "end_to_end", "isolated", "tables"]
+    # the truth gate of the replays comes with the fp32 replay (probing rows measure their own)
+    assert not [m for m in r["modules"] if "truth_rel_l2" in m and m["mode"] != "probing"]
+    assert [m["name"] for m in r["modes"] if m["ran"]] == ["roundtrip", "end_to_end", "isolated", "tables", "probing"]
 
 
 def test_modes_are_recorded_in_the_report(monkeypatch, tmp_path):
@@ -109,6 +110,6 @@ def test_modes_are_recorded_in_the_report(monkeypatch, tmp_path):
 
     r = _run(monkeypatch, "gemma4-text-dense-tiny")
     html = render_run(r, None)
-    assert 'id="modes">modes: round trip, end-to-end, isolated, masks and RoPE · not run — fp32 replay: ' \
+    assert 'id="modes">modes: round trip, end-to-end, isolated, masks and RoPE, probing · not run — fp32 replay: ' \
            'a float32 run: nothing to replay in fp32' in html
     assert dataclasses.is_dataclass(M.get("isolated"))

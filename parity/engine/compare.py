@@ -183,20 +183,76 @@ def device_of(*tensors: torch.Tensor) -> torch.device:
 
 
 def metrics(ref: torch.Tensor, test: torch.Tensor, mask: torch.Tensor | None) -> dict:
-    """``tensor_metrics`` with both sides (and the mask) on ``device_of(ref, test)``."""
+    """``tensor_metrics`` with both sides (and the mask) on ``device_of(ref, test)``. Shapes that differ are a
+    verdict, never an error: with as many elements on both sides the two are compared after a reshape to the
+    layout the mask fits (HF's first) and the result says so (``layout``); otherwise the row fails with both
+    shapes."""
     dev = device_of(ref, test)
-    return M.tensor_metrics(ref.to(dev), test.to(dev), None if mask is None else mask.to(dev))
+    ref, test, mask = ref.to(dev), test.to(dev), None if mask is None else mask.to(dev)
+    if tuple(ref.shape) == tuple(test.shape):
+        if mask is not None and tuple(mask.shape) != tuple(ref.shape[:mask.dim()]):
+            mask = _mask_for(ref.shape, mask) if _mask_for(ref.shape, mask) is not None else mask  # flat tokens
+        return M.tensor_metrics(ref, test, mask)
+    shapes = {"reference": list(ref.shape), "test": list(test.shape)}
+    if ref.numel() != test.numel():
+        out = failed(f"shape {tuple(test.shape)} against HF's {tuple(ref.shape)}: the element counts differ "
+                     f"({test.numel()} vs {ref.numel()})")
+        out["layout"] = {**shapes, "compared": None}
+        return out
+    shape, mask = _reshaped_layout(ref.shape, test.shape, mask)
+    out = M.tensor_metrics(ref.reshape(shape), test.reshape(shape), mask)
+    out["layout"] = {**shapes, "compared": list(shape)}
+    out["detail"] = (f"layout differs: the system's {tuple(test.shape)} against HF's {tuple(ref.shape)}; compared "
+                     f"after a reshape to {tuple(shape)}")
+    return out
+
+
+def _mask_for(shape: torch.Size, mask: torch.Tensor) -> torch.Tensor | None:
+    """``mask`` over the leading dims of ``shape``, reshaped if its element count is theirs; None if none is."""
+    n = 1
+    for k, d in enumerate((1, *shape)):
+        n *= d
+        if n == mask.numel() and k > 0:
+            return mask.reshape(tuple(shape[:k]))
+    return None
+
+
+def _reshaped_layout(ref_shape, test_shape, mask):
+    """The shape two equal-sized tensors are compared in, and the mask in it: HF's shape when the mask (its
+    element count) fits its leading dims, else the system's, else HF's without a mask."""
+    if mask is None:
+        return tuple(ref_shape), None
+    for shape in (ref_shape, test_shape):
+        fitted = _mask_for(shape, mask)
+        if fitted is not None:
+            return tuple(shape), fitted
+    return tuple(ref_shape), None
 
 
 def _router(ref, test, where: Where) -> dict:
     mask = where.valid.reshape(-1)
     dev = device_of(ref["probs"], test["dense"])
+    reshaped, test_shape = [], list(test["dense"].shape)
+    for key, ref_key in (("top_i", "top_i"), ("top_w", "top_w"), ("dense", "probs")):  # a layout is a verdict
+        a, b = ref[ref_key], test[key]
+        if tuple(a.shape) != tuple(b.shape):
+            if a.numel() != b.numel():
+                out = failed(f"router {key}: shape {tuple(b.shape)} against HF's {tuple(a.shape)}: the element "
+                             f"counts differ")
+                out["layout"] = {"reference": list(a.shape), "test": list(b.shape), "compared": None}
+                return out
+            reshaped.append(f"{key} {tuple(b.shape)} against HF's {tuple(a.shape)}")
+            test = {**test, key: b.reshape(a.shape)}
     ref_dense = torch.zeros_like(ref["probs"], device=dev).scatter(1, ref["top_i"].long().to(dev),
                                                                     ref["top_w"].float().to(dev))
     out = metrics(ref_dense, test["dense"].to(dev, ref_dense.dtype), mask)
     out["router"] = M.router_metrics(ref["top_i"].cpu(), test["top_i"].cpu(), ref["top_w"].cpu(), test["top_w"].cpu(),
                                      mask=mask.cpu(), ref_probs=ref["probs"].cpu())
     out["router"]["num_experts"] = ref["probs"].shape[-1]
+    if reshaped:
+        out["detail"] = "layout differs: the system's router " + "; ".join(reshaped) + "; compared after a reshape"
+        out["layout"] = {"reference": list(ref["probs"].shape), "test": test_shape,
+                         "compared": list(ref["probs"].shape)}
     return out
 
 
@@ -207,9 +263,7 @@ def _vision(mask_of: Callable) -> Callable:
             if not torch.equal(ref[1].to(test[1].device), test[1]):
                 return failed("pooled valid-slot masks differ")
             ref, test = ref[0], test[0]
-        if tuple(ref.shape) != tuple(test.shape):
-            return failed(f"shape {tuple(test.shape)} vs {tuple(ref.shape)}")
-        return metrics(ref, test, mask)
+        return metrics(ref, test, mask)  # a shape that differs: compared after a reshape, or failed, said so
     return measure
 
 
@@ -248,7 +302,14 @@ def compare_mask(a: Aligned, hf_mask, mine: torch.Tensor, where: Where) -> dict:
         ref = hf_mask.to(rows.device)
         ref = ref if ref.dtype == torch.bool else ref == 0
     region = rows[:, None, :, None].expand(rows.shape[0], 1, n, n)
-    diff = int(((ref != mine.to(rows.device)) & region).sum())
+    mine = mine.to(rows.device)
+    try:
+        torch.broadcast_shapes(ref.shape, mine.shape, region.shape)
+    except RuntimeError:
+        out = failed(f"mask shape {tuple(mine.shape)} against HF's {tuple(ref.shape)} (real rows {tuple(region.shape)})")
+        out["layout"] = {"reference": list(ref.shape), "test": list(mine.shape), "compared": None}
+        return out
+    diff = int(((ref != mine) & region).sum())
     return {"cosine": 1.0 if diff == 0 else 0.0, "rel_l2": diff / max(1, int(region.sum())), "max_abs": float(diff > 0),
             "n": diff}
 

@@ -28,6 +28,7 @@ class Comparison:
     reported: list[Record] = field(default_factory=list)  # rows shown with the reason they have no metric
     sections: dict = field(default_factory=dict)  # e.g. "roundtrip"
     logits: Any = None  # the system's end-to-end logits
+    failures: list = field(default_factory=list)  # what the system raised in a phase (the pipeline's)
 
     @property
     def rows(self) -> list[Aligned]:
@@ -80,14 +81,23 @@ class Comparison:
             return self.cap.order.get("lm_head", max(self.cap.order.values(), default=0)) + 1
         return self.cap.order.get(a.hf, 0)
 
-    def record(self, a: Aligned, mode: str, ref, test, m_: dict | None = None, name: str | None = None) -> Record:
-        """Measure ``test`` against ``ref`` (both in ``a``'s layout) and keep the row."""
-        m_ = compare(a.row.kind, ref, test, self.where) if m_ is None else m_
+    def record(self, a: Aligned, mode: str, ref, test, m_: dict | None = None, name: str | None = None,
+               where=None) -> Record:
+        """Measure ``test`` against ``ref`` (both in ``a``'s layout) and keep the row. ``where``: the real
+        positions of inputs other than the run's (a probe's); such rows have no position-group metrics."""
+        m_ = compare(a.row.kind, ref, test, where or self.where) if m_ is None else m_
         rec = Record.measured(a, self.name(a) if name is None else name, mode, m_, self.order(a))
         rec.shared = a.row.name_key in self.sut.shared
-        if self.ref.groups is not None and a.row.kind is Kind.LAYER:
+        if self.ref.groups is not None and a.row.kind is Kind.LAYER and where is None:
             self.layer_groups.append({"name": a.hf, "mode": mode, "layer": a.layer,
                                       **_group_metrics(ref, test, self.ref.groups)})
+        self.records.append(rec)
+        return rec
+
+    def raised(self, a: Aligned, mode: str, name: str | None, error) -> Record:
+        """A row the system raised on (``parity.engine.system.SystemRaised``): a failing record with the error."""
+        rec = Record.measured(a, name, mode, {}, self.order(a))
+        rec.raised = f"the system raised: {error.text}"
         self.records.append(rec)
         return rec
 
@@ -107,7 +117,10 @@ class Comparison:
                 if (a.hf, mode.name) in seen or not isinstance(name, str):
                     continue
                 hf_missing = self.cap.first(a.hf) is None or any(self.cap.first(n) is None for n in a.feeds)
+                stopped = next((f for f in self.failures if f["phase"] == mode.name), None)
                 why = (f"HF module {a.hf} was never called" if hf_missing else
+                       f"not reached: the system raised first ({stopped['method']}: {stopped['error']})"
+                       if stopped else
                        f"{self.sut.name} module {name} could not be replayed" if mode.replay else
                        f"{self.sut.name} module {name} was never called")
                 rec = Record.measured(a, name, mode.name, {}, self.cap.order.get(a.hf, 0))

@@ -22,7 +22,11 @@
   isolated mode a decisive top-k flip fails (near-ties are counted and reported with their margins).
 - rows of a mode whose gate section is ``float32`` (``parity.engine.modes``: the fp32 replay, a bf16 run's
   modules replayed in fp32 on both sides) are gated by the fp32 numbers in any run.
-- a record that carries ``missing`` (a twin never called, on either side) fails with that reason.
+- a record that carries ``missing`` (a twin never called, on either side) or ``raised`` (the system raised
+  while running it) fails with that reason.
+- any divergence is a verdict: a row with non-finite values at compared positions (either side, even the same
+  on both) fails and says how many; so does a module the two sides called a different number of times
+  (``calls``, end to end); shapes that differ were compared after a reshape, or failed, and say so (``layout``).
 """
 from __future__ import annotations
 
@@ -113,22 +117,29 @@ def _gate_bf16(rec: Record, g: dict) -> bool:
     return ok
 
 
-def apply(records: list[Record], gates: dict, dtype: str, logits_summary: dict, kl_floor: float | None = None,
-          kl_truth: float | None = None) -> dict:
-    """Gate every record in place; returns the logits verdict. ``kl_floor`` (bf16 only, optional): the per-token
-    KL max of HF-bf16 against HF-fp32; when given, the logits KL gate is ``floor_multiplier * kl_floor +
-    logits_kl_max`` (capped by ``ceiling_kl_max``) instead of ``logits_kl_max`` alone. ``kl_truth`` (bf16 only,
-    optional): the per-token KL max of Megatron-bf16 against HF-fp32, gated by ``truth_multiplier``."""
+def _nonfinite(rec: Record) -> str | None:
+    """Why a row with non-finite values at compared positions fails (either side, even where both agree)."""
+    ref_n, test_n = rec.nonfinite or (0, 0)
+    if not (ref_n or test_n):
+        return None
+    where = [f"{test_n} in the system's output"] if test_n else []
+    return "non-finite values: " + ", ".join(where + ([f"{ref_n} in HF's"] if ref_n else []))
+
+
+def record_judge(gates: dict, dtype: str):
+    """``judge(rec) -> bool``: one record gated in place by the case's ``gates`` for a run of ``dtype`` (what
+    ``apply`` does to every record; a mode that searches its inputs judges each candidate with it)."""
     g = _gate_numbers(gates, dtype)
     g32 = _gate_numbers(gates, "float32") if dtype != "float32" else g
     exact_names = set(gates.get("exact", []) or [])
-    for rec in records:
+
+    def judge(rec: Record) -> bool:
         mode = M.get(rec.mode)
         key = mode.gate_key if mode is not None else "rel_l2"  # gradients: grad_rel_l2
         exact = key == "rel_l2" and (rec.gate_class == "exact" or rec.name in exact_names or rec.kind in exact_names)
-        if rec.missing:
+        if rec.missing or rec.raised:
             rec.gate = {"metric": "rel_l2", "max": 0.0}
-            rec.why = rec.missing
+            rec.why = rec.raised or rec.missing
             ok = False
         elif exact:
             rec.gate = {"metric": "max_abs", "max": 0.0}
@@ -147,7 +158,27 @@ def apply(records: list[Record], gates: dict, dtype: str, logits_summary: dict, 
             ok = False
             margins = ", ".join(f"{f['margin']:.2g}" for f in router.get("flip_margins", [])[:3])
             rec.why = f"{router['decisive_flips']} decisive top-k flips" + (f" (margins {margins})" if margins else "")
+        nonfinite = _nonfinite(rec)
+        if nonfinite:
+            ok, rec.why = False, nonfinite
+        if rec.calls:
+            ok, rec.why = False, (f"called {rec.calls[1]} times by the system, {rec.calls[0]} times by HF "
+                                  f"(compared: the first call)")
         rec.passed = bool(ok)
+        return rec.passed
+    return judge
+
+
+def apply(records: list[Record], gates: dict, dtype: str, logits_summary: dict, kl_floor: float | None = None,
+          kl_truth: float | None = None) -> dict:
+    """Gate every record in place; returns the logits verdict. ``kl_floor`` (bf16 only, optional): the per-token
+    KL max of HF-bf16 against HF-fp32; when given, the logits KL gate is ``floor_multiplier * kl_floor +
+    logits_kl_max`` (capped by ``ceiling_kl_max``) instead of ``logits_kl_max`` alone. ``kl_truth`` (bf16 only,
+    optional): the per-token KL max of Megatron-bf16 against HF-fp32, gated by ``truth_multiplier``."""
+    g = _gate_numbers(gates, dtype)
+    judge = record_judge(gates, dtype)
+    for rec in records:
+        judge(rec)
     out = {"passed": None, "kl_floor": kl_floor, "kl_truth": kl_truth, "kl_truth_gate": None, "logits_why": None}
     logits_ok = all(r.passed for r in records if r.kind == "logits" and not (M.get(r.mode) and M.get(r.mode).rows))
     kl = _bad(logits_summary.get("kl_max"))
@@ -188,11 +219,13 @@ def summarise(records: list[Record], verdict: dict, logits_summary: dict) -> dic
     replay_ok = {r.name for r in records if M.is_replay(r.mode) and r.passed} - replay_bad
     # A backward mode names the rows a module computes itself from the gradient it is given (its input and
     # parameter gradients, the loss); a failing gradient of its output only carries a later module's fault.
+    # A module called another number of times than its twin, or one the system raised in, is at fault itself.
     def own_row(r) -> bool:
         mode = M.get(r.mode)
         if mode is not None and mode.own_rows:
             return r.mode in mode.own_rows
-        return M.is_replay(r.mode) or r.kind in ("mask", "rope") or r.name not in replay_ok
+        return M.is_replay(r.mode) or r.kind in ("mask", "rope") or r.name not in replay_ok or bool(r.calls) \
+            or bool(r.raised)
     own = [r for r in failing if own_row(r)]
     first = min(own or failing, key=lambda r: (r.order, M.rank(r.mode))) if failing else None
     own_check = {r.mode: M.get(r.mode).check for r in records if M.get(r.mode) is not None and M.get(r.mode).check}
@@ -211,7 +244,7 @@ def summarise(records: list[Record], verdict: dict, logits_summary: dict) -> dic
                                              "kl_p95", "top1_decisive_agreement", "n_decisive", "n_near_tie",
                                              "decisive_share", "top1_flips_decisive", "top1_flips_near_tie",
                                              "top5_overlap", "kl_max_floor", "kl_gate", "kl_truth", "kl_truth_gate",
-                                             "worst_positions") if k in logits_summary}
+                                             "worst_positions", "layout") if k in logits_summary}
     if verdict.get("logits_why"):
         logits["why"] = verdict["logits_why"]
     detail = None
@@ -219,6 +252,10 @@ def summarise(records: list[Record], verdict: dict, logits_summary: dict) -> dic
         detail = {"name": first.name, "megatron_name": first.megatron_name, "mode": first.mode,
                   "metric": first.gate["metric"], "value": getattr(first, first.gate["metric"]),
                   "gate": first.gate["max"], "why": first.why or first.detail}
+        if first.probe:  # a probing row: the input it failed on (and the search's example)
+            detail["probe"] = first.probe
+            if first.example:
+                detail["example"] = first.example
     layer_rows = [r for r in records if r.kind == "layer" and r.mode == "end_to_end"]
     worst = max(layer_rows, key=lambda r: r.rel_l2 or 0.0) if layer_rows else None
     return {

@@ -24,6 +24,7 @@ from parity.engine.modes.end_to_end import KL_FLOOR
 from parity.engine.progress import Progress, timed
 from parity.engine.reference import Reference, freed
 from parity.engine.results import Results
+from parity.engine.system import Guarded, SystemRaised
 
 FLOOR_PHASES = {"end_to_end": "noise_floor", "isolated": "noise_floor_isolated"}
 RUN_PHASES = {"end_to_end": "megatron_forward", "isolated": "isolated_replay"}  # else the mode's name
@@ -70,38 +71,74 @@ def reference(case, *, device: str, dtype: str | None = None, checkpoint: str | 
 
 
 def against(ref: Reference, system: str) -> dict:
-    """System ``system`` against ``ref``: built, loaded, every mode that applies, judged; its results dict."""
-    sut, prog, case = registry.get(system), Progress(ref.prog.enabled), ref.case
+    """System ``system`` against ``ref``: built, loaded, every mode that applies, judged; its results dict. The
+    system raising while building, loading, preparing or running a mode is a failing phase of its results
+    (``failures``, with the error and where), never an error of the run: the report is written, parity fails."""
+    raw, prog, case = registry.get(system), Progress(ref.prog.enabled), ref.case
+    sut, failures = Guarded(raw), []
     ref.release()
-    with prog.phase("build_megatron"):
-        sut.build(case.kind, ref.config, dtype=ref.torch_dtype, device=ref.device)
-    with prog.phase("convert"):
-        sut.load(ref.state, folder=ref.checkpoint)
-    sut.prepare(ref.inputs)
-    timings = {**ref.timings, "megatron_forward_s": timed(lambda: sut.forward(ref.inputs), ref.device)}
+
+    def attempt(phase: str, fn, timer: str | None = None) -> bool:
+        try:
+            if timer is None:
+                fn()
+            else:
+                with prog.phase(timer):
+                    fn()
+            return True
+        except SystemRaised as e:
+            failures.append({"phase": phase, **e.to_dict()})
+            return False
+
+    ready = (attempt("build", lambda: sut.build(case.kind, ref.config, dtype=ref.torch_dtype, device=ref.device),
+                     "build_megatron")
+             and attempt("load", lambda: sut.load(ref.state, folder=ref.checkpoint), "convert")
+             and attempt("prepare", lambda: sut.prepare(ref.inputs)))
+    timings = dict(ref.timings)
+    if ready:
+        try:  # a forward that raises is recorded by the end-to-end mode, which runs it again with its hooks
+            timings["megatron_forward_s"] = timed(lambda: sut.forward(ref.inputs), ref.device)
+        except SystemRaised:
+            pass
     c, ran = Comparison(sut, ref), []
     for mode in modes.MODES:
         why = mode.why_not(case, ref.dtype, sut)
+        if why is None and not ready:
+            why = f"the system raised while it was being set up ({failures[-1]['phase']})"
         ran.append({"name": mode.name, "label": mode.label, "ran": why is None, **({"why": why} if why else {})})
         if why is None:
             with prog.phase(RUN_PHASES.get(mode.name, mode.name)):
-                mode.implementation().run(c, prog)
+                try:
+                    mode.implementation().run(c, prog)
+                except SystemRaised as e:
+                    failures.append({"phase": mode.name, **e.to_dict()})
+                    ran[-1]["raised"] = e.text
     with prog.phase("metrics"):
-        c.silent()
+        c.failures = failures
+        if ready:  # a system that could not be set up has no rows: its failure is the verdict
+            c.silent()
         logits_summary, verdict = judge(ref, c)
-        group_summary = None if ref.groups is None else {
+        group_summary = None if ref.groups is None or c.logits is None else {
             "positions": {g: int(m.sum()) for g, m in ref.groups.items()},
             "logits": _logits_groups(ref.logits, c.logits, ref.groups, near_tie_margin(ref.dtype)),
             "layers": c.layer_groups}
     summary = G.summarise(c.records, verdict, logits_summary)
-    summary["modules"] += [r.to_dict() for r in c.unobserved()]
+    summary["modules"] += [r.to_dict() for r in c.unobserved()] if ready else []
     summary["checks"].update(c.sections.pop("checks", {}))
+    if failures:
+        summary["checks"]["system"] = False
+        summary["summary"]["failures"] = [f"the system raised while {_PHASE_TEXT.get(f['phase'], f['phase'])}: "
+                                          f"{f['method']} raised {f['error']}" + (f" (at {f['where']})" if f["where"]
+                                                                                   else "") for f in failures]
     phases, peaks = {**ref.prog.phases, **prog.phases}, {**ref.prog.gpu_peaks, **prog.gpu_peaks}
+    probing = c.sections.get("probing")
+    if probing is not None and "probing" in phases:  # its cost, as a share of the whole run so far
+        probing.update(seconds=phases["probing"], share_of_run=phases["probing"] / max(sum(phases.values()), 1e-9))
     host = ref.host_weights
     results = Results(
         case=case.name, kind=case.kind, passed=all(summary["checks"].values()), device=ref.device, dtype=ref.dtype,
         seed=ref.seed, created=_now(), env=env_info(ref.device),
-        system={"name": sut.name, "version": sut.version, "substituted": list(sut.substituted)},
+        system={"name": raw.name, "version": raw.version, "substituted": list(getattr(raw, "substituted", []))},
         config_hash=config_hash(ref.config), layer_types=[la.layer_type for la in ref.text_args.layers], **summary,
         roundtrip=c.sections.get("roundtrip"), phases=phases, timings=timings,
         peak_memory={**_peak_memory(ref.device, peaks), "gpu_peak_by_phase_gib": peaks},
@@ -110,12 +147,18 @@ def against(ref: Reference, system: str) -> dict:
         host_staged_gib={"activations": ref.store.host_bytes / 2**30,
                          "weights": (host.staged_bytes if host is not None else 0) / 2**30},
         inputs=ref.kind.describe(case, ref.config, ref.inputs), groups=group_summary, modes=ran,
-        train=c.sections.get("train")).to_dict()
+        failures=failures or None, **{k: v for k, v in c.sections.items() if k in Results.SECTIONS}).to_dict()
     # the system's model is freed before the next system (or run) builds one: its hooks can hold it in a cycle
-    sut_ref = weakref.ref(sut)
-    del c, sut
+    sut_ref = weakref.ref(raw)
+    del c, sut, raw
     freed(sut_ref, ref.device)
     return results
+
+
+_PHASE_TEXT = {"build": "building", "load": "loading the weights", "prepare": "preparing its masks and RoPE",
+               "end_to_end": "running its forward (end to end)", "roundtrip": "exporting its weights (round trip)",
+               "tables": "building its tables", "isolated": "replaying modules", "fp32_replay": "replaying in fp32",
+               "probing": "probing"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -132,17 +175,36 @@ def judge(ref: Reference, c: Comparison) -> tuple[dict, dict]:
     mode, for modes that measure floors; masks and RoPE tables have none) and the case's gates:
     ``(logits_summary, verdict)``."""
     low, gates = ref.dtype != "float32", ref.case.to_dict()["gates"]
-    logits_summary = M.logits_metrics(ref.logits.to(c.logits.device), c.logits, ref.where.valid,
-                                      near_tie_margin=near_tie_margin(ref.dtype))
+    logits, why = system_logits(ref.logits, c.logits)
+    logits_summary = {} if logits is None else M.logits_metrics(
+        ref.logits.to(logits.device), logits, ref.where.valid, near_tie_margin=near_tie_margin(ref.dtype))
     for rec in c.records:
         mode = modes.get(rec.mode)
         measured = low and mode is not None and mode.floors and rec.kind not in ("mask", "rope")
         key = f"{rec.mode}:{rec.name}" if mode is not None and mode.rows else rec.name  # rows of several kinds
-        rec.floor = ref.floors.get(mode.name, {}).get(key) if measured else None
+        if measured:  # a mode without measured floors leaves a floor its rows carry (probing's own)
+            rec.floor = ref.floors.get(mode.name, {}).get(key)
     kl_floor = ref.floors.get("end_to_end", {}).get(KL_FLOOR)
     verdict = G.apply(c.records, gates, ref.dtype, logits_summary, kl_floor=kl_floor)
     logits_summary["kl_max_floor"], logits_summary["kl_gate"] = verdict["kl_floor"], verdict["kl_gate"]
+    if logits is None:
+        verdict["logits_ok"], verdict["logits_why"] = False, why
+    elif why is not None:
+        logits_summary["layout"] = why
     return logits_summary, verdict
+
+
+def system_logits(ref: torch.Tensor, test) -> tuple[torch.Tensor | None, str | None]:
+    """The system's logits in HF's layout, and what to say about them: none (its forward raised or did not
+    run), another shape with as many elements (compared after a reshape, said so), or another size (none)."""
+    if test is None:
+        return None, "no logits from the system: its forward did not return (see the failures)"
+    if tuple(test.shape) == tuple(ref.shape):
+        return test, None
+    if test.numel() == ref.numel():
+        return test.reshape(ref.shape), (f"layout differs: the system's logits {tuple(test.shape)} against HF's "
+                                         f"{tuple(ref.shape)}; compared after a reshape")
+    return None, f"logits shape {tuple(test.shape)} against HF's {tuple(ref.shape)}: the element counts differ"
 
 
 def _logits_groups(ref: torch.Tensor, test: torch.Tensor, groups: dict[str, torch.Tensor], margin) -> dict:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 _OPTIONAL = ("router", "detail", "shared", "truth_rel_l2", "missing", "agree_weight_rel_l2", "why", "unstable",
-             "truth_gate", "truth_ratio", "compared_at")
+             "truth_gate", "truth_ratio", "compared_at", "layout", "calls", "raised", "probe", "example")
 _MEASURED_ONLY = ("p99_abs", "nonfinite", "gate_class")  # not on reported rows
 
 
@@ -35,6 +35,12 @@ class Record:
     missing: str | None = None  # a twin never called: fails with this reason
     truth_rel_l2: float | None = None  # its module (run dtype) against HF's in fp32 on the same inputs
     compared_at: str | None = None  # a reported row: where its effect is compared
+    layout: dict | None = None  # shapes that differ: {reference, test, compared (the shape both were reshaped to, or
+    # None when the element counts differ)}
+    calls: list | None = None  # [HF, system]: how often each side called the module, when they differ (end to end)
+    raised: str | None = None  # the system raised while running this row: the error and where (fails)
+    probe: str | None = None  # a probing row: the transformed input it ran on (mode ``probing``)
+    example: dict | None = None  # a probing row found by a search: the drawn (shrunk) parameters, to reproduce it
     # the verdict (parity.engine.gates)
     floor: float | None = None
     gate: dict | None = None
@@ -52,7 +58,8 @@ class Record:
         return cls(name=a.hf, megatron_name=megatron_name, mode=mode, kind=a.row.label, layer=a.layer, order=order,
                    group=a.group(), cosine=m.get("cosine"), rel_l2=m.get("rel_l2"), max_abs=m.get("max_abs"),
                    p99_abs=m.get("p99_abs"), nonfinite=(m.get("nonfinite_ref", 0), m.get("nonfinite_test", 0)),
-                   gate_class=a.row.gate, router=m.get("router"), detail=m.get("detail") or None)
+                   gate_class=a.row.gate, router=m.get("router"), detail=m.get("detail") or None,
+                   layout=m.get("layout"))
 
     @classmethod
     def reported(cls, a, mode: str, megatron_name: str | None, why: str, compared_at: str | None = None) -> "Record":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 
 @dataclass
@@ -35,12 +36,18 @@ class Results:
     host_staged_gib: dict  # activations, weights
     inputs: dict  # batch, seq_len, pad_tail (+ images, soft tokens, sliding window for a VLM)
     groups: dict | None = None  # VLM: metrics per position group (text, image, text_after_image)
-    modes: list | None = None  # [{name, label, ran, why}]: each comparison mode, and why it did not run
-    train: dict | None = None  # train cases: loss (HF's, the system's, per token), grad norms, labels, overrides
+    modes: list | None = None  # [{name, label, ran, why, raised}]: each comparison mode, why it did not run, and
+    # what the system raised in it
+    failures: list | None = None  # [{phase, method, error, where}]: the system raised while building, loading,
+    # preparing or running a mode (parity then fails; ``checks.system`` is false)
+    probing: dict | None = None  # the probing mode's section: its families, points, searches and their cost
+    train: dict | None = None  # train cases: loss (HF's, the system's, per token), grad norms, trajectory, labels
+
+    SECTIONS: ClassVar[tuple[str, ...]] = ("probing", "train")  # sections a mode adds (``Comparison.sections``)
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key in ("groups", "modes", "train"):
+        for key in ("groups", "modes", "failures", "probing", "train"):
             if out[key] is None:
                 del out[key]
         return out

@@ -9,6 +9,8 @@ is then reported, not compared). Concrete systems live in ``parity.systems`` and
 """
 from __future__ import annotations
 
+import os
+import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Iterable, Mapping, Protocol
 
@@ -127,3 +129,120 @@ class System(Protocol):
     # EXPERTS / FLAT_NORM ``[b*s, H]``; QKV / FC1 the row's ``Part`` only; vision kinds batch-first as HF's
     # (POOLED: ``(features, valid-slot mask)``). ``replay`` of a row with ``feeds`` (logits, merged embeddings)
     # gets a call whose args are those HF modules' outputs.
+
+
+# ---------------------------------------------------------------------------------------------------
+# A system that raises: a verdict about it, never a harness error
+
+PORT = ("build", "load", "export", "prepare", "forward", "module", "fp32", "tables", "output", "replay")
+
+
+class SystemRaised(Exception):
+    """The system under test raised inside ``method`` of its port: the run records it (a failing phase or row,
+    with the error and the system's innermost frame) and goes on; it is never a harness error (exit 3)."""
+
+    def __init__(self, method: str, error: BaseException):
+        self.method, self.error_type, self.where = method, type(error).__name__, _innermost(error)
+        self.message = " ".join(str(error).split())[:300]
+        super().__init__(self.text)
+
+    @property
+    def text(self) -> str:
+        return (f"{self.method} raised {self.error_type}: {self.message}" +
+                (f" (at {self.where})" if self.where else ""))
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "error": f"{self.error_type}: {self.message}", "where": self.where}
+
+
+def _innermost(error: BaseException) -> str | None:
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames:
+        return None
+    f = frames[-1]
+    path = f.filename
+    for root in (os.getcwd() + os.sep, "site-packages" + os.sep):  # short: the repository's or a package's path
+        if root in path:
+            path = path.split(root, 1)[1]
+            break
+    return f"{path}:{f.lineno} in {f.name}"
+
+
+def _passes(error: BaseException) -> bool:
+    """Errors the guard leaves alone: the user's (bad input, exit 2), memory (a resource, exit 2), a harness error
+    raised in a hook the system's forward ran (``HarnessError``), and one already attributed."""
+    from parity.errors import UserError
+
+    return isinstance(error, (UserError, MemoryError, SystemRaised, HarnessError)) or \
+        type(error).__name__ == "OutOfMemoryError"
+
+
+class HarnessError(Exception):
+    """A bug of the harness raised inside the system's call stack (an engine hook in the system's forward):
+    passed through the guard untouched, so that it ends the run as a harness error (exit 3)."""
+
+
+def _guard(method: str, fn: Callable) -> Callable:
+    def guarded(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - anything the system raises is a verdict about it
+            if _passes(e):
+                raise
+            raise SystemRaised(method, e) from e
+    return guarded
+
+
+class _GuardedContext:
+    """A system's context manager (``fp32``): entering and leaving it, and the function it yields, guarded; an
+    error raised in the body (the engine's) passes through as it is."""
+
+    def __init__(self, method: str, cm):
+        self.method, self.cm = method, cm
+
+    def __enter__(self):
+        out = _guard(self.method, self.cm.__enter__)()
+        return _guard(self.method, out) if callable(out) else out
+
+    def __exit__(self, kind, error, tb):
+        try:
+            return self.cm.__exit__(kind, error, tb)
+        except Exception as e:  # noqa: BLE001
+            if e is error or _passes(e):
+                raise
+            raise SystemRaised(self.method, e) from e
+
+
+class Guarded:
+    """The system as the engine sees it: every method of the port guarded, so that an error raised inside the
+    system becomes ``SystemRaised`` (a verdict) instead of ending the run. Attributes pass through."""
+
+    def __init__(self, system):
+        object.__setattr__(self, "system", system)
+
+    def __getattr__(self, name: str):
+        value = getattr(self.system, name)
+        if name not in PORT or not callable(value):
+            return value
+        if name == "fp32":
+            return lambda *a, **kw: _GuardedContext(name, _guard(name, value)(*a, **kw))
+        if name == "export":
+            return lambda *a, **kw: _guarded_iter(name, _guard(name, value)(*a, **kw))
+        return _guard(name, value)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.system, name, value)
+
+
+def _guarded_iter(method: str, items):
+    it = iter(items)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001
+            if _passes(e):
+                raise
+            raise SystemRaised(method, e) from e
+        yield item

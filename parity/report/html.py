@@ -179,6 +179,17 @@ def _first_divergence_card(results: dict) -> str:
              (f"{metric or 'value'}",
               f'<b class="red mono">{_e(S.fmt_cos(value) if metric == "cosine" else S.fmt(value))}</b>'),
              ("gate", _e(fd.get("gate") or "—"))]
+    if fd.get("probe"):
+        pairs.append(("input", _e(fd["probe"])))
+        family = ((results.get("probing") or {}).get("families") or {}).get(str(fd["probe"]).split(":")[0]) or {}
+        found = (family.get("search") or {}).get("found") if isinstance(family.get("search"), dict) else None
+        if found and found.get("probe") != fd["probe"]:
+            pairs.append(("smallest failing", _e(f'{found.get("probe")} (seeded search, seed '
+                                                 f'{family["search"].get("seed")})')))
+    if isinstance(fd.get("example"), dict):
+        ex = fd["example"]
+        pairs.append(("reproduce", _e(", ".join(f"{k} {v}" for k, v in ex.items() if k not in ("family", "search"))
+                                      + f" — {ex.get('search', '')}; the run's seed draws it again")))
     if fd.get("why"):
         pairs.append(("why", f'<b class="red">{_e(fd["why"])}</b>'))
     row = first_divergence_row(results)
@@ -455,7 +466,8 @@ def first_divergence_row(results: dict) -> dict | None:
         return None
     rows = [r for r in S.modules(results) if r.get("name") == fd.get("name")
             and (fd.get("mode") is None or r.get("mode") == fd.get("mode"))
-            and (not fd.get("megatron_name") or r.get("megatron_name") == fd.get("megatron_name"))]
+            and (not fd.get("megatron_name") or r.get("megatron_name") == fd.get("megatron_name"))
+            and (not fd.get("probe") or r.get("probe") == fd.get("probe"))]
     return next((r for r in rows if r.get("passed") is False), rows[0] if rows else None)
 
 
@@ -518,19 +530,21 @@ def _modules_section(results: dict) -> str:
 
             ratio = r.get("ratio")
             ratio_s = S.fmt(ratio) + "×" if S.num(ratio) is not None else "—"
-            search = f'{r.get("name", "")} {r.get("megatron_name") or ""}'
+            search = f'{r.get("name", "")} {r.get("megatron_name") or ""} {r.get("probe") or ""}'
             layer_v = S.layer_of(r)
             kind = r.get("kind")
             kind_tag = f'<span class="tag">{_e(kind)}</span>' if kind in ("mask", "rope", "router") else ""
             reason = r.get("why") or (r.get("detail") if isinstance(r.get("detail"), str) else None)
             why = f'<div class="why{" red" if fail else ""}">{_e(reason)}</div>' if reason else ""
             fd_attr = ' id="fd-row"' if r is fd_row else ""
+            probe = (f'<div class="why" title="{_e(r.get("example") or "")}">{_e(r["probe"])}'
+                     f'{" · found by search" if r.get("example") else ""}</div>' if r.get("probe") else "")
             trs.append(
                 f'<tr class="{"bad" if fail else ""}{" fd" if fd_attr else ""}" data-i="{i}" data-s="{_e(search)}"'
                 f'{fd_attr}>'
                 f'<td class="name">{_name(r.get("name", ""))}{kind_tag}</td>'
                 f'<td class="name muted">{_name(r.get("megatron_name") or "—")}{why}</td>'
-                f'<td class="nowrap">{_e(MODE_LABELS.get(str(r.get("mode")), r.get("mode") or ""))}</td>'
+                f'<td class="nowrap">{_e(MODE_LABELS.get(str(r.get("mode")), r.get("mode") or ""))}{probe}</td>'
                 f'<td class="n" data-v="{"" if layer_v is None else layer_v}">{_e(S.fmt(layer_v))}</td>'
                 f'{cell("cosine", cos=True)}{cell("rel_l2")}{cell("max_abs")}'
                 f'<td class="gate">{_e(S.gate_text(r.get("gate")) or "—")}</td>'
@@ -639,6 +653,46 @@ def _logits_section(results: dict) -> str:
     return ('<section id="logits"><h2>Logits<span class="sub">KL per token is summed over the vocabulary, then '
             'mean / p95 / max over tokens</span></h2><div class="grid g2" style="grid-template-columns:1fr 1.6fr">'
             f'<div class="card">{_kv(pairs)}</div><div><h3>Worst positions (by KL)</h3>{table}</div></div></section>')
+
+
+def _probing_section(results: dict) -> str:
+    """The probing mode's families: their fixed points, rows (failing), the seeded search and what it found, and
+    the mode's cost."""
+    pr = results.get("probing")
+    if not isinstance(pr, dict) or not isinstance(pr.get("families"), dict):
+        return ""
+    trs = []
+    for name, f in pr["families"].items():
+        if not isinstance(f, dict):
+            continue
+        search = f.get("search") if isinstance(f.get("search"), dict) else None
+        if f.get("skipped"):
+            found = f'<span class="muted">not run: {_e(f["skipped"])}</span>'
+        elif search is None:
+            found = '<span class="muted">fixed points only</span>'
+        elif search.get("skipped"):
+            found = f'<span class="muted">{_e(search["skipped"])}</span>'
+        elif search.get("found"):
+            ex = search["found"]
+            found = (f'<b class="red">{_e(ex.get("probe"))}</b> <span class="muted">(smallest failing input, '
+                     f'{_e(search.get("checks"))} checks, seed {_e(search.get("seed"))})</span>')
+        else:
+            found = (f'<span class="green">law held</span> <span class="muted">({_e(search.get("checks"))} examples, '
+                     f'seed {_e(search.get("seed"))})</span>')
+        bad = bool(f.get("failing"))
+        trs.append(f'<tr class="{"bad" if bad else ""}"><td class="nowrap"><b>{_e(name)}</b></td>'
+                   f'<td>{_e("; ".join(map(str, f.get("points") or [])))}</td>'
+                   f'<td class="n">{_e(S.fmt(f.get("rows")))}</td><td class="n hit">{_e(S.fmt(f.get("failing")))}</td>'
+                   f'<td>{found}</td><td class="n">{_e(S.fmt_seconds(f.get("seconds")))}</td></tr>')
+    cost = ""
+    if S.num(pr.get("seconds")) is not None:
+        cost = (f' · {_e(S.fmt_seconds(pr["seconds"]))}'
+                + (f', {_e(S.fmt_pct(pr.get("share_of_run")))} of the run' if S.num(pr.get("share_of_run")) is not None
+                   else ""))
+    return ('<section id="probing"><h2>Probing<span class="sub">modules replayed on moved inputs, both sides fed '
+            f'the same; searches seeded{cost}</span></h2><div class="tablewrap"><table><thead><tr><th>family</th>'
+            '<th>fixed points</th><th>rows</th><th>failing</th><th>search (hypothesis)</th><th>time</th></tr></thead>'
+            '<tbody>' + "".join(trs) + '</tbody></table></div></section>')
 
 
 def _roundtrip_section(results: dict) -> str:
@@ -826,7 +880,8 @@ def render_run(results: dict, previous: dict | None = None, links: dict | None =
     flags = compare(results, previous)
     sections = [
         ("summary", "Summary"), ("layers", "Layers"), ("heatmap", "Heatmap"), ("regressions", "Regressions"),
-        ("modules", "Modules"), ("training", "Training"), ("routers", "Routing"), ("logits", "Logits"),
+        ("modules", "Modules"), ("training", "Training"), ("probing", "Probing"), ("routers", "Routing"),
+        ("logits", "Logits"),
         ("roundtrip", "Round-trip"),
         ("provenance", "Environment"),
     ]
@@ -835,7 +890,8 @@ def render_run(results: dict, previous: dict | None = None, links: dict | None =
         _logits_card(results), "</div>", _changed_card(results, links),
         _strip(results, flags, previous is not None, links), "</section>",
         _layers_section(results), heatmap_section(results), _regressions_section(results, previous, flags),
-        _modules_section(results), training_section(results), _routers_section(results), _logits_section(results),
+        _modules_section(results), training_section(results), _probing_section(results), _routers_section(results),
+        _logits_section(results),
         _roundtrip_section(results), _provenance_section(results),
     ]
     body_html = "".join(body_parts)

@@ -33,8 +33,10 @@ def divergence(results: dict) -> str:
     d = summary.get("first_divergence_detail") or {}
     gate = d.get("gate")
     limit = gate.get("max") if isinstance(gate, dict) else gate
-    parts = [str(d["mode"])] if d.get("mode") else []
-    if d.get("metric"):
+    parts = [str(d["mode"]) + (f" on {d['probe']}" if d.get("probe") else "")] if d.get("mode") else []
+    value = S.num(d.get("value"))
+    if d.get("metric") and (value is None and not d.get("why") or value is not None and S.num(limit) is not None
+                            and value > S.num(limit)):  # a row failing for a stated reason shows that reason
         parts.append(f"{d['metric']} {fmt_num(d.get('value'))} > gate {fmt_num(limit)}")
     if d.get("why"):
         parts.append(str(d["why"]))
@@ -70,7 +72,11 @@ def summary_line(results: dict, report: Path | str | None = None, history: Path 
         "parity FAILS" + (f" ({', '.join(failed)} failed)" if failed else ""))
     record = record if record is not None else stored_regressions(report)
     parts = [f"{results.get('case')} on {results.get('device')} in {results.get('dtype')}: {verdict}",
-             f"first divergence: {divergence(results)}", regressions_text(record)]
+             f"first divergence: {divergence(results)}"]
+    failures = (results.get("summary") or {}).get("failures") or []
+    if failures:  # the system raised: the first such phase (all of them are in the report)
+        parts.append(str(failures[0]) + (f" (+{len(failures) - 1} more)" if len(failures) > 1 else ""))
+    parts.append(regressions_text(record))
     if report is not None:
         parts.append(f"report: {report}")
     if history is not None:

@@ -218,9 +218,10 @@ def run_key(results: dict) -> tuple[str, str, str, str]:
 
 def row_key(row: dict) -> tuple[str, str, str, str]:
     """A module row's identity across runs: (HF name, Megatron name, kind, mode). One HF module can have
-    several rows (its attention output and its mask are both ``model.layers.2.self_attn``)."""
-    return (str(row.get("name", "")), str(row.get("megatron_name") or ""), str(row.get("kind") or ""),
-            str(row.get("mode") or ""))
+    several rows (its attention output and its mask are both ``model.layers.2.self_attn``; a probing row per
+    probe input: its mode part names the probe)."""
+    mode = str(row.get("mode") or "") + (f" [{row['probe']}]" if row.get("probe") else "")
+    return (str(row.get("name", "")), str(row.get("megatron_name") or ""), str(row.get("kind") or ""), mode)
 
 
 # ------------------------------------------------------------------------------------------------ format

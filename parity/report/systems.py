@@ -229,7 +229,8 @@ def _cell(row: dict | None) -> str:
         return '<td><span class="muted">not compared</span><div class="why">no row</div></td>'
     if not _compared(row):
         return f'<td><span class="muted">not compared</span>{_why(row)}</td>'
-    return (f'<td>{_pill(row.get("passed"))} <span class="mono">{_e(_value(row))}</span>'
+    probe = f'<div class="small muted">on {_e(row["probe"])}</div>' if row.get("probe") else ""
+    return (f'<td>{_pill(row.get("passed"))} <span class="mono">{_e(_value(row))}</span>{probe}'
             f'<div class="small muted">gate {_e(S.gate_text(row.get("gate")))} · use '
             f'{_e(S.fmt(S.gate_usage(row)))}×</div>{_why(row) if row.get("passed") is False else ""}</td>')
 

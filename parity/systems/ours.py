@@ -323,7 +323,8 @@ class ParitySystem:
         return module(call_arg(call, "input_ids", device=self.device))
 
     def _replay_norm(self, a: Aligned, module, call) -> torch.Tensor:
-        return sb(module(sb(call_arg(call, "hidden_states", device=self.device))))
+        """A norm is per token over the last dim: it runs on HF's input in whatever layout HF gave it."""
+        return module(call_arg(call, "hidden_states", device=self.device))
 
     def _replay_flat_norm(self, a: Aligned, module, call) -> torch.Tensor:
         return module(call_arg(call, "hidden_states", device=self.device))

@@ -28,7 +28,8 @@ class Mode:
     gates: str = "run"  # "run": the case's gates of the run's dtype; "float32": its fp32 gates in any run
     floors: bool = False  # bf16 runs measure HF-bf16 against HF-fp32 in this mode (each row's noise floor)
     every_row: bool = False  # every row the system has a module for yields a record (else a failing one)
-    when: str = "always"  # "always" | "bf16_single": bf16 runs of one process (the fp32 replay) | "train": train cases
+    when: str = "always"  # "always" | "bf16_single": bf16 runs of one process (the fp32 replay) | "single": one
+    # process | "train": train cases
     gate_key: str = "rel_l2"  # the number of its gate section that judges its rows (gradients: grad_rel_l2)
     needs: tuple[str, ...] = ()  # the System methods it calls (a system without one: the mode is skipped, said so)
     records_as: str | None = None  # its rows are written with this mode's name (tables: end_to_end rows)
@@ -42,7 +43,7 @@ class Mode:
         """Why this mode does not run in a run of ``case`` in ``dtype`` (for ``system``, when given)."""
         if self.when == "bf16_single" and dtype == "float32":
             return "a float32 run: nothing to replay in fp32"
-        if self.when == "bf16_single" and case.world_size != 1:
+        if self.when in ("bf16_single", "single") and case.world_size != 1:
             return f"runs of one process only (this run has {case.world_size})"
         if self.when == "train" and getattr(case, "train", None) is None:
             return "not a train case (no [train] table)"
@@ -66,6 +67,8 @@ MODES = (  # in the order a run measures them
     Mode("fp32_replay", "fp32 replay", "fp32_replay", color="#8250df", replay=True, rank=1, gates="float32",
          when="bf16_single", needs=("module", "replay", "fp32")),
     Mode("tables", "masks and RoPE", "tables", records_as="end_to_end", needs=("tables",)),
+    Mode("probing", "probing", "probing", color="#1a7f37", replay=True, rank=3, when="single",
+         needs=("module", "replay", "prepare", "tables")),
     Mode("backward", "backward", "backward", color="#1a7f37", rank=4, when="train", gate_key="grad_rel_l2",
          floors=True,
          needs=("train_loss", "grads", "module", "output", "input_key", "input_layout"), rows=("loss", "grad_output", "grad_input", "param_grad"),

@@ -13,6 +13,7 @@ import torch
 from parity.engine import metrics as M
 from parity.engine.alignment import TABLE_KINDS, Aligned, Kind
 from parity.engine.compare import floor_value, input_hooks, value
+from parity.engine.system import HarnessError, SystemRaised
 
 MODE = "end_to_end"
 KL_FLOOR = "logits_kl_max"  # key of the logits KL floor among this mode's floors
@@ -20,22 +21,35 @@ KL_FLOOR = "logits_kl_max"  # key of the logits KL floor among this mode's floor
 
 def run(c, prog) -> None:
     """A hook on every module a captured row names: the first time a module returns, each of its rows is
-    compared at once with HF's output (nothing is kept); then the logits."""
+    compared at once with HF's output (nothing is kept); then the logits. Every call is counted: a module the
+    system calls a different number of times than HF calls its twin fails (``calls``). A system whose output
+    cannot be brought to HF's layout fails that row (``raised``); an error of the engine's own hook ends the run
+    as the harness error it is."""
     sut, by_module = c.sut, {}
     for a in c.rows:
         name = c.name(a)
         if isinstance(name, str) and a.row.kind not in TABLE_KINDS and sut.module(name) is not None:
             by_module.setdefault(name, []).append(a)
-    done: set[str] = set()
+    done: dict[str, object] = {}  # HF name -> its record
+    calls: dict[str, int] = {}  # system module -> times called
 
-    def hook(module, out, rows: list[Aligned]):
+    def hook(module, out, name: str, rows: list[Aligned]):
+        calls[name] = calls.get(name, 0) + 1
         for a in rows:
             call = c.cap.first(a.hf)
-            if call is not None and a.hf not in done:
-                done.add(a.hf)
-                c.record(a, MODE, value(a.row.kind, call.output), sut.output(a, out, module))
+            if call is None or a.hf in done:
+                continue
+            try:
+                test = sut.output(a, out, module)
+            except SystemRaised as e:
+                done[a.hf] = c.raised(a, MODE, name, e)
+                continue
+            try:
+                done[a.hf] = c.record(a, MODE, value(a.row.kind, call.output), test)
+            except Exception as e:  # the engine's own error, raised inside the system's forward: not the system's
+                raise HarnessError(f"end-to-end hook at {a.hf}: {type(e).__name__}: {e}") from e
 
-    handles = [sut.module(name).register_forward_hook(lambda m, i, o, rows=rows: hook(m, o, rows))
+    handles = [sut.module(name).register_forward_hook(lambda m, i, o, name=name, rows=rows: hook(m, o, name, rows))
                for name, rows in by_module.items()]
     try:
         with torch.no_grad():
@@ -43,6 +57,11 @@ def run(c, prog) -> None:
     finally:
         for h in handles:
             h.remove()
+    for name, rows in by_module.items():  # a module called another number of times than its HF twin
+        for a in rows:
+            rec, hf_calls = done.get(a.hf), len(c.cap.calls.get(a.hf, []))
+            if rec is not None and a.row.input_of is None and calls.get(name, 0) != hf_calls:
+                rec.calls = [hf_calls, calls.get(name, 0)]
     c.record(next(a for a in c.rows if a.row.kind is Kind.LOGITS), MODE, c.cap.first("logits").output, c.logits)
 
 

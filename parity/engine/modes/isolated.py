@@ -14,6 +14,7 @@ import torch
 
 from parity.engine.alignment import TABLE_KINDS, Kind
 from parity.engine.compare import Call, first, floor_value, to_device, upcast, value
+from parity.engine.system import SystemRaised
 
 MODE = "isolated"
 
@@ -28,8 +29,12 @@ def run(c, prog) -> None:
         if planned is None:
             continue
         name, module, replayed = planned
-        with torch.no_grad():
-            test = c.sut.replay(a, module, replayed)
+        try:
+            with torch.no_grad():
+                test = c.sut.replay(a, module, replayed)
+        except SystemRaised as e:  # a verdict about this module, the other rows still replay
+            c.raised(a, MODE, name, e)
+            continue
         if test is None:  # the system cannot run this module alone (e.g. a norm fused into the next linear)
             c.not_run(a, MODE, name, f"{c.sut.name} cannot run {name} alone: compared end to end only")
             continue
