@@ -136,8 +136,8 @@ class HFSide:
 
         ids = inputs["input_ids"]
         embeds = torch.zeros(*ids.shape, 1, dtype=dtype, device=ids.device)  # the mask functions read its shape
-        kw = {"config": self.config, "inputs_embeds": embeds, "attention_mask": inputs["attention_mask"],
-              "cache": None, "position_ids": inputs["position_ids"]}
+        kw = _mask_kwargs(hf.create_causal_mask, config=self.config, embeds=embeds,
+                          attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"])
         masks = {"full_attention": hf.create_causal_mask(**kw),
                  "sliding_attention": hf.create_sliding_window_causal_mask(**kw)}
         with torch.no_grad():
@@ -612,3 +612,19 @@ def _near_ties(router32, x: torch.Tensor, k: int, gap: float) -> torch.Tensor:
             lo, hi = torch.where(above, mid, lo), torch.where(above, hi, mid)
         t = torch.where(gap_at(torch.zeros_like(lo)) > target, hi, torch.zeros_like(lo))
         return (x32 - t[:, None] * rms * d).to(x.dtype)
+
+
+def _mask_kwargs(fn, *, config, embeds, attention_mask, position_ids) -> dict:
+    """The keyword arguments of HF's mask functions in the installed transformers: 5.24 takes ``inputs_embeds`` and
+    ``cache``; 5.17 (the lent GPUs') ``input_embeds``, ``past_key_values`` and ``cache_position``."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    kw = {"config": config, "attention_mask": attention_mask, "position_ids": position_ids,
+          ("inputs_embeds" if "inputs_embeds" in params else "input_embeds"): embeds}
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            kw[name] = None
+    if "cache_position" in params:
+        kw["cache_position"] = torch.arange(embeds.shape[1], device=embeds.device)
+    return kw
