@@ -94,7 +94,7 @@ def test_megatron_bridge_imports_the_folder_itself(folder, tmp_path, monkeypatch
     assert r["system"]["name"] == "megatron-bridge"
     assert r["roundtrip"]["tensors"] == r["roundtrip"]["bit_exact"] > 100
     assert r["summary"]["logits"]["rel_l2"] <= 1e-5
-    # the one known finding these weights show (README finding 2: its post-attention norm uses TENorm's
+    # the one known finding these weights show (docs/megatron-bridge-findings.md finding 2: its post-attention norm uses TENorm's
     # default eps 1e-5, HF 1e-6; measured 1.07e-5 at layer 5 against the 1e-5 gate): nothing else may fail
     # (and its probing rows: the same finding at small input magnitudes, and finding 12 at long positions)
     from tests.plants import bridge_probing_finding

@@ -4,7 +4,7 @@ on one side.
 Each planted test runs the real engine (``parity.engine.pipeline.run``) on the tiny text case with one bug planted through
 ``monkeypatch`` in a single HF or Megatron module, and asserts that the run fails, that
 ``summary.first_divergence`` names exactly *that* module (not a later one; an inline step by the name of
-its nearest module, README "Reading a report"), and that the failing row's metric really exceeds its gate. The clean runs
+its nearest module, docs/reading-reports.md), and that the failing row's metric really exceeds its gate. The clean runs
 (fp32 and bf16) are shared by a module fixture.
 """
 from __future__ import annotations
@@ -67,7 +67,7 @@ def assert_localised(r: dict, name: str) -> dict:
 
 # An inline step of attention (RoPE on q/k, the V path, the softmax) has no module of its own: its bug makes
 # ``self_attn.o_proj`` fail end_to_end only (its isolated replay passes), and gates.summarise then names the
-# parent ``self_attn`` (README "Reading a report": the deepest failing module wins), not the o_proj that merely received wrong inputs.
+# parent ``self_attn`` (docs/reading-reports.md: the deepest failing module wins), not the o_proj that merely received wrong inputs.
 
 
 # ---------------------------------------------------------------------------------------------------
