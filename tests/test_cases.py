@@ -330,5 +330,9 @@ def test_system_section_and_its_override(tmp_path):
         C.system_for(case, "nemo")
     shipped = C.load_case("gemma4-text-tiny-megatron-bridge")
     assert shipped.system.name == "megatron-bridge" and C.load_case("gemma4-text-tiny").system.name == "parity"
-    assert dataclasses.replace(shipped, name="gemma4-text-tiny", description="", system=C.SystemSpec()) == \
+    assert dataclasses.replace(shipped, name="gemma4-text-tiny", description="", system=C.SystemSpec(),
+                               expected_failures=C.FrozenDict()) == \
         dataclasses.replace(C.load_case("gemma4-text-tiny"), description="")  # the same case otherwise
+    assert set(shipped.expected_failures) == {"modules"} and "finding 2" in shipped.expected_failures["modules"]
+    with pytest.raises(C.CaseError, match="expected_failures.speed: unknown check"):
+        C.load_case_file(write(tmp_path, VALID + '\n[expected_failures]\nspeed = "x"\n'))

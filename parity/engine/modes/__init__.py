@@ -37,6 +37,7 @@ class Mode:
     own_rows: tuple[str, ...] = ()  # of those, the rows a failing module is blamed for itself (first divergence)
     check: str | None = None  # a mode with rows of its own: the results check its rows decide (else "modules")
     dtypes: tuple[str, ...] = ("float32", "bfloat16")  # run dtypes it runs in
+    train_cases: bool = True  # also in train cases (probing: its forward twin case carries those rows)
     dtype_why: str = ""  # why not in the others
 
     def why_not(self, case, dtype: str, system=None) -> str | None:
@@ -47,6 +48,8 @@ class Mode:
             return f"runs of one process only (this run has {case.world_size})"
         if self.when == "train" and getattr(case, "train", None) is None:
             return "not a train case (no [train] table)"
+        if not self.train_cases and getattr(case, "train", None) is not None:
+            return "a train case: the same model and inputs without [train] (its forward case) carry these rows"
         if dtype not in self.dtypes:
             return self.dtype_why or f"runs in {', '.join(self.dtypes)} only"
         if system is None:
@@ -68,7 +71,7 @@ MODES = (  # in the order a run measures them
          when="bf16_single", needs=("module", "replay", "fp32")),
     Mode("tables", "masks and RoPE", "tables", records_as="end_to_end", needs=("tables",)),
     Mode("probing", "probing", "probing", color="#1a7f37", replay=True, rank=3, when="single",
-         needs=("module", "replay", "prepare", "tables")),
+         needs=("module", "replay", "prepare", "tables"), train_cases=False),
     Mode("backward", "backward", "backward", color="#1a7f37", rank=4, when="train", gate_key="grad_rel_l2",
          floors=True,
          needs=("train_loss", "grads", "module", "output", "input_key", "input_layout"), rows=("loss", "grad_output", "grad_input", "param_grad"),
