@@ -81,9 +81,13 @@ def _transposed(a, y):
     return y.transpose(0, 1) if a.hf == "model.layers.1.post_attention_layernorm" else y
 
 
+def _factory(fault: str):
+    return lambda: _system(fault)
+
+
 FAULTS = ("transposed", "nan", "extra-call", "crash", "build")
 for _fault in FAULTS:  # registry factories: ``tests.test_verdicts:broken_<fault>``
-    globals()[f"broken_{_fault.replace('-', '_')}"] = (lambda f: lambda: _system(f))(_fault)
+    globals()[f"broken_{_fault.replace('-', '_')}"] = _factory(_fault)
 
 
 def _cli(monkeypatch, tmp_path, fault: str) -> tuple[int, dict]:
@@ -153,8 +157,8 @@ def test_a_crash_while_building_is_a_failing_phase(monkeypatch, tmp_path):
                               "error": "RuntimeError: planted: no kernel for this shape",
                               "where": r["failures"][0]["where"]}]
     assert r["modules"] == [] and all(not m["ran"] for m in r["modes"])
-    assert r["summary"]["failures"] == ["the system raised while building: build raised RuntimeError: planted: no "
-                                        f"kernel for this shape (at {r['failures'][0]['where']})"]
+    assert r["summary"]["failures"] == [("the system raised while building: build raised RuntimeError: planted: no "
+                                         f"kernel for this shape (at {r['failures'][0]['where']})")]
     assert "test_verdicts.py:" in r["failures"][0]["where"] and r["failures"][0]["where"].endswith(" in build")
 
 

@@ -150,7 +150,7 @@ def against(ref: Reference, system: str) -> dict:
         failures=failures or None, **{k: v for k, v in c.sections.items() if k in Results.SECTIONS}).to_dict()
     # the system's model is freed before the next system (or run) builds one: its hooks can hold it in a cycle
     sut_ref = weakref.ref(raw)
-    del c, sut, raw
+    c = sut = raw = None
     freed(sut_ref, ref.device)
     return results
 

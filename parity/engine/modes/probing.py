@@ -379,9 +379,10 @@ class Prober:
 
 
 def run(c, prog) -> None:
+    """Every family in turn (module probes, then input probes where the model kind has them); rows into
+    ``c.records``, the families and their searches into ``c.sections["probing"]``."""
     p = Prober(c, prog)
-    kind, cfg = c.ref.kind.name, p.hf.config
-    seed = c.ref.seed
+    cfg, seed = p.hf.config, c.ref.seed
     families = p.section["families"]
 
     def family(name: str, fn: Callable[[], dict]) -> None:
