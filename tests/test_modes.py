@@ -113,3 +113,29 @@ def test_modes_are_recorded_in_the_report(monkeypatch, tmp_path):
     assert 'id="modes">modes: round trip, end-to-end, isolated, masks and RoPE, probing · not run — fp32 replay: ' \
            'a float32 run: nothing to replay in fp32' in html
     assert dataclasses.is_dataclass(M.get("isolated"))
+
+
+class _NoTraining:
+    """System ``parity`` whose adapter does not model training yet (it says so with ``NotImplementedError``)."""
+
+    def __new__(cls):
+        from parity.systems.ours import ParitySystem
+
+        class NoTraining(ParitySystem):
+            name = "no-training"
+
+            def train_loss(self, inputs, labels):
+                raise NotImplementedError("its training path is not wired here")
+        return NoTraining()
+
+
+def test_a_mode_the_adapter_does_not_model_yet_is_not_run_not_a_verdict(monkeypatch):
+    from parity import registry
+
+    monkeypatch.setitem(registry.SYSTEMS, "no-training", f"{__name__}:_NoTraining")
+    r = _run(monkeypatch, "gemma4-text-tiny-train", system="no-training")
+    backward = next(m for m in r["modes"] if m["name"] == "backward")
+    assert backward == {"name": "backward", "label": "backward", "ran": False,
+                        "why": "no-training does not model it yet: its training path is not wired here"}
+    assert r["passed"] is True and not r.get("failures") and "gradients" not in r["checks"]
+    assert not [m for m in r["modules"] if m["mode"] in ("loss", "grad_output", "grad_input", "param_grad")]

@@ -108,11 +108,15 @@ def against(ref: Reference, system: str) -> dict:
         ran.append({"name": mode.name, "label": mode.label, "ran": why is None, **({"why": why} if why else {})})
         if why is None:
             with prog.phase(RUN_PHASES.get(mode.name, mode.name)):
+                kept = len(c.records)
                 try:
                     mode.implementation().run(c, prog)
                 except SystemRaised as e:
                     failures.append({"phase": mode.name, **e.to_dict()})
                     ran[-1]["raised"] = e.text
+                except NotImplementedError as e:  # the system (its adapter) does not model this yet: not a verdict
+                    del c.records[kept:]
+                    ran[-1].update(ran=False, why=f"{sut.name} does not model it yet: {e}")
     with prog.phase("metrics"):
         c.failures = failures
         if ready:  # a system that could not be set up has no rows: its failure is the verdict

@@ -134,7 +134,8 @@ class System(Protocol):
 # ---------------------------------------------------------------------------------------------------
 # A system that raises: a verdict about it, never a harness error
 
-PORT = ("build", "load", "export", "prepare", "forward", "module", "fp32", "tables", "output", "replay")
+PORT = ("build", "load", "export", "prepare", "forward", "module", "fp32", "tables", "output", "replay",
+        "train_loss", "grads", "optimizer_step", "input_key", "input_layout")
 
 
 class SystemRaised(Exception):
@@ -170,10 +171,11 @@ def _innermost(error: BaseException) -> str | None:
 
 def _passes(error: BaseException) -> bool:
     """Errors the guard leaves alone: the user's (bad input, exit 2), memory (a resource, exit 2), a harness error
-    raised in a hook the system's forward ran (``HarnessError``), and one already attributed."""
+    raised in a hook the system's forward ran (``HarnessError``), one already attributed, and ``NotImplementedError``
+    (what an adapter does not model yet: the pipeline reports that mode as not run, with the reason)."""
     from parity.errors import UserError
 
-    return isinstance(error, (UserError, MemoryError, SystemRaised, HarnessError)) or \
+    return isinstance(error, (UserError, MemoryError, SystemRaised, HarnessError, NotImplementedError)) or \
         type(error).__name__ == "OutOfMemoryError"
 
 
