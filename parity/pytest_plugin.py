@@ -453,10 +453,15 @@ class ParityRun:
         return (f"{rt.get('bit_exact')} of {rt.get('tensors')} tensors bit-exact after HF -> Megatron -> HF, "
                 f"max |diff| {_num(rt.get('max_abs_diff'))}" + (f"; not exact: {names}" if names else ""))
 
+    def _explain_mode_rows(self, mode: str, what: str) -> str:
+        """The failing rows of ``mode`` (a mode with rows of its own: ``parity.engine.modes``)."""
+        from parity.engine.modes import get
+
+        bad = [r for r in self.modules() if not r.get("passed") and r.get("mode") in get(mode).rows]
+        return f"{len(bad)} {what} over their gates: " + "; ".join(self._row(r) for r in bad[:8])
+
     def _explain_gradients(self) -> str:
-        grads = {"loss", "grad_output", "grad_input", "param_grad"}
-        bad = [r for r in self.modules() if not r.get("passed") and r.get("mode") in grads]
-        return f"{len(bad)} gradient comparisons over their gates: " + "; ".join(self._row(r) for r in bad[:8])
+        return self._explain_mode_rows("backward", "gradient comparisons")
 
     def _explain_loss(self) -> str:
         loss = ((self.results.get("train") or {}).get("loss")) or {}
@@ -465,8 +470,7 @@ class ParityRun:
                 f"> gate {_num(loss.get('gate'))}")
 
     def _explain_step(self) -> str:
-        bad = [r for r in self.modules() if not r.get("passed") and r.get("mode") == "param_step"]
-        return f"{len(bad)} parameter updates over their gates: " + "; ".join(self._row(r) for r in bad[:8])
+        return self._explain_mode_rows("step", "parameter updates")
 
     def _explain_trajectory(self) -> str:
         t = ((self.results.get("train") or {}).get("trajectory")) or {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import weakref
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -56,6 +57,11 @@ class Reference:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @cached_property
+    def row_kinds(self) -> dict:
+        """HF name -> the row's ``Kind``, for every aligned row."""
+        return {a.hf: a.row.kind for a in self.rows}
 
     @property
     def sequential(self) -> bool:

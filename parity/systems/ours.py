@@ -208,11 +208,11 @@ class ParitySystem:
         """One step of its optimizer (made at the first call from the case's ``train.optimizer``): clip the
         gradients, step, clear them, and re-tie the K=V layers' V rows (unused copies of K, kept for the fused
         layout, so the export stays exact). Returns the gradient norm before clipping."""
-        from parity.engine.modes.step import _clip, adamw
+        from parity.engine.modes.step import adamw, clip
 
         if getattr(self, "_optimizer", None) is None:
             self._optimizer = adamw(self.model.named_parameters(), spec)
-        norm = _clip(self.model.parameters(), spec.optimizer.clip_grad)
+        norm = clip(self.model.parameters(), spec.optimizer.clip_grad)
         self._optimizer.step()
         self._optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():

@@ -165,8 +165,9 @@ def _rel(ref, key, g32: torch.Tensor, test: torch.Tensor) -> float:
     """rel-L2 of a gradient against HF-fp32's, at the row's real positions (parameters: every element)."""
     if key[0] == PARAM:
         return float(metrics(g32.float(), test.float(), None)["rel_l2"])
-    kind = Kind.LOGITS if key[1] == "logits" else next(a.row.kind for a in ref.rows if a.hf == key[1])
+    kind = Kind.LOGITS if key[1] == "logits" else ref.row_kinds[key[1]]
     return float(compare(kind, g32.float(), test.float(), ref.where)["rel_l2"])
+
 
 
 class _Site:

@@ -64,7 +64,7 @@ def prepare(ref, prog) -> dict:
             out.loss.backward()
         if first_grads is None:
             first_grads = {k: p.grad.detach().clone().cpu() for k, p in params.items() if p.grad is not None}
-        norms.append(float(_clip(params.values(), spec.optimizer.clip_grad)))
+        norms.append(float(clip(params.values(), spec.optimizer.clip_grad)))
         losses.append(float(out.loss))
         opt.step()
         if after is None:
@@ -76,7 +76,7 @@ def prepare(ref, prog) -> dict:
             "update": {k: after[k] - before[k] for k in after}, "after": after}
 
 
-def _clip(params, max_norm: float | None) -> torch.Tensor:
+def clip(params, max_norm: float | None) -> torch.Tensor:
     """The global gradient norm before clipping (and clipped to ``max_norm`` when given)."""
     params = [p for p in params if p.grad is not None]
     if max_norm is None:
