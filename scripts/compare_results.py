@@ -51,7 +51,7 @@ def differences(base: dict, new: dict) -> list[str]:
     a, b = base["modules"], new["modules"]
     if len(a) != len(b):
         out.append(f"{len(a)} module rows -> {len(b)}")
-    # rows matched by (name, mode, megatron_name): HF computes its RoPE tables in the iteration order of a set
+    # rows matched by (name, mode, megatron_name, probe): HF computes its RoPE tables in the iteration order of a set
     # of layer-type strings, which varies with the process's hash seed; the pipeline lists them in table order
     new_rows = {_key(y): y for y in b}
     for i, x in enumerate(a):
@@ -66,7 +66,7 @@ def differences(base: dict, new: dict) -> list[str]:
 
 
 def _key(row: dict) -> tuple:
-    return row.get("name"), row.get("mode"), row.get("megatron_name")
+    return row.get("name"), row.get("mode"), row.get("megatron_name"), row.get("probe")  # probing: one row per probe
 
 
 def main(argv: list[str]) -> int:

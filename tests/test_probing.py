@@ -178,3 +178,33 @@ def test_megatron_bridge_probing_shows_only_its_findings_on_five_seeds():
         assert bad and all(bridge_probing_finding(m) in (2, 10) for m in bad), (seed, _explain(r))
         eps = [m for m in bad if m["probe"] == "magnitude: input RMS 0.001"]
         assert len(eps) == 6 and min(_times_gate(m) for m in eps) > 1e4, eps
+
+
+@pytest.mark.parametrize("system", ["parity", "megatron-bridge"])
+def test_module_probes_run_on_the_first_positions_of_every_row(monkeypatch, system):
+    """At 26B the module probes (norms, routers: token by token) take 512 of 4,096 positions. Here 37 of the tiny
+    case's 40, so that the cut reaches into its second row's padded tail (5 positions) and both layouts ([b, s, ...] and the flat
+    [b*s, ...] of routers) are cut: a clean run keeps passing (Megatron-Bridge: only its findings), the eps plant
+    still fails by 10x, and every module probe measured 37 positions per row."""
+    if system == "megatron-bridge" and not _bridge():
+        pytest.skip("NVIDIA Megatron-Bridge is not installed")
+    from parity.engine.modes import probing
+
+    monkeypatch.setattr(probing, "TOKENS", 37)
+    shapes = []
+    with_main = probing._with_main
+    monkeypatch.setattr(probing, "_with_main", lambda call, x, device: shapes.append(tuple(x.shape))
+                        or with_main(call, x, device))
+    case = load_case(TINY["float32"])
+    valid = _run(case, system=system)
+    assert len(shapes) >= len(_rows(valid, probe="magnitude") + _rows(valid, probe="near-tie")) > 100  # + searches
+    assert {s[:2] for s in shapes if len(s) > 2} == {(2, 37)} and {s[0] for s in shapes if len(s) == 2} == {2 * 37}
+    if system == "parity":
+        assert valid["passed"] is True, _explain(valid)
+        r = _run(case, monkeypatch, "post_attention_norm_eps")
+        small = [m for m in _rows(r, probe="magnitude: input RMS 0.001") if m["name"].endswith(".post_attention_layernorm")]
+        assert len(small) == 6 and all(not m["passed"] and _times_gate(m) >= 10 for m in small), small
+    else:
+        bad = [m for m in _rows(valid) if not m["passed"]]
+        assert all(m["passed"] for m in valid["modules"] if m["mode"] != "probing"), _explain(valid)
+        assert bad and all(bridge_probing_finding(m) in (2, 10) for m in bad), _explain(valid)

@@ -69,8 +69,7 @@ def _quantile(x: torch.Tensor, q: float) -> float:
     lo = int(math.floor(pos))
     hi = min(lo + 1, n - 1)
     if x.is_cuda:  # CUDA kthvalue on one long slice runs in a single block (very slow); a sort is parallel
-        srt = torch.sort(x).values
-        v_lo, v_hi = srt[lo].item(), srt[hi].item()
+        v_lo, v_hi = torch.sort(x).values[[lo, hi]].tolist()
         return v_lo + (v_hi - v_lo) * (pos - lo)
     v_lo = x.kthvalue(lo + 1).values.item()
     v_hi = v_lo
@@ -79,11 +78,8 @@ def _quantile(x: torch.Tensor, q: float) -> float:
     return v_lo + (v_hi - v_lo) * (pos - lo)
 
 
-def _rel_l2(ref: torch.Tensor, test: torch.Tensor) -> float:
-    """||test - ref|| / ||ref|| in float64; 0 when both are zero, inf when only ref is."""
-    ref, test = ref.to(torch.float64), test.to(torch.float64)
-    num = torch.linalg.vector_norm(test - ref).item()
-    den = torch.linalg.vector_norm(ref).item()
+def _ratio(num: float, den: float) -> float:
+    """A relative error from its two norms: 0 when both are zero, inf when only the reference's is."""
     if den == 0.0:
         return 0.0 if num == 0.0 else _INF
     return num / den
@@ -109,8 +105,10 @@ def tensor_metrics(ref: torch.Tensor, test: torch.Tensor, mask: torch.Tensor | N
     test = test.to(ref.device)
     m = _expand_mask(mask, ref.shape, ref.device)
     r_all, t_all = ref.detach().reshape(-1), test.detach().reshape(-1)
-    m_all = None if m is None or bool(m.all()) else m.reshape(-1)  # masks are applied chunk by chunk
-    n = r_all.numel() if m_all is None else int(m_all.sum())
+    n, m_all = r_all.numel(), None
+    if m is not None:  # masks are applied chunk by chunk
+        n = int(m.sum())
+        m_all = None if n == m.numel() else m.reshape(-1)
     out = {"numel": int(n), "nonfinite_ref": 0, "nonfinite_test": 0, "nonfinite_mismatch": 0}
     if n == 0:
         out.update(cosine=_NAN, rel_l2=_NAN, max_abs=_NAN, p99_abs=_NAN, mean_abs=_NAN)
@@ -128,19 +126,28 @@ def tensor_metrics(ref: torch.Tensor, test: torch.Tensor, mask: torch.Tensor | N
             r, t = r[keep], t[keep]
         r, t = r.to(torch.float64), t.to(torch.float64)
         pos, seen = seen, seen + r.numel()
-        fin_r, fin_t = torch.isfinite(r), torch.isfinite(t)
-        if not bool((fin_r.all() & fin_t.all()).item()):
+        if not r.numel():
+            continue
+        diff = (t - r).abs()
+        # one device sync per chunk: the sums, and how many values are not finite (then the chunk is redone)
+        c_dot, c_rr, c_tt, c_dd, c_sad, c_mx, bad_r, bad_t = torch.stack([
+            torch.dot(r, t), torch.dot(r, r), torch.dot(t, t), torch.dot(diff, diff), diff.sum(), diff.max(),
+            (~torch.isfinite(r)).sum().to(torch.float64), (~torch.isfinite(t)).sum().to(torch.float64)]).tolist()
+        if bad_r or bad_t:
+            fin_r, fin_t = torch.isfinite(r), torch.isfinite(t)
             same = ~fin_r & ~fin_t & ((r == t) | (torch.isnan(r) & torch.isnan(t)))
-            out["nonfinite_ref"] += int((~fin_r).sum().item())
-            out["nonfinite_test"] += int((~fin_t).sum().item())
+            out["nonfinite_ref"] += int(bad_r)
+            out["nonfinite_test"] += int(bad_t)
             out["nonfinite_mismatch"] += int(((~fin_r | ~fin_t) & ~same).sum().item())
             finite = fin_r & fin_t
             r, t = r[finite], t[finite]
-        diff = (t - r).abs()
-        if diff.numel():  # one device sync per chunk
-            c_dot, c_rr, c_tt, c_dd, c_sad, c_mx = torch.stack([
-                torch.dot(r, t), torch.dot(r, r), torch.dot(t, t), torch.dot(diff, diff), diff.sum(), diff.max()]).tolist()
-            dot, rr, tt, dd, sad, mx = dot + c_dot, rr + c_rr, tt + c_tt, dd + c_dd, sad + c_sad, max(mx, c_mx)
+            diff = (t - r).abs()
+            c_dot = c_rr = c_tt = c_dd = c_sad = c_mx = 0.0
+            if diff.numel():
+                c_dot, c_rr, c_tt, c_dd, c_sad, c_mx = torch.stack([
+                    torch.dot(r, t), torch.dot(r, r), torch.dot(t, t), torch.dot(diff, diff), diff.sum(),
+                    diff.max()]).tolist()
+        dot, rr, tt, dd, sad, mx = dot + c_dot, rr + c_rr, tt + c_tt, dd + c_dd, sad + c_sad, max(mx, c_mx)
         offset = (-pos) % stride
         samples.append(diff[offset::stride])
     if out["nonfinite_mismatch"]:
@@ -319,13 +326,12 @@ def router_metrics(ref_idx: torch.Tensor, test_idx: torch.Tensor, ref_weights: t
     if keep.numel() != ref_idx.shape[0]:
         raise ValueError(f"router mask has {keep.numel()} entries for {ref_idx.shape[0]} tokens")
 
-    num_experts = int(max(ref_idx.max().item(), test_idx.max().item())) + 1 if ref_idx.numel() else 1
+    num_experts = int(max(torch.stack([ref_idx.max(), test_idx.max()]).tolist())) + 1 if ref_idx.numel() else 1
     if ref_probs is not None:
         ref_probs = ref_probs.reshape(-1, ref_probs.shape[-1]).to(ref_idx.device)
         num_experts = max(num_experts, ref_probs.shape[-1])
     ref_set = _dense(ref_idx[keep], num_experts) > 0
     test_set = _dense(test_idx[keep], num_experts) > 0
-    n = int(keep.sum().item())
 
     same = (ref_set == test_set).all(-1)
     inter = (ref_set & test_set).sum(-1).to(torch.float64)
@@ -342,27 +348,41 @@ def router_metrics(ref_idx: torch.Tensor, test_idx: torch.Tensor, ref_weights: t
     tokens = keep.nonzero().squeeze(-1)
     flipped = mismatch.nonzero().squeeze(-1)
     worst = flipped[torch.argsort(margin[flipped], descending=True, stable=True)[:10]]
-    out = {
-        "n_tokens": n,
-        "exact_set_agreement": same.to(torch.float64).mean().item() if n else _NAN,
-        "jaccard_mean": jaccard.mean().item() if n else _NAN,
-        "n_set_mismatch": int(mismatch.sum().item()),
-        "near_tie_flips": int((mismatch & near).sum().item()),
-        "decisive_flips": int((mismatch & ~near).sum().item()),
-        "flip_margins": [{"token": int(tokens[i].item()), "margin": margin[i].item(), "near": bool(near[i].item())}
-                         for i in worst.tolist()],
-    }
-    if ref_weights is not None and test_weights is not None:
+    # every scalar in one device sync (then the worst flips' token, margin and tie flag in one more)
+    f64 = torch.float64
+    scalars = [keep.sum(), same.to(f64).mean(), jaccard.mean(), mismatch.sum(), (mismatch & near).sum(),
+               (mismatch & ~near).sum()]
+    weighted = ref_weights is not None and test_weights is not None
+    if weighted:
         _check_same_shape(ref_weights, test_weights, "router weights")
         w_ref = _dense(ref_idx[keep], num_experts, ref_weights.reshape(-1, k)[keep.to(ref_weights.device)])
         w_test = _dense(test_idx[keep], num_experts, test_weights.reshape(-1, k)[keep.to(test_weights.device)])
-        moved = 0.5 * (w_ref - w_test).abs().sum(-1)
-        out["weight_mass_moved"] = moved.mean().item() if n else _NAN
-        out["weight_rel_l2"] = _rel_l2(w_ref, w_test) if n else _NAN
-        n_agree = int(same.sum().item())
+        delta = w_test - w_ref
+        agree = delta[same]
+        scalars += [(0.5 * delta.abs().sum(-1)).mean(), torch.linalg.vector_norm(delta.to(f64)),
+                    torch.linalg.vector_norm(w_ref.to(f64)), same.sum(), torch.linalg.vector_norm(agree.to(f64)),
+                    torch.linalg.vector_norm(w_ref[same].to(f64)),
+                    agree.abs().max() if agree.numel() else torch.zeros((), device=agree.device)]
+    vals = torch.stack([v.to(f64) for v in scalars]).tolist()
+    n = int(vals[0])
+    out = {
+        "n_tokens": n,
+        "exact_set_agreement": vals[1] if n else _NAN,
+        "jaccard_mean": vals[2] if n else _NAN,
+        "n_set_mismatch": int(vals[3]),
+        "near_tie_flips": int(vals[4]),
+        "decisive_flips": int(vals[5]),
+        "flip_margins": [{"token": int(tok), "margin": mar, "near": bool(nr)} for tok, mar, nr in zip(
+            *torch.stack([tokens[worst].to(f64), margin[worst], near[worst].to(f64)]).tolist())],
+    }
+    if weighted:
+        moved, num, den, n_agree, a_num, a_den, a_max = vals[6:]
+        n_agree = int(n_agree)
+        out["weight_mass_moved"] = moved if n else _NAN
+        out["weight_rel_l2"] = _ratio(num, den) if n else _NAN
         out["n_agree"] = n_agree
-        out["agree_weight_rel_l2"] = _rel_l2(w_ref[same], w_test[same]) if n_agree else _NAN
-        out["agree_weight_max_abs"] = (w_ref[same] - w_test[same]).abs().max().item() if n_agree else _NAN
+        out["agree_weight_rel_l2"] = _ratio(a_num, a_den) if n_agree else _NAN
+        out["agree_weight_max_abs"] = a_max if n_agree else _NAN
     return out
 
 

@@ -263,7 +263,8 @@ class MegatronBridgeSystem:
     def _router(self, out) -> dict:
         """megatron router output ``(probs [s*b, E] zero off the top-k, routing_map)`` -> HF token order."""
         probs, routing_map = out
-        b, s = self.b, self.s
+        b = self.b
+        s = probs.shape[0] // b  # the run's length, or a probe's (parity.engine.modes.probing.TOKENS)
         dense = hf_token_order(probs, b, s)
         top_w, top_i = dense.masked_fill(~hf_token_order(routing_map, b, s).bool(), float("-inf")).topk(
             self.args.top_k, dim=-1)
@@ -322,7 +323,8 @@ class MegatronBridgeSystem:
         return self._layout(a, first(module(_sb(self._arg(call, key)))))
 
     def _replay_router(self, a: Aligned, module, call) -> dict:  # HF's router input is [b*s, H] in HF token order
-        return self._router(module(_sb(self._arg(call).reshape(self.b, self.s, -1))))
+        x = self._arg(call)
+        return self._router(module(_sb(x.reshape(self.b, -1, x.shape[-1]))))
 
     def _replay_layer(self, a: Aligned, module, call) -> torch.Tensor:  # with its own mask and RoPE tables
         return _sb(first(module(_sb(self._arg(call)), **self._attention_kwargs())))

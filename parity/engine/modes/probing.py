@@ -7,11 +7,16 @@ replays modules on inputs moved to those places, each row gated like an isolated
 bf16: against HF's own bf16 error on the same probe input, ``floor``, and against HF in fp32, ``truth_rel_l2``):
 
 - ``magnitude``: each norm's (and router's) captured input rescaled to an RMS of 1e-3 (eps classes: at
-  mean(x^2) ~ 1e-6 an eps off by 10x moves the output by tens of percent) and 1e4 (overflow, precision);
+  mean(x^2) ~ 1e-6 an eps off by 10x moves the output by tens of percent) and 1e4 (overflow, precision); these
+  modules work token by token, so the module probes (magnitude, near-tie) take the first ``TOKENS`` positions of
+  every row (all of them in the tiny cases; at 26B 512 of 4,096: a probe costs a module call, not a data move);
 - ``positions``: the run's position ids shifted to the end of the model's context (``max_position_embeddings``):
   every attention module with each side's own RoPE there, and the RoPE tables -- long-context RoPE without a long
   sequence;
-- ``window``: sequence lengths at the sliding window's edges (W-1, W, W+1, 2W+1): the masks and every attention;
+- ``window``: sequence lengths at the sliding window's edges (W-1, W, W+1, 2W+1): the masks, and the attention of
+  the first layer of each type (what the edges test is the window of a layer type; which layers are sliding is
+  the run's own business: its sequence is longer than W in every case that has a window to test, and a sliding
+  layer taken for a full one fails there);
 - ``padding``: a batch with one row all padding beside a real one; ``single token``: a sequence of one token;
 - ``near-tie``: router inputs moved so that the k-th and (k+1)-th experts are within a relative 1e-2 / 1e-4 of
   each other: a decisive flip or a weight error there fails (a flip below the gates' tie margin is a near tie).
@@ -52,6 +57,7 @@ RMS = (1e-3, 1e4)  # magnitude probes: the RMS each input is rescaled to
 TIES = (1e-2, 1e-4)  # near-tie probes: relative gap of the k-th and (k+1)-th routing probability
 SEARCH = {"examples": 8, "calls": 40}  # per family: drawn examples, and law checks in all (shrinking included)
 SKIP = ("experts", "mlp")  # parts of HF's decoder layer no probe runs: never built
+TOKENS = 512  # module probes: the first positions of every row (norms and routers are per token)
 
 
 @dataclass(frozen=True)
@@ -221,8 +227,8 @@ class Prober:
     def module_probe(self, a: Aligned, probe: Probe, transform: Callable) -> Record | None:
         """HF's module and the system's on ``transform`` of the row's captured main input (the same tensor)."""
         call = self.c.cap.first(a.hf)
-        x = _main(call).to(self.sut.device)
-        x2 = transform(a, x)
+        x, where = self._tokens(_main(call))
+        x2 = transform(a, x.to(self.sut.device))
         if x2 is None:
             return None
         hf_call = _with_main(call, x2, self.sut.device)
@@ -232,7 +238,21 @@ class Prober:
             out32 = self.hf.fp32(module)(*upcast(hf_call.args), **upcast(hf_call.kwargs)) if self.low else None
         cap = Capture(calls={a.hf: [Call(hf_call.args, hf_call.kwargs, out, call.order)]})
         cap32 = Capture(calls={a.hf: [Call((), {}, out32, call.order)]}) if out32 is not None else None
-        return self._replayed(a, probe, cap, self.ref.where, cap32)
+        return self._replayed(a, probe, cap, where, cap32)
+
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, Where]:
+        """``x`` (``[b, s, ...]`` or flattened ``[b*s, ...]``) cut to the first ``TOKENS`` positions of every row,
+        and where they are real; sliced before it moves to the device."""
+        valid = self.ref.where.valid
+        b, s = valid.shape
+        n = min(s, TOKENS)
+        if n == s:
+            return x, self.ref.where
+        if tuple(x.shape[:2]) == (b, s):
+            return x[:, :n], Where(valid=valid[:, :n])
+        if x.shape[0] == b * s:
+            return x.unflatten(0, (b, s))[:, :n].flatten(0, 1), Where(valid=valid[:, :n])
+        return x, self.ref.where
 
     def magnitude(self, rms: float) -> Callable:
         def transform(a, x):
@@ -468,7 +488,7 @@ def run(c, prog) -> None:
     def window() -> dict:
         for what, n in edges.items():
             if n >= 1:
-                p.keep(p.inputs_probe(Probe("window", f"window: length {n} ({what})", {"length": n})))
+                p.keep(p.inputs_probe(Probe("window", f"window: length {n} ({what})", {"length": n}), firsts))
 
         def make(n):
             probe = Probe("window", f"window: length {n} (found)", {"length": n})
