@@ -16,7 +16,7 @@ Schema (fields without a default are required)::
     seed = 0
     markers = ["cpu"]                    # default []; of cpu, gpu, multigpu, slow, checkpoint
     [model]
-    builder = "tiny_text"                # "tiny_text" | "full_text" | "tiny_vlm" | "checkpoint"
+    builder = "tiny_text"                # "tiny_text" | "full_text" | "tiny_vlm" | "full_vlm" | "checkpoint"
     overrides = { enable_moe_block = false }   # default {}: keyword arguments for the builder
     checkpoint_env = "GEMMA4_CHECKPOINT" # builder "checkpoint" only (and required there)
     [inputs]
@@ -24,6 +24,8 @@ Schema (fields without a default are required)::
     seq_len = 40                         # required for text; optional for vlm (the images set the length)
     pad_tail = 5                         # default 0: right-padded positions of the last sequence
     images = [[[24, 32], [16, 16]], [[32, 24]]]   # vlm only (required): [h, w] per image, per sequence
+    max_soft_tokens = 280                # vlm only, default 70: the processor's token budget per image (70, 140,
+                                         # 280 = its default, 560, 1120); each image is resized to fit it
     padding = "left"                     # default "right": where each sequence's padding goes
     lengths = [40, 23]                   # text only, optional: real tokens per sequence (not with pad_tail)
     position_offset = 0                  # default 0: position ids of real tokens start here
@@ -76,7 +78,9 @@ from typing import Any, Iterator
 from parity.errors import CaseError, UserError
 
 KINDS = ("text", "vlm")
-BUILDERS = {"tiny_text": ("text",), "full_text": ("text",), "tiny_vlm": ("vlm",), "checkpoint": ("text", "vlm")}
+BUILDERS = {"tiny_text": ("text",), "full_text": ("text",), "tiny_vlm": ("vlm",), "full_vlm": ("vlm",),
+            "checkpoint": ("text", "vlm")}
+SOFT_TOKENS = (70, 140, 280, 560, 1120)  # the image token budgets HF's Gemma 4 image processor supports
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
 MARKERS = ("cpu", "gpu", "multigpu", "slow", "checkpoint")
@@ -136,6 +140,7 @@ class Inputs(_Section):
     padding: str = "right"  # "right" | "left": where each sequence's padding goes
     lengths: tuple[int, ...] | None = None  # text only: real tokens per sequence (mixed lengths in one batch)
     position_offset: int = 0  # position ids of real tokens start here (a continuation after a prefix)
+    max_soft_tokens: int = 70  # vlm: the image processor's token budget per image
 
 
 @dataclass(frozen=True)
@@ -246,6 +251,8 @@ class Case:
         """Plain data (lists and dicts), as the TOML file would hold it."""
         out = _plain(dataclasses.asdict(self))
         out.pop("path")
+        if self.kind != "vlm":
+            out["inputs"].pop("max_soft_tokens")  # a VLM setting: a text case's file cannot hold it
         return out
 
     def replace(self, **sections: Any) -> "Case":
@@ -423,6 +430,12 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
         i.fail("images", "only for kind 'vlm'")
     padding = i.str_("padding", ("right", "left"), default="right")
     position_offset = i.int_("position_offset", default=0)
+    max_soft_tokens = i.int_("max_soft_tokens", default=70)
+    if max_soft_tokens not in SOFT_TOKENS:
+        i.fail("max_soft_tokens", f"must be one of {', '.join(map(str, SOFT_TOKENS))} (HF's image processor), "
+                                  f"got {max_soft_tokens}")
+    if kind != "vlm" and i.has("max_soft_tokens"):
+        i.fail("max_soft_tokens", "only for kind 'vlm'")
     lengths = None
     if i.has("lengths"):
         raw = i.raw("lengths")
@@ -436,7 +449,7 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
         lengths = tuple(raw)
     i.done()
     inputs = Inputs(batch=batch, seq_len=seq_len, pad_tail=pad_tail, images=images, padding=padding,
-                    lengths=lengths, position_offset=position_offset)
+                    lengths=lengths, position_offset=position_offset, max_soft_tokens=max_soft_tokens)
 
     p = top.sub("parallel")
     parallel = Parallel(tp=p.int_("tp", default=1, minimum=1), ep=p.int_("ep", default=1, minimum=1))

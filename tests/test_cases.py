@@ -97,6 +97,10 @@ def test_shipped_case_shapes():
     assert C.load_case("gemma4-26b-a4b-ep2").parallel.ep == 2
     vlm = C.load_case("gemma4-vlm-tiny")
     assert vlm.kind == "vlm" and len(vlm.inputs.images) == vlm.inputs.batch
+    vlm26 = C.load_case("gemma4-26b-a4b-vlm")
+    assert vlm26.model.builder == "full_vlm" and vlm26.gpu_only and vlm26.run.sequential and vlm26.run.offload
+    assert vlm26.inputs.max_soft_tokens == 280 and vlm.inputs.max_soft_tokens == 70  # the default
+    assert "max_soft_tokens" not in tiny.to_dict()["inputs"] and tiny.replace(dtype="bfloat16").dtype == "bfloat16"
     ckpt = C.load_case("gemma4-checkpoint")
     assert ckpt.needs_checkpoint and ckpt.model.checkpoint_env == "GEMMA4_CHECKPOINT"
 
@@ -264,6 +268,8 @@ VLM_BAD = [
     (lambda t: t.replace("[16, 16]", "[16, 0]"), "inputs.images: sequence 0: expected [height, width]"),
     (lambda t: t.replace("[[32, 24]]", "[]"), "inputs.images: sequence 1: expected a non-empty list"),
     (lambda t: t.replace("images =", "pad_tail = 2\nimages ="), "inputs.pad_tail: needs inputs.seq_len"),
+    (lambda t: t.replace("images =", "max_soft_tokens = 256\nimages ="),
+     "inputs.max_soft_tokens: must be one of 70, 140, 280, 560, 1120 (HF's image processor), got 256"),
 ]
 
 
@@ -336,3 +342,25 @@ def test_system_section_and_its_override(tmp_path):
     assert set(shipped.expected_failures) == {"modules"} and "finding 2" in shipped.expected_failures["modules"]
     with pytest.raises(C.CaseError, match="expected_failures.speed: unknown check"):
         C.load_case_file(write(tmp_path, VALID + '\n[expected_failures]\nspeed = "x"\n'))
+
+
+def test_the_26b_vlm_case_builds_the_real_shape_and_the_processors_token_counts():
+    """``full_vlm``: the 26B-A4B-it shape (25.8 B parameters, the 27-layer 1152-wide tower: 0.57 B), built on the meta
+    device; its two images get the soft-token counts HF's processor gives them at its default budget of 280
+    (768x768 -> 768x768: 2,304 patches, 256 tokens; 512x1024 -> 528x1104: 2,277 patches, 253 tokens)."""
+    import torch
+    from transformers import Gemma4ForConditionalGeneration
+
+    from parity.engine.vlm_inputs import build_vlm_inputs
+    from parity.vlm_config import full_vlm_config_kwargs, make_vlm_config, soft_tokens_per_image
+
+    case = C.load_case("gemma4-26b-a4b-vlm")
+    config = make_vlm_config(full_vlm_config_kwargs(**case.model.overrides))
+    with torch.device("meta"):
+        model = Gemma4ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e9, 2) == 25.81
+    assert round(sum(p.numel() for p in model.model.vision_tower.parameters()) / 1e9, 2) == 0.57
+    inputs = build_vlm_inputs(config, seed=0, image_sizes=case.inputs.images, text_runs=[[5, 4, 6]],
+                              max_soft_tokens=case.inputs.max_soft_tokens)
+    assert soft_tokens_per_image(inputs["image_position_ids"], config.vision_config.pooling_kernel_size) == [256, 253]
+    assert int((inputs["input_ids"] == config.image_token_id).sum()) == 256 + 253

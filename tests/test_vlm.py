@@ -285,3 +285,32 @@ def test_tiny_vlm_folder_round_trip_is_bit_exact(built, tmp_path):
     for k in expected:
         assert same_bits(back[k], loaded[k]), k
         assert same_bits(loaded[k], original[k].contiguous()), k
+
+
+def test_the_fp32_floor_streams_one_text_layer_at_a_time(built):
+    """At the 26B-A4B shape a whole fp32 copy of the VLM (100 GB beside the bf16 model) ran out of memory in the
+    floor phase. HF's own forward now runs on an fp32 copy of everything but the text decoder layers, each layer a
+    stand-in that copies just that layer: the copied shell holds no layer weights, every layer is copied alone and
+    in order, and the logits are bit-identical to a whole fp32 copy's."""
+    import copy
+
+    hf, inputs = built["hf"], built["inputs"]
+    bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+    copied: list[tuple[str, int]] = []
+
+    def run_copy(module, name, *args, **kwargs):
+        copied.append((name, sum(p.numel() for p in module.parameters())))
+        with torch.no_grad():
+            return copy.deepcopy(module).float()(*args, **kwargs)
+
+    logits = KINDS["vlm"].forward_fp32(bf16, inputs, None, run_copy, prog=type("P", (), {"note": print})())
+    layers = bf16.model.language_model.layers
+    assert isinstance(layers, torch.nn.ModuleList) and type(layers[0]).__name__ == "Gemma4TextDecoderLayer"  # put back
+    per_layer = sum(p.numel() for p in layers.parameters())
+    total = sum(p.numel() for p in bf16.parameters())
+    assert copied[0] == ("", total - per_layer)  # the shell: everything but the layers
+    assert [n for n, _ in copied[1:]] == [f"{TEXT_HF}layers.{i}" for i in range(len(layers))]
+    assert [k for _, k in copied[1:]] == [sum(p.numel() for p in la.parameters()) for la in layers]
+    with torch.no_grad():
+        whole = copy.deepcopy(bf16).float()(**inputs, use_cache=False).logits
+    assert torch.equal(logits, whole.float())

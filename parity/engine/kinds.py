@@ -176,19 +176,21 @@ class VlmKind(TextKind):
                             f"(got tp={case.parallel.tp}, ep={case.parallel.ep})")
 
     def build(self, case, dtype: torch.dtype, device: str, checkpoint: str | None, seed: int):
-        """HF Gemma4ForConditionalGeneration from the ``tiny_vlm`` builder (random weights) or a checkpoint."""
+        """HF Gemma4ForConditionalGeneration from the ``tiny_vlm`` / ``full_vlm`` builder (random weights) or a
+        checkpoint."""
         from transformers import Gemma4ForConditionalGeneration
 
         from parity.engine.randomize import randomize_
-        from parity.vlm_config import VisionArgs, make_vlm_config, vlm_config_kwargs
+        from parity.vlm_config import VisionArgs, full_vlm_config_kwargs, make_vlm_config, vlm_config_kwargs
 
+        builders = {"tiny_vlm": vlm_config_kwargs, "full_vlm": full_vlm_config_kwargs}
         if checkpoint:
             config, state = _from_checkpoint(checkpoint, dtype, device, case, "Gemma4ForConditionalGeneration")
-        elif case.model.builder != "tiny_vlm":
+        elif case.model.builder not in builders:
             raise UserError(f"unknown VLM model builder {case.model.builder!r}")
         else:
             try:
-                config = make_vlm_config(vlm_config_kwargs(**case.model.overrides))
+                config = make_vlm_config(builders[case.model.builder](**case.model.overrides))
             except TypeError as e:
                 raise UserError(f"case {case.name}: model.overrides: {e}") from None
         C.check_supported_vlm(config)
@@ -223,7 +225,8 @@ class VlmKind(TextKind):
             tuple(tuple([5 + 2 * j] + [4] * (len(s) - 1) + [6]) for j, s in enumerate(images))
         runs = [list(r) for r in runs]  # text tokens before, between and after the images of each sequence
         try:
-            inputs = build_vlm_inputs(config, seed=seed, image_sizes=images, text_runs=runs)
+            budget = dict(max_soft_tokens=case.inputs.max_soft_tokens)
+            inputs = build_vlm_inputs(config, seed=seed, image_sizes=images, text_runs=runs, **budget)
             if n:
                 lengths = inputs["attention_mask"].sum(1).tolist()
                 for j, have in enumerate(lengths):
@@ -232,7 +235,7 @@ class VlmKind(TextKind):
                         raise UserError(f"case {case.name}: inputs.seq_len {n} (pad_tail {pad_tail}) is too short "
                                         f"for sequence {j}: its images and text need {have} tokens")
                     runs[j][-1] += target - have
-                inputs = build_vlm_inputs(config, seed=seed, image_sizes=images, text_runs=runs)
+                inputs = build_vlm_inputs(config, seed=seed, image_sizes=images, text_runs=runs, **budget)
                 short = n - inputs["input_ids"].shape[1]
                 if short > 0:  # every sequence ends in padding
                     pad = config.text_config.pad_token_id or 0
@@ -255,8 +258,20 @@ class VlmKind(TextKind):
         return hf_head(model, hidden, inputs, lm_head, output="Gemma4ModelOutputWithPast").float()
 
     def forward_fp32(self, model, inputs, cap, run_copy, prog):
-        """A full fp32 copy of the (small) HF VLM on the same raw inputs."""
-        return run_copy(model, "", **inputs, use_cache=False).logits.float()
+        """HF's own VLM forward in fp32, one text decoder layer resident at a time (at the 26B-A4B shape a whole
+        fp32 copy is 100 GB beside the bf16 model): an fp32 copy of everything but the text decoder layers
+        (vision tower, embedders, merge, norm, head), each layer a stand-in running an fp32 copy of it."""
+        lm = model.model.language_model
+        layers, prefix = lm.layers, f"{self.prefixes[Stack.TEXT]}layers"
+
+        def layer_fp32(i, *args, **kwargs):
+            prog.note(f"fp32 floor: layer {i + 1}/{len(layers)}")
+            return run_copy(layers[i], f"{prefix}.{i}", *args, **kwargs)
+        lm.layers = torch.nn.ModuleList(_Streamed(layer_fp32, i) for i in range(len(layers)))
+        try:
+            return run_copy(model, "", **inputs, use_cache=False).logits.float()
+        finally:
+            lm.layers = layers
 
     def groups(self, inputs) -> dict:
         """``[b, s]`` bool masks of the real positions of each group: ``text`` (mm type 0, BOI/EOI included),
@@ -273,7 +288,23 @@ class VlmKind(TextKind):
         return {**super().describe(case, config, inputs),
                 "images": [list(map(list, seq)) for seq in (case.inputs.images or [])], "num_images": int(pos.shape[0]),
                 "soft_tokens_per_image": soft_tokens_per_image(pos, config.vision_config.pooling_kernel_size),
+                "max_soft_tokens": case.inputs.max_soft_tokens,
                 "sliding_window": config.text_config.sliding_window}
+
+
+class _Streamed(torch.nn.Module):
+    """Stands in for decoder layer ``i`` in a model about to be copied: no weights of its own (the copy stays
+    small), its call runs ``run(i, ...)``; copied, it is the same stand-in."""
+
+    def __init__(self, run, i: int):
+        super().__init__()
+        self.run, self.i = run, i
+
+    def __deepcopy__(self, memo):
+        return _Streamed(self.run, self.i)
+
+    def forward(self, *args, **kwargs):
+        return self.run(self.i, *args, **kwargs)
 
 
 KINDS = {"text": TextKind(), "vlm": VlmKind()}
