@@ -123,9 +123,12 @@ def check_supported(config: Any) -> None:
 
 
 def check_supported_vlm(config: Any) -> None:
-    if getattr(config, "audio_config", None) is not None:
-        raise UnsupportedConfig("unsupported Gemma 4 feature(s): audio tower (audio_config is set)")
+    """The text part's refusals, then the audio tower's (``parity.vlm_config.check_supported_audio``)."""
     check_supported(config.text_config)
+    if getattr(config, "audio_config", None) is not None:
+        from parity.vlm_config import check_supported_audio
+
+        check_supported_audio(config.audio_config)
 
 
 # ---------------------------------------------------------------------------------------------------
