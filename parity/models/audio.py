@@ -122,20 +122,22 @@ class AudioSubsample(MegatronModule):
 
 
 class AudioRelativePositions(nn.Module):
-    """Twin of ``audio_tower.rel_pos_enc``: ``[P, Ha]`` sinusoids of the distances ``P-1, ..., 0`` (P = context //
+    """Twin of ``audio_tower.rel_pos_enc``: ``[1, P, Ha]`` sinusoids of the distances ``P-1, ..., 0`` (P = context //
     2 + 1, context = chunk + context_left - 1 + context_right), laid out ``[sin | cos]``, timescales 1 .. 1e4."""
 
-    def __init__(self, args: AudioArgs):
+    def __init__(self, args: AudioArgs, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.max_distance = (args.chunk_size + args.context_left - 1 + args.context_right) // 2
         n = args.hidden_size // 2
         step = math.log(1.0e4) / max(n - 1, 1)
-        self.register_buffer("inv_timescales", torch.exp(torch.arange(n) * -step), persistent=False)
+        # in the model's dtype, as HF's buffer is (built under the default dtype its model is made in): a bf16
+        # model's timescales, angles and sinusoids are bf16
+        self.register_buffer("inv_timescales", torch.exp(torch.arange(n).to(dtype) * -step), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         distance = torch.arange(self.max_distance, -1, -1, device=x.device)[:, None]
         angles = distance * self.inv_timescales.to(x.device)
-        return torch.cat([angles.sin(), angles.cos()], dim=-1).to(x.dtype)
+        return torch.cat([angles.sin(), angles.cos()], dim=-1)[None].to(x.dtype)
 
 
 def blocked_attention_mask(frames: torch.Tensor, args: AudioArgs) -> torch.Tensor:
@@ -209,7 +211,7 @@ class AudioChunkedAttention(MegatronModule):
         q, k, v = self.blocks(q), self.contexts(k), self.contexts(v)
         nb = q.shape[1]
         r, _ = self.linear_pos(position_embeddings)
-        r = r.view(-1, n, d).float()  # [P, n, d]
+        r = r.view(-1, n, d).float()  # [1, P, Ha] -> [P, n, d]
         q = q.permute(0, 3, 1, 2, 4)  # [A, n, blocks, chunk, d]
         content = q @ k.permute(0, 3, 1, 4, 2)  # [A, n, blocks, chunk, context]
         position = (q.reshape(a, n, -1, d) @ r.permute(1, 2, 0)).reshape(a, n, nb, self.chunk, -1)
@@ -310,7 +312,7 @@ class AudioModel(MegatronModule):
         super().__init__(config)
         self.args = args
         self.subsample = AudioSubsample(args, config)
-        self.rel_pos = AudioRelativePositions(args)
+        self.rel_pos = AudioRelativePositions(args, config.params_dtype)
         self.layers = nn.ModuleList(AudioConformerLayer(args, config) for _ in range(args.num_layers))
         self.output_proj = _linear(args.hidden_size, args.output_proj_dims, config, bias=True)
 
