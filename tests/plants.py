@@ -477,6 +477,19 @@ def audio_subsampling_stride(mp, shape=None):
     mp.setattr(audio.AudioSubsampleBlock, "__init__", planted)
 
 
+def audio_window_off_by_one(mp, shape=None):
+    from parity.models import audio
+
+    build = audio.blocked_attention_mask
+
+    def planted(frames, args):  # BUG: the window reaches context_left frames back (HF: context_left - 1)
+        mask = build(frames, args).clone()
+        i = torch.arange(args.chunk_size)
+        mask[..., i, i] = True  # key j = i of query i's context is exactly context_left - 1 frames back
+        return mask
+    mp.setattr(audio, "blocked_attention_mask", planted)
+
+
 AUDIO_PLANTS = [
     Plant("audio_scatter_order", "audio scatter", "merged_embeddings", audio_scatter_order,
           megatron_name="audio_scatter"),
@@ -484,6 +497,8 @@ AUDIO_PLANTS = [
           audio_relative_position_offset),
     Plant("audio_conv_not_causal", "conv padding", "model.audio_tower.layers.0.lconv1d.depthwise_conv1d",
           audio_conv_not_causal),
+    Plant("audio_window_off_by_one", "masks", "model.audio_tower.layers.0.self_attn", audio_window_off_by_one,
+          megatron_name="audio.masks[blocked]"),
     Plant("audio_subsampling_stride", "subsampling", "model.audio_tower.subsample_conv_projection.layer0.conv",
           audio_subsampling_stride),
 ]

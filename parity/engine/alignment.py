@@ -178,6 +178,8 @@ TABLES = (  # the mask of ``X.self_attn`` is the ``attention_mask`` its parent `
         note="attention mask ({layer_type}): {n} mismatching entries"),
     Row("vision_tower.encoder.layers.0.self_attn", Kind.MASK, stack=_V, gate="exact", key="vision_masks",
         note="vision encoder attention mask: {n} mismatching entries"),
+    Row("audio_tower.layers.0.self_attn", Kind.MASK, stack=_A_, gate="exact", key="audio_masks",
+        note="audio chunked attention mask [clips, 1, blocks, chunk, context]: {n} mismatching entries"),
 )
 
 

@@ -305,6 +305,8 @@ def compare_mask(a: Aligned, hf_mask, mine: torch.Tensor, where: Where) -> dict:
     """A mask row: HF's mask (as its layer receives it; None = plain causal for text, all-visible for vision)
     against the system's, at real query rows over *every* key: a padded key one side lets through must show
     (padded query rows attend to nothing real and are never compared)."""
+    if a.row.stack is Stack.AUDIO:
+        return _compare_audio_mask(hf_mask, mine, where)
     text = a.row.stack is not Stack.VISION
     rows = where.valid if text else where.real
     n = rows.shape[-1]
@@ -322,6 +324,27 @@ def compare_mask(a: Aligned, hf_mask, mine: torch.Tensor, where: Where) -> dict:
         out = failed(f"mask shape {tuple(mine.shape)} against HF's {tuple(ref.shape)} (real rows {tuple(region.shape)})")
         out["layout"] = {"reference": list(ref.shape), "test": list(mine.shape), "compared": None}
         return out
+    diff = int(((ref != mine) & region).sum())
+    return {"cosine": 1.0 if diff == 0 else 0.0, "rel_l2": diff / max(1, int(region.sum())), "max_abs": float(diff > 0),
+            "n": diff}
+
+
+def _compare_audio_mask(hf_mask, mine: torch.Tensor, where: Where) -> dict:
+    """The audio tower's blocked mask ``[clips, 1, blocks, chunk, context]`` (HF's: additive, 0 = attend; the
+    system's: True = attend) at the query rows of real frames, over every key of their context."""
+    frames = where.audio
+    if hf_mask is None or frames is None:
+        return failed("no audio attention mask captured" if hf_mask is None else "no audio frames in the inputs")
+    ref = hf_mask.to(frames.device)
+    ref = ref if ref.dtype == torch.bool else ref == 0
+    mine = mine.to(frames.device)
+    if tuple(ref.shape) != tuple(mine.shape) or ref.dim() != 5:
+        out = failed(f"audio mask shape {tuple(mine.shape)} against HF's {tuple(ref.shape)}")
+        out["layout"] = {"reference": list(ref.shape), "test": list(mine.shape), "compared": None}
+        return out
+    a, _, nb, chunk, _ = ref.shape
+    rows = torch.nn.functional.pad(frames, (0, nb * chunk - frames.shape[1])).reshape(a, 1, nb, chunk, 1)
+    region = rows.expand_as(ref)
     diff = int(((ref != mine) & region).sum())
     return {"cosine": 1.0 if diff == 0 else 0.0, "rel_l2": diff / max(1, int(region.sum())), "max_abs": float(diff > 0),
             "n": diff}

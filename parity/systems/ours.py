@@ -83,6 +83,7 @@ AUDIO = {
     "embed_audio.embedding_pre_projection_norm": "audio.embed_audio.pre_projection_norm",
     "embed_audio.embedding_projection": "audio.embed_audio.linear_proj",
     "merged_embeddings": "audio_scatter",  # with an audio tower the merge ends with the audio scatter
+    "audio_masks": "audio.masks[blocked]",
 }
 TABLES = {"logits": "logits", "rotary_emb": "rotary_tables[{layer_type}]", "masks": "masks[{layer_type}]"}
 TEXT_MC, VISION_MC, AUDIO_MC = "language_model.", "vision.", "audio."
@@ -206,7 +207,7 @@ class ParitySystem:
                 self.vcos, self.vsin = self.model.vision.vision_model.encoder.rotary_emb(
                     torch.empty(0, dtype=self.dtype, device=pos.device), pos)
             self.vmask = (~self.padding)[:, None, None, :]
-        if self.audio:  # its own frame masks per subsampling rate, relative positions and blocked mask
+        if self.audio and "input_features_mask" in inputs:  # its own frame masks, relative positions, blocked mask
             from parity.models.audio import blocked_attention_mask
 
             tower = self.model.audio.audio_model
@@ -312,6 +313,8 @@ class ParitySystem:
                                                for f in (torch.cos, torch.sin))
         if self.vlm:
             out["vision.masks[encoder]"] = self.vmask
+        if getattr(self, "amask", None) is not None:
+            out["audio.masks[blocked]"] = self.amask
         return out
 
     # -- layouts -----------------------------------------------------------------------------------
