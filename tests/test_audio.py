@@ -80,8 +80,10 @@ def test_audio_case_passes_with_every_audio_module_compared(clean):
     assert r["passed"] is True, _explain(r)
     audio = [m for m in r["modules"] if m["group"] == "audio"]
     by_mode = {mode: [m for m in audio if m["mode"] == mode] for mode in ("end_to_end", "isolated")}
-    assert len(by_mode["end_to_end"]) == len(by_mode["isolated"]) == 86
+    assert len(by_mode["end_to_end"]) == 87 and len(by_mode["isolated"]) == 86  # + the blocked mask (a table row)
     assert max(m["rel_l2"] for m in audio) <= 1e-6  # bit-identical on the maintainer's machine (0.0)
+    mask = [m for m in audio if m["kind"] == "mask"]
+    assert len(mask) == 1 and mask[0]["rel_l2"] == 0.0 and mask[0]["detail"].endswith(": 0 mismatching entries")
     merged = [m for m in r["modules"] if m["name"] == "merged_embeddings"]
     assert {m["megatron_name"] for m in merged} == {"audio_scatter"} and all(m["passed"] for m in merged)
     assert r["roundtrip"]["bit_exact"] == len(r["roundtrip"]["rows"]) == 351

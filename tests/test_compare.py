@@ -65,3 +65,17 @@ def test_device_of_prefers_any_accelerator():
     host, accel = torch.zeros(1), torch.zeros(1, device=ACCEL)
     assert device_of(host, accel) == device_of(accel, host) == ACCEL
     assert device_of(host, host) == torch.device("cpu")
+
+
+def test_store_keeps_a_tensor_again_after_an_in_place_change():
+    """HF's audio feed-forward returns its post-norm's output after ``*=`` and ``+=``: the same tensor object, a
+    new value. The capture's deduplication (by storage) must not hand back the first value kept."""
+    from parity.engine.compare import Store
+
+    store = Store(offload=False)
+    x = torch.ones(3)
+    first = store.keep(x)
+    assert store.keep(x) is first  # unchanged: deduplicated
+    x.mul_(2.0).add_(1.0)
+    again = store.keep(x)
+    assert torch.equal(first, torch.ones(3)) and torch.equal(again, torch.full((3,), 3.0))

@@ -3,7 +3,8 @@
 The model, weights and forward come from ``parity.mbridge.model``; where each alignment row is observed in
 its module tree comes from ``parity.mbridge.alignment`` (a twin is a module's output, or its input: names
 ending in `` (input)``). Rows the bridge computes inside another module are ``Elsewhere``. HF's own vision
-tower and ``embed_vision`` run inside its VLM: those rows are ``shared``. Isolated replay runs the bridge's
+tower and ``embed_vision`` run inside its VLM, and HF's own audio tower: those rows are ``shared`` (its
+``embed_audio`` is its own fallback, compared; its forward takes no audio frame mask: finding A1). Isolated replay runs the bridge's
 module on HF's captured inputs where the module can run alone; ``replay`` returns None where it cannot
 (the input norm fused into ``linear_qkv``, the routed experts behind the dispatcher).
 """
