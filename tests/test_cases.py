@@ -229,6 +229,7 @@ BAD = [
     (lambda t: t.replace("seq_len = 40\n", ""), "inputs.seq_len: missing"),
     (lambda t: t.replace("pad_tail = 5", "pad_tail = 40"), "inputs.pad_tail: must be smaller than inputs.seq_len"),
     (lambda t: t.replace("pad_tail = 5", "pad_tail = 5\nimages = [[[8, 8]]]"), "inputs.images: only for kind"),
+    (lambda t: t.replace("pad_tail = 5", "pad_tail = 5\naudio = [[1000], [600]]"), "inputs.audio: only for kind"),
     (lambda t: t.replace("tp = 1", "tp = 2"), "devices: must be [\"cuda\"]"),
     (lambda t: t.replace("ep = 1", "ep = 0"), "parallel.ep: must be >= 1"),
     (lambda t: t.replace('devices = ["cpu", "cuda"]', 'devices = ["cuda"]'), "markers: must include \"gpu\""),
@@ -270,6 +271,9 @@ VLM_BAD = [
     (lambda t: t.replace("images =", "pad_tail = 2\nimages ="), "inputs.pad_tail: needs inputs.seq_len"),
     (lambda t: t.replace("images =", "max_soft_tokens = 256\nimages ="),
      "inputs.max_soft_tokens: must be one of 70, 140, 280, 560, 1120 (HF's image processor), got 256"),
+    (lambda t: t.replace("images =", "audio = [[1000]]\nimages ="),
+     "inputs.audio: expected 2 lists (one per sequence) of clip durations in ms (100..30000)"),
+    (lambda t: t.replace("images =", "audio = [[1000], [50]]\nimages ="), "inputs.audio: expected 2 lists"),
 ]
 
 
