@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from parity.config import UnsupportedConfig, check_supported_audio, full_text_config_kwargs, text_config_kwargs
+from parity.config import UnsupportedConfig, full_text_config_kwargs, text_config_kwargs
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,24 @@ class AudioArgs:
             hidden_activation=audio.hidden_act,
             text_hidden_size=int(config.text_config.hidden_size),
         )
+
+
+def check_supported_audio(audio: Any) -> None:
+    """Raise ``UnsupportedConfig`` (one line) for audio features the Megatron tower does not implement."""
+    problems = []
+    if audio.hidden_act != "silu":
+        problems.append(f"audio hidden_act={audio.hidden_act!r}")
+    if audio.hidden_size % audio.num_attention_heads:
+        problems.append("audio hidden_size not a multiple of num_attention_heads")
+    if len(audio.subsampling_conv_channels) != 2:
+        problems.append(f"audio subsampling_conv_channels={list(audio.subsampling_conv_channels)} (HF builds two blocks)")
+    past, chunk, right = audio.attention_context_left - 1, audio.attention_chunk_size, audio.attention_context_right
+    if (chunk + past + right) // 2 != past:  # HF's relative shift reads position (context // 2) - (j - i)
+        problems.append(f"audio attention chunk {chunk} / context_left {audio.attention_context_left} / "
+                        f"context_right {right} (relative positions only line up when (chunk + left - 1 + right) "
+                        "// 2 == left - 1)")
+    if problems:
+        raise UnsupportedConfig("unsupported Gemma 4 feature(s): " + ", ".join(problems))
 
 
 def check_supported_vision(vision: Any) -> None:
