@@ -418,6 +418,13 @@ def _derived_kwargs(args: TextArgs) -> dict[str, Any]:
         use_bidirectional_attention=args.use_bidirectional_attention, pad_token_id=args.pad_token_id,
         attention_k_eq_v=full[0].k_eq_v, global_head_dim=full[0].head_dim,
     )
+    shared = [l for l in args.layers if l.kv_shared]
+    kw["num_kv_shared_layers"] = len(shared)
+    if shared:  # the double-wide MLP is only visible on KV-shared layers (otherwise carried as passthrough)
+        kw["use_double_wide_mlp"] = any(l.intermediate_size != args.intermediate_size for l in shared)
+    kw["hidden_size_per_layer_input"] = args.per_layer_size
+    if args.per_layer_size:
+        kw["vocab_size_per_layer_input"] = args.per_layer_vocab_size
     if args.enable_moe_block:
         kw.update(num_experts=args.num_experts, top_k_experts=args.top_k, moe_intermediate_size=args.moe_intermediate_size)
     if sliding:

@@ -105,10 +105,9 @@ class TextKind:
                 model = Gemma4ForCausalLM._from_config(config, torch_dtype=dtype)
             _fits(*model.load_state_dict(state, strict=False))
             return model.eval(), config
-        builders = {"tiny_text": C.text_config_kwargs, "full_text": C.full_text_config_kwargs}
-        if case.model.builder not in builders:
+        if case.model.builder not in C.TEXT_BUILDERS:
             raise UserError(f"unknown text model builder {case.model.builder!r}")
-        config = C.make_text_config(builders[case.model.builder](**case.model.overrides))
+        config = C.make_text_config(C.TEXT_BUILDERS[case.model.builder](**case.model.overrides))
         C.check_supported(config)
         config._attn_implementation = "sdpa"
         with torch.device(device):
