@@ -412,7 +412,8 @@ def _layer_fp32(lm, i: int, device):
     la = args.layers[i]
     config = transformer_config(args, la, torch.float32, str(device).split(":")[0])
     with torch.device(device):
-        layer = Gemma4TransformerLayer(config, layer_spec(args.enable_moe_block), i + 1, la, args.enable_moe_block)
+        layer = Gemma4TransformerLayer(config, layer_spec(args.enable_moe_block), i + 1, la, args.enable_moe_block,
+                                       per_layer_size=args.per_layer_size)
     src = {k: v for k, v in lm.decoder.layers[i].state_dict().items() if not k.endswith("_extra_state")}
     missing = [k for k in layer.state_dict() if k not in src and not k.endswith("_extra_state")]
     if missing:

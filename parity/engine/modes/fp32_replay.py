@@ -105,7 +105,7 @@ def run(compared, prog) -> None:
         h = first(out)
         del hf32, cap32
     for a in rows:  # the final norm, on the last fp32 layer's output
-        if a.row.kind is not Kind.NORM or a.layer is not None:
+        if a.row.kind is not Kind.NORM or a.hf != f"{hf_prefix}norm":  # not PLE's projection norm (before layer 0)
             continue
         name = compared.name(a)
         if not isinstance(name, str) or sut.module(name) is None:
