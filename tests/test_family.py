@@ -4,6 +4,7 @@ the double-wide MLP: ``tests/plants.py`` ``FAMILY_PLANTS``) fails at its exact m
 from __future__ import annotations
 
 import pytest
+import torch
 
 from parity import config as C
 from parity.cases import load_case
@@ -67,3 +68,53 @@ def test_member_shapes():
     full = [la for la in g31.layers if not la.is_sliding]
     assert len(full) == 2 and all(la.k_eq_v and la.num_kv_heads == 1 for la in full)
     assert g31.per_layer_size == 0 and not any(la.kv_shared for la in g31.layers)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Megatron-Bridge 0.6.2's dense provider on the family (second system)
+
+def _bridge_ok():
+    from parity import mbridge
+
+    return mbridge.available()
+
+
+@pytest.mark.parametrize("case", ["gemma4-e2b-tiny", "gemma4-31b-tiny"])
+def test_bridge_computes_what_hf_computes_on_the_family(case):
+    """Its PLE, KV sharing and double-wide MLP agree with HF module by module (fp32); the 31B shape passes."""
+    ok, why = _bridge_ok()
+    if not ok:
+        pytest.skip(f"Megatron-Bridge not importable: {why}")
+    r = execute(load_case(case), device="cpu", system="megatron-bridge")
+    assert r["checks"]["modules"] and r["checks"]["logits"], _explain(r)
+    assert r["summary"]["logits"]["rel_l2"] <= 1e-5
+    assert r["checks"]["roundtrip"] is (case == "gemma4-31b-tiny")
+
+
+def test_finding_13_kv_shared_layers_keep_dead_k_norm_and_export_it(monkeypatch):
+    """Finding 13: on KV-shared layers its attention keeps the full fused linear_qkv (its mapping fills the K/V rows
+    with zeros) and a k-norm its mapping never writes (HF has neither); its forward computes that K/V and drops it
+    for the source layer's. Its export writes ``self_attn.k_norm.weight`` for each KV-shared layer: keys HF's
+    checkpoint does not have."""
+    ok, why = _bridge_ok()
+    if not ok:
+        pytest.skip(f"Megatron-Bridge not importable: {why}")
+    from parity.systems.megatron_bridge import MegatronBridgeSystem
+
+    seen = {}
+    load = MegatronBridgeSystem.load
+
+    def spy(self, hf_state, folder=None):
+        load(self, hf_state, folder)
+        att = self.bm.model.decoder.layers[5].self_attention
+        hn, q = 16, 4 * 16
+        seen.update(dead=list(self.unloaded_dead), kv_rows=att.linear_qkv.weight[q:q + 2 * hn].clone(),
+                    q_rows_equal=torch.equal(att.linear_qkv.weight[:q], hf_state["model.layers.5.self_attn.q_proj.weight"]))
+    monkeypatch.setattr(MegatronBridgeSystem, "load", spy)
+    r = execute(load_case("gemma4-e2b-tiny"), device="cpu", system="megatron-bridge")
+    assert seen["dead"] == [f"decoder.layers.{i}.self_attention.k_layernorm.weight" for i in range(5, 10)]
+    assert bool((seen["kv_rows"] == 0).all()) and seen["q_rows_equal"]
+    extra = sorted(x["name"] for x in r["roundtrip"]["rows"] if x.get("problem") == "unexpected key")
+    assert extra == [f"model.layers.{i}.self_attn.k_norm.weight" for i in range(5, 10)]
+    assert r["roundtrip"]["bit_exact"] == r["roundtrip"]["tensors"] - 5  # every tensor HF has: bit-exact
+    assert r["checks"]["modules"] and r["checks"]["logits"]  # the dead k-norm (NaN here) never reaches an output
