@@ -156,6 +156,9 @@ def check_supported(config: Any) -> None:
 def check_supported_vlm(config: Any) -> None:
     if getattr(config, "audio_config", None) is not None:
         raise UnsupportedConfig("unsupported Gemma 4 feature(s): audio tower (audio_config is set)")
+    if getattr(config.text_config, "hidden_size_per_layer_input", 0):
+        raise UnsupportedConfig("unsupported Gemma 4 feature(s): per-layer embeddings in the vision-language model "
+                                "(hidden_size_per_layer_input > 0 with a vision tower)")
     check_supported(config.text_config)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -226,8 +227,11 @@ def inspect(path: str | Path) -> CheckpointInfo:
         if got != want:
             raise CheckpointError(f"{path / file}: shape mismatch for {key}: file has {list(got)}, "
                                   f"HF's {arch} of this config expects {list(want)}")
+    text_module = model.get_submodule(text_model) if text_model else model
+    ignored = [re.compile(re.escape(f"{text_model}.") + p if text_model else p)
+               for p in getattr(text_module, "_keys_to_ignore_on_load_unexpected", None) or []]
     for key, (_, _, file) in tensors.items():
-        if key not in expected:
+        if key not in expected and not any(p.search(key) for p in ignored):  # HF's loader drops those (KV sharing)
             raise CheckpointError(f"{path / file}: unexpected tensor {key} (not in HF's {arch} of this config)")
     return CheckpointInfo(path, config, arch, tuple(sorted(set(weight_map.values()))), tensors, expected, tied,
                           text_model, head)

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from parity.bridge.mapping import NON_TEXT_PREFIXES, TEXT_PREFIX, expand, shape, sizes
+from parity.bridge.mapping import NON_TEXT_PREFIXES, TEXT_PREFIX, expand, kv_shared_leftovers, shape, sizes
 from parity.config import TextArgs
 from parity.tensors import same_bits  # noqa: F401  (re-exported: tests and callers use it from here)
 
@@ -206,7 +206,7 @@ def iter_hf_to_megatron(
         if not same_bits(text["lm_head.weight"], text["embed_tokens.weight"]):
             raise BridgeError("lm_head.weight differs from the embedding but tie_word_embeddings=True")
         used.add("lm_head.weight")
-    unexpected = [k for k in text if k not in used]
+    unexpected = [k for k in text if k not in used and not k.startswith(kv_shared_leftovers(args) or ("\0",))]
     if unexpected:
         key = unexpected[0]
         raise BridgeError(f"unexpected HF tensor {_full_hf_name(key == 'lm_head.weight', prefix, key)} "

@@ -119,6 +119,14 @@ TEXT_PREFIX = {
 }
 
 
+def kv_shared_leftovers(args: TextArgs) -> tuple[str, ...]:
+    """Name prefixes (relative to the text model) of tensors a checkpoint may still carry for KV-shared layers and
+    HF's loader drops (``Gemma4TextModel._keys_to_ignore_on_load_unexpected``): their K/V projections and norms.
+    Nothing reads them; the import skips them as HF does."""
+    return tuple(f"layers.{i}.self_attn.{n}." for i, la in enumerate(args.layers) if la.kv_shared
+                 for n in ("k_proj", "v_proj", "k_norm", "v_norm"))
+
+
 def sizes(args: TextArgs, i: int | None = None) -> dict[str, int]:
     """The symbols of the shape templates; the attention ones belong to layer ``i``."""
     s = {
