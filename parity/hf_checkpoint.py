@@ -241,8 +241,8 @@ def text_keys(info: CheckpointInfo) -> dict[str, str]:
     """Folder key -> ``Gemma4ForCausalLM`` key, for the tensors of the text model and the output embedding (of
     a VLM: its language model and ``lm_head``; vision and audio keys are left out), located by HF's own module
     layout of both classes. ``CheckpointError`` when they do not make a whole ``Gemma4ForCausalLM``."""
-    if info.architecture == TEXT_ARCH:
-        return {k: k for k in info.tensors}
+    if info.architecture == TEXT_ARCH:  # every key HF's model has (not those its loader drops: KV sharing)
+        return {k: k for k in info.tensors if k in info.expected}
     expected, tied, text_model, head = _layout(meta_model(TEXT_ARCH, info.text_config))
 
     def moved(key: str, src: str | None, dst: str | None) -> str | None:
@@ -255,7 +255,7 @@ def text_keys(info: CheckpointInfo) -> dict[str, str]:
         return None
 
     out = {}
-    for key in info.tensors:
+    for key in (k for k in info.tensors if k in info.expected):
         new = moved(key, info.text_model, text_model) or moved(key, info.head, head)
         if new is not None:
             out[key] = new

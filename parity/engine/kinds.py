@@ -39,7 +39,8 @@ def _from_checkpoint(folder: str, dtype: torch.dtype, device: str, case, archite
     info = hf_checkpoint.inspect(folder)
     if architecture is not None and info.architecture != architecture:
         raise UserError(f"{folder}: a {info.architecture} checkpoint, but case {case.name} needs a {architecture}")
-    keys = None if architecture is not None else hf_checkpoint.text_keys(info)
+    keys = [k for k in info.tensors if k in info.expected] if architecture is not None else \
+        hf_checkpoint.text_keys(info)  # not the keys HF's loader drops (KV-shared layers' K/V)
     _check_memory(info.bytes_as(dtype, keys), device, folder)
     return info.config, hf_checkpoint.load(info, dtype=dtype, device="cpu", keys=keys)
 
