@@ -199,19 +199,19 @@ class VlmKind(TextKind):
                             f"(got tp={case.parallel.tp}, ep={case.parallel.ep})")
 
     def build(self, case, dtype: torch.dtype, device: str, checkpoint: str | None, seed: int):
-        """HF Gemma4ForConditionalGeneration from the ``tiny_vlm`` builder (random weights) or a checkpoint."""
+        """HF Gemma4ForConditionalGeneration from a VLM builder (random weights) or a checkpoint."""
         from transformers import Gemma4ForConditionalGeneration
 
         from parity.engine.randomize import randomize_
-        from parity.vlm_config import VisionArgs, make_vlm_config, vlm_config_kwargs
+        from parity.vlm_config import VLM_BUILDERS, VisionArgs, make_vlm_config
 
         if checkpoint:
             config, state = _from_checkpoint(checkpoint, dtype, device, case, "Gemma4ForConditionalGeneration")
-        elif case.model.builder != "tiny_vlm":
+        elif case.model.builder not in VLM_BUILDERS:
             raise UserError(f"unknown VLM model builder {case.model.builder!r}")
         else:
             try:
-                config = make_vlm_config(vlm_config_kwargs(**case.model.overrides))
+                config = make_vlm_config(VLM_BUILDERS[case.model.builder](**case.model.overrides))
             except TypeError as e:
                 raise UserError(f"case {case.name}: model.overrides: {e}") from None
         C.check_supported_vlm(config)
