@@ -75,6 +75,18 @@ def _grad_taps(moe: bool, vlm: bool) -> dict[str, GradTap]:
     return out
 
 
+def _dead_on_kv_shared(name: str, bm) -> bool:
+    """``name`` is the k-norm weight of one of its KV-shared layers (HF has no k_norm there; its forward discards
+    the K that norm produces for the source layer's K/V)."""
+    import re
+
+    m = re.fullmatch(r"(?:language_model\.)?decoder\.layers\.(\d+)\.self_attention\.k_layernorm\.weight", name)
+    if m is None:
+        return False
+    att = bm.model.get_submodule(name.rsplit(".", 2)[0])
+    return bool(getattr(att, "is_kv_shared_layer", False))
+
+
 def _names(moe: bool, vlm: bool) -> dict[str, str | Elsewhere]:
     """Alignment-table key -> module path (`` (input)``: the module's first input), from the bridge's table."""
     from parity.mbridge import alignment as A
@@ -89,7 +101,10 @@ def _names(moe: bool, vlm: bool) -> dict[str, str | Elsewhere]:
         if not twin.observable:
             at = {"embed_tokens": "layers.0", "lm_head": "logits", "layers.{i}.input_layernorm": "layers.{i}.self_attn.q_proj",
                   "layers.{i}.self_attn.v_norm": "layers.{i}.self_attn",
-                  "layers.{i}.pre_feedforward_layernorm_2": "layers.{i}.experts"}[key]
+                  "layers.{i}.pre_feedforward_layernorm_2": "layers.{i}.experts",
+                  "embed_tokens_per_layer": "layers.0", "per_layer_model_projection": "layers.0",
+                  "per_layer_projection_norm": "layers.0",
+                  "layers.{i}.self_attn.q_proj (kv shared)": "layers.{i}.self_attn"}[key]
             out[key] = Elsewhere(at, twin.note)
             continue
         out[key] = prefix + twin.module + (INPUT if twin.io == "input" else "")
@@ -142,6 +157,10 @@ class MegatronBridgeSystem:
         from parity.mbridge import model as MB
 
         unloaded = MB.load_hf(self.bm, folder if folder is not None else hf_state)
+        # Finding 13: on KV-shared layers its attention keeps a k-norm that HF has not and its mapping never writes;
+        # the K it normalises is dropped for the source layer's. Left NaN here: were it ever used, the run fails.
+        self.unloaded_dead = [k for k in unloaded if _dead_on_kv_shared(k, self.bm)]
+        unloaded = [k for k in unloaded if k not in self.unloaded_dead]
         if unloaded:
             raise RuntimeError(f"Megatron-Bridge's mapping left {len(unloaded)} tensors unloaded: {unloaded[:3]}")
 
@@ -327,7 +346,12 @@ class MegatronBridgeSystem:
         return self._router(module(_sb(x.reshape(self.b, -1, x.shape[-1]))))
 
     def _replay_layer(self, a: Aligned, module, call) -> torch.Tensor:  # with its own mask and RoPE tables
-        return _sb(first(module(_sb(self._arg(call)), **self._attention_kwargs())))
+        """A decoder layer: with PLE, on HF's per-layer input too (its layer's ``per_layer_input``). A KV-shared
+        layer reads the K/V its source layer kept at its last run: the source's own replay on HF's inputs."""
+        kw = self._attention_kwargs()
+        if getattr(module, "per_layer_input_gate", None) is not None:
+            kw["per_layer_input"] = _sb(call_arg(call, "per_layer_input", 1, device=self.device))
+        return _sb(first(module(_sb(self._arg(call)), **kw)))
 
     _REPLAY = {
         Kind.LOGITS: _replay_logits, Kind.MERGED: _replay_nothing,  # MERGED: an inline step of its VLM forward

@@ -24,6 +24,9 @@ from parity.megatron_layout import first, hf_token_order, input_to_hf, sb, to_hf
 # Alignment-table key -> module path in the text model (``language_model.`` inside the VLM).
 LM = {
     "embed_tokens": "embedding", "norm": "decoder.final_layernorm", "lm_head": "output_layer",
+    "embed_tokens_per_layer": "per_layer_embedding", "per_layer_model_projection": "per_layer_model_projection",
+    "per_layer_projection_norm": "per_layer_projection_norm",
+    "layers.{i}.self_attn.q_proj (kv shared)": "decoder.layers.{i}.self_attention.linear_q",
     **{f"layers.{{i}}{hf}": f"decoder.layers.{{i}}{mc}" for hf, mc in (
         ("", ""), (".input_layernorm", ".input_layernorm"), (".self_attn", ".self_attention"),
         *((f".self_attn.{p}_proj", ".self_attention.linear_qkv") for p in "qkv"),
@@ -33,7 +36,8 @@ LM = {
         (".mlp", ".mlp"), (".mlp.gate_proj", ".mlp.linear_fc1"), (".mlp.up_proj", ".mlp.linear_fc1"),
         (".mlp.down_proj", ".mlp.linear_fc2"), (".post_feedforward_layernorm_1", ".post_mlp_layernorm_1"),
         (".router", ".moe.router"), (".pre_feedforward_layernorm_2", ".pre_moe_layernorm"), (".experts", ".moe"),
-        (".post_feedforward_layernorm_2", ".post_moe_layernorm"), (".post_feedforward_layernorm", ".post_mlp_layernorm"))},
+        (".post_feedforward_layernorm_2", ".post_moe_layernorm"), (".post_feedforward_layernorm", ".post_mlp_layernorm"),
+        *((f".{p}", f".{p}") for p in ("per_layer_input_gate", "per_layer_projection", "post_per_layer_input_norm")))},
 }
 _L, _M = "vision_tower.encoder.layers.{i}", "vision.vision_model.encoder.layers.{i}"
 _LINEARS = {"self_attn.q_proj": "self_attention.linear_q", "self_attn.k_proj": "self_attention.linear_k",
@@ -330,11 +334,28 @@ class ParitySystem:
         return module(call_arg(call, "hidden_states", device=self.device))
 
     def _replay_layer(self, a: Aligned, module, call) -> torch.Tensor:
-        """A decoder layer or its self-attention, with its own mask and RoPE table of the layer's type."""
+        """A decoder layer or its self-attention, with its own mask and RoPE table of the layer's type; a KV-shared
+        layer on the K/V HF's layer received (``shared_kv_states``), a layer with per-layer embeddings on HF's
+        per-layer input."""
         lt = self.layer_types[a.layer]
         x = call_arg(call, "hidden_states", device=self.device)
-        out = module(sb(x), self.masks[lt], rotary_pos_emb=self.rope[lt])
-        return sb(out if a.row.kind is Kind.LAYER else out[0])
+        shared_kv = self._shared_kv(a, call)
+        if a.row.kind is Kind.ATTENTION:
+            return sb(module(sb(x), self.masks[lt], rotary_pos_emb=self.rope[lt], shared_kv=shared_kv)[0])
+        per_layer = None
+        if self.args.per_layer_size:
+            per_layer = sb(call_arg(call, "per_layer_input", 1, device=self.device))
+        return sb(module(sb(x), self.masks[lt], self.rope[lt], per_layer_input=per_layer, shared_kv=shared_kv))
+
+    def _shared_kv(self, a: Aligned, call) -> dict:
+        """HF's K/V for a KV-shared layer (its call's ``shared_kv_states[layer type]``, ``[b, heads, s, d]``) as our
+        model holds them: ``{source layer: (K, V)}``, each ``[s, b, heads of this rank, d]``."""
+        la = self.args.layers[a.layer]
+        if not la.kv_shared:
+            return {}
+        kv = call.kwargs["shared_kv_states"][la.layer_type]
+        n, rank = tp_size(), megatron_env.ranks()["tp_rank"]
+        return {la.kv_source: tuple(t.to(self.device).permute(2, 0, 1, 3).chunk(n, dim=2)[rank] for t in kv)}
 
     def _replay_projection(self, a: Aligned, module, call) -> Any:
         """A linear (a row-parallel one on this rank's slice of the HF input), the fused QKV / FC1 or the MLP."""
@@ -391,7 +412,8 @@ def _layer_fp32(lm, i: int, device):
     la = args.layers[i]
     config = transformer_config(args, la, torch.float32, str(device).split(":")[0])
     with torch.device(device):
-        layer = Gemma4TransformerLayer(config, layer_spec(args.enable_moe_block), i + 1, la, args.enable_moe_block)
+        layer = Gemma4TransformerLayer(config, layer_spec(args.enable_moe_block), i + 1, la, args.enable_moe_block,
+                                       per_layer_size=args.per_layer_size)
     src = {k: v for k, v in lm.decoder.layers[i].state_dict().items() if not k.endswith("_extra_state")}
     missing = [k for k in layer.state_dict() if k not in src and not k.endswith("_extra_state")]
     if missing:

@@ -112,17 +112,19 @@ class HFSide:
         return self._layers[i]
 
     def module(self, a: Aligned) -> torch.nn.Module:
-        """HF's module of row ``a``: a submodule of its rebuilt layer, or the final norm."""
+        """HF's module of row ``a``: a submodule of its rebuilt layer, or a norm of the text model (the final norm,
+        PLE's projection norm), as wide as its weight."""
         if a.layer is not None:
             rel = a.hf[len(f"{self.prefix}layers.{a.layer}."):]
             return self.layer(a.layer).get_submodule(rel)
-        if "norm" not in self._layers:
+        if a.hf not in self._layers:
             from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
+            weights = self._weights(f"{a.hf}.")
             with torch.device("meta"):
-                norm = Gemma4RMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
-            self._layers["norm"] = self._built(norm, self._weights(f"{a.hf}."), a.hf)
-        return self._layers["norm"]
+                norm = Gemma4RMSNorm(weights["weight"].shape[0], eps=self.config.rms_norm_eps)
+            self._layers[a.hf] = self._built(norm, weights, a.hf)
+        return self._layers[a.hf]
 
     def fp32(self, module: torch.nn.Module, keep: bool = True) -> torch.nn.Module:
         """An fp32 copy of one of these modules: kept (a norm, a router: the floors of several probes use it), or
