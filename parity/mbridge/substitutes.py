@@ -51,6 +51,18 @@ SUBSTITUTED: list[dict[str, str]] = [
          by="megatron-core's unfused permute / unpermute", reason=_NO_TE),
 ]
 
+# With LoRA on (a LoRA case): Megatron-Bridge's own LoRA layers, around the stand-ins above
+LORA: list[dict[str, str]] = [
+    dict(part="transformer_engine.pytorch in megatron/bridge/peft/lora_layers.py (Linear, LayerNormLinear, ops.Sequential)",
+         by="parity.compat.te_pytorch_standin (types that refuse to be built, bound only while that module imports)",
+         reason=_NO_TE + "; used there only by the op-fuser path (TEFusedLoRALinear), off without TE"),
+    dict(part="megatron/bridge/peft/utils.get_adapter_attributes_from_linear on the TE stand-ins",
+         by="parity.mbridge.substitutes.lora_attributes (its TE branches' reading: column / row, features x TP; "
+            "LayerNormLinear returns its normed input, return_layernorm_output)",
+         reason=_NO_TE + "; its HAVE_TE reads True here (megatron-core's TE wrapper names exist) and fails on "
+                "plain megatron-core linears: set False"),
+]
+
 # The dense model (local spec, no TE) when megatron-core's fused softmax extension is absent
 DENSE: list[dict[str, str]] = [
     dict(part="decoder.layers.*.self_attention.core_attention.scale_mask_softmax (masked_softmax_fusion)",
