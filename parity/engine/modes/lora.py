@@ -48,9 +48,16 @@ def run(c, prog) -> None:
         exported = _read_folder(folder)
         section["config"] = _config(folder)
         rows = _tensor_rows(c, EXPORT, hf, exported, ORDER, exact=True)
-        loaded = ref.adapters.load_export(folder)
         section["export"] = _counts(rows, hf, exported)
-        _logits(c, "export", _forward(ref, loaded), ORDER + len(rows), section)
+        try:  # an export peft cannot load is a verdict about the export
+            loaded = ref.adapters.load_export(folder)
+        except Exception as e:  # noqa: BLE001
+            section["export_loads"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            _logits(c, "export", None, ORDER + len(rows), section, why=f"peft cannot load the export: "
+                                                                      f"{section['export_loads']}")
+        else:
+            section["export_loads"] = True
+            _logits(c, "export", _forward(ref, loaded), ORDER + len(rows), section)
     merged_hf = ref.adapters.merged()
     if ref.text_args.tie_word_embeddings:
         merged_hf.pop("lm_head.weight", None)
@@ -128,11 +135,17 @@ def _counts(rows: list[Record], ref: dict, test: dict) -> dict:
                        "exported": sorted({str(v.dtype)[6:] for v in test.values()})}}
 
 
-def _logits(c, what: str, test: torch.Tensor, order: int, section: dict) -> None:
+def _logits(c, what: str, test: torch.Tensor | None, order: int, section: dict, why: str | None = None) -> None:
     """``what`` (the loaded export, the merged weights): its logits against the reference's, and (in the section)
-    against the system's own logits."""
+    against the system's own logits; ``why``: there are none (a failing row)."""
     ref = c.ref.logits.float()
     valid = c.ref.where.valid
+    if test is None:
+        c.records.append(Record(name=f"logits[{what}]", megatron_name=None, mode=LOGITS, kind="logits", layer=None,
+                                order=order, gate_class="module", cosine=math.nan, rel_l2=math.inf,
+                                max_abs=math.inf, missing=why))
+        section[f"{what}_logits"] = None
+        return
     m = metrics(ref[valid], test.to(ref.device)[valid], None)
     rec = Record(name=f"logits[{what}]", megatron_name=None, mode=LOGITS, kind="logits", layer=None, order=order,
                  gate_class="module", cosine=m["cosine"], rel_l2=m["rel_l2"], max_abs=m["max_abs"],
