@@ -187,3 +187,25 @@ def test_lora_reads_the_stand_ins_as_their_te_twins():
     assert torch.equal(y, torch.nn.functional.linear(h, qkv.weight))
     b = L.get_adapter_attributes_from_linear(proj)
     assert (b.input_is_parallel, b.in_features, b.out_features) == (True, proj.weight.shape[1], proj.weight.shape[0])
+
+
+def test_vlm_language_model_adapters_and_finding_15_its_export_does_not_load_into_peft():
+    """gemma4-vlm-tiny-lora: the language model's adapters (the vision tower, HF's own code in its VLM, has none on
+    either side) agree in isolation except o_proj (finding 13) and export bit for bit (80/80); the exported
+    adapter_config names bare module names, which peft also matches in HF's vision tower (Gemma4ClippableLinear,
+    a module peft cannot adapt): peft refuses to load the export onto HF's Gemma 4 VLM."""
+    with cpu_threads("cpu"):
+        ref = pipeline.reference(load_case("gemma4-vlm-tiny-lora"), device="cpu")
+        try:
+            r = pipeline.against(ref, SYSTEM)
+        finally:
+            ref.close()
+    bad = {m["name"] for m in _rows(r, "isolated") if not m["passed"]}
+    assert all(n.endswith(("self_attn.o_proj", "self_attn")) or n.rsplit(".", 1)[-1].isdigit() for n in bad), bad
+    assert {f"model.language_model.layers.{i}.self_attn.o_proj" for i in range(6)} <= bad
+    export = r["lora"]["export"]
+    assert export["hf"] == export["exported"] == export["bit_exact"] == 80
+    assert r["lora"]["config"]["target_modules"] == sorted(RECIPE)  # bare names: the vision tower matches them too
+    row = next(m for m in _rows(r, "adapter_logits") if m["name"] == "logits[export]")
+    assert not row["passed"] and "Gemma4ClippableLinear" in row["missing"], row
+    assert next(m for m in r["modes"] if m["name"] == "backward")["ran"] is False  # its VLM training step: not here

@@ -56,10 +56,9 @@ class Adapters:
 
         return [n for n, m in self.model.named_modules() if isinstance(m, LoraLayer)]
 
-    def merged(self) -> dict[str, torch.Tensor]:
-        """HF's weights with the adapters merged by peft (``merge_and_unload`` on a copy)."""
-        merged = copy.deepcopy(self.peft).merge_and_unload()
-        return {k: v.detach() for k, v in merged.state_dict().items()}
+    def merged(self) -> torch.nn.Module:
+        """HF's model with the adapters merged by peft (``merge_and_unload`` on a copy), in evaluation."""
+        return copy.deepcopy(self.peft).merge_and_unload().eval()
 
     def base_copy(self) -> torch.nn.Module:
         """A copy of HF's model without adapters (peft's ``unload`` on a copy)."""

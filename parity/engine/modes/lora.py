@@ -58,7 +58,8 @@ def run(c, prog) -> None:
         else:
             section["export_loads"] = True
             _logits(c, "export", _forward(ref, loaded), ORDER + len(rows), section)
-    merged_hf = ref.adapters.merged()
+    peft_merged = ref.adapters.merged()
+    merged_hf = {k: v.detach() for k, v in peft_merged.state_dict().items()}
     if ref.text_args.tie_word_embeddings:
         merged_hf.pop("lm_head.weight", None)
     merged_sys = {k: v.detach().to("cpu").clone() for k, v in sut.merged()}
@@ -68,7 +69,8 @@ def run(c, prog) -> None:
                          "adapted_weights": sorted({A.module_key(k) + ".weight" for k in hf})}
     base = ref.adapters.base_copy()  # HF's model, loaded with the system's merged weights where it has them
     base.load_state_dict({k: v.to(ref.device) for k, v in merged_sys.items() if k in merged_hf}, strict=False)
-    _logits(c, "merged", _forward(ref, base.eval()), ORDER + len(rows) + 1 + len(mrows), section)
+    _logits(c, "merged", _forward(ref, base.eval()), ORDER + len(rows) + 1 + len(mrows), section,
+            against=_forward(ref, peft_merged))
 
 
 def _forward(ref, model) -> torch.Tensor:
@@ -135,10 +137,12 @@ def _counts(rows: list[Record], ref: dict, test: dict) -> dict:
                        "exported": sorted({str(v.dtype)[6:] for v in test.values()})}}
 
 
-def _logits(c, what: str, test: torch.Tensor | None, order: int, section: dict, why: str | None = None) -> None:
-    """``what`` (the loaded export, the merged weights): its logits against the reference's, and (in the section)
-    against the system's own logits; ``why``: there are none (a failing row)."""
-    ref = c.ref.logits.float()
+def _logits(c, what: str, test: torch.Tensor | None, order: int, section: dict, why: str | None = None,
+            against: torch.Tensor | None = None) -> None:
+    """``what`` (the loaded export, the merged weights): its logits against the reference's (``against``: peft's
+    own counterpart's, e.g. its merged model: a merge rounds the weights in bf16), and (in the section) against the
+    reference's and the system's own logits; ``why``: there are none (a failing row)."""
+    ref = c.ref.logits.float() if against is None else against.float()
     valid = c.ref.where.valid
     if test is None:
         c.records.append(Record(name=f"logits[{what}]", megatron_name=None, mode=LOGITS, kind="logits", layer=None,
@@ -150,10 +154,12 @@ def _logits(c, what: str, test: torch.Tensor | None, order: int, section: dict, 
     rec = Record(name=f"logits[{what}]", megatron_name=None, mode=LOGITS, kind="logits", layer=None, order=order,
                  gate_class="module", cosine=m["cosine"], rel_l2=m["rel_l2"], max_abs=m["max_abs"],
                  p99_abs=m.get("p99_abs"), nonfinite=(m.get("nonfinite_ref", 0), m.get("nonfinite_test", 0)),
-                 detail=("peft with the system's adapter export on HF's base model" if what == "export" else
-                         "HF's model with the system's merged weights") + ", against HF with its adapters")
+                 detail=("peft with the system's adapter export on HF's base model, against HF with its adapters"
+                         if what == "export" else "HF's model with the system's merged weights, against peft's "
+                         "merge_and_unload"))
     c.records.append(rec)
-    own = {"vs_reference_rel_l2": m["rel_l2"]}
+    own = {"vs_peft_rel_l2": m["rel_l2"],
+           "vs_reference_rel_l2": metrics(c.ref.logits.float()[valid], test.to(ref.device)[valid], None)["rel_l2"]}
     if c.logits is not None:
         mine = c.logits.float().to(ref.device)
         own["vs_system_rel_l2"] = metrics(mine[valid], test.to(ref.device)[valid], None)["rel_l2"]
