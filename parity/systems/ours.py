@@ -179,6 +179,9 @@ class ParitySystem:
         self.lora(self.model, training=True)
         self.model.eval()
         self.lora_scale = spec.alpha / spec.r
+        if self.dtype != torch.float32:
+            for _, wrapper in self._lora_wrappers():
+                _fp32_adapter(wrapper)
         weights = BA.hf_to_megatron(state, self.args, self._hf_prefix())
         params = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -217,6 +220,11 @@ class ParitySystem:
         if self.vlm:
             raise NotImplementedError("the merged export of system parity: text models for now")
         yield from convert.iter_megatron_to_hf(state, self.args)
+
+    def _lora_wrappers(self):
+        from megatron.bridge.peft.adapter_wrapper import AdapterWrapper
+
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, AdapterWrapper)]
 
     def _state(self) -> dict:
         """Its base weights under their own names (LoRA's wrapped linears unwrapped, adapters left out)."""
@@ -465,6 +473,22 @@ class ParitySystem:
         if isinstance(module, (V.VisionEncoderLayer, V.VisionSelfAttention)):
             return module(x, self.vcos, self.vsin, self.vmask)
         return module(x)
+
+
+def _fp32_adapter(wrapper: nn.Module) -> None:
+    """A LoRA adapter held and computed in fp32 inside a lower-precision model, as peft keeps and runs its adapters
+    (``autocast_adapter_dtype``): its input cast up, the base output plus its fp32 output rounded once, to the base
+    output's dtype."""
+    wrapper.adapter.float()
+
+    def up(module, args, kwargs):
+        return (args[0].float(), *args[1:]), kwargs
+
+    def round_once(module, args, out):
+        y, bias = out
+        return y.to(args[0].dtype), bias
+    wrapper.adapter.register_forward_pre_hook(up, with_kwargs=True)
+    wrapper.register_forward_hook(round_once)
 
 
 _LORA_TARGETS = {"q_proj": "self_attention.linear_qkv", "k_proj": "self_attention.linear_qkv",
