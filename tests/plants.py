@@ -918,3 +918,92 @@ FAMILY_PLANTS = {
         Plant("double_wide_mlp_half_used", "double-wide MLP", "model.layers.7.mlp", double_wide_mlp_half_used),
     ],
 }
+# ------------------------------------------------------------------------------------ LoRA (issue 21)
+# Errors planted in Megatron-Bridge's own LoRA (its transform, adapter layers, adapter export and merge), each with the
+# row the run must name as its first divergence on ``gemma4-text-tiny-lora`` (``targets``: the case's targets it needs;
+# the merge plant needs targets without q/k/v_proj, whose merged export the bridge cannot make on K=V layers: finding
+# 14). ``tests/test_lora.py`` runs them.
+
+@dataclass(frozen=True)
+class LoraPlant:
+    name: str
+    where: str  # the expected first divergence (an HF module, an adapter tensor or a merged weight)
+    mode: str  # the row mode it fails in first
+    plant: Callable
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+    also: tuple[tuple[str, str], ...] = ()  # (name, mode) of further rows that must fail
+
+
+def _adapter_cls():
+    from megatron.bridge.peft.utils import ParallelLinearAdapter
+    return ParallelLinearAdapter
+
+
+def lora_scale_alpha_not_over_r(mp):  # BUG: the adapter output scaled by alpha, not alpha / r
+    cls = _adapter_cls()
+    forward = cls.forward
+    mp.setattr(cls, "forward", lambda self, x, *a, **kw: forward(self, x, *a, **kw) * self.dim)
+
+
+def lora_dropout_on_in_eval(mp):  # BUG: the adapters' dropout stays on in evaluation
+    cls = _adapter_cls()
+    forward = cls.forward
+
+    def planted(self, x, *a, **kw):
+        self.dropout.train(True)
+        return forward(self, x, *a, **kw)
+    mp.setattr(cls, "forward", planted)
+
+
+def _split_qkv(mp, change):
+    from megatron.bridge.models.gemma import gemma4_bridge as G
+    split = G.Gemma4Bridge._split_qkv_linear_out_weight
+    mp.setattr(G.Gemma4Bridge, "_split_qkv_linear_out_weight", lambda self, m, w: change(split(self, m, w)))
+
+
+def lora_export_q_k_swapped(mp):  # BUG: the fused linear_out split hands q's rows to k_proj and k's to q_proj
+    _split_qkv(mp, lambda out: {**out, "q_proj": out["k_proj"], "k_proj": out["q_proj"]})
+
+
+def lora_export_absent_v(mp):  # BUG: K=V layers export a v_proj adapter (v_proj does not exist there)
+    from megatron.bridge.models.conversion.peft_bridge import ABSENT_PROJECTION
+    _split_qkv(mp, lambda out: {**out, "v_proj": out["k_proj"]} if out.get("v_proj") is ABSENT_PROJECTION else out)
+
+
+def lora_export_tensor_dropped(mp):  # BUG: one adapter tensor left out of the written adapter file
+    from megatron.bridge.models.conversion import peft_bridge as P
+    convert = P.convert_adapter_weights_to_peft_state
+
+    def planted(weights, *a, **kw):
+        state, *rest = convert(weights, *a, **kw)
+        state = {k: v for k, v in state.items() if "layers.3.mlp.down_proj.lora_B" not in k}
+        return (state, *rest)
+    mp.setattr(P, "convert_adapter_weights_to_peft_state", planted)
+
+
+def lora_merge_one_adapter_left_out(mp):  # BUG: the merged export leaves one adapted weight unmerged
+    from megatron.bridge.models.conversion import peft_bridge as P
+    merge = P.MegatronPeftBridge._merge_lora_adapter_weights
+
+    def planted(self, model, converted, adapter_weights):
+        if any("layers.3.mlp.down_proj" in k for k in converted):
+            return converted
+        return merge(self, model, converted, adapter_weights)
+    mp.setattr(P.MegatronPeftBridge, "_merge_lora_adapter_weights", planted)
+
+
+LORA_PLANTS = (
+    LoraPlant("scale_alpha_not_over_r", "model.layers.0.self_attn.q_proj", "isolated", lora_scale_alpha_not_over_r),
+    # the same split reads the adapters' gradients back (its adapter export applied to them): the first row is the
+    # first gradient read through it, in backward order (the last layer's k_proj B, with q's shape)
+    LoraPlant("q_k_swapped_in_split", "model.layers.5.self_attn.k_proj.lora_B.default.weight", "param_grad",
+              lora_export_q_k_swapped, also=(("model.layers.0.self_attn.q_proj.lora_B.weight", "adapter_export"),
+                                             ("model.layers.0.self_attn.k_proj.lora_B.weight", "adapter_export"))),
+    LoraPlant("v_proj_exported_on_k_eq_v", "model.layers.2.self_attn.v_proj.lora_A.weight", "adapter_export",
+              lora_export_absent_v),
+    LoraPlant("dropout_on_in_eval", "model.layers.0.self_attn.q_proj", "isolated", lora_dropout_on_in_eval),
+    LoraPlant("tensor_missing_from_export", "model.layers.3.mlp.down_proj.lora_B.weight", "adapter_export",
+              lora_export_tensor_dropped),
+    LoraPlant("merge_one_adapter_left_out", "model.layers.3.mlp.down_proj.weight", "adapter_merged",
+              lora_merge_one_adapter_left_out, targets=("gate_proj", "up_proj", "down_proj")),
+)

@@ -91,8 +91,8 @@ def test_bridge_computes_what_hf_computes_on_the_family(case):
     assert r["checks"]["roundtrip"] is (case == "gemma4-31b-tiny")
 
 
-def test_finding_13_kv_shared_layers_keep_dead_k_norm_and_export_it(monkeypatch):
-    """Finding 13: on KV-shared layers its attention keeps the full fused linear_qkv (its mapping fills the K/V rows
+def test_finding_16_kv_shared_layers_keep_dead_k_norm_and_export_it(monkeypatch):
+    """Finding 16: on KV-shared layers its attention keeps the full fused linear_qkv (its mapping fills the K/V rows
     with zeros) and a k-norm its mapping never writes (HF has neither); its forward computes that K/V and drops it
     for the source layer's. Its export writes ``self_attn.k_norm.weight`` for each KV-shared layer: keys HF's
     checkpoint does not have."""

@@ -131,6 +131,7 @@ class MegatronBridgeSystem:
         self.substituted: list[dict] = []
         self.shared = frozenset(r.hf for r in VISION)
         self.replays: dict[str, Replay] = {}
+        self.lora = None  # its LoRA config once ``load_adapters`` has put adapters on
 
     # -- building and weights ----------------------------------------------------------------------
 
@@ -157,7 +158,7 @@ class MegatronBridgeSystem:
         from parity.mbridge import model as MB
 
         unloaded = MB.load_hf(self.bm, folder if folder is not None else hf_state)
-        # Finding 13: on KV-shared layers its attention keeps a k-norm that HF has not and its mapping never writes;
+        # Finding 16: on KV-shared layers its attention keeps a k-norm that HF has not and its mapping never writes;
         # the K it normalises is dropped for the source layer's. Left NaN here: were it ever used, the run fails.
         self.unloaded_dead = [k for k in unloaded if _dead_on_kv_shared(k, self.bm)]
         unloaded = [k for k in unloaded if k not in self.unloaded_dead]
@@ -165,9 +166,42 @@ class MegatronBridgeSystem:
             raise RuntimeError(f"Megatron-Bridge's mapping left {len(unloaded)} tensors unloaded: {unloaded[:3]}")
 
     def export(self):
+        """Its base weights (with LoRA on: unmerged; it names an adapted linear's weight as peft's wrapped module
+        holds it, ``<module>.base_layer.weight``: given back under HF's own name)."""
         from parity.mbridge import model as MB
 
-        yield from MB.export_hf(self.bm)
+        for name, tensor in MB.export_hf(self.bm):
+            yield (name.replace(".base_layer.", ".") if self.lora is not None else name), tensor
+
+    # -- LoRA --------------------------------------------------------------------------------------
+
+    def load_adapters(self, state, spec) -> None:
+        """Its own LoRA (``parity.mbridge.lora``: its recipe's transform) with HF's adapters through its mapping."""
+        from parity.mbridge import lora as L
+        from parity.mbridge import substitutes as S
+
+        self.lora = L.apply(self.bm, spec)
+        taken = set(L.import_(self.bm, state))
+        left = sorted(set(state) - taken)
+        if left:
+            raise RuntimeError(f"{len(left)} HF adapter tensors have no place in its LoRA: {left[:3]}")
+        # its LoRA wraps each adapted module (``linear_proj`` -> ``linear_proj.to_wrap``): the wrapper keeps the path,
+        # the wrapped module's own submodules (linear_proj's post-norm) are found under their former paths too
+        self._modules = dict(self.model.named_modules())
+        self._modules.update({n.replace(".to_wrap.", "."): m for n, m in list(self._modules.items())
+                              if ".to_wrap." in n and n.replace(".to_wrap.", ".") not in self._modules})
+        self.substituted += [dict(row) for row in S.LORA]
+
+    def save_adapters(self, folder: str) -> None:
+        from parity.mbridge import lora as L
+
+        L.save(self.bm, self.lora, folder)
+
+    def merged(self):
+        """Its merged export (``export_hf_weights``' default: adapters merged)."""
+        from parity.mbridge import model as MB
+
+        yield from MB.export_hf(self.bm, merge=True)
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -226,11 +260,21 @@ class MegatronBridgeSystem:
     def train_loss(self, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Its GPT training step with its provider's defaults (``parity.mbridge.training``): (loss, logits
         ``[b, s, V]``), both in the graph. ``labels``: HF's convention; its data path shifts them."""
-        return T.train_loss(self.bm, inputs["input_ids"], labels, inputs["position_ids"])
+        if getattr(self, "lora", None) is None:
+            return T.train_loss(self.bm, inputs["input_ids"], labels, inputs["position_ids"])
+        from parity.mbridge import lora as L
+
+        with L.dropout_off(self.bm):  # a dropout mask is random on each side
+            return T.train_loss(self.bm, inputs["input_ids"], labels, inputs["position_ids"])
 
     def grads(self):
         """Its parameters' gradients in HF layout, by its own export applied to them (K=V: the adjoint of its
-        import's copy of k_proj into the v slot)."""
+        import's copy of k_proj into the v slot); with LoRA on, the adapters' (the base is frozen)."""
+        if getattr(self, "lora", None) is not None:
+            from parity.mbridge import lora as L
+
+            yield from L.grads(self.bm).items()
+            return
         yield from T.grads(self.bm).items()
 
     def input_key(self, a: Aligned, args: tuple, kwargs: dict) -> int | str | None:

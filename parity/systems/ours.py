@@ -16,6 +16,7 @@ from torch import nn
 
 from parity import megatron_env
 from parity.config import TextArgs
+from parity.engine import adapters as A
 from parity.engine.alignment import Aligned, Kind, Stack
 from parity.engine.compare import value
 from parity.engine.system import call_arg, hf_routing
@@ -146,7 +147,7 @@ class ParitySystem:
         """HF (key, tensor) pairs, one at a time; in a world of several ranks each tensor's shards are gathered."""
         from parity.bridge import convert, vision
 
-        sd = {k: v for k, v in self.model.state_dict().items() if v is not None and not k.endswith("_extra_state")}
+        sd = self._state()
         if not self.vlm:
             world = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
             yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(sd, self.args)
@@ -158,6 +159,92 @@ class ParitySystem:
         for k in sd:  # nothing else should carry weights; surfaces as "unexpected key" in the round trip
             if not k.startswith((TEXT_MC, VISION_MC)):
                 yield f"<megatron>{k}", sd[k]
+
+    # -- LoRA --------------------------------------------------------------------------------------
+
+    lora = None  # the LoRA transform once ``load_adapters`` has put adapters on
+
+    def load_adapters(self, state, spec) -> None:
+        """Megatron-Bridge's LoRA transform (``megatron.bridge.peft.lora.LoRA``: the same as that system's, on our
+        megatron-core linears, which it reads natively) on the decoder's linears the case names (the routed experts
+        are not linears), then HF's adapters through our weight mapping's rules (``parity.bridge.adapters``)."""
+        from parity import mbridge
+        from parity.bridge import adapters as BA
+
+        ok, why = mbridge.available()
+        if not ok:
+            raise NotImplementedError(f"LoRA in system parity is Megatron-Bridge's LoRA transform: {why}")
+        if tp_size() > 1:
+            raise NotImplementedError("LoRA in system parity runs at TP=1 for now")
+        from parity.mbridge import lora as L  # noqa: F401  (the bridge imported, its patches applied)
+        from megatron.bridge.peft.lora import LoRA
+
+        self.lora = LoRA(target_modules=_lora_targets(spec), dim=spec.r, alpha=spec.alpha, dropout=spec.dropout)
+        self.lora(self.model, training=True)
+        self.model.eval()
+        self.lora_scale = spec.alpha / spec.r
+        if self.dtype != torch.float32:
+            for _, wrapper in self._lora_wrappers():
+                _fp32_adapter(wrapper)
+        weights = BA.hf_to_megatron(state, self.args, self._hf_prefix())
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for k, v in weights.items():
+                params[self._mc_prefix() + k].copy_(v)
+        self._modules = dict(self.model.named_modules())
+        self._modules.update({n.replace(".to_wrap.", "."): m for n, m in list(self._modules.items())
+                              if ".to_wrap." in n and n.replace(".to_wrap.", ".") not in self._modules})
+
+    def save_adapters(self, folder: str) -> None:
+        """Its adapter export: a peft adapter folder (``adapter_model.safetensors`` + peft's ``LoraConfig``, its
+        targets the adapted HF modules by full path)."""
+        import os
+
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        from parity.bridge import adapters as BA
+
+        sd = {k: v.detach() for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        tensors = {A.FILE_PREFIX + k: v.detach().cpu().clone()  # one file entry each (a shared A is written per part)
+                   for k, v in BA.megatron_to_hf(self._adapters(sd), self.args, self._hf_prefix())}
+        modules = sorted({A.module_key(k) for k in tensors})
+        LoraConfig(r=self.lora.dim, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
+                   target_modules=modules).save_pretrained(folder)
+        save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+
+    def merged(self):
+        """Its weights with each adapter merged (``W + alpha/r B A`` in Megatron layout), exported by its mapping."""
+        from parity.bridge import adapters as BA
+        from parity.bridge import convert
+
+        sd = {k: v.detach() for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        state = BA.merged(self._state(), {self._mc_prefix() + k: v for k, v in self._adapters(sd).items()},
+                          self.lora_scale)
+        if self.vlm:
+            raise NotImplementedError("the merged export of system parity: text models for now")
+        yield from convert.iter_megatron_to_hf(state, self.args)
+
+    def _lora_wrappers(self):
+        from megatron.bridge.peft.adapter_wrapper import AdapterWrapper
+
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, AdapterWrapper)]
+
+    def _state(self) -> dict:
+        """Its base weights under their own names (LoRA's wrapped linears unwrapped, adapters left out)."""
+        sd = {k: v for k, v in self.model.state_dict().items() if v is not None and not k.endswith("_extra_state")}
+        return {k.replace(".to_wrap.", "."): v for k, v in sd.items() if ".adapter." not in k}
+
+    def _adapters(self, sd: dict) -> dict:
+        """Adapter tensors of a state dict (or of gradients), keyed under the text model."""
+        mc = self._mc_prefix()
+        return {k[len(mc):]: v for k, v in sd.items() if ".adapter." in k and k.startswith(mc)}
+
+    def _mc_prefix(self) -> str:
+        return TEXT_MC if self.vlm else ""
+
+    def _hf_prefix(self) -> str:
+        return "model.language_model." if self.vlm else "model."
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -238,6 +325,12 @@ class ParitySystem:
         params = dict(self.model.named_parameters())
         sd = {k: params[k].grad if k in params and params[k].grad is not None else torch.zeros_like(v)
               for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        if self.lora is not None:  # the base is frozen: the adapters' gradients, by the mapping's adjoints
+            from parity.bridge import adapters as BA
+
+            yield from ((A.param_key(k), g) for k, g in BA.megatron_to_hf(
+                self._adapters(sd), self.args, self._hf_prefix(), grads=True))
+            return
         if not self.vlm:
             yield from convert.iter_megatron_to_hf(sd, self.args, grads=True)
             return
@@ -401,6 +494,32 @@ class ParitySystem:
         if isinstance(module, (V.VisionEncoderLayer, V.VisionSelfAttention)):
             return module(x, self.vcos, self.vsin, self.vmask)
         return module(x)
+
+
+def _fp32_adapter(wrapper: nn.Module) -> None:
+    """A LoRA adapter held and computed in fp32 inside a lower-precision model, as peft keeps and runs its adapters
+    (``autocast_adapter_dtype``): its input cast up, the base output plus its fp32 output rounded once, to the base
+    output's dtype."""
+    wrapper.adapter.float()
+
+    def up(module, args, kwargs):
+        return (args[0].float(), *args[1:]), kwargs
+
+    def round_once(module, args, out):
+        y, bias = out
+        return y.to(args[0].dtype), bias
+    wrapper.adapter.register_forward_pre_hook(up, with_kwargs=True)
+    wrapper.register_forward_hook(round_once)
+
+
+_LORA_TARGETS = {"q_proj": "self_attention.linear_qkv", "k_proj": "self_attention.linear_qkv",
+                 "v_proj": "self_attention.linear_qkv", "o_proj": "self_attention.linear_proj",
+                 "gate_proj": "mlp.linear_fc1", "up_proj": "mlp.linear_fc1", "down_proj": "mlp.linear_fc2"}
+
+
+def _lora_targets(spec) -> list[str]:
+    """The LoRA transform's ``target_modules`` (wildcards of our module names) for the case's HF targets."""
+    return list(dict.fromkeys(f"*.{_LORA_TARGETS[n]}" for n in spec.targets))
 
 
 def _layer_fp32(lm, i: int, device):
