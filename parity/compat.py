@@ -139,6 +139,16 @@ def _bridge_lora_layers_without_te() -> None:
         del sys.modules["transformer_engine"], sys.modules["transformer_engine.pytorch"]
 
 
+_lora_twins = None  # how LoRA reads a TE stand-in: registered by its owner (``read_lora_twins``)
+
+
+def read_lora_twins(fn) -> None:
+    """Register ``fn(module, is_expert) -> AdapterAttributes fields | None`` (``parity.mbridge.substitutes``
+    registers ``lora_attributes``): this module imports no system's code."""
+    global _lora_twins
+    _lora_twins = fn
+
+
 def _bridge_lora_recognises_standins() -> None:
     # megatron/bridge/peft/utils.get_adapter_attributes_from_linear knows TE's linears and megatron-core's; the TE
     # stand-ins of parity.mbridge.substitutes are TE's LayerNormLinear (column) and Linear + norm (row) and
@@ -150,9 +160,7 @@ def _bridge_lora_recognises_standins() -> None:
     original = utils.get_adapter_attributes_from_linear
 
     def attributes(m, is_expert: bool = False, pg_collection=None, sequence_parallel_input_regather: bool = False):
-        from parity.mbridge import substitutes as S
-
-        twin = S.lora_attributes(m, is_expert)
+        twin = _lora_twins(m, is_expert) if _lora_twins is not None else None
         if twin is None:
             return original(m, is_expert=is_expert, pg_collection=pg_collection,
                             sequence_parallel_input_regather=sequence_parallel_input_regather)
