@@ -300,7 +300,10 @@ class ParitySystem:
                 "top_i": hf_token_order(top_i, b, s)}
 
     def _out_layout(self, a: Aligned, out: Any, module: nn.Module) -> torch.Tensor:
-        return to_hf(a, first(out), self.b, self.s, self.args)
+        x = first(out)
+        if a.row.kind is Kind.LINEAR and getattr(module, "gather_output", True) is False:  # a KV-shared layer's Q
+            x = tp_gather(x)
+        return to_hf(a, x, self.b, self.s, self.args)
 
     _OUTPUT = {Kind.EMBEDDING: _out_as_is, Kind.LOGITS: _out_as_is, Kind.MERGED: _out_as_is, Kind.ROUTER: _out_router}
 
