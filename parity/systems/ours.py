@@ -221,7 +221,7 @@ class ParitySystem:
         self._optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for layer in self.lm.decoder.layers:
-                if layer.layer_args.k_eq_v:
+                if layer.layer_args.k_eq_v and not layer.layer_args.kv_shared:  # a shared layer has Q rows only
                     att = layer.self_attention
                     hn, ng = att.hidden_size_per_attention_head, att.num_query_groups_per_partition
                     rep = att.num_attention_heads_per_partition // ng
