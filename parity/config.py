@@ -311,10 +311,43 @@ def g31b_tiny_config_kwargs(**overrides: Any) -> dict[str, Any]:
     return kw
 
 
+def _full_dense(**overrides: Any) -> dict[str, Any]:
+    """What the released dense members share: vocab 262,144, head_dim 256 / global 512, proportional RoPE on full
+    layers, softcap 30, no MoE."""
+    return text_config_kwargs(**{**dict(vocab_size=262_144, head_dim=256, global_head_dim=512, enable_moe_block=False,
+                                        num_experts=None, top_k_experts=None, moe_intermediate_size=None,
+                                        max_position_embeddings=131_072), **overrides})
+
+
+def full_e4b_config_kwargs(**overrides: Any) -> dict[str, Any]:
+    """The E4B text shape as far as the issue and Megatron-Bridge's ``Gemma4DenseProvider`` defaults give it
+    (42 layers of 5 sliding + 1 full, hidden 2560, MLP 10240, 8 heads, 2 KV heads, window 512, PLE 256, the last
+    18 layers KV-shared); not checked against Google's config.json (no network here): a checkpoint run
+    (``--checkpoint``) reads the real one."""
+    kw = _full_dense(hidden_size=2560, intermediate_size=10_240, num_hidden_layers=42, num_attention_heads=8,
+                     num_key_value_heads=2, num_global_key_value_heads=None, attention_k_eq_v=False,
+                     layer_types=_pattern(42, 6), sliding_window=512, hidden_size_per_layer_input=256,
+                     vocab_size_per_layer_input=262_144, num_kv_shared_layers=18, use_double_wide_mlp=False)
+    kw.update(overrides)
+    return kw
+
+
+def full_31b_config_kwargs(**overrides: Any) -> dict[str, Any]:
+    """The 31B dense text shape as far as the issue gives it (60 layers of 5 sliding + 1 full, hidden 5376,
+    window 1024, K=V on full layers); heads 32 / KV 16 / global KV 4 and MLP 21504 are our reading, not checked
+    against Google's config.json (no network here): a checkpoint run reads the real one."""
+    kw = _full_dense(hidden_size=5376, intermediate_size=21_504, num_hidden_layers=60, num_attention_heads=32,
+                     num_key_value_heads=16, num_global_key_value_heads=4, attention_k_eq_v=True,
+                     layer_types=_pattern(60, 6), sliding_window=1024, max_position_embeddings=262_144)
+    kw.update(overrides)
+    return kw
+
+
 # Builder name (a case's ``[model] builder``) -> the text config kwargs it makes.
 TEXT_BUILDERS = {"tiny_text": text_config_kwargs, "full_text": full_text_config_kwargs,
                  "e2b_tiny": e2b_tiny_config_kwargs, "e4b_tiny": e4b_tiny_config_kwargs,
-                 "31b_tiny": g31b_tiny_config_kwargs}
+                 "31b_tiny": g31b_tiny_config_kwargs, "full_e4b": full_e4b_config_kwargs,
+                 "full_31b": full_31b_config_kwargs}
 
 
 def make_text_config(kwargs: dict[str, Any]):

@@ -207,7 +207,8 @@ class MegatronBridgeSystem:
 
     def prepare(self, inputs: dict) -> None:
         """Its own masks: the attention each layer type really applies (TE's causal core attention with its
-        window on the MoE model; megatron-core's local softmax on the dense one), and the input hooks."""
+        window on the MoE model; megatron-core's local softmax on the dense one: its window on sliding layers, the
+        mask its forward passes on full ones), and the input hooks."""
         from parity.mbridge import model as MB
         from parity.mbridge import substitutes as S
 
@@ -215,7 +216,10 @@ class MegatronBridgeSystem:
         b, s = inputs["input_ids"].shape
         self.b, self.s = b, s
         self.layer_types = [la.layer_type for la in self.args.layers]
-        self.megatron_mask = MB.megatron_attention_mask(inputs["attention_mask"])
+        # the mask its forward passes its layers: its VLM's own (image blocks bidirectional, the 2-D padding mask
+        # ignored: finding 6), else its GPT mask from the padding mask
+        self.megatron_mask = (self.model._compute_attention_mask(inputs["input_ids"]) if self.vlm else
+                              MB.megatron_attention_mask(inputs["attention_mask"]))
         self.masks = {}
         for i, t in enumerate(self.layer_types):
             if t in self.masks:

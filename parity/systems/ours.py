@@ -308,7 +308,7 @@ class ParitySystem:
         self._optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for layer in self.lm.decoder.layers:
-                if layer.layer_args.k_eq_v:
+                if layer.layer_args.k_eq_v and not layer.layer_args.kv_shared:  # a shared layer has Q rows only
                     att = layer.self_attention
                     hn, ng = att.hidden_size_per_attention_head, att.num_query_groups_per_partition
                     rep = att.num_attention_heads_per_partition // ng
@@ -393,7 +393,10 @@ class ParitySystem:
                 "top_i": hf_token_order(top_i, b, s)}
 
     def _out_layout(self, a: Aligned, out: Any, module: nn.Module) -> torch.Tensor:
-        return to_hf(a, first(out), self.b, self.s, self.args)
+        x = first(out)
+        if a.row.kind is Kind.LINEAR and getattr(module, "gather_output", True) is False:  # a KV-shared layer's Q
+            x = tp_gather(x)
+        return to_hf(a, x, self.b, self.s, self.args)
 
     _OUTPUT = {Kind.EMBEDDING: _out_as_is, Kind.LOGITS: _out_as_is, Kind.MERGED: _out_as_is, Kind.ROUTER: _out_router}
 
