@@ -139,6 +139,9 @@ def _bridge_lora_layers_without_te() -> None:
         del sys.modules["transformer_engine"], sys.modules["transformer_engine.pytorch"]
 
 
+LORA_ATTRIBUTE_READERS: list = []  # (module, is_expert) -> adapter attributes or None; the TE stand-ins register theirs
+
+
 def _bridge_lora_recognises_standins() -> None:
     # megatron/bridge/peft/utils.get_adapter_attributes_from_linear knows TE's linears and megatron-core's; the TE
     # stand-ins of parity.mbridge.substitutes are TE's LayerNormLinear (column) and Linear + norm (row) and
@@ -150,9 +153,7 @@ def _bridge_lora_recognises_standins() -> None:
     original = utils.get_adapter_attributes_from_linear
 
     def attributes(m, is_expert: bool = False, pg_collection=None, sequence_parallel_input_regather: bool = False):
-        from parity.mbridge import substitutes as S
-
-        twin = S.lora_attributes(m, is_expert)
+        twin = next((t for read in LORA_ATTRIBUTE_READERS if (t := read(m, is_expert)) is not None), None)
         if twin is None:
             return original(m, is_expert=is_expert, pg_collection=pg_collection,
                             sequence_parallel_input_regather=sequence_parallel_input_regather)
