@@ -214,6 +214,8 @@ def test_lora_reads_the_stand_ins_as_their_te_twins():
     a = L.get_adapter_attributes_from_linear(qkv)
     assert (a.input_is_parallel, a.in_features, a.out_features) == (False, qkv.weight.shape[1], qkv.weight.shape[0])
     assert qkv.return_layernorm_output is True
+    with torch.no_grad():  # built without initialisation (the bridge's load fills the weights)
+        qkv.weight.normal_(), qkv.layer_norm_weight.normal_()
     x = torch.randn(3, 2, qkv.weight.shape[1])
     (y, h), bias = qkv(x)
     assert bias is None and torch.equal(h, S.te_rms_norm(x, qkv.layer_norm_weight, qkv.eps, qkv.zero_centered_gamma))
