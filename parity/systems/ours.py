@@ -194,6 +194,9 @@ class ParitySystem:
         self._modules = dict(self.model.named_modules())
         self._modules.update({n.replace(".to_wrap.", "."): m for n, m in list(self._modules.items())
                               if ".to_wrap." in n and n.replace(".to_wrap.", ".") not in self._modules})
+        from parity.mbridge import substitutes as S
+
+        self.substituted = [dict(row) for row in S.LORA]  # its LoRA layers' module, imported without TE
 
     def save_adapters(self, folder: str) -> None:
         """Its adapter export: a peft adapter folder (``adapter_model.safetensors`` + peft's ``LoraConfig``, its
