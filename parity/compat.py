@@ -139,14 +139,7 @@ def _bridge_lora_layers_without_te() -> None:
         del sys.modules["transformer_engine"], sys.modules["transformer_engine.pytorch"]
 
 
-_lora_twins = None  # how LoRA reads a TE stand-in: registered by its owner (``read_lora_twins``)
-
-
-def read_lora_twins(fn) -> None:
-    """Register ``fn(module, is_expert) -> AdapterAttributes fields | None`` (``parity.mbridge.substitutes``
-    registers ``lora_attributes``): this module imports no system's code."""
-    global _lora_twins
-    _lora_twins = fn
+LORA_ATTRIBUTE_READERS: list = []  # (module, is_expert) -> adapter attributes or None; the TE stand-ins register theirs
 
 
 def _bridge_lora_recognises_standins() -> None:
@@ -160,7 +153,7 @@ def _bridge_lora_recognises_standins() -> None:
     original = utils.get_adapter_attributes_from_linear
 
     def attributes(m, is_expert: bool = False, pg_collection=None, sequence_parallel_input_regather: bool = False):
-        twin = _lora_twins(m, is_expert) if _lora_twins is not None else None
+        twin = next((t for read in LORA_ATTRIBUTE_READERS if (t := read(m, is_expert)) is not None), None)
         if twin is None:
             return original(m, is_expert=is_expert, pg_collection=pg_collection,
                             sequence_parallel_input_regather=sequence_parallel_input_regather)

@@ -1,4 +1,5 @@
-"""LoRA parity (issue 21): HF with peft's LoRA against Megatron-Bridge's own LoRA on ``gemma4-text-tiny-lora``.
+"""LoRA parity (issue 21): HF with peft's LoRA against system ``parity`` (Megatron-Bridge's LoRA transform on our
+model, adapters through our mapping) and against Megatron-Bridge's own LoRA, on ``gemma4-text-tiny-lora``.
 
 Forward with adapters (end to end, isolated), the adapters' gradients (backward mode), the adapter export loaded by
 peft, the merged export against peft's ``merge_and_unload``, every adapter tensor accounted for. Its training step's
@@ -71,7 +72,39 @@ def _rows(r: dict, mode: str) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Clean: everything its findings leave alone agrees
+# System parity: the recipe's targets, every check
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_parity_clean_on_three_seeds(seed):
+    """Our system with the recipe's targets (o_proj included: our post-attention norm is its own module): forward,
+    the adapters' gradients, adapter export (80/80, no v_proj on K=V layers) and merged export pass."""
+    with cpu_threads("cpu"):
+        r = pipeline.against(_reference(RECIPE, seed), "parity")
+    assert r["passed"], r["summary"]["first_divergence_detail"]
+    assert r["checks"]["lora"] and r["checks"]["gradients"] and r["checks"]["modules"]
+    lora = r["lora"]
+    assert lora["export"]["hf"] == lora["export"]["exported"] == lora["export"]["bit_exact"] == 80
+    assert lora["merged"]["bit_exact"] == lora["merged"]["hf"] and lora["export_loads"] is True
+    grads = _rows(r, "param_grad")
+    assert len(grads) == 64 and max(m["rel_l2"] for m in grads) < 1e-5
+
+
+@pytest.mark.parametrize("plant", [p for p in LORA_PLANTS if p.mode == "isolated"], ids=lambda p: p.name)
+def test_parity_lora_plant_is_caught_where_it_is(plant):
+    """The adapter-layer plants (its LoRA layers are Megatron-Bridge's) fail at their row in our system too."""
+    mp = pytest.MonkeyPatch()
+    plant.plant(mp)
+    try:
+        with cpu_threads("cpu"):
+            r = pipeline.against(_reference(RECIPE), "parity")
+    finally:
+        mp.undo()
+    detail = r["summary"]["first_divergence_detail"]
+    assert r["passed"] is False and (detail["name"], detail["mode"]) == (plant.where, plant.mode), detail
+
+
+# ---------------------------------------------------------------------------------------------------
+# Megatron-Bridge, clean: everything its findings leave alone agrees
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_clean_on_three_seeds(seed):
@@ -181,6 +214,8 @@ def test_lora_reads_the_stand_ins_as_their_te_twins():
     a = L.get_adapter_attributes_from_linear(qkv)
     assert (a.input_is_parallel, a.in_features, a.out_features) == (False, qkv.weight.shape[1], qkv.weight.shape[0])
     assert qkv.return_layernorm_output is True
+    with torch.no_grad():  # built without initialisation (the bridge's load fills the weights)
+        qkv.weight.normal_(), qkv.layer_norm_weight.normal_()
     x = torch.randn(3, 2, qkv.weight.shape[1])
     (y, h), bias = qkv(x)
     assert bias is None and torch.equal(h, S.te_rms_norm(x, qkv.layer_norm_weight, qkv.eps, qkv.zero_centered_gamma))

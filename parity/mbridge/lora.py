@@ -96,10 +96,9 @@ def import_(bm, state: dict[str, torch.Tensor]) -> list[str]:
         used += [a_names[r] for r in present] + [b_names[r] for r in present]
         if "q" in roles:  # K=V: its import rule for the base weight (v slot = a copy of k), applied to B
             b = bridge.maybe_modify_loaded_hf_weight(b_names, {b_names[r]: t for r, t in present.items()})
-            cfg = copy.copy(wrapper.to_wrap.config)
-            cfg.hidden_size = spec_rank = b["q"].shape[1]  # the adapter's feature dim in place of the hidden size
+            cfg = copy.copy(wrapper.to_wrap.config)  # its QKVMapping's merge, with the rank as the feature dim
+            cfg.hidden_size = b["q"].shape[1]
             fused = merge_qkv_weights(cfg, b["q"], b["k"], b["v"])
-            assert fused.shape[1] == spec_rank
         elif "" in roles:
             fused = mapping.hf_to_megatron(present[""], wrapper.to_wrap)
         else:

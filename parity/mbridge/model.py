@@ -31,8 +31,6 @@ from megatron.core.transformer.moe.experts import GroupedMLPSubmodules, TEGroupe
 
 from parity import megatron_env  # noqa: E402
 from parity.mbridge import substitutes as S  # noqa: E402
-
-compat.read_lora_twins(S.lora_attributes)
 from parity.megatron_layout import tp_gather  # noqa: E402  (the one TP gather both systems use)
 
 TEXT_ARCH = "Gemma4ForCausalLM"

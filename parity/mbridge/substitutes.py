@@ -24,6 +24,8 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.bridge.models.conversion.param_mapping import AutoMapping
 from megatron.bridge.models.gemma.gemma3_provider import _is_local_attn_layer
 
+from parity import compat
+
 TE_NORM_DEFAULT_EPS = 1e-5  # megatron-core TENorm(config, hidden_size, eps=1e-5): the eps when a caller passes none
 
 _NO_TE = "Transformer Engine is not installed here (CPU machines, lent GPU machines)"
@@ -363,6 +365,8 @@ def lora_attributes(m: nn.Module, is_expert: bool = False) -> dict | None:
                     disable_sequence_parallel_comm=True, base_linear_is_parallel=True)
     return None
 
+
+compat.LORA_ATTRIBUTE_READERS.append(lora_attributes)  # its LoRA reads the stand-ins by this (parity.compat)
 
 # The bridge's AutoMapping detects TP layouts from module class names: register ours as their TE twins are.
 AutoMapping.register_module_type(CoreAttentionSubstitute.__name__, "replicated")

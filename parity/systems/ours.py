@@ -145,9 +145,12 @@ class ParitySystem:
 
     def export(self):
         """HF (key, tensor) pairs, one at a time; in a world of several ranks each tensor's shards are gathered."""
+        yield from self._export(self._state())
+
+    def _export(self, sd: dict):
+        """A Megatron state dict (its own names) -> HF (key, tensor) pairs."""
         from parity.bridge import convert, vision
 
-        sd = self._state()
         if not self.vlm:
             world = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
             yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(sd, self.args)
@@ -179,7 +182,8 @@ class ParitySystem:
         from parity.mbridge import lora as L  # noqa: F401  (the bridge imported, its patches applied)
         from megatron.bridge.peft.lora import LoRA
 
-        self.lora = LoRA(target_modules=_lora_targets(spec), dim=spec.r, alpha=spec.alpha, dropout=spec.dropout)
+        self.lora = LoRA(target_modules=_lora_targets(spec, self._mc_prefix()), dim=spec.r, alpha=spec.alpha,
+                         dropout=spec.dropout)
         self.lora(self.model, training=True)
         self.model.eval()
         self.lora_scale = spec.alpha / spec.r
@@ -194,6 +198,9 @@ class ParitySystem:
         self._modules = dict(self.model.named_modules())
         self._modules.update({n.replace(".to_wrap.", "."): m for n, m in list(self._modules.items())
                               if ".to_wrap." in n and n.replace(".to_wrap.", ".") not in self._modules})
+        from parity.mbridge import substitutes as S
+
+        self.substituted = [dict(row) for row in S.LORA]  # its LoRA layers' module, imported without TE
 
     def save_adapters(self, folder: str) -> None:
         """Its adapter export: a peft adapter folder (``adapter_model.safetensors`` + peft's ``LoraConfig``, its
@@ -216,14 +223,10 @@ class ParitySystem:
     def merged(self):
         """Its weights with each adapter merged (``W + alpha/r B A`` in Megatron layout), exported by its mapping."""
         from parity.bridge import adapters as BA
-        from parity.bridge import convert
 
         sd = {k: v.detach() for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
-        state = BA.merged(self._state(), {self._mc_prefix() + k: v for k, v in self._adapters(sd).items()},
-                          self.lora_scale)
-        if self.vlm:
-            raise NotImplementedError("the merged export of system parity: text models for now")
-        yield from convert.iter_megatron_to_hf(state, self.args)
+        yield from self._export(BA.merged(self._state(), {self._mc_prefix() + k: v
+                                                          for k, v in self._adapters(sd).items()}, self.lora_scale))
 
     def _lora_wrappers(self):
         from megatron.bridge.peft.adapter_wrapper import AdapterWrapper
@@ -520,9 +523,10 @@ _LORA_TARGETS = {"q_proj": "self_attention.linear_qkv", "k_proj": "self_attentio
                  "gate_proj": "mlp.linear_fc1", "up_proj": "mlp.linear_fc1", "down_proj": "mlp.linear_fc2"}
 
 
-def _lora_targets(spec) -> list[str]:
-    """The LoRA transform's ``target_modules`` (wildcards of our module names) for the case's HF targets."""
-    return list(dict.fromkeys(f"*.{_LORA_TARGETS[n]}" for n in spec.targets))
+def _lora_targets(spec, prefix: str) -> list[str]:
+    """The LoRA transform's ``target_modules`` (wildcards of our module names) for the case's HF targets: the text
+    decoder's linears (under ``prefix`` in the VLM, whose vision encoder has a ``linear_proj`` too)."""
+    return list(dict.fromkeys(f"{prefix}decoder.layers.*.{_LORA_TARGETS[n]}" for n in spec.targets))
 
 
 def _layer_fp32(lm, i: int, device):
