@@ -16,7 +16,7 @@ Schema (fields without a default are required)::
     seed = 0
     markers = ["cpu"]                    # default []; of cpu, gpu, multigpu, slow, checkpoint
     [model]
-    builder = "tiny_text"                # "tiny_text" | "full_text" | "e2b_tiny" | "e4b_tiny" | "31b_tiny" | "full_e4b" | "full_31b" | "tiny_vlm" | "full_vlm" | "31b_vlm_tiny" | "checkpoint"
+    builder = "tiny_text"                # "tiny_text" | "full_text" | "e2b_tiny" | "e4b_tiny" | "31b_tiny" | "full_e4b" | "full_31b" | "tiny_vlm" | "tiny_vlm_audio" | "full_vlm" | "31b_vlm_tiny" | "checkpoint"
     overrides = { enable_moe_block = false }   # default {}: keyword arguments for the builder
     checkpoint_env = "GEMMA4_CHECKPOINT" # builder "checkpoint" only (and required there)
     [inputs]
@@ -24,6 +24,7 @@ Schema (fields without a default are required)::
     seq_len = 40                         # required for text; optional for vlm (the images set the length)
     pad_tail = 5                         # default 0: right-padded positions of the last sequence
     images = [[[24, 32], [16, 16]], [[32, 24]]]   # vlm only (required): [h, w] per image, per sequence
+    audio = [[1000], [600]]              # vlm with an audio tower only: clip durations (ms) per sequence
     max_soft_tokens = 280                # vlm only, default 70: the processor's token budget per image (70, 140,
                                          # 280 = its default, 560, 1120); each image is resized to fit it
     padding = "left"                     # default "right": where each sequence's padding goes
@@ -86,7 +87,7 @@ from parity.errors import CaseError, UserError
 KINDS = ("text", "vlm")
 BUILDERS = {"tiny_text": ("text",), "full_text": ("text",), "e2b_tiny": ("text",), "e4b_tiny": ("text",),
             "31b_tiny": ("text",), "full_e4b": ("text",), "full_31b": ("text",), "tiny_vlm": ("vlm",),
-            "full_vlm": ("vlm",), "31b_vlm_tiny": ("vlm",), "checkpoint": ("text", "vlm")}
+            "full_vlm": ("vlm",), "tiny_vlm_audio": ("vlm",), "31b_vlm_tiny": ("vlm",), "checkpoint": ("text", "vlm")}
 SOFT_TOKENS = (70, 140, 280, 560, 1120)  # the image token budgets HF's Gemma 4 image processor supports
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
@@ -148,6 +149,7 @@ class Inputs(_Section):
     lengths: tuple[int, ...] | None = None  # text only: real tokens per sequence (mixed lengths in one batch)
     position_offset: int = 0  # position ids of real tokens start here (a continuation after a prefix)
     max_soft_tokens: int = 70  # vlm: the image processor's token budget per image
+    audio: tuple[tuple[int, ...], ...] | None = None  # vlm with audio: clip durations in ms, per sequence
 
 
 @dataclass(frozen=True)
@@ -460,6 +462,17 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
                                   f"got {max_soft_tokens}")
     if kind != "vlm" and i.has("max_soft_tokens"):
         i.fail("max_soft_tokens", "only for kind 'vlm'")
+    audio = None
+    if i.has("audio"):
+        raw = i.raw("audio")
+        if kind != "vlm":
+            i.fail("audio", "only for kind 'vlm'")
+        if (not isinstance(raw, list) or len(raw) != batch or not all(
+                isinstance(seq, list) and all(isinstance(ms, int) and not isinstance(ms, bool) and 100 <= ms <= 30_000
+                                              for ms in seq) for seq in raw)):
+            i.fail("audio", f"expected {batch} lists (one per sequence) of clip durations in ms (100..30000), "
+                            f"got {_show(raw)}")
+        audio = tuple(tuple(seq) for seq in raw)
     lengths = None
     if i.has("lengths"):
         raw = i.raw("lengths")
@@ -473,7 +486,7 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
         lengths = tuple(raw)
     i.done()
     inputs = Inputs(batch=batch, seq_len=seq_len, pad_tail=pad_tail, images=images, padding=padding,
-                    lengths=lengths, position_offset=position_offset, max_soft_tokens=max_soft_tokens)
+                    lengths=lengths, position_offset=position_offset, max_soft_tokens=max_soft_tokens, audio=audio)
 
     p = top.sub("parallel")
     parallel = Parallel(tp=p.int_("tp", default=1, minimum=1), ep=p.int_("ep", default=1, minimum=1))

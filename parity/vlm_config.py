@@ -56,6 +56,76 @@ class VisionArgs:
         )
 
 
+@dataclass(frozen=True)
+class AudioArgs:
+    """What the Megatron audio tower reads of HF's ``Gemma4AudioConfig`` (a USM-style conformer)."""
+
+    hidden_size: int  # Ha
+    num_layers: int
+    num_heads: int
+    subsampling_conv_channels: tuple[int, int]  # two stride-2 3x3 Conv2d blocks; the mel width is channels[0]
+    conv_kernel_size: int  # the light conv's causal depthwise Conv1d
+    residual_weight: float  # feed-forward output scale before the residual add
+    chunk_size: int  # chunked local attention: queries per block
+    context_left: int  # keys to the left, the query itself included (the mask allows context_left - 1 past)
+    context_right: int
+    logit_cap: float
+    invalid_logits_value: float
+    use_clipped_linears: bool
+    rms_norm_eps: float  # the light conv's norms, the subsampling LayerNorms and embed_audio's norm
+    gradient_clipping: float
+    output_proj_dims: int
+    hidden_activation: str
+    text_hidden_size: int  # H: output width of embed_audio
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf(cls, config: Any) -> "AudioArgs":
+        """Read a ``Gemma4Config`` with an ``audio_config``."""
+        audio = config.audio_config
+        check_supported_audio(audio)
+        return cls(
+            hidden_size=audio.hidden_size,
+            num_layers=audio.num_hidden_layers,
+            num_heads=audio.num_attention_heads,
+            subsampling_conv_channels=tuple(int(c) for c in audio.subsampling_conv_channels),
+            conv_kernel_size=audio.conv_kernel_size,
+            residual_weight=float(audio.residual_weight),
+            chunk_size=audio.attention_chunk_size,
+            context_left=audio.attention_context_left,
+            context_right=audio.attention_context_right,
+            logit_cap=float(audio.attention_logit_cap),
+            invalid_logits_value=float(audio.attention_invalid_logits_value),
+            use_clipped_linears=bool(audio.use_clipped_linears),
+            rms_norm_eps=audio.rms_norm_eps,
+            gradient_clipping=float(audio.gradient_clipping),
+            output_proj_dims=audio.output_proj_dims,
+            hidden_activation=audio.hidden_act,
+            text_hidden_size=int(config.text_config.hidden_size),
+        )
+
+
+def check_supported_audio(audio: Any) -> None:
+    """Raise ``UnsupportedConfig`` (one line) for audio features the Megatron tower does not implement."""
+    problems = []
+    if audio.hidden_act != "silu":
+        problems.append(f"audio hidden_act={audio.hidden_act!r}")
+    if audio.hidden_size % audio.num_attention_heads:
+        problems.append("audio hidden_size not a multiple of num_attention_heads")
+    if len(audio.subsampling_conv_channels) != 2:
+        problems.append(f"audio subsampling_conv_channels={list(audio.subsampling_conv_channels)} (HF builds two blocks)")
+    past, chunk, right = audio.attention_context_left - 1, audio.attention_chunk_size, audio.attention_context_right
+    if (chunk + past + right) // 2 != past:  # HF's relative shift reads position (context // 2) - (j - i)
+        problems.append(f"audio attention chunk {chunk} / context_left {audio.attention_context_left} / "
+                        f"context_right {right} (relative positions only line up when (chunk + left - 1 + right) "
+                        "// 2 == left - 1)")
+    if problems:
+        raise UnsupportedConfig("unsupported Gemma 4 feature(s): " + ", ".join(problems))
+
+
 def check_supported_vision(vision: Any) -> None:
     """Raise ``UnsupportedConfig`` (one line) for vision features the Megatron tower does not implement."""
     problems = []
@@ -137,6 +207,41 @@ def full_vision_config_kwargs(**overrides: Any) -> dict[str, Any]:
     return kw
 
 
+def tiny_audio_config_kwargs(**overrides: Any) -> dict[str, Any]:
+    """Tiny Gemma 4 audio tower, shaped like E2B/E4B's (transformers' ``Gemma4AudioConfig`` defaults: hidden 1024,
+    12 layers, 8 heads, subsampling channels (128, 32), light-conv kernel 5, chunks of 12 with 13 keys of left
+    context, logit cap 50, output 1536, clipped linears) scaled down: hidden 48 (4 heads of 12), 2 layers,
+    output 64 (not the text width, so embed_audio really projects). The subsampling channels and the chunk
+    geometry stay the real ones: HF sizes its input projection as ``channels[0] // 4 * channels[1]``, which only
+    fits the 128-bin mel features when ``channels[0]`` is 128, and the chunk / context values are the ones the
+    relative-position shift is written for."""
+    kw: dict[str, Any] = dict(
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_act="silu",
+        subsampling_conv_channels=[128, 32],
+        conv_kernel_size=5,
+        residual_weight=0.5,
+        attention_chunk_size=12,
+        attention_context_left=13,
+        attention_context_right=0,
+        attention_logit_cap=50.0,
+        attention_invalid_logits_value=-1.0e9,
+        use_clipped_linears=True,
+        rms_norm_eps=1e-6,
+        gradient_clipping=1e10,
+        output_proj_dims=64,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def vlm_audio_config_kwargs(*, audio: dict | None = None, **overrides: Any) -> dict[str, Any]:
+    """The tiny VLM (26B-A4B-shaped text, no per-layer embeddings) with the tiny audio tower."""
+    return vlm_config_kwargs(audio_config=tiny_audio_config_kwargs(**(audio or {})), **overrides)
+
+
 def vlm_config_kwargs(*, text: dict | None = None, vision: dict | None = None, **overrides: Any) -> dict[str, Any]:
     """Tiny ``Gemma4Config`` kwargs: the 26B-A4B-shaped tiny text model with vision-bidirectional
     sliding attention, the tiny vision tower, no audio."""
@@ -174,8 +279,8 @@ def g31b_vlm_tiny_config_kwargs(*, text: dict | None = None, vision: dict | None
 
 
 # Builder name (a VLM case's ``[model] builder``) -> the ``Gemma4Config`` kwargs it makes.
-VLM_BUILDERS = {"tiny_vlm": vlm_config_kwargs, "full_vlm": full_vlm_config_kwargs,
-                "31b_vlm_tiny": g31b_vlm_tiny_config_kwargs}
+VLM_BUILDERS = {"tiny_vlm": vlm_config_kwargs, "tiny_vlm_audio": vlm_audio_config_kwargs,
+                "full_vlm": full_vlm_config_kwargs, "31b_vlm_tiny": g31b_vlm_tiny_config_kwargs}
 
 
 def make_vlm_config(kwargs: dict[str, Any] | None = None):

@@ -431,7 +431,64 @@ BRIDGE_PLANTS = [
           bridge_weight_scaled("decoder.layers.3.self_attention.linear_proj.weight"),
           megatron_name="decoder.layers.3.self_attention.linear_proj"),
 ]
-BY_NAME = {p.name: p for p in PLANTS + BRIDGE_PLANTS}
+# Planted errors in our audio tower (issue 24), run on ``AUDIO_CASE`` (fp32): each one realistic slip in one place.
+
+AUDIO_CASE = "gemma4-vlm-audio-tiny"
+
+
+def audio_scatter_order(mp, shape=None):
+    from parity.models.vlm import ImageScatter
+
+    forward = ImageScatter.forward
+
+    def planted(self, emb, feats, mask):  # BUG: the audio soft tokens scattered last clip first
+        return forward(self, emb, feats.flip(0) if self.what == "audio" else feats, mask)
+    mp.setattr(ImageScatter, "forward", planted)
+
+
+def audio_relative_position_offset(mp, shape=None):
+    from parity.models import audio
+
+    def relative_shift(self, bd):  # BUG: key j of query i reads position column j - i + 1 (one distance off)
+        i = torch.arange(self.chunk, device=bd.device)[:, None]
+        col = torch.arange(self.context, device=bd.device) - i + 1
+        ok = (col >= 0) & (col < bd.shape[-1])
+        out = bd.gather(-1, col.clamp(0, bd.shape[-1] - 1).expand(*bd.shape[:-1], self.context))
+        return out.masked_fill(~ok, 0.0)
+    mp.setattr(audio.AudioChunkedAttention, "relative_shift", relative_shift)
+
+
+def audio_conv_not_causal(mp, shape=None):
+    from parity.models import audio
+
+    def forward(self, x):  # BUG: "same" padding, half on each side: frame t sees 2 frames of its future
+        half = self.left_pad // 2
+        return torch.nn.Conv1d.forward(self, F.pad(x, (half, self.left_pad - half)))
+    mp.setattr(audio.CausalDepthwiseConv1d, "forward", forward)
+
+
+def audio_subsampling_stride(mp, shape=None):
+    from parity.models import audio
+
+    init = audio.AudioSubsampleBlock.__init__
+
+    def planted(self, *a, **kw):
+        init(self, *a, **kw)
+        self.conv.stride = (1, 2)  # BUG: the first block strides the mel bins only, not time
+    mp.setattr(audio.AudioSubsampleBlock, "__init__", planted)
+
+
+AUDIO_PLANTS = [
+    Plant("audio_scatter_order", "audio scatter", "merged_embeddings", audio_scatter_order,
+          megatron_name="audio_scatter"),
+    Plant("audio_relative_position_offset", "relative positions", "model.audio_tower.layers.0.self_attn",
+          audio_relative_position_offset),
+    Plant("audio_conv_not_causal", "conv padding", "model.audio_tower.layers.0.lconv1d.depthwise_conv1d",
+          audio_conv_not_causal),
+    Plant("audio_subsampling_stride", "subsampling", "model.audio_tower.subsample_conv_projection.layer0.conv",
+          audio_subsampling_stride),
+]
+BY_NAME = {p.name: p for p in PLANTS + BRIDGE_PLANTS + AUDIO_PLANTS}
 
 
 def failing(r: dict) -> set:

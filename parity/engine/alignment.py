@@ -7,7 +7,8 @@ predicate of ``parity.config.WHEN`` deciding per layer whether the row applies. 
 on the Megatron side is a second table per system under test, keyed by ``Row.key``
 (``parity.systems``). A model kind says where each stack sits in its HF model (``model.`` or
 ``model.language_model.`` for the text stack); a stack it lacks drops its rows.
-Layouts: HF is ``[b, s, ...]`` (router/experts ``[b*s, ...]``), vision ``[images, patches, ...]``.
+Layouts: HF is ``[b, s, ...]`` (router/experts ``[b*s, ...]``), vision ``[images, patches, ...]``, audio
+``[clips, frames, ...]``.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class Kind(enum.Enum):
     VISION_ROPE = "vision_rope"  # (cos, sin), each [I, N, d]; same real rows
     POOLED = "vision_pooled"  # (features [I, N/k^2, Hv], valid-slot mask): real rows = the mask
     TOKENS = "vision_tokens"  # [soft tokens of all images, ...], every row real
+    AUDIO_FRAMES = "audio_frames"  # [clips, frames, ...] at the tower's rate; real rows = the tower's frame mask
+    AUDIO_CONV = "audio_conv"  # subsampling maps, the depthwise conv's [clips, Ha, frames], relative positions: whole
 
 
 class Part(enum.Enum):
@@ -54,6 +57,7 @@ class Stack(enum.Enum):
     VISION = "vision"  # vision tower and embed_vision (``model.``)
     ROOT = "root"  # the model root (lm_head, logits)
     VLM = "vlm"  # the VLM root (merged embeddings)
+    AUDIO = "audio"  # audio tower and embed_audio (``model.``)
 
 
 TABLE_KINDS = (Kind.MASK, Kind.ROPE)  # compared from each side's own tables, not from hooked modules
@@ -106,8 +110,35 @@ VISION = (
     *(Row(f"{_L}.{p}.linear", Kind.PATCHES, stack=_V) for p in _CLIPPABLE),  # the bare linear before the clamp
 )
 
+_AL = "audio_tower.layers.{i}"
+_SUB = "audio_tower.subsample_conv_projection"
+_AF, _AC, _A_ = Kind.AUDIO_FRAMES, Kind.AUDIO_CONV, Stack.AUDIO
+_FF = ("", ".pre_layer_norm", ".ffw_layer_1", ".ffw_layer_1.linear", ".ffw_layer_2", ".ffw_layer_2.linear",
+       ".post_layer_norm")
+
+AUDIO = (
+    Row("audio_tower", _AF, stack=_A_),
+    Row(_SUB, _AF, stack=_A_),
+    *(Row(f"{_SUB}.layer{j}{sub}", _AC, stack=_A_) for j in (0, 1) for sub in ("", ".conv", ".norm")),
+    Row(f"{_SUB}.input_proj_linear", _AF, stack=_A_),
+    Row("audio_tower.rel_pos_enc", _AC, stack=_A_),
+    *(Row(f"{_AL}{sub}", _AF, stack=_A_) for sub in (
+        "", *(f".feed_forward1{s}" for s in _FF), ".norm_pre_attn", ".self_attn",
+        *(f".self_attn.{p}{lin}" for p in ("q_proj", "k_proj", "v_proj", "post") for lin in ("", ".linear")),
+        ".norm_post_attn", ".lconv1d", ".lconv1d.pre_layer_norm", ".lconv1d.linear_start",
+        ".lconv1d.linear_start.linear", ".lconv1d.conv_norm", ".lconv1d.linear_end", ".lconv1d.linear_end.linear",
+        *(f".feed_forward2{s}" for s in _FF), ".norm_out")),
+    Row(f"{_AL}.self_attn.relative_k_proj", _AC, stack=_A_),  # [P, Ha]: no clip axis
+    Row(f"{_AL}.lconv1d.depthwise_conv1d", _AC, stack=_A_),  # [clips, Ha, frames]
+    Row("audio_tower.output_proj", _AF, stack=_A_),
+    Row("embed_audio", _AF, stack=_A_),
+    Row("embed_audio.embedding_pre_projection_norm", _AF, stack=_A_),
+    Row("embed_audio.embedding_projection", _AF, stack=_A_),
+)
+
+# The inputs_embeds HF's language model receives: after the image scatter and (with an audio tower) the audio one.
 MERGED = Row("merged_embeddings", Kind.MERGED, stack=Stack.VLM, input_of="model.language_model",
-             feeds=((Stack.TEXT, "embed_tokens"), (_V, "embed_vision")))
+             feeds=((Stack.TEXT, "embed_tokens"), (_V, "embed_vision"), (_A_, "embed_audio")))
 
 TEXT = (
     Row("embed_tokens", Kind.EMBEDDING, gate="exact"),
@@ -172,21 +203,26 @@ class Aligned:
         return layer_of(self.hf)
 
     def group(self) -> str:
-        return "vision" if self.row.stack is Stack.VISION else "text"
+        return {Stack.VISION: "vision", Stack.AUDIO: "audio"}.get(self.row.stack, "text")
 
 
-def expand(prefixes: dict[Stack, str], text_args, vision_layers: int = 0) -> list[Aligned]:
-    """Every compared row of a model: vision rows (pattern by pattern), merged embeddings, the text model
-    (decoder layer by layer, as its forward visits them), then the mask and RoPE tables. ``prefixes`` says
-    where each stack sits in the HF model; rows of a stack it lacks are left out."""
+def expand(prefixes: dict[Stack, str], text_args, vision_layers: int = 0, audio_layers: int = 0) -> list[Aligned]:
+    """Every compared row of a model: vision rows (pattern by pattern), audio rows (a model with an audio
+    tower: ``audio_layers`` > 0), merged embeddings, the text model (decoder layer by layer, as its forward
+    visits them), then the mask and RoPE tables. ``prefixes`` says where each stack sits in the HF model; rows
+    of a stack it lacks are left out, and so are the feeds from it."""
+    if not audio_layers:
+        prefixes = {s: p for s, p in prefixes.items() if s is not Stack.AUDIO}
     types = list(dict.fromkeys(la.layer_type for la in text_args.layers))
     first = {t: [la.layer_type for la in text_args.layers].index(t) for t in types}
     rows = [(r, {"i": i}) for r in VISION for i in (range(vision_layers) if "{i}" in r.hf else [None])]
+    rows += [(r, {"i": i}) for r in AUDIO for i in (range(audio_layers) if "{i}" in r.hf else [None])]
     rows += [(MERGED, {})] + [(r, {}) for r in TEXT if r.when is None or WHEN[r.when](text_args, None)]
     rows += [(r, {"i": i}) for i in range(text_args.num_layers) for r in LAYER
              if r.when is None or WHEN[r.when](text_args, i)]
     rows += [(r, {"i": first[t], "layer_type": t} if t else {}) for r in TABLES for t in (types if r.per_type else [None])]
-    return [Aligned(prefixes[r.stack] + r.hf.format(**slots), r, slots, tuple(prefixes[s] + n for s, n in r.feeds))
+    return [Aligned(prefixes[r.stack] + r.hf.format(**slots), r, slots,
+                    tuple(prefixes[s] + n for s, n in r.feeds if s in prefixes))
             for r, slots in rows if r.stack in prefixes]
 
 

@@ -36,7 +36,9 @@ class Store:
         if isinstance(x, torch.Tensor):
             key = storage_key(x)
             hit = self._seen.get(key)
-            if hit is None or hit[0]() is not x:  # a freed tensor's address may be reused: check identity
+            # a freed tensor's address may be reused: check identity; a tensor changed in place since it was kept
+            # (HF's audio feed-forward returns its norm's output after ``*=`` and ``+=``) is a new value
+            if hit is None or hit[0]() is not x or hit[2] != _version(x):
                 y = x.detach()
                 if self.offload and y.is_cuda:
                     if self._host is None:
@@ -44,7 +46,7 @@ class Store:
                     y = self._host.put(y)
                 else:
                     y = y.clone()
-                self._seen[key] = (weakref.ref(x), y)
+                self._seen[key] = (weakref.ref(x), y, _version(x))
             return self._seen[key][1]
         if isinstance(x, (tuple, list)):
             return type(x)(self.keep(v) for v in x)
@@ -62,6 +64,14 @@ class Store:
 
     def clear(self) -> None:
         self._seen.clear()
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (None for inference tensors, which keep none)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
 
 
 @dataclass
@@ -131,6 +141,7 @@ class Where:
 
     valid: torch.Tensor
     real: torch.Tensor | None = None
+    audio: torch.Tensor | None = None  # [clips, frames] real audio frames at the audio tower's output rate
 
 
 def first(x):
@@ -280,6 +291,8 @@ _MEASURE = {
     Kind.MERGED: lambda ref, test, w: metrics(ref, test, w.valid),
     Kind.PATCHES: _vision(lambda ref, w: w.real), Kind.VISION_ROPE: _vision(lambda ref, w: w.real),
     Kind.POOLED: _vision(lambda ref, w: ref[1]), Kind.TOKENS: _vision(lambda ref, w: None),
+    Kind.AUDIO_FRAMES: lambda ref, test, w: metrics(ref, test, w.audio),
+    Kind.AUDIO_CONV: lambda ref, test, w: metrics(ref, test, None),
 }
 
 

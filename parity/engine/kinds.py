@@ -138,6 +138,13 @@ class TextKind:
     def vision_layers(self, config) -> int:
         return 0
 
+    def audio_layers(self, config) -> int:
+        return 0
+
+    def audio_frames(self, inputs) -> torch.Tensor | None:
+        """``[clips, frames]`` real audio frames at the audio tower's output rate (None without audio)."""
+        return None
+
     def inputs(self, config, case, seed: int, device: str) -> dict[str, torch.Tensor]:
         from parity.engine.inputs import text_inputs
 
@@ -191,7 +198,8 @@ class TextKind:
 
 class VlmKind(TextKind):
     name = "vlm"
-    prefixes = {Stack.VISION: "model.", Stack.TEXT: "model.language_model.", Stack.ROOT: "", Stack.VLM: ""}
+    prefixes = {Stack.VISION: "model.", Stack.AUDIO: "model.", Stack.TEXT: "model.language_model.", Stack.ROOT: "",
+                Stack.VLM: ""}
 
     def check(self, case) -> None:
         if case.parallel.world_size != 1:
@@ -199,8 +207,9 @@ class VlmKind(TextKind):
                             f"(got tp={case.parallel.tp}, ep={case.parallel.ep})")
 
     def build(self, case, dtype: torch.dtype, device: str, checkpoint: str | None, seed: int):
-        """HF Gemma4ForConditionalGeneration from a VLM builder (random weights: ``tiny_vlm``, ``full_vlm``, ...) or a
-        checkpoint."""
+        """HF Gemma4ForConditionalGeneration from a VLM builder (random weights: ``tiny_vlm``, ``tiny_vlm_audio``,
+        ``full_vlm``, ...) or a checkpoint. HF's audio tower runs eager attention only (its chunked attention has no
+        SDPA path): the other parts keep SDPA."""
         from transformers import Gemma4ForConditionalGeneration
 
         from parity.engine.randomize import randomize_
@@ -217,8 +226,10 @@ class VlmKind(TextKind):
                 raise UserError(f"case {case.name}: model.overrides: {e}") from None
         C.check_supported_vlm(config)
         VisionArgs.from_hf(config)  # refuses vision features the Megatron tower lacks
+        attn = "sdpa" if config.audio_config is None else \
+            {"": "sdpa", "text_config": "sdpa", "vision_config": "sdpa", "audio_config": "eager"}
         with torch.device(device):
-            model = Gemma4ForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+            model = Gemma4ForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
         if checkpoint:
             _fits(*model.load_state_dict(state, strict=False))
         else:
@@ -230,6 +241,15 @@ class VlmKind(TextKind):
 
     def vision_layers(self, config) -> int:
         return config.vision_config.num_hidden_layers
+
+    def audio_layers(self, config) -> int:
+        return config.audio_config.num_hidden_layers if config.audio_config is not None else 0
+
+    def audio_frames(self, inputs) -> torch.Tensor | None:
+        from parity.engine.vlm_inputs import audio_tokens
+
+        mask = inputs.get("input_features_mask")
+        return None if mask is None else audio_tokens(mask.bool())
 
     def inputs(self, config, case, seed: int, device: str) -> dict[str, torch.Tensor]:
         """The case's images (``[h, w]`` per image, per sequence), text around them, right padding. With
@@ -246,8 +266,16 @@ class VlmKind(TextKind):
         runs = DEFAULT_TEXT_RUNS if [len(s) for s in images] == [len(r) - 1 for r in DEFAULT_TEXT_RUNS] else \
             tuple(tuple([5 + 2 * j] + [4] * (len(s) - 1) + [6]) for j, s in enumerate(images))
         runs = [list(r) for r in runs]  # text tokens before, between and after the images of each sequence
+        audio = case.inputs.audio
+        if config.audio_config is None and audio is not None:
+            raise UserError(f"case {case.name}: inputs.audio needs a model with an audio tower")
+        if config.audio_config is not None and audio is None:
+            raise UserError(f"case {case.name}: the model has an audio tower: give inputs.audio (clip durations in "
+                            "ms per sequence)")
+        if case.inputs.padding != "right" and audio is not None:
+            raise UserError(f"case {case.name}: inputs.audio runs with right padding only")
         try:
-            budget = dict(max_soft_tokens=case.inputs.max_soft_tokens)
+            budget = dict(max_soft_tokens=case.inputs.max_soft_tokens, audio_ms=audio)
             inputs = build_vlm_inputs(config, seed=seed, image_sizes=images, text_runs=runs, **budget)
             if n:
                 lengths = inputs["attention_mask"].sum(1).tolist()
@@ -311,7 +339,11 @@ class VlmKind(TextKind):
                 "images": [list(map(list, seq)) for seq in (case.inputs.images or [])], "num_images": int(pos.shape[0]),
                 "soft_tokens_per_image": soft_tokens_per_image(pos, config.vision_config.pooling_kernel_size),
                 "max_soft_tokens": case.inputs.max_soft_tokens,
-                "sliding_window": config.text_config.sliding_window}
+                "sliding_window": config.text_config.sliding_window,
+                **({} if case.inputs.audio is None else {
+                    "audio_ms": [list(seq) for seq in case.inputs.audio],
+                    "audio_frames": inputs["input_features_mask"].sum(1).tolist(),
+                    "audio_soft_tokens": self.audio_frames(inputs).sum(1).tolist()})}
 
 
 class _Streamed(torch.nn.Module):

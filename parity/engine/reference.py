@@ -91,10 +91,11 @@ class Reference:
         host_weights = HostStage(reserve=stage_bytes(model.state_dict().values()), background=True) \
             if case.run.sequential and device == "cuda" else None  # page locking overlaps the forwards and floors
         text_args = TextArgs.from_hf(kind.text_config(config))
-        rows = expand(kind.prefixes, text_args, kind.vision_layers(config))
+        rows = expand(kind.prefixes, text_args, kind.vision_layers(config), kind.audio_layers(config))
         inputs = kind.inputs(config, case, seed, device)
         pos = inputs.get("image_position_ids")
-        where = Where(valid=inputs["attention_mask"].bool(), real=None if pos is None else ~(pos == -1).all(dim=-1))
+        where = Where(valid=inputs["attention_mask"].bool(), real=None if pos is None else ~(pos == -1).all(dim=-1),
+                      audio=kind.audio_frames(inputs))
         store = Store(offload=case.run.offload)
         timings = {"hf_forward_s": timed(lambda: kind.forward(model, inputs), device)}
         with prog.phase("hf_forward"):

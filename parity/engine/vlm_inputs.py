@@ -12,6 +12,14 @@ The real image processor needs torchvision or Pillow; it is followed step by ste
 5. pad every image to ``max_patches`` rows: pixels 0, positions (-1, -1).
 Text follows ``Gemma4Processor.replace_image_token``: each image becomes ``BOI, IMAGE * n_soft, EOI``;
 ``mm_token_type_ids`` is 1 on image tokens only (BOI/EOI are text). Sequences are right-padded.
+
+Audio (a config with an ``audio_config``): each clip is a seeded synthetic waveform (a few tones with noise,
+16 kHz) of the case's duration, run through HF's own ``Gemma4AudioFeatureExtractor`` (numpy only: padding to
+the longest clip rounded up to 128 samples, semicausal STFT framing, 128 log-mel bins, the frame mask, padded
+frames zeroed) -- raw inputs both sides share. Text follows ``Gemma4Processor.replace_audio_token``: each clip
+becomes ``BOA, AUDIO * n, EOA`` after the sequence's images, ``n`` the real frames left after the two
+stride-2 blocks the processor simulates on the mask; ``mm_token_type_ids`` is 3 on audio tokens (the
+processor's ``create_mm_token_type_ids``).
 """
 from __future__ import annotations
 
@@ -25,6 +33,32 @@ DEFAULT_IMAGE_SIZES = (((60, 90), (90, 45)), ((50, 50),))
 # Text tokens before the first image, between images and after the last one, per sequence.
 DEFAULT_TEXT_RUNS = ((5, 4, 6), (7, 9))
 DEFAULT_MAX_SOFT_TOKENS = 70  # one of HF's supported values (70, 140, 280, 560, 1120)
+SAMPLING_RATE = 16_000  # Gemma4AudioFeatureExtractor's default
+
+
+def audio_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """``[A, T]`` frame mask -> the real frames after the two stride-2 subsampling blocks, as
+    ``Gemma4Processor.replace_audio_token`` simulates them (each keeps every other frame)."""
+    for _ in range(2):
+        mask = mask[:, ::2]
+    return mask
+
+
+def process_audio(durations_ms: list[int], seed: int) -> dict[str, torch.Tensor]:
+    """Seeded synthetic clips of ``durations_ms`` -> HF's feature extractor -> ``input_features [A, T, 128]``
+    (float32) and ``input_features_mask [A, T]`` (bool)."""
+    import numpy as np
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
+
+    rng = np.random.default_rng(seed)
+    clips = []
+    for ms in durations_ms:
+        t = np.arange(ms * SAMPLING_RATE // 1000) / SAMPLING_RATE
+        tones = sum(rng.uniform(0.05, 0.3) * np.sin(2 * np.pi * rng.uniform(80, 4000) * t + rng.uniform(0, 6.3))
+                    for _ in range(4))
+        clips.append((tones + 0.02 * rng.standard_normal(t.shape)).astype(np.float32))
+    out = Gemma4AudioFeatureExtractor()(clips, sampling_rate=SAMPLING_RATE, return_tensors="pt")
+    return dict(input_features=out["input_features"].float(), input_features_mask=out["input_features_mask"].bool())
 
 
 def aspect_ratio_preserving_size(height: int, width: int, patch_size: int, max_patches: int,
@@ -77,10 +111,12 @@ def process_images(images: list[torch.Tensor], *, patch_size: int, pooling_kerne
 
 
 def build_vlm_inputs(config: Any, *, seed: int = 0, image_sizes=DEFAULT_IMAGE_SIZES,
-                     text_runs=DEFAULT_TEXT_RUNS, max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS) -> dict[str, torch.Tensor]:
+                     text_runs=DEFAULT_TEXT_RUNS, max_soft_tokens: int = DEFAULT_MAX_SOFT_TOKENS,
+                     audio_ms=None) -> dict[str, torch.Tensor]:
     """Raw inputs for an HF ``Gemma4Config``: ``input_ids``, ``attention_mask`` (2-D, 1 = real token),
-    ``position_ids``, ``mm_token_type_ids``, ``pixel_values`` (float32), ``image_position_ids``.
-    Images of all sequences are flattened in order (sequence 0's first)."""
+    ``position_ids``, ``mm_token_type_ids``, ``pixel_values`` (float32), ``image_position_ids``; with
+    ``audio_ms`` (clip durations per sequence) ``input_features`` and ``input_features_mask`` too. Images and
+    clips of all sequences are flattened in order (sequence 0's first)."""
     vision, text = config.vision_config, config.text_config
     p, k = vision.patch_size, vision.pooling_kernel_size
     gen = torch.Generator().manual_seed(seed)
@@ -97,14 +133,21 @@ def build_vlm_inputs(config: Any, *, seed: int = 0, image_sizes=DEFAULT_IMAGE_SI
                config.boa_token_id, config.audio_token_id, text.vocab_size]
     lo, hi = max(text.pad_token_id, text.bos_token_id, text.eos_token_id) + 1, min(t for t in special if t is not None)
     soft = iter(processed["num_soft_tokens_per_image"])
+    audio = None
+    if audio_ms is not None:
+        audio = process_audio([ms for clips in audio_ms for ms in clips], seed)
+        audio_soft = iter(audio_tokens(audio["input_features_mask"]).sum(dim=1).tolist())
     rows = []
-    for sizes, runs in zip(image_sizes, text_runs):
+    for b, (sizes, runs) in enumerate(zip(image_sizes, text_runs)):
         assert len(runs) == len(sizes) + 1, "one text run before, between and after the images"
         ids = [text.bos_token_id]
         for j, run in enumerate(runs):
             ids += torch.randint(lo, hi, (run,), generator=gen).tolist()
             if j < len(sizes):
                 ids += [config.boi_token_id] + [config.image_token_id] * next(soft) + [config.eoi_token_id]
+            if j == len(sizes) - 1 and audio_ms is not None:  # the clips after the last image
+                for _ in audio_ms[b]:
+                    ids += [config.boa_token_id] + [config.audio_token_id] * next(audio_soft) + [config.eoa_token_index]
         rows.append(ids)
 
     seq = max(len(r) for r in rows)
@@ -113,11 +156,15 @@ def build_vlm_inputs(config: Any, *, seed: int = 0, image_sizes=DEFAULT_IMAGE_SI
     for b, r in enumerate(rows):
         input_ids[b, : len(r)] = torch.tensor(r)
         attention_mask[b, : len(r)] = 1
+    mm = (input_ids == config.image_token_id).long()
+    if audio is not None:
+        mm = mm + 3 * (input_ids == config.audio_token_id).long()
     return dict(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=torch.arange(seq).expand(len(rows), seq).clone(),
-        mm_token_type_ids=(input_ids == config.image_token_id).long(),
+        mm_token_type_ids=mm,
         pixel_values=processed["pixel_values"],
         image_position_ids=processed["image_position_ids"],
+        **(audio or {}),
     )

@@ -121,7 +121,7 @@ WHAT = {"isolated": "each module fed HF's captured inputs: the error it adds its
 def section(results: dict) -> str:
     parts = []
     for mode in modes_of(results):
-        maps = [(g, heatmap(results, g, mode)) for g in ("text", "vision")]
+        maps = [(g, heatmap(results, g, mode)) for g in ("text", "vision", "audio")]
         maps = [(g, h) for g, h in maps if h]
         if not maps:
             continue
@@ -129,7 +129,7 @@ def section(results: dict) -> str:
         count = f'<span class="red">{bad} failing</span>' if bad else '<span class="green">all within gate</span>'
         parts.append(f'<h3 class="heatmode" id="heatmap-{_e(mode)}">{_e(label(mode))} · {count}'
                      f'<span class="sub">{_e(WHAT.get(mode, ""))}</span></h3>'
-                     + "".join(h if g == "text" else '<div class="muted" style="margin:4px 0 0">vision encoder</div>'
+                     + "".join(h if g == "text" else f'<div class="muted" style="margin:4px 0 0">{g} encoder</div>'
                                + h for g, h in maps))
     if not parts:
         return ""

@@ -500,10 +500,10 @@ def _modules_section(results: dict) -> str:
     def order(label: str) -> tuple:
         members = groups[label]
         layers = [S.layer_of(m) for m in members if S.layer_of(m) is not None]
-        vision_last = S.group_of(members[0]) != "vision"  # vision tower first: it runs first
+        tower = {"vision": 0, "audio": 1}.get(S.group_of(members[0]), 2)  # vision tower, audio tower, text: run order
         if not layers:  # embeddings before the layers, the final norm and logits after
-            return (vision_last, 0 if label.endswith("before the layers") else 2, 0)
-        return (vision_last, 1, min(layers))
+            return (tower, 0 if label.endswith("before the layers") else 2, 0)
+        return (tower, 1, min(layers))
 
     fd_row = first_divergence_row(results)
     trs, i = [], 0

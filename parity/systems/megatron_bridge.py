@@ -17,7 +17,7 @@ from torch import nn
 
 from parity import megatron_env
 from parity.config import TextArgs
-from parity.engine.alignment import VISION, Aligned, Kind, Stack
+from parity.engine.alignment import AUDIO, VISION, Aligned, Kind, Stack
 from parity.engine.compare import value
 from parity.engine.system import Elsewhere, GradTap, Replay, call_arg, hf_routing
 from parity.errors import UserError
@@ -114,7 +114,16 @@ def _names(moe: bool, vlm: bool) -> dict[str, str | Elsewhere]:
         # its VLM calls ``language_model.forward`` directly (no hooks fire there): its decoder's input it is
         out["merged_embeddings"] = LM_VLM + "decoder" + INPUT
         out.update({r.hf: r.hf for r in VISION})  # HF's own modules, same paths inside the bridge's model
+        out.update({r.hf: r.hf for r in AUDIO})  # HF's own audio tower; embed_audio is the bridge's own fallback
+        out["embed_audio.embedding_pre_projection_norm"] = Elsewhere("embed_audio", AUDIO_EMBEDDER_NOTE)
     return out
+
+
+# Megatron-Bridge 0.6.2 imports ``Gemma4AudioEmbedder``, which transformers 5.24 does not have (its embedder is
+# ``Gemma4MultimodalEmbedder``), and falls back to its own ``_SimpleAudioEmbedder`` (the norm inline, no submodule)
+AUDIO_EMBEDDER_NOTE = ("the bridge's fallback _SimpleAudioEmbedder (transformers 5.24 has no Gemma4AudioEmbedder) "
+                       "normalises inline")
+SHARED_AUDIO = frozenset(r.hf for r in AUDIO if r.hf.startswith("audio_tower"))  # HF's own modules
 
 
 class MegatronBridgeSystem:
@@ -129,7 +138,7 @@ class MegatronBridgeSystem:
             raise UserError(f"--system megatron-bridge: {why}")
         self.version = mbridge.version()
         self.substituted: list[dict] = []
-        self.shared = frozenset(r.hf for r in VISION)
+        self.shared = frozenset(r.hf for r in VISION) | SHARED_AUDIO
         self.replays: dict[str, Replay] = {}
         self.lora = None  # its LoRA config once ``load_adapters`` has put adapters on
 
@@ -253,7 +262,9 @@ class MegatronBridgeSystem:
     def forward(self, inputs: dict) -> torch.Tensor:
         from parity.mbridge import model as MB
 
-        vision = {k: inputs[k] for k in ("pixel_values", "image_position_ids") if k in inputs} if self.vlm else {}
+        # its VLM's forward takes ``input_features`` but no ``input_features_mask`` (finding A1): it gets what it takes
+        keys = ("pixel_values", "image_position_ids", "input_features")
+        vision = {k: inputs[k] for k in keys if k in inputs} if self.vlm else {}
         return MB.forward(self.bm, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], **vision)
 
     def module(self, name: str) -> nn.Module | None:
@@ -318,7 +329,7 @@ class MegatronBridgeSystem:
 
     def output(self, a: Aligned, out: Any, module: nn.Module) -> Any:
         """A hooked output (or the hooked module's input) in ``[s, b, ...]`` -> HF layout."""
-        if a.row.stack is Stack.VISION:
+        if a.row.stack in (Stack.VISION, Stack.AUDIO):
             return value(a.row.kind, out)
         x = self._inputs[id(module)] if self._is_input(a) else out
         return self._router(x) if a.row.kind is Kind.ROUTER else self._layout(a, first(x))
@@ -345,8 +356,11 @@ class MegatronBridgeSystem:
         whose run yields the row's value as the observed module's input, or a norm the layer applies as a
         function of its weight (``_planned``); every other row its kind's handler (``_REPLAY``)."""
         kind = a.row.kind
-        if a.row.stack is Stack.VISION:  # HF's own module on HF's own inputs
+        if a.row.stack is Stack.VISION or a.row.name_key in SHARED_AUDIO:  # HF's own module on HF's own inputs
             return value(kind, module(*call.args, **call.kwargs))
+        if a.row.stack is Stack.AUDIO:  # its own embed_audio (and its projection) on HF's input
+            x = call.args[0] if call.args else call.kwargs["inputs_embeds"]
+            return value(kind, module(x.to(self.device)))
         planned = None if kind in (Kind.LOGITS, Kind.MERGED) else self._planned(a)
         handler = planned or self._REPLAY.get(kind)
         return None if handler is None else handler(self, a, module, call)

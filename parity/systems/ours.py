@@ -62,8 +62,35 @@ VISION = {
     "embed_vision.embedding_projection": "vision.embed_vision.linear_proj",
     "merged_embeddings": "image_scatter", "vision_masks": "vision.masks[encoder]",
 }
+_AL, _AM = "audio_tower.layers.{i}", "audio.audio_model.layers.{i}"
+_AUDIO_LINEARS = {  # HF clippable linear -> ours, under a conformer layer (each has its bare ``.linear``)
+    **{f"feed_forward{f}.{hf}": f"feed_forward{f}.{mc}" for f in (1, 2)
+       for hf, mc in (("ffw_layer_1", "linear_fc1"), ("ffw_layer_2", "linear_fc2"))},
+    "self_attn.q_proj": "self_attention.linear_q", "self_attn.k_proj": "self_attention.linear_k",
+    "self_attn.v_proj": "self_attention.linear_v", "self_attn.post": "self_attention.linear_proj",
+    "lconv1d.linear_start": "lconv.linear_start", "lconv1d.linear_end": "lconv.linear_end"}
+_SUB, _SUBM = "audio_tower.subsample_conv_projection", "audio.audio_model.subsample"
+AUDIO = {
+    "audio_tower": "audio.audio_model", _SUB: _SUBM,
+    **{f"{_SUB}.layer{j}{p}": f"{_SUBM}.layer{j}{p}" for j in (0, 1) for p in ("", ".conv", ".norm")},
+    f"{_SUB}.input_proj_linear": f"{_SUBM}.input_proj", "audio_tower.rel_pos_enc": "audio.audio_model.rel_pos",
+    **{f"{_AL}{hf}": f"{_AM}{mc}" for hf, mc in (
+        ("", ""), *((f".{hf}", f".{mc}") for hf, mc in _AUDIO_LINEARS.items()),
+        *((f".{hf}.linear", f".{mc}.linear") for hf, mc in _AUDIO_LINEARS.items()),
+        *((f".feed_forward{f}{hf}", f".feed_forward{f}{mc}") for f in (1, 2) for hf, mc in (
+            ("", ""), (".pre_layer_norm", ".pre_norm"), (".post_layer_norm", ".post_norm"))),
+        (".norm_pre_attn", ".pre_attn_norm"), (".self_attn", ".self_attention"),
+        (".self_attn.relative_k_proj", ".self_attention.linear_pos"), (".norm_post_attn", ".post_attn_norm"),
+        (".lconv1d", ".lconv"), (".lconv1d.pre_layer_norm", ".lconv.pre_norm"),
+        (".lconv1d.depthwise_conv1d", ".lconv.depthwise_conv"), (".lconv1d.conv_norm", ".lconv.conv_norm"),
+        (".norm_out", ".out_norm"))},
+    "audio_tower.output_proj": "audio.audio_model.output_proj", "embed_audio": "audio.embed_audio",
+    "embed_audio.embedding_pre_projection_norm": "audio.embed_audio.pre_projection_norm",
+    "embed_audio.embedding_projection": "audio.embed_audio.linear_proj",
+    "merged_embeddings": "audio_scatter",  # with an audio tower the merge ends with the audio scatter
+}
 TABLES = {"logits": "logits", "rotary_emb": "rotary_tables[{layer_type}]", "masks": "masks[{layer_type}]"}
-TEXT_MC, VISION_MC = "language_model.", "vision."
+TEXT_MC, VISION_MC, AUDIO_MC = "language_model.", "vision.", "audio."
 
 
 def _main_input(call) -> torch.Tensor:
@@ -127,15 +154,19 @@ class ParitySystem:
             self.args = TextArgs.from_hf(hf_config)
             self.model = self.lm = text.Gemma4Model(self.args, dtype=dtype, device=device).eval()
         prefix = TEXT_MC if self.vlm else ""
-        self.names = {**{k: prefix + v for k, v in LM.items()}, **TABLES, **(VISION if self.vlm else {})}
+        self.audio = self.vlm and self.model.audio_args is not None
+        self.names = {**{k: prefix + v for k, v in LM.items()}, **TABLES, **(VISION if self.vlm else {}),
+                      **(AUDIO if self.audio else {})}
         self._modules = dict(self.model.named_modules())
 
     def load(self, hf_state, folder=None) -> None:  # our import is parity.bridge.io's: ``hf_state`` is its output
-        from parity.bridge import convert, vision
+        from parity.bridge import audio, convert, vision
 
-        if self.vlm:  # HF VLM state dict -> text and vision bridges, every key accounted for
+        if self.vlm:  # HF VLM state dict -> text, vision and audio bridges, every key accounted for
             state = {TEXT_MC + k: v for k, v in convert.hf_to_megatron(hf_state, self.args).items()}
             state.update({VISION_MC + k: v for k, v in vision.hf_to_megatron_vision(hf_state, "model.").items()})
+            if self.audio:
+                state.update({AUDIO_MC + k: v for k, v in audio.hf_to_megatron_audio(hf_state, "model.").items()})
             return load_streamed(self.model, state.items())
         rk = megatron_env.ranks()
         load_streamed(self.model, convert.iter_hf_to_megatron(
@@ -149,7 +180,7 @@ class ParitySystem:
 
     def _export(self, sd: dict):
         """A Megatron state dict (its own names) -> HF (key, tensor) pairs."""
-        from parity.bridge import convert, vision
+        from parity.bridge import audio, convert, vision
 
         if not self.vlm:
             world = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
@@ -159,8 +190,11 @@ class ParitySystem:
         yield from convert.megatron_to_hf(text, self.args, arch="Gemma4ForConditionalGeneration").items()
         yield from vision.megatron_to_hf_vision({k[len(VISION_MC):]: v for k, v in sd.items()
                                                  if k.startswith(VISION_MC)}, "model.").items()
+        if self.audio:
+            yield from audio.megatron_to_hf_audio({k[len(AUDIO_MC):]: v for k, v in sd.items()
+                                                   if k.startswith(AUDIO_MC)}, "model.").items()
         for k in sd:  # nothing else should carry weights; surfaces as "unexpected key" in the round trip
-            if not k.startswith((TEXT_MC, VISION_MC)):
+            if not k.startswith((TEXT_MC, VISION_MC) + ((AUDIO_MC,) if self.audio else ())):
                 yield f"<megatron>{k}", sd[k]
 
     # -- LoRA --------------------------------------------------------------------------------------
@@ -266,11 +300,19 @@ class ParitySystem:
                 self.vcos, self.vsin = self.model.vision.vision_model.encoder.rotary_emb(
                     torch.empty(0, dtype=self.dtype, device=pos.device), pos)
             self.vmask = (~self.padding)[:, None, None, :]
+        if self.audio:  # its own frame masks per subsampling rate, relative positions and blocked mask
+            from parity.models.audio import blocked_attention_mask
+
+            tower = self.model.audio.audio_model
+            self.amasks = tower.subsample.masks(inputs["input_features_mask"].bool())
+            with torch.no_grad():
+                self.apos = tower.rel_pos(torch.empty(0, dtype=self.dtype, device=self.device))
+            self.amask = blocked_attention_mask(self.amasks[-1], self.model.audio_args)
 
     def forward(self, inputs: dict) -> torch.Tensor:
         if self.vlm:
             keys = ("input_ids", "pixel_values", "image_position_ids", "attention_mask", "position_ids",
-                    "mm_token_type_ids")
+                    "mm_token_type_ids") + (("input_features", "input_features_mask") if self.audio else ())
             return self.model(**{k: inputs[k] for k in keys})
         return self.model(input_ids=inputs["input_ids"], position_ids=inputs["position_ids"],
                           padding_mask=inputs["attention_mask"])
@@ -341,6 +383,11 @@ class ParitySystem:
         yield from convert.iter_megatron_to_hf(text, self.args, arch="Gemma4ForConditionalGeneration", grads=True)
         yield from vision.megatron_to_hf_vision({k[len(VISION_MC):]: v for k, v in sd.items()
                                                  if k.startswith(VISION_MC)}, "model.").items()  # renames only
+        if self.audio:
+            from parity.bridge import audio
+
+            yield from audio.megatron_to_hf_audio({k[len(AUDIO_MC):]: v for k, v in sd.items()
+                                                   if k.startswith(AUDIO_MC)}, "model.").items()
 
     @contextmanager
     def fp32(self, path: str):
@@ -371,7 +418,7 @@ class ParitySystem:
 
     def output(self, a: Aligned, out: Any, module: nn.Module) -> Any:
         """A hooked output (``[s, b, ...]``, TP shards) -> HF layout."""
-        if a.row.stack is Stack.VISION:
+        if a.row.stack in (Stack.VISION, Stack.AUDIO):
             return value(a.row.kind, out)
         return self._OUTPUT.get(a.row.kind, ParitySystem._out_layout)(self, a, out, module)
 
@@ -382,7 +429,7 @@ class ParitySystem:
 
     def input_layout(self, a: Aligned, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
         """Its vision tower's inputs are HF's layout already (batch-first); the text model's are ``[s, b, ...]``."""
-        return x if a.row.stack is Stack.VISION else input_to_hf(a, x, self.b, self.s, module)
+        return x if a.row.stack in (Stack.VISION, Stack.AUDIO) else input_to_hf(a, x, self.b, self.s, module)
 
     def _out_as_is(self, a: Aligned, out: Any, module: nn.Module) -> Any:
         """Its embedding, logits and image scatter: batch-first and whole already."""
@@ -409,15 +456,22 @@ class ParitySystem:
         """``module`` on ``call``'s inputs in HF layout (for rows with ``feeds``: on those modules' outputs)."""
         if a.row.stack is Stack.VISION:
             return value(a.row.kind, self._vision_replay(module, _main_input(call).to(self.device)))
+        if a.row.stack is Stack.AUDIO:
+            return value(a.row.kind, self._audio_replay(module, _main_input(call).to(self.device)))
         handler = self._REPLAY.get(a.row.kind)
         if handler is None:
             raise ValueError(f"no replay for kind {a.row.kind}")
         return handler(self, a, module, call)
 
     def _replay_merged(self, a: Aligned, module, call) -> torch.Tensor:
-        """The scatter of HF's captured text embeddings and image features."""
-        emb, feats = (t.to(self.device) for t in call.args)
-        return self.model.image_scatter(emb, feats, self.inputs["input_ids"] == self.model.image_token_id)
+        """The scatter of HF's captured text embeddings and image features, then (with an audio tower) of HF's
+        captured ``embed_audio`` output at its own real frames."""
+        emb, feats, *audio = (t.to(self.device) for t in call.args)
+        ids = self.inputs["input_ids"]
+        merged = self.model.image_scatter(emb, feats, ids == self.model.image_token_id)
+        if audio:
+            merged = self.model.audio_scatter(merged, audio[0][self.amasks[-1]], ids == self.model.audio_token_id)
+        return merged
 
     def _replay_logits(self, a: Aligned, module, call) -> torch.Tensor:  # lm_head + softcap on HF's final norm
         return self.lm.output_logits(sb(call.args[0].to(self.device)))
@@ -499,6 +553,19 @@ class ParitySystem:
             return module(x, pos, pad)
         if isinstance(module, (V.VisionEncoderLayer, V.VisionSelfAttention)):
             return module(x, self.vcos, self.vsin, self.vmask)
+        return module(x)
+
+    def _audio_replay(self, module: nn.Module, x: torch.Tensor) -> Any:
+        """An audio module on HF's captured input, with its own frame masks, relative positions and blocked mask."""
+        from parity.models import audio as A
+
+        sub = self.model.audio.audio_model.subsample
+        if isinstance(module, (A.AudioModel, A.AudioSubsample)):
+            return module(x, self.amasks[0])
+        if isinstance(module, A.AudioSubsampleBlock):
+            return module(x, self.amasks[0 if module is sub.layer0 else 1])
+        if isinstance(module, (A.AudioConformerLayer, A.AudioChunkedAttention)):
+            return module(x, self.apos, self.amask)
         return module(x)
 
 

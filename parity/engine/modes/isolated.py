@@ -2,7 +2,7 @@
 and RoPE are the system's own), inline steps on the captured outputs of the modules that feed them.
 
 Floors: each HF module in fp32 on its own (upcast) captured inputs; inline steps (lm_head + softcap, the
-image scatter) as HF computes them, on the upcast outputs of the modules that feed them (the text logits
+image and audio scatters) as HF computes them, on the upcast outputs of the modules that feed them (the text logits
 through HF's own forward: the model kind's ``head_fp32``).
 """
 from __future__ import annotations
@@ -66,10 +66,13 @@ def floors(ref, prog) -> dict[str, float]:
                 continue
             head = lambda x: first(fp32_module(modules["lm_head"], Call((x,), {}, None, 0), device))  # noqa: E731
             out32 = ref.kind.head_fp32(hf_model, first(feeds[0].output).to(device).float(), ref.inputs, head)
-        elif kind is Kind.MERGED:
-            emb, feats = (first(f.output).float() for f in feeds)
-            mask = (ref.inputs["input_ids"] == ref.config.image_token_id)[..., None].expand_as(emb)
-            out32 = emb.masked_scatter(mask, feats)
+        elif kind is Kind.MERGED:  # HF's inline merge: the image scatter, then the audio one at the real frames
+            emb, feats, *audio = (first(f.output).float() for f in feeds)
+            ids = ref.inputs["input_ids"]
+            out32 = emb.masked_scatter((ids == ref.config.image_token_id)[..., None].expand_as(emb), feats)
+            if audio:
+                out32 = out32.masked_scatter((ids == ref.config.audio_token_id)[..., None].expand_as(emb),
+                                             audio[0][ref.where.audio.to(audio[0].device)])
         else:
             try:
                 out32 = fp32_module(modules[a.hf], call, device)
