@@ -153,18 +153,6 @@ def check_supported(config: Any) -> None:
         raise UnsupportedConfig("unsupported Gemma 4 feature(s): " + ", ".join(problems))
 
 
-def check_supported_vlm(config: Any) -> None:
-    """The text part's refusals, then the audio tower's (``parity.vlm_config.check_supported_audio``)."""
-    if getattr(config.text_config, "hidden_size_per_layer_input", 0):
-        raise UnsupportedConfig("unsupported Gemma 4 feature(s): per-layer embeddings in the vision-language model "
-                                "(hidden_size_per_layer_input > 0 with a vision tower)")
-    check_supported(config.text_config)
-    if getattr(config, "audio_config", None) is not None:
-        from parity.vlm_config import check_supported_audio
-
-        check_supported_audio(config.audio_config)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Shapes used by the cases. Always built explicitly: Gemma4TextConfig() defaults are not 26B-A4B.
 

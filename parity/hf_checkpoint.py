@@ -19,7 +19,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from parity.config import check_supported, check_supported_vlm
+from parity.config import check_supported
+from parity.vlm_config import check_supported_vlm
 from parity.errors import UserError
 
 CONFIG_NAME = "config.json"

@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from parity.config import UnsupportedConfig, full_text_config_kwargs, g31b_tiny_config_kwargs, text_config_kwargs
+from parity.config import (UnsupportedConfig, check_supported, full_text_config_kwargs, g31b_tiny_config_kwargs,
+                           text_config_kwargs)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,16 @@ def check_supported_audio(audio: Any) -> None:
                         "// 2 == left - 1)")
     if problems:
         raise UnsupportedConfig("unsupported Gemma 4 feature(s): " + ", ".join(problems))
+
+
+def check_supported_vlm(config: Any) -> None:
+    """The text part's refusals, then the audio tower's (``check_supported_audio``)."""
+    if getattr(config.text_config, "hidden_size_per_layer_input", 0):
+        raise UnsupportedConfig("unsupported Gemma 4 feature(s): per-layer embeddings in the vision-language model "
+                                "(hidden_size_per_layer_input > 0 with a vision tower)")
+    check_supported(config.text_config)
+    if getattr(config, "audio_config", None) is not None:
+        check_supported_audio(config.audio_config)
 
 
 def check_supported_vision(vision: Any) -> None:

@@ -213,7 +213,7 @@ class VlmKind(TextKind):
         from transformers import Gemma4ForConditionalGeneration
 
         from parity.engine.randomize import randomize_
-        from parity.vlm_config import VLM_BUILDERS, VisionArgs, make_vlm_config
+        from parity.vlm_config import VLM_BUILDERS, VisionArgs, check_supported_vlm, make_vlm_config
 
         if checkpoint:
             config, state = _from_checkpoint(checkpoint, dtype, device, case, "Gemma4ForConditionalGeneration")
@@ -224,7 +224,7 @@ class VlmKind(TextKind):
                 config = make_vlm_config(VLM_BUILDERS[case.model.builder](**case.model.overrides))
             except TypeError as e:
                 raise UserError(f"case {case.name}: model.overrides: {e}") from None
-        C.check_supported_vlm(config)
+        check_supported_vlm(config)
         VisionArgs.from_hf(config)  # refuses vision features the Megatron tower lacks
         attn = "sdpa" if config.audio_config is None else \
             {"": "sdpa", "text_config": "sdpa", "vision_config": "sdpa", "audio_config": "eager"}
