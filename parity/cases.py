@@ -16,7 +16,7 @@ Schema (fields without a default are required)::
     seed = 0
     markers = ["cpu"]                    # default []; of cpu, gpu, multigpu, slow, checkpoint
     [model]
-    builder = "tiny_text"                # "tiny_text" | "full_text" | "tiny_vlm" | "tiny_vlm_audio" | "full_vlm" | "checkpoint"
+    builder = "tiny_text"                # "tiny_text" | "full_text" | "e2b_tiny" | "e4b_tiny" | "31b_tiny" | "full_e4b" | "full_31b" | "tiny_vlm" | "tiny_vlm_audio" | "full_vlm" | "31b_vlm_tiny" | "checkpoint"
     overrides = { enable_moe_block = false }   # default {}: keyword arguments for the builder
     checkpoint_env = "GEMMA4_CHECKPOINT" # builder "checkpoint" only (and required there)
     [inputs]
@@ -48,6 +48,12 @@ Schema (fields without a default are required)::
     weight_decay = 0.0
     clip_grad = 1.0                      # default none: global grad-norm clipping
     [train.overrides]                    # default {}: a system default a case changes -> the stated reason
+    [lora]                               # optional: a LoRA case (adapters on both sides; the lora mode runs)
+    targets = ["q_proj", "o_proj"]       # HF module names of the text decoder adapted (peft's target_modules)
+    r = 8                                # rank
+    alpha = 16                           # peft lora_alpha / Megatron-Bridge alpha: scale alpha / r
+    dropout = 0.1                        # default 0: LoRA dropout (identity in evaluation)
+    seed = 1                             # default 0: the random non-zero A and B
     [gates]
     exact = ["model.embed_tokens"]       # default []: HF module names or kinds gated bit-exactly
     [gates.float32]
@@ -79,9 +85,9 @@ from typing import Any, Iterator
 from parity.errors import CaseError, UserError
 
 KINDS = ("text", "vlm")
-BUILDERS = {"tiny_text": ("text",), "full_text": ("text",), "tiny_vlm": ("vlm",), "full_vlm": ("vlm",),
-            "tiny_vlm_audio": ("vlm",),
-            "checkpoint": ("text", "vlm")}
+BUILDERS = {"tiny_text": ("text",), "full_text": ("text",), "e2b_tiny": ("text",), "e4b_tiny": ("text",),
+            "31b_tiny": ("text",), "full_e4b": ("text",), "full_31b": ("text",), "tiny_vlm": ("vlm",),
+            "full_vlm": ("vlm",), "tiny_vlm_audio": ("vlm",), "31b_vlm_tiny": ("vlm",), "checkpoint": ("text", "vlm")}
 SOFT_TOKENS = (70, 140, 280, 560, 1120)  # the image token budgets HF's Gemma 4 image processor supports
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16")
@@ -188,6 +194,22 @@ class TrainSpec(_Section):
     overrides: FrozenDict = field(default_factory=FrozenDict)  # a system default changed -> the stated reason
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSpec(_Section):
+    targets: tuple[str, ...]
+    r: int
+    alpha: float
+    dropout: float = 0.0
+    seed: int = 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
 @dataclass(frozen=True)
 class BFloat16Gates(_Section):
     floor_multiplier: float
@@ -230,6 +252,7 @@ class Case:
     markers: tuple[str, ...] = ()
     system: SystemSpec = SystemSpec()
     train: TrainSpec | None = None
+    lora: LoraSpec | None = None
     expected_failures: FrozenDict = field(default_factory=FrozenDict)  # check -> the finding that fails it
     path: Path | None = field(default=None, compare=False)
 
@@ -491,8 +514,9 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
     r.done()
 
     train = _train(top) if top.has("train") else None
+    lora = _lora(top) if top.has("lora") else None
     x = top.sub("expected_failures")
-    known = ("logits", "modules", "router", "roundtrip", "gradients", "step")
+    known = ("logits", "modules", "router", "roundtrip", "gradients", "step", "lora")
     expected = {}
     for check in list(x.table):
         if check not in known:
@@ -518,7 +542,7 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
     g.done()
     top.done()
     return Case(name=name, description=description, kind=kind, model=model, devices=devices, dtype=dtype, seed=seed,
-                inputs=inputs, parallel=parallel, run=run, gates=gates, markers=markers, system=system, train=train,
+                inputs=inputs, parallel=parallel, run=run, gates=gates, markers=markers, system=system, train=train, lora=lora,
                 expected_failures=FrozenDict(expected), path=path)
 
 
@@ -541,6 +565,18 @@ def _train(top: _Reader) -> TrainSpec:
     ov.done()
     t.done()
     return TrainSpec(optimizer=opt, labels=labels, steps=steps, overrides=FrozenDict(overrides))
+
+
+def _lora(top: _Reader) -> LoraSpec:
+    t = top.sub("lora")
+    targets = t.str_list("targets", choices=LORA_TARGETS, nonempty=True)
+    dropout = t.float_("dropout") if t.has("dropout") else 0.0
+    if not 0 <= dropout < 1:
+        t.fail("dropout", f"must be in [0, 1), got {dropout}")
+    spec = LoraSpec(targets=tuple(targets), r=t.int_("r", minimum=1), alpha=t.float_("alpha", positive=True),
+                    dropout=dropout, seed=t.int_("seed", default=0))
+    t.done()
+    return spec
 
 
 def _images(reader: _Reader, raw: Any) -> tuple:

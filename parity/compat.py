@@ -99,22 +99,67 @@ def _typing_override_on_311() -> None:
         typing.override = override  # type: ignore[attr-defined]
 
 
+class _TEOnly:
+    """A Transformer Engine class that only TE can provide: a type for ``isinstance`` and annotations, never built."""
+
+    def __init__(self, *args, **kwargs):
+        raise RuntimeError(f"{type(self).__name__} needs Transformer Engine (not installed here)")
+
+
+def te_pytorch_standin() -> types.ModuleType:
+    """The names of ``transformer_engine.pytorch`` that Megatron-Bridge's ``peft/lora_layers.py`` reads: ``Linear``,
+    ``LayerNormLinear`` (``isinstance`` checks) and ``ops.Sequential`` (return annotations); each refuses to be built."""
+    te = types.ModuleType("transformer_engine.pytorch")
+    te.Linear = type("Linear", (_TEOnly,), {})
+    te.LayerNormLinear = type("LayerNormLinear", (_TEOnly,), {})
+    te.ops = types.SimpleNamespace(Sequential=type("Sequential", (_TEOnly,), {}))
+    return te
+
+
 def _bridge_lora_layers_without_te() -> None:
-    # megatron/bridge/peft/lora_layers.py imports transformer_engine.pytorch unguarded (reached from the
-    # weight mapping through peft_bridge -> canonical_lora); LoRA is never used here: its classes refuse.
+    # megatron/bridge/peft/lora_layers.py imports transformer_engine.pytorch unguarded; its LoRA classes use it only
+    # in the op-fuser path (TEFusedLoRALinear, off without TE): import the real module with a TE stand-in bound
+    # during that one import only, so that megatron-core never sees TE as installed.
+    import importlib
     import importlib.util
 
     name = "megatron.bridge.peft.lora_layers"
     if name in sys.modules or importlib.util.find_spec("transformer_engine") is not None:
         return
-    stub = types.ModuleType(name)
+    for dep in ("megatron.core.transformer.moe.moe_utils", "megatron.bridge.peft.adapter_wrapper",
+                "megatron.bridge.peft.lora_merge"):
+        importlib.import_module(dep)
+    te = te_pytorch_standin()
+    sys.modules["transformer_engine"] = types.ModuleType("transformer_engine")
+    sys.modules["transformer_engine"].pytorch = te
+    sys.modules["transformer_engine.pytorch"] = te
+    try:
+        importlib.import_module(name)
+    finally:
+        del sys.modules["transformer_engine"], sys.modules["transformer_engine.pytorch"]
 
-    def _refuse(self, *args, **kwargs):
-        raise RuntimeError("Megatron-Bridge LoRA layers need Transformer Engine")
 
-    for cls in ("LoRALinear", "LoRATopKRouter", "TEFusedLoRALinear", "LinearAdapter"):
-        setattr(stub, cls, type(cls, (), {"__init__": _refuse, "__module__": name}))
-    sys.modules[name] = stub
+LORA_ATTRIBUTE_READERS: list = []  # (module, is_expert) -> adapter attributes or None; the TE stand-ins register theirs
+
+
+def _bridge_lora_recognises_standins() -> None:
+    # megatron/bridge/peft/utils.get_adapter_attributes_from_linear knows TE's linears and megatron-core's; the TE
+    # stand-ins of parity.mbridge.substitutes are TE's LayerNormLinear (column) and Linear + norm (row) and
+    # GroupedLinear: read them as their TE twins are read (LayerNormLinear: return_layernorm_output for LoRA's input);
+    # megatron-core's own linears by its branch for them.
+    from megatron.bridge.peft import lora, utils
+
+    utils.HAVE_TE = False  # it reads True here (megatron-core's TE wrapper names exist without TE) and then fails
+    original = utils.get_adapter_attributes_from_linear
+
+    def attributes(m, is_expert: bool = False, pg_collection=None, sequence_parallel_input_regather: bool = False):
+        twin = next((t for read in LORA_ATTRIBUTE_READERS if (t := read(m, is_expert)) is not None), None)
+        if twin is None:
+            return original(m, is_expert=is_expert, pg_collection=pg_collection,
+                            sequence_parallel_input_regather=sequence_parallel_input_regather)
+        return utils.AdapterAttributes(**twin)
+
+    utils.get_adapter_attributes_from_linear = lora.get_adapter_attributes_from_linear = attributes
 
 
 def _local_softmax_masks_on_cpu() -> None:
@@ -166,5 +211,6 @@ def apply_megatron_bridge() -> None:
     _bare_bridge_packages()
     _typing_override_on_311()
     _bridge_lora_layers_without_te()
+    _bridge_lora_recognises_standins()
     _local_softmax_masks_on_cpu()
     _quiet_bridge()

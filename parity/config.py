@@ -25,10 +25,17 @@ class LayerArgs:
     rope_type: str  # "default" | "proportional"
     rope_theta: float
     partial_rotary_factor: float
+    intermediate_size: int = 0  # its dense MLP's width (twice the config's on double-wide layers)
+    kv_source: int | None = None  # KV sharing: the earlier layer whose K/V this layer reuses (it has no K/V weights)
+    kv_store: bool = False  # KV sharing: the last non-shared layer of its type, whose K/V later layers reuse
 
     @property
     def is_sliding(self) -> bool:
         return self.layer_type == "sliding_attention"
+
+    @property
+    def kv_shared(self) -> bool:
+        return self.kv_source is not None
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,8 @@ class TextArgs:
     attention_bias: bool
     use_bidirectional_attention: str | None
     pad_token_id: int | None
+    per_layer_size: int = 0  # PLE: hidden_size_per_layer_input (0: no per-layer embeddings)
+    per_layer_vocab_size: int = 0  # PLE: vocab_size_per_layer_input
 
     @property
     def embed_scale(self) -> float:
@@ -62,10 +71,12 @@ class TextArgs:
         config = getattr(config, "text_config", None) or config
         check_supported(config)
         layers = []
+        sources = kv_sources(config)
         for i, layer_type in enumerate(config.layer_types):
             per_layer = config.per_layer_config[i]
             rope = dict(config.rope_parameters[layer_type])
             k_eq_v = bool(config.attention_k_eq_v) and layer_type == "full_attention"
+            double = bool(getattr(config, "use_double_wide_mlp", False)) and sources[i] is not None
             layers.append(
                 LayerArgs(
                     layer_type=layer_type,
@@ -75,9 +86,13 @@ class TextArgs:
                     rope_type=rope.get("rope_type", "default"),
                     rope_theta=float(rope["rope_theta"]),
                     partial_rotary_factor=float(rope.get("partial_rotary_factor", 1.0)),
+                    intermediate_size=int(config.intermediate_size) * (2 if double else 1),
+                    kv_source=sources[i],
+                    kv_store=i in set(sources) - {None},
                 )
             )
         moe = bool(config.enable_moe_block)
+        ple = int(getattr(config, "hidden_size_per_layer_input", 0) or 0)
         return cls(
             vocab_size=config.vocab_size,
             hidden_size=config.hidden_size,
@@ -97,18 +112,34 @@ class TextArgs:
             attention_bias=bool(config.attention_bias),
             use_bidirectional_attention=config.use_bidirectional_attention,
             pad_token_id=config.pad_token_id,
+            per_layer_size=ple,
+            per_layer_vocab_size=int(config.vocab_size_per_layer_input) if ple else 0,
         )
+
+
+def kv_sources(config: Any) -> list[int | None]:
+    """Per layer, the layer whose K/V it reuses (None: it computes its own). The layers from
+    ``num_hidden_layers - num_kv_shared_layers`` on reuse the K/V of the last earlier non-shared layer of their
+    type, as HF's ``Gemma4TextConfig.kv_sharing_modes`` ("store" / "reuse") says; read from the config's own
+    ``layer_types``, never assumed to be a fixed cycle."""
+    n, shared = config.num_hidden_layers, int(getattr(config, "num_kv_shared_layers", 0) or 0)
+    if not shared:
+        return [None] * n
+    first = n - shared
+    if first <= 0:
+        raise UnsupportedConfig("unsupported Gemma 4 feature(s): KV sharing on every layer (no layer computes K/V)")
+    types = config.layer_types
+    last = {t: max(i for i in range(first) if types[i] == t) for t in set(types[:first])}
+    missing = sorted(set(types[first:]) - set(last))
+    if missing:
+        raise UnsupportedConfig(f"unsupported Gemma 4 config: KV-shared layers of type {missing[0]} have no earlier "
+                                "layer of that type to reuse")
+    return [None if i < first else last[types[i]] for i in range(n)]
 
 
 def check_supported(config: Any) -> None:
     """Raise ``UnsupportedConfig`` (one line) for Gemma 4 features the Megatron side does not implement."""
     problems = []
-    if getattr(config, "hidden_size_per_layer_input", 0):
-        problems.append("per-layer embeddings (hidden_size_per_layer_input > 0)")
-    if getattr(config, "num_kv_shared_layers", 0):
-        problems.append("KV sharing (num_kv_shared_layers > 0)")
-    if getattr(config, "use_double_wide_mlp", False) and getattr(config, "num_kv_shared_layers", 0):
-        problems.append("double-wide MLP")
     if getattr(config, "use_bidirectional_attention", None) == "all":
         problems.append("use_bidirectional_attention='all'")
     if getattr(config, "attention_bias", False):
@@ -120,15 +151,6 @@ def check_supported(config: Any) -> None:
             problems.append(f"rope_type={rope.get('rope_type')!r} on {layer_type}")
     if problems:
         raise UnsupportedConfig("unsupported Gemma 4 feature(s): " + ", ".join(problems))
-
-
-def check_supported_vlm(config: Any) -> None:
-    """The text part's refusals, then the audio tower's (``parity.vlm_config.check_supported_audio``)."""
-    check_supported(config.text_config)
-    if getattr(config, "audio_config", None) is not None:
-        from parity.vlm_config import check_supported_audio
-
-        check_supported_audio(config.audio_config)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -195,6 +217,130 @@ def full_text_config_kwargs(**overrides: Any) -> dict[str, Any]:
     return kw
 
 
+def _pattern(n_layers: int, period: int) -> list[str]:
+    """``period - 1`` sliding layers then one full layer, repeated (the released configs' ``layer_types``)."""
+    return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n_layers)]
+
+
+def e2b_tiny_config_kwargs(**overrides: Any) -> dict[str, Any]:
+    """Tiny E2B-shaped text config. E2B: 35 layers of 4 sliding + 1 full, hidden 1536, window 512, per-layer
+    embeddings of 256 per layer, the last 20 layers reuse K/V (so 15 compute it: 3 periods), the double-wide MLP
+    on those 20, no K=V and no global KV-head count (full layers keep ``num_key_value_heads``), no MoE, softcap 30.
+    Here: 10 layers of the same period, the last 5 KV-shared (layers 5-9 reuse layer 3's sliding and layer 4's
+    full K/V), double-wide there, PLE 8 per layer, hidden 48, window 8."""
+    kw = text_config_kwargs(
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=10,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        global_head_dim=32,
+        num_global_key_value_heads=None,
+        attention_k_eq_v=False,
+        layer_types=_pattern(10, 5),
+        sliding_window=8,
+        enable_moe_block=False,
+        num_experts=None,
+        top_k_experts=None,
+        moe_intermediate_size=None,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=320,
+        num_kv_shared_layers=5,
+        use_double_wide_mlp=True,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def e4b_tiny_config_kwargs(**overrides: Any) -> dict[str, Any]:
+    """Tiny E4B-shaped text config. E4B: 42 layers of 5 sliding + 1 full, hidden 2560, window 512, PLE 256 per
+    layer, the last 18 layers reuse K/V, no double-wide MLP, no K=V, 2 KV heads on every layer. Here: 12 layers
+    of the same period, the last 5 KV-shared (layers 7-11 reuse layer 6's sliding and layer 5's full K/V), PLE 8,
+    hidden 64, window 8."""
+    kw = text_config_kwargs(
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=12,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        num_global_key_value_heads=None,
+        attention_k_eq_v=False,
+        layer_types=_pattern(12, 6),
+        sliding_window=8,
+        enable_moe_block=False,
+        num_experts=None,
+        top_k_experts=None,
+        moe_intermediate_size=None,
+        hidden_size_per_layer_input=8,
+        vocab_size_per_layer_input=320,
+        num_kv_shared_layers=5,
+        use_double_wide_mlp=False,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def g31b_tiny_config_kwargs(**overrides: Any) -> dict[str, Any]:
+    """Tiny 31B-shaped text config. 31B: 60 dense layers of 5 sliding + 1 full, hidden 5376, window 1024, K=V on
+    full layers with fewer global KV heads and global head_dim 2x sliding, no PLE, no KV sharing, no MoE. Here:
+    12 layers of the same period, 8 heads, 4 sliding / 1 global KV heads, hidden 96, window 16."""
+    kw = text_config_kwargs(
+        num_hidden_layers=12,
+        layer_types=_pattern(12, 6),
+        num_key_value_heads=4,
+        num_global_key_value_heads=1,
+        sliding_window=16,
+        enable_moe_block=False,
+        num_experts=None,
+        top_k_experts=None,
+        moe_intermediate_size=None,
+    )
+    kw.update(overrides)
+    return kw
+
+
+def _full_dense(**overrides: Any) -> dict[str, Any]:
+    """What the released dense members share: vocab 262,144, head_dim 256 / global 512, proportional RoPE on full
+    layers, softcap 30, no MoE."""
+    return text_config_kwargs(**{**dict(vocab_size=262_144, head_dim=256, global_head_dim=512, enable_moe_block=False,
+                                        num_experts=None, top_k_experts=None, moe_intermediate_size=None,
+                                        max_position_embeddings=131_072), **overrides})
+
+
+def full_e4b_config_kwargs(**overrides: Any) -> dict[str, Any]:
+    """The E4B text shape as far as the issue and Megatron-Bridge's ``Gemma4DenseProvider`` defaults give it
+    (42 layers of 5 sliding + 1 full, hidden 2560, MLP 10240, 8 heads, 2 KV heads, window 512, PLE 256, the last
+    18 layers KV-shared); not checked against Google's config.json (no network here): a checkpoint run
+    (``--checkpoint``) reads the real one."""
+    kw = _full_dense(hidden_size=2560, intermediate_size=10_240, num_hidden_layers=42, num_attention_heads=8,
+                     num_key_value_heads=2, num_global_key_value_heads=None, attention_k_eq_v=False,
+                     layer_types=_pattern(42, 6), sliding_window=512, hidden_size_per_layer_input=256,
+                     vocab_size_per_layer_input=262_144, num_kv_shared_layers=18, use_double_wide_mlp=False)
+    kw.update(overrides)
+    return kw
+
+
+def full_31b_config_kwargs(**overrides: Any) -> dict[str, Any]:
+    """The 31B dense text shape as far as the issue gives it (60 layers of 5 sliding + 1 full, hidden 5376,
+    window 1024, K=V on full layers); heads 32 / KV 16 / global KV 4 and MLP 21504 are our reading, not checked
+    against Google's config.json (no network here): a checkpoint run reads the real one."""
+    kw = _full_dense(hidden_size=5376, intermediate_size=21_504, num_hidden_layers=60, num_attention_heads=32,
+                     num_key_value_heads=16, num_global_key_value_heads=4, attention_k_eq_v=True,
+                     layer_types=_pattern(60, 6), sliding_window=1024, max_position_embeddings=262_144)
+    kw.update(overrides)
+    return kw
+
+
+# Builder name (a case's ``[model] builder``) -> the text config kwargs it makes.
+TEXT_BUILDERS = {"tiny_text": text_config_kwargs, "full_text": full_text_config_kwargs,
+                 "e2b_tiny": e2b_tiny_config_kwargs, "e4b_tiny": e4b_tiny_config_kwargs,
+                 "31b_tiny": g31b_tiny_config_kwargs, "full_e4b": full_e4b_config_kwargs,
+                 "full_31b": full_31b_config_kwargs}
+
+
 def make_text_config(kwargs: dict[str, Any]):
     from transformers import Gemma4TextConfig
 
@@ -218,6 +364,9 @@ def is_perfect_square(n: int) -> bool:
 WHEN = {
     "untied": lambda args, i: not args.tie_word_embeddings,
     "moe": lambda args, i: args.enable_moe_block,
-    "k_eq_v": lambda args, i: args.layers[i].k_eq_v,
-    "separate_v": lambda args, i: not args.layers[i].k_eq_v,
+    "k_eq_v": lambda args, i: args.layers[i].k_eq_v and not args.layers[i].kv_shared,
+    "separate_v": lambda args, i: not args.layers[i].k_eq_v and not args.layers[i].kv_shared,
+    "own_kv": lambda args, i: not args.layers[i].kv_shared,
+    "kv_shared": lambda args, i: args.layers[i].kv_shared,
+    "ple": lambda args, i: args.per_layer_size > 0,
 }

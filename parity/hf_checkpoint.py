@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 
-from parity.config import check_supported, check_supported_vlm
+from parity.config import check_supported
+from parity.vlm_config import check_supported_vlm
 from parity.errors import UserError
 
 CONFIG_NAME = "config.json"
@@ -226,8 +228,11 @@ def inspect(path: str | Path) -> CheckpointInfo:
         if got != want:
             raise CheckpointError(f"{path / file}: shape mismatch for {key}: file has {list(got)}, "
                                   f"HF's {arch} of this config expects {list(want)}")
+    text_module = model.get_submodule(text_model) if text_model else model
+    ignored = [re.compile(re.escape(f"{text_model}.") + p if text_model else p)
+               for p in getattr(text_module, "_keys_to_ignore_on_load_unexpected", None) or []]
     for key, (_, _, file) in tensors.items():
-        if key not in expected:
+        if key not in expected and not any(p.search(key) for p in ignored):  # HF's loader drops those (KV sharing)
             raise CheckpointError(f"{path / file}: unexpected tensor {key} (not in HF's {arch} of this config)")
     return CheckpointInfo(path, config, arch, tuple(sorted(set(weight_map.values()))), tensors, expected, tied,
                           text_model, head)
@@ -237,8 +242,8 @@ def text_keys(info: CheckpointInfo) -> dict[str, str]:
     """Folder key -> ``Gemma4ForCausalLM`` key, for the tensors of the text model and the output embedding (of
     a VLM: its language model and ``lm_head``; vision and audio keys are left out), located by HF's own module
     layout of both classes. ``CheckpointError`` when they do not make a whole ``Gemma4ForCausalLM``."""
-    if info.architecture == TEXT_ARCH:
-        return {k: k for k in info.tensors}
+    if info.architecture == TEXT_ARCH:  # every key HF's model has (not those its loader drops: KV sharing)
+        return {k: k for k in info.tensors if k in info.expected}
     expected, tied, text_model, head = _layout(meta_model(TEXT_ARCH, info.text_config))
 
     def moved(key: str, src: str | None, dst: str | None) -> str | None:
@@ -251,7 +256,7 @@ def text_keys(info: CheckpointInfo) -> dict[str, str]:
         return None
 
     out = {}
-    for key in info.tensors:
+    for key in (k for k in info.tensors if k in info.expected):
         new = moved(key, info.text_model, text_model) or moved(key, info.head, head)
         if new is not None:
             out[key] = new

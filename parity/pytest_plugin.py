@@ -469,6 +469,15 @@ class ParityRun:
                 f"{_num(loss.get('rel_diff'))}, per-token rel-L2 {_num((loss.get('per_token') or {}).get('rel_l2'))} "
                 f"> gate {_num(loss.get('gate'))}")
 
+    def _explain_lora(self) -> str:
+        lora = self.results.get("lora") or {}
+        raised = [f"{f['method']} raised {f['error']}" for f in self.results.get("failures") or []
+                  if f.get("phase") in ("lora", "adapters")]
+        export = lora.get("export") or {}
+        return "; ".join(raised + [self._explain_mode_rows("lora", "adapter export and merge comparisons"),
+                                   f"adapter export {export.get('exported')} / {export.get('hf')} tensors, "
+                                   f"{export.get('bit_exact')} bit-exact, loads into peft: {lora.get('export_loads')}"])
+
     def _explain_step(self) -> str:
         return self._explain_mode_rows("step", "parameter updates")
 

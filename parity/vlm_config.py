@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from parity.config import UnsupportedConfig, full_text_config_kwargs, text_config_kwargs
+from parity.config import (UnsupportedConfig, check_supported, full_text_config_kwargs, g31b_tiny_config_kwargs,
+                           text_config_kwargs)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,16 @@ def check_supported_audio(audio: Any) -> None:
                         "// 2 == left - 1)")
     if problems:
         raise UnsupportedConfig("unsupported Gemma 4 feature(s): " + ", ".join(problems))
+
+
+def check_supported_vlm(config: Any) -> None:
+    """The text part's refusals, then the audio tower's (``check_supported_audio``)."""
+    if getattr(config.text_config, "hidden_size_per_layer_input", 0):
+        raise UnsupportedConfig("unsupported Gemma 4 feature(s): per-layer embeddings in the vision-language model "
+                                "(hidden_size_per_layer_input > 0 with a vision tower)")
+    check_supported(config.text_config)
+    if getattr(config, "audio_config", None) is not None:
+        check_supported_audio(config.audio_config)
 
 
 def check_supported_vision(vision: Any) -> None:
@@ -266,6 +277,21 @@ def full_vlm_config_kwargs(*, text: dict | None = None, vision: dict | None = No
     )
     kw.update(overrides)
     return kw
+
+
+def g31b_vlm_tiny_config_kwargs(*, text: dict | None = None, vision: dict | None = None,
+                                **overrides: Any) -> dict[str, Any]:
+    """Tiny 31B-shaped VLM: the tiny 31B dense text model (12 layers of 5 sliding + 1 full, K=V, window 16) with
+    vision-bidirectional sliding attention, and the tiny vision tower set as the 31B's (standardize on, clipped
+    linears off, as the large towers; the E2B/E4B towers clip instead)."""
+    kw = vlm_config_kwargs(vision={"use_clipped_linears": False, **(vision or {})}, **overrides)
+    kw["text_config"] = g31b_tiny_config_kwargs(use_bidirectional_attention="vision", **(text or {}))
+    return kw
+
+
+# Builder name (a VLM case's ``[model] builder``) -> the ``Gemma4Config`` kwargs it makes.
+VLM_BUILDERS = {"tiny_vlm": vlm_config_kwargs, "tiny_vlm_audio": vlm_audio_config_kwargs,
+                "full_vlm": full_vlm_config_kwargs, "31b_vlm_tiny": g31b_vlm_tiny_config_kwargs}
 
 
 def make_vlm_config(kwargs: dict[str, Any] | None = None):

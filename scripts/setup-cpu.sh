@@ -18,7 +18,7 @@ done
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-if ! .venv/bin/python -c "import parity.compat as c; c.apply(); import torch, transformers, megatron.core" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import parity.compat as c; c.apply(); import torch, transformers, megatron.core, peft" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.13.0
   .venv/bin/python -m pip install -q -r requirements-cpu.txt

@@ -11,6 +11,7 @@ so an fp32 run *must* pass). ``tests/test_plants.py`` runs every plant in tiny f
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -869,3 +870,212 @@ STEP_PLANTS = [
     Plant("weight decay on norms", "step", "model.layers.0.self_attn.q_norm.weight", decay_everything),
     Plant("Adam eps 1e-6", "step", "model.embed_tokens.weight", adam_eps_1e6),
 ]
+
+
+# ------------------------------------------------------------------ the Gemma 4 family (issue 24): PLE, KV sharing
+# Each plant runs on the tiny case of the member that has the feature (``FAMILY_PLANTS``: case -> plants).
+
+def ple_gate_without_activation(mp, shape=None):
+    """Layer 2 multiplies its per-layer input by the raw gate (gelu dropped): an inline step of the layer, so
+    the layer itself (its isolated replay) is the first divergence."""
+    text = _text()
+    forward = text.Gemma4TransformerLayer.forward
+
+    def planted(self, hidden_states, attention_mask, rotary_pos_emb, per_layer_input=None, shared_kv=None):
+        if self.layer_number != 3:
+            return forward(self, hidden_states, attention_mask, rotary_pos_emb, per_layer_input, shared_kv)
+        act, text.gelu_tanh = text.gelu_tanh, lambda x: x  # BUG: no activation on layer 2's PLE gate
+        try:
+            return forward(self, hidden_states, attention_mask, rotary_pos_emb, per_layer_input, shared_kv)
+        finally:
+            text.gelu_tanh = act
+    mp.setattr(text.Gemma4TransformerLayer, "forward", planted)
+    mp.setattr(text.Gemma4TransformerLayer, "layer_number", property(lambda self: self.self_attention.layer_number),
+               raising=False)
+
+
+def ple_projection_packed_wrong(mp, shape=None):
+    """The bridge packs PLE's model projection as [P, L] instead of HF's [L, P] (each layer's rows interleaved)."""
+    def fn(key, w):
+        if key == "per_layer_model_projection.weight":
+            n_layers = w.shape[0] // 8  # the tiny E2B/E4B shapes: 8 per layer
+            w = w.reshape(n_layers, 8, -1).transpose(0, 1).reshape(w.shape)  # BUG
+        return w
+    _converted(mp, fn)
+
+
+def ple_mix_unscaled(mp, shape=None):
+    """The per-layer inputs mixed as (projection + token table) without HF's 1/sqrt(2): an inline step of the text
+    model, first seen where layer 0 multiplies its gate by it (the input of its per-layer projection)."""
+    text = _text()
+    per_layer_inputs = text.Gemma4Model.per_layer_inputs
+    mp.setattr(text.Gemma4Model, "per_layer_inputs",
+               lambda self, ids, h: per_layer_inputs(self, ids, h) * 2.0**0.5)  # BUG: the scale undone
+
+
+def kv_wrong_source(mp, shape=None):
+    """The first KV-shared sliding layer (5) reuses layer 2's K/V (an earlier sliding layer) instead of the last one
+    before the shared layers (3): a wrong source in the model's wiring, seen end to end at that attention."""
+    def fn(model):
+        model.decoder.layers[2].self_attention.kv_store = True
+        model.decoder.layers[5].self_attention.kv_source = 2  # BUG: should be 3
+    _after_init(mp, fn)
+
+
+def kv_recomputed(mp, shape=None):
+    """KV-shared layer 6 computes K/V again from its own input with its source layer's weights (weights shared
+    instead of K/V): its attention fails, end to end and alone."""
+    text = _text()
+    forward = text.Gemma4SharedKVSelfAttention.forward
+
+    def planted(self, hidden_states, attention_mask, rotary_pos_emb=None, shared_kv=None, **kw):
+        if self.layer_number == 7 and getattr(self, "source_module", None) is not None:
+            src = self.source_module  # BUG: K/V recomputed here, from this layer's input, with the source's weights
+            hn = src.hidden_size_per_attention_head
+            ng = src.num_query_groups_per_partition
+            mixed = F.linear(hidden_states, src.linear_qkv.weight).view(*hidden_states.shape[:2], ng, -1, hn)
+            key, value = mixed[:, :, :, -2], mixed[:, :, :, -1]
+            key = text.rms_norm(key, src.k_layernorm.eps, src.k_layernorm.weight)
+            value = text.rms_norm(value, self.config.layernorm_epsilon)
+            shared_kv = {**shared_kv, self.kv_source: (text.rope.apply_rotary(key, rotary_pos_emb), value)}
+        return forward(self, hidden_states, attention_mask, rotary_pos_emb, shared_kv)
+    mp.setattr(text.Gemma4SharedKVSelfAttention, "forward", planted)
+
+    def fn(model):
+        att = model.decoder.layers[6].self_attention
+        object.__setattr__(att, "source_module", model.decoder.layers[att.kv_source].self_attention)
+    _after_init(mp, fn)
+
+
+def double_wide_mlp_off_by_one(mp, shape=None):
+    """The double-wide MLP given to the layers from the last KV-storing one on (4..9) instead of the KV-shared ones
+    (5..9): the weights of layer 4 do not fit; the import refuses, naming the tensor."""
+    from parity import config as C
+    from_hf = C.TextArgs.from_hf
+
+    def planted(config):
+        args = from_hf(config)
+        first = min(i for i, la in enumerate(args.layers) if la.kv_shared)
+        layers = tuple(dataclasses.replace(la, intermediate_size=2 * args.intermediate_size) if i == first - 1 else la
+                       for i, la in enumerate(args.layers))  # BUG
+        return dataclasses.replace(args, layers=layers)
+    mp.setattr(C.TextArgs, "from_hf", staticmethod(planted))
+
+
+def double_wide_mlp_half_used(mp, shape=None):
+    """A double-wide layer's MLP (layer 7) computes with only the first half of its intermediate features (the
+    config's width, not the layer's): its MLP fails, end to end and alone."""
+    def fn(model):
+        mlp = model.decoder.layers[7].mlp
+        forward = mlp.forward
+
+        def planted(x, *a, **kw):
+            fc1, _ = mlp.linear_fc1(x)
+            gate, up = fc1.chunk(2, dim=-1)
+            half = gate.shape[-1] // 2
+            inter = _text().gelu_tanh(gate[..., :half]) * up[..., :half]  # BUG: half the features
+            w2 = mlp.linear_fc2.weight[:, :half]
+            return F.linear(inter, w2), None
+        mlp.forward = planted
+    _after_init(mp, fn)
+
+
+FAMILY_PLANTS = {
+    "gemma4-e2b-tiny": [
+        Plant("ple_gate_without_activation", "PLE", "model.layers.2", ple_gate_without_activation),
+        Plant("ple_projection_packed_wrong", "PLE", "model.per_layer_model_projection", ple_projection_packed_wrong),
+        Plant("ple_mix_unscaled", "PLE", "model.layers.0.per_layer_projection", ple_mix_unscaled),
+        Plant("kv_wrong_source", "KV sharing", "model.layers.5.self_attn", kv_wrong_source),
+        Plant("kv_recomputed", "KV sharing", "model.layers.6.self_attn", kv_recomputed),
+        Plant("double_wide_mlp_half_used", "double-wide MLP", "model.layers.7.mlp", double_wide_mlp_half_used),
+    ],
+}
+# ------------------------------------------------------------------------------------ LoRA (issue 21)
+# Errors planted in Megatron-Bridge's own LoRA (its transform, adapter layers, adapter export and merge), each with the
+# row the run must name as its first divergence on ``gemma4-text-tiny-lora`` (``targets``: the case's targets it needs;
+# the merge plant needs targets without q/k/v_proj, whose merged export the bridge cannot make on K=V layers: finding
+# 14). ``tests/test_lora.py`` runs them.
+
+@dataclass(frozen=True)
+class LoraPlant:
+    name: str
+    where: str  # the expected first divergence (an HF module, an adapter tensor or a merged weight)
+    mode: str  # the row mode it fails in first
+    plant: Callable
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
+    also: tuple[tuple[str, str], ...] = ()  # (name, mode) of further rows that must fail
+
+
+def _adapter_cls():
+    from megatron.bridge.peft.utils import ParallelLinearAdapter
+    return ParallelLinearAdapter
+
+
+def lora_scale_alpha_not_over_r(mp):  # BUG: the adapter output scaled by alpha, not alpha / r
+    cls = _adapter_cls()
+    forward = cls.forward
+    mp.setattr(cls, "forward", lambda self, x, *a, **kw: forward(self, x, *a, **kw) * self.dim)
+
+
+def lora_dropout_on_in_eval(mp):  # BUG: the adapters' dropout stays on in evaluation
+    cls = _adapter_cls()
+    forward = cls.forward
+
+    def planted(self, x, *a, **kw):
+        self.dropout.train(True)
+        return forward(self, x, *a, **kw)
+    mp.setattr(cls, "forward", planted)
+
+
+def _split_qkv(mp, change):
+    from megatron.bridge.models.gemma import gemma4_bridge as G
+    split = G.Gemma4Bridge._split_qkv_linear_out_weight
+    mp.setattr(G.Gemma4Bridge, "_split_qkv_linear_out_weight", lambda self, m, w: change(split(self, m, w)))
+
+
+def lora_export_q_k_swapped(mp):  # BUG: the fused linear_out split hands q's rows to k_proj and k's to q_proj
+    _split_qkv(mp, lambda out: {**out, "q_proj": out["k_proj"], "k_proj": out["q_proj"]})
+
+
+def lora_export_absent_v(mp):  # BUG: K=V layers export a v_proj adapter (v_proj does not exist there)
+    from megatron.bridge.models.conversion.peft_bridge import ABSENT_PROJECTION
+    _split_qkv(mp, lambda out: {**out, "v_proj": out["k_proj"]} if out.get("v_proj") is ABSENT_PROJECTION else out)
+
+
+def lora_export_tensor_dropped(mp):  # BUG: one adapter tensor left out of the written adapter file
+    from megatron.bridge.models.conversion import peft_bridge as P
+    convert = P.convert_adapter_weights_to_peft_state
+
+    def planted(weights, *a, **kw):
+        state, *rest = convert(weights, *a, **kw)
+        state = {k: v for k, v in state.items() if "layers.3.mlp.down_proj.lora_B" not in k}
+        return (state, *rest)
+    mp.setattr(P, "convert_adapter_weights_to_peft_state", planted)
+
+
+def lora_merge_one_adapter_left_out(mp):  # BUG: the merged export leaves one adapted weight unmerged
+    from megatron.bridge.models.conversion import peft_bridge as P
+    merge = P.MegatronPeftBridge._merge_lora_adapter_weights
+
+    def planted(self, model, converted, adapter_weights):
+        if any("layers.3.mlp.down_proj" in k for k in converted):
+            return converted
+        return merge(self, model, converted, adapter_weights)
+    mp.setattr(P.MegatronPeftBridge, "_merge_lora_adapter_weights", planted)
+
+
+LORA_PLANTS = (
+    LoraPlant("scale_alpha_not_over_r", "model.layers.0.self_attn.q_proj", "isolated", lora_scale_alpha_not_over_r),
+    # the same split reads the adapters' gradients back (its adapter export applied to them): the first row is the
+    # first gradient read through it, in backward order (the last layer's k_proj B, with q's shape)
+    LoraPlant("q_k_swapped_in_split", "model.layers.5.self_attn.k_proj.lora_B.default.weight", "param_grad",
+              lora_export_q_k_swapped, also=(("model.layers.0.self_attn.q_proj.lora_B.weight", "adapter_export"),
+                                             ("model.layers.0.self_attn.k_proj.lora_B.weight", "adapter_export"))),
+    LoraPlant("v_proj_exported_on_k_eq_v", "model.layers.2.self_attn.v_proj.lora_A.weight", "adapter_export",
+              lora_export_absent_v),
+    LoraPlant("dropout_on_in_eval", "model.layers.0.self_attn.q_proj", "isolated", lora_dropout_on_in_eval),
+    LoraPlant("tensor_missing_from_export", "model.layers.3.mlp.down_proj.lora_B.weight", "adapter_export",
+              lora_export_tensor_dropped),
+    LoraPlant("merge_one_adapter_left_out", "model.layers.3.mlp.down_proj.weight", "adapter_merged",
+              lora_merge_one_adapter_left_out, targets=("gate_proj", "up_proj", "down_proj")),
+)

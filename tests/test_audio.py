@@ -109,7 +109,8 @@ def test_audio_plant_fails_at_its_module(plant, monkeypatch, clean):
     (dict(attention_context_left=9), "relative positions only line up"),
 ])
 def test_unsupported_audio_configs_are_refused_in_one_line(override, what):
-    from parity.config import UnsupportedConfig, check_supported_vlm
+    from parity.config import UnsupportedConfig
+    from parity.vlm_config import check_supported_vlm
     from parity.vlm_config import make_vlm_config, vlm_audio_config_kwargs
 
     with pytest.raises(UnsupportedConfig, match="unsupported Gemma 4 feature") as e:

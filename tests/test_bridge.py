@@ -396,12 +396,12 @@ def test_inspect_rejects_unexpected_key(tmp_path, tiny):
     assert "unexpected tensor model.layers.0.self_attn.v_norm.weight" in one_line(e)
 
 
-def test_inspect_refuses_per_layer_embeddings(folder):
+def test_inspect_refuses_an_unsupported_feature(folder):  # attention biases: not built on either side
     raw = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**raw, "hidden_size_per_layer_input": 16}))
+    (folder / "config.json").write_text(json.dumps({**raw, "attention_bias": True}))
     with pytest.raises(UnsupportedConfig) as e:
         inspect_folder(folder)
-    assert "per-layer embeddings" in one_line(e)
+    assert "attention_bias=True" in one_line(e)
 
 
 @pytest.mark.parametrize("content,match", [

@@ -293,3 +293,21 @@ def test_the_ci_example_uploads_the_whole_report_root_and_its_links_resolve_insi
             assert target.is_file() and tmp_path.resolve() in target.parents, (page, h)
     card = build(tmp_path)["verification_card"]
     assert all((tmp_path / r["report"]).is_file() for r in card["runs"]) and card["history"] == "index.html"
+
+
+def test_a_lora_run_carries_its_adapter_counts(tmp_path):
+    """A LoRA case's run: targets, rank, alpha, the adapter and merged exports' counts and their logits, in the
+    documented schema."""
+    import json
+
+    r = make_results(created=T0)
+    r["lora"] = {"targets": ["q_proj", "o_proj"], "r": 4, "alpha": 8.0, "export_loads": True,
+                 "export": {"hf": 24, "exported": 25, "bit_exact": 23, "missing": ["a"], "extra": ["b"]},
+                 "merged": {"hf": 132, "exported": 132, "bit_exact": 132, "missing": [], "extra": []},
+                 "export_logits": {"vs_peft_rel_l2": 0.0}, "merged_logits": {"vs_peft_rel_l2": 1e-7}}
+    write_run(r, tmp_path)
+    card = yaml.safe_load(dumps(build(tmp_path, since=T0 - timedelta(hours=1))))
+    assert schema_errors(card, json.loads(SCHEMA.read_text())) == []
+    lora = card["verification_card"]["runs"][0]["lora"]
+    assert lora["adapter_export"] == {"hf": 24, "exported": 25, "bit_exact": 23, "missing": 1, "extra": 1}
+    assert lora["merged_export"]["bit_exact"] == 132 and lora["merged_logits_rel_l2"] == 1e-7

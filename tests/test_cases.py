@@ -249,7 +249,17 @@ BAD = [
     (lambda t: t.replace("[model]", '[system]\nname = "nemo"\n\n[model]'),
      "system.name: unknown system under test 'nemo' (known: megatron-bridge, parity)"),
     (lambda t: t.replace("[model]", '[system]\nsystem = "parity"\n\n[model]'), "system.system: unknown field"),
+    (lambda t: t + '\n[lora]\ntargets = ["qkv"]\nr = 4\nalpha = 8\n', "lora.targets: unknown value 'qkv'"),
+    (lambda t: t + '\n[lora]\ntargets = ["q_proj"]\nr = 0\nalpha = 8\n', "lora.r: must be >= 1"),
+    (lambda t: t + '\n[lora]\ntargets = ["q_proj"]\nr = 4\nalpha = 8\ndropout = 1.0\n', "lora.dropout: must be in"),
 ]
+
+
+def test_lora_table(tmp_path):
+    case = C.load_case_file(write(tmp_path, VALID + '\n[lora]\ntargets = ["q_proj", "o_proj"]\nr = 4\nalpha = 8\n'))
+    assert (case.lora.targets, case.lora.r, case.lora.scale, case.lora.dropout, case.lora.seed) == (
+        ("q_proj", "o_proj"), 4, 2.0, 0.0, 0)
+    assert C.load_case_file(write(tmp_path, VALID)).lora is None
 
 
 @pytest.mark.parametrize("edit, expected", BAD, ids=[b[1].split(":")[0].replace(" ", "_") for b in BAD])

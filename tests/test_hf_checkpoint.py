@@ -200,10 +200,10 @@ def test_unsupported_feature_is_refused_before_the_keys(good, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(good, bad)
     raw = json.loads((bad / "config.json").read_text())
-    (bad / "config.json").write_text(json.dumps({**raw, "hidden_size_per_layer_input": 16}))
+    (bad / "config.json").write_text(json.dumps({**raw, "attention_bias": True}))
     with pytest.raises(UnsupportedConfig) as e:
         hc.inspect(bad)
-    assert "per-layer embeddings" in one_line(e)
+    assert "attention_bias=True" in one_line(e)
 
 
 def test_a_bad_folder_is_a_user_error_of_one_line():

@@ -74,9 +74,9 @@ def test_a_twin_never_called_fails_and_is_counted(monkeypatch):
 
     forward = text.Gemma4TransformerLayer.forward
 
-    def planted(self, hidden_states, attention_mask, rotary_pos_emb):
+    def planted(self, hidden_states, attention_mask, rotary_pos_emb, **kw):  # kw: PLE / KV sharing (none here)
         if self.layer_args is not self._silent:
-            return forward(self, hidden_states, attention_mask, rotary_pos_emb)
+            return forward(self, hidden_states, attention_mask, rotary_pos_emb, **kw)
         norm = self.post_mlp_layernorm_1
         call = norm.forward
         norm.forward = None  # any call through the module would fail loudly

@@ -551,3 +551,22 @@ def test_ctrl_c_while_a_report_is_written_waits_until_it_is_whole(tmp_path, pass
     with pytest.raises(KeyboardInterrupt):
         write_to(passing, tmp_path / "out")
     assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["index.html", "results.json"]
+
+
+def test_lora_section_lists_each_adapter_tensor_with_its_export_gradient_and_merged_weight():
+    from parity.report.lora import section
+
+    rows = [{"name": "model.layers.0.self_attn.q_proj.lora_A.weight", "mode": "adapter_export", "passed": True,
+             "max_abs": 0.0, "gate": {"metric": "max_abs", "max": 0.0}},
+            {"name": "model.layers.2.self_attn.v_proj.lora_A.weight", "mode": "adapter_export", "passed": False,
+             "missing": "exported by x for a module HF has no adapter on"},
+            {"name": "model.layers.0.self_attn.q_proj.lora_A.default.weight", "mode": "param_grad", "passed": True,
+             "rel_l2": 1.2e-6, "gate": {"metric": "rel_l2", "max": 1e-5}},
+            {"name": "model.layers.0.self_attn.q_proj.weight", "mode": "adapter_merged", "passed": True,
+             "rel_l2": 0.0, "gate": {"metric": "rel_l2", "max": 1e-5}}]
+    html = section({"modules": rows, "lora": {"targets": ["q_proj"], "r": 4, "alpha": 8.0, "scale": 2.0,
+                                              "export": {"hf": 1, "exported": 2, "bit_exact": 1, "extra": ["v"]},
+                                              "export_loads": True}})
+    assert html.count("<tr><td><code>") == 2 and "rel_l2 1.2e-6" in html and "has no adapter on" in html
+    assert "2 exported / 1 of peft" in html and "extra: v" in html
+    assert section({"modules": rows}) == ""

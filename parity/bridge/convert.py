@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor
 
-from parity.bridge.mapping import NON_TEXT_PREFIXES, TEXT_PREFIX, expand, shape, sizes
+from parity.bridge.mapping import NON_TEXT_PREFIXES, TEXT_PREFIX, expand, kv_shared_leftovers, shape, sizes
 from parity.config import TextArgs
 from parity.tensors import same_bits  # noqa: F401  (re-exported: tests and callers use it from here)
 
@@ -206,7 +206,7 @@ def iter_hf_to_megatron(
         if not same_bits(text["lm_head.weight"], text["embed_tokens.weight"]):
             raise BridgeError("lm_head.weight differs from the embedding but tie_word_embeddings=True")
         used.add("lm_head.weight")
-    unexpected = [k for k in text if k not in used]
+    unexpected = [k for k in text if k not in used and not k.startswith(kv_shared_leftovers(args) or ("\0",))]
     if unexpected:
         key = unexpected[0]
         raise BridgeError(f"unexpected HF tensor {_full_hf_name(key == 'lm_head.weight', prefix, key)} "
@@ -418,6 +418,13 @@ def _derived_kwargs(args: TextArgs) -> dict[str, Any]:
         use_bidirectional_attention=args.use_bidirectional_attention, pad_token_id=args.pad_token_id,
         attention_k_eq_v=full[0].k_eq_v, global_head_dim=full[0].head_dim,
     )
+    shared = [l for l in args.layers if l.kv_shared]
+    kw["num_kv_shared_layers"] = len(shared)
+    if shared:  # the double-wide MLP is only visible on KV-shared layers (otherwise carried as passthrough)
+        kw["use_double_wide_mlp"] = any(l.intermediate_size != args.intermediate_size for l in shared)
+    kw["hidden_size_per_layer_input"] = args.per_layer_size
+    if args.per_layer_size:
+        kw["vocab_size_per_layer_input"] = args.per_layer_vocab_size
     if args.enable_moe_block:
         kw.update(num_experts=args.num_experts, top_k_experts=args.top_k, moe_intermediate_size=args.moe_intermediate_size)
     if sliding:

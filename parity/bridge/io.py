@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from parity.bridge.convert import detect_prefix, split_hf_state
-from parity.bridge.mapping import NON_TEXT_PREFIXES, TEXT_PREFIX, expand, shape, sizes
+from parity.bridge.mapping import NON_TEXT_PREFIXES, TEXT_PREFIX, expand, kv_shared_leftovers, shape, sizes
 from parity.config import TextArgs
 # reading a folder (config, index, headers) is HF-side knowledge, shared with the engine's HF reference; the
 # names are re-exported (callers and tests take ``CheckpointError`` from here)
@@ -84,7 +84,8 @@ def inspect_folder(path: str | Path) -> FolderInfo:
     head_shape = (args.vocab_size, args.hidden_size)
     for key in tensors:
         tied_head = key == "lm_head.weight" and args.tie_word_embeddings and tensors[key][0] == head_shape
-        if key not in expected and key not in other and not tied_head:
+        leftover = key.startswith(tuple(prefix + n for n in kv_shared_leftovers(args)))  # dropped, as HF does
+        if key not in expected and key not in other and not tied_head and not leftover:
             raise CheckpointError(f"{path}: unexpected tensor {key} (not in the Gemma 4 text model of this config)")
     stray = [k for k in other if not k.startswith(NON_TEXT_PREFIXES)]
     if stray:

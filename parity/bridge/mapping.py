@@ -44,6 +44,13 @@ _M = "layers.{i}.mlp."
 
 EMBEDDING_RULES: tuple[Rule, ...] = (
     Rule(("embed_tokens.weight",), "embedding.word_embeddings.weight", "copy", (("V", "H"),), ("V", "H"), tp=0),
+    # per-layer embeddings (E2B/E4B): the token table and the projection of the input embeddings, all layers packed
+    Rule(("embed_tokens_per_layer.weight",), "per_layer_embedding.word_embeddings.weight", "copy",
+         (("Vp", "LP"),), ("Vp", "LP"), tp=0, when="ple"),
+    Rule(("per_layer_model_projection.weight",), "per_layer_model_projection.weight", "copy",
+         (("LP", "H"),), ("LP", "H"), tp=0, when="ple"),
+    Rule(("per_layer_projection_norm.weight",), "per_layer_projection_norm.weight", "copy", (("P",),), ("P",),
+         when="ple"),
 )
 
 LAYER_RULES: tuple[Rule, ...] = (
@@ -56,8 +63,11 @@ LAYER_RULES: tuple[Rule, ...] = (
     Rule((_A + "q_proj.weight", _A + "k_proj.weight"),
          "decoder.layers.{i}.self_attention.linear_qkv.weight", "kv_equal",
          (("q", "H"), ("kv", "H")), ("qkv", "H"), tp=0, when="k_eq_v"),
+    Rule((_A + "q_proj.weight",), "decoder.layers.{i}.self_attention.linear_q.weight", "copy",
+         (("q", "H"),), ("q", "H"), tp=0, when="kv_shared"),  # KV-shared layers: no k_proj, v_proj, k_norm
     Rule((_A + "q_norm.weight",), "decoder.layers.{i}.self_attention.q_layernorm.weight", "copy", (("hn",),), ("hn",)),
-    Rule((_A + "k_norm.weight",), "decoder.layers.{i}.self_attention.k_layernorm.weight", "copy", (("hn",),), ("hn",)),
+    Rule((_A + "k_norm.weight",), "decoder.layers.{i}.self_attention.k_layernorm.weight", "copy", (("hn",),), ("hn",),
+         when="own_kv"),
     Rule((_A + "o_proj.weight",), "decoder.layers.{i}.self_attention.linear_proj.weight", "copy",
          (("H", "q"),), ("H", "q"), tp=1),
     # dense MLP (always present)
@@ -79,6 +89,12 @@ LAYER_RULES: tuple[Rule, ...] = (
          "stacked_experts_fc1", (("E", "2Ie", "H"),), ("E", "2Ie", "H"), ep=0, etp=1, gated=True, when="moe"),
     Rule(("layers.{i}.experts.down_proj",), "decoder.layers.{i}.moe.experts.linear_fc2.weight",
          "stacked_experts_fc2", (("E", "H", "Ie"),), ("E", "H", "Ie"), ep=0, etp=2, when="moe"),
+    # per-layer embeddings: this layer's gate, projection and norm of its per-layer input
+    Rule(("layers.{i}.per_layer_input_gate.weight",), "decoder.layers.{i}.per_layer_input_gate.weight", "copy",
+         (("P", "H"),), ("P", "H"), tp=0, when="ple"),
+    Rule(("layers.{i}.per_layer_projection.weight",), "decoder.layers.{i}.per_layer_projection.weight", "copy",
+         (("H", "P"),), ("H", "P"), tp=1, when="ple"),
+    _norm("post_per_layer_input_norm.weight", "post_per_layer_input_norm.weight", when="ple"),
     # a persistent buffer that multiplies the whole residual stream
     Rule(("layers.{i}.layer_scalar",), "decoder.layers.{i}.layer_scalar", "copy", (("1",),), ("1",)),
 )
@@ -103,6 +119,14 @@ TEXT_PREFIX = {
 }
 
 
+def kv_shared_leftovers(args: TextArgs) -> tuple[str, ...]:
+    """Name prefixes (relative to the text model) of tensors a checkpoint may still carry for KV-shared layers and
+    HF's loader drops (``Gemma4TextModel._keys_to_ignore_on_load_unexpected``): their K/V projections and norms.
+    Nothing reads them; the import skips them as HF does."""
+    return tuple(f"layers.{i}.self_attn.{n}." for i, la in enumerate(args.layers) if la.kv_shared
+                 for n in ("k_proj", "v_proj", "k_norm", "v_norm"))
+
+
 def sizes(args: TextArgs, i: int | None = None) -> dict[str, int]:
     """The symbols of the shape templates; the attention ones belong to layer ``i``."""
     s = {
@@ -114,9 +138,14 @@ def sizes(args: TextArgs, i: int | None = None) -> dict[str, int]:
         "E": args.num_experts,
         "Ie": args.moe_intermediate_size,
         "2Ie": 2 * args.moe_intermediate_size,
+        "P": args.per_layer_size,
+        "LP": args.num_layers * args.per_layer_size,
+        "Vp": args.per_layer_vocab_size,
     }
     if i is not None:
         layer = args.layers[i]
+        if layer.intermediate_size:  # the double-wide MLP of KV-shared layers (E2B)
+            s.update(I=layer.intermediate_size, **{"2I": 2 * layer.intermediate_size})
         hn, nq, ng = layer.head_dim, args.num_heads, layer.num_kv_heads
         s.update(hn=hn, np=nq, ng=ng, q=nq * hn, kv=ng * hn, qkv=(nq + 2 * ng) * hn)
     return s

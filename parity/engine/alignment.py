@@ -142,6 +142,10 @@ MERGED = Row("merged_embeddings", Kind.MERGED, stack=Stack.VLM, input_of="model.
 
 TEXT = (
     Row("embed_tokens", Kind.EMBEDDING, gate="exact"),
+    # per-layer embeddings (E2B/E4B): the token table (scaled), the projection of the input embeddings, its norm
+    Row("embed_tokens_per_layer", Kind.EMBEDDING, gate="exact", when="ple"),
+    Row("per_layer_model_projection", Kind.LINEAR, when="ple"),
+    Row("per_layer_projection_norm", Kind.NORM, when="ple"),
     Row("norm", Kind.NORM),
     Row("lm_head", Kind.LM_HEAD, stack=Stack.ROOT),
     Row("logits", Kind.LOGITS, stack=Stack.ROOT, feeds=((Stack.TEXT, "norm"),)),
@@ -152,11 +156,12 @@ LAYER = (
     Row("layers.{i}", Kind.LAYER),
     Row("layers.{i}.input_layernorm", Kind.NORM),
     Row(_A, Kind.ATTENTION),
-    Row(f"{_A}.q_proj", Kind.QKV, Part.Q),
-    Row(f"{_A}.k_proj", Kind.QKV, Part.K),
+    Row(f"{_A}.q_proj", Kind.QKV, Part.Q, when="own_kv"),
+    Row(f"{_A}.q_proj", Kind.LINEAR, when="kv_shared", key=f"{_A}.q_proj (kv shared)"),  # a Q-only projection
+    Row(f"{_A}.k_proj", Kind.QKV, Part.K, when="own_kv"),  # KV-shared layers have no k_proj, v_proj, k_norm
     Row(f"{_A}.v_proj", Kind.QKV, Part.V, when="separate_v"),  # K=V layers have no v_proj: V is k_proj's output
     Row(f"{_A}.q_norm", Kind.HEAD_NORM),
-    Row(f"{_A}.k_norm", Kind.HEAD_NORM),
+    Row(f"{_A}.k_norm", Kind.HEAD_NORM, when="own_kv"),
     Row(f"{_A}.o_proj", Kind.LINEAR),
     Row("layers.{i}.post_attention_layernorm", Kind.NORM),
     Row("layers.{i}.pre_feedforward_layernorm", Kind.NORM),
@@ -170,6 +175,9 @@ LAYER = (
     Row("layers.{i}.experts", Kind.EXPERTS, when="moe"),
     Row("layers.{i}.post_feedforward_layernorm_2", Kind.NORM, when="moe"),
     Row("layers.{i}.post_feedforward_layernorm", Kind.NORM),
+    Row("layers.{i}.per_layer_input_gate", Kind.LINEAR, when="ple"),
+    Row("layers.{i}.per_layer_projection", Kind.LINEAR, when="ple"),
+    Row("layers.{i}.post_per_layer_input_norm", Kind.NORM, when="ple"),
 )
 
 TABLES = (  # the mask of ``X.self_attn`` is the ``attention_mask`` its parent ``X`` receives
@@ -211,7 +219,7 @@ def expand(prefixes: dict[Stack, str], text_args, vision_layers: int = 0, audio_
     first = {t: [la.layer_type for la in text_args.layers].index(t) for t in types}
     rows = [(r, {"i": i}) for r in VISION for i in (range(vision_layers) if "{i}" in r.hf else [None])]
     rows += [(r, {"i": i}) for r in AUDIO for i in (range(audio_layers) if "{i}" in r.hf else [None])]
-    rows += [(MERGED, {})] + [(r, {}) for r in TEXT]
+    rows += [(MERGED, {})] + [(r, {}) for r in TEXT if r.when is None or WHEN[r.when](text_args, None)]
     rows += [(r, {"i": i}) for i in range(text_args.num_layers) for r in LAYER
              if r.when is None or WHEN[r.when](text_args, i)]
     rows += [(r, {"i": first[t], "layer_type": t} if t else {}) for r in TABLES for t in (types if r.per_type else [None])]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -50,7 +50,7 @@ class Store:
             return self._seen[key][1]
         if isinstance(x, (tuple, list)):
             return type(x)(self.keep(v) for v in x)
-        if isinstance(x, dict):
+        if isinstance(x, Mapping):  # HF's KV-sharing states are a mapping but not a dict (``KVSharingDict``)
             return {k: self.keep(v) for k, v in x.items()}
         return x
 

@@ -39,7 +39,8 @@ def _from_checkpoint(folder: str, dtype: torch.dtype, device: str, case, archite
     info = hf_checkpoint.inspect(folder)
     if architecture is not None and info.architecture != architecture:
         raise UserError(f"{folder}: a {info.architecture} checkpoint, but case {case.name} needs a {architecture}")
-    keys = None if architecture is not None else hf_checkpoint.text_keys(info)
+    keys = [k for k in info.tensors if k in info.expected] if architecture is not None else \
+        hf_checkpoint.text_keys(info)  # not the keys HF's loader drops (KV-shared layers' K/V)
     _check_memory(info.bytes_as(dtype, keys), device, folder)
     return info.config, hf_checkpoint.load(info, dtype=dtype, device="cpu", keys=keys)
 
@@ -74,6 +75,22 @@ def hf_head(model, hidden: torch.Tensor, inputs: dict, lm_head, output: str = "G
                      position_ids=inputs["position_ids"], use_cache=False).logits
 
 
+PLE_MODULES = ("embed_tokens_per_layer", "per_layer_model_projection", "per_layer_projection_norm")
+
+
+def per_layer_inputs_fp32(base, prefix: str, ids: torch.Tensor, embeds: torch.Tensor, run_copy) -> torch.Tensor:
+    """Every layer's per-layer input (PLE) in fp32, by HF's own ``get_per_layer_inputs`` and
+    ``project_per_layer_inputs`` on a shallow shell of the text model ``base`` whose three PLE modules are fp32
+    copies run through ``run_copy`` (hooked for their floors)."""
+    shell = copy.copy(base)
+    shell._modules = dict(base._modules)  # the shell's own module table: the model itself is untouched
+    for n in PLE_MODULES:
+        shell._modules[n] = _Returns(lambda *a, n=n: run_copy(getattr(base, n), prefix + n, *a))
+    with torch.no_grad():
+        tokens = type(base).get_per_layer_inputs(shell, ids, None)
+        return type(base).project_per_layer_inputs(shell, embeds, tokens)
+
+
 def layer_call(call, h: torch.Tensor, position_embeddings, device, fp32: bool = False) -> tuple[tuple, dict]:
     """How HF's text model calls a decoder layer, from that layer's captured call: the hidden states replaced
     by ``h``, every other captured argument as HF passed it (the positional ``per_layer_input`` too), and
@@ -105,10 +122,9 @@ class TextKind:
                 model = Gemma4ForCausalLM._from_config(config, torch_dtype=dtype)
             _fits(*model.load_state_dict(state, strict=False))
             return model.eval(), config
-        builders = {"tiny_text": C.text_config_kwargs, "full_text": C.full_text_config_kwargs}
-        if case.model.builder not in builders:
+        if case.model.builder not in C.TEXT_BUILDERS:
             raise UserError(f"unknown text model builder {case.model.builder!r}")
-        config = C.make_text_config(builders[case.model.builder](**case.model.overrides))
+        config = C.make_text_config(C.TEXT_BUILDERS[case.model.builder](**case.model.overrides))
         C.check_supported(config)
         config._attn_implementation = "sdpa"
         with torch.device(device):
@@ -149,13 +165,20 @@ class TextKind:
         """The HF text graph in fp32, one decoder layer resident at a time (so it fits beside the bf16 model):
         embed -> layers (HF's own layer kwargs, RoPE recomputed in fp32) -> norm -> lm_head -> softcap."""
         base, device = model.model, inputs["input_ids"].device
-        h = run_copy(base.embed_tokens, "model.embed_tokens", cap.first("model.embed_tokens").args[0].to(device))
+        ids = cap.first("model.embed_tokens").args[0].to(device)
+        h = run_copy(base.embed_tokens, "model.embed_tokens", ids)
+        per_layer = per_layer_inputs_fp32(base, "model.", ids, h, run_copy) if base.hidden_size_per_layer_input else None
+        shared_kv: dict = {}  # KV sharing: the fp32 K/V of the storing layers, as HF's forward passes them on
         for i, layer in enumerate(base.layers):
             prog.note(f"fp32 floor: layer {i + 1}/{len(base.layers)}")
             call = cap.first(f"model.layers.{i}")
             with torch.no_grad():
                 rope = base.rotary_emb(h, call.kwargs["position_ids"].to(device), model.config.layer_types[i])
             args, kwargs = layer_call(call, h, rope, device)
+            if per_layer is not None:
+                args = (h, per_layer[:, :, i, :], *args[2:])
+            if "shared_kv_states" in kwargs:
+                kwargs["shared_kv_states"] = shared_kv
             h = run_copy(layer, f"model.layers.{i}", *args, **kwargs)
         hidden = run_copy(base.norm, "model.norm", h)
         return hf_head(model, hidden, inputs, lambda x: run_copy(model.lm_head, "lm_head", x)).float()
@@ -184,27 +207,24 @@ class VlmKind(TextKind):
                             f"(got tp={case.parallel.tp}, ep={case.parallel.ep})")
 
     def build(self, case, dtype: torch.dtype, device: str, checkpoint: str | None, seed: int):
-        """HF Gemma4ForConditionalGeneration from the ``tiny_vlm`` / ``tiny_vlm_audio`` / ``full_vlm`` builder
-        (random weights) or a checkpoint. HF's audio tower runs eager attention only (its chunked attention has no
+        """HF Gemma4ForConditionalGeneration from a VLM builder (random weights: ``tiny_vlm``, ``tiny_vlm_audio``,
+        ``full_vlm``, ...) or a checkpoint. HF's audio tower runs eager attention only (its chunked attention has no
         SDPA path): the other parts keep SDPA."""
         from transformers import Gemma4ForConditionalGeneration
 
         from parity.engine.randomize import randomize_
-        from parity.vlm_config import (VisionArgs, full_vlm_config_kwargs, make_vlm_config, vlm_audio_config_kwargs,
-                                       vlm_config_kwargs)
+        from parity.vlm_config import VLM_BUILDERS, VisionArgs, check_supported_vlm, make_vlm_config
 
-        builders = {"tiny_vlm": vlm_config_kwargs, "tiny_vlm_audio": vlm_audio_config_kwargs,
-                    "full_vlm": full_vlm_config_kwargs}
         if checkpoint:
             config, state = _from_checkpoint(checkpoint, dtype, device, case, "Gemma4ForConditionalGeneration")
-        elif case.model.builder not in builders:
+        elif case.model.builder not in VLM_BUILDERS:
             raise UserError(f"unknown VLM model builder {case.model.builder!r}")
         else:
             try:
-                config = make_vlm_config(builders[case.model.builder](**case.model.overrides))
+                config = make_vlm_config(VLM_BUILDERS[case.model.builder](**case.model.overrides))
             except TypeError as e:
                 raise UserError(f"case {case.name}: model.overrides: {e}") from None
-        C.check_supported_vlm(config)
+        check_supported_vlm(config)
         VisionArgs.from_hf(config)  # refuses vision features the Megatron tower lacks
         attn = "sdpa" if config.audio_config is None else \
             {"": "sdpa", "text_config": "sdpa", "vision_config": "sdpa", "audio_config": "eager"}

@@ -93,6 +93,7 @@ def against(ref: Reference, system: str) -> dict:
     ready = (attempt("build", lambda: sut.build(case.kind, ref.config, dtype=ref.torch_dtype, device=ref.device),
                      "build_megatron")
              and attempt("load", lambda: sut.load(ref.state, folder=ref.checkpoint), "convert")
+             and (ref.adapters is None or _adapt(sut, ref, failures, attempt))
              and attempt("prepare", lambda: sut.prepare(ref.inputs)))
     timings = dict(ref.timings)
     if ready:
@@ -159,7 +160,17 @@ def against(ref: Reference, system: str) -> dict:
     return results
 
 
-_PHASE_TEXT = {"build": "building", "load": "loading the weights", "prepare": "preparing its masks and RoPE",
+def _adapt(sut, ref, failures: list, attempt) -> bool:
+    """A LoRA case: the system's own LoRA with HF's adapters (``System.load_adapters``); a system without LoRA fails
+    the case at set-up (comparing HF's adapted model with an unadapted one would say nothing)."""
+    if not callable(getattr(sut, "load_adapters", None)):
+        failures.append({"phase": "adapters", "method": "load_adapters", "where": None,
+                         "error": f"{sut.name} has no LoRA (no load_adapters): a [lora] case cannot run on it"})
+        return False
+    return attempt("adapters", lambda: sut.load_adapters(ref.adapters.state(), ref.case.lora), "adapters")
+
+
+_PHASE_TEXT = {"build": "building", "load": "loading the weights", "adapters": "putting its LoRA on", "prepare": "preparing its masks and RoPE",
                "end_to_end": "running its forward (end to end)", "roundtrip": "exporting its weights (round trip)",
                "tables": "building its tables", "isolated": "replaying modules", "fp32_replay": "replaying in fp32",
                "probing": "probing"}

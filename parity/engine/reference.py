@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from parity.config import TextArgs
-from parity.engine.alignment import Aligned, expand
+from parity.engine import adapters as A
+from parity.engine.alignment import Aligned, Stack, expand
 from parity.engine.compare import Call, Capture, Store, Where, capture_hf
 from parity.engine.hoststage import HostStage, stage_bytes, storage_key
 from parity.engine.kinds import KINDS
@@ -53,6 +54,7 @@ class Reference:
     state: dict | None = None  # HF's state dict for conversion and the round trip (``release``)
     host_weights: HostStage | None = None
     released: bool | None = None  # a sequential case: was the HF model freed before the systems were built
+    adapters: A.Adapters | None = None  # a LoRA case: peft's LoRA on HF's model (``parity.engine.adapters``)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -84,6 +86,8 @@ class Reference:
         kind.check(case)
         with prog.phase("build_hf"):
             model, config = kind.build(case, DTYPES[dtype], device, checkpoint, seed)
+            adapters = None if case.lora is None else \
+                A.attach(model, case.lora, kind.prefixes[Stack.TEXT], DTYPES[dtype])  # in place: HF's paths stay
         host_weights = HostStage(reserve=stage_bytes(model.state_dict().values()), background=True) \
             if case.run.sequential and device == "cuda" else None  # page locking overlaps the forwards and floors
         text_args = TextArgs.from_hf(kind.text_config(config))
@@ -102,7 +106,7 @@ class Reference:
         return cls(case=case, kind=kind, device=device, dtype=dtype, seed=seed, checkpoint=checkpoint, model=model,
                    config=config, text_args=text_args, rows=rows, inputs=inputs, where=where,
                    groups=kind.groups(inputs), cap=cap, logits=logits, store=store, prog=prog, timings=timings,
-                   host_weights=host_weights)
+                   host_weights=host_weights, adapters=adapters)
 
     def release(self) -> None:
         """HF's weights for the systems (on the host, page-locked, for a sequential case) and, for a sequential
@@ -111,6 +115,8 @@ class Reference:
             return
         with self.prog.phase("hf_state_to_host"):
             self.state, self.host_weights = weights_for_conversion(self.model, self.sequential, self.host_weights)
+            if self.adapters is not None:  # HF's base weights for the system (its adapters come apart)
+                self.state = A.base_state(self.state)
         ref = weakref.ref(self.model)
         self.model = None  # sequential: the last reference; otherwise ``state`` keeps the weights alive
         self.released = freed(ref, self.device) if self.sequential else None

@@ -42,12 +42,13 @@ class Results:
     # preparing or running a mode (parity then fails; ``checks.system`` is false)
     probing: dict | None = None  # the probing mode's section: its families, points, searches and their cost
     train: dict | None = None  # train cases: loss (HF's, the system's, per token), grad norms, trajectory, labels
+    lora: dict | None = None  # LoRA cases: targets, rank, alpha, adapters, export and merge counts (the lora mode)
 
-    SECTIONS: ClassVar[tuple[str, ...]] = ("probing", "train")  # sections a mode adds (``Comparison.sections``)
+    SECTIONS: ClassVar[tuple[str, ...]] = ("probing", "train", "lora")  # sections a mode adds (``Comparison.sections``)
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key in ("groups", "modes", "failures", "probing", "train"):
+        for key in ("groups", "modes", "failures", "probing", "train", "lora"):
             if out[key] is None:
                 del out[key]
         return out

@@ -124,6 +124,18 @@ class System(Protocol):
 
     def input_layout(self, a: Aligned, x: torch.Tensor, module: nn.Module) -> torch.Tensor: ...  # -> HF layout
 
+    # LoRA (a case with ``[lora]``; a system without ``load_adapters`` fails such a case at set-up, the lora mode
+    # is skipped without the other two):
+    def load_adapters(self, state: Mapping[str, torch.Tensor], spec: Any) -> None: ...
+    # after ``load``: its own LoRA (``spec``: ``parity.cases.LoraSpec``) on its model, with HF's adapter tensors
+    # (``state``: as an adapter file names them, ``parity.engine.adapters``) brought in by its weight mapping; every
+    # forward and training method then runs the adapted model, ``export`` still yields the base weights and
+    # ``grads`` the adapters' gradients (the base is frozen)
+
+    def save_adapters(self, folder: str) -> None: ...  # its adapter export as its users write it (a peft folder)
+
+    def merged(self) -> Iterable[tuple[str, torch.Tensor]]: ...  # its weights with the adapters merged, HF keys
+
     # ``a`` is one concrete row of the table (``a.hf``, ``a.row.kind``, ``a.row.part``, ``a.layer``, ``a.slots``).
     # Layouts by ``a.row.kind``: tensors ``[b, s, ...]``; ROUTER ``{"dense" [b*s, E], "top_w", "top_i" [b*s, k]}``;
     # EXPERTS / FLAT_NORM ``[b*s, H]``; QKV / FC1 the row's ``Part`` only; vision kinds batch-first as HF's
@@ -135,7 +147,7 @@ class System(Protocol):
 # A system that raises: a verdict about it, never a harness error
 
 PORT = ("build", "load", "export", "prepare", "forward", "module", "fp32", "tables", "output", "replay",
-        "train_loss", "grads", "optimizer_step", "input_key", "input_layout")
+        "train_loss", "grads", "optimizer_step", "input_key", "input_layout", "load_adapters", "save_adapters", "merged")
 
 
 class SystemRaised(Exception):
@@ -228,7 +240,7 @@ class Guarded:
             return value
         if name == "fp32":
             return lambda *a, **kw: _GuardedContext(name, _guard(name, value)(*a, **kw))
-        if name == "export":
+        if name in ("export", "merged"):
             return lambda *a, **kw: _guarded_iter(name, _guard(name, value)(*a, **kw))
         return _guard(name, value)
 

@@ -45,6 +45,7 @@ class Row:
     moe: Twin | None
     dense: Twin | None
     moe_only: bool = False
+    feature: str | None = None  # "ple" | "kv_shared": the row exists only where the model has that feature
 
 
 _L = "decoder.layers.{i}"
@@ -67,6 +68,20 @@ TEXT_MODEL = (
                                    grad_input="output_layer"),
         Twin("output_layer", observable=False, note="output_layer applies the final softcap itself: compared as logits")),
     Row("logits", "logits", Twin("output_layer"), Twin("output_layer")),
+    # per-layer embeddings (its dense provider): computed batch-first inside _compute_per_layer_inputs, the table
+    # unscaled and the mix inline; compared through each layer's per-layer input (its gate, projection, norm)
+    Row("model.embed_tokens_per_layer", "embedding", None,
+        Twin("per_layer_embedding", observable=False,
+             note="its PLE table is unscaled: _compute_per_layer_inputs scales (by a Python float) and mixes it inline"),
+        feature="ple"),
+    Row("model.per_layer_model_projection", "linear", None,
+        Twin("per_layer_model_proj", observable=False,
+             note="runs batch-first inside _compute_per_layer_inputs; compared through the layers' per-layer inputs"),
+        feature="ple"),
+    Row("model.per_layer_projection_norm", "norm", None,
+        Twin("per_layer_proj_norm", observable=False,
+             note="runs batch-first inside _compute_per_layer_inputs; compared through the layers' per-layer inputs"),
+        feature="ple"),
 )
 
 TEXT_LAYER = (
@@ -130,6 +145,15 @@ TEXT_LAYER = (
         None, moe_only=True),
     Row("model.layers.{i}.post_feedforward_layernorm_2", "norm", Twin(f"{_L}.mlp.post_moe_layernorm"), None, moe_only=True),
     Row("model.layers.{i}.post_feedforward_layernorm", "norm", Twin(f"{_L}.post_ffn_layernorm"), Twin(f"{_L}.post_mlp_layernorm")),
+    # KV-shared layers (E2B/E4B): its attention keeps the full fused linear_qkv (and k-norm) there, K/V unused
+    Row("model.layers.{i}.self_attn.q_proj (kv shared)", "linear", None,
+        Twin(f"{_L}.self_attention.linear_qkv", observable=False,
+             note="its KV-shared layers keep a full fused linear_qkv whose K/V rows go unused: q is compared at the "
+                  "attention"),
+        feature="kv_shared"),
+    *(Row(f"model.layers.{{i}}.{p}", kind, None, Twin(f"{_L}.{p}"), feature="ple")
+      for p, kind in (("per_layer_input_gate", "linear"), ("per_layer_projection", "linear"),
+                      ("post_per_layer_input_norm", "norm"))),
 )
 
 VLM_PREFIX = ("model.language_model.", "language_model.")
@@ -139,7 +163,7 @@ SHARED_VISION = (("model.vision_tower", "vision_tower"), ("model.embed_vision", 
 def rows(num_layers: int, *, moe: bool, k_eq_v_layers: frozenset[int] = frozenset(), vlm: bool = False
          ) -> list[tuple[str, Row, Twin]]:
     """Concrete ``(hf_name, row, twin)`` for one model: the ``moe`` or ``dense`` column, ``{i}`` expanded;
-    rows without a twin in that tree are left out, as are ``v_proj`` rows of K=V layers (HF has no v_proj
+    rows without a twin in that tree are left out, as are the rows of PLE and KV sharing (``feature``) and ``v_proj`` rows of K=V layers (HF has no v_proj
     there; the bridge's v slot holds a copy of k). ``vlm`` prefixes both sides' text paths."""
     hf_pre, mb_pre = VLM_PREFIX if vlm else ("model.", "")
 
@@ -152,14 +176,14 @@ def rows(num_layers: int, *, moe: bool, k_eq_v_layers: frozenset[int] = frozense
     out = []
     for row in TEXT_MODEL:
         twin = row.moe if moe else row.dense
-        if twin is not None:
+        if twin is not None and row.feature is None:
             out.append((name(row.hf, None, hf_pre, True), row, replace(
                 twin, module=name(twin.module, None, mb_pre, False),
                 grad_input=twin.grad_input and name(twin.grad_input, None, mb_pre, False))))
     for i in range(num_layers):
         for row in TEXT_LAYER:
             twin = row.moe if moe else row.dense
-            if twin is None or (row.kind == "qkv:v" and i in k_eq_v_layers):
+            if twin is None or row.feature is not None or (row.kind == "qkv:v" and i in k_eq_v_layers):
                 continue
             out.append((name(row.hf, i, hf_pre, True), row, replace(
                 twin, module=name(twin.module, i, mb_pre, False),

@@ -192,12 +192,14 @@ def load_hf(bm: BridgeModel, hf_model) -> list[str]:
 
 
 @torch.no_grad()
-def export_hf(bm: BridgeModel, hf_model=None) -> Iterator[tuple[str, torch.Tensor]]:
+def export_hf(bm: BridgeModel, hf_model=None, merge: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_key, tensor)`` for every tensor the bridge's own export (``export_hf_weights``) yields, in the
-    model's dtype. ``hf_model`` (optional) is handed to the bridge as its reference HF state."""
+    model's dtype. ``hf_model`` (optional) is handed to the bridge as its reference HF state. ``merge``: LoRA
+    adapters merged into the weights (its default; here off unless asked: the base weights)."""
     bridge = AutoBridge(_pretrained(bm, hf_model)) if hf_model is not None else bm.bridge
     dtype = next(bm.model.parameters()).dtype
-    for name, tensor in bridge.export_hf_weights([bm.model], cpu=False, show_progress=False, weight_dtype=dtype):
+    for name, tensor in bridge.export_hf_weights([bm.model], cpu=False, show_progress=False, weight_dtype=dtype,
+                                                 merge_adapter_weights=merge):
         yield name, tensor
 
 

@@ -24,6 +24,8 @@ from megatron.core.transformer.utils import is_layer_window_attention
 from megatron.bridge.models.conversion.param_mapping import AutoMapping
 from megatron.bridge.models.gemma.gemma3_provider import _is_local_attn_layer
 
+from parity import compat
+
 TE_NORM_DEFAULT_EPS = 1e-5  # megatron-core TENorm(config, hidden_size, eps=1e-5): the eps when a caller passes none
 
 _NO_TE = "Transformer Engine is not installed here (CPU machines, lent GPU machines)"
@@ -49,6 +51,18 @@ SUBSTITUTED: list[dict[str, str]] = [
          reason=_NO_TE + "; the bridge's block spec is built with use_transformer_engine=False"),
     dict(part="moe_permute_fusion (TE fused permute kernels)",
          by="megatron-core's unfused permute / unpermute", reason=_NO_TE),
+]
+
+# With LoRA on (a LoRA case): Megatron-Bridge's own LoRA layers, around the stand-ins above
+LORA: list[dict[str, str]] = [
+    dict(part="transformer_engine.pytorch in megatron/bridge/peft/lora_layers.py (Linear, LayerNormLinear, ops.Sequential)",
+         by="parity.compat.te_pytorch_standin (types that refuse to be built, bound only while that module imports)",
+         reason=_NO_TE + "; used there only by the op-fuser path (TEFusedLoRALinear), off without TE"),
+    dict(part="megatron/bridge/peft/utils.get_adapter_attributes_from_linear on the TE stand-ins",
+         by="parity.mbridge.substitutes.lora_attributes (its TE branches' reading: column / row, features x TP; "
+            "LayerNormLinear returns its normed input, return_layernorm_output)",
+         reason=_NO_TE + "; its HAVE_TE reads True here (megatron-core's TE wrapper names exist) and fails on "
+                "plain megatron-core linears: set False"),
 ]
 
 # The dense model (local spec, no TE) when megatron-core's fused softmax extension is absent
@@ -244,9 +258,13 @@ class LayerNormColumnParallelLinearSubstitute(nn.Module):
         for p in (self.weight,):
             p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, stride
 
+    return_layernorm_output = False  # TE's flag; Megatron-Bridge's LoRA sets it to read the normed input
+
     def forward(self, x):
+        """``(y, None)``; with ``return_layernorm_output`` (TE's flag): ``((y, norm(x)), None)``."""
         h = te_rms_norm(x, self.layer_norm_weight, self.eps, self.zero_centered_gamma)
-        return torch.nn.functional.linear(h, self.weight), None
+        y = torch.nn.functional.linear(h, self.weight)
+        return ((y, h) if self.return_layernorm_output else y), None
 
 
 class RowParallelLinearPostNormSubstitute(nn.Module):
@@ -318,6 +336,37 @@ class ColumnParallelGroupedLinearSubstitute(_GroupedLinearSubstitute):
 class RowParallelGroupedLinearSubstitute(_GroupedLinearSubstitute):
     parallel_mode = "row"
 
+
+# ---------------------------------------------------------------------------------------------------
+# Megatron-Bridge's LoRA on the stand-ins
+
+def lora_attributes(m: nn.Module, is_expert: bool = False) -> dict | None:
+    """What ``megatron.bridge.peft.utils.get_adapter_attributes_from_linear`` reads from a stand-in, as from its TE twin
+    (the TE branches of that function): LayerNormLinear and GroupedLinear (column) -- input not parallel, out features
+    times the TP size, a LayerNormLinear returning its normed input for LoRA (``return_layernorm_output``); Linear +
+    norm and GroupedLinear (row) -- input parallel, in features times the TP size. None: not a stand-in."""
+    if isinstance(m, LayerNormColumnParallelLinearSubstitute):
+        m.return_layernorm_output = True
+        tp = m.config.tensor_model_parallel_size
+        return dict(input_is_parallel=False, in_features=m.weight.shape[1], out_features=m.weight.shape[0] * tp,
+                    disable_tensor_parallel_comm=False, disable_sequence_parallel_comm=not m.config.sequence_parallel,
+                    base_linear_is_parallel=True)
+    if isinstance(m, RowParallelLinearPostNormSubstitute):
+        tp = m.tp_group.size() if m.tp_group is not None else 1
+        return dict(input_is_parallel=True, in_features=m.weight.shape[1] * tp, out_features=m.weight.shape[0],
+                    disable_tensor_parallel_comm=False, disable_sequence_parallel_comm=True,
+                    base_linear_is_parallel=True)
+    if isinstance(m, _GroupedLinearSubstitute):
+        tp = m.config.expert_tensor_parallel_size or 1
+        w = m.weight0
+        column = m.parallel_mode == "column"
+        return dict(input_is_parallel=not column, in_features=w.shape[1] * (1 if column else tp),
+                    out_features=w.shape[0] * (tp if column else 1), disable_tensor_parallel_comm=False,
+                    disable_sequence_parallel_comm=True, base_linear_is_parallel=True)
+    return None
+
+
+compat.LORA_ATTRIBUTE_READERS.append(lora_attributes)  # its LoRA reads the stand-ins by this (parity.compat)
 
 # The bridge's AutoMapping detects TP layouts from module class names: register ours as their TE twins are.
 AutoMapping.register_module_type(CoreAttentionSubstitute.__name__, "replicated")

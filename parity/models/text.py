@@ -9,7 +9,12 @@ composed from ``ModuleSpec``s; only what differs from stock megatron is our own 
 - ``Gemma4CoreAttention``: softmax scale 1.0, GQA, an explicit boolean mask (sliding window, padding,
   bidirectional vision blocks) that really reaches the softmax;
 - ``Gemma4SelfAttention``: megatron's fused QKV + q/k norms, then weightless v-norm and HF-form RoPE;
-  on K=V layers the fused weight carries V = K rows so V is the *raw* K projection;
+  on K=V layers the fused weight carries V = K rows so V is the *raw* K projection; the last layer of each
+  type before the KV-shared ones keeps its K/V for them;
+- ``Gemma4SharedKVSelfAttention``: a KV-shared layer (E2B/E4B): a Q-only projection, K/V taken from its
+  source layer;
+- ``Gemma4PerLayerEmbedding``: the per-layer embeddings (PLE) table, scaled; the model projects and mixes it
+  with the input embeddings, and each layer gates it into its residual stream;
 - ``Gemma4Router``: rmsnorm(residual) * scale * H^-0.5 -> logits -> fp32 softmax -> top-k ->
   renormalise -> * per_expert_scale;
 - ``Gemma4Experts``: stacked expert weights, grouped GEMM on CUDA bf16, per-expert loop otherwise;
@@ -30,7 +35,7 @@ compat.apply()
 
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding  # noqa: E402
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding  # noqa: E402
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region  # noqa: E402
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
@@ -73,8 +78,9 @@ class Gemma4SelfAttention(SelfAttention):
     HF-form RoPE, scale 1.0, explicit mask."""
 
     k_eq_v = False  # set by its layer: full-attention layers of the 26B-A4B use the raw K projection as V
+    kv_store = False  # set by its layer: its K/V (after norms and RoPE) are kept for the KV-shared layers
 
-    def forward(self, hidden_states, attention_mask, rotary_pos_emb=None, **_):
+    def forward(self, hidden_states, attention_mask, rotary_pos_emb=None, shared_kv=None, **_):
         if self.k_eq_v:
             query, key, value = self._qkv_tied(hidden_states)
         else:
@@ -82,6 +88,8 @@ class Gemma4SelfAttention(SelfAttention):
         value = rms_norm(value, self.config.layernorm_epsilon)  # v_norm: weightless, on the raw V (= raw K on K=V)
         query = rope.apply_rotary(query, rotary_pos_emb)
         key = rope.apply_rotary(key, rotary_pos_emb)
+        if self.kv_store and shared_kv is not None:
+            shared_kv[self.layer_number - 1] = (key, value)
         context = self.core_attention(query, key, value, attention_mask)
         output, bias = self.linear_proj(context)
         return output, bias
@@ -96,6 +104,31 @@ class Gemma4SelfAttention(SelfAttention):
         query, key, _ = torch.split(mixed, split, dim=3)
         query = query.reshape(query.size(0), query.size(1), -1, self.hidden_size_per_attention_head)
         return self.q_layernorm(query), self.k_layernorm(key), key
+
+
+class Gemma4SharedKVSelfAttention(Gemma4SelfAttention):
+    """A KV-shared layer (HF's ``is_kv_shared_layer``): its own queries (``linear_q``, q-norm, RoPE) against the
+    K/V that layer ``kv_source`` computed (``shared_kv[kv_source]``, kept there by that layer). It has no K/V
+    weights: megatron's fused ``linear_qkv`` and k-norm are replaced by a Q-only column-parallel projection."""
+
+    kv_source: int  # set by its layer
+
+    def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules, **kw):
+        super().__init__(config, submodules, **kw)
+        del self.linear_qkv
+        self.k_layernorm = None
+        self.linear_q = build_module(
+            submodules.linear_qkv, config.hidden_size, self.query_projection_size, config=config,
+            init_method=config.init_method, gather_output=False, bias=False, skip_bias_add=False, is_expert=False)
+
+    def forward(self, hidden_states, attention_mask, rotary_pos_emb=None, shared_kv=None, **_):
+        query, _ = self.linear_q(hidden_states)
+        query = query.view(*query.shape[:2], -1, self.hidden_size_per_attention_head)
+        query = rope.apply_rotary(self.q_layernorm(query), rotary_pos_emb)
+        key, value = shared_kv[self.kv_source]
+        context = self.core_attention(query, key, value, attention_mask)
+        output, bias = self.linear_proj(context)
+        return output, bias
 
 
 class Gemma4Router(TopKRouter):
@@ -194,19 +227,39 @@ class Gemma4Embedding(LanguageModelEmbedding):
         return emb * torch.tensor(self.embed_scale, dtype=torch.float32).to(emb.dtype)
 
 
+class Gemma4PerLayerEmbedding(MegatronModule):
+    """PLE's token table: megatron's vocab-parallel embedding of width ``num_layers * per_layer_size``, times
+    sqrt(per_layer_size) rounded to the weight dtype (as HF's ``embed_tokens_per_layer``)."""
+
+    def __init__(self, config: TransformerConfig, vocab_size: int, width: int, embed_scale: float):
+        super().__init__(config=config)
+        self.word_embeddings = VocabParallelEmbedding(vocab_size, width, init_method=config.init_method,
+                                                      config=config)
+        self.embed_scale = embed_scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """ids [b, s] -> [b, s, L*P]."""
+        emb = self.word_embeddings(input_ids)
+        return emb * torch.tensor(self.embed_scale, dtype=torch.float32).to(emb.dtype)
+
+
 class Gemma4TransformerLayer(MegatronModule):
     """One Gemma 4 decoder layer; the forward mirrors HF's ``Gemma4TextDecoderLayer``."""
 
     def __init__(self, config: TransformerConfig, submodules: dict, layer_number: int, layer_args: LayerArgs,
-                 enable_moe: bool, pg_collection=None):
+                 enable_moe: bool, pg_collection=None, per_layer_size: int = 0):
         super().__init__(config=config)
         h, eps = config.hidden_size, config.layernorm_epsilon
         norm = functools.partial(Gemma4RMSNorm, h, config=config, eps=eps)
         self.layer_args = layer_args
         self.input_layernorm = norm()
-        self.self_attention = build_module(submodules["self_attention"], config=config, layer_number=layer_number,
+        attention = submodules["shared_kv_attention" if layer_args.kv_shared else "self_attention"]
+        self.self_attention = build_module(attention, config=config, layer_number=layer_number,
                                            attn_mask_type=AttnMaskType.arbitrary)
         self.self_attention.k_eq_v = layer_args.k_eq_v
+        self.self_attention.kv_store = layer_args.kv_store
+        if layer_args.kv_shared:
+            self.self_attention.kv_source = layer_args.kv_source
         self.post_attention_layernorm = norm()
         self.pre_mlp_layernorm = norm()
         self.mlp = build_module(submodules["mlp"], config=config)
@@ -217,12 +270,20 @@ class Gemma4TransformerLayer(MegatronModule):
             self.moe = build_module(submodules["moe"], config=config, layer_number=layer_number)
             self.post_moe_layernorm = norm()
         self.post_mlp_layernorm = norm()
+        self.per_layer_size = per_layer_size
+        if per_layer_size:
+            self.per_layer_input_gate = ColumnParallelLinear(h, per_layer_size, config=config, bias=False,
+                                                             init_method=config.init_method, gather_output=True)
+            self.per_layer_projection = RowParallelLinear(per_layer_size, h, config=config, bias=False,
+                                                          init_method=config.init_method, input_is_parallel=False,
+                                                          skip_bias_add=False)
+            self.post_per_layer_input_norm = norm()
         self.register_buffer("layer_scalar", torch.ones(1, dtype=config.params_dtype))
 
-    def forward(self, hidden_states, attention_mask, rotary_pos_emb):
+    def forward(self, hidden_states, attention_mask, rotary_pos_emb, per_layer_input=None, shared_kv=None):
         residual = hidden_states
         h = self.input_layernorm(hidden_states)
-        h, _ = self.self_attention(h, attention_mask, rotary_pos_emb=rotary_pos_emb)
+        h, _ = self.self_attention(h, attention_mask, rotary_pos_emb=rotary_pos_emb, shared_kv=shared_kv)
         h = residual + self.post_attention_layernorm(h)
 
         residual = h
@@ -232,22 +293,26 @@ class Gemma4TransformerLayer(MegatronModule):
             m2 = self.moe(residual, self.pre_moe_layernorm(residual))  # the router sees the raw residual
             m = m1 + self.post_moe_layernorm(m2)
         h = residual + self.post_mlp_layernorm(m)
+        if self.per_layer_size:  # PLE: gate this layer's per-layer input into the residual stream
+            residual = h
+            g, _ = self.per_layer_input_gate(h)
+            g, _ = self.per_layer_projection(gelu_tanh(g) * per_layer_input)
+            h = residual + self.post_per_layer_input_norm(g)
         return h * self.layer_scalar
 
 
 def layer_spec(enable_moe: bool) -> dict:
     """Submodule specs of a Gemma 4 layer: swap these to change a backend (e.g. TE linears)."""
+    attention = SelfAttentionSubmodules(
+        linear_qkv=ColumnParallelLinear,
+        core_attention=Gemma4CoreAttention,
+        linear_proj=RowParallelLinear,
+        q_layernorm=Gemma4RMSNorm,
+        k_layernorm=Gemma4RMSNorm,
+    )
     spec = {
-        "self_attention": ModuleSpec(
-            module=Gemma4SelfAttention,
-            submodules=SelfAttentionSubmodules(
-                linear_qkv=ColumnParallelLinear,
-                core_attention=Gemma4CoreAttention,
-                linear_proj=RowParallelLinear,
-                q_layernorm=Gemma4RMSNorm,
-                k_layernorm=Gemma4RMSNorm,
-            ),
-        ),
+        "self_attention": ModuleSpec(module=Gemma4SelfAttention, submodules=attention),
+        "shared_kv_attention": ModuleSpec(module=Gemma4SharedKVSelfAttention, submodules=attention),
         "mlp": ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                linear_fc2=RowParallelLinear)),
     }
@@ -257,7 +322,8 @@ def layer_spec(enable_moe: bool) -> dict:
 
 
 def transformer_config(args: TextArgs, layer: LayerArgs, dtype: torch.dtype, device: str) -> TransformerConfig:
-    """One megatron config per attention layer type (kv_channels / num_query_groups differ)."""
+    """One megatron config per attention layer type and MLP width (kv_channels / num_query_groups differ by type;
+    ffn_hidden_size on double-wide layers)."""
     moe = dict(
         num_moe_experts=args.num_experts,
         moe_router_topk=args.top_k,
@@ -273,7 +339,7 @@ def transformer_config(args: TextArgs, layer: LayerArgs, dtype: torch.dtype, dev
         num_attention_heads=args.num_heads,
         num_query_groups=layer.num_kv_heads,
         kv_channels=layer.head_dim,
-        ffn_hidden_size=args.intermediate_size,
+        ffn_hidden_size=layer.intermediate_size or args.intermediate_size,
         normalization="RMSNorm",
         layernorm_epsilon=args.rms_norm_eps,
         qk_layernorm=True,
@@ -301,12 +367,17 @@ def transformer_config(args: TextArgs, layer: LayerArgs, dtype: torch.dtype, dev
     )
 
 
+def config_key(layer: LayerArgs) -> tuple[str, int]:
+    return layer.layer_type, layer.intermediate_size
+
+
 class Gemma4Decoder(MegatronModule):
-    def __init__(self, args: TextArgs, configs: dict[str, TransformerConfig]):
-        super().__init__(config=configs[args.layers[0].layer_type])
+    def __init__(self, args: TextArgs, configs: dict[tuple[str, int], TransformerConfig]):
+        super().__init__(config=configs[config_key(args.layers[0])])
         spec = layer_spec(args.enable_moe_block)
         self.layers = nn.ModuleList(
-            Gemma4TransformerLayer(configs[la.layer_type], spec, i + 1, la, args.enable_moe_block)
+            Gemma4TransformerLayer(configs[config_key(la)], spec, i + 1, la, args.enable_moe_block,
+                                   per_layer_size=args.per_layer_size)
             for i, la in enumerate(args.layers)
         )
         self.final_layernorm = Gemma4RMSNorm(args.hidden_size, config=self.config, eps=args.rms_norm_eps)
@@ -317,13 +388,22 @@ class Gemma4Model(MegatronModule):
 
     def __init__(self, args: TextArgs, dtype: torch.dtype = torch.float32, device: str = "cpu"):
         self.args = args
-        configs = {la.layer_type: transformer_config(args, la, dtype, device) for la in args.layers}
-        super().__init__(config=configs[args.layers[0].layer_type])
+        configs = {config_key(la): transformer_config(args, la, dtype, device) for la in args.layers}
+        super().__init__(config=configs[config_key(args.layers[0])])
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if args.vocab_size % tp:
             raise ValueError(f"vocab_size {args.vocab_size} is not divisible by TP={tp}")
         self.embedding = Gemma4Embedding(self.config, args.vocab_size, args.embed_scale)
         self.decoder = Gemma4Decoder(args, configs)
+        if args.per_layer_size:  # PLE: the token table, and the projection of the input embeddings mixed into it
+            width = args.num_layers * args.per_layer_size
+            self.per_layer_embedding = Gemma4PerLayerEmbedding(self.config, args.per_layer_vocab_size, width,
+                                                               args.per_layer_size**0.5)
+            self.per_layer_model_projection = ColumnParallelLinear(
+                args.hidden_size, width, config=self.config, init_method=self.config.init_method, bias=False,
+                gather_output=True)
+            self.per_layer_projection_norm = Gemma4RMSNorm(args.per_layer_size, config=self.config,
+                                                           eps=args.rms_norm_eps)
         self.output_layer = ColumnParallelLinear(
             args.hidden_size, args.vocab_size, config=self.config, init_method=self.config.init_method,
             bias=False, gather_output=False, skip_weight_param_allocation=args.tie_word_embeddings)
@@ -341,6 +421,15 @@ class Gemma4Model(MegatronModule):
             if la.layer_type not in tables:
                 tables[la.layer_type] = rope.rotary_freqs(la, position_ids)
         return tables
+
+    def per_layer_inputs(self, input_ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """PLE: ids [b, s] and the input embeddings h [s, b, H] -> every layer's per-layer input [s, b, L, P]:
+        (rmsnorm(projection(h) / sqrt(H)) + table(ids)) / sqrt(2)."""
+        shape = (*h.shape[:2], self.args.num_layers, self.args.per_layer_size)
+        proj, _ = self.per_layer_model_projection(h)
+        proj = self.per_layer_projection_norm((proj * self.args.hidden_size**-0.5).reshape(shape))
+        tokens = self.per_layer_embedding(input_ids).transpose(0, 1).reshape(shape)
+        return (proj + tokens) * 2.0**-0.5
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[s, b, H] final hidden -> softcapped logits [b, s, V] (TP-gathered)."""
@@ -363,8 +452,11 @@ class Gemma4Model(MegatronModule):
         masks = self.build_masks(b, s, padding_mask, mm_token_type_ids, device)
         tables = self.rotary_tables(position_ids)
         h = inputs_embeds.transpose(0, 1).contiguous()  # megatron layout [s, b, H]
-        for layer in self.decoder.layers:
+        per_layer = self.per_layer_inputs(input_ids, h) if self.args.per_layer_size else None
+        shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # KV sharing: source layer -> its (K, V)
+        for i, layer in enumerate(self.decoder.layers):
             lt = layer.layer_args.layer_type
-            h = layer(h, masks[lt], tables[lt])
+            h = layer(h, masks[lt], tables[lt], per_layer_input=None if per_layer is None else per_layer[:, :, i],
+                      shared_kv=shared_kv)
         h = self.decoder.final_layernorm(h)
         return self.output_logits(h)

@@ -194,6 +194,7 @@ def run_entry(run: dict, previous: dict | None) -> dict:
         "modules": {"rows": len(rows), "failed": sum(1 for r in rows if r.get("passed") is False)},
         "roundtrip": {"tensors": rt.get("tensors"), "bit_exact": rt.get("bit_exact"),
                       "max_abs_diff": _number(rt.get("max_abs_diff"))} if rt else None,
+        **({"lora": lora_entry(run["lora"])} if isinstance(run.get("lora"), dict) else {}),
         "regressions": {"previous_run": ((previous or {}).get("_run") or {}).get("id"),
                         "count": len(regressions(flags)),
                         "drift": sum(1 for f in flags if f["severity"] == "drift"),
@@ -202,6 +203,19 @@ def run_entry(run: dict, previous: dict | None) -> dict:
         "harness_commit": env.get("git_commit"), "harness_dirty": env.get("git_dirty"),
         "report": f"{RUNS}/{run['_run']['id']}/{REPORT}",
     }
+
+
+def lora_entry(lora: dict) -> dict:
+    """A LoRA case's card entry: its adapters, and every adapter tensor of the system's exports accounted for."""
+    def counts(c):
+        return None if not isinstance(c, dict) else {
+            "hf": c.get("hf"), "exported": c.get("exported"), "bit_exact": c.get("bit_exact"),
+            "missing": len(c.get("missing") or []), "extra": len(c.get("extra") or [])}
+    rel = lambda k: _number((lora.get(k) or {}).get("vs_peft_rel_l2"))  # noqa: E731
+    return {"targets": lora.get("targets"), "r": lora.get("r"), "alpha": lora.get("alpha"),
+            "adapter_export": counts(lora.get("export")), "merged_export": counts(lora.get("merged")),
+            "export_loads": lora.get("export_loads", False), "export_logits_rel_l2": rel("export_logits"),
+            "merged_logits_rel_l2": rel("merged_logits")}
 
 
 def junit_counts(path: Path) -> dict:

@@ -26,6 +26,7 @@ from parity.report.page import page
 from parity.report.svg import Point, Series, bar_chart, line_chart
 from parity.report.training import GRADIENT_ROWS
 from parity.report.training import section as training_section
+from parity.report.lora import section as lora_section
 
 MODE_COLORS = {m.name: m.color for m in MODES}
 MODE_LABELS = {**{m.name: m.label for m in MODES}, **GRADIENT_ROWS}
@@ -890,7 +891,7 @@ def render_run(results: dict, previous: dict | None = None, links: dict | None =
         _logits_card(results), "</div>", _changed_card(results, links),
         _strip(results, flags, previous is not None, links), "</section>",
         _layers_section(results), heatmap_section(results), _regressions_section(results, previous, flags),
-        _modules_section(results), training_section(results), _probing_section(results), _routers_section(results),
+        _modules_section(results), training_section(results), lora_section(results), _probing_section(results), _routers_section(results),
         _logits_section(results),
         _roundtrip_section(results), _provenance_section(results),
     ]

@@ -47,3 +47,15 @@ def test_step(parity_run):
         pytest.skip(f"not a train case (case {parity_run.target.case.name})")
     parity_run.require("step")
     parity_run.require("trajectory")
+
+
+def test_lora(parity_run):
+    """LoRA cases: the system's adapter export (every tensor accounted for, bit for bit, loaded by peft) and merged
+    export (against peft's merge_and_unload) and their logits within the case's gates; the system raising while
+    making them fails it too (forward and gradient rows with adapters: the checks above)."""
+    checks = parity_run.results.get("checks") or {}
+    if "lora" not in checks:
+        pytest.skip(f"not a LoRA case (case {parity_run.target.case.name})")
+    parity_run.require("lora")
+    if any(f.get("phase") in ("lora", "adapters") for f in parity_run.results.get("failures") or []):
+        pytest.fail(parity_run.explain("lora"), pytrace=False)

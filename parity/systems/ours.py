@@ -16,6 +16,7 @@ from torch import nn
 
 from parity import megatron_env
 from parity.config import TextArgs
+from parity.engine import adapters as A
 from parity.engine.alignment import Aligned, Kind, Stack
 from parity.engine.compare import value
 from parity.engine.system import call_arg, hf_routing
@@ -24,6 +25,9 @@ from parity.megatron_layout import first, hf_token_order, input_to_hf, sb, to_hf
 # Alignment-table key -> module path in the text model (``language_model.`` inside the VLM).
 LM = {
     "embed_tokens": "embedding", "norm": "decoder.final_layernorm", "lm_head": "output_layer",
+    "embed_tokens_per_layer": "per_layer_embedding", "per_layer_model_projection": "per_layer_model_projection",
+    "per_layer_projection_norm": "per_layer_projection_norm",
+    "layers.{i}.self_attn.q_proj (kv shared)": "decoder.layers.{i}.self_attention.linear_q",
     **{f"layers.{{i}}{hf}": f"decoder.layers.{{i}}{mc}" for hf, mc in (
         ("", ""), (".input_layernorm", ".input_layernorm"), (".self_attn", ".self_attention"),
         *((f".self_attn.{p}_proj", ".self_attention.linear_qkv") for p in "qkv"),
@@ -33,7 +37,8 @@ LM = {
         (".mlp", ".mlp"), (".mlp.gate_proj", ".mlp.linear_fc1"), (".mlp.up_proj", ".mlp.linear_fc1"),
         (".mlp.down_proj", ".mlp.linear_fc2"), (".post_feedforward_layernorm_1", ".post_mlp_layernorm_1"),
         (".router", ".moe.router"), (".pre_feedforward_layernorm_2", ".pre_moe_layernorm"), (".experts", ".moe"),
-        (".post_feedforward_layernorm_2", ".post_moe_layernorm"), (".post_feedforward_layernorm", ".post_mlp_layernorm"))},
+        (".post_feedforward_layernorm_2", ".post_moe_layernorm"), (".post_feedforward_layernorm", ".post_mlp_layernorm"),
+        *((f".{p}", f".{p}") for p in ("per_layer_input_gate", "per_layer_projection", "post_per_layer_input_norm")))},
 }
 _L, _M = "vision_tower.encoder.layers.{i}", "vision.vision_model.encoder.layers.{i}"
 _LINEARS = {"self_attn.q_proj": "self_attention.linear_q", "self_attn.k_proj": "self_attention.linear_k",
@@ -172,9 +177,12 @@ class ParitySystem:
 
     def export(self):
         """HF (key, tensor) pairs, one at a time; in a world of several ranks each tensor's shards are gathered."""
+        yield from self._export(self._state())
+
+    def _export(self, sd: dict):
+        """A Megatron state dict (its own names) -> HF (key, tensor) pairs."""
         from parity.bridge import audio, convert, vision
 
-        sd = {k: v for k, v in self.model.state_dict().items() if v is not None and not k.endswith("_extra_state")}
         if not self.vlm:
             world = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
             yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(sd, self.args)
@@ -189,6 +197,92 @@ class ParitySystem:
         for k in sd:  # nothing else should carry weights; surfaces as "unexpected key" in the round trip
             if not k.startswith((TEXT_MC, VISION_MC) + ((AUDIO_MC,) if self.audio else ())):
                 yield f"<megatron>{k}", sd[k]
+
+    # -- LoRA --------------------------------------------------------------------------------------
+
+    lora = None  # the LoRA transform once ``load_adapters`` has put adapters on
+
+    def load_adapters(self, state, spec) -> None:
+        """Megatron-Bridge's LoRA transform (``megatron.bridge.peft.lora.LoRA``: the same as that system's, on our
+        megatron-core linears, which it reads natively) on the decoder's linears the case names (the routed experts
+        are not linears), then HF's adapters through our weight mapping's rules (``parity.bridge.adapters``)."""
+        from parity import mbridge
+        from parity.bridge import adapters as BA
+
+        ok, why = mbridge.available()
+        if not ok:
+            raise NotImplementedError(f"LoRA in system parity is Megatron-Bridge's LoRA transform: {why}")
+        if tp_size() > 1:
+            raise NotImplementedError("LoRA in system parity runs at TP=1 for now")
+        from parity.mbridge import lora as L  # noqa: F401  (the bridge imported, its patches applied)
+        from megatron.bridge.peft.lora import LoRA
+
+        self.lora = LoRA(target_modules=_lora_targets(spec, self._mc_prefix()), dim=spec.r, alpha=spec.alpha,
+                         dropout=spec.dropout)
+        self.lora(self.model, training=True)
+        self.model.eval()
+        self.lora_scale = spec.alpha / spec.r
+        if self.dtype != torch.float32:
+            for _, wrapper in self._lora_wrappers():
+                _fp32_adapter(wrapper)
+        weights = BA.hf_to_megatron(state, self.args, self._hf_prefix())
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for k, v in weights.items():
+                params[self._mc_prefix() + k].copy_(v)
+        self._modules = dict(self.model.named_modules())
+        self._modules.update({n.replace(".to_wrap.", "."): m for n, m in list(self._modules.items())
+                              if ".to_wrap." in n and n.replace(".to_wrap.", ".") not in self._modules})
+        from parity.mbridge import substitutes as S
+
+        self.substituted = [dict(row) for row in S.LORA]  # its LoRA layers' module, imported without TE
+
+    def save_adapters(self, folder: str) -> None:
+        """Its adapter export: a peft adapter folder (``adapter_model.safetensors`` + peft's ``LoraConfig``, its
+        targets the adapted HF modules by full path)."""
+        import os
+
+        from peft import LoraConfig
+        from safetensors.torch import save_file
+
+        from parity.bridge import adapters as BA
+
+        sd = {k: v.detach() for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        tensors = {A.FILE_PREFIX + k: v.detach().cpu().clone()  # one file entry each (a shared A is written per part)
+                   for k, v in BA.megatron_to_hf(self._adapters(sd), self.args, self._hf_prefix())}
+        modules = sorted({A.module_key(k) for k in tensors})
+        LoraConfig(r=self.lora.dim, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
+                   target_modules=modules).save_pretrained(folder)
+        save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
+
+    def merged(self):
+        """Its weights with each adapter merged (``W + alpha/r B A`` in Megatron layout), exported by its mapping."""
+        from parity.bridge import adapters as BA
+
+        sd = {k: v.detach() for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        yield from self._export(BA.merged(self._state(), {self._mc_prefix() + k: v
+                                                          for k, v in self._adapters(sd).items()}, self.lora_scale))
+
+    def _lora_wrappers(self):
+        from megatron.bridge.peft.adapter_wrapper import AdapterWrapper
+
+        return [(n, m) for n, m in self.model.named_modules() if isinstance(m, AdapterWrapper)]
+
+    def _state(self) -> dict:
+        """Its base weights under their own names (LoRA's wrapped linears unwrapped, adapters left out)."""
+        sd = {k: v for k, v in self.model.state_dict().items() if v is not None and not k.endswith("_extra_state")}
+        return {k.replace(".to_wrap.", "."): v for k, v in sd.items() if ".adapter." not in k}
+
+    def _adapters(self, sd: dict) -> dict:
+        """Adapter tensors of a state dict (or of gradients), keyed under the text model."""
+        mc = self._mc_prefix()
+        return {k[len(mc):]: v for k, v in sd.items() if ".adapter." in k and k.startswith(mc)}
+
+    def _mc_prefix(self) -> str:
+        return TEXT_MC if self.vlm else ""
+
+    def _hf_prefix(self) -> str:
+        return "model.language_model." if self.vlm else "model."
 
     # -- running -----------------------------------------------------------------------------------
 
@@ -260,7 +354,7 @@ class ParitySystem:
         self._optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             for layer in self.lm.decoder.layers:
-                if layer.layer_args.k_eq_v:
+                if layer.layer_args.k_eq_v and not layer.layer_args.kv_shared:  # a shared layer has Q rows only
                     att = layer.self_attention
                     hn, ng = att.hidden_size_per_attention_head, att.num_query_groups_per_partition
                     rep = att.num_attention_heads_per_partition // ng
@@ -277,6 +371,12 @@ class ParitySystem:
         params = dict(self.model.named_parameters())
         sd = {k: params[k].grad if k in params and params[k].grad is not None else torch.zeros_like(v)
               for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        if self.lora is not None:  # the base is frozen: the adapters' gradients, by the mapping's adjoints
+            from parity.bridge import adapters as BA
+
+            yield from ((A.param_key(k), g) for k, g in BA.megatron_to_hf(
+                self._adapters(sd), self.args, self._hf_prefix(), grads=True))
+            return
         if not self.vlm:
             yield from convert.iter_megatron_to_hf(sd, self.args, grads=True)
             return
@@ -346,7 +446,10 @@ class ParitySystem:
                 "top_i": hf_token_order(top_i, b, s)}
 
     def _out_layout(self, a: Aligned, out: Any, module: nn.Module) -> torch.Tensor:
-        return to_hf(a, first(out), self.b, self.s, self.args)
+        x = first(out)
+        if a.row.kind is Kind.LINEAR and getattr(module, "gather_output", True) is False:  # a KV-shared layer's Q
+            x = tp_gather(x)
+        return to_hf(a, x, self.b, self.s, self.args)
 
     _OUTPUT = {Kind.EMBEDDING: _out_as_is, Kind.LOGITS: _out_as_is, Kind.MERGED: _out_as_is, Kind.ROUTER: _out_router}
 
@@ -387,11 +490,28 @@ class ParitySystem:
         return module(call_arg(call, "hidden_states", device=self.device))
 
     def _replay_layer(self, a: Aligned, module, call) -> torch.Tensor:
-        """A decoder layer or its self-attention, with its own mask and RoPE table of the layer's type."""
+        """A decoder layer or its self-attention, with its own mask and RoPE table of the layer's type; a KV-shared
+        layer on the K/V HF's layer received (``shared_kv_states``), a layer with per-layer embeddings on HF's
+        per-layer input."""
         lt = self.layer_types[a.layer]
         x = call_arg(call, "hidden_states", device=self.device)
-        out = module(sb(x), self.masks[lt], rotary_pos_emb=self.rope[lt])
-        return sb(out if a.row.kind is Kind.LAYER else out[0])
+        shared_kv = self._shared_kv(a, call)
+        if a.row.kind is Kind.ATTENTION:
+            return sb(module(sb(x), self.masks[lt], rotary_pos_emb=self.rope[lt], shared_kv=shared_kv)[0])
+        per_layer = None
+        if self.args.per_layer_size:
+            per_layer = sb(call_arg(call, "per_layer_input", 1, device=self.device))
+        return sb(module(sb(x), self.masks[lt], self.rope[lt], per_layer_input=per_layer, shared_kv=shared_kv))
+
+    def _shared_kv(self, a: Aligned, call) -> dict:
+        """HF's K/V for a KV-shared layer (its call's ``shared_kv_states[layer type]``, ``[b, heads, s, d]``) as our
+        model holds them: ``{source layer: (K, V)}``, each ``[s, b, heads of this rank, d]``."""
+        la = self.args.layers[a.layer]
+        if not la.kv_shared:
+            return {}
+        kv = call.kwargs["shared_kv_states"][la.layer_type]
+        n, rank = tp_size(), megatron_env.ranks()["tp_rank"]
+        return {la.kv_source: tuple(t.to(self.device).permute(2, 0, 1, 3).chunk(n, dim=2)[rank] for t in kv)}
 
     def _replay_projection(self, a: Aligned, module, call) -> Any:
         """A linear (a row-parallel one on this rank's slice of the HF input), the fused QKV / FC1 or the MLP."""
@@ -438,7 +558,6 @@ class ParitySystem:
             return module(x, self.vcos, self.vsin, self.vmask)
         return module(x)
 
-
     def _audio_replay(self, module: nn.Module, x: torch.Tensor) -> Any:
         """An audio module on HF's captured input, with its own frame masks, relative positions and blocked mask."""
         from parity.models import audio as A
@@ -453,6 +572,33 @@ class ParitySystem:
         return module(x)
 
 
+def _fp32_adapter(wrapper: nn.Module) -> None:
+    """A LoRA adapter held and computed in fp32 inside a lower-precision model, as peft keeps and runs its adapters
+    (``autocast_adapter_dtype``): its input cast up, the base output plus its fp32 output rounded once, to the base
+    output's dtype."""
+    wrapper.adapter.float()
+
+    def up(module, args, kwargs):
+        return (args[0].float(), *args[1:]), kwargs
+
+    def round_once(module, args, out):
+        y, bias = out
+        return y.to(args[0].dtype), bias
+    wrapper.adapter.register_forward_pre_hook(up, with_kwargs=True)
+    wrapper.register_forward_hook(round_once)
+
+
+_LORA_TARGETS = {"q_proj": "self_attention.linear_qkv", "k_proj": "self_attention.linear_qkv",
+                 "v_proj": "self_attention.linear_qkv", "o_proj": "self_attention.linear_proj",
+                 "gate_proj": "mlp.linear_fc1", "up_proj": "mlp.linear_fc1", "down_proj": "mlp.linear_fc2"}
+
+
+def _lora_targets(spec, prefix: str) -> list[str]:
+    """The LoRA transform's ``target_modules`` (wildcards of our module names) for the case's HF targets: the text
+    decoder's linears (under ``prefix`` in the VLM, whose vision encoder has a ``linear_proj`` too)."""
+    return list(dict.fromkeys(f"{prefix}decoder.layers.*.{_LORA_TARGETS[n]}" for n in spec.targets))
+
+
 def _layer_fp32(lm, i: int, device):
     """An fp32 copy of just decoder layer ``i`` of our Megatron text model ``lm``: built from its own spec with an
     fp32 config, loaded from the model under test (its weights upcast)."""
@@ -462,7 +608,8 @@ def _layer_fp32(lm, i: int, device):
     la = args.layers[i]
     config = transformer_config(args, la, torch.float32, str(device).split(":")[0])
     with torch.device(device):
-        layer = Gemma4TransformerLayer(config, layer_spec(args.enable_moe_block), i + 1, la, args.enable_moe_block)
+        layer = Gemma4TransformerLayer(config, layer_spec(args.enable_moe_block), i + 1, la, args.enable_moe_block,
+                                       per_layer_size=args.per_layer_size)
     src = {k: v for k, v in lm.decoder.layers[i].state_dict().items() if not k.endswith("_extra_state")}
     missing = [k for k in layer.state_dict() if k not in src and not k.endswith("_extra_state")]
     if missing:

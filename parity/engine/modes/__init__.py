@@ -29,7 +29,7 @@ class Mode:
     floors: bool = False  # bf16 runs measure HF-bf16 against HF-fp32 in this mode (each row's noise floor)
     every_row: bool = False  # every row the system has a module for yields a record (else a failing one)
     when: str = "always"  # "always" | "bf16_single": bf16 runs of one process (the fp32 replay) | "single": one
-    # process | "train": train cases
+    # process | "train": train cases | "lora": LoRA cases
     gate_key: str = "rel_l2"  # the number of its gate section that judges its rows (gradients: grad_rel_l2)
     needs: tuple[str, ...] = ()  # the System methods it calls (a system without one: the mode is skipped, said so)
     records_as: str | None = None  # its rows are written with this mode's name (tables: end_to_end rows)
@@ -38,6 +38,7 @@ class Mode:
     check: str | None = None  # a mode with rows of its own: the results check its rows decide (else "modules")
     dtypes: tuple[str, ...] = ("float32", "bfloat16")  # run dtypes it runs in
     train_cases: bool = True  # also in train cases (probing: its forward twin case carries those rows)
+    lora_why: str = ""  # why it does not run in LoRA cases (empty: it does)
     dtype_why: str = ""  # why not in the others
 
     def why_not(self, case, dtype: str, system=None) -> str | None:
@@ -48,6 +49,10 @@ class Mode:
             return f"runs of one process only (this run has {case.world_size})"
         if self.when == "train" and getattr(case, "train", None) is None:
             return "not a train case (no [train] table)"
+        if self.when == "lora" and getattr(case, "lora", None) is None:
+            return "not a LoRA case (no [lora] table)"
+        if self.lora_why and getattr(case, "lora", None) is not None:
+            return f"a LoRA case: {self.lora_why}"
         if not self.train_cases and getattr(case, "train", None) is not None:
             return "a train case: the same model and inputs without [train] (its forward case) carry these rows"
         if dtype not in self.dtypes:
@@ -68,20 +73,26 @@ MODES = (  # in the order a run measures them
     Mode("isolated", "isolated", "isolated", color="#0969da", replay=True, rank=0, floors=True, every_row=True,
          needs=("module", "replay")),
     Mode("fp32_replay", "fp32 replay", "fp32_replay", color="#8250df", replay=True, rank=1, gates="float32",
-         when="bf16_single", needs=("module", "replay", "fp32")),
+         when="bf16_single", needs=("module", "replay", "fp32"),
+         lora_why="it rebuilds HF's layers from the base weights, without peft's adapters"),
     Mode("tables", "masks and RoPE", "tables", records_as="end_to_end", needs=("tables",)),
     Mode("probing", "probing", "probing", color="#1a7f37", replay=True, rank=3, when="single",
-         needs=("module", "replay", "prepare", "tables"), train_cases=False),
+         needs=("module", "replay", "prepare", "tables"), train_cases=False,
+         lora_why="it rebuilds HF's modules from the base weights, without peft's adapters"),
     Mode("backward", "backward", "backward", color="#1a7f37", rank=4, when="train", gate_key="grad_rel_l2",
          floors=True,
          needs=("train_loss", "grads", "module", "output", "input_key", "input_layout"), rows=("loss", "grad_output", "grad_input", "param_grad"),
          own_rows=("loss", "grad_input", "param_grad"), check="gradients"),
     Mode("step", "optimizer step", "step", color="#9a6700", rank=4, when="train", gate_key="grad_rel_l2",
          needs=("train_loss", "optimizer_step", "export"), rows=("param_step",), own_rows=("param_step",),
-         check="step", dtypes=("float32",),
+         check="step", dtypes=("float32",), lora_why="the adapters' optimizer step is not modelled yet (the base "
+                                                         "frozen, the adapters' parameter names)",
          dtype_why="bf16 training steps fp32 master weights on both sides' real paths (megatron-core's mixed-precision "
                    "optimizer, HF Trainer's autocast); stepping bf16 parameters in place is neither, and is not "
                    "modelled here yet"),
+    Mode("lora", "LoRA export and merge", "lora", color="#cf222e", rank=5, when="lora",
+         needs=("save_adapters", "merged"), rows=("adapter_export", "adapter_merged", "adapter_logits"),
+         own_rows=("adapter_export", "adapter_merged", "adapter_logits"), check="lora"),
 )
 PLOTTED = tuple(m.name for m in sorted(MODES, key=lambda m: m.rank) if m.every_row)  # reports draw these per layer
 

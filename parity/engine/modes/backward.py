@@ -121,7 +121,7 @@ def hf_backward(ref, model) -> dict:
                 y.register_hook(grads.hook(OUTPUT, a.hf, lambda g: g.cpu()))
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(fwd, with_kwargs=True))
-    params = dict(model.named_parameters())
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # LoRA: the adapters (base frozen)
     for pname, p in params.items():
         handles.append(p.register_post_accumulate_grad_hook(lambda p, n=pname: grads.hook(PARAM, n)(p.grad)))
     model.zero_grad(set_to_none=True)

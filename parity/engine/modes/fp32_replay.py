@@ -57,7 +57,8 @@ def hf_layer_fp32(text_config, state: dict, i: int, device, prefix: str):
 def run(compared, prog) -> None:
     """Append ``fp32_replay`` records (and ``truth_rel_l2`` on the isolated ones) for every text decoder layer
     and the final norm of ``compared`` (a ``parity.engine.comparison.Comparison``): HF's layer rebuilt in fp32 from the reference's weights, the
-    system's layer in fp32 (``sut.fp32``), both on HF's fp32 activations."""
+    system's layer in fp32 (``sut.fp32``), both on HF's fp32 activations (a KV-shared layer on the fp32 K/V of
+    HF's storing layer in this pass)."""
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm, Gemma4TextRotaryEmbedding
 
     sut, ref = compared.sut, compared.ref
@@ -73,6 +74,7 @@ def run(compared, prog) -> None:
     merged = cap.first("merged_embeddings") if kind.name == "vlm" else None
     h = upcast(to_device(first((merged or embed).output), device))
     n_layers = text_config.num_hidden_layers
+    shared_kv: dict = {}  # KV sharing: the fp32 K/V HF's storing layers leave for the shared ones, as its forward
     for i in range(n_layers):
         if prog is not None:
             prog.note(f"fp32 replay: layer {i + 1}/{n_layers}")
@@ -86,6 +88,8 @@ def run(compared, prog) -> None:
         with torch.no_grad():
             rope = rotary(h, call.kwargs["position_ids"].to(device), text_config.layer_types[i])
         args, kwargs = layer_call(call, h, rope, device, fp32=True)
+        if "shared_kv_states" in kwargs:
+            kwargs["shared_kv_states"] = shared_kv
         cap32, out = capture_hf(_mounted(hf32, layer_name), mine, lambda: hf32(*args, **kwargs), Store(offload=False))
         layer_row = next(a for a in mine if a.row.kind is Kind.LAYER)
         with sut.fp32(compared.name(layer_row)) as module_of:  # the system's layer i in fp32
@@ -105,7 +109,7 @@ def run(compared, prog) -> None:
         h = first(out)
         del hf32, cap32
     for a in rows:  # the final norm, on the last fp32 layer's output
-        if a.row.kind is not Kind.NORM or a.layer is not None:
+        if a.row.kind is not Kind.NORM or a.hf != f"{hf_prefix}norm":  # not PLE's projection norm (before layer 0)
             continue
         name = compared.name(a)
         if not isinstance(name, str) or sut.module(name) is None:

@@ -112,17 +112,19 @@ class HFSide:
         return self._layers[i]
 
     def module(self, a: Aligned) -> torch.nn.Module:
-        """HF's module of row ``a``: a submodule of its rebuilt layer, or the final norm."""
+        """HF's module of row ``a``: a submodule of its rebuilt layer, or a norm of the text model (the final norm,
+        PLE's projection norm), as wide as its weight."""
         if a.layer is not None:
             rel = a.hf[len(f"{self.prefix}layers.{a.layer}."):]
             return self.layer(a.layer).get_submodule(rel)
-        if "norm" not in self._layers:
+        if a.hf not in self._layers:
             from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
 
+            weights = self._weights(f"{a.hf}.")
             with torch.device("meta"):
-                norm = Gemma4RMSNorm(self.config.hidden_size, eps=self.config.rms_norm_eps)
-            self._layers["norm"] = self._built(norm, self._weights(f"{a.hf}."), a.hf)
-        return self._layers["norm"]
+                norm = Gemma4RMSNorm(weights["weight"].shape[0], eps=self.config.rms_norm_eps)
+            self._layers[a.hf] = self._built(norm, weights, a.hf)
+        return self._layers[a.hf]
 
     def fp32(self, module: torch.nn.Module, keep: bool = True) -> torch.nn.Module:
         """An fp32 copy of one of these modules: kept (a norm, a router: the floors of several probes use it), or
@@ -413,50 +415,47 @@ def run(c, prog) -> None:
         families[name] = {**info, "rows": len(new), "failing": sum(not r.passed for r in new),
                           "seconds": time.perf_counter() - t}
 
-    # magnitude: every norm and router
-    norms = p.module_rows(MODULE_KINDS)
-
-    def magnitude() -> dict:
-        for rms in RMS:
-            probe = Probe("magnitude", f"magnitude: input RMS {rms:g}", {"rms": rms})
-            p.keep([r for r in (p.module_probe(a, probe, p.magnitude(rms)) for a in norms) if r is not None])
-        firsts = _search_pool(c, norms, cfg)
+    def module_family(name: str, rows: list[Aligned], key: str, points, transform: Callable, label: Callable,
+                      found: Callable, exponents: Callable[[], tuple[float, float]]) -> dict:
+        """A module family: every row at each fixed point (``{key: v}``), then a search over (row, ``10**e``) with
+        ``e`` in ``exponents()`` (read once the fixed points are in) on the rows the search pool gives."""
+        for v in points:
+            probe = Probe(name, label(v), {key: v})
+            p.keep([r for r in (p.module_probe(a, probe, transform(v)) for a in rows) if r is not None])
+        firsts = _search_pool(c, rows, cfg)
 
         def make(ex):
             i, exponent = ex
-            rms = 10.0 ** exponent
-            probe = Probe("magnitude", f"magnitude: input RMS {rms:.3g} (found)", {"rms": rms, "row": firsts[i].hf})
-            return probe, lambda: [r for r in [p.module_probe(firsts[i], probe, p.magnitude(rms))] if r is not None]
+            v = 10.0 ** exponent
+            probe = Probe(name, found(v), {key: v, "row": firsts[i].hf})
+            return probe, lambda: [r for r in [p.module_probe(firsts[i], probe, transform(v))] if r is not None]
         st = _strategies()
+        lo, hi = exponents()
+        return {"modules": len(rows), "search": p.search(name, st.tuples(
+            st.integers(0, len(firsts) - 1), st.floats(lo, hi, allow_nan=False)), make, seed)}
 
-        # the exponents on the side of a fixed point that failed (shrinking toward 0 finds the mildest), else all
+    # magnitude: every norm and router
+    norms = p.module_rows(MODULE_KINDS)
+
+    def magnitude_range() -> tuple[float, float]:
+        """The exponents on the side of a fixed point that failed (shrinking toward 0 finds the mildest), else all."""
         failed = {r.probe for r in c.records if r.mode == MODE and not r.passed and r.probe.startswith("magnitude")}
         low = any(f"RMS {RMS[0]:g}" in f for f in failed)
         high = any(f"RMS {RMS[1]:g}" in f for f in failed)
-        lo, hi = (-4.0 if low or not high else 0.0), (5.0 if high or not low else 0.0)
-        return {"points": [f"RMS {r:g}" for r in RMS], "modules": len(norms), "range": [10.0 ** lo, 10.0 ** hi],
-                "search": p.search("magnitude", st.tuples(st.integers(0, len(firsts) - 1),
-                                                          st.floats(lo, hi, allow_nan=False)), make, seed)}
+        return (-4.0 if low or not high else 0.0), (5.0 if high or not low else 0.0)
+
+    def magnitude() -> dict:
+        out = module_family("magnitude", norms, "rms", RMS, p.magnitude, lambda v: f"magnitude: input RMS {v:g}",
+                            lambda v: f"magnitude: input RMS {v:.3g} (found)", magnitude_range)
+        lo, hi = magnitude_range()
+        return {"points": [f"RMS {r:g}" for r in RMS], **out, "range": [10.0 ** lo, 10.0 ** hi]}
     family("magnitude", magnitude)
 
     routers = p.module_rows((Kind.ROUTER,))
     if routers:
-        def near_tie() -> dict:
-            for gap in TIES:
-                probe = Probe("near-tie", f"near-tie: k-th/(k+1)-th expert gap {gap:g}", {"gap": gap})
-                p.keep([r for r in (p.module_probe(a, probe, p.near_tie(gap)) for a in routers) if r is not None])
-            firsts = _search_pool(c, routers, cfg)
-
-            def make(ex):
-                i, exponent = ex
-                gap = 10.0 ** exponent
-                probe = Probe("near-tie", f"near-tie: gap {gap:.3g} (found)", {"gap": gap, "row": firsts[i].hf})
-                return probe, lambda: [r for r in [p.module_probe(firsts[i], probe, p.near_tie(gap))] if r is not None]
-            st = _strategies()
-            return {"points": [f"gap {g:g}" for g in TIES], "modules": len(routers),
-                    "search": p.search("near-tie", st.tuples(st.integers(0, len(firsts) - 1),
-                                                             st.floats(-5.0, -1.0, allow_nan=False)), make, seed)}
-        family("near-tie", near_tie)
+        family("near-tie", lambda: {"points": [f"gap {g:g}" for g in TIES], **module_family(
+            "near-tie", routers, "gap", TIES, p.near_tie, lambda v: f"near-tie: k-th/(k+1)-th expert gap {v:g}",
+            lambda v: f"near-tie: gap {v:.3g} (found)", lambda: (-5.0, -1.0))})
 
     why = _no_input_probes(c)
     if why:

@@ -1,0 +1,166 @@
+"""LoRA: the system's adapter export and its merged export against peft's, tensor by tensor (LoRA cases).
+
+The forward modes compare the adapted models module by module and the backward mode the adapters' gradients; this
+mode checks what a user takes away from a fine-tune:
+
+- ``adapter_export`` rows: the system's adapter export as its users write it (``System.save_adapters``: a peft
+  adapter folder) against HF's adapters (``parity.engine.adapters``), every tensor accounted for: one row per tensor
+  of either side -- missing from the export, exported for a module HF has no adapter on (e.g. a ``v_proj`` of a K=V
+  layer, which does not exist), another shape, or other values (bit for bit: an export is a copy). The folder's
+  ``adapter_config.json`` (rank, alpha, targets) goes to the section.
+- ``adapter_merged`` rows: the system's merged export (``System.merged``) against peft's ``merge_and_unload``, every
+  HF weight (those without an adapter bit for bit), gated as modules are.
+- ``adapter_logits`` rows: ``export``: peft loading the system's adapter folder onto HF's base model, as a user serves
+  it, against the reference (HF with its own adapters); ``merged``: HF's model loaded with the system's merged
+  weights against the same. What the loaded export computes against the system's own logits (what the adapters did
+  in the system) is in the section.
+
+Rows come after every other row, adapters in HF's module order.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+
+import torch
+
+from parity.engine import adapters as A
+from parity.engine.alignment import layer_of
+from parity.engine.compare import metrics
+from parity.engine.record import Record
+
+MODE = "lora"
+EXPORT, MERGED, LOGITS = "adapter_export", "adapter_merged", "adapter_logits"
+ORDER = 1_000_000  # after every forward and backward row
+
+
+def run(c, prog) -> None:
+    ref, sut = c.ref, c.sut
+    hf = {k[len(A.FILE_PREFIX):]: v for k, v in ref.adapters.state().items()}
+    section = {"targets": list(ref.case.lora.targets), "r": ref.case.lora.r, "alpha": ref.case.lora.alpha,
+               "dropout": ref.case.lora.dropout, "scale": ref.case.lora.scale, "hf_modules": ref.adapters.modules(),
+               "hf_tensors": len(hf)}
+    c.sections["lora"] = section  # filled as it goes (the system may raise in its merged export)
+    with tempfile.TemporaryDirectory() as folder:
+        sut.save_adapters(folder)
+        exported = _read_folder(folder)
+        section["config"] = _config(folder)
+        rows = _tensor_rows(c, EXPORT, hf, exported, ORDER, exact=True)
+        section["export"] = _counts(rows, hf, exported)
+        try:  # an export peft cannot load is a verdict about the export
+            loaded = ref.adapters.load_export(folder)
+        except Exception as e:  # noqa: BLE001
+            section["export_loads"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+            _logits(c, "export", None, ORDER + len(rows), section, why=f"peft cannot load the export: "
+                                                                      f"{section['export_loads']}")
+        else:
+            section["export_loads"] = True
+            _logits(c, "export", _forward(ref, loaded), ORDER + len(rows), section)
+    peft_merged = ref.adapters.merged()
+    merged_hf = {k: v.detach() for k, v in peft_merged.state_dict().items()}
+    if ref.text_args.tie_word_embeddings:
+        merged_hf.pop("lm_head.weight", None)
+    merged_sys = {k: v.detach().to("cpu").clone() for k, v in sut.merged()}
+    mrows = _tensor_rows(c, MERGED, merged_hf, merged_sys, ORDER + len(rows) + 1, exact=False,
+                         changed=set(A.module_key(k) + ".weight" for k in hf))
+    section["merged"] = {**_counts(mrows, merged_hf, merged_sys),
+                         "adapted_weights": sorted({A.module_key(k) + ".weight" for k in hf})}
+    base = ref.adapters.base_copy()  # HF's model, loaded with the system's merged weights where it has them
+    base.load_state_dict({k: v.to(ref.device) for k, v in merged_sys.items() if k in merged_hf}, strict=False)
+    _logits(c, "merged", _forward(ref, base.eval()), ORDER + len(rows) + 1 + len(mrows), section,
+            against=_forward(ref, peft_merged))
+
+
+def _forward(ref, model) -> torch.Tensor:
+    with torch.no_grad():
+        return ref.kind.forward(model, ref.inputs).float()
+
+
+def _read_folder(folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = os.path.join(folder, "adapter_model.safetensors")
+    if not os.path.exists(path):
+        return {}
+    return {k[len(A.FILE_PREFIX):] if k.startswith(A.FILE_PREFIX) else k: v for k, v in load_file(path).items()}
+
+
+def _config(folder: str) -> dict | None:
+    path = os.path.join(folder, "adapter_config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        cfg = json.load(f)
+    return {k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern",
+                                    "alpha_pattern", "use_rslora")}
+
+
+def _tensor_rows(c, mode: str, ref: dict, test: dict, base: int, exact: bool, changed: set | None = None
+                 ) -> list[Record]:
+    """One row per tensor of either side, HF's order first, then the system's extra tensors."""
+    rows = []
+    for i, name in enumerate([*ref, *sorted(set(test) - set(ref))]):
+        a, b = ref.get(name), test.get(name)
+        gate = "exact" if exact or (changed is not None and name not in changed) else "module"
+        rec = Record(name=name, megatron_name=None, mode=mode, kind="adapter" if ".lora_" in name else "weight",
+                     layer=layer_of(name), order=base + i, gate_class=gate)
+        if a is None:
+            rec.missing = (f"exported by {c.sut.name} for a module HF has no adapter on" if mode == EXPORT
+                           else f"{c.sut.name}'s merged export has a tensor HF does not")
+        elif b is None:
+            rec.missing = f"missing from {c.sut.name}'s {'adapter' if mode == EXPORT else 'merged'} export"
+        elif tuple(a.shape) != tuple(b.shape):
+            rec.missing = f"shape {list(b.shape)} in the export, {list(a.shape)} in HF's"
+        else:
+            m = metrics(a.float(), b.to(a.device).float(), None)
+            rec.cosine, rec.rel_l2, rec.max_abs, rec.p99_abs = m["cosine"], m["rel_l2"], m["max_abs"], m.get("p99_abs")
+            rec.nonfinite = (m.get("nonfinite_ref", 0), m.get("nonfinite_test", 0))
+            if a.dtype != b.dtype:
+                rec.detail = f"{str(b.dtype)[6:]} in the export, {str(a.dtype)[6:]} in HF's (values compared as fp32)"
+        if rec.missing:
+            rec.cosine, rec.rel_l2, rec.max_abs = math.nan, math.inf, math.inf
+        rows.append(rec)
+    c.records.extend(rows)
+    return rows
+
+
+def _counts(rows: list[Record], ref: dict, test: dict) -> dict:
+    """count, names, shapes, dtypes: what the export holds against HF's."""
+    matched = [r for r in rows if r.name in ref and r.name in test and not r.missing]
+    return {"hf": len(ref), "exported": len(test), "matched": len(matched),
+            "bit_exact": sum(1 for r in matched if r.max_abs == 0.0),
+            "missing": sorted(set(ref) - set(test)), "extra": sorted(set(test) - set(ref)),
+            "shape_mismatch": [r.name for r in rows if r.missing and r.missing.startswith("shape")],
+            "dtypes": {"hf": sorted({str(v.dtype)[6:] for v in ref.values()}),
+                       "exported": sorted({str(v.dtype)[6:] for v in test.values()})}}
+
+
+def _logits(c, what: str, test: torch.Tensor | None, order: int, section: dict, why: str | None = None,
+            against: torch.Tensor | None = None) -> None:
+    """``what`` (the loaded export, the merged weights): its logits against the reference's (``against``: peft's
+    own counterpart's, e.g. its merged model: a merge rounds the weights in bf16), and (in the section) against the
+    reference's and the system's own logits; ``why``: there are none (a failing row)."""
+    ref = c.ref.logits.float() if against is None else against.float()
+    valid = c.ref.where.valid
+    if test is None:
+        c.records.append(Record(name=f"logits[{what}]", megatron_name=None, mode=LOGITS, kind="logits", layer=None,
+                                order=order, gate_class="module", cosine=math.nan, rel_l2=math.inf,
+                                max_abs=math.inf, missing=why))
+        section[f"{what}_logits"] = None
+        return
+    m = metrics(ref[valid], test.to(ref.device)[valid], None)
+    rec = Record(name=f"logits[{what}]", megatron_name=None, mode=LOGITS, kind="logits", layer=None, order=order,
+                 gate_class="module", cosine=m["cosine"], rel_l2=m["rel_l2"], max_abs=m["max_abs"],
+                 p99_abs=m.get("p99_abs"), nonfinite=(m.get("nonfinite_ref", 0), m.get("nonfinite_test", 0)),
+                 detail=("peft with the system's adapter export on HF's base model, against HF with its adapters"
+                         if what == "export" else "HF's model with the system's merged weights, against peft's "
+                         "merge_and_unload"))
+    c.records.append(rec)
+    own = {"vs_peft_rel_l2": m["rel_l2"],
+           "vs_reference_rel_l2": metrics(c.ref.logits.float()[valid], test.to(ref.device)[valid], None)["rel_l2"]}
+    if c.logits is not None:
+        mine = c.logits.float().to(ref.device)
+        own["vs_system_rel_l2"] = metrics(mine[valid], test.to(ref.device)[valid], None)["rel_l2"]
+    section[f"{what}_logits"] = own

@@ -1,0 +1,141 @@
+"""Megatron-Bridge's own LoRA on its Gemma 4 model (a LoRA case with system ``megatron-bridge``).
+
+Its transform (``megatron.bridge.peft.lora.LoRA``, as its Gemma 4 recipes build it: ``default_peft_config("lora")``
+= ``LoRA()``, with the case's rank, alpha and dropout) on the modules its recipe names (``linear_qkv``, ``linear_proj``,
+``linear_fc1``, ``linear_fc2``), restricted to the ones the case's HF targets correspond to (``TARGETS``). On the MoE
+model the recipe's ``linear_fc1`` / ``linear_fc2`` also match the routed experts; HF's experts are parameters, not
+linears (peft adapts them through ``target_parameters``), so the routed experts are not adapted here yet: the
+targets name ``mlp.shared_experts`` (HF's dense MLP beside the experts) on that model.
+
+HF's adapters come in through its weight mapping, as HF's weights do (``import_``): A (``linear_in``) is the part's
+``lora_A`` (the parts of a fused linear share it, ``parity.engine.adapters.SHARED_A``); B (``linear_out``) is the
+parts' ``lora_B`` fused by the same mapping as the base weight (q/k/v interleaved per query group by its
+``merge_qkv_weights``, gate/up by ``GatedMLPMapping``). On K=V layers HF has no ``v_proj`` and so no v adapter: its
+import rule for the base weight (``maybe_modify_loaded_hf_weight``: the v slot gets a copy of k) is applied to B too;
+those rows are never read (V is the k slot's raw output there), and its export declares them ``ABSENT_PROJECTION``.
+Its export (``save_hf_adapter``), merged export (``export_hf_weights(merge_adapter_weights=True)``) and the adapters'
+gradients (its adapter export applied to them) are its own.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+
+from parity.engine import adapters as A
+from parity.errors import UserError
+from parity.megatron_layout import tp_size
+
+TARGETS = {"q_proj": "self_attention.linear_qkv", "k_proj": "self_attention.linear_qkv",
+           "v_proj": "self_attention.linear_qkv", "o_proj": "self_attention.linear_proj",
+           "gate_proj": "{mlp}.linear_fc1", "up_proj": "{mlp}.linear_fc1", "down_proj": "{mlp}.linear_fc2"}
+FUSED = {"self_attention.linear_qkv": ("q_proj", "k_proj", "v_proj"), "{mlp}.linear_fc1": ("gate_proj", "up_proj")}
+
+
+def targets(spec, dense: bool) -> list[str]:
+    """Its LoRA's ``target_modules`` (wildcards of its module names) for the case's HF targets."""
+    mlp = "mlp" if dense else "mlp.shared_experts"
+    out = []
+    for name in spec.targets:
+        pattern = TARGETS[name]
+        parts = FUSED.get(pattern, (name,))
+        if not set(parts) <= set(spec.targets):
+            raise UserError(f"lora.targets: Megatron-Bridge adapts {', '.join(parts)} together (one fused linear): "
+                            f"name all of them, got {list(spec.targets)}")
+        target = "*." + pattern.format(mlp=mlp)
+        if target not in out:
+            out.append(target)
+    return out
+
+
+def apply(bm, spec):
+    """Its LoRA transform on ``bm.model`` (base frozen, adapters trainable); the model left in evaluation."""
+    from megatron.bridge.peft.lora import LoRA
+
+    if tp_size() > 1:
+        raise NotImplementedError("Megatron-Bridge LoRA runs at TP=1 here for now")
+    # as its Gemma 4 recipes make it: default_peft_config("lora") is LoRA() (its recipes package is not imported
+    # here: its __init__ imports every model family's recipes)
+    lora = LoRA()
+    lora.target_modules = targets(spec, bm.dense)
+    lora.dim, lora.alpha, lora.dropout = spec.r, spec.alpha, spec.dropout
+    lora(bm.model, training=True)
+    bm.model.eval()
+    return lora
+
+
+def wrappers(bm):
+    """``(its module path, its adapter wrapper)`` for every adapted module."""
+    from megatron.bridge.peft.adapter_wrapper import AdapterWrapper
+
+    return [(n, m) for n, m in bm.model.named_modules() if isinstance(m, AdapterWrapper)]
+
+
+@torch.no_grad()
+def import_(bm, state: dict[str, torch.Tensor]) -> list[str]:
+    """HF's adapter tensors (an adapter file's keys) into its adapters, by its weight mapping; returns the HF adapter
+    tensors it took."""
+    from megatron.bridge.models.conversion.param_mapping import merge_qkv_weights
+
+    bridge = bm.bridge._model_bridge
+    registry = bridge.mapping_registry()
+    hf = {k[len(A.FILE_PREFIX):]: v for k, v in state.items()}
+    used = []
+    for path, wrapper in wrappers(bm):
+        mapping = registry.megatron_to_hf_lookup(f"{path}.weight")
+        roles = mapping.hf_param if isinstance(mapping.hf_param, dict) else {"": mapping.hf_param}
+        a_names = {r: n[: -len(".weight")] + ".lora_A.weight" for r, n in roles.items()}
+        b_names = {r: n[: -len(".weight")] + ".lora_B.weight" for r, n in roles.items()}
+        present = {r: hf[b] for r, b in b_names.items() if b in hf}
+        if not present:
+            raise RuntimeError(f"no HF adapter for {path} ({', '.join(b_names.values())})")
+        a_list = [hf[a_names[r]] for r in present]
+        if any(not torch.equal(a_list[0], a) for a in a_list[1:]):
+            raise RuntimeError(f"{path}: one LoRA input projection for {', '.join(present)}, HF's differ")
+        used += [a_names[r] for r in present] + [b_names[r] for r in present]
+        if "q" in roles:  # K=V: its import rule for the base weight (v slot = a copy of k), applied to B
+            b = bridge.maybe_modify_loaded_hf_weight(b_names, {b_names[r]: t for r, t in present.items()})
+            cfg = copy.copy(wrapper.to_wrap.config)  # its QKVMapping's merge, with the rank as the feature dim
+            cfg.hidden_size = b["q"].shape[1]
+            fused = merge_qkv_weights(cfg, b["q"], b["k"], b["v"])
+        elif "" in roles:
+            fused = mapping.hf_to_megatron(present[""], wrapper.to_wrap)
+        else:
+            fused = mapping.hf_to_megatron(present, wrapper.to_wrap)
+        adapter = wrapper.adapter
+        adapter.linear_in.weight.copy_(a_list[0].to(adapter.linear_in.weight.dtype))
+        adapter.linear_out.weight.copy_(fused.to(adapter.linear_out.weight.dtype))
+    return [A.FILE_PREFIX + n for n in used]
+
+
+def save(bm, lora, folder: str) -> None:
+    """Its adapter export as its users write it: ``AutoBridge.save_hf_adapter`` (a peft adapter folder)."""
+    bm.bridge.save_hf_adapter([bm.model], folder, peft_config=lora, base_model_name_or_path="", show_progress=False)
+
+
+def grads(bm) -> dict[str, torch.Tensor]:
+    """The adapters' gradients under the adapted HF model's parameter names: its adapter export applied to them
+    (a fused linear's ``linear_in`` gradient under each part's ``lora_A``: the sum over the parts, as HF's tied A's)."""
+    from parity.mbridge.training import _values
+
+    model = bm.model
+    g = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
+    with _values(model, g):
+        return {A.param_key(name): t.detach().clone()
+                for name, t in bm.bridge.export_adapter_weights([model], cpu=False, show_progress=False)}
+
+
+@contextmanager
+def dropout_off(bm):
+    """Its adapters' dropout at 0 while inside: the compared training step (a dropout mask is random on each side;
+    HF's backward runs its model in evaluation, where peft's dropout is the identity)."""
+    adapters = [w.adapter for _, w in wrappers(bm) if isinstance(getattr(w.adapter, "dropout", None), torch.nn.Dropout)]
+    saved = [a.dropout.p for a in adapters]
+    for a in adapters:
+        a.dropout.p = 0.0
+    try:
+        yield
+    finally:
+        for a, p in zip(adapters, saved):
+            a.dropout.p = p
