@@ -140,6 +140,9 @@ def kv_sources(config: Any) -> list[int | None]:
 def check_supported(config: Any) -> None:
     """Raise ``UnsupportedConfig`` (one line) for Gemma 4 features the Megatron side does not implement."""
     problems = []
+    if getattr(config, "num_kv_shared_layers", 0) and not getattr(config, "hidden_size_per_layer_input", 0):
+        # HF 5.24's Gemma4TextModel.forward slices per_layer_inputs (None without PLE) before the KV-shared layers
+        problems.append("KV sharing without per-layer embeddings (HF's own forward fails on it)")
     if getattr(config, "use_bidirectional_attention", None) == "all":
         problems.append("use_bidirectional_attention='all'")
     if getattr(config, "attention_bias", False):

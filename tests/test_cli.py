@@ -45,7 +45,7 @@ def test_cases_lists_required_names():
 
 
 def test_unknown_case():
-    assert_usage_error(parity("run", "--case", "no-such-case"), "unknown case 'no-such-case'", "gemma4-text-tiny")
+    assert_usage_error(parity("run", "--case", "no-such-case"), "unknown case 'no-such-case'", "gemma4-26b-a4b")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")

@@ -158,3 +158,9 @@ def test_e4b_at_tp2_matches_hf_and_exports_bit_exact():
     assert r["passed"] and r["first"] is None, r
     assert r["logits_rel_l2"] <= 1e-6
     assert r["rt"]["tensors"] == r["rt"]["bit_exact"] == 194
+
+
+def test_kv_sharing_without_ple_is_refused_in_one_line():
+    """HF's own forward cannot run it (it slices the per-layer inputs it does not have): refused, not a crash."""
+    with pytest.raises(C.UnsupportedConfig, match="KV sharing without per-layer embeddings"):
+        C.check_supported(C.make_text_config(C.e2b_tiny_config_kwargs(hidden_size_per_layer_input=0)))

@@ -18,7 +18,7 @@ def test_every_mode_names_a_module_that_runs_it():
         impl = mode.implementation()
         assert callable(impl.run), mode.name
         assert callable(getattr(impl, "floors", None)) == mode.floors, mode.name
-        assert mode.gates in ("run", "float32") and mode.when in ("always", "bf16_single", "single", "train")
+        assert mode.gates in ("run", "float32") and mode.when in ("always", "bf16_single", "single", "train", "lora")
         assert mode.gate_key in ("rel_l2", "grad_rel_l2")
     assert M.PLOTTED == ("isolated", "end_to_end")
     assert [m.name for m in MODES if m.replay] == ["isolated", "fp32_replay", "probing"]

@@ -220,7 +220,7 @@ def test_junit_names_are_the_same_serially_and_under_xdist(project):
     assert names == _junit_names(project / "xdist.xml")
     assert ("test_suite", "test_logits[alpha-tiny]") in names and not any("@" in n or n.endswith("-logits]")
                                                                          for _, n in names)
-    assert len(names) == 6 * len(CASES)  # logits, modules, roundtrip, router, gradients, step
+    assert len(names) == 7 * len(CASES)  # logits, modules, roundtrip, router, gradients, step, lora
     # the second session found the first one's runs: its summary counts regressions against them
     assert "regressions: 0 · report: " in xdist.stdout, xdist.stdout
 
@@ -235,17 +235,17 @@ def test_verbose_lists_third_party_notices(project):
 def test_ids_and_selection(project):
     p = pytest_run(project, "--collect-only", "-q")
     ids = [line for line in p.stdout.splitlines() if "::" in line]
-    assert "test_suite.py::test_logits[alpha-tiny]" in ids and len(ids) == 6 * len(CASES)
+    assert "test_suite.py::test_logits[alpha-tiny]" in ids and len(ids) == 7 * len(CASES)
     p = pytest_run(project, "--collect-only", "-q", "-k", "bf16")
     assert sorted(line.split("::")[1] for line in p.stdout.splitlines() if "::" in line) == \
-        [f"test_{c}[beta-tiny-bf16]" for c in ("gradients", "logits", "modules", "roundtrip", "router", "step")]
+        [f"test_{c}[beta-tiny-bf16]" for c in ("gradients", "logits", "lora", "modules", "roundtrip", "router", "step")]
     p = pytest_run(project, "--collect-only", "-q", "--parity-dtype", "bfloat16", "-k", "alpha and router")
     assert [line for line in p.stdout.splitlines() if "::" in line] == \
         ["test_suite.py::test_router[alpha-tiny-as-bf16]"]
     p = pytest_run(project, "--collect-only", "-q", "-k", "logits")  # -k CHECK: that check of every case
     assert len([line for line in p.stdout.splitlines() if "::test_logits[" in line]) == len(CASES)
     p = pytest_run(project, "--collect-only", "-q", "--parity-case", "dense-tiny")
-    assert len([line for line in p.stdout.splitlines() if "::" in line]) == 6
+    assert len([line for line in p.stdout.splitlines() if "::" in line]) == 7
     p = pytest_run(project, "-m", "gpu", "--collect-only", "-q")
     assert {line.split("[")[1].rstrip("]") for line in p.stdout.splitlines() if "::" in line} == {"big"}
 
@@ -272,7 +272,7 @@ def test_several_systems_share_one_engine_call_per_case(project, xdist):
     assert p.returncode == 0, p.stdout + p.stderr
     names = {n for _, n in _junit_names(project / "j.xml")}
     assert {"test_logits[alpha-tiny]", "test_logits[alpha-tiny@megatron-bridge]", "test_modules[dense-tiny]",
-            "test_modules[dense-tiny@megatron-bridge]"} <= names and len(names) == 2 * 2 * 6
+            "test_modules[dense-tiny@megatron-bridge]"} <= names and len(names) == 2 * 2 * 7
     assert calls(project, "systems") == ["alpha-tiny", "dense-tiny"]  # one call per case ...
     for f in (project / "calls").iterdir():  # ... with both systems in it
         if f.name.startswith("systems."):

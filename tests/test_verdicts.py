@@ -61,7 +61,7 @@ def _system(fault: str):
     return Broken()
 
 
-def _norm_twice(self, hidden_states, attention_mask, rotary_pos_emb):
+def _norm_twice(self, hidden_states, attention_mask, rotary_pos_emb, **_):  # _: PLE / KV sharing (none here)
     """``Gemma4TransformerLayer.forward`` with the post-attention norm applied twice."""
     residual = hidden_states
     h = self.input_layernorm(hidden_states)
