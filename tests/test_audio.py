@@ -6,7 +6,7 @@ Megatron audio tower (``parity.models.audio``) on CPU.
 - the fp32 audio case passes with every audio module compared in both modes (bit-identical here);
 - each planted audio error (``tests.plants.AUDIO_PLANTS``) fails at exactly its module;
 - configs the tower cannot compute are refused in one line;
-- Megatron-Bridge 0.6.2 on the audio case: finding A1 (its VLM drops ``input_features_mask``).
+- Megatron-Bridge 0.6.2 on the audio case: finding 17 (its VLM drops ``input_features_mask``).
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ def test_unsupported_audio_configs_are_refused_in_one_line(override, what):
     check_supported_vlm(make_vlm_config(vlm_audio_config_kwargs()))  # the tiny audio config itself is supported
 
 
-def test_finding_a1_bridge_drops_the_audio_frame_mask():
+def test_finding_17_bridge_drops_the_audio_frame_mask():
     """Megatron-Bridge's Gemma4VLModel.forward takes ``input_features`` but no ``input_features_mask``: HF's audio
     tower inside it runs on the padded frames and every frame is scattered, so a batch of clips of different
     lengths raises its own count check (40 audio tokens, 50 frames)."""

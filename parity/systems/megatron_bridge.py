@@ -4,7 +4,7 @@ The model, weights and forward come from ``parity.mbridge.model``; where each al
 its module tree comes from ``parity.mbridge.alignment`` (a twin is a module's output, or its input: names
 ending in `` (input)``). Rows the bridge computes inside another module are ``Elsewhere``. HF's own vision
 tower and ``embed_vision`` run inside its VLM, and HF's own audio tower: those rows are ``shared`` (its
-``embed_audio`` is its own fallback, compared; its forward takes no audio frame mask: finding A1). Isolated replay runs the bridge's
+``embed_audio`` is its own fallback, compared; its forward takes no audio frame mask: finding 17). Isolated replay runs the bridge's
 module on HF's captured inputs where the module can run alone; ``replay`` returns None where it cannot
 (the input norm fused into ``linear_qkv``, the routed experts behind the dispatcher).
 """
@@ -263,7 +263,7 @@ class MegatronBridgeSystem:
     def forward(self, inputs: dict) -> torch.Tensor:
         from parity.mbridge import model as MB
 
-        # its VLM's forward takes ``input_features`` but no ``input_features_mask`` (finding A1): it gets what it takes
+        # its VLM's forward takes ``input_features`` but no ``input_features_mask`` (finding 17): it gets what it takes
         keys = ("pixel_values", "image_position_ids", "input_features")
         vision = {k: inputs[k] for k in keys if k in inputs} if self.vlm else {}
         return MB.forward(self.bm, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], **vision)
