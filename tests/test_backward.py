@@ -18,6 +18,7 @@ CASE_BF16 = "gemma4-text-tiny-train-bf16"
 FORWARD = ("end_to_end", "isolated")
 GRADIENTS = ("loss", "grad_output", "grad_input", "param_grad")
 STEP = ("param_step",)
+ISOLATED = ("isolated_grad_input", "isolated_param_grad")
 
 
 def _reference(case: str):
@@ -62,6 +63,10 @@ def test_clean_train_step_holds(clean):
     loss = clean["train"]["loss"]
     assert loss["tokens"] == 2 * 40 - 5 - 2  # padded positions and each sequence's last position carry no label
     assert loss["rel_diff"] < 1e-6 and loss["grad_norm"]["rel_diff"] < 1e-6
+    iso = _rows(clean, ISOLATED)  # every module's backward alone: 117 input and 127 parameter gradients
+    assert sum(m == "isolated_grad_input" for _, m in iso) == 117 and sum(m == "isolated_param_grad" for _, m in iso) == 127
+    assert max(m["rel_l2"] for m in iso.values()) < 1e-6 and ("lm_head.weight", "isolated_param_grad") in iso
+    assert ("model.layers.5.experts[top_k_weights]", "isolated_grad_input") in iso and ("loss", "isolated_grad_input") in iso
     # backward rows come after every forward row, the loss first among them
     first_backward = min(m["order"] for m in rows.values())
     assert first_backward > max(m["order"] for m in _rows(clean, FORWARD).values())
@@ -82,8 +87,9 @@ def test_k_eq_v_tie_holds_under_training(clean):
 def test_clean_train_step_holds_on_more_seeds(seed):
     with cpu_threads("cpu"):
         r = pipeline.run(load_case(CASE), device="cpu", seed=seed)
-    worst = max(m["rel_l2"] for m in r["modules"] if m["mode"] in GRADIENTS)
+    worst = max(m["rel_l2"] for m in r["modules"] if m["mode"] in GRADIENTS + ISOLATED)
     assert r["passed"] is True and worst < 1e-5, (seed, r["summary"]["first_divergence_detail"], worst)
+    assert sum(m["mode"] in ISOLATED for m in r["modules"]) == 117 + 127
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -114,12 +120,27 @@ def test_bf16_backward_only_plant(plant, reference_bf16):
     assert r["passed"] is False and detail["name"] == plant.where, detail
 
 
+def _first(r: dict, modes) -> dict | None:
+    """The first failing row of ``modes`` in backward order (the backward mode's own rows before the isolated ones'
+    on a tie, as the summary orders them)."""
+    bad = [m for m in r["modules"] if m["mode"] in modes and m.get("passed") is False]
+    return min(bad, key=lambda m: (m["order"], m["mode"] in ISOLATED), default=None)
+
+
 @pytest.mark.parametrize("plant", BACKWARD_PLANTS, ids=[p.name for p in BACKWARD_PLANTS])
 def test_backward_only_plant_is_caught_where_it_is(plant, reference, clean):
+    """End to end, the first failing own gradient row is the plant's module (``where``); each module's backward
+    alone, the first failing isolated row is the module that has it (``isolated``: where the two differ, the
+    isolated row is the tighter place -- the softcap after lm_head, the tie inside self_attn, the head's share of
+    the tied weight, the experts' routing-weights gradient, the router's own backward); the run's first divergence is
+    the earlier of the two."""
     r = _planted(plant, reference)
     assert r["passed"] is False
-    detail = r["summary"]["first_divergence_detail"]
-    assert detail["name"] == plant.where and detail["mode"] in ("loss", "grad_input", "param_grad"), detail
+    e2e, iso = _first(r, ("loss", "grad_input", "param_grad")), _first(r, ISOLATED)
+    assert e2e["name"] == plant.where, (e2e["name"], e2e["mode"])
+    assert iso is not None and iso["name"] == (plant.isolated or plant.where), (iso["name"], iso["mode"])
+    detail, first = r["summary"]["first_divergence_detail"], _first(r, ISOLATED + ("loss", "grad_input", "param_grad"))
+    assert (detail["name"], detail["mode"]) == (first["name"], first["mode"]), detail
     assert r["checks"]["gradients"] is False or r["checks"]["loss"] is False
     # backward only: every forward row as in the clean run, bit for bit
     before, after = _rows(clean, FORWARD), _rows(r, FORWARD)
@@ -169,3 +190,6 @@ def test_vlm_train_step_holds():
     assert len(vision) > 100 and {m["mode"] for m in vision} == {"grad_output", "grad_input", "param_grad",
                                                                   "param_step"}
     assert r["train"]["loss"]["tokens"] == 37  # text positions only
+    iso = _rows(r, ISOLATED)  # each module's backward alone, the vision tower's too
+    assert len(iso) == 171 + 156 and max(m["rel_l2"] for m in iso.values()) < 1e-6
+    assert sum(name.startswith("model.vision_tower") for name, _ in iso) == 80
