@@ -92,21 +92,33 @@ def test_clean_train_step_holds_on_more_seeds(seed):
     assert sum(m["mode"] in ISOLATED for m in r["modules"]) == 117 + 127
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 def test_clean_bf16_train_step_holds_against_its_floors(seed, reference_bf16):
     """bf16: every gradient row within 4 x HF's own bf16-vs-fp32 gradient error + 1e-3, and as close to HF-fp32 as
-    HF-bf16 is (grad_truth_multiplier 1.5; clean seeds 0-2 reach 1.10); the optimizer step is not run in bf16."""
+    HF-bf16 is (grad_truth_multiplier 1.5; clean seeds reach 1.10); the optimizer step with fp32 main weights (both
+    sides): each parameter's first update within 4 x HF-bf16's own distance from HF-fp32's + 1e-3, and the 10-step
+    trajectory of loss and gradient norm within 4 x HF's own bf16-vs-fp32 band + 1e-3 at every step."""
     with cpu_threads("cpu"):
         r = pipeline.against(reference_bf16, "parity") if seed == 0 else \
             pipeline.run(load_case(CASE_BF16), device="cpu", seed=seed)
     rows = _rows(r, GRADIENTS)
-    assert r["passed"] is True and len(rows) == 1 + 122 + 104 + 126, r["summary"]["first_divergence_detail"]
+    unstable = {k for k, m in rows.items() if not m["passed"]}
+    # seed 3: HF's own bf16 gradient of layer 4's per_expert_scale (8 elements) is 0.80 from its fp32 one, over the
+    # case's ceiling 0.35: "reference unstable", a failing row by the gates' rule (a floor is never a licence)
+    assert all(rows[k]["why"].startswith("reference unstable") for k in unstable), unstable
+    assert (r["passed"] is True) == (not unstable) and len(rows) == 1 + 122 + 104 + 126
+    assert unstable == ({("model.layers.4.router.per_expert_scale", "param_grad")} if seed == 3 else set())
     grads = [m for (_, mode), m in rows.items() if mode != "loss"]
     assert all(m["floor"] is not None and m.get("truth_rel_l2") is not None for m in grads)
     assert rows[("loss", "loss")]["floor"] is not None  # HF's own bf16-vs-fp32 loss difference
-    assert max(m["ratio"] for m in rows.values()) < 1.0 and max(m["truth_ratio"] for m in grads) < 1.2
-    assert {"name": "step", "label": "optimizer step", "ran": False} == {k: v for k, v in
-                                                                        next(m for m in r["modes"] if m["name"] == "step").items() if k != "why"}
+    stable = [m for k, m in rows.items() if k not in unstable]
+    assert max(m["ratio"] for m in stable) < 1.0 and max(m["truth_ratio"] for m in grads if m in stable) < 1.2
+    steps = _rows(r, STEP)
+    assert len(steps) == 126 and all(m["floor"] is not None and m["passed"] for m in steps.values())
+    traj = r["train"]["trajectory"]
+    assert r["checks"]["step"] is True and r["checks"]["trajectory"] is True and traj["worst_ratio"] < 0.5, traj
+    assert len(traj["band"]["loss"]) == len(traj["hf_fp32"]["loss"]) == 10 and max(traj["band"]["loss"]) > 1e-3
+    assert traj["system"]["loss"][-1] < traj["system"]["loss"][0] - 2  # it trains in bf16 too
 
 
 @pytest.mark.parametrize("plant", BACKWARD_PLANTS, ids=[p.name for p in BACKWARD_PLANTS])
@@ -157,6 +169,18 @@ def test_clean_optimizer_step_and_trajectory(clean):
     assert traj["steps"] == 10 and traj["worst_rel_diff"] < 1e-6 and clean["checks"]["trajectory"] is True
     assert traj["hf"]["loss"][-1] < traj["hf"]["loss"][0] - 2  # it really trains: 12.0 -> 9.3 on this batch
     assert clean["checks"]["step"] is True
+
+
+@pytest.mark.parametrize("plant", STEP_PLANTS, ids=[p.name for p in STEP_PLANTS])
+def test_bf16_optimizer_plant(plant, reference_bf16):
+    """bf16 with fp32 main weights: caught at its row (``where_bf16``), or missed for the reason it states."""
+    r = _planted(plant, reference_bf16)
+    if "bfloat16" in plant.misses:
+        assert r["passed"] is True, plant.misses["bfloat16"]
+        return
+    detail = r["summary"]["first_divergence_detail"]
+    assert r["passed"] is False and (detail["name"], detail["mode"]) == (plant.where_bf16 or plant.where, "param_step"), \
+        detail
 
 
 @pytest.mark.parametrize("plant", STEP_PLANTS, ids=[p.name for p in STEP_PLANTS])

@@ -103,8 +103,9 @@ class ParitySystem:
     name, version = "parity", _version()
     loss_description = ("megatron-core vocab_parallel_cross_entropy of the next token, mean over the positions "
                         "with a label (Megatron-LM's masked mean)")
-    optimizer_description = ("torch.optim.AdamW in fp32, matrices decayed, 1-D parameters not, global-norm clipping: "
-                             "megatron-core's optimizer at data-parallel size 1 equals it (its DDP + "
+    optimizer_description = ("torch.optim.AdamW, matrices decayed, 1-D parameters not, global-norm clipping; bf16 "
+                             "parameters with fp32 main weights in the optimizer: megatron-core's optimizer at "
+                             "data-parallel size 1 (Float16OptimizerWithFloat16Params in bf16) equals it (its DDP + "
                              "get_megatron_optimizer need CUDA); K=V layers' V rows re-tied to K after each step")
     substituted: list[dict] = []  # nothing: plain megatron-core parts run everywhere
     shared = frozenset()
@@ -247,29 +248,31 @@ class ParitySystem:
         _allreduce_non_tensor_model_parallel_grads([chunk], self.lm.config, ps.get_tensor_model_parallel_group())
 
     def optimizer_step(self, spec) -> float:
-        """One step of its optimizer (made at the first call from the case's ``train.optimizer``): clip the
-        gradients, step, clear them, and re-tie the K=V layers' V rows (unused copies of K, kept for the fused
-        layout, so the export stays exact). Returns the gradient norm before clipping."""
-        from parity.engine.modes.step import adamw, clip
+        """One step of its optimizer (made at the first call from the case's ``train.optimizer``): megatron's
+        finalized gradients, AdamW with global-norm clipping (bf16 parameters: fp32 main weights in the optimizer,
+        megatron's mixed precision), the gradients cleared, and the K=V layers' V rows re-tied to K (unused copies
+        of K, kept for the fused layout, so the export stays exact; in the main copy too). Returns the gradient norm
+        before clipping."""
+        from parity.engine.modes.step import AdamWStep
 
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             raise NotImplementedError("its optimizer step in a world of several ranks (the gradient norm over the "
                                       "model-parallel ranks, megatron's distributed clip) is not modelled yet")
         if getattr(self, "_optimizer", None) is None:
-            self._optimizer = adamw(self.model.named_parameters(), spec)
+            self._optimizer = AdamWStep(self.model.named_parameters(), spec)
         self.finalize_grads()
-        norm = clip(self.model.parameters(), spec.optimizer.clip_grad)
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+        norm = self._optimizer.step()
         with torch.no_grad():
             for layer in self.lm.decoder.layers:
                 if layer.layer_args.k_eq_v:
                     att = layer.self_attention
                     hn, ng = att.hidden_size_per_attention_head, att.num_query_groups_per_partition
                     rep = att.num_attention_heads_per_partition // ng
-                    rows = att.linear_qkv.weight.view(ng, (rep + 2) * hn, -1)
-                    rows[:, (rep + 1) * hn:].copy_(rows[:, rep * hn:(rep + 1) * hn])
-        return float(norm)
+                    weight = att.linear_qkv.weight
+                    for w in {id(t): t for t in (weight, self._optimizer.main(weight))}.values():
+                        rows = w.view(ng, (rep + 2) * hn, -1)
+                        rows[:, (rep + 1) * hn:].copy_(rows[:, rep * hn:(rep + 1) * hn])
+        return norm
 
     def grads(self):
         """Its parameters' gradients in HF layout, by its weight mapping's adjoint (``parity.bridge.convert``), after

@@ -81,12 +81,9 @@ MODES = (  # in the order a run measures them
          rows=("isolated_grad_input", "isolated_param_grad"), own_rows=("isolated_grad_input", "isolated_param_grad"),
          check="gradients", dtypes=("float32",),
          dtype_why="HF's bf16-vs-fp32 floors of each module's backward alone are not measured yet"),
-    Mode("step", "optimizer step", "step", color="#9a6700", rank=4, when="train", gate_key="grad_rel_l2",
+    Mode("step", "optimizer step", "step", color="#9a6700", rank=4, when="train", gate_key="grad_rel_l2", floors=True,
          needs=("train_loss", "optimizer_step", "export"), rows=("param_step",), own_rows=("param_step",),
-         check="step", dtypes=("float32",),
-         dtype_why="bf16 training steps fp32 master weights on both sides' real paths (megatron-core's mixed-precision "
-                   "optimizer, HF Trainer's autocast); stepping bf16 parameters in place is neither, and is not "
-                   "modelled here yet"),
+         check="step"),
 )
 PLOTTED = tuple(m.name for m in sorted(MODES, key=lambda m: m.rank) if m.every_row)  # reports draw these per layer
 
