@@ -96,6 +96,7 @@ def prepare(ref, prog) -> dict:
     and its own parameters' gradients (on the host), and where each row sits in HF's backward order."""
     hf, model, out = ref.extra[BACKWARD], ref.model, {}
     modules, owned = dict(model.named_modules()), _owned(ref.model, ref.rows)
+    canonical = {id(p): n for n, p in model.named_parameters()}
     for a in _rows(ref.rows):
         name = _hf_module(a)
         call, g = ref.cap.first(name), _output_grad(a, hf)
@@ -116,7 +117,6 @@ def prepare(ref, prog) -> dict:
         grads = dict(zip(list(leaves) + list(own), got))
         order = hf["grads"].order
         key = next((k for k in ((INPUT, name), (OUTPUT, name), (ROUTED, a.hf)) if k in order), None)
-        canonical = {id(p): n for n, p in model.named_parameters()}
         out[name] = {"inputs": {k: None if v is None else v.detach().cpu() for k, v in grads.items() if k in leaves},
                      "params": {n: None if grads[n] is None else grads[n].detach().cpu() for n in own},
                      "canonical": own, "order": order[key] if key else 0,
@@ -177,7 +177,11 @@ def _group(c, group: list[Aligned], hf: dict, base: int):
     a, sut, hf_bwd = group[0], c.sut, c.ref.extra[BACKWARD]
     parts = [p for p in group if _hf_module(p) in hf]
     planned, plan = c.replay_input(a), sut.replays.get(a.row.name_key)
-    if not parts or planned is None:
+    if not parts:
+        return None
+    if planned is None:
+        c.not_run(a, IN, c.name(a) if isinstance(c.name(a), str) else None,
+                  f"{sut.name} has no module to run alone for {a.hf}")
         return None
     name, module, call = planned
     if plan is not None and plan.on:  # run on another row's input: its input gradient is not this row's

@@ -105,7 +105,7 @@ def trajectory(ref, model, spec) -> dict:
     with torch.no_grad():
         final = float(ref.kind.forward_train(model, inputs, labels).loss)
     return {"losses": losses, "norms": norms, "final": final, "labels": labels, "grads": first_grads,
-            "update": {k: after[k] - before[k] for k in after}, "after": after}
+            "update": {k: after[k] - before[k] for k in after}, "after": after, "before": before}
 
 
 def prepare(ref, prog) -> dict:
@@ -117,7 +117,7 @@ def prepare(ref, prog) -> dict:
     out = trajectory(ref, copy.deepcopy(ref.model), spec)
     if ref.dtype != "float32":
         hf32 = trajectory(ref, copy.deepcopy(ref.model).float(), spec)
-        out["fp32"] = {k: hf32[k] for k in ("losses", "norms", "final", "update")}
+        out["fp32"] = {k: hf32[k] for k in ("losses", "norms", "final", "after")}
         rel = lambda a, b: abs(a - b) / max(abs(b), 1e-30)  # noqa: E731
         # the envelope so far: HF-bf16's deviation from HF-fp32 grows over the steps, and the two curves can cross
         # (a deviation near 0 at one step, by chance, is no tighter band)
@@ -129,15 +129,18 @@ def prepare(ref, prog) -> dict:
 
 
 def floors(ref, prog) -> dict[str, float]:
-    """bf16 runs: each parameter's first update of HF-bf16 against HF-fp32's, measured as the rows are (beyond one
-    unit in the last place of the bf16 parameter, where HF-bf16's gradient is meaningful): mostly the elements whose
-    gradient's sign bf16 flips, which Adam's sign-like first step turns into a full ``2 lr``."""
+    """bf16 runs: each parameter's first update of HF-fp32 against HF-bf16's, measured as the rows are: both as bf16
+    parameters (HF-fp32's parameter after the step rounded to bf16, as the system's and HF-bf16's are stored), beyond
+    one unit in the last place, where HF-bf16's gradient is meaningful -- mostly the elements whose gradient's sign
+    bf16 flips, which Adam's sign-like first step turns into a full ``2 lr``."""
     hf = ref.extra[MODE]
     out = {}
     for name, upd in hf["update"].items():
-        upd32 = hf["fp32"]["update"].get(name)
-        if upd32 is not None:
-            out[f"{ROW}:{name}"] = _beyond_ulp(upd32.float(), upd.float(), hf["after"][name],
+        after32 = hf["fp32"]["after"].get(name)
+        if after32 is not None:
+            before = hf["before"][name].float()
+            upd32 = after32.to(hf["after"][name].dtype).float() - before
+            out[f"{ROW}:{name}"] = _beyond_ulp(upd.float(), upd32, hf["after"][name],
                                                _meaningful(hf["grads"].get(name), ref.case.train.optimizer.eps))
     return out
 
