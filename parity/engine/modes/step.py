@@ -204,7 +204,7 @@ def _updates_bf16(c, hf: dict, before: dict, after: dict) -> None:
     """bf16: each parameter's first update, measured as fp32 rows are, against its floor (``floors``) -- reported in
     ``train.first_update``, not gated: a bf16 parameter's first update is 0 or one unit in its last place for most
     elements, and what differs is a handful of sign flips of tiny gradients (Adam's first step is ~lr*sign(g)), too
-    few to gate (clean seeds 0-4: floors 0 to 0.14, HF-bf16 itself 0 to 6 x its fp32 twin's). Training in bf16 is
+    few to gate (clean seeds 0-4: floors 0 to 0.14, the system's figures up to 6 x a floor). Training in bf16 is
     judged by its trajectory; its ``step`` verdict is the trajectory's."""
     floors, eps, out = c.ref.floors.get(MODE, {}), c.ref.case.train.optimizer.eps, {}
     for name, upd in hf["update"].items():
