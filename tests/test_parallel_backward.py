@@ -45,14 +45,16 @@ def _free_port() -> int:
 
 
 def _digest(r: dict) -> dict:
-    rows = {(m["name"], m["mode"]): m.get("rel_l2") for m in r["modules"] if m["mode"] in FORWARD + GRADIENTS + ISOLATED}
+    rows = {(m["name"], m["mode"]): m.get("rel_l2") for m in r["modules"]
+            if m["mode"] in FORWARD + GRADIENTS + ISOLATED}
     first = {}
     for modes in (ISOLATED, ("loss", "grad_input", "param_grad")):  # each module alone; one backward end to end
         bad = [m for m in r["modules"] if m["mode"] in modes and m.get("passed") is False]
         first[modes] = min(bad, key=lambda m: m["order"])["name"] if bad else None
     return {"passed": r["passed"], "checks": r["checks"], "first": r["summary"]["first_divergence_detail"],
             "rows": rows, "first_isolated": first[ISOLATED], "first_e2e": first[("loss", "grad_input", "param_grad")],
-            "modes": {m["name"]: m.get("why") for m in r["modes"]}, "loss": r["train"]["loss"], "parallel": r["parallel"]}
+            "modes": {m["name"]: m.get("why") for m in r["modes"]}, "loss": r["train"]["loss"],
+            "parallel": r["parallel"]}
 
 
 def _worker(rank, world, port, case_name, seeds, plants, path):

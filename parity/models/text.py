@@ -179,7 +179,7 @@ class Gemma4MoE(MoELayer):
         x, tp = expert_input.contiguous(), parallel_state.get_tensor_model_parallel_world_size()
         if tp > 1:
             if x.shape[0] % tp:
-                raise ValueError(f"MoE at TP={tp}: {x.shape[0]} tokens (the first dim) do not split into {tp} parts")
+                raise ValueError(f"MoE at TP={tp}: {x.shape[0]} tokens (its first dim) do not split into {tp}")
             x = scatter_to_sequence_parallel_region(x)  # backward: the gradients of every rank's tokens gathered
             probs = scatter_to_sequence_parallel_region(probs)  # [tokens, E] in the same order as x's first dims
             routing_map = routing_map.chunk(tp)[parallel_state.get_tensor_model_parallel_rank()]

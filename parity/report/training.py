@@ -63,7 +63,8 @@ def trajectory(t: dict | None, dtype: str | None) -> str:
     if not isinstance(t, dict) or not t.get("steps"):
         return ""
     sides = [("HF" + (f" ({dtype})" if dtype and dtype != "float32" else ""), "#57606a", "", t.get("hf") or {}),
-             ("HF (float32)", "#8c959f", "4 3", t.get("hf_fp32") or {}), ("system", "#0969da", "", t.get("system") or {})]
+             ("HF (float32)", "#8c959f", "4 3", t.get("hf_fp32") or {}),
+             ("system", "#0969da", "", t.get("system") or {})]
     charts = []
     for key, what in (("loss", "loss"), ("grad_norm", "gradient norm (before clipping)")):
         series = [Series(label, color, [Point(i + 1, v, f"{label}, step {i + 1}: {what} {v:.6g}")

@@ -8,8 +8,8 @@ row kind (``_OUTPUT``, ``_REPLAY``).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from types import SimpleNamespace
 from importlib.metadata import PackageNotFoundError, version
+from types import SimpleNamespace
 from typing import Any
 
 import torch
