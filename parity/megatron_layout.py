@@ -63,6 +63,16 @@ def tp_slice(x: torch.Tensor) -> torch.Tensor:
     return x.chunk(n, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]
 
 
+def tp_split(x: torch.Tensor) -> torch.Tensor:
+    """``tp_slice`` through autograd: forward this rank's slice, backward every rank's slice gradient gathered (the
+    gradient of a whole input that a row-parallel linear reads a slice of on each rank); as is for TP=1."""
+    if tp_size() == 1:
+        return x
+    from megatron.core.tensor_parallel.mappings import scatter_to_tensor_model_parallel_region
+
+    return scatter_to_tensor_model_parallel_region(x)
+
+
 # -- fused projections, per-head norms, router tokens -------------------------------------------------------
 
 def split_qkv(mixed: torch.Tensor, part: Part, np_: int, hn: int, ng: int) -> torch.Tensor:

@@ -453,15 +453,17 @@ class ParityRun:
         return (f"{rt.get('bit_exact')} of {rt.get('tensors')} tensors bit-exact after HF -> Megatron -> HF, "
                 f"max |diff| {_num(rt.get('max_abs_diff'))}" + (f"; not exact: {names}" if names else ""))
 
-    def _explain_mode_rows(self, mode: str, what: str) -> str:
-        """The failing rows of ``mode`` (a mode with rows of its own: ``parity.engine.modes``)."""
-        from parity.engine.modes import get
+    def _explain_mode_rows(self, check: str, what: str) -> str:
+        """The failing rows of the modes whose rows decide ``check`` (modes with rows of their own:
+        ``parity.engine.modes``)."""
+        from parity.engine.modes import MODES
 
-        bad = [r for r in self.modules() if not r.get("passed") and r.get("mode") in get(mode).rows]
+        rows = {row for m in MODES if m.check == check for row in m.rows}
+        bad = [r for r in self.modules() if not r.get("passed") and r.get("mode") in rows]
         return f"{len(bad)} {what} over their gates: " + "; ".join(self._row(r) for r in bad[:8])
 
-    def _explain_gradients(self) -> str:
-        return self._explain_mode_rows("backward", "gradient comparisons")
+    def _explain_gradients(self) -> str:  # the backward mode's rows and the isolated backward's
+        return self._explain_mode_rows("gradients", "gradient comparisons")
 
     def _explain_loss(self) -> str:
         loss = ((self.results.get("train") or {}).get("loss")) or {}

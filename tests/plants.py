@@ -57,6 +57,7 @@ class Plant:
     fp32_noop: bool = False  # precision-only: identical to HF in fp32, so the fp32 run must pass
     megatron_name: str | None = None  # expected first_divergence_detail.megatron_name, when it says more
     info: dict = field(default_factory=dict, compare=False)  # what the planting realised (sensitivity plants)
+    isolated: str | None = None  # backward plants: the first failing isolated-backward row, where not ``where``
 
     def expected(self, shape: Shape) -> str:
         return self.where.format(full=shape.first_full)
@@ -783,11 +784,11 @@ def loss_over_padding(mp, shape):
     """The loss averaged over every position, padded ones included (a loss mask that forgot the padding)."""
     from parity.systems import ours
 
-    train_loss = ours.ParitySystem.train_loss
+    loss_on = ours.ParitySystem.loss_on
 
-    def planted(self, inputs, labels):
-        return train_loss(self, inputs, torch.where(labels == -100, inputs["input_ids"], labels))
-    mp.setattr(ours.ParitySystem, "train_loss", planted)
+    def planted(self, logits, labels):
+        return loss_on(self, logits, torch.where(labels == -100, self.inputs["input_ids"], labels))
+    mp.setattr(ours.ParitySystem, "loss_on", planted)
 
 
 def aux_loss_left_on(mp, shape):
@@ -813,16 +814,19 @@ BACKWARD_PLANTS = [
           misses={"bfloat16": "moves the norm's input gradient by 1.6 % (fp32 run), under its bf16 gate "
                               "(4 x HF's own bf16-vs-fp32 gradient error of ~5 % + 1e-3)"}),
     # inline after lm_head in HF's forward: the first module whose own gradients it feeds
-    Plant("straight-through softcap", "backward", "lm_head", straight_through_softcap),
-    Plant("K=V tie without gradient", "backward", "model.layers.5.self_attn.k_proj.weight", kv_tie_without_gradient),
-    Plant("logits gradient in bf16", "backward", "model.norm.weight", logits_grad_bf16,
+    Plant("straight-through softcap", "backward", "lm_head", straight_through_softcap, isolated="logits"),
+    Plant("K=V tie without gradient", "backward", "model.layers.5.self_attn.k_proj.weight", kv_tie_without_gradient,
+          isolated="model.layers.5.self_attn"),  # the tie is inside the attention, not in k_proj
+    Plant("logits gradient in bf16", "backward", "model.norm.weight", logits_grad_bf16, isolated="logits",
           misses={"bfloat16": "a bf16 run's gradients are bf16 already: rounding to bf16 changes nothing"}),
-    Plant("tied head gradient dropped", "backward", "model.embed_tokens.weight", tied_head_grad_dropped),
+    Plant("tied head gradient dropped", "backward", "model.embed_tokens.weight", tied_head_grad_dropped,
+          isolated="lm_head.weight"),  # the head's share of the tied weight
     # the routing weights' gradient reaches the router's parameters: per_expert_scale is the last it multiplies
     Plant("combine probabilities detached", "backward", "model.layers.5.router.per_expert_scale",
-          combine_probs_detached),
+          combine_probs_detached, isolated="model.layers.5.experts[top_k_weights]"),
     Plant("loss over padding", "backward", "loss", loss_over_padding),
     Plant("aux loss left on", "backward", "model.layers.5.router.per_expert_scale", aux_loss_left_on,
+          isolated="model.layers.5.router",
           misses={"bfloat16": "a coefficient of 1e-2 moves the router's gradients by ~5 % (fp32 run), under their "
                               "bf16 gates (4 x HF's own bf16-vs-fp32 error of 4-28 % + 1e-3)"}),
 ]
@@ -867,8 +871,82 @@ def adam_eps_1e6(mp, shape):
 
 
 STEP_PLANTS = [
-    Plant("weight decay on norms", "step", "model.layers.0.self_attn.q_norm.weight", decay_everything),
-    Plant("Adam eps 1e-6", "step", "model.embed_tokens.weight", adam_eps_1e6),
+    Plant("weight decay on norms", "step", "model.layers.0.self_attn.q_norm.weight", decay_everything,
+          misses={"bfloat16": "a norm's weight near 1 decays by lr x wd = 1e-6 per step, far below one unit in the "
+                              "last place of a bf16 parameter there (2^-7): the fp32 main weight holds it, the "
+                              "bf16 parameter and the 10-step trajectory do not move (0.06 of its gate)"}),
+    Plant("Adam eps 1e-6", "step", "model.embed_tokens.weight", adam_eps_1e6,
+          misses={"bfloat16": "eps 1e-6 moves the updates of elements whose gradient is below ~1e-5, which bf16 "
+                              "parameters do not resolve; the 10-step trajectory stays at 0.05 of its gate (HF's own "
+                              "bf16-vs-fp32 band), and bf16 first updates are reported, not gated"}),
+]
+
+
+# ------------------------------------------------------------------------- parallel-only backward (TP / EP worlds)
+# Each exists only in a world of several ranks and leaves the forward bit for bit as it was (checked by
+# tests/test_parallel_backward.py, where the clean TP=2 and EP=2 train runs pass).
+
+def qk_norm_grads_not_reduced(mp, shape):
+    """At TP > 1 the q/k norms' weight gradients left unsummed over the TP ranks: each rank keeps the part of the
+    heads it holds (megatron's finalize_model_grads sums them: ``_allreduce_non_tensor_model_parallel_grads``)."""
+    import importlib
+
+    finalize = importlib.import_module("megatron.core.distributed.finalize_model_grads")  # the package's name is
+    mp.setattr(finalize, "_allreduce_non_tensor_model_parallel_grads", lambda *a, **kw: None)  # its function too
+
+
+def qkv_input_grad_not_reduced(mp, shape):
+    """The last layer's column-parallel QKV projection without the all-reduce of its input gradient over the TP
+    ranks (neither ``allreduce_dgrad`` in its backward nor the copy-to-region before it): each rank sends back the
+    part of the input gradient its own heads make."""
+    def drop(layer):
+        qkv = layer.self_attention.linear_qkv
+        qkv.allreduce_dgrad, qkv.disable_grad_reduce = False, True
+    _patch_layer(mp, -1, drop)
+
+
+def moe_tokens_from_every_tp_rank(mp, shape):
+    """The MoE layer at TP > 1 dispatching every token from every TP rank (no sequence split before megatron's
+    all-gather dispatcher, which spans TP x EP): the forward unchanged, the experts' weight gradients TP times."""
+    text = _text()
+
+    def experts_forward(self, expert_input, probs, routing_map):
+        x, probs = self.preprocess(expert_input.contiguous(), probs, routing_map)
+        x, probs = self.dispatch(x, probs)
+        out, _ = self.routed_experts_compute(x, probs)
+        return self.postprocess(self.combine(out), None).to(expert_input.dtype)
+    mp.setattr(text.Gemma4MoE, "experts_forward", experts_forward)
+
+
+def experts_not_dp_averaged(mp, shape):
+    """The experts' gradients left as the sum over the data-parallel ranks' losses (their 1/dp of megatron's DDP
+    forgotten: a reduction over the expert-data-parallel group alone, of size 1 here, averages nothing)."""
+    from megatron.core import parallel_state as ps
+
+    from parity.systems import ours
+
+    finalize = ours.ParitySystem.finalize_grads
+
+    def planted(self):
+        pending = not getattr(self, "_finalized", True)
+        finalize(self)
+        if pending:
+            for m in self.model.modules():
+                if isinstance(m, _text().Gemma4Experts):
+                    for p in (p for p in m.parameters() if p.grad is not None):
+                        p.grad.mul_(ps.get_data_parallel_world_size())
+    mp.setattr(ours.ParitySystem, "finalize_grads", planted)
+
+
+PARALLEL_PLANTS = [  # planted in the TP=2 or EP=2 world (tests/test_parallel_backward.py PLANTED_IN)
+    Plant("q/k norm gradients not summed over TP", "backward", "model.layers.5.self_attn.k_norm.weight",
+          qk_norm_grads_not_reduced),
+    Plant("QKV input gradient not all-reduced", "backward", "model.layers.5.self_attn.q_proj",
+          qkv_input_grad_not_reduced),
+    Plant("MoE tokens from every TP rank", "backward", "model.layers.5.experts.down_proj",
+          moe_tokens_from_every_tp_rank, isolated="model.layers.5.experts.gate_up_proj"),
+    Plant("experts not averaged over DP", "backward", "model.layers.5.experts.down_proj", experts_not_dp_averaged,
+          isolated="model.layers.5.experts.gate_up_proj"),
 ]
 
 

@@ -18,6 +18,7 @@ CASE_BF16 = "gemma4-text-tiny-train-bf16"
 FORWARD = ("end_to_end", "isolated")
 GRADIENTS = ("loss", "grad_output", "grad_input", "param_grad")
 STEP = ("param_step",)
+ISOLATED = ("isolated_grad_input", "isolated_param_grad")
 
 
 def _reference(case: str):
@@ -62,6 +63,12 @@ def test_clean_train_step_holds(clean):
     loss = clean["train"]["loss"]
     assert loss["tokens"] == 2 * 40 - 5 - 2  # padded positions and each sequence's last position carry no label
     assert loss["rel_diff"] < 1e-6 and loss["grad_norm"]["rel_diff"] < 1e-6
+    iso = _rows(clean, ISOLATED)  # every module's backward alone: 117 input and 127 parameter gradients
+    counted = {mode: sum(m == mode for _, m in iso) for mode in ISOLATED}
+    assert counted == {"isolated_grad_input": 117, "isolated_param_grad": 127}, counted
+    assert max(m["rel_l2"] for m in iso.values()) < 1e-6 and ("lm_head.weight", "isolated_param_grad") in iso
+    assert ("model.layers.5.experts[top_k_weights]", "isolated_grad_input") in iso
+    assert ("loss", "isolated_grad_input") in iso
     # backward rows come after every forward row, the loss first among them
     first_backward = min(m["order"] for m in rows.values())
     assert first_backward > max(m["order"] for m in _rows(clean, FORWARD).values())
@@ -82,25 +89,40 @@ def test_k_eq_v_tie_holds_under_training(clean):
 def test_clean_train_step_holds_on_more_seeds(seed):
     with cpu_threads("cpu"):
         r = pipeline.run(load_case(CASE), device="cpu", seed=seed)
-    worst = max(m["rel_l2"] for m in r["modules"] if m["mode"] in GRADIENTS)
+    worst = max(m["rel_l2"] for m in r["modules"] if m["mode"] in GRADIENTS + ISOLATED)
     assert r["passed"] is True and worst < 1e-5, (seed, r["summary"]["first_divergence_detail"], worst)
+    assert sum(m["mode"] in ISOLATED for m in r["modules"]) == 117 + 127
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
 def test_clean_bf16_train_step_holds_against_its_floors(seed, reference_bf16):
     """bf16: every gradient row within 4 x HF's own bf16-vs-fp32 gradient error + 1e-3, and as close to HF-fp32 as
-    HF-bf16 is (grad_truth_multiplier 1.5; clean seeds 0-2 reach 1.10); the optimizer step is not run in bf16."""
+    HF-bf16 is (grad_truth_multiplier 1.5; clean seeds reach 1.10); the optimizer step with fp32 main weights (both
+    sides): each parameter's first update within 4 x HF-bf16's own distance from HF-fp32's + 1e-3, and the 10-step
+    trajectory of loss and gradient norm within 4 x HF's own bf16-vs-fp32 band + 1e-3 at every step."""
     with cpu_threads("cpu"):
         r = pipeline.against(reference_bf16, "parity") if seed == 0 else \
             pipeline.run(load_case(CASE_BF16), device="cpu", seed=seed)
     rows = _rows(r, GRADIENTS)
-    assert r["passed"] is True and len(rows) == 1 + 122 + 104 + 126, r["summary"]["first_divergence_detail"]
+    unstable = {k for k, m in rows.items() if not m["passed"]}
+    # seed 3: HF's own bf16 gradient of layer 4's per_expert_scale (8 elements) is 0.80 from its fp32 one, over the
+    # case's ceiling 0.35: "reference unstable", a failing row by the gates' rule (a floor is never a licence)
+    assert all(rows[k]["why"].startswith("reference unstable") for k in unstable), unstable
+    assert (r["passed"] is True) == (not unstable) and len(rows) == 1 + 122 + 104 + 126
+    assert unstable == ({("model.layers.4.router.per_expert_scale", "param_grad")} if seed == 3 else set())
     grads = [m for (_, mode), m in rows.items() if mode != "loss"]
     assert all(m["floor"] is not None and m.get("truth_rel_l2") is not None for m in grads)
     assert rows[("loss", "loss")]["floor"] is not None  # HF's own bf16-vs-fp32 loss difference
-    assert max(m["ratio"] for m in rows.values()) < 1.0 and max(m["truth_ratio"] for m in grads) < 1.2
-    assert {"name": "step", "label": "optimizer step", "ran": False} == {k: v for k, v in
-                                                                        next(m for m in r["modes"] if m["name"] == "step").items() if k != "why"}
+    stable = [m for k, m in rows.items() if k not in unstable]
+    assert max(m["ratio"] for m in stable) < 1.0 and max(m["truth_ratio"] for m in grads if m in stable) < 1.2
+    assert not _rows(r, STEP)  # bf16 first updates: reported with their floors, not gated (a few sign flips)
+    first = r["train"]["first_update"]
+    assert len(first["parameters"]) == 126 and first["gated"] is False
+    assert all(p["floor"] is not None for p in first["parameters"].values())
+    traj = r["train"]["trajectory"]
+    assert r["checks"]["step"] is True and r["checks"]["trajectory"] is True and traj["worst_ratio"] < 0.5, traj
+    assert len(traj["band"]["loss"]) == len(traj["hf_fp32"]["loss"]) == 10 and max(traj["band"]["loss"]) > 1e-3
+    assert traj["system"]["loss"][-1] < traj["system"]["loss"][0] - 2  # it trains in bf16 too
 
 
 @pytest.mark.parametrize("plant", BACKWARD_PLANTS, ids=[p.name for p in BACKWARD_PLANTS])
@@ -114,12 +136,27 @@ def test_bf16_backward_only_plant(plant, reference_bf16):
     assert r["passed"] is False and detail["name"] == plant.where, detail
 
 
+def _first(r: dict, modes) -> dict | None:
+    """The first failing row of ``modes`` in backward order (the backward mode's own rows before the isolated ones'
+    on a tie, as the summary orders them)."""
+    bad = [m for m in r["modules"] if m["mode"] in modes and m.get("passed") is False]
+    return min(bad, key=lambda m: (m["order"], m["mode"] in ISOLATED), default=None)
+
+
 @pytest.mark.parametrize("plant", BACKWARD_PLANTS, ids=[p.name for p in BACKWARD_PLANTS])
 def test_backward_only_plant_is_caught_where_it_is(plant, reference, clean):
+    """End to end, the first failing own gradient row is the plant's module (``where``); each module's backward
+    alone, the first failing isolated row is the module that has it (``isolated``: where the two differ, the
+    isolated row is the tighter place -- the softcap after lm_head, the tie inside self_attn, the head's share of
+    the tied weight, the experts' routing-weights gradient, the router's own backward); the run's first divergence is
+    the earlier of the two."""
     r = _planted(plant, reference)
     assert r["passed"] is False
-    detail = r["summary"]["first_divergence_detail"]
-    assert detail["name"] == plant.where and detail["mode"] in ("loss", "grad_input", "param_grad"), detail
+    e2e, iso = _first(r, ("loss", "grad_input", "param_grad")), _first(r, ISOLATED)
+    assert e2e["name"] == plant.where, (e2e["name"], e2e["mode"])
+    assert iso is not None and iso["name"] == (plant.isolated or plant.where), (iso["name"], iso["mode"])
+    detail, first = r["summary"]["first_divergence_detail"], _first(r, ISOLATED + ("loss", "grad_input", "param_grad"))
+    assert (detail["name"], detail["mode"]) == (first["name"], first["mode"]), detail
     assert r["checks"]["gradients"] is False or r["checks"]["loss"] is False
     # backward only: every forward row as in the clean run, bit for bit
     before, after = _rows(clean, FORWARD), _rows(r, FORWARD)
@@ -136,6 +173,16 @@ def test_clean_optimizer_step_and_trajectory(clean):
     assert traj["steps"] == 10 and traj["worst_rel_diff"] < 1e-6 and clean["checks"]["trajectory"] is True
     assert traj["hf"]["loss"][-1] < traj["hf"]["loss"][0] - 2  # it really trains: 12.0 -> 9.3 on this batch
     assert clean["checks"]["step"] is True
+
+
+@pytest.mark.parametrize("plant", STEP_PLANTS, ids=[p.name for p in STEP_PLANTS])
+def test_bf16_optimizer_plant(plant, reference_bf16):
+    """bf16 with fp32 main weights: caught by the trajectory, or missed for the reason it states (today both are)."""
+    r = _planted(plant, reference_bf16)
+    if "bfloat16" in plant.misses:
+        assert r["passed"] is True and r["checks"]["trajectory"] is True, plant.misses["bfloat16"]
+        return
+    assert r["passed"] is False and r["checks"]["trajectory"] is False and r["checks"]["step"] is False
 
 
 @pytest.mark.parametrize("plant", STEP_PLANTS, ids=[p.name for p in STEP_PLANTS])
@@ -169,3 +216,6 @@ def test_vlm_train_step_holds():
     assert len(vision) > 100 and {m["mode"] for m in vision} == {"grad_output", "grad_input", "param_grad",
                                                                   "param_step"}
     assert r["train"]["loss"]["tokens"] == 37  # text positions only
+    iso = _rows(r, ISOLATED)  # each module's backward alone, the vision tower's too
+    assert len(iso) == 171 + 156 and max(m["rel_l2"] for m in iso.values()) < 1e-6
+    assert sum(name.startswith("model.vision_tower") for name, _ in iso) == 80

@@ -21,7 +21,7 @@ def test_every_mode_names_a_module_that_runs_it():
         assert mode.gates in ("run", "float32") and mode.when in ("always", "bf16_single", "single", "train", "lora")
         assert mode.gate_key in ("rel_l2", "grad_rel_l2")
     assert M.PLOTTED == ("isolated", "end_to_end")
-    assert [m.name for m in MODES if m.replay] == ["isolated", "fp32_replay", "probing"]
+    assert [m.name for m in MODES if m.replay] == ["isolated", "fp32_replay", "probing", "isolated_backward"]
     assert M.rank("isolated") < M.rank("fp32_replay") < M.rank("end_to_end") < M.rank("no such mode")
 
 
@@ -137,5 +137,8 @@ def test_a_mode_the_adapter_does_not_model_yet_is_not_run_not_a_verdict(monkeypa
     backward = next(m for m in r["modes"] if m["name"] == "backward")
     assert backward == {"name": "backward", "label": "backward", "ran": False,
                         "why": "no-training does not model it yet: its training path is not wired here"}
-    assert r["passed"] is True and not r.get("failures") and "gradients" not in r["checks"]
+    assert r["passed"] is True and not r.get("failures")
+    # the isolated backward does not need its training path (each module alone, its loss alone): it still runs
+    assert r["checks"]["gradients"] is True and {m["mode"] for m in r["modules"] if "grad" in m["mode"]} == {
+        "isolated_grad_input", "isolated_param_grad"}
     assert not [m for m in r["modules"] if m["mode"] in ("loss", "grad_output", "grad_input", "param_grad")]

@@ -304,10 +304,11 @@ def _export(fetch: Callable[[str], dict], args: TextArgs, arch: str, tp_size: in
             hits = [t for key, t in found if match(key)]
             if not hits:
                 raise BridgeError(f"missing Megatron tensor {mname} for {where}")
-            for other in hits[1:]:
-                if not same_bits(hits[0], other):
-                    raise BridgeError(f"replicas of {mname} differ between ranks")
-            return hits[0]
+            if all(same_bits(hits[0], other) for other in hits[1:]):
+                return hits[0]
+            if grads:  # copies that disagree (a parallel bug): their mean, which they move (equal copies: exact)
+                return torch.stack(hits).float().mean(0).to(hits[0].dtype)
+            raise BridgeError(f"replicas of {mname} differ between ranks")
 
         if rule.ep is None and rule.etp is None:
             tps = range(tp_size if rule.tp is not None else 1)
@@ -350,12 +351,14 @@ def iter_gather_from_world(
     arch: str = "Gemma4ForCausalLM",
     ranks: tuple[int, int, int] | None = None,
     group=None,
+    grads: bool = False,
 ) -> Iterator[tuple[str, Tensor]]:
     """Inside a torch.distributed world: the HF state dict, one tensor at a time, on every rank. Each Megatron
     tensor is all-gathered on its own device (GPU shards over NCCL, CPU ones over gloo) as raw bytes, so
     only one tensor's shards are ever in flight. ``ranks`` = (tp_rank, ep_rank, etp_rank) of this process
     (default: megatron's ``parallel_state``). Data-parallel copies of one shard must agree bit for bit.
-    Every rank must consume the whole iterator (each step is a collective)."""
+    Every rank must consume the whole iterator (each step is a collective). ``grads``: the tensors are gradients
+    (each transform's adjoint); copies of one shard or of a replicated tensor that disagree give their mean."""
     import torch.distributed as dist
 
     if ranks is None:
@@ -377,13 +380,17 @@ def iter_gather_from_world(
         dist.all_gather(bufs, raw, group=group)
         got: dict = {}
         for key, buf in zip(keys, bufs):
-            v = buf.view(t.dtype).view(t.shape)
-            if key in got and not same_bits(got[key], v):
+            got.setdefault(key, []).append(buf.view(t.dtype).view(t.shape))
+        for key, copies in got.items():
+            if all(same_bits(copies[0], v) for v in copies[1:]):
+                got[key] = copies[0]
+            elif grads:
+                got[key] = torch.stack(copies).float().mean(0).to(t.dtype)
+            else:
                 raise BridgeError(f"data-parallel copies of {mname} differ on ranks {key}")
-            got.setdefault(key, v)
         return got
 
-    return _export(fetch, args, arch, tp_size, ep_size, etp_size)
+    return _export(fetch, args, arch, tp_size, ep_size, etp_size, grads)
 
 
 # ---------------------------------------------------------------------------------------------------

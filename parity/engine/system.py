@@ -136,6 +136,11 @@ class System(Protocol):
 
     def merged(self) -> Iterable[tuple[str, torch.Tensor]]: ...  # its weights with the adapters merged, HF keys
 
+    # The isolated backward (each module's backward alone; optional, the mode is skipped without ``zero_grad``):
+    def zero_grad(self) -> None: ...  # its parameters' gradients cleared (a new backward begins)
+
+    def loss_on(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...  # its loss alone on logits
+
     # ``a`` is one concrete row of the table (``a.hf``, ``a.row.kind``, ``a.row.part``, ``a.layer``, ``a.slots``).
     # Layouts by ``a.row.kind``: tensors ``[b, s, ...]``; ROUTER ``{"dense" [b*s, E], "top_w", "top_i" [b*s, k]}``;
     # EXPERTS / FLAT_NORM ``[b*s, H]``; QKV / FC1 the row's ``Part`` only; vision kinds batch-first as HF's
@@ -147,7 +152,8 @@ class System(Protocol):
 # A system that raises: a verdict about it, never a harness error
 
 PORT = ("build", "load", "export", "prepare", "forward", "module", "fp32", "tables", "output", "replay",
-        "train_loss", "grads", "optimizer_step", "input_key", "input_layout", "load_adapters", "save_adapters", "merged")
+        "train_loss", "grads", "optimizer_step", "input_key", "input_layout", "zero_grad", "loss_on", "load_adapters",
+        "save_adapters", "merged")
 
 
 class SystemRaised(Exception):

@@ -36,7 +36,8 @@ compat.apply()
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding  # noqa: E402
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding  # noqa: E402
-from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region  # noqa: E402
+from megatron.core.tensor_parallel.mappings import (  # noqa: E402
+    gather_from_sequence_parallel_region, gather_from_tensor_model_parallel_region, scatter_to_sequence_parallel_region)
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules  # noqa: E402
 from megatron.core.transformer.enums import AttnMaskType  # noqa: E402
 from megatron.core.transformer.mlp import MLP, MLPSubmodules  # noqa: E402
@@ -202,11 +203,25 @@ class Gemma4MoE(MoELayer):
     """Megatron MoE layer whose router reads the raw residual while the experts read their own pre-norm."""
 
     def experts_forward(self, expert_input, probs, routing_map):
-        """Dispatch -> experts -> combine for given routing (also used for forced-routing replays)."""
-        x, probs = self.preprocess(expert_input.contiguous(), probs, routing_map)
+        """Dispatch -> experts -> combine for given routing (also used for forced-routing replays).
+
+        At TP > 1 each rank dispatches its 1/TP of the tokens (megatron's sequence-parallel layout inside the MoE)
+        and the combined outputs are gathered back. Megatron's all-gather dispatcher spans TP x EP: tokens
+        replicated over the TP ranks would each reach their experts once per TP rank -- the forward unchanged (the
+        reduce-scatter hands every rank its own copy back), the experts' weight gradients TP times too large."""
+        x, tp = expert_input.contiguous(), parallel_state.get_tensor_model_parallel_world_size()
+        if tp > 1:
+            if x.shape[0] % tp:
+                raise ValueError(f"MoE at TP={tp}: {x.shape[0]} tokens (its first dim) do not split into {tp}")
+            x = scatter_to_sequence_parallel_region(x)  # backward: the gradients of every rank's tokens gathered
+            probs = scatter_to_sequence_parallel_region(probs)  # [tokens, E] in the same order as x's first dims
+            routing_map = routing_map.chunk(tp)[parallel_state.get_tensor_model_parallel_rank()]
+        x, probs = self.preprocess(x, probs, routing_map)
         x, probs = self.dispatch(x, probs)
         out, _ = self.routed_experts_compute(x, probs)
         out = self.postprocess(self.combine(out), None)
+        if tp > 1:  # every rank's outputs, whole again; backward: this rank's slice (its downstream is replicated)
+            out = gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
         return out.to(expert_input.dtype)
 
     def forward(self, router_input, expert_input):

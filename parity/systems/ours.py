@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from parity.engine import adapters as A
 from parity.engine.alignment import Aligned, Kind, Stack
 from parity.engine.compare import value
 from parity.engine.system import call_arg, hf_routing
-from parity.megatron_layout import first, hf_token_order, input_to_hf, sb, to_hf, tp_gather, tp_size, tp_slice
+from parity.megatron_layout import first, hf_token_order, input_to_hf, sb, to_hf, tp_gather, tp_size, tp_split
 
 # Alignment-table key -> module path in the text model (``language_model.`` inside the VLM).
 LM = {
@@ -135,8 +136,9 @@ class ParitySystem:
     name, version = "parity", _version()
     loss_description = ("megatron-core vocab_parallel_cross_entropy of the next token, mean over the positions "
                         "with a label (Megatron-LM's masked mean)")
-    optimizer_description = ("torch.optim.AdamW in fp32, matrices decayed, 1-D parameters not, global-norm clipping: "
-                             "megatron-core's optimizer at data-parallel size 1 equals it (its DDP + "
+    optimizer_description = ("torch.optim.AdamW, matrices decayed, 1-D parameters not, global-norm clipping; bf16 "
+                             "parameters with fp32 main weights in the optimizer: megatron-core's optimizer at "
+                             "data-parallel size 1 (Float16OptimizerWithFloat16Params in bf16) equals it (its DDP + "
                              "get_megatron_optimizer need CUDA); K=V layers' V rows re-tied to K after each step")
     substituted: list[dict] = []  # nothing: plain megatron-core parts run everywhere
     shared = frozenset()
@@ -325,49 +327,97 @@ class ParitySystem:
 
     def train_loss(self, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Its training path as Megatron-LM runs it: the model's logits, megatron-core's vocab-parallel cross
-        entropy of the next token, the mean over the positions that carry a label. ``labels``: HF's convention
-        (input ids, -100 for none); shifted here. Returns (loss, logits [b, s, V])."""
-        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-        if tp_size() > 1:
-            raise NotImplementedError("the training path of system parity runs at TP=1 for now")
-        self.model.zero_grad(set_to_none=True)
+        entropy of the next token (on this rank's vocabulary slice), the mean over the positions that carry a label.
+        ``labels``: HF's convention (input ids, -100 for none); shifted here. Returns (loss, logits [b, s, V]): the
+        logits whole (gathered over TP; the loss reads this rank's slice of them, an exact split whose backward
+        gathers the slices' gradients, so the logits' gradient is observable whole)."""
+        self.zero_grad()
         logits = self.forward(inputs)
+        return self.loss_on(logits, labels), logits
+
+    def loss_on(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Its loss function alone on logits ``[b, s, V]`` (the isolated backward gives it HF's)."""
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+        from megatron.core.tensor_parallel.mappings import scatter_to_tensor_model_parallel_region
+
         target = torch.roll(labels, -1, dims=1)
         target[:, -1] = -100
         mask = target != -100
         # it exponentiates its logits input in place: a copy, so the logits stay what the model returned
-        per = vocab_parallel_cross_entropy(sb(logits, contiguous=True).clone(), sb(target.clamp_min(0), contiguous=True))
+        shard = scatter_to_tensor_model_parallel_region(sb(logits, contiguous=True)).clone()
+        per = vocab_parallel_cross_entropy(shard, sb(target.clamp_min(0), contiguous=True))
         per = per.transpose(0, 1)
-        return (per * mask).sum() / mask.sum(), logits
+        return (per * mask).sum() / mask.sum()
+
+    def zero_grad(self) -> None:
+        """Its parameters' gradients cleared: a new backward begins (``finalize_grads`` pending again)."""
+        self.model.zero_grad(set_to_none=True)
+        self._finalized = False
+
+    def finalize_grads(self) -> None:
+        """What megatron-core does with the gradients between the backward and the optimizer
+        (``finalize_model_grads``), once per backward. Its DDP at data-parallel size dp > 1 (``average_in_collective``
+        off): every gradient divided by dp and summed over its data-parallel group -- the experts' over the
+        expert-data-parallel group, also by 1/dp: their tokens came from every data-parallel rank through the
+        dispatcher, so their local gradient already sums those ranks' losses (a run here feeds every rank the same
+        batch: the dense gradients agree before the average, the experts' are dp times a single batch's). Then its
+        own ``_allreduce_non_tensor_model_parallel_grads``: at TP > 1 the q/k norms' gradients summed over the TP
+        ranks (one weight shared by every head, each rank holding its heads' part of the gradient). DDP's buffers
+        need CUDA here; its arithmetic is written out."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
+
+        from parity.models.text import Gemma4Experts
+
+        if getattr(self, "_finalized", True):
+            return
+        self._finalized = True
+        dp = ps.get_data_parallel_world_size()
+        if dp > 1:
+            experts = {id(p) for m in self.model.modules() if isinstance(m, Gemma4Experts) for p in m.parameters()}
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(dp)
+                    torch.distributed.all_reduce(p.grad, group=ps.get_expert_data_parallel_group() if id(p) in experts
+                                                 else ps.get_data_parallel_group())
+        chunk = SimpleNamespace(module=self.lm, ddp_config=DistributedDataParallelConfig())  # as a DDP-wrapped chunk
+        _allreduce_non_tensor_model_parallel_grads([chunk], self.lm.config, ps.get_tensor_model_parallel_group())
 
     def optimizer_step(self, spec) -> float:
-        """One step of its optimizer (made at the first call from the case's ``train.optimizer``): clip the
-        gradients, step, clear them, and re-tie the K=V layers' V rows (unused copies of K, kept for the fused
-        layout, so the export stays exact). Returns the gradient norm before clipping."""
-        from parity.engine.modes.step import adamw, clip
+        """One step of its optimizer (made at the first call from the case's ``train.optimizer``): megatron's
+        finalized gradients, AdamW with global-norm clipping (bf16 parameters: fp32 main weights in the optimizer,
+        megatron's mixed precision), the gradients cleared, and the K=V layers' V rows re-tied to K (unused copies
+        of K, kept for the fused layout, so the export stays exact; in the main copy too). Returns the gradient norm
+        before clipping."""
+        from parity.engine.modes.step import AdamWStep
 
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            raise NotImplementedError("its optimizer step in a world of several ranks (the gradient norm over the "
+                                      "model-parallel ranks, megatron's distributed clip) is not modelled yet")
         if getattr(self, "_optimizer", None) is None:
-            self._optimizer = adamw(self.model.named_parameters(), spec)
-        norm = clip(self.model.parameters(), spec.optimizer.clip_grad)
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+            self._optimizer = AdamWStep(self.model.named_parameters(), spec)
+        self.finalize_grads()
+        norm = self._optimizer.step()
         with torch.no_grad():
             for layer in self.lm.decoder.layers:
                 if layer.layer_args.k_eq_v and not layer.layer_args.kv_shared:  # a shared layer has Q rows only
                     att = layer.self_attention
                     hn, ng = att.hidden_size_per_attention_head, att.num_query_groups_per_partition
                     rep = att.num_attention_heads_per_partition // ng
-                    rows = att.linear_qkv.weight.view(ng, (rep + 2) * hn, -1)
-                    rows[:, (rep + 1) * hn:].copy_(rows[:, rep * hn:(rep + 1) * hn])
-        return float(norm)
+                    weight = att.linear_qkv.weight
+                    for w in {id(t): t for t in (weight, self._optimizer.main(weight))}.values():
+                        rows = w.view(ng, (rep + 2) * hn, -1)
+                        rows[:, (rep + 1) * hn:].copy_(rows[:, rep * hn:(rep + 1) * hn])
+        return norm
 
     def grads(self):
-        """Its parameters' gradients in HF layout, by its weight mapping's adjoint (``parity.bridge.convert``)."""
-        from parity.bridge import convert
+        """Its parameters' gradients in HF layout, by its weight mapping's adjoint (``parity.bridge.convert``), after
+        megatron's data-parallel reduction (``finalize_grads``); in a world of several ranks each gradient's shards
+        are gathered (TP slices, EP experts)."""
+        from parity.bridge import convert, vision
 
-        from parity.bridge import vision
-
+        self.finalize_grads()
         params = dict(self.model.named_parameters())
         sd = {k: params[k].grad if k in params and params[k].grad is not None else torch.zeros_like(v)
               for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
@@ -378,7 +428,9 @@ class ParitySystem:
                 self._adapters(sd), self.args, self._hf_prefix(), grads=True))
             return
         if not self.vlm:
-            yield from convert.iter_megatron_to_hf(sd, self.args, grads=True)
+            world = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+            yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(sd, self.args,
+                                                                                                   grads=True)
             return
         text = {k[len(TEXT_MC):]: v for k, v in sd.items() if k.startswith(TEXT_MC)}
         yield from convert.iter_megatron_to_hf(text, self.args, arch="Gemma4ForConditionalGeneration", grads=True)
@@ -483,8 +535,14 @@ class ParitySystem:
         return module(call_arg(call, "input_ids", device=self.device))
 
     def _replay_norm(self, a: Aligned, module, call) -> torch.Tensor:
-        """A norm is per token over the last dim: it runs on HF's input in whatever layout HF gave it."""
-        return module(call_arg(call, "hidden_states", device=self.device))
+        """A norm is per token over the last dim: it runs on HF's input in whatever layout HF gave it; a q/k norm
+        at TP > 1 on this rank's heads, as in its model (its weight's gradient is then this rank's part, which its
+        ``finalize_grads`` sums over TP), the heads gathered after."""
+        x = call_arg(call, "hidden_states", device=self.device)
+        if a.row.kind is not Kind.HEAD_NORM or tp_size() == 1:
+            return module(x)
+        y = module(tp_split(x.flatten(2)).unflatten(2, (-1, x.shape[3])))
+        return tp_gather(y.flatten(2)).unflatten(2, (-1, x.shape[3]))
 
     def _replay_flat_norm(self, a: Aligned, module, call) -> torch.Tensor:
         return module(call_arg(call, "hidden_states", device=self.device))
@@ -514,10 +572,11 @@ class ParitySystem:
         return {la.kv_source: tuple(t.to(self.device).permute(2, 0, 1, 3).chunk(n, dim=2)[rank] for t in kv)}
 
     def _replay_projection(self, a: Aligned, module, call) -> Any:
-        """A linear (a row-parallel one on this rank's slice of the HF input), the fused QKV / FC1 or the MLP."""
+        """A linear (a row-parallel one on this rank's slice of the HF input: split so that the input's gradient is
+        every rank's slice gathered), the fused QKV / FC1 or the MLP."""
         x = call_arg(call, "input", device=self.device)
         if a.row.kind is Kind.LINEAR and getattr(module, "input_is_parallel", False):
-            x = tp_slice(x)
+            x = tp_split(x)
         return self.output(a, module(sb(x)), module)
 
     def _replay_router(self, a: Aligned, module, call) -> dict:

@@ -83,13 +83,15 @@ MODES = (  # in the order a run measures them
          floors=True,
          needs=("train_loss", "grads", "module", "output", "input_key", "input_layout"), rows=("loss", "grad_output", "grad_input", "param_grad"),
          own_rows=("loss", "grad_input", "param_grad"), check="gradients"),
-    Mode("step", "optimizer step", "step", color="#9a6700", rank=4, when="train", gate_key="grad_rel_l2",
+    Mode("isolated_backward", "isolated backward", "isolated_backward", color="#0550ae", replay=True, rank=5,
+         when="train", gate_key="grad_rel_l2", needs=("module", "replay", "grads", "zero_grad"),
+         rows=("isolated_grad_input", "isolated_param_grad"), own_rows=("isolated_grad_input", "isolated_param_grad"),
+         check="gradients", dtypes=("float32",),
+         dtype_why="HF's bf16-vs-fp32 floors of each module's backward alone are not measured yet"),
+    Mode("step", "optimizer step", "step", color="#9a6700", rank=4, when="train", gate_key="grad_rel_l2", floors=True,
          needs=("train_loss", "optimizer_step", "export"), rows=("param_step",), own_rows=("param_step",),
-         check="step", dtypes=("float32",), lora_why="the adapters' optimizer step is not modelled yet (the base "
-                                                         "frozen, the adapters' parameter names)",
-         dtype_why="bf16 training steps fp32 master weights on both sides' real paths (megatron-core's mixed-precision "
-                   "optimizer, HF Trainer's autocast); stepping bf16 parameters in place is neither, and is not "
-                   "modelled here yet"),
+         check="step", lora_why="the adapters' optimizer step is not modelled yet (the base frozen, the adapters' "
+                                 "parameter names)"),
     Mode("lora", "LoRA export and merge", "lora", color="#cf222e", rank=5, when="lora",
          needs=("save_adapters", "merged"), rows=("adapter_export", "adapter_merged", "adapter_logits"),
          own_rows=("adapter_export", "adapter_merged", "adapter_logits"), check="lora"),

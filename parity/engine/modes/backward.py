@@ -36,6 +36,7 @@ from parity.engine.system import Elsewhere, GradTap
 
 MODE = "backward"
 LOSS, OUTPUT, INPUT, PARAM = "loss", "grad_output", "grad_input", "param_grad"
+ROUTING = "routing"  # a router's routing weights (HF's ``top_k_weights``): read for the isolated backward only
 # rows whose gradients are not read here: tables, routers (a discrete top-k; their parameters' gradients are),
 # the merged embeddings and the pooler (not plain tensors), the vision RoPE (no gradient), the logits (read apart)
 SKIP = set(TABLE_KINDS) | {Kind.ROUTER, Kind.MERGED, Kind.LOGITS, Kind.VISION_ROPE, Kind.POOLED}
@@ -107,7 +108,13 @@ def hf_backward(ref, model) -> dict:
     labels = labels_of(inputs)
     grads, handles = _Grads(), []
     by_name = {a.hf: a for a in _rows(ref.rows)}
+    routers = {a.hf for a in ref.rows if a.row.kind is Kind.ROUTER}
     for name, module in model.named_modules():
+        if name in routers:  # the gradient of its routing weights (``ROUTING``: the isolated backward's)
+            def routing(m, args, out, name=name):
+                if isinstance(out[1], torch.Tensor) and out[1].requires_grad:
+                    out[1].register_hook(grads.hook(ROUTING, name, lambda g: g.cpu()))
+            handles.append(module.register_forward_hook(routing))
         a = by_name.get(name)
         if a is None:
             continue
@@ -155,7 +162,7 @@ def floors(ref, prog) -> dict[str, float]:
     hf16, out = ref.extra[MODE], {}
     for key, g32 in hf32["grads"].out.items():
         g16 = hf16["grads"].out.get(key)
-        if g16 is not None:
+        if g16 is not None and key[0] in (OUTPUT, INPUT, PARAM):
             out[f"{key[0]}:{key[1]}"] = _rel(ref, key, g32, g16)
     out[f"{LOSS}:loss"] = abs(hf16["loss"] - hf32["loss"]) / max(abs(hf32["loss"]), 1e-30)
     return out

@@ -1,0 +1,258 @@
+"""Isolated backward (train cases): each module's backward alone, on HF's captured input and output gradient.
+
+The backward mode follows one backward end to end: an error there flows into everything before it, and only the
+backward order says where it began. Here every module is run alone, as the isolated replay runs it forward: the
+system's module (``System.replay``) on HF's captured input, its output given HF's captured output gradient (from
+HF's backward, ``backward.hf_backward``); the gradient it sends back to its input(s) and its own parameters'
+gradients are compared with HF's module run the same way -- HF's own module on the same input, given the same
+output gradient (its own code, in every run). A backward-only error then fails at the module that has it, whatever
+follows it.
+
+- ``isolated_grad_input`` rows (named by the HF module path): the gradient with respect to the module's main input;
+  a fused system module (``linear_qkv``: q/k/v_proj; ``linear_fc1``: gate/up_proj) runs once with every part's
+  output gradient, against the sum of HF's parts' input gradients (under the first part's name). The experts also
+  send a gradient back to their routing weights (``<experts>[top_k_weights]``), the router's to its input. The
+  logits row (lm_head + the final softcap, inline in HF's model) is given the logits' gradient; HF's side is its
+  ``lm_head`` given its own output gradient (the softcap's derivative is HF's backward's). ``loss``: the system's
+  loss alone (``System.loss_on``) on HF's logits, its gradient against HF's logits gradient.
+- ``isolated_param_grad`` rows: each HF parameter under the smallest aligned module that holds it (named by that
+  module's path: ``lm_head.weight`` is the tied head's share of ``model.embed_tokens.weight``), the system's
+  gradients brought to HF layout by its weight mapping's adjoint (``System.grads``).
+
+Modules whose parameters all belong to smaller rows (decoder layers, attention, MLP) have input-gradient rows only;
+``lm_head`` is the logits row; tables, merged embeddings, the vision RoPE and pooler are not run. A row is ordered
+with the module's input gradient in HF's backward (the backward mode's order), after the backward mode's row of the
+same module on a tie. fp32 runs: HF's bf16-vs-fp32 floors per isolated module are not measured yet.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from parity.engine.alignment import TABLE_KINDS, Aligned, Kind, layer_of
+from parity.engine.compare import Call, compare, first, metrics, value
+from parity.engine.modes.backward import INPUT, MODE as BACKWARD, OUTPUT, ROUTING as ROUTED, hf_input_key
+from parity.engine.record import Record
+
+MODE = "isolated_backward"
+IN, PARAM = "isolated_grad_input", "isolated_param_grad"
+SKIP = set(TABLE_KINDS) | {Kind.MERGED, Kind.VISION_ROPE, Kind.POOLED, Kind.LM_HEAD}
+ROUTING = "top_k_weights"  # the experts' second differentiable input: the routing weights
+
+
+def _rows(rows: list[Aligned]) -> list[Aligned]:
+    return [a for a in rows if a.row.kind not in SKIP]
+
+
+def _hf_module(a: Aligned) -> str:
+    return "lm_head" if a.row.kind is Kind.LOGITS else a.hf
+
+
+def _leaves(call: Call, kind: Kind, device=None) -> tuple[Call, dict[str, torch.Tensor]]:
+    """``call`` with its main input (and the experts' routing weights) replaced by fresh leaves requiring grad:
+    ``(call, {"": main, "top_k_weights": ...})``."""
+    args, kwargs, out = list(call.args), dict(call.kwargs), {}
+    keys = [("", hf_input_key(call.args, call.kwargs))] + ([(ROUTING, ROUTING if ROUTING in kwargs else 2)]
+                                                           if kind is Kind.EXPERTS else [])
+    for label, key in keys:
+        x = args[key] if isinstance(key, int) and key < len(args) else kwargs.get(key) if key is not None else None
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            continue
+        leaf = x.detach().to(device or x.device).clone().requires_grad_(True)
+        if isinstance(key, int):
+            args[key] = leaf
+        else:
+            kwargs[key] = leaf
+        out[label] = leaf
+    return Call(tuple(args), kwargs, call.output, call.order), out
+
+
+def _owned(model, rows: list[Aligned]) -> dict[str, dict[str, str]]:
+    """HF module -> {its own parameters' names (under the module's path): canonical HF name}: the parameters of the
+    smallest aligned module that holds each (a parameter of a row inside a bigger row is the inner row's)."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    modules = dict(model.named_modules())
+    names = {_hf_module(a) for a in _rows(rows) if _hf_module(a) in modules}
+    out = {}
+    for name in names:
+        inner = [n for n in names if n.startswith(name + ".")]
+        out[name] = {f"{name}.{k}": canonical[id(p)] for k, p in modules[name].named_parameters()
+                     if not any(f"{name}.{k}".startswith(n + ".") for n in inner)}
+    return out
+
+
+def _output_grad(a: Aligned, hf: dict, system: bool = False) -> torch.Tensor | None:
+    """HF's captured gradient of row ``a``'s output: of its HF module's output, or (``system``) of what the system's
+    replay returns -- the logits row returns the softcapped logits, HF's ``lm_head`` the logits before the cap."""
+    grads = hf["grads"].out
+    if a.row.kind is Kind.ROUTER:
+        return grads.get((ROUTED, a.hf))
+    return grads.get((OUTPUT, "logits" if system and a.row.kind is Kind.LOGITS else _hf_module(a)))
+
+
+def prepare(ref, prog) -> dict:
+    """HF's modules alone: each on its captured input, given its captured output gradient -> its input gradients
+    and its own parameters' gradients (on the host), and where each row sits in HF's backward order."""
+    hf, model, out = ref.extra[BACKWARD], ref.model, {}
+    modules, owned = dict(model.named_modules()), _owned(ref.model, ref.rows)
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    for a in _rows(ref.rows):
+        name = _hf_module(a)
+        call, g = ref.cap.first(name), _output_grad(a, hf)
+        if name not in modules or call is None or g is None or name in out:
+            continue
+        replayed, leaves = _leaves(call, a.row.kind, ref.device)
+        own = owned.get(name, {})
+        params = dict(modules[name].named_parameters(prefix=name))
+        with torch.enable_grad():
+            y = value(a.row.kind, modules[name](*replayed.args, **replayed.kwargs))
+            y = y["top_w"] if a.row.kind is Kind.ROUTER else first(y)
+            if not isinstance(y, torch.Tensor) or not y.requires_grad or y.shape != g.shape:
+                continue  # nothing differentiable to give its gradient to (the row is not run)
+            wrt = list(leaves.values()) + [params[n] for n in own]
+            if not wrt:
+                continue
+            got = torch.autograd.grad(y, wrt, g.to(y.device, y.dtype), allow_unused=True)
+        grads = dict(zip(list(leaves) + list(own), got))
+        order = hf["grads"].order
+        key = next((k for k in ((INPUT, name), (OUTPUT, name), (ROUTED, a.hf)) if k in order), None)
+        out[name] = {"inputs": {k: None if v is None else v.detach().cpu() for k, v in grads.items() if k in leaves},
+                     "params": {n: None if grads[n] is None else grads[n].detach().cpu() for n in own},
+                     "canonical": own, "order": order[key] if key else 0,
+                     # what its backward reaches when it has parameters of its own (smaller rows' too)
+                     "claims": {canonical[id(p)] for p in params.values()} if own else set()}
+    return out
+
+
+def _groups(c) -> list[list[Aligned]]:
+    """Rows run together: a fused system module's parts (one run with every part's output gradient), else one."""
+    groups: dict = {}
+    for a in _rows(c.rows):
+        name = c.replay_name(a)
+        key = (name, a.hf.rsplit(".", 1)[0]) if a.row.part is not None else a.hf
+        groups.setdefault(key, []).append(a)
+    return list(groups.values())
+
+
+def _batches(groups: list[list[Aligned]], hf: dict) -> list[list[list[Aligned]]]:
+    """Groups split so that no HF parameter is reached by two backwards into the parameters in one batch (the tied
+    embedding and head; a module with parameters of its own around smaller rows, e.g. the vision patch embedder
+    around its input projection): a batch runs every group's backward into the system's gradients, then reads them
+    once."""
+    batches: list[tuple[set, list]] = []
+    for group in groups:
+        claims = {n for a in group for n in hf.get(_hf_module(a), {}).get("claims", ())}
+        batch = next((b for b in batches if not b[0] & claims), None)
+        if batch is None:
+            batch = (set(), [])
+            batches.append(batch)
+        batch[0].update(claims)
+        batch[1].append(group)
+    return [b[1] for b in batches]
+
+
+def run(c, prog) -> None:
+    hf, sut = c.ref.extra[MODE], c.sut
+    base = max(c.cap.order.values(), default=0) + 2  # as the backward mode's rows: after every forward row
+    _loss(c, base)
+    for batch in _batches(_groups(c), hf):
+        sut.zero_grad()
+        pending = []  # (row, HF's module result, the system's leaves) whose parameters are read after the batch
+        for group in batch:
+            done = _group(c, group, hf, base)
+            if done is not None:
+                pending.append(done)
+        if not any(ref["params"] for _, ref, _ in pending):
+            continue
+        mine = dict(sut.grads())
+        for a, ref, _ in pending:
+            for pname, g in ref["params"].items():
+                _param_row(c, a, pname, g, mine.get(ref["canonical"][pname]), base + 1 + ref["order"])
+
+
+def _group(c, group: list[Aligned], hf: dict, base: int):
+    """The system's module of ``group`` alone on HF's captured input, given HF's output gradient(s); its input
+    gradient rows recorded. Returns (row, HF's parameter gradients and names, leaves) for the parameter rows."""
+    a, sut, hf_bwd = group[0], c.sut, c.ref.extra[BACKWARD]
+    parts = [p for p in group if _hf_module(p) in hf]
+    planned, plan = c.replay_input(a), sut.replays.get(a.row.name_key)
+    if not parts:
+        return None
+    if planned is None:
+        c.not_run(a, IN, c.name(a) if isinstance(c.name(a), str) else None,
+                  f"{sut.name} has no module to run alone for {a.hf}")
+        return None
+    name, module, call = planned
+    if plan is not None and plan.on:  # run on another row's input: its input gradient is not this row's
+        c.not_run(a, IN, name, f"{sut.name} replays {name} on another module's input ({plan.why})")
+        return None
+    call, leaves = _leaves(call, a.row.kind, c.ref.device)
+    outs, grads = [], []
+    with torch.enable_grad():
+        for part in parts:
+            y, g = sut.replay(part, module, call), _output_grad(part, hf_bwd, system=True)
+            if a.row.kind is Kind.ROUTER:  # its dense probabilities, what the experts' combine reads; HF's top-k
+                top_i = value(Kind.ROUTER, c.cap.first(a.hf).output)["top_i"].to(y["dense"].device)
+                y, g = y["dense"], torch.zeros_like(y["dense"]).scatter(1, top_i, g.to(y["dense"]))
+            else:
+                y = first(value(a.row.kind, y))
+            if g is not None and isinstance(y, torch.Tensor) and y.requires_grad:
+                outs.append(y)
+                grads.append(g.to(y.device, y.dtype))
+        if not outs or not (leaves or any(hf[_hf_module(p)]["params"] for p in parts)):
+            return None
+        for leaf in leaves.values():
+            leaf.grad = None
+        if any(hf[_hf_module(p)]["params"] for p in parts):  # into the leaves and its parameters (read after the batch)
+            torch.autograd.backward(outs, grads)
+        elif leaves:  # its parameters are smaller rows' (a decoder layer's): into the leaves only
+            for leaf, g in zip(leaves.values(), torch.autograd.grad(outs, list(leaves.values()), grads,
+                                                                    allow_unused=True)):
+                leaf.grad = g
+    order = base + 1 + min(hf[_hf_module(p)]["order"] for p in parts)
+    for label, leaf in leaves.items():
+        refs = [hf[_hf_module(p)]["inputs"].get(label) for p in parts]
+        if any(r is None for r in refs):
+            continue
+        test = (leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)).detach().to(refs[0].device)
+        kind = Kind.EXPERTS if a.row.kind is Kind.ROUTER or label else a.row.kind  # flat tokens
+        rec = c.record(a, IN, sum(refs), test, name=name, m_=compare(kind, sum(refs), test, c.where))
+        rec.name, rec.order = a.hf if not label else f"{a.hf}[{label}]", order
+        if len(parts) > 1:
+            rec.detail = (f"input gradient of {name}, which computes {', '.join(p.hf.rsplit('.', 1)[1] for p in parts)}"
+                          " at once, given each part's output gradient: HF's input gradients of those modules summed")
+    return (a, {"params": {n: g for p in parts for n, g in hf[_hf_module(p)]["params"].items()},
+                "canonical": {n: cn for p in parts for n, cn in hf[_hf_module(p)]["canonical"].items()},
+                "order": order - base - 1}, leaves)
+
+
+def _param_row(c, a: Aligned, pname: str, ref, mine, order: int) -> None:
+    if ref is None:
+        return
+    m_ = {"detail": f"{c.sut.name} has no gradient for {pname}"} if mine is None else \
+        metrics(ref.float(), mine.to(ref.device).float(), None)
+    if mine is None:
+        m_.update(cosine=math.nan, rel_l2=math.inf, max_abs=math.inf)
+    c.records.append(Record(name=pname, megatron_name=c.name(a) if isinstance(c.name(a), str) else None, mode=PARAM,
+                            kind="param", layer=layer_of(pname), order=order, gate_class="module",
+                            cosine=m_.get("cosine"), rel_l2=m_.get("rel_l2"), max_abs=m_.get("max_abs"),
+                            p99_abs=m_.get("p99_abs"), nonfinite=(m_.get("nonfinite_ref", 0),
+                                                                  m_.get("nonfinite_test", 0)),
+                            detail=m_.get("detail")))
+
+
+def _loss(c, base: int) -> None:
+    """The system's loss alone (``System.loss_on``) on HF's logits: its gradient against HF's logits gradient."""
+    hf, sut = c.ref.extra[BACKWARD], c.sut
+    g = hf["grads"].out.get((OUTPUT, "logits"))
+    if g is None or not callable(getattr(sut, "loss_on", None)):
+        return
+    logits = c.ref.logits.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = sut.loss_on(logits, hf["labels"].to(logits.device))
+        (test,) = torch.autograd.grad(loss, [logits])
+    a = next(a for a in c.rows if a.row.kind is Kind.LOGITS)
+    rec = c.record(a, IN, g, test.detach().to(g.device), name=getattr(sut, "name", None))
+    rec.name, rec.layer, rec.order = "loss", None, base
+    rec.detail = "the system's loss alone on HF's logits: its gradient against HF's loss's (the logits' gradient)"
