@@ -87,7 +87,9 @@ MODES = (  # in the order a run measures them
          when="train", gate_key="grad_rel_l2", needs=("module", "replay", "grads", "zero_grad"),
          rows=("isolated_grad_input", "isolated_param_grad"), own_rows=("isolated_grad_input", "isolated_param_grad"),
          check="gradients", dtypes=("float32",),
-         dtype_why="HF's bf16-vs-fp32 floors of each module's backward alone are not measured yet"),
+         dtype_why="HF's bf16-vs-fp32 floors of each module's backward alone are not measured yet",
+         lora_why="fused parts' adapters (q/k/v, gate/up) share one A: a part's module alone gives only its share of "
+                  "that gradient (the backward mode compares the whole)"),
     Mode("step", "optimizer step", "step", color="#9a6700", rank=4, when="train", gate_key="grad_rel_l2", floors=True,
          needs=("train_loss", "optimizer_step", "export"), rows=("param_step",), own_rows=("param_step",),
          check="step", lora_why="the adapters' optimizer step is not modelled yet (the base frozen, the adapters' "

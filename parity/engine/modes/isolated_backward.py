@@ -78,7 +78,7 @@ def _owned(model, rows: list[Aligned]) -> dict[str, dict[str, str]]:
     for name in names:
         inner = [n for n in names if n.startswith(name + ".")]
         out[name] = {f"{name}.{k}": canonical[id(p)] for k, p in modules[name].named_parameters()
-                     if not any(f"{name}.{k}".startswith(n + ".") for n in inner)}
+                     if p.requires_grad and not any(f"{name}.{k}".startswith(n + ".") for n in inner)}  # LoRA: adapters
     return out
 
 
