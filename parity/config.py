@@ -225,23 +225,15 @@ def _pattern(n_layers: int, period: int) -> list[str]:
     return ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(n_layers)]
 
 
-def e2b_tiny_config_kwargs(**overrides: Any) -> dict[str, Any]:
-    """Tiny E2B-shaped text config. E2B: 35 layers of 4 sliding + 1 full, hidden 1536, window 512, per-layer
-    embeddings of 256 per layer, the last 20 layers reuse K/V (so 15 compute it: 3 periods), the double-wide MLP
-    on those 20, no K=V and no global KV-head count (full layers keep ``num_key_value_heads``), no MoE, softcap 30.
-    Here: 10 layers of the same period, the last 5 KV-shared (layers 5-9 reuse layer 3's sliding and layer 4's
-    full K/V), double-wide there, PLE 8 per layer, hidden 48, window 8."""
-    kw = text_config_kwargs(
-        hidden_size=48,
-        intermediate_size=64,
-        num_hidden_layers=10,
+def _ple_tiny_config_kwargs(**shape: Any) -> dict[str, Any]:
+    """What the tiny E2B and E4B shapes share: dense (no MoE), no K=V and no global KV-head count, global head_dim 2x
+    the sliding one, window 8, per-layer embeddings of 8 per layer, the last 5 layers KV-shared; ``shape`` the rest."""
+    return text_config_kwargs(
         num_attention_heads=4,
-        num_key_value_heads=1,
         head_dim=16,
         global_head_dim=32,
         num_global_key_value_heads=None,
         attention_k_eq_v=False,
-        layer_types=_pattern(10, 5),
         sliding_window=8,
         enable_moe_block=False,
         num_experts=None,
@@ -250,8 +242,18 @@ def e2b_tiny_config_kwargs(**overrides: Any) -> dict[str, Any]:
         hidden_size_per_layer_input=8,
         vocab_size_per_layer_input=320,
         num_kv_shared_layers=5,
-        use_double_wide_mlp=True,
+        **shape,
     )
+
+
+def e2b_tiny_config_kwargs(**overrides: Any) -> dict[str, Any]:
+    """Tiny E2B-shaped text config. E2B: 35 layers of 4 sliding + 1 full, hidden 1536, window 512, per-layer
+    embeddings of 256 per layer, the last 20 layers reuse K/V (so 15 compute it: 3 periods), the double-wide MLP
+    on those 20, no K=V and no global KV-head count (full layers keep ``num_key_value_heads``), no MoE, softcap 30.
+    Here: 10 layers of the same period, the last 5 KV-shared (layers 5-9 reuse layer 3's sliding and layer 4's
+    full K/V), double-wide there, PLE 8 per layer, hidden 48, window 8."""
+    kw = _ple_tiny_config_kwargs(hidden_size=48, intermediate_size=64, num_hidden_layers=10, num_key_value_heads=1,
+                                 layer_types=_pattern(10, 5), use_double_wide_mlp=True)
     kw.update(overrides)
     return kw
 
@@ -261,27 +263,8 @@ def e4b_tiny_config_kwargs(**overrides: Any) -> dict[str, Any]:
     layer, the last 18 layers reuse K/V, no double-wide MLP, no K=V, 2 KV heads on every layer. Here: 12 layers
     of the same period, the last 5 KV-shared (layers 7-11 reuse layer 6's sliding and layer 5's full K/V), PLE 8,
     hidden 64, window 8."""
-    kw = text_config_kwargs(
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=12,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        global_head_dim=32,
-        num_global_key_value_heads=None,
-        attention_k_eq_v=False,
-        layer_types=_pattern(12, 6),
-        sliding_window=8,
-        enable_moe_block=False,
-        num_experts=None,
-        top_k_experts=None,
-        moe_intermediate_size=None,
-        hidden_size_per_layer_input=8,
-        vocab_size_per_layer_input=320,
-        num_kv_shared_layers=5,
-        use_double_wide_mlp=False,
-    )
+    kw = _ple_tiny_config_kwargs(hidden_size=64, intermediate_size=96, num_hidden_layers=12, num_key_value_heads=2,
+                                 layer_types=_pattern(12, 6), use_double_wide_mlp=False)
     kw.update(overrides)
     return kw
 
