@@ -75,22 +75,6 @@ def hf_head(model, hidden: torch.Tensor, inputs: dict, lm_head, output: str = "G
                      position_ids=inputs["position_ids"], use_cache=False).logits
 
 
-PLE_MODULES = ("embed_tokens_per_layer", "per_layer_model_projection", "per_layer_projection_norm")
-
-
-def per_layer_inputs_fp32(base, prefix: str, ids: torch.Tensor, embeds: torch.Tensor, run_copy) -> torch.Tensor:
-    """Every layer's per-layer input (PLE) in fp32, by HF's own ``get_per_layer_inputs`` and
-    ``project_per_layer_inputs`` on a shallow shell of the text model ``base`` whose three PLE modules are fp32
-    copies run through ``run_copy`` (hooked for their floors)."""
-    shell = copy.copy(base)
-    shell._modules = dict(base._modules)  # the shell's own module table: the model itself is untouched
-    for n in PLE_MODULES:
-        shell._modules[n] = _Returns(lambda *a, n=n: run_copy(getattr(base, n), prefix + n, *a))
-    with torch.no_grad():
-        tokens = type(base).get_per_layer_inputs(shell, ids, None)
-        return type(base).project_per_layer_inputs(shell, embeds, tokens)
-
-
 def layer_call(call, h: torch.Tensor, position_embeddings, device, fp32: bool = False) -> tuple[tuple, dict]:
     """How HF's text model calls a decoder layer, from that layer's captured call: the hidden states replaced
     by ``h``, every other captured argument as HF passed it (the positional ``per_layer_input`` too), and
@@ -162,26 +146,24 @@ class TextKind:
                      position_ids=inputs["position_ids"], labels=labels, use_cache=False)
 
     def forward_fp32(self, model, inputs, cap, run_copy, prog):
-        """The HF text graph in fp32, one decoder layer resident at a time (so it fits beside the bf16 model):
-        embed -> layers (HF's own layer kwargs, RoPE recomputed in fp32) -> norm -> lm_head -> softcap."""
-        base, device = model.model, inputs["input_ids"].device
-        ids = cap.first("model.embed_tokens").args[0].to(device)
-        h = run_copy(base.embed_tokens, "model.embed_tokens", ids)
-        per_layer = per_layer_inputs_fp32(base, "model.", ids, h, run_copy) if base.hidden_size_per_layer_input else None
-        shared_kv: dict = {}  # KV sharing: the fp32 K/V of the storing layers, as HF's forward passes them on
-        for i, layer in enumerate(base.layers):
-            prog.note(f"fp32 floor: layer {i + 1}/{len(base.layers)}")
-            call = cap.first(f"model.layers.{i}")
-            with torch.no_grad():
-                rope = base.rotary_emb(h, call.kwargs["position_ids"].to(device), model.config.layer_types[i])
-            args, kwargs = layer_call(call, h, rope, device)
-            if per_layer is not None:
-                args = (h, per_layer[:, :, i, :], *args[2:])
-            if "shared_kv_states" in kwargs:
-                kwargs["shared_kv_states"] = shared_kv
-            h = run_copy(layer, f"model.layers.{i}", *args, **kwargs)
-        hidden = run_copy(base.norm, "model.norm", h)
-        return hf_head(model, hidden, inputs, lambda x: run_copy(model.lm_head, "lm_head", x)).float()
+        """HF's own forward in fp32, one text decoder layer resident at a time (at the 26B-A4B shape a whole fp32
+        copy is 100 GB beside the bf16 model): an fp32 copy of everything but the text decoder layers (embedders,
+        per-layer inputs, vision tower, merge, norm, head), each layer a stand-in running an fp32 copy of it (HF's
+        forward passes it its masks, RoPE, per-layer input and shared K/V as it passes the real layer)."""
+        text = self.text_model(model)
+        layers, prefix = text.layers, f"{self.prefixes[Stack.TEXT]}layers"
+
+        def layer_fp32(i, *args, **kwargs):
+            prog.note(f"fp32 floor: layer {i + 1}/{len(layers)}")
+            return run_copy(layers[i], f"{prefix}.{i}", *args, **kwargs)
+        text.layers = torch.nn.ModuleList(_Streamed(layer_fp32, i) for i in range(len(layers)))
+        try:
+            return self.forward(lambda **kw: run_copy(model, "", **kw), inputs).float()
+        finally:
+            text.layers = layers
+
+    def text_model(self, model):
+        return model.model
 
     def head_fp32(self, model, hidden, inputs, lm_head):
         """fp32 logits from a final hidden state, through HF's own forward (its lm_head call and softcap)."""
@@ -307,21 +289,8 @@ class VlmKind(TextKind):
         """fp32 logits from a final hidden state through HF's own ``Gemma4ForConditionalGeneration.forward``."""
         return hf_head(model, hidden, inputs, lm_head, output="Gemma4ModelOutputWithPast").float()
 
-    def forward_fp32(self, model, inputs, cap, run_copy, prog):
-        """HF's own VLM forward in fp32, one text decoder layer resident at a time (at the 26B-A4B shape a whole
-        fp32 copy is 100 GB beside the bf16 model): an fp32 copy of everything but the text decoder layers
-        (vision tower, embedders, merge, norm, head), each layer a stand-in running an fp32 copy of it."""
-        lm = model.model.language_model
-        layers, prefix = lm.layers, f"{self.prefixes[Stack.TEXT]}layers"
-
-        def layer_fp32(i, *args, **kwargs):
-            prog.note(f"fp32 floor: layer {i + 1}/{len(layers)}")
-            return run_copy(layers[i], f"{prefix}.{i}", *args, **kwargs)
-        lm.layers = torch.nn.ModuleList(_Streamed(layer_fp32, i) for i in range(len(layers)))
-        try:
-            return run_copy(model, "", **inputs, use_cache=False).logits.float()
-        finally:
-            lm.layers = layers
+    def text_model(self, model):
+        return model.model.language_model
 
     def groups(self, inputs) -> dict:
         """``[b, s]`` bool masks of the real positions of each group: ``text`` (mm type 0, BOI/EOI included),
