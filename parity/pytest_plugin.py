@@ -223,11 +223,12 @@ class _State:
         if why is None and case.world_size > 1 and importlib.util.find_spec("parity.engine.distributed") is None:
             why = f"multi-GPU launch not available: parity.engine.distributed is missing (case {case.name})"
         system = system_for(case, explicit)
-        if why is None and system == "megatron-bridge":
+        if why is None and (system == "megatron-bridge" or case.lora is not None):  # our LoRA is its transform
             from parity import mbridge
 
             ok, reason = mbridge.available()
-            why = None if ok else f"system megatron-bridge: {reason}"
+            needs = "system megatron-bridge" if system == "megatron-bridge" else "LoRA (Megatron-Bridge's transform)"
+            why = None if ok else f"{needs}: {reason}"
         run = run_id(case, self.dtype)
         return Target(case=case, device=device, dtype=dtype, checkpoint=checkpoint, seed=None,
                       id=run if system == "parity" else f"{run}@{system}", skip=why, system=system, group=run)
