@@ -40,7 +40,8 @@ Schema (fields without a default are required)::
                                          # finding); pytest marks that check xfail(strict): it must still fail
     [train]                              # optional: a train case (the backward mode runs)
     labels = "causal"                    # next-token labels from input_ids; padded positions are ignored
-    steps = 1                            # default 1: optimizer steps of the trajectory
+    steps = 1                            # default 1: optimizer steps of the trajectory (0: none, with no_step)
+    no_step = "..."                      # steps = 0 only: why the case takes no optimizer step
     [train.optimizer]                    # AdamW, as both sides' users run it
     lr = 1e-4
     betas = [0.9, 0.95]
@@ -48,6 +49,8 @@ Schema (fields without a default are required)::
     weight_decay = 0.0
     clip_grad = 1.0                      # default none: global grad-norm clipping
     [train.overrides]                    # default {}: a system default a case changes -> the stated reason
+    [train.no_fp32_truth]                # default {}: parameter glob -> why its fp32 gradient is not kept for the
+                                         # truth gate in a bf16 run (its rows are judged by their floor alone)
     [lora]                               # optional: a LoRA case (adapters on both sides; the lora mode runs)
     targets = ["q_proj", "o_proj"]       # HF module names of the text decoder adapted (peft's target_modules)
     r = 8                                # rank
@@ -192,6 +195,8 @@ class TrainSpec(_Section):
     labels: str = "causal"
     steps: int = 1
     overrides: FrozenDict = field(default_factory=FrozenDict)  # a system default changed -> the stated reason
+    no_step: str | None = None  # steps = 0: why the case takes no optimizer step
+    no_fp32_truth: FrozenDict = field(default_factory=FrozenDict)  # parameter glob -> why its fp32 gradient is not kept
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -549,7 +554,10 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
 def _train(top: _Reader) -> TrainSpec:
     t = top.sub("train")
     labels = t.str_("labels", choices=("causal",), default="causal")
-    steps = t.int_("steps", default=1, minimum=1)
+    steps = t.int_("steps", default=1, minimum=0)
+    no_step = t.str_("no_step") if t.has("no_step") else None
+    if (steps == 0) != (no_step is not None):
+        t.fail("no_step", "give it exactly when steps = 0: why the case takes no optimizer step")
     o = t.sub("optimizer", required=True)
     betas = o.raw("betas")
     if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
@@ -563,8 +571,12 @@ def _train(top: _Reader) -> TrainSpec:
     ov = t.sub("overrides")
     overrides = {k: ov.str_(k) for k in list(ov.table)}
     ov.done()
+    nt = t.sub("no_fp32_truth")
+    no_truth = {k: nt.str_(k) for k in list(nt.table)}
+    nt.done()
     t.done()
-    return TrainSpec(optimizer=opt, labels=labels, steps=steps, overrides=FrozenDict(overrides))
+    return TrainSpec(optimizer=opt, labels=labels, steps=steps, overrides=FrozenDict(overrides), no_step=no_step,
+                     no_fp32_truth=FrozenDict(no_truth))
 
 
 def _lora(top: _Reader) -> LoraSpec:

@@ -6,6 +6,8 @@ The HF side (model, capture, its loss and gradients) is built once per seed (``p
 re-runs only the system against it (``pipeline.against``)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from parity.cases import load_case
@@ -219,3 +221,101 @@ def test_vlm_train_step_holds():
     iso = _rows(r, ISOLATED)  # each module's backward alone, the vision tower's too
     assert len(iso) == 171 + 156 and max(m["rel_l2"] for m in iso.values()) < 1e-6
     assert sum(name.startswith("model.vision_tower") for name, _ in iso) == 80
+
+
+def test_the_fp32_backward_streams_one_layer_at_a_time(monkeypatch):
+    """The bf16 floors' fp32 backward never holds more than one fp32 decoder layer (at the 26B-A4B shape an fp32 copy
+    of the model is 100 GB and its gradients as much again): the forward runs each layer's fp32 copy without keeping
+    its graph, the backward copies it again and backpropagates through it. Its loss, every row's gradients and every
+    parameter's gradient are bit-identical to a backward through a whole fp32 copy of HF's model."""
+    import copy
+
+    import torch
+
+    from parity.engine.modes import backward as B
+
+    ref = next(_reference(CASE_BF16))  # its own: a system's run releases the shared fixture's HF model
+    layers = ref.text_config.num_hidden_layers
+    copied, live, most = [], [0], [0]
+    real = copy.deepcopy
+
+    def counting(x, memo=None):  # fp32 layer copies alive at once
+        y = real(x, memo)
+        if type(x).__name__ == "Gemma4TextDecoderLayer":
+            copied.append(x.self_attn.layer_idx)
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+            import weakref
+            weakref.finalize(y, lambda: live.__setitem__(0, live[0] - 1))
+        return y
+    monkeypatch.setattr(B.copy, "deepcopy", counting)
+    params: dict = {}
+    with cpu_threads("cpu"):
+        streamed = B.hf_backward_fp32(ref, ref.prog, lambda n, g: params.__setitem__(n, g.detach().clone()))
+    monkeypatch.undo()
+    # each layer copied twice (its forward, then its backward), in forward then backward order
+    assert copied == list(range(layers)) + list(reversed(range(layers)))
+    assert most[0] == 1
+    whole_model = copy.deepcopy(ref.model).float()
+    with cpu_threads("cpu"):
+        whole = B.hf_backward(ref, whole_model)
+    assert streamed["loss"] == whole["loss"] and torch.equal(streamed["per_token"], whole["per_token"])
+    acts = {k: v for k, v in whole["grads"].out.items() if k[0] != B.PARAM}
+    assert streamed["grads"].out.keys() == acts.keys() and len(acts) > 200
+    assert all(torch.equal(streamed["grads"].out[k], v) for k, v in acts.items())
+    hf_params = {k[1]: v for k, v in whole["grads"].out.items() if k[0] == B.PARAM}
+    assert params.keys() == hf_params.keys() and len(params) == 126
+    assert all(torch.equal(params[k], v) for k, v in hf_params.items())
+    assert abs(streamed["grad_norm"] - whole["grad_norm"]) <= 1e-6 * whole["grad_norm"]
+
+
+def test_the_full_size_train_path_on_a_tiny_model(tmp_path, reference_bf16):
+    """What gemma4-26b-a4b-train does, on the tiny bf16 train case: HF released before the system is built
+    (``sequential``), captures on the host (``offload``), no optimizer step (``steps = 0``, with its reason), and
+    ``train.no_fp32_truth``: the parameters it names are judged by their floor alone (no truth_rel_l2), each of their
+    rows says why; every other gradient row keeps its truth, and every row's numbers are those of the plain case."""
+    from parity.cases import load_case as load
+
+    text = (Path(__file__).parents[1] / "cases" / f"{CASE_BF16}.toml").read_text()
+    text = text.replace('name = "gemma4-text-tiny-train-bf16"', 'name = "tiny-train-no-truth"')
+    text = text.replace("steps = 10", 'steps = 0\nno_step = "this test looks at gradients only"')
+    text = text.replace("[train.optimizer]", '[train.no_fp32_truth]\n"*.experts.*" = "host memory (a test)"\n\n'
+                                             "[train.optimizer]").replace("[gates]", "[run]\nsequential = true\n"
+                                                                          "offload = true\n\n[gates]", 1)
+    path = tmp_path / "tiny-train-no-truth.toml"
+    path.write_text(text)
+    with cpu_threads("cpu"):
+        r = pipeline.run(load(str(path)), device="cpu")
+    rows = _rows(r, ("param_grad",))
+    experts = {k: m for k, m in rows.items() if ".experts." in k[0]}
+    assert len(experts) == 12 and len(rows) == 126  # gate_up_proj and down_proj of 6 layers
+    assert all(m.get("truth_rel_l2") is None and "host memory (a test)" in m["detail"] and m["floor"] is not None
+               for m in experts.values())
+    assert all(m.get("truth_rel_l2") is not None for k, m in rows.items() if k not in experts)
+    step = next(m for m in r["modes"] if m["name"] == "step")
+    assert step["ran"] is False and step["why"] == ("the case takes no optimizer step: this test looks at gradients "
+                                                    "only")
+    assert r["passed"] is True and "trajectory" not in (r.get("train") or {})
+    assert r["sequential"] is True and r["hf_released_before_megatron"] is True
+    with cpu_threads("cpu"):
+        plain = _rows(pipeline.against(reference_bf16, "parity"), GRADIENTS)
+    same = ("rel_l2", "cosine", "max_abs", "floor", "passed")
+    assert all(rows[k][f] == plain[k][f] for k in rows for f in same)
+    assert all(rows[k].get("truth_rel_l2") == plain[k]["truth_rel_l2"] for k in rows if k not in experts)
+
+
+def test_a_bf16_train_case_with_kv_sharing_is_refused_in_one_line(tmp_path):
+    """The fp32 backward of the bf16 floors recomputes one layer at a time; K/V that a layer leaves for later ones
+    (E2B/E4B's KV sharing) would not carry their gradient back through it: such a case is refused (exit 2), never
+    run with wrong floors."""
+    from parity.cases import load_case as load
+    from parity.errors import UserError
+
+    text = (Path(__file__).parents[1] / "cases" / "gemma4-e2b-tiny-bf16.toml").read_text()
+    text = text.replace('name = "gemma4-e2b-tiny-bf16"', 'name = "e2b-train"').replace(
+        "[gates]", "[train]\n[train.optimizer]\nlr = 1e-4\nbetas = [0.9, 0.95]\neps = 1e-8\n\n[gates]", 1).replace(
+        "[gates.float32]", "[gates.float32]\ngrad_rel_l2 = 1e-5", 1)
+    path = tmp_path / "e2b-train.toml"
+    path.write_text(text)
+    with pytest.raises(UserError, match="KV sharing is not supported yet"):
+        pipeline.run(load(str(path)), device="cpu")

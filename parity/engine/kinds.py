@@ -146,10 +146,17 @@ class TextKind:
                      position_ids=inputs["position_ids"], labels=labels, use_cache=False)
 
     def forward_fp32(self, model, inputs, cap, run_copy, prog):
-        """HF's own forward in fp32, one text decoder layer resident at a time (at the 26B-A4B shape a whole fp32
-        copy is 100 GB beside the bf16 model): an fp32 copy of everything but the text decoder layers (embedders,
-        per-layer inputs, vision tower, merge, norm, head), each layer a stand-in running an fp32 copy of it (HF's
-        forward passes it its masks, RoPE, per-layer input and shared K/V as it passes the real layer)."""
+        """HF's own forward in fp32, one text decoder layer resident at a time (``streamed``)."""
+        return self.streamed(model, run_copy, prog, lambda m: self.forward(m, inputs)).float()
+
+    def streamed(self, model, run_copy, prog, call):
+        """``call(m)`` with ``m`` HF's model in fp32 one text decoder layer at a time (at the 26B-A4B shape a whole fp32
+        copy is 100 GB beside the bf16 model): ``m(**kw)`` is ``run_copy(model, "", **kw)`` on a model whose text
+        decoder layers are stand-ins without weights (an fp32 copy of it holds the embedders, per-layer inputs, vision
+        tower, merge, norm and head), and each stand-in's call is ``run_copy(layer, its HF path, ...)`` (HF's forward
+        passes it its masks, RoPE, per-layer input and shared K/V as it passes the real layer). The forward floors
+        copy and run each module once; the backward floors (``parity.engine.modes.backward``) recompute a layer in
+        its backward."""
         text = self.text_model(model)
         layers, prefix = text.layers, f"{self.prefixes[Stack.TEXT]}layers"
 
@@ -158,7 +165,7 @@ class TextKind:
             return run_copy(layers[i], f"{prefix}.{i}", *args, **kwargs)
         text.layers = torch.nn.ModuleList(_Streamed(layer_fp32, i) for i in range(len(layers)))
         try:
-            return self.forward(lambda **kw: run_copy(model, "", **kw), inputs).float()
+            return call(lambda **kw: run_copy(model, "", **kw))
         finally:
             text.layers = layers
 

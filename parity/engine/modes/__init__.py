@@ -39,6 +39,7 @@ class Mode:
     dtypes: tuple[str, ...] = ("float32", "bfloat16")  # run dtypes it runs in
     train_cases: bool = True  # also in train cases (probing: its forward twin case carries those rows)
     lora_why: str = ""  # why it does not run in LoRA cases (empty: it does)
+    steps: bool = False  # it takes optimizer steps: not in a train case of ``steps = 0`` (its ``no_step`` says why)
     dtype_why: str = ""  # why not in the others
 
     def why_not(self, case, dtype: str, system=None) -> str | None:
@@ -51,6 +52,8 @@ class Mode:
             return "not a train case (no [train] table)"
         if self.when == "lora" and getattr(case, "lora", None) is None:
             return "not a LoRA case (no [lora] table)"
+        if self.steps and getattr(case, "train", None) is not None and case.train.steps == 0:
+            return f"the case takes no optimizer step: {case.train.no_step}"
         if self.lora_why and getattr(case, "lora", None) is not None:
             return f"a LoRA case: {self.lora_why}"
         if not self.train_cases and getattr(case, "train", None) is not None:
@@ -92,7 +95,7 @@ MODES = (  # in the order a run measures them
                   "that gradient (the backward mode compares the whole)"),
     Mode("step", "optimizer step", "step", color="#9a6700", rank=4, when="train", gate_key="grad_rel_l2", floors=True,
          needs=("train_loss", "optimizer_step", "export"), rows=("param_step",), own_rows=("param_step",),
-         check="step", lora_why="the adapters' optimizer step is not modelled yet (the base frozen, the adapters' "
+         check="step", steps=True, lora_why="the adapters' optimizer step is not modelled yet (the base frozen, the adapters' "
                                  "parameter names)"),
     Mode("lora", "LoRA export and merge", "lora", color="#cf222e", rank=5, when="lora",
          needs=("save_adapters", "merged"), rows=("adapter_export", "adapter_merged", "adapter_logits"),

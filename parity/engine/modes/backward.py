@@ -25,6 +25,7 @@ the first to fail, while its output gradient still agrees.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import math
 
 import torch
@@ -101,51 +102,159 @@ def _rows(rows: list[Aligned]) -> list[Aligned]:
     return [a for a in rows if a.row.kind not in SKIP]
 
 
+class _Taps:
+    """Where HF's gradients are read in a model (or a part of one): every row's output and main input (hooks on its
+    module), the routers' routing weights, and the parameters (``param``: what to do with each one's gradient, by
+    its HF name; default: kept on ``grads``)."""
+
+    def __init__(self, ref, grads: _Grads, param=None):
+        self.grads, self.by_name = grads, {a.hf: a for a in _rows(ref.rows)}
+        self.routers = {a.hf for a in ref.rows if a.row.kind is Kind.ROUTER}
+        self.param = param or (lambda name, g: grads.hook(PARAM, name)(g))
+
+    def install(self, model, prefix: str = "", root: bool = True) -> list:
+        """Hooks on ``model`` (standing at HF path ``prefix``; ``root``: also on ``model`` itself)."""
+        grads, handles = self.grads, []
+        for rel, module in model.named_modules():
+            if not rel and not root:
+                continue
+            name = f"{prefix}.{rel}" if prefix and rel else prefix or rel
+            if name in self.routers:  # the gradient of its routing weights (``ROUTING``: the isolated backward's)
+                def routing(m, args, out, name=name):
+                    if isinstance(out[1], torch.Tensor) and out[1].requires_grad:
+                        out[1].register_hook(grads.hook(ROUTING, name, lambda g: g.cpu()))
+                handles.append(module.register_forward_hook(routing))
+            a = self.by_name.get(name)
+            if a is None:
+                continue
+
+            def pre(m, args, kwargs, a=a):
+                return _alias_input(hf_input_key(args, kwargs), args, kwargs,
+                                    grads.hook(INPUT, a.hf, lambda g: g.cpu()))
+
+            def fwd(m, args, kwargs, out, a=a):
+                y = first(value(a.row.kind, out))
+                if isinstance(y, torch.Tensor) and y.requires_grad:
+                    y.register_hook(grads.hook(OUTPUT, a.hf, lambda g: g.cpu()))
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(fwd, with_kwargs=True))
+        for rel, p in model.named_parameters():  # LoRA: the adapters (the base frozen)
+            if p.requires_grad:
+                name = f"{prefix}.{rel}" if prefix else rel
+                handles.append(p.register_post_accumulate_grad_hook(lambda p, n=name: self.param(n, p.grad)))
+        return handles
+
+
 def hf_backward(ref, model) -> dict:
     """HF's loss, per-token losses, gradients of every row's output and input, parameter gradients of ``model``
-    (the reference's model, or a copy), all on the host; the model's gradients cleared after."""
-    inputs = ref.inputs
-    labels = labels_of(inputs)
-    grads, handles = _Grads(), []
-    by_name = {a.hf: a for a in _rows(ref.rows)}
-    routers = {a.hf for a in ref.rows if a.row.kind is Kind.ROUTER}
-    for name, module in model.named_modules():
-        if name in routers:  # the gradient of its routing weights (``ROUTING``: the isolated backward's)
-            def routing(m, args, out, name=name):
-                if isinstance(out[1], torch.Tensor) and out[1].requires_grad:
-                    out[1].register_hook(grads.hook(ROUTING, name, lambda g: g.cpu()))
-            handles.append(module.register_forward_hook(routing))
-        a = by_name.get(name)
-        if a is None:
-            continue
-
-        def pre(m, args, kwargs, a=a):
-            return _alias_input(hf_input_key(args, kwargs), args, kwargs, grads.hook(INPUT, a.hf, lambda g: g.cpu()))
-
-        def fwd(m, args, kwargs, out, a=a):
-            y = first(value(a.row.kind, out))
-            if isinstance(y, torch.Tensor) and y.requires_grad:
-                y.register_hook(grads.hook(OUTPUT, a.hf, lambda g: g.cpu()))
-        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-        handles.append(module.register_forward_hook(fwd, with_kwargs=True))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # LoRA: the adapters (base frozen)
-    for pname, p in params.items():
-        handles.append(p.register_post_accumulate_grad_hook(lambda p, n=pname: grads.hook(PARAM, n)(p.grad)))
+    (the reference's model), all on the host; the model's gradients cleared after."""
+    labels, grads = labels_of(ref.inputs), _Grads()
+    handles = _Taps(ref, grads).install(model)
+    params = [p for p in model.parameters() if p.requires_grad]
     model.zero_grad(set_to_none=True)
     try:
         with torch.enable_grad():
-            out = ref.kind.forward_train(model, inputs, labels)
+            out = ref.kind.forward_train(model, ref.inputs, labels)
             out.logits.register_hook(grads.hook(OUTPUT, "logits", lambda g: g.cpu()))
             out.loss.backward()
     finally:
         for h in handles:
             h.remove()
+    norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params if p.grad is not None))
+    model.zero_grad(set_to_none=True)
+    return _result(out, labels, grads, norm)
+
+
+def _result(out, labels, grads: _Grads, norm: float) -> dict:
     ce, where = per_token(out.logits.detach(), labels)
     grads.out = {k: v.cpu() for k, v in grads.out.items()}
-    norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params.values() if p.grad is not None))
-    model.zero_grad(set_to_none=True)
-    return {"loss": float(out.loss), "per_token": ce.cpu(), "where": where.cpu(), "grads": grads, "labels": labels,
+    return {"loss": float(out.loss.detach()), "per_token": ce.cpu(), "where": where.cpu(), "grads": grads, "labels": labels,
             "grad_norm": norm}
+
+
+class _Recomputed(torch.autograd.Function):
+    """A module's call that keeps no graph: its backward calls it again with grad (``run(args, kwargs, hooked=True)``:
+    the module made afresh, its gradient hooks on) and backpropagates through that call -- activation checkpointing
+    with the module itself resident only while it runs. ``keys``: where the differentiable ``tensors`` sit among the
+    call's arguments (an int: positional; a str: keyword)."""
+
+    @staticmethod
+    def forward(ctx, run, args, kwargs, keys, *tensors):
+        ctx.run, ctx.call = run, (args, kwargs, keys)
+        ctx.save_for_backward(*tensors)
+        y, done = run(*_placed(args, kwargs, keys, tensors), hooked=False)
+        done()
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        leaves = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            y, done = ctx.run(*_placed(*ctx.call, leaves), hooked=True)
+            try:
+                torch.autograd.backward(y, grad)
+            finally:
+                done()
+        return (None, None, None, None, *(leaf.grad for leaf in leaves))
+
+
+def _placed(args: tuple, kwargs: dict, keys: tuple, tensors) -> tuple[tuple, dict]:
+    args, kwargs = list(args), dict(kwargs)
+    for key, t in zip(keys, tensors):
+        if isinstance(key, int):
+            args[key] = t
+        else:
+            kwargs[key] = t
+    return tuple(args), kwargs
+
+
+def _recomputed(run, args: tuple, kwargs: dict):
+    """``run``'s call through ``_Recomputed``, the floating tensors that require grad among its arguments its inputs."""
+    keys = tuple(k for k, v in [*enumerate(args), *kwargs.items()]
+                 if isinstance(v, torch.Tensor) and v.is_floating_point() and v.requires_grad)
+    if any(isinstance(v, dict) and v for v in kwargs.values()):  # K/V a layer leaves for later ones (KV sharing)
+        raise NotImplementedError("the fp32 backward recomputes one layer at a time: K/V shared across layers "
+                                  "(KV sharing) are not carried through it")
+    tensors = [args[k] if isinstance(k, int) else kwargs[k] for k in keys]
+    return _Recomputed.apply(run, args, kwargs, keys, *tensors)
+
+
+def hf_backward_fp32(ref, prog, param) -> dict:
+    """HF's backward in fp32, as ``hf_backward`` (loss, per-token losses, every row's output and input gradient on the
+    host), one text decoder layer resident at a time (the model kind's ``streamed``: at the 26B-A4B shape an fp32
+    copy of the model is 100 GB, its gradients as much again): the forward runs each layer's fp32 copy without
+    keeping its graph, the backward makes the copy again and runs it with grad (``_Recomputed``). Each parameter's
+    fp32 gradient is handed to ``param(name, grad)`` as it is complete (``grads`` keeps no parameter gradient)."""
+    labels, grads, norm2, held = labels_of(ref.inputs), _Grads(), [0.0], []
+
+    def counted(name, g):
+        norm2[0] += float(g.float().pow(2).sum())
+        param(name, g)
+    taps = _Taps(ref, grads, param=counted)
+
+    def run_copy(module, name, *args, **kwargs):
+        if name:  # a text decoder layer
+            def run(args, kwargs, hooked):
+                mod32 = copy.deepcopy(module).float()
+                handles = taps.install(mod32, name, root=False) if hooked else []
+                return mod32(*args, **kwargs), lambda: [h.remove() for h in handles]
+            return _recomputed(run, args, kwargs)
+        shell = copy.deepcopy(module).float()  # everything but the layers, which are stand-ins here
+        held.append((shell, taps.install(shell)))
+        return shell(*args, **kwargs)
+
+    try:
+        with torch.enable_grad():
+            out = ref.kind.streamed(ref.model, run_copy, prog,
+                                    lambda m: ref.kind.forward_train(m, ref.inputs, labels))
+            out.logits.register_hook(grads.hook(OUTPUT, "logits", lambda g: g.cpu()))
+            out.loss.backward()
+    finally:
+        for shell, handles in held:
+            for h in handles:
+                h.remove()
+    held.clear()
+    return _result(out, labels, grads, math.sqrt(norm2[0]))
 
 
 def prepare(ref, prog) -> dict:
@@ -154,18 +263,35 @@ def prepare(ref, prog) -> dict:
 
 
 def floors(ref, prog) -> dict[str, float]:
-    """bf16 runs: HF's backward again on an fp32 copy of its model; each gradient row's floor is HF-bf16's rel-L2
-    from it (keyed ``"<row mode>:<name>"``), and the fp32 gradients stay for the truth (``extra["backward32"]``)."""
-    model32 = copy.deepcopy(ref.model).float()
-    hf32 = ref.extra["backward32"] = hf_backward(ref, model32)
-    del model32
-    hf16, out = ref.extra[MODE], {}
+    """bf16 runs: HF's backward again in fp32 (``hf_backward_fp32``, one layer resident); each gradient row's floor is
+    HF-bf16's rel-L2 from it (keyed ``"<row mode>:<name>"``), and the fp32 gradients stay for the truth
+    (``extra["backward32"]``) -- a parameter's unless the case's ``train.no_fp32_truth`` names it (host memory at
+    full size: its row is then judged by its floor alone, and says why)."""
+    hf16, out, kept = ref.extra[MODE], {}, {}
+    skip = ref.case.train.no_fp32_truth
+
+    def param(name, g32):
+        g16 = hf16["grads"].out.get((PARAM, name))
+        if g16 is not None:
+            out[f"{PARAM}:{name}"] = float(metrics(g32.float(), g16.float(), None)["rel_l2"])
+        if truth_skipped(skip, name) is None:
+            kept[name] = g32.detach().cpu()
+
+    hf32 = ref.extra["backward32"] = hf_backward_fp32(ref, prog, param)
+    for name, g in kept.items():
+        hf32["grads"].out[(PARAM, name)] = g
     for key, g32 in hf32["grads"].out.items():
         g16 = hf16["grads"].out.get(key)
-        if g16 is not None and key[0] in (OUTPUT, INPUT, PARAM):
+        if g16 is not None and key[0] in (OUTPUT, INPUT):
             out[f"{key[0]}:{key[1]}"] = _rel(ref, key, g32, g16)
     out[f"{LOSS}:loss"] = abs(hf16["loss"] - hf32["loss"]) / max(abs(hf32["loss"]), 1e-30)
     return out
+
+
+def truth_skipped(skip: dict, name: str) -> str | None:
+    """Why parameter ``name``'s fp32 gradient is not kept for the truth (the pattern of ``train.no_fp32_truth`` it
+    matches), or None."""
+    return next((why for pattern, why in skip.items() if fnmatch.fnmatchcase(name, pattern)), None)
 
 
 def _rel(ref, key, g32: torch.Tensor, test: torch.Tensor) -> float:
@@ -276,23 +402,7 @@ def run(c, prog) -> None:
         _record_fused(c, name, parts, hf["grads"], grads, base)
     logits_row = next(a for a in c.rows if a.row.kind is Kind.LOGITS)
     _record(c, logits_row, OUTPUT, hf["grads"], grads, base)
-    own = dict(sut.grads())
-    for (kind, pname), g in hf["grads"].out.items():
-        if kind != PARAM:
-            continue
-        mine = own.get(pname)
-        m_ = {"detail": f"{sut.name} has no gradient for {pname}"} if mine is None else \
-            metrics(g.float(), mine.to(g.device).float(), None)
-        if mine is None:
-            m_.update(cosine=math.nan, rel_l2=math.inf, max_abs=math.inf)
-        rec = Record(name=pname, megatron_name=None, mode=PARAM, kind="param", layer=layer_of(pname),
-                     order=base + 1 + hf["grads"].order[(kind, pname)], gate_class="module", cosine=m_.get("cosine"),
-                     rel_l2=m_.get("rel_l2"), max_abs=m_.get("max_abs"), p99_abs=m_.get("p99_abs"),
-                     nonfinite=(m_.get("nonfinite_ref", 0), m_.get("nonfinite_test", 0)), detail=m_.get("detail"))
-        if mine is not None:
-            _truth(c, rec, (kind, pname), mine)
-        c.records.append(rec)
-    n_sys = math.sqrt(sum(float(g.float().pow(2).sum()) for k, g in own.items()))
+    n_sys = _param_rows(c, hf["grads"], base)
     ce, where = per_token(logits.detach(), hf["labels"].to(logits.device))
     per = metrics(hf["per_token"].to(ce.device), ce, where.to(ce.device))
     rel = abs(float(loss) - hf["loss"]) / max(abs(hf["loss"]), 1e-30)
@@ -319,6 +429,35 @@ def run(c, prog) -> None:
     c.sections["train"] = {"loss": section, "labels": "causal: input ids, -100 at padding; each side shifts them",
                            "system_loss": getattr(sut, "loss_description", None),
                            "overrides": dict(c.ref.case.train.overrides)}
+
+
+def _param_rows(c, hf_grads: _Grads, base: int) -> float:
+    """A ``param_grad`` row per HF parameter: the system's gradients (``System.grads``, HF layout) taken one at a
+    time, each compared where it is (at full size the system's gradients brought to HF layout all at once would be
+    another copy of the model's). Returns the system's global gradient norm."""
+    ref = {pname: g for (kind, pname), g in hf_grads.out.items() if kind == PARAM}
+    done, norm2 = {}, 0.0
+    for pname, mine in c.sut.grads():
+        norm2 += float(mine.float().pow(2).sum())
+        if pname in ref and pname not in done:
+            done[pname] = _param_record(c, pname, ref[pname], mine, base + 1 + hf_grads.order[(PARAM, pname)])
+    for pname, g in ref.items():  # in HF's order
+        c.records.append(done.get(pname) or _param_record(c, pname, g, None, base + 1 + hf_grads.order[(PARAM, pname)]))
+    return math.sqrt(norm2)
+
+
+def _param_record(c, pname: str, g: torch.Tensor, mine, order: int) -> Record:
+    m_ = {"detail": f"{c.sut.name} has no gradient for {pname}"} if mine is None else \
+        metrics(g.float(), mine.float(), None)  # on the system's device (metrics moves HF's there)
+    if mine is None:
+        m_.update(cosine=math.nan, rel_l2=math.inf, max_abs=math.inf)
+    rec = Record(name=pname, megatron_name=None, mode=PARAM, kind="param", layer=layer_of(pname), order=order,
+                 gate_class="module", cosine=m_.get("cosine"), rel_l2=m_.get("rel_l2"), max_abs=m_.get("max_abs"),
+                 p99_abs=m_.get("p99_abs"), nonfinite=(m_.get("nonfinite_ref", 0), m_.get("nonfinite_test", 0)),
+                 detail=m_.get("detail"))
+    if mine is not None:
+        _truth(c, rec, (PARAM, pname), mine)
+    return rec
 
 
 def _num(x) -> float:
@@ -371,4 +510,9 @@ def _truth(c, rec: Record, key, test, truth: _Grads | None = None) -> None:
     hf32 = c.ref.extra.get("backward32")
     g32 = truth.out.get(key) if truth is not None else None if hf32 is None else hf32["grads"].out.get(key)
     if g32 is not None:
-        rec.truth_rel_l2 = _rel(c.ref, key, g32, test.cpu() if hasattr(test, "cpu") else test)
+        rec.truth_rel_l2 = _rel(c.ref, key, g32, test if key[0] == PARAM else test.cpu())  # parameters: on its device
+    elif hf32 is not None and key[0] == PARAM:
+        why = truth_skipped(c.ref.case.train.no_fp32_truth, key[1])
+        if why is not None:
+            rec.detail = "; ".join(filter(None, [rec.detail, f"judged by its floor alone: HF's fp32 gradient is "
+                                                               f"not kept for the truth ({why})"]))

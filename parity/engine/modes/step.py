@@ -98,7 +98,7 @@ def trajectory(ref, model, spec) -> dict:
             out.loss.backward()
         if first_grads is None:
             first_grads = {k: p.grad.detach().clone().cpu() for k, p in params.items() if p.grad is not None}
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
         norms.append(step())
         if after is None:
             after = {k: p.detach().clone().cpu() for k, p in params.items()}
