@@ -246,7 +246,7 @@ class Guarded:
             return value
         if name == "fp32":
             return lambda *a, **kw: _GuardedContext(name, _guard(name, value)(*a, **kw))
-        if name in ("export", "merged"):
+        if name in ("export", "merged", "grads"):
             return lambda *a, **kw: _guarded_iter(name, _guard(name, value)(*a, **kw))
         return _guard(name, value)
 

@@ -136,17 +136,27 @@ def _values(model: torch.nn.Module, values: dict[str, torch.Tensor]):
             (params.get(name) if name in params else buffers[name]).data = data
 
 
-def grads(bm) -> dict[str, torch.Tensor]:
-    """Its parameters' gradients as HF ``{key: tensor}``: its export applied to the gradients (TP shards and EP
-    experts gathered by it), K=V layers' ``k_proj`` the sum of the k and v slots' gradients (the adjoint of its
-    import's copy). Buffers (``layer_scalar``) come back as zeros: nothing trains them."""
+def grads(bm):
+    """Its parameters' gradients as HF ``(key, tensor)`` pairs, one at a time (at full size the whole set in HF layout
+    would be another copy of the model's gradients): its export applied to the gradients (TP shards and EP experts
+    gathered by it), K=V layers' ``k_proj`` the sum of the k and v slots' gradients (the adjoint of its import's
+    copy). Buffers (``layer_scalar``) come back as zeros: nothing trains them. Consume it whole: the model's
+    parameters hold their gradients until it ends."""
     from parity.mbridge.model import export_hf
 
+    if bm.kind != "text":
+        raise NotImplementedError("Megatron-Bridge's gradients in HF layout: text models only here for now")
     model = bm.model
     g = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
-    with _values(model, g):
-        out = {k: v.detach().clone() for k, v in export_hf(bm)}
     tied = _kv_tied_layers(bm)
+    k_slot = {f"model.layers.{i}.self_attn.k_proj.weight" for i in tied}
+    held = {}
+    with _values(model, g):
+        for k, v in export_hf(bm):
+            if k in k_slot:
+                held[k] = v.detach().clone()
+            else:
+                yield k, v.detach()
     if tied:
         swapped = dict(g)
         for i in tied:
@@ -154,8 +164,21 @@ def grads(bm) -> dict[str, torch.Tensor]:
             if name in g:
                 swapped[name] = _swap_k_v(g[name], model.decoder.layers[i].self_attention)
         with _values(model, swapped):
-            v_slot = {k: v.detach().clone() for k, v in export_hf(bm)}
-        for i in tied:
-            key = f"model.layers.{i}.self_attn.k_proj.weight"
-            out[key] = out[key] + v_slot[key]
-    return out
+            for k, v in export_hf(bm):
+                if k in held:
+                    yield k, held.pop(k) + v.detach()
+
+
+def loss_on(bm, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Its loss alone on logits ``[b, s, V]`` as its training step computes it from its output layer's: its data
+    path's shifted labels and loss mask, megatron-core's ``GPTModel.compute_language_model_loss`` (the provider's
+    cross-entropy fusion), ``masked_next_token_loss`` and the schedule's division by the token count."""
+    from megatron.bridge.training.losses import masked_next_token_loss
+
+    if bm.kind != "text" or tp_size() > 1:
+        raise NotImplementedError("Megatron-Bridge's training step runs text models at TP=1 here for now")
+    b = batch(labels.masked_fill(labels == -100, 0), labels, None)
+    per = bm.model.compute_language_model_loss(b["labels"].to(logits.device), logits.transpose(0, 1).contiguous())
+    loss_sum, tokens, _ = masked_next_token_loss(b["loss_mask"].to(logits.device), per, check_for_nan_in_loss=False,
+                                                 check_for_spiky_loss=False)
+    return loss_sum / tokens

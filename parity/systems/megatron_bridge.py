@@ -291,7 +291,15 @@ class MegatronBridgeSystem:
 
             yield from L.grads(self.bm).items()
             return
-        yield from T.grads(self.bm).items()
+        yield from T.grads(self.bm)
+
+    def zero_grad(self) -> None:
+        """Its parameters' gradients cleared (the isolated backward runs its modules' backwards into them)."""
+        self.bm.model.zero_grad(set_to_none=True)
+
+    def loss_on(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Its loss function alone on logits ``[b, s, V]`` (``parity.mbridge.training.loss_on``)."""
+        return T.loss_on(self.bm, logits, labels)
 
     def input_key(self, a: Aligned, args: tuple, kwargs: dict) -> int | str | None:
         """Its modules' main input: ``hidden_states`` where passed by keyword (its decoder calls layers so), else the
