@@ -89,8 +89,7 @@ MODES = (  # in the order a run measures them
     Mode("isolated_backward", "isolated backward", "isolated_backward", color="#0550ae", replay=True, rank=5,
          when="train", gate_key="grad_rel_l2", needs=("module", "replay", "grads", "zero_grad"),
          rows=("isolated_grad_input", "isolated_param_grad"), own_rows=("isolated_grad_input", "isolated_param_grad"),
-         check="gradients", dtypes=("float32",),
-         dtype_why="HF's bf16-vs-fp32 floors of each module's backward alone are not measured yet",
+         check="gradients",
          lora_why="fused parts' adapters (q/k/v, gate/up) share one A: a part's module alone gives only its share of "
                   "that gradient (the backward mode compares the whole)"),
     Mode("step", "optimizer step", "step", color="#9a6700", rank=4, when="train", gate_key="grad_rel_l2", floors=True,

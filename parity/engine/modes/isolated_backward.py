@@ -26,12 +26,13 @@ same module on a tie. fp32 runs: HF's bf16-vs-fp32 floors per isolated module ar
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
 
 from parity.engine.alignment import TABLE_KINDS, Aligned, Kind, layer_of
-from parity.engine.compare import Call, compare, first, metrics, value
+from parity.engine.compare import Call, compare, first, metrics, upcast, value
 from parity.engine.modes.backward import INPUT, MODE as BACKWARD, OUTPUT, ROUTING as ROUTED, hf_input_key
 from parity.engine.record import Record
 
@@ -39,6 +40,7 @@ MODE = "isolated_backward"
 IN, PARAM = "isolated_grad_input", "isolated_param_grad"
 SKIP = set(TABLE_KINDS) | {Kind.MERGED, Kind.VISION_ROPE, Kind.POOLED, Kind.LM_HEAD}
 ROUTING = "top_k_weights"  # the experts' second differentiable input: the routing weights
+LOSS32 = "loss:fp32"  # bf16 runs: the logits' gradient of HF's loss function alone in fp32 (the loss row's truth)
 
 
 def _rows(rows: list[Aligned]) -> list[Aligned]:
@@ -91,38 +93,70 @@ def _output_grad(a: Aligned, hf: dict, system: bool = False) -> torch.Tensor | N
     return grads.get((OUTPUT, "logits" if system and a.row.kind is Kind.LOGITS else _hf_module(a)))
 
 
+def _alone(module, name: str, a: Aligned, call: Call, g: torch.Tensor, own: dict, device) -> dict | None:
+    """HF's ``module`` (at HF path ``name``) alone on ``call``'s inputs, given output gradient ``g``: its input gradients
+    and its own parameters' gradients (``own``), on the host; None where nothing differentiable meets ``g``."""
+    replayed, leaves = _leaves(call, a.row.kind, device)
+    params = dict(module.named_parameters(prefix=name))
+    with torch.enable_grad():
+        y = value(a.row.kind, module(*replayed.args, **replayed.kwargs))
+        y = y["top_w"] if a.row.kind is Kind.ROUTER else first(y)
+        if not isinstance(y, torch.Tensor) or not y.requires_grad or y.shape != g.shape:
+            return None  # nothing differentiable to give its gradient to (the row is not run)
+        wrt = list(leaves.values()) + [params[n] for n in own]
+        if not wrt:
+            return None
+        got = torch.autograd.grad(y, wrt, g.to(y.device, y.dtype), allow_unused=True)
+    grads = dict(zip(list(leaves) + list(own), got))
+    return {"inputs": {k: None if v is None else v.detach().cpu() for k, v in grads.items() if k in leaves},
+            "params": {n: None if grads[n] is None else grads[n].detach().cpu() for n in own}}
+
+
 def prepare(ref, prog) -> dict:
     """HF's modules alone: each on its captured input, given its captured output gradient -> its input gradients
-    and its own parameters' gradients (on the host), and where each row sits in HF's backward order."""
+    and its own parameters' gradients (on the host), and where each row sits in HF's backward order. A bf16 run also
+    runs each module's fp32 copy on the same inputs and output gradient, upcast (``fp32``: HF-bf16's distance from it
+    is each row's floor, the system's its truth) and HF's loss function alone on its logits in fp32 (``LOSS32``)."""
     hf, model, out = ref.extra[BACKWARD], ref.model, {}
     modules, owned = dict(model.named_modules()), _owned(ref.model, ref.rows)
     canonical = {id(p): n for n, p in model.named_parameters()}
+    low = ref.dtype != "float32"
     for a in _rows(ref.rows):
         name = _hf_module(a)
         call, g = ref.cap.first(name), _output_grad(a, hf)
         if name not in modules or call is None or g is None or name in out:
             continue
-        replayed, leaves = _leaves(call, a.row.kind, ref.device)
         own = owned.get(name, {})
-        params = dict(modules[name].named_parameters(prefix=name))
-        with torch.enable_grad():
-            y = value(a.row.kind, modules[name](*replayed.args, **replayed.kwargs))
-            y = y["top_w"] if a.row.kind is Kind.ROUTER else first(y)
-            if not isinstance(y, torch.Tensor) or not y.requires_grad or y.shape != g.shape:
-                continue  # nothing differentiable to give its gradient to (the row is not run)
-            wrt = list(leaves.values()) + [params[n] for n in own]
-            if not wrt:
-                continue
-            got = torch.autograd.grad(y, wrt, g.to(y.device, y.dtype), allow_unused=True)
-        grads = dict(zip(list(leaves) + list(own), got))
+        res = _alone(modules[name], name, a, call, g, own, ref.device)
+        if res is None:
+            continue
+        if low:  # HF's module in fp32 on the same inputs and output gradient
+            res["fp32"] = _alone(copy.deepcopy(modules[name]).float(), name, a, _upcast(call), g.float(), own,
+                                 ref.device)
         order = hf["grads"].order
         key = next((k for k in ((INPUT, name), (OUTPUT, name), (ROUTED, a.hf)) if k in order), None)
-        out[name] = {"inputs": {k: None if v is None else v.detach().cpu() for k, v in grads.items() if k in leaves},
-                     "params": {n: None if grads[n] is None else grads[n].detach().cpu() for n in own},
-                     "canonical": own, "order": order[key] if key else 0,
+        params = dict(modules[name].named_parameters(prefix=name))
+        out[name] = {**res, "canonical": own, "order": order[key] if key else 0,
                      # what its backward reaches when it has parameters of its own (smaller rows' too)
                      "claims": {canonical[id(p)] for p in params.values()} if own else set()}
+    if low:
+        logits = ref.logits.detach().float().clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = model.loss_function(logits, hf["labels"].to(logits.device), ref.text_config.vocab_size)
+            (g32,) = torch.autograd.grad(loss, [logits])
+        out[LOSS32] = g32.detach()
     return out
+
+
+def _upcast(call: Call) -> Call:
+    return Call(upcast(tuple(call.args)), upcast(dict(call.kwargs)), call.output, call.order)
+
+
+def _floor_truth(rec: Record, ref32, ref16, test, measure) -> None:
+    """A bf16 run: the row's floor (HF-bf16's distance from HF's module in fp32) and truth (the system's)."""
+    if ref32 is not None:
+        rec.floor = float(measure(ref32.float(), ref16.float())["rel_l2"])
+        rec.truth_rel_l2 = float(measure(ref32.float(), test.float())["rel_l2"])
 
 
 def _groups(c) -> list[list[Aligned]]:
@@ -177,7 +211,8 @@ def run(c, prog) -> None:
             continue
         for a, ref, _ in pending:
             for pname, g in ref["params"].items():
-                _param_row(c, a, pname, g, mine.get(ref["canonical"][pname]), base + 1 + ref["order"])
+                _param_row(c, a, pname, g, mine.get(ref["canonical"][pname]), base + 1 + ref["order"],
+                           ref["params32"].get(pname))
 
 
 def _group(c, group: list[Aligned], hf: dict, base: int):
@@ -228,27 +263,33 @@ def _group(c, group: list[Aligned], hf: dict, base: int):
         kind = Kind.EXPERTS if a.row.kind is Kind.ROUTER or label else a.row.kind  # flat tokens
         rec = c.record(a, IN, sum(refs), test, name=name, m_=compare(kind, sum(refs), test, c.where))
         rec.name, rec.order = a.hf if not label else f"{a.hf}[{label}]", order
+        refs32 = [(hf[_hf_module(p)].get("fp32") or {}).get("inputs", {}).get(label) for p in parts]
+        if refs32 and all(r is not None for r in refs32):
+            _floor_truth(rec, sum(refs32), sum(refs), test, lambda x, y: compare(kind, x, y, c.where))
         if len(parts) > 1:
             rec.detail = (f"input gradient of {name}, which computes {', '.join(p.hf.rsplit('.', 1)[1] for p in parts)}"
                           " at once, given each part's output gradient: HF's input gradients of those modules summed")
     return (a, {"params": {n: g for p in parts for n, g in hf[_hf_module(p)]["params"].items()},
+                "params32": {n: g for p in parts for n, g in ((hf[_hf_module(p)].get("fp32") or {}).get("params")
+                                                                or {}).items()},
                 "canonical": {n: cn for p in parts for n, cn in hf[_hf_module(p)]["canonical"].items()},
                 "order": order - base - 1}, leaves)
 
 
-def _param_row(c, a: Aligned, pname: str, ref, mine, order: int) -> None:
+def _param_row(c, a: Aligned, pname: str, ref, mine, order: int, ref32=None) -> None:
     if ref is None:
         return
     m_ = {"detail": f"{c.sut.name} has no gradient for {pname}"} if mine is None else \
         metrics(ref.float(), mine.to(ref.device).float(), None)
     if mine is None:
         m_.update(cosine=math.nan, rel_l2=math.inf, max_abs=math.inf)
-    c.records.append(Record(name=pname, megatron_name=c.name(a) if isinstance(c.name(a), str) else None, mode=PARAM,
-                            kind="param", layer=layer_of(pname), order=order, gate_class="module",
-                            cosine=m_.get("cosine"), rel_l2=m_.get("rel_l2"), max_abs=m_.get("max_abs"),
-                            p99_abs=m_.get("p99_abs"), nonfinite=(m_.get("nonfinite_ref", 0),
-                                                                  m_.get("nonfinite_test", 0)),
-                            detail=m_.get("detail")))
+    rec = Record(name=pname, megatron_name=c.name(a) if isinstance(c.name(a), str) else None, mode=PARAM,
+                 kind="param", layer=layer_of(pname), order=order, gate_class="module", cosine=m_.get("cosine"),
+                 rel_l2=m_.get("rel_l2"), max_abs=m_.get("max_abs"), p99_abs=m_.get("p99_abs"),
+                 nonfinite=(m_.get("nonfinite_ref", 0), m_.get("nonfinite_test", 0)), detail=m_.get("detail"))
+    if mine is not None:
+        _floor_truth(rec, ref32, ref, mine.to(ref.device), lambda x, y: metrics(x, y, None))
+    c.records.append(rec)
 
 
 def _loss(c, base: int) -> None:
@@ -271,4 +312,6 @@ def _loss(c, base: int) -> None:
         return
     rec = c.record(a, IN, g, test.detach().to(g.device), name=getattr(sut, "name", None))
     rec.name, rec.layer, rec.order = "loss", None, base
+    if LOSS32 in c.ref.extra[MODE]:  # bf16: against HF's loss function alone on its logits in fp32
+        _floor_truth(rec, c.ref.extra[MODE][LOSS32], g, test.detach(), lambda x, y: compare(Kind.LOGITS, x, y, c.where))
     rec.detail = "the system's loss alone on HF's logits: its gradient against HF's loss's (the logits' gradient)"
