@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from parity.cases import load_case
 from parity.engine import pipeline
@@ -246,8 +247,6 @@ def test_the_fp32_backward_streams_one_layer_at_a_time(monkeypatch):
     parameter's gradient are bit-identical to a backward through a whole fp32 copy of HF's model."""
     import copy
 
-    import torch
-
     from parity.engine.modes import backward as B
 
     ref = next(_reference(CASE_BF16))  # its own: a system's run releases the shared fixture's HF model
@@ -314,10 +313,14 @@ def test_the_full_size_train_path_on_a_tiny_model(tmp_path, reference_bf16):
     assert r["passed"] is True and "trajectory" not in (r.get("train") or {})
     assert r["sequential"] is True and r["hf_released_before_megatron"] is True
     with cpu_threads("cpu"):
-        plain = _rows(pipeline.against(reference_bf16, "parity"), GRADIENTS)
+        plain = _rows(pipeline.against(reference_bf16, "parity"), GRADIENTS + ISOLATED)
     same = ("rel_l2", "cosine", "max_abs", "floor", "passed")
     assert all(rows[k][f] == plain[k][f] for k in rows for f in same)
     assert all(rows[k].get("truth_rel_l2") == plain[k]["truth_rel_l2"] for k in rows if k not in experts)
+    # each HF module alone runs from the model parked on the host (its weights the ones staged for the system)
+    isolated = _rows(r, ISOLATED)
+    assert len(isolated) == 117 + 127
+    assert all(isolated[k][f] == plain[k][f] for k in isolated for f in same + ("truth_rel_l2",))
 
 
 def test_a_bf16_train_case_with_kv_sharing_is_refused_in_one_line(tmp_path):
@@ -335,3 +338,31 @@ def test_a_bf16_train_case_with_kv_sharing_is_refused_in_one_line(tmp_path):
     path.write_text(text)
     with pytest.raises(UserError, match="KV sharing is not supported yet"):
         pipeline.run(load(str(path)), device="cpu")
+
+
+def test_a_sequential_reference_parks_its_model_on_the_weights_staged_for_the_systems(tmp_path):
+    """A sequential run takes HF's model off the device before a system is built, without a copy: its parameters and
+    persistent buffers become the very host tensors staged for the systems (the isolated backward runs HF's modules
+    alone from it later, one module's weights on the device at a time)."""
+    from parity.cases import load_case as load
+
+    text = (Path(__file__).parents[1] / "cases" / f"{CASE}.toml").read_text()
+    text = text.replace(f'name = "{CASE}"', 'name = "parked"').replace("[gates]", "[run]\nsequential = true\n\n"
+                                                                         "[gates]", 1)
+    path = tmp_path / "parked.toml"
+    path.write_text(text)
+    with cpu_threads("cpu"):
+        ref = pipeline.reference(load(str(path)), device="cpu")
+    try:
+        before = {n: p.detach().clone() for n, p in ref.model.named_parameters()}
+        ref.release()
+        assert ref.released is True and ref.model is not None
+        params = dict(ref.model.named_parameters(remove_duplicate=False))
+        assert params["lm_head.weight"] is params["model.embed_tokens.weight"]  # the tie kept
+        assert all(p.data_ptr() == ref.state[n].data_ptr() for n, p in params.items())
+        assert all(ref.model.get_buffer(n).data_ptr() == ref.state[n].data_ptr()
+                   for n, _ in ref.model.named_buffers() if n in ref.state)
+        assert all(torch.equal(p, before[n]) for n, p in ref.model.named_parameters())
+    finally:
+        ref.close()
+    assert ref.model is None

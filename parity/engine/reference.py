@@ -4,7 +4,7 @@ A ``Reference`` is what every system under test is compared against, and what pl
 reuse: ``Reference.build`` makes the model kind's HF model and raw inputs and captures its forward (every
 aligned module's inputs and output); the pipeline then adds each mode's bf16 noise floors
 (``floors[mode]``) and calls ``release`` before the first system is built (its weights for conversion, on
-the host for a ``sequential`` case, whose HF model is freed then). Nothing here is cached across runs:
+the host for a ``sequential`` case, whose HF model then moves off the device onto them). Nothing here is cached across runs:
 every run builds and reruns HF from the installed transformers classes.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ class Reference:
     dtype: str  # "float32" | "bfloat16"
     seed: int
     checkpoint: str | None
-    model: Any  # the HF model; None once released
+    model: Any  # the HF model (a sequential run's on the host once released, on its staged weights)
     config: Any
     text_args: TextArgs
     rows: list[Aligned]
@@ -53,7 +53,7 @@ class Reference:
     extra: dict[str, Any] = field(default_factory=dict)  # mode name -> what its ``prepare`` computed of HF
     state: dict | None = None  # HF's state dict for conversion and the round trip (``release``)
     host_weights: HostStage | None = None
-    released: bool | None = None  # a sequential case: was the HF model freed before the systems were built
+    released: bool | None = None  # a sequential case: was the HF model off the device before the systems were built
     adapters: A.Adapters | None = None  # a LoRA case: peft's LoRA on HF's model (``parity.engine.adapters``)
 
     @property
@@ -114,20 +114,20 @@ class Reference:
 
     def release(self) -> None:
         """HF's weights for the systems (on the host, page-locked, for a sequential case) and, for a sequential
-        case, the HF model freed. Idempotent: the first system's run calls it, the others find it done."""
+        case, the HF model moved off the device onto them (``park``: no copy). Idempotent: the first system's run
+        calls it, the others find it done."""
         if self.state is not None:
             return
         with self.prog.phase("hf_state_to_host"):
             self.state, self.host_weights = weights_for_conversion(self.model, self.sequential, self.host_weights)
+            if self.sequential:  # its weights are those staged for the systems: nothing of it stays on the device
+                self.released = park(self.model, self.state, self.device)
             if self.adapters is not None:  # HF's base weights for the system (its adapters come apart)
                 self.state = A.base_state(self.state)
-        ref = weakref.ref(self.model)
-        self.model = None  # sequential: the last reference; otherwise ``state`` keeps the weights alive
-        self.released = freed(ref, self.device) if self.sequential else None
 
     def close(self) -> None:
-        """Drop the weights and the host stage (the capture stays readable)."""
-        self.state = None
+        """Drop the model, the weights and the host stage (the capture stays readable)."""
+        self.state = self.model = None
         if self.host_weights is not None:
             self.host_weights.close()
             self.host_weights = None
@@ -152,6 +152,22 @@ def weights_for_conversion(hf_model, sequential: bool, stage=None) -> tuple[dict
         out[k] = seen[key]
     stage.sync()
     return out, stage
+
+
+def park(model, staged: dict, device: str) -> bool:
+    """A sequential run's HF model off the device, without a copy: its parameters and persistent buffers re-pointed at
+    the host tensors staged for the systems (``staged``, its state dict's keys), its other buffers moved to the host.
+    Modes that run HF's modules later take one module's weights to the device at a time. Returns whether the
+    device holds none of its tensors."""
+    with torch.no_grad():
+        for name, p in model.named_parameters(remove_duplicate=False):
+            p.data = staged[name]
+        for name, b in model.named_buffers(remove_duplicate=False):
+            b.data = staged[name] if name in staged else b.data.cpu()
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
 
 
 def freed(ref: weakref.ref, device: str) -> bool:

@@ -26,8 +26,8 @@ same module on a tie. fp32 runs: HF's bf16-vs-fp32 floors per isolated module ar
 """
 from __future__ import annotations
 
-import copy
 import math
+import re
 
 import torch
 
@@ -93,17 +93,28 @@ def _output_grad(a: Aligned, hf: dict, system: bool = False) -> torch.Tensor | N
     return grads.get((OUTPUT, "logits" if system and a.row.kind is Kind.LOGITS else _hf_module(a)))
 
 
-def _alone(module, name: str, a: Aligned, call: Call, g: torch.Tensor, own: dict, device) -> dict | None:
+def _alone(module, name: str, a: Aligned, call: Call, g: torch.Tensor, own: dict, device, fp32: bool = False
+           ) -> dict | None:
     """HF's ``module`` (at HF path ``name``) alone on ``call``'s inputs, given output gradient ``g``: its input gradients
-    and its own parameters' gradients (``own``), on the host; None where nothing differentiable meets ``g``."""
+    and its own parameters' gradients (``own``), on the host; None where nothing differentiable meets ``g``. It runs
+    with its weights on ``device`` (HF's own forward, ``functional_call``: a sequential run's model waits on the
+    host, parked on the weights staged for the systems, and only this module's come to the device); ``fp32``: its
+    weights, inputs and output gradient upcast (the bf16 floor's and truth's reference)."""
+    weights = {}
+    for n, t in [*module.named_parameters(), *module.named_buffers()]:
+        x = t.detach().to(device)
+        x = x.float() if fp32 and x.is_floating_point() else x
+        weights[n] = x.requires_grad_(True) if f"{name}.{n}" in own else x
+    if fp32:
+        call, g = _upcast(call), g.float()
     replayed, leaves = _leaves(call, a.row.kind, device)
-    params = dict(module.named_parameters(prefix=name))
     with torch.enable_grad():
-        y = value(a.row.kind, module(*replayed.args, **replayed.kwargs))
+        y = torch.func.functional_call(module, weights, tuple(replayed.args), dict(replayed.kwargs))
+        y = value(a.row.kind, y)
         y = y["top_w"] if a.row.kind is Kind.ROUTER else first(y)
         if not isinstance(y, torch.Tensor) or not y.requires_grad or y.shape != g.shape:
             return None  # nothing differentiable to give its gradient to (the row is not run)
-        wrt = list(leaves.values()) + [params[n] for n in own]
+        wrt = list(leaves.values()) + [weights[n[len(name) + 1:]] for n in own]
         if not wrt:
             return None
         got = torch.autograd.grad(y, wrt, g.to(y.device, y.dtype), allow_unused=True)
@@ -113,39 +124,46 @@ def _alone(module, name: str, a: Aligned, call: Call, g: torch.Tensor, own: dict
 
 
 def prepare(ref, prog) -> dict:
-    """HF's modules alone: each on its captured input, given its captured output gradient -> its input gradients
-    and its own parameters' gradients (on the host), and where each row sits in HF's backward order. A bf16 run also
-    runs each module's fp32 copy on the same inputs and output gradient, upcast (``fp32``: HF-bf16's distance from it
-    is each row's floor, the system's its truth) and HF's loss function alone on its logits in fp32 (``LOSS32``)."""
+    """Where each HF module's rows sit in HF's backward order, its own parameters and what its backward reaches; in a
+    bf16 run, HF's loss function alone on its logits in fp32 (``LOSS32``). HF's modules themselves run alone in the
+    system's run (``_hf_alone``), a layer's at a time: at the 26B-A4B shape their parameter gradients together are
+    another 47 GiB."""
     hf, model, out = ref.extra[BACKWARD], ref.model, {}
     modules, owned = dict(model.named_modules()), _owned(ref.model, ref.rows)
     canonical = {id(p): n for n, p in model.named_parameters()}
-    low = ref.dtype != "float32"
+    order = hf["grads"].order
     for a in _rows(ref.rows):
         name = _hf_module(a)
-        call, g = ref.cap.first(name), _output_grad(a, hf)
-        if name not in modules or call is None or g is None or name in out:
+        if name not in modules or ref.cap.first(name) is None or _output_grad(a, hf) is None or name in out:
             continue
         own = owned.get(name, {})
-        res = _alone(modules[name], name, a, call, g, own, ref.device)
-        if res is None:
-            continue
-        if low:  # HF's module in fp32 on the same inputs and output gradient
-            res["fp32"] = _alone(copy.deepcopy(modules[name]).float(), name, a, _upcast(call), g.float(), own,
-                                 ref.device)
-        order = hf["grads"].order
         key = next((k for k in ((INPUT, name), (OUTPUT, name), (ROUTED, a.hf)) if k in order), None)
         params = dict(modules[name].named_parameters(prefix=name))
-        out[name] = {**res, "canonical": own, "order": order[key] if key else 0,
+        out[name] = {"canonical": own, "order": order[key] if key else 0,
                      # what its backward reaches when it has parameters of its own (smaller rows' too)
                      "claims": {canonical[id(p)] for p in params.values()} if own else set()}
-    if low:
+    if ref.dtype != "float32":
         logits = ref.logits.detach().float().clone().requires_grad_(True)
         with torch.enable_grad():
             loss = model.loss_function(logits, hf["labels"].to(logits.device), ref.text_config.vocab_size)
             (g32,) = torch.autograd.grad(loss, [logits])
         out[LOSS32] = g32.detach()
     return out
+
+
+def _hf_alone(c, a: Aligned) -> dict | None:
+    """HF's module of row ``a`` alone (``_alone``) on its captured input and output gradient, in the run's dtype and,
+    for a bf16 run, in fp32 (``fp32``); None where it has nothing to run."""
+    ref, name = c.ref, _hf_module(a)
+    meta = ref.extra[MODE].get(name)
+    if meta is None:
+        return None
+    module = dict(ref.model.named_modules())[name]
+    call, g = ref.cap.first(name), _output_grad(a, ref.extra[BACKWARD])
+    res = _alone(module, name, a, call, g, meta["canonical"], ref.device)
+    if res is not None and ref.dtype != "float32":
+        res["fp32"] = _alone(module, name, a, call, g, meta["canonical"], ref.device, fp32=True)
+    return None if res is None else {**meta, **res}
 
 
 def _upcast(call: Call) -> Call:
@@ -172,18 +190,26 @@ def _groups(c) -> list[list[Aligned]]:
 def _batches(groups: list[list[Aligned]], hf: dict) -> list[list[list[Aligned]]]:
     """Groups split so that no HF parameter is reached by two backwards into the parameters in one batch (the tied
     embedding and head; a module with parameters of its own around smaller rows, e.g. the vision patch embedder
-    around its input projection): a batch runs every group's backward into the system's gradients, then reads them
-    once."""
-    batches: list[tuple[set, list]] = []
+    around its input projection), and by layer: a batch runs every group's backward into the system's gradients,
+    then reads them once."""
+    batches: list[tuple[str | None, set, list]] = []
     for group in groups:
         claims = {n for a in group for n in hf.get(_hf_module(a), {}).get("claims", ())}
-        batch = next((b for b in batches if not b[0] & claims), None)
+        layer = _layer(group[0].hf)
+        batch = next((b for b in batches if b[0] == layer and not b[1] & claims), None)
         if batch is None:
-            batch = (set(), [])
+            batch = (layer, set(), [])
             batches.append(batch)
-        batch[0].update(claims)
-        batch[1].append(group)
-    return [b[1] for b in batches]
+        batch[1].update(claims)
+        batch[2].append(group)
+    return [b[2] for b in batches]
+
+
+def _layer(name: str) -> str | None:
+    """The layer a module belongs to (``model.layers.3``, ``model.vision_tower.encoder.layers.0``), None outside one:
+    a batch stays within one, so that HF's and the system's parameter gradients of one layer at a time are held."""
+    m = re.match(r"(.*\.layers\.\d+)(\.|$)", name)
+    return m.group(1) if m else None
 
 
 def run(c, prog) -> None:
@@ -194,13 +220,14 @@ def run(c, prog) -> None:
         sut.zero_grad()
         pending = []  # (row, HF's module result, the system's leaves) whose parameters are read after the batch
         for group in batch:
-            done = _group(c, group, hf, base)
+            done = _group(c, group, base)
             if done is not None:
                 pending.append(done)
         if not any(ref["params"] for _, ref, _ in pending):
             continue
+        need = {ref["canonical"][n] for _, ref, _ in pending for n in ref["params"]}
         try:
-            mine = dict(sut.grads())
+            mine = {k: v for k, v in sut.grads() if k in need}  # one gradient in HF layout at a time, kept if needed
         except NotImplementedError as e:  # its gradients in HF layout are not modelled here: the inputs' rows stand
             for a, ref, _ in pending:
                 for pname in ref["params"]:
@@ -215,12 +242,21 @@ def run(c, prog) -> None:
                            ref["params32"].get(pname))
 
 
-def _group(c, group: list[Aligned], hf: dict, base: int):
-    """The system's module of ``group`` alone on HF's captured input, given HF's output gradient(s); its input
-    gradient rows recorded. Returns (row, HF's parameter gradients and names, leaves) for the parameter rows."""
+def _group(c, group: list[Aligned], base: int):
+    """HF's modules of ``group`` alone, then the system's module alone on the same captured input, given HF's output
+    gradient(s); its input gradient rows recorded. Returns (row, HF's parameter gradients and names, leaves) for the
+    parameter rows."""
     a, sut, hf_bwd = group[0], c.sut, c.ref.extra[BACKWARD]
-    parts = [p for p in group if _hf_module(p) in hf]
+    if not any(_hf_module(p) in c.ref.extra[MODE] for p in group):
+        return None
     planned, plan = c.replay_input(a), sut.replays.get(a.row.name_key)
+    runs = planned is not None and not (plan is not None and plan.on)  # else: reported below, with the reason
+    hf = {}
+    for p in group if runs else ():
+        res = hf.get(_hf_module(p)) or _hf_alone(c, p)
+        if res is not None:
+            hf[_hf_module(p)] = res
+    parts = [p for p in group if _hf_module(p) in hf] if runs else group
     if not parts:
         return None
     if planned is None:
