@@ -201,6 +201,8 @@ class _Recomputed(torch.autograd.Function):
 def _placed(args: tuple, kwargs: dict, keys: tuple, tensors) -> tuple[tuple, dict]:
     args, kwargs = list(args), dict(kwargs)
     for key, t in zip(keys, tensors):
+        if key is None:  # the empty stand-in input (``_recomputed``)
+            continue
         if isinstance(key, int):
             args[key] = t
         else:
@@ -208,14 +210,18 @@ def _placed(args: tuple, kwargs: dict, keys: tuple, tensors) -> tuple[tuple, dic
     return tuple(args), kwargs
 
 
-def _recomputed(run, args: tuple, kwargs: dict):
-    """``run``'s call through ``_Recomputed``, the floating tensors that require grad among its arguments its inputs."""
+def _recomputed(run, args: tuple, kwargs: dict, trains: bool):
+    """``run``'s call through ``_Recomputed``, the floating tensors that require grad among its arguments its inputs;
+    ``trains``: the module has parameters that train (a LoRA layer's adapters behind a frozen embedding: its output
+    must still require grad, so an empty leaf that does stands in as an input)."""
     keys = tuple(k for k, v in [*enumerate(args), *kwargs.items()]
                  if isinstance(v, torch.Tensor) and v.is_floating_point() and v.requires_grad)
     if any(isinstance(v, dict) and v for v in kwargs.values()):  # K/V a layer leaves for later ones (KV sharing)
         raise NotImplementedError("the fp32 backward recomputes one layer at a time: K/V shared across layers "
                                   "(KV sharing) are not carried through it")
     tensors = [args[k] if isinstance(k, int) else kwargs[k] for k in keys]
+    if trains and not tensors:
+        keys, tensors = (None,), [torch.empty(0, requires_grad=True)]
     return _Recomputed.apply(run, args, kwargs, keys, *tensors)
 
 
@@ -238,7 +244,7 @@ def hf_backward_fp32(ref, prog, param) -> dict:
                 mod32 = copy.deepcopy(module).float()
                 handles = taps.install(mod32, name, root=False) if hooked else []
                 return mod32(*args, **kwargs), lambda: [h.remove() for h in handles]
-            return _recomputed(run, args, kwargs)
+            return _recomputed(run, args, kwargs, any(p.requires_grad for p in module.parameters()))
         shell = copy.deepcopy(module).float()  # everything but the layers, which are stand-ins here
         held.append((shell, taps.install(shell)))
         return shell(*args, **kwargs)
