@@ -1,6 +1,8 @@
 """Tensor helpers shared by the engine and the weight bridges (no model, no system)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor
 
@@ -15,3 +17,16 @@ def same_bits(a: Tensor, b: Tensor) -> bool:
         return True  # the same memory (replicas sliced from one tensor, tied weights)
     bits = _SAME_SIZE_INT.get(a.element_size(), torch.uint8)
     return torch.equal(a.reshape(-1).view(bits), b.reshape(-1).view(bits))
+
+
+def device_copy(module: torch.nn.Module, device) -> torch.nn.Module:
+    """A deep copy of ``module`` whose parameters and buffers are copies on ``device``, made there straight from the
+    originals (ties kept). A plain ``deepcopy`` would first copy on the host whatever storage the tensors view: a
+    sequential run's parked HF model views one staged chunk of every weight (``parity.engine.reference.park``)."""
+    memo: dict = {}
+    for t in [*module.parameters(), *module.buffers()]:
+        if id(t) not in memo:
+            x = t.detach().to(device, copy=True)  # a copy even where it already is
+            memo[id(t)] = torch.nn.Parameter(x, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) \
+                else x
+    return copy.deepcopy(module, memo)

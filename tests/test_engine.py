@@ -411,3 +411,27 @@ def test_second_system_plugs_in_through_the_registry(monkeypatch):
     assert len([m for m in r["modules"] if m["mode"] != "probing"]) == 260
     with pytest.raises(UserError, match="unknown system under test 'nope'"):
         run(load_case("gemma4-text-tiny"), device="cpu", system="nope")
+
+
+def test_device_copy_copies_each_tensor_not_the_storage_it_views():
+    """``device_copy``: what a sequential run's parked HF model is copied to the device with. Each parameter and buffer
+    is copied alone (a plain deepcopy of a view copies the whole storage it views: at full size, every staged
+    weight), never shared with the original (even on the same device: peft's merge then changes only the copy),
+    ties kept."""
+    from parity.tensors import device_copy
+
+    chunk = torch.arange(1000, dtype=torch.float32)  # one staged chunk, viewed by every weight
+    model = torch.nn.Sequential(torch.nn.Embedding(4, 4), torch.nn.Linear(4, 4))
+    model[0].weight.data = chunk[:16].view(4, 4)
+    model[1].weight = model[0].weight  # tied
+    model[1].bias.data = chunk[16:20]
+    model.register_buffer("scale", chunk[20:21])
+    copied = device_copy(model, "cpu")
+    assert copied[1].weight is copied[0].weight and isinstance(copied[0].weight, torch.nn.Parameter)
+    for name, t in [*copied.named_parameters(), *copied.named_buffers()]:
+        original = dict([*model.named_parameters(), *model.named_buffers()])[name]
+        assert torch.equal(t, original) and t.untyped_storage().nbytes() == t.numel() * 4
+        assert t.untyped_storage().data_ptr() != chunk.untyped_storage().data_ptr()
+    with torch.no_grad():
+        copied[0].weight.add_(1)
+    assert torch.equal(model[0].weight, chunk[:16].view(4, 4)) and chunk[0] == 0

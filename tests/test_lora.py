@@ -244,3 +244,29 @@ def test_vlm_language_model_adapters_and_finding_15_its_export_does_not_load_int
     row = next(m for m in _rows(r, "adapter_logits") if m["name"] == "logits[export]")
     assert not row["passed"] and "Gemma4ClippableLinear" in row["missing"], row
     assert next(m for m in r["modes"] if m["name"] == "backward")["ran"] is False  # its VLM training step: not here
+
+
+def test_the_full_size_lora_path_on_a_tiny_model(tmp_path):
+    """What gemma4-26b-a4b-lora does, on the tiny bf16 LoRA case with our system: HF's model parked on the host before
+    the system is built (``sequential``), captures on the host (``offload``), and the LoRA mode holding one HF copy
+    at a time on the device (the loaded export, then peft's merge, then the base with the system's merged weights),
+    the merged export compared one tensor at a time. Every row, and the LoRA section, as in the plain run."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "cases" / "gemma4-text-tiny-lora-bf16.toml").read_text()
+    seq = text.replace('name = "gemma4-text-tiny-lora-bf16"', 'name = "lora-sequential"').replace(
+        "[gates]", "[run]\nsequential = true\noffload = true\n\n[gates]", 1)
+    path = tmp_path / "lora-sequential.toml"
+    path.write_text(seq)
+    with cpu_threads("cpu"):
+        plain = pipeline.run(load_case("gemma4-text-tiny-lora-bf16"), device="cpu")
+        r = pipeline.run(load_case(str(path)), device="cpu")
+    assert r["sequential"] is True and r["hf_released_before_megatron"] is True and r["passed"] is True
+    same = ("name", "mode", "order", "rel_l2", "cosine", "max_abs", "floor", "truth_rel_l2", "passed")
+    key = lambda m: (m["order"] if m.get("order") is not None else -1, m["name"], m["mode"])  # noqa: E731
+    rows, want = sorted(r["modules"], key=key), sorted(plain["modules"], key=key)
+    assert len(rows) == len(want) == 759
+    assert all(a.get(f) == b.get(f) for a, b in zip(rows, want) for f in same)
+    drop = ("config",)  # peft writes target_modules from a set: its order varies between processes
+    assert {k: v for k, v in r["lora"].items() if k not in drop} == \
+        {k: v for k, v in plain["lora"].items() if k not in drop}

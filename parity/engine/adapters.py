@@ -20,13 +20,14 @@ adapted model's parameter name.
 """
 from __future__ import annotations
 
-import copy
 import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from parity.tensors import device_copy
 
 FILE_PREFIX = "base_model.model."  # an adapter file's key: FILE_PREFIX + HF module + ".lora_A.weight"
 ADAPTER = "default"  # peft's adapter name
@@ -56,20 +57,21 @@ class Adapters:
 
         return [n for n, m in self.model.named_modules() if isinstance(m, LoraLayer)]
 
-    def merged(self) -> torch.nn.Module:
-        """HF's model with the adapters merged by peft (``merge_and_unload`` on a copy), in evaluation."""
-        return copy.deepcopy(self.peft).merge_and_unload().eval()
+    def merged(self, device) -> torch.nn.Module:
+        """HF's model with the adapters merged by peft (``merge_and_unload`` on a copy on ``device``), in evaluation."""
+        return device_copy(self.peft, device).merge_and_unload().eval()
 
-    def base_copy(self) -> torch.nn.Module:
-        """A copy of HF's model without adapters (peft's ``unload`` on a copy)."""
-        return copy.deepcopy(self.peft).unload()
+    def base_copy(self, device) -> torch.nn.Module:
+        """A copy of HF's model on ``device`` without adapters (peft's ``unload`` on a copy)."""
+        return device_copy(self.peft, device).unload()
 
-    def load_export(self, folder: str) -> torch.nn.Module:
-        """A system's adapter export (a peft adapter folder) loaded by peft onto a copy of HF's base model, as a user
-        serves it (``PeftModel.from_pretrained``): the adapted HF model (HF's module paths), in evaluation."""
+    def load_export(self, folder: str, device) -> torch.nn.Module:
+        """A system's adapter export (a peft adapter folder) loaded by peft onto a copy of HF's base model on
+        ``device``, as a user serves it (``PeftModel.from_pretrained``): the adapted HF model (HF's module paths), in
+        evaluation."""
         from peft import PeftModel
 
-        loaded = PeftModel.from_pretrained(self.base_copy(), folder, is_trainable=False)
+        loaded = PeftModel.from_pretrained(self.base_copy(device), folder, is_trainable=False)
         return loaded.base_model.model.eval()
 
 

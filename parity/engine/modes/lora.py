@@ -47,10 +47,10 @@ def run(c, prog) -> None:
         sut.save_adapters(folder)
         exported = _read_folder(folder)
         section["config"] = _config(folder)
-        rows = _tensor_rows(c, EXPORT, hf, exported, ORDER, exact=True)
+        rows = _tensor_rows(c, EXPORT, hf, exported.items(), ORDER, exact=True)
         section["export"] = _counts(rows, hf, exported)
         try:  # an export peft cannot load is a verdict about the export
-            loaded = ref.adapters.load_export(folder)
+            loaded = ref.adapters.load_export(folder, ref.device)
         except Exception as e:  # noqa: BLE001
             section["export_loads"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
             _logits(c, "export", None, ORDER + len(rows), section, why=f"peft cannot load the export: "
@@ -58,19 +58,33 @@ def run(c, prog) -> None:
         else:
             section["export_loads"] = True
             _logits(c, "export", _forward(ref, loaded), ORDER + len(rows), section)
-    peft_merged = ref.adapters.merged()
+        loaded = None  # one HF model beside the system's at a time (at full size each is 47 GiB)
+    # peft's merge on a device copy; the system's merged export compared with it one tensor at a time
+    peft_merged = ref.adapters.merged(ref.device)
     merged_hf = {k: v.detach() for k, v in peft_merged.state_dict().items()}
     if ref.text_args.tie_word_embeddings:
         merged_hf.pop("lm_head.weight", None)
-    merged_sys = {k: v.detach().to("cpu").clone() for k, v in sut.merged()}
-    mrows = _tensor_rows(c, MERGED, merged_hf, merged_sys, ORDER + len(rows) + 1, exact=False,
-                         changed=set(A.module_key(k) + ".weight" for k in hf))
-    section["merged"] = {**_counts(mrows, merged_hf, merged_sys),
-                         "adapted_weights": sorted({A.module_key(k) + ".weight" for k in hf})}
-    base = ref.adapters.base_copy()  # HF's model, loaded with the system's merged weights where it has them
-    base.load_state_dict({k: v.to(ref.device) for k, v in merged_sys.items() if k in merged_hf}, strict=False)
-    _logits(c, "merged", _forward(ref, base.eval()), ORDER + len(rows) + 1 + len(mrows), section,
-            against=_forward(ref, peft_merged))
+    adapted = set(A.module_key(k) + ".weight" for k in hf)
+    merged_sys: dict[str, torch.dtype] = {}
+    mrows = _tensor_rows(c, MERGED, merged_hf, _noting(sut.merged(), merged_sys), ORDER + len(rows) + 1,
+                         exact=False, changed=adapted)
+    section["merged"] = {**_counts(mrows, merged_hf, merged_sys), "adapted_weights": sorted(adapted)}
+    against = _forward(ref, peft_merged)
+    peft_merged = merged_hf = None
+    base = ref.adapters.base_copy(ref.device)  # HF's model, loaded with the system's merged weights where it has them
+    own = base.state_dict()
+    with torch.no_grad():
+        for k, v in sut.merged():
+            if k in own and k in merged_sys and tuple(own[k].shape) == tuple(v.shape):
+                own[k].copy_(v)
+    _logits(c, "merged", _forward(ref, base.eval()), ORDER + len(rows) + 1 + len(mrows), section, against=against)
+
+
+def _noting(items, seen: dict):
+    """``items`` passed through, each tensor's name and dtype noted in ``seen``."""
+    for k, v in items:
+        seen[k] = v.dtype
+        yield k, v
 
 
 def _forward(ref, model) -> torch.Tensor:
@@ -97,20 +111,23 @@ def _config(folder: str) -> dict | None:
                                     "alpha_pattern", "use_rslora")}
 
 
-def _tensor_rows(c, mode: str, ref: dict, test: dict, base: int, exact: bool, changed: set | None = None
-                 ) -> list[Record]:
-    """One row per tensor of either side, HF's order first, then the system's extra tensors."""
-    rows = []
-    for i, name in enumerate([*ref, *sorted(set(test) - set(ref))]):
-        a, b = ref.get(name), test.get(name)
-        gate = "exact" if exact or (changed is not None and name not in changed) else "module"
-        rec = Record(name=name, megatron_name=None, mode=mode, kind="adapter" if ".lora_" in name else "weight",
-                     layer=layer_of(name), order=base + i, gate_class=gate)
+def _tensor_rows(c, mode: str, ref: dict, test, base: int, exact: bool, changed: set | None = None) -> list[Record]:
+    """One row per tensor of either side (``test``: (name, tensor) pairs, each compared as it comes: a merged export
+    at full size is the whole model), HF's order first, then the system's extra tensors."""
+    index = {name: i for i, name in enumerate(ref)}
+    rows, extra = {}, []
+    for name, b in test:
+        if name in rows:
+            continue
+        rows[name] = rec = Record(name=name, megatron_name=None, mode=mode,
+                                  kind="adapter" if ".lora_" in name else "weight", layer=layer_of(name), order=0,
+                                  gate_class="exact" if exact or (changed is not None and name not in changed)
+                                  else "module")
+        a = ref.get(name)
         if a is None:
             rec.missing = (f"exported by {c.sut.name} for a module HF has no adapter on" if mode == EXPORT
                            else f"{c.sut.name}'s merged export has a tensor HF does not")
-        elif b is None:
-            rec.missing = f"missing from {c.sut.name}'s {'adapter' if mode == EXPORT else 'merged'} export"
+            extra.append(name)
         elif tuple(a.shape) != tuple(b.shape):
             rec.missing = f"shape {list(b.shape)} in the export, {list(a.shape)} in HF's"
         else:
@@ -119,22 +136,33 @@ def _tensor_rows(c, mode: str, ref: dict, test: dict, base: int, exact: bool, ch
             rec.nonfinite = (m.get("nonfinite_ref", 0), m.get("nonfinite_test", 0))
             if a.dtype != b.dtype:
                 rec.detail = f"{str(b.dtype)[6:]} in the export, {str(a.dtype)[6:]} in HF's (values compared as fp32)"
+    for name in ref:
+        if name not in rows:
+            rows[name] = Record(name=name, megatron_name=None, mode=mode,
+                                kind="adapter" if ".lora_" in name else "weight", layer=layer_of(name), order=0,
+                                gate_class="exact" if exact or (changed is not None and name not in changed)
+                                else "module",
+                                missing=f"missing from {c.sut.name}'s {'adapter' if mode == EXPORT else 'merged'} "
+                                        "export")
+    out = [rows[n] for n in ref] + [rows[n] for n in sorted(extra)]
+    for i, rec in enumerate(out):
+        rec.order = base + i
         if rec.missing:
             rec.cosine, rec.rel_l2, rec.max_abs = math.nan, math.inf, math.inf
-        rows.append(rec)
-    c.records.extend(rows)
-    return rows
+    c.records.extend(out)
+    return out
 
 
 def _counts(rows: list[Record], ref: dict, test: dict) -> dict:
-    """count, names, shapes, dtypes: what the export holds against HF's."""
+    """count, names, shapes, dtypes: what the export holds against HF's (``test``: name -> tensor or dtype)."""
     matched = [r for r in rows if r.name in ref and r.name in test and not r.missing]
+    dtype = lambda v: v if isinstance(v, torch.dtype) else v.dtype  # noqa: E731
     return {"hf": len(ref), "exported": len(test), "matched": len(matched),
             "bit_exact": sum(1 for r in matched if r.max_abs == 0.0),
             "missing": sorted(set(ref) - set(test)), "extra": sorted(set(test) - set(ref)),
             "shape_mismatch": [r.name for r in rows if r.missing and r.missing.startswith("shape")],
             "dtypes": {"hf": sorted({str(v.dtype)[6:] for v in ref.values()}),
-                       "exported": sorted({str(v.dtype)[6:] for v in test.values()})}}
+                       "exported": sorted({str(dtype(v))[6:] for v in test.values()})}}
 
 
 def _logits(c, what: str, test: torch.Tensor | None, order: int, section: dict, why: str | None = None,
