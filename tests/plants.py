@@ -940,6 +940,22 @@ def experts_not_dp_averaged(mp, shape):
     mp.setattr(ours.ParitySystem, "finalize_grads", planted)
 
 
+def tp_replicas_in_the_norm(mp, shape):
+    """The optimizer's global gradient norm counting a TP-replicated parameter's gradient (norms, the router) on
+    every TP rank, not once (megatron's ``param_is_not_tensor_parallel_duplicate`` left out): the norm too large, the
+    clip too strong. Gradients and forward unchanged."""
+    from parity.systems import ours
+
+    mp.setattr(ours, "tp_unique", lambda p, first_tp: True)
+
+
+PARALLEL_STEP_PLANTS = [  # planted in the TP=2 world: the optimizer step only
+    # the trajectory's gradient norm is 11.5 % off at every step; Adam's first update is nearly scale-free, so the
+    # clip's extra shrinking moves it only through eps: the first param_step row over its gate is 1.6 x the gate
+    Plant("TP replicas counted in the gradient norm", "step", "model.layers.0.mlp.gate_proj.weight",
+          tp_replicas_in_the_norm),
+]
+
 PARALLEL_PLANTS = [  # planted in the TP=2 or EP=2 world (tests/test_parallel_backward.py PLANTED_IN)
     Plant("q/k norm gradients not summed over TP", "backward", "model.layers.5.self_attn.k_norm.weight",
           qk_norm_grads_not_reduced),

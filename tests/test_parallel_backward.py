@@ -22,11 +22,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.plants import PARALLEL_PLANTS
+from tests.plants import PARALLEL_PLANTS, PARALLEL_STEP_PLANTS
 
 FORWARD = ("end_to_end", "isolated")
 GRADIENTS = ("loss", "grad_output", "grad_input", "param_grad")
 ISOLATED = ("isolated_grad_input", "isolated_param_grad")
+STEP = ("param_step",)
 SEEDS = (0, 1, 2, 3, 4)
 WORLDS = {"tp2": ("gemma4-text-tiny-train-tp2", 2), "ep2": ("gemma4-text-tiny-train-ep2", 2),
           "tp2ep2": ("gemma4-text-tiny-train-tp2ep2", 4)}
@@ -35,6 +36,7 @@ PLANTED_IN = {  # plant name -> the worlds it is planted in
     "QKV input gradient not all-reduced": ("tp2",),
     "MoE tokens from every TP rank": ("tp2",),
     "experts not averaged over DP": ("ep2",),
+    "TP replicas counted in the gradient norm": ("tp2",),
 }
 
 
@@ -46,7 +48,7 @@ def _free_port() -> int:
 
 def _digest(r: dict) -> dict:
     rows = {(m["name"], m["mode"]): m.get("rel_l2") for m in r["modules"]
-            if m["mode"] in FORWARD + GRADIENTS + ISOLATED}
+            if m["mode"] in FORWARD + GRADIENTS + ISOLATED + STEP}
     first = {}
     for modes in (ISOLATED, ("loss", "grad_input", "param_grad")):  # each module alone; one backward end to end
         bad = [m for m in r["modules"] if m["mode"] in modes and m.get("passed") is False]
@@ -54,7 +56,7 @@ def _digest(r: dict) -> dict:
     return {"passed": r["passed"], "checks": r["checks"], "first": r["summary"]["first_divergence_detail"],
             "rows": rows, "first_isolated": first[ISOLATED], "first_e2e": first[("loss", "grad_input", "param_grad")],
             "modes": {m["name"]: m.get("why") for m in r["modes"]}, "loss": r["train"]["loss"],
-            "parallel": r["parallel"]}
+            "trajectory": r["train"].get("trajectory"), "parallel": r["parallel"]}
 
 
 def _worker(rank, world, port, case_name, seeds, plants, path):
@@ -69,7 +71,7 @@ def _worker(rank, world, port, case_name, seeds, plants, path):
         ref = pipeline.reference(case, device="cpu", seed=seed)
         out[seed] = _digest(pipeline.against(ref, "parity"))
         if seed == seeds[0]:
-            for plant in (p for p in PARALLEL_PLANTS if p.name in plants):
+            for plant in (p for p in PARALLEL_PLANTS + PARALLEL_STEP_PLANTS if p.name in plants):
                 patch = pytest.MonkeyPatch()
                 try:
                     plant.plant(patch, None)
@@ -103,8 +105,9 @@ def world(request):
 
 def test_clean_parallel_train_step_holds_on_five_seeds(world):
     """Every seed: the loss, 126 parameter, 122 output and 104 input gradients within the TP=1 case's gates (fp32
-    rel-L2 1e-5; clean runs reach 3e-6), the forward rows too; the optimizer step is said not to run (not modelled
-    in a world of several ranks yet)."""
+    rel-L2 1e-5; clean runs reach 3e-6), the forward rows too; the optimizer step (each rank AdamW on its own shards,
+    clipped by the global norm megatron computes over the ranks): first updates within 1e-5 (clean: 3.4e-9), the
+    trajectory within 1e-6 (clean: 2.1e-7)."""
     layout, out = world
     tp, ep = {"tp2": (2, 1), "ep2": (1, 2), "tp2ep2": (2, 2)}[layout]
     for seed in SEEDS:
@@ -118,7 +121,13 @@ def test_clean_parallel_train_step_holds_on_five_seeds(world):
         assert max(grads.values()) < 1e-5 and r["checks"]["gradients"] is True and r["checks"]["loss"] is True
         assert r["loss"]["rel_diff"] < 1e-6 and r["loss"]["grad_norm"]["rel_diff"] < 1e-6
         assert r["parallel"] == {"tp": tp, "ep": ep, "world_size": tp * ep}
-        assert "not modelled yet" in r["modes"]["step"] and r["modes"]["backward"] is None
+        assert r["modes"]["step"] is None and r["modes"]["backward"] is None
+        # the optimizer step on every rank's shards, megatron's global norm over the ranks: each parameter's first
+        # update (gathered) and the 10-step trajectory as HF's in one process
+        steps = [v for k, v in r["rows"].items() if k[1] in STEP]
+        assert len(steps) == 126 and max(steps) < 1e-5 and r["checks"]["step"] is True
+        traj = r["trajectory"]
+        assert r["checks"]["trajectory"] is True and traj["worst_rel_diff"] < 1e-6 and traj["steps"] == 10
 
 
 def test_parallel_only_backward_plant_is_caught_where_it_is(world):
@@ -136,6 +145,20 @@ def test_parallel_only_backward_plant_is_caught_where_it_is(world):
         forward = {k: v for k, v in clean["rows"].items() if k[1] in FORWARD}
         assert forward == {k: v for k, v in r["rows"].items() if k[1] in FORWARD}, plant.name
         assert r["checks"]["modules"] is True and r["checks"]["logits"] is True
+
+
+def test_parallel_only_optimizer_plant_is_caught(world):
+    """A global gradient norm counting TP-replicated gradients on every TP rank: the gradients themselves agree, the
+    trajectory's gradient norm is 11.5 % off from the first step, and the first updates move through Adam's eps only
+    (the first row over its gate, exactly where the plant says)."""
+    layout, out = world
+    for plant in (p for p in PARALLEL_STEP_PLANTS if layout in PLANTED_IN[p.name]):
+        r = out[plant.name]
+        assert r["passed"] is False and r["checks"]["gradients"] is True and r["checks"]["loss"] is True
+        assert r["checks"]["trajectory"] is False and r["checks"]["step"] is False
+        assert 0.1 < r["trajectory"]["rel_diff"]["grad_norm"][0] < 0.13
+        assert (r["first"]["name"], r["first"]["mode"]) == (plant.where, "param_step"), r["first"]
+    assert layout != "tp2" or any(layout in PLANTED_IN[p.name] for p in PARALLEL_STEP_PLANTS)
 
 
 def test_every_token_reaches_its_experts_once_per_data_parallel_rank(world):

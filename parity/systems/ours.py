@@ -392,11 +392,9 @@ class ParitySystem:
         before clipping."""
         from parity.engine.modes.step import AdamWStep
 
-        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-            raise NotImplementedError("its optimizer step in a world of several ranks (the gradient norm over the "
-                                      "model-parallel ranks, megatron's distributed clip) is not modelled yet")
         if getattr(self, "_optimizer", None) is None:
-            self._optimizer = AdamWStep(self.model.named_parameters(), spec)
+            world = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+            self._optimizer = AdamWStep(self.model.named_parameters(), spec, norm=self._grad_norm if world else None)
         self.finalize_grads()
         norm = self._optimizer.step()
         with torch.no_grad():
@@ -410,6 +408,33 @@ class ParitySystem:
                         rows = w.view(ng, (rep + 2) * hn, -1)
                         rows[:, (rep + 1) * hn:].copy_(rows[:, rep * hn:(rep + 1) * hn])
         return norm
+
+    def _grad_norm(self, pairs) -> torch.Tensor:
+        """The global gradient norm of a model sharded over several ranks, as megatron-core's optimizer computes it
+        for clipping (``get_grad_norm_fp32`` on the gradients ``_get_grads_for_norm`` keeps, a dense and an expert
+        optimizer chained): each rank's dense gradients, a TP-replicated parameter's (a norm, the router) on TP rank 0
+        only, squared and summed over the model-parallel group; the experts' (every rank holds its own shards) over
+        the expert tensor-model-pipeline group; the two added. Each element of the model counted once."""
+        from megatron.core import parallel_state as ps
+
+        from parity.models.text import Gemma4Experts
+
+        experts = {id(p) for m in self.model.modules() if isinstance(m, Gemma4Experts) for p in m.parameters()}
+        first_tp = ps.get_tensor_model_parallel_rank() == 0
+        dense, expert = torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
+        for p, main in pairs:
+            if main.grad is None:
+                continue
+            sq = main.grad.detach().float().pow(2).sum().cpu()
+            if id(p) in experts:
+                expert += sq
+            elif tp_unique(p, first_tp):
+                dense += sq
+        device = next(self.model.parameters()).device
+        dense, expert = dense.to(device), expert.to(device)
+        torch.distributed.all_reduce(dense, group=ps.get_model_parallel_group())
+        torch.distributed.all_reduce(expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())
+        return (dense + expert).sqrt()
 
     def grads(self):
         """Its parameters' gradients in HF layout, by its weight mapping's adjoint (``parity.bridge.convert``), after
@@ -629,6 +654,12 @@ class ParitySystem:
         if isinstance(module, (A.AudioConformerLayer, A.AudioChunkedAttention)):
             return module(x, self.apos, self.amask)
         return module(x)
+
+
+def tp_unique(p: nn.Parameter, first_tp: bool) -> bool:
+    """Whether a dense parameter's gradient counts in the global norm on this rank: a TP shard on every rank, a
+    TP-replicated parameter on TP rank 0 only (megatron-core's ``param_is_not_tensor_parallel_duplicate``)."""
+    return getattr(p, "tensor_model_parallel", False) or first_tp
 
 
 def _fp32_adapter(wrapper: nn.Module) -> None:

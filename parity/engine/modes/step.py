@@ -53,10 +53,12 @@ class AdamWStep:
     """One optimizer step as both sides' users run it on parameters in the run's dtype: fp32, AdamW on the
     parameters themselves; bf16, megatron-core's mixed precision (``Float16OptimizerWithFloat16Params``): an fp32
     main copy of each parameter in the optimizer, the gradients copied to it in fp32, their global norm clipped there,
-    AdamW stepped on it and the result copied (rounded) back into the model's parameter."""
+    AdamW stepped on it and the result copied (rounded) back into the model's parameter. ``norm``: how a model sharded
+    over several ranks gets its global gradient norm (each rank steps its own shards)."""
 
-    def __init__(self, named, spec):
+    def __init__(self, named, spec, norm=None):
         named = list(named)
+        self.norm = norm  # (param, main) pairs -> the global gradient norm (a sharded model's: over its ranks)
         self.mixed = any(p.dtype != torch.float32 for _, p in named)
         self.pairs = [(p, p.detach().float().clone().requires_grad_(True) if self.mixed else p) for _, p in named]
         self.optimizer = adamw([(n, m) for (n, _), (_, m) in zip(named, self.pairs)], spec)
@@ -72,7 +74,15 @@ class AdamWStep:
         if self.mixed:
             for p, main in self.pairs:
                 main.grad = None if p.grad is None else p.grad.detach().float()
-        norm = clip([m for _, m in self.pairs], self.clip_grad)
+        if self.norm is None:
+            norm = clip([m for _, m in self.pairs], self.clip_grad)
+        else:  # the norm over every rank's shards; the clip as torch's and megatron's: max_norm / (norm + 1e-6)
+            norm = self.norm(self.pairs)
+            if self.clip_grad is not None:
+                coeff = torch.clamp(self.clip_grad / (norm + 1e-6), max=1.0)
+                for _, m in self.pairs:
+                    if m.grad is not None:
+                        m.grad.mul_(coeff.to(m.grad.device))
         self.optimizer.step()
         with torch.no_grad():
             for p, main in self.pairs:
