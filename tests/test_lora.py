@@ -270,3 +270,53 @@ def test_the_full_size_lora_path_on_a_tiny_model(tmp_path):
     drop = ("config",)  # peft writes target_modules from a set: its order varies between processes
     assert {k: v for k, v in r["lora"].items() if k not in drop} == \
         {k: v for k, v in plain["lora"].items() if k not in drop}
+
+
+def _ours_lora(case: str, plant=None) -> dict:
+    mp = pytest.MonkeyPatch()
+    try:
+        if plant is not None:
+            plant(mp)
+        with cpu_threads("cpu"):
+            return pipeline.run(load_case(case), device="cpu", system="parity")
+    finally:
+        mp.undo()
+
+
+def test_the_adapters_optimizer_step():
+    """LoRA fine-tuning's step: only the adapters train (the base frozen on both sides, an optimizer holding only
+    what trains); each adapter's first AdamW update, read through the system's own adapter export after the step,
+    against peft's adapters stepped by torch's AdamW (64 tensors, worst 7.4e-9), and the trajectory. The K=V layers'
+    adapter B keeps its V rows tied to K's (unused copies in the fused layout, re-tied after the step), or the export
+    after the step would refuse."""
+    r = _ours_lora("gemma4-text-tiny-lora")
+    assert r["passed"] is True and r["checks"]["step"] is True and r["checks"]["trajectory"] is True
+    rows = _rows(r, "param_step")
+    assert len(rows) == 64 and all(".lora_" in m["name"] for m in rows)
+    assert max(m["rel_l2"] for m in rows) < 1e-7
+    assert r["train"]["trajectory"]["worst_rel_diff"] < 1e-6
+    bf16 = _ours_lora("gemma4-text-tiny-lora-bf16")  # bf16: fp32 main copies of the adapters, the band-gated trajectory
+    assert bf16["passed"] is True and bf16["checks"]["trajectory"] is True
+    assert len(bf16["train"]["first_update"]["parameters"]) == 64 and bf16["train"]["trajectory"]["worst_ratio"] < 0.5
+
+
+def test_a_lora_base_left_trainable_is_caught_by_the_trajectory():
+    """A system that forgets to freeze the base under LoRA: the adapters' gradients and first updates agree (they are
+    computed before any weight moves), the model itself drifts: the loss after the step is off, and the trajectory
+    check fails."""
+    from parity.systems import ours
+
+    def unfrozen(mp):
+        load = ours.ParitySystem.load_adapters
+
+        def planted(self, state, spec):
+            load(self, state, spec)
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+        mp.setattr(ours.ParitySystem, "load_adapters", planted)
+
+    r = _ours_lora("gemma4-text-tiny-lora", unfrozen)
+    assert r["passed"] is False and r["checks"]["trajectory"] is False
+    assert r["checks"]["gradients"] is True and r["checks"]["step"] is True  # the adapters' rows agree
+    traj = r["train"]["trajectory"]
+    assert traj["rel_diff"]["final"] > 100 * traj["gate"], traj["rel_diff"]

@@ -388,13 +388,15 @@ class ParitySystem:
         """One step of its optimizer (made at the first call from the case's ``train.optimizer``): megatron's
         finalized gradients, AdamW with global-norm clipping (bf16 parameters: fp32 main weights in the optimizer,
         megatron's mixed precision), the gradients cleared, and the K=V layers' V rows re-tied to K (unused copies
-        of K, kept for the fused layout, so the export stays exact; in the main copy too). Returns the gradient norm
-        before clipping."""
+        of K, kept for the fused layout, so the export stays exact; in the main copy too; with LoRA on, the rows of
+        linear_qkv's adapter B). Only what trains is stepped (LoRA: the adapters). Returns the gradient norm before
+        clipping."""
         from parity.engine.modes.step import AdamWStep
 
         if getattr(self, "_optimizer", None) is None:
             world = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-            self._optimizer = AdamWStep(self.model.named_parameters(), spec, norm=self._grad_norm if world else None)
+            trains = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]  # LoRA: the adapters
+            self._optimizer = AdamWStep(trains, spec, norm=self._grad_norm if world else None)
         self.finalize_grads()
         norm = self._optimizer.step()
         with torch.no_grad():
@@ -403,10 +405,13 @@ class ParitySystem:
                     att = layer.self_attention
                     hn, ng = att.hidden_size_per_attention_head, att.num_query_groups_per_partition
                     rep = att.num_attention_heads_per_partition // ng
-                    weight = att.linear_qkv.weight
-                    for w in {id(t): t for t in (weight, self._optimizer.main(weight))}.values():
-                        rows = w.view(ng, (rep + 2) * hn, -1)
-                        rows[:, (rep + 1) * hn:].copy_(rows[:, rep * hn:(rep + 1) * hn])
+                    adapter = getattr(att.linear_qkv, "adapter", None)  # LoRA: its B's rows are laid out as the weight's
+                    for weight in (att.linear_qkv.weight, None if adapter is None else adapter.linear_out.weight):
+                        if weight is None or not weight.requires_grad:  # LoRA's frozen base: K and V stay tied
+                            continue
+                        for w in {id(t): t for t in (weight, self._optimizer.main(weight))}.values():
+                            rows = w.view(ng, (rep + 2) * hn, -1)
+                            rows[:, (rep + 1) * hn:].copy_(rows[:, rep * hn:(rep + 1) * hn])
         return norm
 
     def _grad_norm(self, pairs) -> torch.Tensor:

@@ -69,7 +69,7 @@ class Mode:
         return importlib.import_module(self.module if "." in self.module else f"parity.engine.modes.{self.module}")
 
 
-MODES = (  # in the order a run measures them
+MODES = (  # in the order a run measures them (the optimizer step last: it changes the system's weights)
     Mode("roundtrip", "round trip", "roundtrip", needs=("export",)),
     Mode("end_to_end", "end-to-end", "end_to_end", color="#bc4c00", rank=2, floors=True, every_row=True,
          needs=("forward", "module", "output")),
@@ -92,13 +92,12 @@ MODES = (  # in the order a run measures them
          check="gradients",
          lora_why="fused parts' adapters (q/k/v, gate/up) share one A: a part's module alone gives only its share of "
                   "that gradient (the backward mode compares the whole)"),
-    Mode("step", "optimizer step", "step", color="#9a6700", rank=4, when="train", gate_key="grad_rel_l2", floors=True,
-         needs=("train_loss", "optimizer_step", "export"), rows=("param_step",), own_rows=("param_step",),
-         check="step", steps=True, lora_why="the adapters' optimizer step is not modelled yet (the base frozen, the adapters' "
-                                 "parameter names)"),
     Mode("lora", "LoRA export and merge", "lora", color="#cf222e", rank=5, when="lora",
          needs=("save_adapters", "merged"), rows=("adapter_export", "adapter_merged", "adapter_logits"),
          own_rows=("adapter_export", "adapter_merged", "adapter_logits"), check="lora"),
+    Mode("step", "optimizer step", "step", color="#9a6700", rank=4, when="train", gate_key="grad_rel_l2", floors=True,
+         needs=("train_loss", "optimizer_step", "export"), rows=("param_step",), own_rows=("param_step",),
+         check="step", steps=True),
 )
 PLOTTED = tuple(m.name for m in sorted(MODES, key=lambda m: m.rank) if m.every_row)  # reports draw these per layer
 

@@ -45,7 +45,7 @@ def run(c, prog) -> None:
     c.sections["lora"] = section  # filled as it goes (the system may raise in its merged export)
     with tempfile.TemporaryDirectory() as folder:
         sut.save_adapters(folder)
-        exported = _read_folder(folder)
+        exported = read_folder(folder)
         section["config"] = _config(folder)
         rows = _tensor_rows(c, EXPORT, hf, exported.items(), ORDER, exact=True)
         section["export"] = _counts(rows, hf, exported)
@@ -92,7 +92,8 @@ def _forward(ref, model) -> torch.Tensor:
         return ref.kind.forward(model, ref.inputs).float()
 
 
-def _read_folder(folder: str) -> dict[str, torch.Tensor]:
+def read_folder(folder: str) -> dict[str, torch.Tensor]:
+    """A peft adapter folder's tensors, keyed ``<HF module>.lora_A.weight`` (the file's prefix off)."""
     from safetensors.torch import load_file
 
     path = os.path.join(folder, "adapter_model.safetensors")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 
 import torch
 
@@ -95,9 +96,10 @@ class AdamWStep:
 
 def trajectory(ref, model, spec) -> dict:
     """``spec.steps`` steps of HF's ``model`` (changed in place) on the case's batch: losses, gradient norms, the
-    loss after the last step, its first gradients and update (on the host)."""
+    loss after the last step, its first gradients and update (on the host) -- of the parameters that train (a LoRA
+    case: the adapters; the base is frozen, and an optimizer holds only what trains)."""
     inputs, labels = ref.inputs, labels_of(ref.inputs)
-    params = dict(model.named_parameters())
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     before = {k: p.detach().clone().cpu() for k, p in params.items()}
     step = AdamWStep(params.items(), spec).step
     losses, norms, first_grads, after = [], [], None, None
@@ -170,7 +172,7 @@ def clip(params, max_norm: float | None) -> torch.Tensor:
 def run(c, prog) -> None:
     hf, sut, ref = c.ref.extra[MODE], c.sut, c.ref
     spec, labels = ref.case.train, hf["labels"].to(ref.device)
-    before = {k: v.detach().clone().cpu() for k, v in sut.export()}  # export may hand out the live tensors
+    before = _trained(c)
     losses, norms = [], []
     for i in range(spec.steps):
         with torch.enable_grad():
@@ -179,10 +181,23 @@ def run(c, prog) -> None:
         losses.append(float(loss))
         norms.append(float(sut.optimizer_step(spec)))
         if i == 0:
-            _updates(c, hf, before, dict(sut.export()))
+            _updates(c, hf, before, _trained(c))
     with torch.no_grad():
         final = float(sut.train_loss(ref.inputs, labels)[0])
     _trajectory(c, hf, losses, norms, final)
+
+
+def _trained(c) -> dict[str, torch.Tensor]:
+    """The system's trained parameters in HF layout, on the host: its weight export; in a LoRA case its adapter
+    export as its users write it (``System.save_adapters``: a peft folder), named as HF's adapted model names them."""
+    if c.ref.case.lora is None:
+        return {k: v.detach().clone().cpu() for k, v in c.sut.export()}  # export may hand out the live tensors
+    from parity.engine import adapters as A
+    from parity.engine.modes.lora import read_folder
+
+    with tempfile.TemporaryDirectory() as folder:
+        c.sut.save_adapters(folder)
+        return {A.param_key(k): v.cpu() for k, v in read_folder(folder).items()}
 
 
 def _updates(c, hf: dict, before: dict, after: dict) -> None:
