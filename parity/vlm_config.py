@@ -129,9 +129,6 @@ def check_supported_audio(audio: Any) -> None:
 
 def check_supported_vlm(config: Any) -> None:
     """The text part's refusals, then the audio tower's (``check_supported_audio``)."""
-    if getattr(config.text_config, "hidden_size_per_layer_input", 0):
-        raise UnsupportedConfig("unsupported Gemma 4 feature(s): per-layer embeddings in the vision-language model "
-                                "(hidden_size_per_layer_input > 0 with a vision tower)")
     check_supported(config.text_config)
     if getattr(config, "audio_config", None) is not None:
         check_supported_audio(config.audio_config)
@@ -289,9 +286,24 @@ def g31b_vlm_tiny_config_kwargs(*, text: dict | None = None, vision: dict | None
     return kw
 
 
+def e2b_vlm_tiny_config_kwargs(*, text: dict | None = None, vision: dict | None = None, audio: dict | None = None,
+                               with_audio: bool = True, **overrides: Any) -> dict[str, Any]:
+    """Tiny E2B-shaped VLM as E2B ships: the tiny E2B text model (per-layer embeddings, the last 5 of 10 layers
+    KV-shared, double-wide MLP there) with the tiny vision tower (clipped linears, as the E2B/E4B towers) and the tiny
+    audio tower (``with_audio``). ``use_bidirectional_attention`` left None, as HF's forward describes the smaller
+    Gemma 4 models (standard causal masks, images included)."""
+    from parity.config import e2b_tiny_config_kwargs
+
+    kw = vlm_config_kwargs(vision={"use_clipped_linears": True, **(vision or {})},
+                           audio_config=tiny_audio_config_kwargs(**(audio or {})) if with_audio else None, **overrides)
+    kw["text_config"] = e2b_tiny_config_kwargs(**(text or {}))
+    return kw
+
+
 # Builder name (a VLM case's ``[model] builder``) -> the ``Gemma4Config`` kwargs it makes.
 VLM_BUILDERS = {"tiny_vlm": vlm_config_kwargs, "tiny_vlm_audio": vlm_audio_config_kwargs,
-                "full_vlm": full_vlm_config_kwargs, "31b_vlm_tiny": g31b_vlm_tiny_config_kwargs}
+                "full_vlm": full_vlm_config_kwargs, "31b_vlm_tiny": g31b_vlm_tiny_config_kwargs,
+                "e2b_vlm_tiny": e2b_vlm_tiny_config_kwargs}
 
 
 def make_vlm_config(kwargs: dict[str, Any] | None = None):

@@ -1076,6 +1076,37 @@ def double_wide_mlp_half_used(mp, shape=None):
     _after_init(mp, fn)
 
 
+def ple_placeholder_rows(mp, shape=None):
+    """The VLM hands its language model the raw ids: the per-layer token table looks up the image and audio
+    placeholders' own rows, where HF looks up the pad token's (its Gemma4Model maps every placeholder to pad first)."""
+    from parity.models import vlm
+
+    forward = vlm.Gemma4VLModel.forward
+
+    def planted(self, input_ids, *args, **kwargs):
+        lm = self.language_model
+        real = lm.forward
+        lm.forward = lambda **kw: real(**{**kw, "input_ids": input_ids})  # BUG: the raw ids reach PLE
+        try:
+            return forward(self, input_ids, *args, **kwargs)
+        finally:
+            del lm.forward
+    mp.setattr(vlm.Gemma4VLModel, "forward", planted)
+
+
+def ple_before_the_merge(mp, shape=None):
+    """PLE's projection of the text embeddings before the images and audio are merged in (placeholder rows: the
+    pad token's embedding), where HF projects the merged embeddings."""
+    text = _text()
+    per_layer = text.Gemma4Model.per_layer_inputs
+
+    def planted(self, input_ids, h):
+        emb = self.embedding.word_embeddings(input_ids)  # BUG: the text-only embeddings (its scale as the module's)
+        emb = emb * torch.tensor(self.embedding.embed_scale, dtype=torch.float32).to(emb.dtype)
+        return per_layer(self, input_ids, emb.transpose(0, 1).to(h.dtype))
+    mp.setattr(text.Gemma4Model, "per_layer_inputs", planted)
+
+
 FAMILY_PLANTS = {
     "gemma4-e2b-tiny": [
         Plant("ple_gate_without_activation", "PLE", "model.layers.2", ple_gate_without_activation),
@@ -1084,6 +1115,11 @@ FAMILY_PLANTS = {
         Plant("kv_wrong_source", "KV sharing", "model.layers.5.self_attn", kv_wrong_source),
         Plant("kv_recomputed", "KV sharing", "model.layers.6.self_attn", kv_recomputed),
         Plant("double_wide_mlp_half_used", "double-wide MLP", "model.layers.7.mlp", double_wide_mlp_half_used),
+    ],
+    "gemma4-e2b-vlm-tiny": [  # PLE inside the VLM: what the language model's per-layer inputs see of the merge
+        Plant("ple_placeholder_rows", "PLE", "model.language_model.embed_tokens_per_layer", ple_placeholder_rows),
+        Plant("ple_before_the_merge", "PLE", "model.language_model.per_layer_model_projection",
+              ple_before_the_merge),
     ],
 }
 # ------------------------------------------------------------------------------------ LoRA (issue 21)

@@ -8,7 +8,7 @@ Twin of HF's ``Gemma4ForConditionalGeneration`` (``transformers/models/gemma4/mo
     emb  = image_scatter(emb, img, ids == image_id)                         # masked_scatter, no sqrt(H)
     aud  = audio(input_features, input_features_mask)                      # tower + embed_audio, real frames
     emb  = audio_scatter(emb, aud, ids == audio_id)                         # after the images, as HF merges
-    logits = language_model(inputs_embeds=emb, position_ids, padding_mask, mm_token_type_ids)
+    logits = language_model(ids', inputs_embeds=emb, position_ids, padding_mask, mm_token_type_ids)  # ids': PLE
 
 The language model builds its own masks from the raw ``mm_token_type_ids`` (sliding layers: the vision
 bidirectional rule, full layers: causal; ``parity.models.masks``) and its own RoPE tables; those masks
@@ -120,5 +120,8 @@ class Gemma4VLModel(MegatronModule):
         """Softcapped logits ``[b, s, V]``. ``attention_mask`` is the 2-D padding mask (1 = real token)."""
         embeds = self.merge_embeddings(input_ids, pixel_values, image_position_ids, input_features,
                                        input_features_mask)
-        return self.language_model(inputs_embeds=embeds, position_ids=position_ids, padding_mask=attention_mask,
+        # the text ids too: per-layer embeddings (PLE) look up the placeholders' rows as the pad token's, and project
+        # the merged embeddings (image and audio features at their rows), as HF's Gemma4Model passes them on
+        return self.language_model(input_ids=self.text_ids(input_ids), inputs_embeds=embeds,
+                                   position_ids=position_ids, padding_mask=attention_mask,
                                    mm_token_type_ids=mm_token_type_ids)
