@@ -43,6 +43,7 @@ from typing import Any
 
 import pytest
 
+from parity import registry
 from parity.cases import Case, checkpoint_for, default_device, list_cases, load_case, run_id, system_for, unmet_requirement
 from parity.errors import UserError
 
@@ -223,12 +224,8 @@ class _State:
         if why is None and case.world_size > 1 and importlib.util.find_spec("parity.engine.distributed") is None:
             why = f"multi-GPU launch not available: parity.engine.distributed is missing (case {case.name})"
         system = system_for(case, explicit)
-        if why is None and (system == "megatron-bridge" or case.lora is not None):  # our LoRA is its transform
-            from parity import mbridge
-
-            ok, reason = mbridge.available()
-            needs = "system megatron-bridge" if system == "megatron-bridge" else "LoRA (Megatron-Bridge's transform)"
-            why = None if ok else f"{needs}: {reason}"
+        if why is None:  # a package the system needs for this case does not import here (the registry says which)
+            why = registry.unavailable(system, case)
         run = run_id(case, self.dtype)
         return Target(case=case, device=device, dtype=dtype, checkpoint=checkpoint, seed=None,
                       id=run if system == "parity" else f"{run}@{system}", skip=why, system=system, group=run)

@@ -341,3 +341,21 @@ def test_a_report_root_that_cannot_be_written_is_a_usage_error(project, where):
     p = pytest_run(project, "--parity-reports", str(project / where))
     assert p.returncode == 4 and calls(project) == [], p.stdout + p.stderr
     assert f"--parity-reports {project / where}: {project / 'file'} is a file" in p.stderr
+
+
+def test_what_a_system_needs_is_the_registrys_data(monkeypatch):
+    """A case a system cannot run here (a package it needs does not import) is skipped with the reason; the registry
+    says what each system needs (Megatron-Bridge for its own system, and for our system's LoRA: its transform), so the
+    plugin names no system."""
+    from parity import mbridge, registry
+    from parity.cases import load_case
+
+    monkeypatch.setattr(mbridge, "available", lambda: (False, "megatron-bridge is not installed (a test)"))
+    assert registry.unavailable("megatron-bridge", load_case("gemma4-text-tiny")) == \
+        "system megatron-bridge: megatron-bridge is not installed (a test)"
+    assert registry.unavailable("parity", load_case("gemma4-text-tiny-lora")) == \
+        "LoRA (Megatron-Bridge's transform): megatron-bridge is not installed (a test)"
+    assert registry.unavailable("parity", load_case("gemma4-text-tiny")) is None
+    monkeypatch.undo()
+    assert registry.unavailable("megatron-bridge", load_case("gemma4-text-tiny")) == (
+        None if mbridge.available()[0] else f"system megatron-bridge: {mbridge.available()[1]}")
