@@ -354,6 +354,28 @@ def rope_positions_bf16(mp, shape):
         layer, position_ids.to(torch.bfloat16).to(position_ids.dtype)))  # BUG
 
 
+def image_block_past_the_window(mp, shape=None):
+    """Sliding layers of a vision-bidirectional VLM letting a whole image span through, window or not:
+    ``(window AND causal) OR same image block`` where HF has ``window AND (causal OR same image block)``. The same
+    masks wherever an image is no longer than the window: the 26B-A4B VLM's 256-token images under its 1,024-token
+    window never show it; an image span longer than the window does."""
+    from parity.models import masks
+
+    build = masks.build_mask
+
+    def planted(seq_len, *, sliding_window, padding_mask=None, block_ids=None, batch=1, device="cpu"):
+        allowed = build(seq_len, sliding_window=sliding_window, padding_mask=padding_mask, block_ids=None,
+                        batch=batch, device=device)
+        if sliding_window is None or block_ids is None:
+            return build(seq_len, sliding_window=sliding_window, padding_mask=padding_mask, block_ids=block_ids,
+                         batch=batch, device=device)
+        same = (block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] >= 0)
+        if padding_mask is not None:
+            same = same & padding_mask.bool()[:, None, :]
+        return allowed | same[:, None]  # BUG: the block reaches past the window
+    mp.setattr(masks, "build_mask", planted)
+
+
 def rope_angles_bf16(mp, shape):
     """The RoPE angles (position x inverse frequency) rounded to bf16 before cos/sin: 2^-9 of the angle, so
     already wrong at short positions and wildly so at long ones."""

@@ -208,3 +208,46 @@ def test_module_probes_run_on_the_first_positions_of_every_row(monkeypatch, syst
         bad = [m for m in _rows(valid) if not m["passed"]]
         assert all(m["passed"] for m in valid["modules"] if m["mode"] != "probing"), _explain(valid)
         assert bad and all(bridge_probing_finding(m) in (2, 10) for m in bad), _explain(valid)
+
+
+def test_an_image_span_longer_than_the_window_is_probed(monkeypatch):
+    """A VLM's sliding mask that lets a whole image span through past the window is invisible wherever every image is
+    shorter than the window (the 26B-A4B VLM: 256 soft tokens under 1,024): here the tiny VLM with a window of 128
+    over its 63-token images, every row of the run passes; the image-span probes at W+1 and 2W+1 soft tokens fail at
+    the sliding mask, and the search shrinks to W+1."""
+    from tests.plants import image_block_past_the_window
+
+    case = load_case("gemma4-vlm-tiny").replace(model={"overrides": {"text": {"sliding_window": 128}}})
+    image_block_past_the_window(monkeypatch)
+    r = execute(case, device="cpu")
+    assert all(m["passed"] for m in r["modules"] if m["mode"] != "probing"), _explain(r)
+    d = r["summary"]["first_divergence_detail"]
+    assert r["passed"] is False and d["mode"] == "probing" and d["megatron_name"] == "masks[sliding_attention]", d
+    spans = {m["probe"]: m for m in _rows(r, kind="mask", megatron_name="masks[sliding_attention]")
+             if m["probe"].startswith("image span")}
+    assert spans["image span: 127 soft tokens (W-1)"]["passed"] and spans["image span: 128 soft tokens (W)"]["passed"]
+    assert not spans["image span: 129 soft tokens (W+1)"]["passed"]
+    assert not spans["image span: 257 soft tokens (2W+1)"]["passed"]
+    assert all(m["passed"] for m in _rows(r, kind="mask", megatron_name="masks[full_attention]"))
+    assert r["probing"]["families"]["image spans"]["search"]["found"]["span"] == 129
+
+
+def test_megatron_bridge_vlm_image_spans_show_finding_1():
+    """Megatron-Bridge's MoE VLM at the image-span probes: its sliding mask is causal inside every image span (finding
+    1: its TE core attention ignores the image-bidirectional mask), so each span of n soft tokens misses exactly the
+    n(n-1)/2 future keys HF's sliding layers let through, from a span of 2 up (the search shrinks there); its full
+    mask agrees, as HF's full layers are causal."""
+    from parity import mbridge
+
+    if not mbridge.available()[0]:
+        pytest.skip(f"Megatron-Bridge not importable: {mbridge.available()[1]}")
+    r = execute(load_case("gemma4-vlm-tiny"), device="cpu", system="megatron-bridge")
+    fam = r["probing"]["families"]["image spans"]
+    spans = [m for m in _rows(r, kind="mask") if m["probe"].startswith("image span")]
+    assert fam["rows"] == len(spans) == 10 and fam["search"]["found"]["span"] == 2
+    for m in spans:
+        n = int(m["probe"].split(": ")[1].split(" ")[0])
+        if m["megatron_name"] == "masks[full_attention]":
+            assert m["passed"], m
+        else:
+            assert not m["passed"] and m["detail"].endswith(f": {n * (n - 1) // 2} mismatching entries"), m

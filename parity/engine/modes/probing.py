@@ -25,7 +25,13 @@ Where a law holds for every value of a parameter (any magnitude, any offset, any
 search (hypothesis, ``find``) draws more values on the first layer of each type and, when the law breaks, shrinks
 to the smallest failing input; that example is added as a row with ``example`` (its parameters, the seed), and
 the run's seed reproduces it. Input probes (positions, window, padding, single token) build text-only raw inputs:
-they run for the text model kind.
+they run for the text model kind. A VLM run has its own input family:
+
+- ``image spans``: one sequence with an image span of W-1, W, W+1 and 2W+1 soft tokens (then a search over the
+  span): each side's masks per layer type (HF's from ``create_masks_for_vision_model`` as its ``Gemma4Model``
+  calls it; the system's from ``System.prepare`` on the probe's raw inputs). A span longer than the window is where
+  a vision-bidirectional sliding mask and the window disagree, and a run's own images need not be that long (the
+  26B-A4B VLM's 256 soft tokens under a 1,024-token window).
 
 The HF side of every probe is HF's own code: its decoder layer rebuilt from its class and the run's weights (the
 experts and the dense MLP left unbuilt: no probe runs them), its rotary module from the config, its mask functions
@@ -151,6 +157,33 @@ class HFSide:
         with torch.no_grad():
             rope = {t: self.rotary(embeds, inputs["position_ids"], t) for t in set(self.config.layer_types)}
         return masks, rope
+
+
+    def vlm_masks(self, inputs: dict, dtype: torch.dtype) -> dict:
+        """HF's masks per layer type for raw VLM ``inputs``, as ``Gemma4Model.forward`` makes them: with
+        ``use_bidirectional_attention == "vision"`` its ``create_masks_for_vision_model`` on the blocks of
+        ``mm_token_type_ids`` (sliding layers see a whole image span; full layers stay causal), else the text
+        model's causal masks."""
+        from transformers.models.gemma4 import modeling_gemma4 as hf
+
+        if getattr(self.config, "use_bidirectional_attention", None) != "vision":
+            return self.tables(inputs, dtype)[0]
+        make = getattr(hf, "create_masks_for_vision_model", None)
+        blocks = getattr(hf, "get_block_sequence_ids_for_mask", None)
+        if make is None or blocks is None:
+            import transformers
+
+            raise _Unavailable(f"transformers {transformers.__version__} has no create_masks_for_vision_model / "
+                               "get_block_sequence_ids_for_mask (HF's VLM mask functions these probes call)")
+        ids = inputs["input_ids"]
+        embeds = torch.zeros(*ids.shape, 1, dtype=dtype, device=ids.device)  # the mask functions read its shape
+        kw = _mask_kwargs(make, config=self.config, embeds=embeds, attention_mask=inputs["attention_mask"],
+                          position_ids=inputs["position_ids"])
+        return make(**kw, block_sequence_ids=blocks(inputs["mm_token_type_ids"], ids.device))
+
+
+class _Unavailable(Exception):
+    """A probe family the installed transformers cannot run (one line: the family says why)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -293,8 +326,26 @@ class Prober:
             self.sut.prepare(self.ref.inputs)
         return recs
 
-    def _tables(self, probe: Probe, inputs: dict, where: Where) -> list[Record]:
-        masks, rope = self.hf.tables(inputs, self.ref.torch_dtype)
+    def span_probe(self, probe: Probe) -> list[Record]:
+        """A VLM's masks for one sequence with an image span of ``probe.params["span"]`` soft tokens, each side's
+        own (the system's from ``System.prepare`` on the probe's raw inputs), compared per layer type."""
+        inputs = _span_inputs(self.ref, probe.params["span"])
+        where = Where(valid=inputs["attention_mask"].bool())
+        masks = self.hf.vlm_masks(inputs, self.ref.torch_dtype)
+        try:
+            self.sut.prepare(inputs)
+        except SystemRaised as e:
+            return [self._raised(a, probe, self.c.name(a), e) for a in self.text if a.row.kind is Kind.MASK][:1]
+        try:
+            return self._tables(probe, inputs, where, masks)
+        finally:
+            self.sut.prepare(self.ref.inputs)
+
+    def _tables(self, probe: Probe, inputs: dict, where: Where, masks: dict | None = None) -> list[Record]:
+        """Each side's masks (and RoPE tables) for ``inputs``; ``masks``: HF's, given (then the masks alone)."""
+        rope = None
+        if masks is None:
+            masks, rope = self.hf.tables(inputs, self.ref.torch_dtype)
         try:
             mine = self.sut.tables()
         except SystemRaised as e:
@@ -302,7 +353,7 @@ class Prober:
         recs = []
         for a in self.text:
             name = self.c.name(a)
-            if a.row.kind not in TABLE_KINDS or name not in mine:
+            if a.row.kind not in TABLE_KINDS or name not in mine or (rope is None and a.row.kind is Kind.ROPE):
                 continue
             lt = a.slots["layer_type"]
             if a.row.kind is Kind.ROPE:
@@ -457,6 +508,9 @@ def run(c, prog) -> None:
             "near-tie", routers, "gap", TIES, p.near_tie, lambda v: f"near-tie: k-th/(k+1)-th expert gap {v:g}",
             lambda v: f"near-tie: gap {v:.3g} (found)", lambda: (-5.0, -1.0))})
 
+    if c.ref.kind.name == "vlm":
+        family("image spans", lambda: _image_spans(p, cfg, seed))
+
     why = _no_input_probes(c)
     if why:
         for name in ("positions", "window", "padding", "single token"):
@@ -526,7 +580,8 @@ def _strategies():
 def _no_input_probes(c) -> str | None:
     """Why the input probes cannot run for this run, or None."""
     if c.ref.kind.name != "text":
-        return f"a {c.ref.kind.name} run: the input probes build text-only raw inputs (image spans: not yet)"
+        return (f"a {c.ref.kind.name} run: these probes build text-only raw inputs (its image spans are the "
+                "'image spans' family)")
     layer = c.cap.first(f"{c.ref.kind.prefixes[Stack.TEXT]}layers.0")
     if layer is not None and len(layer.args) > 1 and layer.args[1] is not None:
         return "per-layer inputs (PLE) are not moved to probe inputs"
@@ -577,6 +632,44 @@ def _probe_inputs(ref, params: dict) -> tuple[dict, Callable]:
         mask, pos, rows = torch.cat([mask, torch.zeros_like(mask)]), torch.cat([pos, pos]), 2
     out = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
     return out, lambda h: h[row, idx][None].expand(rows, *h[row, idx].shape).contiguous()
+
+
+def _image_spans(p: "Prober", cfg, seed: int) -> dict:
+    """Image spans at the sliding window's edges (W-1, W, W+1, 2W+1 soft tokens: a span longer than the window is
+    where a vision-bidirectional sliding mask and a window disagree), then a seeded search over the span."""
+    w = int(cfg.sliding_window)
+    edges = {"W-1": w - 1, "W": w, "W+1": w + 1, "2W+1": 2 * w + 1}
+    try:
+        for what, n in edges.items():
+            if n >= 1:
+                p.keep(p.span_probe(Probe("image spans", f"image span: {n} soft tokens ({what})", {"span": n})))
+    except _Unavailable as e:
+        return {"skipped": str(e)}
+
+    def make(n):
+        probe = Probe("image spans", f"image span: {n} soft tokens (found)", {"span": n})
+        return probe, lambda: p.span_probe(probe)
+    return {"points": [f"{k} = {v}" for k, v in edges.items()], "sliding_window": w,
+            "search": p.search("image spans", _strategies().integers(1, 2 * w + 2), make, seed)}
+
+
+def _span_inputs(ref, n: int) -> dict:
+    """One sequence: four text tokens, BOI, ``n`` image soft tokens, EOI, four text tokens (text ids from the run's
+    text positions); ``mm_token_type_ids`` 1 on the soft tokens, as the processor marks them. The run's other inputs
+    (image positions, audio frames) stay: no probe runs a tower."""
+    cfg, inputs = ref.config, ref.inputs
+    text = inputs["input_ids"][ref.where.valid & (inputs["mm_token_type_ids"] == 0)]
+    text = text[~torch.isin(text, torch.tensor([cfg.boi_token_id, cfg.eoi_token_id], device=text.device))]
+    pick = text[torch.arange(8, device=text.device) % text.numel()]
+    ids = torch.cat([pick[:4], torch.tensor([cfg.boi_token_id], device=text.device),
+                     torch.full((n,), cfg.image_token_id, device=text.device),
+                     torch.tensor([cfg.eoi_token_id], device=text.device), pick[4:]])[None].to(inputs["input_ids"].dtype)
+    mm = torch.zeros_like(ids, dtype=inputs["mm_token_type_ids"].dtype)
+    mm[0, 5:5 + n] = 1
+    s = ids.shape[1]
+    return {**inputs, "input_ids": ids, "mm_token_type_ids": mm,
+            "attention_mask": torch.ones_like(ids, dtype=inputs["attention_mask"].dtype),
+            "position_ids": torch.arange(s, device=ids.device, dtype=inputs["position_ids"].dtype)[None]}
 
 
 def _main(call: Call) -> torch.Tensor:
