@@ -251,3 +251,22 @@ def test_megatron_bridge_vlm_image_spans_show_finding_1():
             assert m["passed"], m
         else:
             assert not m["passed"] and m["detail"].endswith(f": {n * (n - 1) // 2} mismatching entries"), m
+
+
+def test_input_probes_run_for_models_with_per_layer_embeddings(monkeypatch):
+    """E2B-shaped (per-layer embeddings, the last 5 of 10 layers KV-shared): the per-layer inputs join a layer after
+    its attention, where a probe's layer run stops, so the input probes run; the KV-shared layers are left out (they
+    reuse an earlier layer's K/V: their sources are probed), said once in the section. Positions cast to bf16 pass
+    the run's own 40 positions and fail at the end of the context, at the RoPE table first."""
+    r = _run("gemma4-e2b-tiny", monkeypatch, "rope_positions_bf16")
+    assert r["passed"] is False and r["summary"]["first_divergence"] == "model.rotary_emb", _explain(r)
+    assert all(m["passed"] for m in r["modules"] if m["mode"] != "probing")
+    families = r["probing"]["families"]
+    assert all(families[f]["rows"] > 0 and not families[f].get("skipped")
+               for f in ("positions", "window", "padding", "single token"))
+    assert r["probing"]["kv_shared_layers"]["layers"] == [5, 6, 7, 8, 9]
+    attention = {m["layer"] for m in _rows(r) if m["kind"] == "attention"}
+    assert attention == {0, 1, 2, 3, 4}
+    far = [m for m in _rows(r) if m["probe"].startswith("positions: +") and "found" not in m["probe"]
+           and m["kind"] != "mask"]
+    assert far and all(not m["passed"] for m in far) and {m["kind"] for m in far} == {"rope", "attention"}

@@ -159,6 +159,12 @@ class HFSide:
         return masks, rope
 
 
+    def kv_shared(self, i: int) -> bool:
+        """Whether HF's layer ``i`` reuses an earlier layer's K/V (KV sharing): an input probe runs each layer alone,
+        so it probes the layer that computes those K/V, not the ones that reuse them."""
+        first = self.config.num_hidden_layers - (getattr(self.config, "num_kv_shared_layers", 0) or 0)
+        return i >= first
+
     def vlm_masks(self, inputs: dict, dtype: torch.dtype) -> dict:
         """HF's masks per layer type for raw VLM ``inputs``, as ``Gemma4Model.forward`` makes them: with
         ``use_bidirectional_attention == "vision"`` its ``create_masks_for_vision_model`` on the blocks of
@@ -320,7 +326,7 @@ class Prober:
         try:
             recs += self._tables(probe, inputs, where)
             for i in sorted({a.layer for a in self.text if a.row.kind is Kind.ATTENTION}):
-                if layers is None or i in layers:
+                if (layers is None or i in layers) and not self.hf.kv_shared(i):
                     recs += self._attention(i, probe, inputs, take, where)
         finally:
             self.sut.prepare(self.ref.inputs)
@@ -518,6 +524,10 @@ def run(c, prog) -> None:
         c.sections[MODE] = p.section
         return
     st = _strategies()
+    shared = [i for i in range(cfg.num_hidden_layers) if p.hf.kv_shared(i)]
+    if shared:  # said once: the input probes' attention rows leave these layers out
+        p.section["kv_shared_layers"] = {"layers": shared, "why": "they reuse an earlier layer's K/V; each probe runs "
+                                         "a layer alone, so the layers computing those K/V are probed"}
 
     firsts = sorted({_first_layer(cfg, t) for t in set(cfg.layer_types)})
     positions = c.ref.inputs["position_ids"][c.ref.where.valid]
@@ -582,10 +592,7 @@ def _no_input_probes(c) -> str | None:
     if c.ref.kind.name != "text":
         return (f"a {c.ref.kind.name} run: these probes build text-only raw inputs (its image spans are the "
                 "'image spans' family)")
-    layer = c.cap.first(f"{c.ref.kind.prefixes[Stack.TEXT]}layers.0")
-    if layer is not None and len(layer.args) > 1 and layer.args[1] is not None:
-        return "per-layer inputs (PLE) are not moved to probe inputs"
-    return None
+    return None  # per-layer inputs (PLE) join a layer after its attention, where a probe's layer run stops
 
 
 def _first_layer(cfg, layer_type: str) -> int:
