@@ -109,11 +109,14 @@ def test_parity_lora_plant_is_caught_where_it_is(plant):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_clean_on_three_seeds(seed):
     """The MLP adapters (the part of the recipe's targets its LoRA findings leave alone), its training-step findings
-    removed: forward, adapter gradients, adapter export, merged export and their logits all pass."""
+    removed: forward, adapter gradients, adapter export, merged export and their logits, and its adapters' optimizer
+    step (each adapter's first update through its adapter export) and trajectory all pass."""
     r = _against(MLP, seed)
     assert r["passed"], r["summary"]["first_divergence_detail"]
     assert r["checks"] == {"logits": True, "modules": True, "router": True, "gradients": True, "lora": True,
-                           "roundtrip": True, "loss": True}
+                           "roundtrip": True, "loss": True, "step": True, "trajectory": True}
+    steps = _rows(r, "param_step")
+    assert len(steps) == 6 * 5 and max(m["rel_l2"] for m in steps) < 1e-7  # gate/up share one A: one parameter
     lora = r["lora"]
     assert lora["export"]["hf"] == lora["export"]["exported"] == lora["export"]["bit_exact"] == 6 * 3 * 2
     assert lora["merged"]["bit_exact"] == lora["merged"]["hf"]

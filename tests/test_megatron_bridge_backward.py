@@ -233,6 +233,10 @@ def test_finding_10_fused_cross_entropy_rounds_the_logits_gradient_to_bf16(defau
     assert (own[0]["name"], own[0]["mode"]) == ("lm_head", "grad_input")
     assert sum(not m["passed"] for m in rows.values()) == len(rows) - 1  # every gradient row but the loss
     assert 5e-4 < loss["grad_norm"]["rel_diff"] < 5e-3
+    # its optimizer step on those gradients: the first updates move through Adam's eps only (23-24 rows of 126 over
+    # the gate, <= 1.2e-4), the trajectory's gradient norm stays 1.0-1.1e-3 off at every step
+    assert default["checks"]["step"] is False and default["checks"]["trajectory"] is False
+    assert all(1e-4 < d < 3e-3 for d in default["train"]["trajectory"]["rel_diff"]["grad_norm"])
     assert _rows(clean, GRADIENTS)[("logits", "grad_output")]["rel_l2"] < 1e-5  # unfused: the logits gradient agrees
 
 
@@ -312,6 +316,10 @@ def test_clean_backward_with_the_causes_removed(clean):
                for m in skipped.values()) and len(skipped) == 18
     loss = clean["train"]["loss"]
     assert loss["rel_diff"] < 1e-6 and loss["grad_norm"]["rel_diff"] < 1e-6
+    # its optimizer step (megatron-core's at data-parallel size 1: AdamW) and the 10-step trajectory
+    steps = _rows(clean, ("param_step",))
+    assert len(steps) == 126 and max(m["rel_l2"] for m in steps.values()) < 1e-7
+    assert clean["checks"]["step"] is True and clean["train"]["trajectory"]["worst_rel_diff"] < 1e-6
     for layer in (2, 5):  # K=V: V taken from the raw K, its gradient reaches k_proj
         assert rows[(f"model.layers.{layer}.self_attn.k_proj", "grad_output")]["rel_l2"] < 1e-5
         assert rows[(f"model.layers.{layer}.self_attn.k_proj.weight", "param_grad")]["rel_l2"] < 1e-5

@@ -297,6 +297,20 @@ class MegatronBridgeSystem:
         """Its parameters' gradients cleared (the isolated backward runs its modules' backwards into them)."""
         self.bm.model.zero_grad(set_to_none=True)
 
+    def optimizer_step(self, spec) -> float:
+        """One step of megatron-core's optimizer as its recipes configure it, at data-parallel size 1 (where its
+        distributed optimizer's arithmetic is AdamW's: ``step.AdamWStep``, fp32 main weights for bf16 parameters,
+        global-norm clipping, no decay on 1-D parameters) over the parameters that train; the gradients cleared.
+        Nothing re-ties its K=V layers' v slot: its forward never reads it and its export drops it. Returns the
+        gradient norm before clipping."""
+        from parity.engine.modes.step import AdamWStep
+
+        if tp_size() > 1:
+            raise NotImplementedError("its optimizer step at TP > 1 is not modelled yet")
+        if getattr(self, "_optimizer", None) is None:
+            self._optimizer = AdamWStep([(n, p) for n, p in self.bm.model.named_parameters() if p.requires_grad], spec)
+        return self._optimizer.step()
+
     def loss_on(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Its loss function alone on logits ``[b, s, V]`` (``parity.mbridge.training.loss_on``)."""
         return T.loss_on(self.bm, logits, labels)

@@ -210,6 +210,9 @@ def _updates(c, hf: dict, before: dict, after: dict) -> None:
             m_ = {"cosine": math.nan, "rel_l2": math.inf, "max_abs": math.inf,
                   "detail": f"{c.sut.name} exports no {name} after the step"}
             counted = 0
+        elif tuple(after[name].shape) != tuple(upd.shape) or tuple(before[name].shape) != tuple(upd.shape):
+            m_ = {"cosine": math.nan, "rel_l2": math.inf, "max_abs": math.inf,
+                  "detail": f"{c.sut.name} exports {name} as {list(after[name].shape)}, HF's is {list(upd.shape)}"}
         else:
             mine = (after[name].float().cpu() - before[name].float().cpu())
             meaningful = _meaningful(hf["grads"].get(name), eps)
@@ -233,7 +236,8 @@ def _updates_bf16(c, hf: dict, before: dict, after: dict) -> None:
     judged by its trajectory; its ``step`` verdict is the trajectory's."""
     floors, eps, out = c.ref.floors.get(MODE, {}), c.ref.case.train.optimizer.eps, {}
     for name, upd in hf["update"].items():
-        if name in after and name in before:
+        if name in after and name in before and tuple(after[name].shape) == tuple(upd.shape) == \
+                tuple(before[name].shape):
             mine = after[name].float().cpu() - before[name].float().cpu()
             out[name] = {"rel_l2": _beyond_ulp(upd.float(), mine, hf["after"][name],
                                                _meaningful(hf["grads"].get(name), eps)),
