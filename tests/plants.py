@@ -1129,6 +1129,15 @@ def ple_before_the_merge(mp, shape=None):
     mp.setattr(text.Gemma4Model, "per_layer_inputs", planted)
 
 
+def pad_row_trained(mp, shape=None):
+    """The embeddings' pad row trained by its own lookups (megatron's vocab-parallel embedding as it comes, no
+    ``padding_idx``): HF's ``nn.Embedding(padding_idx=pad)`` gives it none. In a VLM the image and audio placeholders
+    are looked up as the pad token by PLE's table, and those lookups reach the loss: the table's pad row gradient
+    differs, everything else agrees. (Found in our own system by gemma4-e2b-vlm-tiny-train, and fixed.)"""
+    text = _text()
+    mp.setattr(text, "_no_pad_gradient", lambda emb, input_ids, pad_id: emb)
+
+
 FAMILY_PLANTS = {
     "gemma4-e2b-tiny": [
         Plant("ple_gate_without_activation", "PLE", "model.layers.2", ple_gate_without_activation),
@@ -1137,6 +1146,9 @@ FAMILY_PLANTS = {
         Plant("kv_wrong_source", "KV sharing", "model.layers.5.self_attn", kv_wrong_source),
         Plant("kv_recomputed", "KV sharing", "model.layers.6.self_attn", kv_recomputed),
         Plant("double_wide_mlp_half_used", "double-wide MLP", "model.layers.7.mlp", double_wide_mlp_half_used),
+    ],
+    "gemma4-e2b-vlm-tiny-train": [  # training PLE inside the VLM: placeholders are looked up as the pad token
+        Plant("pad_row_trained", "PLE", "model.language_model.embed_tokens_per_layer.weight", pad_row_trained),
     ],
     "gemma4-e2b-vlm-tiny": [  # PLE inside the VLM: what the language model's per-layer inputs see of the merge
         Plant("ple_placeholder_rows", "PLE", "model.language_model.embed_tokens_per_layer", ple_placeholder_rows),

@@ -142,6 +142,7 @@ class Where:
     valid: torch.Tensor
     real: torch.Tensor | None = None
     audio: torch.Tensor | None = None  # [clips, frames] real audio frames at the audio tower's output rate
+    audio_input: torch.Tensor | None = None  # [clips, mel frames] real frames of the tower's input features
 
 
 def first(x):
@@ -285,13 +286,22 @@ def _tokens(flat: bool) -> Callable:
 
 
 _BY_TOKEN = _tokens(flat=False)
+
+
+def _audio_rate(ref, w: Where):
+    """The real-frame mask at ``ref``'s frame rate: the tower's output rate, or its input features' (the gradient a
+    backward sends to the mel features)."""
+    for mask in (w.audio, w.audio_input):
+        if mask is not None and ref.dim() >= 2 and tuple(mask.shape) == tuple(ref.shape[:2]):
+            return mask
+    return w.audio
 _MEASURE = {
     Kind.ROUTER: _router,
     Kind.EXPERTS: _tokens(flat=True), Kind.FLAT_NORM: _tokens(flat=True),
     Kind.MERGED: lambda ref, test, w: metrics(ref, test, w.valid),
     Kind.PATCHES: _vision(lambda ref, w: w.real), Kind.VISION_ROPE: _vision(lambda ref, w: w.real),
     Kind.POOLED: _vision(lambda ref, w: ref[1]), Kind.TOKENS: _vision(lambda ref, w: None),
-    Kind.AUDIO_FRAMES: lambda ref, test, w: metrics(ref, test, w.audio),
+    Kind.AUDIO_FRAMES: lambda ref, test, w: metrics(ref, test, _audio_rate(ref, w)),
     Kind.AUDIO_CONV: lambda ref, test, w: metrics(ref, test, None),
 }
 

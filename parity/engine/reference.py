@@ -98,8 +98,9 @@ class Reference:
         rows = expand(kind.prefixes, text_args, kind.vision_layers(config), kind.audio_layers(config))
         inputs = kind.inputs(config, case, seed, device)
         pos = inputs.get("image_position_ids")
+        feats = inputs.get("input_features_mask")
         where = Where(valid=inputs["attention_mask"].bool(), real=None if pos is None else ~(pos == -1).all(dim=-1),
-                      audio=kind.audio_frames(inputs))
+                      audio=kind.audio_frames(inputs), audio_input=None if feats is None else feats.bool())
         store = Store(offload=case.run.offload)
         timings = {"hf_forward_s": timed(lambda: kind.forward(model, inputs), device)}
         with prog.phase("hf_forward"):

@@ -229,32 +229,44 @@ class Gemma4MoE(MoELayer):
         return self.experts_forward(expert_input, probs, routing_map)
 
 
-class Gemma4Embedding(LanguageModelEmbedding):
-    """Megatron's vocab-parallel embedding times sqrt(H), the scale rounded to the weight dtype (as HF)."""
+def _no_pad_gradient(emb: torch.Tensor, input_ids: torch.Tensor, pad_id: int | None) -> torch.Tensor:
+    """The pad token's lookups detached: no gradient reaches the table's pad row through them, as HF's embeddings
+    (``nn.Embedding`` with ``padding_idx = pad_token_id``) keep it. It matters where pad lookups reach the loss: a
+    VLM maps its image and audio placeholders to the pad id, and PLE's table is looked up there."""
+    if pad_id is None:
+        return emb
+    return torch.where((input_ids == pad_id)[..., None], emb.detach(), emb)
 
-    def __init__(self, config: TransformerConfig, vocab_size: int, embed_scale: float):
+
+class Gemma4Embedding(LanguageModelEmbedding):
+    """Megatron's vocab-parallel embedding times sqrt(H), the scale rounded to the weight dtype (as HF); the pad row
+    takes no gradient from its lookups (HF's ``padding_idx``)."""
+
+    def __init__(self, config: TransformerConfig, vocab_size: int, embed_scale: float, pad_id: int | None = None):
         super().__init__(config, vocab_size=vocab_size, max_sequence_length=1, position_embedding_type="none")
-        self.embed_scale = embed_scale
+        self.embed_scale, self.pad_id = embed_scale, pad_id
 
     def forward(self, input_ids: torch.Tensor, position_ids=None, **_) -> torch.Tensor:
         """ids [b, s] -> [b, s, H]."""
-        emb = self.word_embeddings(input_ids)
+        emb = _no_pad_gradient(self.word_embeddings(input_ids), input_ids, self.pad_id)
         return emb * torch.tensor(self.embed_scale, dtype=torch.float32).to(emb.dtype)
 
 
 class Gemma4PerLayerEmbedding(MegatronModule):
     """PLE's token table: megatron's vocab-parallel embedding of width ``num_layers * per_layer_size``, times
-    sqrt(per_layer_size) rounded to the weight dtype (as HF's ``embed_tokens_per_layer``)."""
+    sqrt(per_layer_size) rounded to the weight dtype (as HF's ``embed_tokens_per_layer``; its pad row takes no
+    gradient from its lookups, HF's ``padding_idx``)."""
 
-    def __init__(self, config: TransformerConfig, vocab_size: int, width: int, embed_scale: float):
+    def __init__(self, config: TransformerConfig, vocab_size: int, width: int, embed_scale: float,
+                 pad_id: int | None = None):
         super().__init__(config=config)
         self.word_embeddings = VocabParallelEmbedding(vocab_size, width, init_method=config.init_method,
                                                       config=config)
-        self.embed_scale = embed_scale
+        self.embed_scale, self.pad_id = embed_scale, pad_id
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """ids [b, s] -> [b, s, L*P]."""
-        emb = self.word_embeddings(input_ids)
+        emb = _no_pad_gradient(self.word_embeddings(input_ids), input_ids, self.pad_id)
         return emb * torch.tensor(self.embed_scale, dtype=torch.float32).to(emb.dtype)
 
 
@@ -408,12 +420,12 @@ class Gemma4Model(MegatronModule):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if args.vocab_size % tp:
             raise ValueError(f"vocab_size {args.vocab_size} is not divisible by TP={tp}")
-        self.embedding = Gemma4Embedding(self.config, args.vocab_size, args.embed_scale)
+        self.embedding = Gemma4Embedding(self.config, args.vocab_size, args.embed_scale, args.pad_token_id)
         self.decoder = Gemma4Decoder(args, configs)
         if args.per_layer_size:  # PLE: the token table, and the projection of the input embeddings mixed into it
             width = args.num_layers * args.per_layer_size
             self.per_layer_embedding = Gemma4PerLayerEmbedding(self.config, args.per_layer_vocab_size, width,
-                                                               args.per_layer_size**0.5)
+                                                               args.per_layer_size**0.5, args.pad_token_id)
             self.per_layer_model_projection = ColumnParallelLinear(
                 args.hidden_size, width, config=self.config, init_method=self.config.init_method, bias=False,
                 gather_output=True)
