@@ -183,8 +183,9 @@ class HFSide:
                                "get_block_sequence_ids_for_mask (HF's VLM mask functions these probes call)")
         ids = inputs["input_ids"]
         embeds = torch.zeros(*ids.shape, 1, dtype=dtype, device=ids.device)  # the mask functions read its shape
-        kw = _mask_kwargs(make, config=self.config, embeds=embeds, attention_mask=inputs["attention_mask"],
-                          position_ids=inputs["position_ids"])
+        # the keywords of HF's causal-mask functions, which its vision-mask function passes its own on to
+        kw = _mask_kwargs(hf.create_causal_mask, config=self.config, embeds=embeds,
+                          attention_mask=inputs["attention_mask"], position_ids=inputs["position_ids"])
         return make(**kw, block_sequence_ids=blocks(inputs["mm_token_type_ids"], ids.device))
 
 
