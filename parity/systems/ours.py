@@ -449,7 +449,12 @@ class ParitySystem:
 
         self.finalize_grads()
         params = dict(self.model.named_parameters())
-        sd = {k: params[k].grad if k in params and params[k].grad is not None else torch.zeros_like(v)
+        # a parameter without a gradient (none reached it, or a buffer): zeros; in one process zeros that take no
+        # memory (one element expanded: the isolated backward reads the gradients a layer at a time, at full size 47 GiB
+        # of real zeros each); in a world of several ranks real ones (collectives gather contiguous tensors)
+        world = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        zeros = torch.zeros_like if world else (lambda v: v.new_zeros(()).expand_as(v))
+        sd = {k: params[k].grad if k in params and params[k].grad is not None else zeros(v)
               for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
         if self.lora is not None:  # the base is frozen: the adapters' gradients, by the mapping's adjoints
             from parity.bridge import adapters as BA
