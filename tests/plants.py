@@ -364,11 +364,11 @@ def image_block_past_the_window(mp, shape=None):
     build = masks.build_mask
 
     def planted(seq_len, *, sliding_window, padding_mask=None, block_ids=None, batch=1, device="cpu"):
-        allowed = build(seq_len, sliding_window=sliding_window, padding_mask=padding_mask, block_ids=None,
-                        batch=batch, device=device)
         if sliding_window is None or block_ids is None:
             return build(seq_len, sliding_window=sliding_window, padding_mask=padding_mask, block_ids=block_ids,
                          batch=batch, device=device)
+        allowed = build(seq_len, sliding_window=sliding_window, padding_mask=padding_mask, block_ids=None,
+                        batch=batch, device=device)
         same = (block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] >= 0)
         if padding_mask is not None:
             same = same & padding_mask.bool()[:, None, :]

@@ -463,7 +463,6 @@ class ParitySystem:
                 self._adapters(sd), self.args, self._hf_prefix(), grads=True))
             return
         if not self.vlm:
-            world = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
             yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(sd, self.args,
                                                                                                    grads=True)
             return
