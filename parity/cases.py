@@ -64,6 +64,9 @@ Schema (fields without a default are required)::
     logits_rel_l2 = 1e-5
     kl_max = 1e-6                        # per-token KL, max over tokens
     grad_rel_l2 = 1e-5                   # train cases (required there): every gradient row, and the loss
+    trajectory_band = 4.0                # optional, train cases: each step after the first within the larger of
+                                         # grad_rel_l2 and this x HF's own trajectory against itself on weights one
+                                         # rounding apart (a model whose training amplifies round-off)
     [gates.bfloat16]
     floor_multiplier = 4.0               # rel_l2 <= floor_multiplier * floor + floor_abs
     floor_abs = 1e-3
@@ -177,6 +180,7 @@ class Float32Gates(_Section):
     logits_rel_l2: float
     kl_max: float
     grad_rel_l2: float | None = None  # train cases: gradients (of parameters, module outputs and inputs), the loss
+    trajectory_band: float | None = None  # train cases: the trajectory within this x HF's own round-off band
 
 
 @dataclass(frozen=True)
@@ -535,7 +539,9 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
         g32.fail("grad_rel_l2", "missing (required in a case with [train])")
     f32 = Float32Gates(rel_l2=g32.float_("rel_l2"), logits_rel_l2=g32.float_("logits_rel_l2"),
                        kl_max=g32.float_("kl_max"),
-                       grad_rel_l2=g32.float_("grad_rel_l2", positive=True) if g32.has("grad_rel_l2") else None)
+                       grad_rel_l2=g32.float_("grad_rel_l2", positive=True) if g32.has("grad_rel_l2") else None,
+                       trajectory_band=g32.float_("trajectory_band", positive=True) if g32.has("trajectory_band")
+                       else None)
     g32.done()
     g16 = g.sub("bfloat16", required=True)
     optional = {k: g16.float_(k, positive=True) for k in ("truth_multiplier", "truth_abs", "ceiling_rel_l2",

@@ -894,6 +894,27 @@ def adam_eps_1e6(mp, shape):
     mp.setattr(ours.ParitySystem, "optimizer_step", planted)
 
 
+def optimizer_changed(**change):
+    """The system's AdamW with ``change`` to the case's hyper-parameters (a default of its own left in place)."""
+    def plant(mp, shape=None):
+        import dataclasses
+
+        from parity.systems import ours
+
+        step = ours.ParitySystem.optimizer_step
+
+        def planted(self, spec):
+            return step(self, dataclasses.replace(spec, optimizer=dataclasses.replace(spec.optimizer, **change)))
+        mp.setattr(ours.ParitySystem, "optimizer_step", planted)
+    return plant
+
+
+# Seen by the trajectory alone: Adam's first update does not depend on its betas (bias correction), so every
+# first-update row agrees and the second step is the first to move (megatron's default adam_beta2 is 0.999; the
+# cases' 0.95 is what Gemma fine-tunes use).
+TRAJECTORY_PLANTS = [Plant("Adam beta2 0.999", "step", "train.trajectory", optimizer_changed(betas=(0.9, 0.999)))]
+
+
 STEP_PLANTS = [
     Plant("weight decay on norms", "step", "model.layers.0.self_attn.q_norm.weight", decay_everything,
           misses={"bfloat16": "a norm's weight near 1 decays by lr x wd = 1e-6 per step, far below one unit in the "

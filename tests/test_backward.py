@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from parity.cases import load_case
 from parity.engine import pipeline
 from parity.engine.launch import cpu_threads
-from tests.plants import BACKWARD_PLANTS, STEP_PLANTS
+from tests.plants import BACKWARD_PLANTS, STEP_PLANTS, TRAJECTORY_PLANTS, optimizer_changed
 
 CASE = "gemma4-text-tiny-train"
 CASE_BF16 = "gemma4-text-tiny-train-bf16"
@@ -212,6 +214,48 @@ def test_optimizer_plant_is_caught_where_it_is(plant, reference):
     assert r["checks"]["step"] is False and r["checks"]["trajectory"] is False and r["checks"]["gradients"] is True
 
 
+@pytest.mark.parametrize("plant", TRAJECTORY_PLANTS, ids=[p.name for p in TRAJECTORY_PLANTS])
+def test_a_trajectory_only_plant_is_caught_by_the_trajectory(plant, reference):
+    """An optimizer error the first step cannot show (Adam's betas): every gradient and first-update row agrees,
+    the trajectory fails (its gradient norm 8e-5 off at the third step, 1e-3 by the seventh: 100 x its gate)."""
+    r = _planted(plant, reference)
+    traj = r["train"]["trajectory"]
+    assert r["passed"] is False and r["checks"]["trajectory"] is False, traj
+    assert r["checks"]["step"] is True and r["checks"]["gradients"] is True and r["summary"]["first_divergence"] is None
+    assert max(traj["rel_diff"]["grad_norm"][:2]) < 1e-6 and traj["worst_rel_diff"] > 100 * traj["gate"]
+
+
+def test_a_round_off_band_gates_a_model_that_amplifies_round_off():
+    """gemma4-e2b-vlm-tiny-train: fp32 training of this model amplifies round-off (HF against itself on weights one
+    rounding apart parts from the second step), so its 10-step trajectory is gated by that band (case data:
+    ``trajectory_band``). Clean: within it, with the first step's loss and gradient norm still at ``grad_rel_l2``;
+    a doubled learning rate (an error of every step) fails by three orders of magnitude; Adam's beta2 at 0.999 (seen
+    from the third step only) stays inside this model's band: what its trajectory can and cannot tell."""
+    with cpu_threads("cpu"):
+        ref = pipeline.reference(load_case("gemma4-e2b-vlm-tiny-train"), device="cpu")
+    try:
+        with cpu_threads("cpu"):
+            clean = pipeline.against(ref, "parity")
+        traj = clean["train"]["trajectory"]
+        assert clean["passed"] is True and traj["steps"] == 10 and traj["worst_ratio"] < 0.5, traj
+        assert traj["band"]["loss"][0] == traj["band"]["grad_norm"][0] == 0.0  # the first step: grad_rel_l2 alone
+        assert traj["gate"]["grad_norm"][0] == 1e-5 and traj["band"]["grad_norm"][-1] > 1e-2
+        assert len(traj["hf_perturbed"]["loss"]) == 10
+        for change, caught in ((dict(lr=2e-4), True), (dict(betas=(0.9, 0.999)), False)):
+            mp = pytest.MonkeyPatch()
+            try:
+                optimizer_changed(**change)(mp)
+                with cpu_threads("cpu"):
+                    r = pipeline.against(ref, "parity")
+            finally:
+                mp.undo()
+            t = r["train"]["trajectory"]
+            assert r["checks"]["trajectory"] is (not caught), (change, t["worst_ratio"])
+            assert (t["worst_ratio"] > 100) if caught else (0.3 < t["worst_ratio"] < 1), (change, t["worst_ratio"])
+    finally:
+        ref.close()
+
+
 def test_the_run_page_has_a_training_section(clean, reference):
     from parity.report.html import render_run
 
@@ -366,3 +410,32 @@ def test_a_sequential_reference_parks_its_model_on_the_weights_staged_for_the_sy
     finally:
         ref.close()
     assert ref.model is None
+
+
+def test_one_rounding_apart_moves_every_element_by_one_unit_in_its_last_place():
+    from parity.engine.modes.step import one_rounding_apart
+
+    m = torch.nn.Linear(64, 32)
+    m.register_buffer("scale", torch.linspace(-3, 3, 50))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    one_rounding_apart(m, seed=3)
+    for k, b in before.items():
+        after = m.state_dict()[k]
+        up, down = torch.nextafter(b, torch.tensor(float("inf"))), torch.nextafter(b, torch.tensor(float("-inf")))
+        assert bool(((after == up) | (after == down)).all()), k
+        assert 0.3 < float((after == up).float().mean()) < 0.7, k  # up or down at random
+
+
+@given(st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=12), st.lists(st.floats(1e-3, 1e3), min_size=1, max_size=12),
+       st.booleans())
+def test_a_band_is_an_envelope(xs, ys, first):
+    """The band never narrows from one step to the next, and with ``first=False`` it is 0 at the first step."""
+    from parity.engine.modes.step import band
+
+    n = min(len(xs), len(ys))
+    a, b = {"losses": xs[:n], "norms": ys[:n], "final": xs[-1]}, {"losses": ys[:n], "norms": xs[:n], "final": ys[-1]}
+    out = band(a, b, first=first)
+    for k in ("loss", "grad_norm"):
+        assert all(p <= q for p, q in zip(out[k], out[k][1:])) and len(out[k]) == n
+        assert first or out[k][0] == 0.0
+    assert out["final"] >= out["loss"][-1]

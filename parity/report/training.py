@@ -58,12 +58,13 @@ def section(results: dict) -> str:
 
 
 def trajectory(t: dict | None, dtype: str | None) -> str:
-    """The trajectory's loss and gradient-norm curves (HF in the run's dtype, HF in fp32 for a bf16 run, the system)
-    and its verdict."""
+    """The trajectory's loss and gradient-norm curves (HF in the run's dtype; its band: HF in fp32 for a bf16 run, HF
+    on weights one rounding apart for an fp32 run gated by its round-off band; the system) and its verdict."""
     if not isinstance(t, dict) or not t.get("steps"):
         return ""
     sides = [("HF" + (f" ({dtype})" if dtype and dtype != "float32" else ""), "#57606a", "", t.get("hf") or {}),
              ("HF (float32)", "#8c959f", "4 3", t.get("hf_fp32") or {}),
+             ("HF, weights one rounding apart", "#8c959f", "4 3", t.get("hf_perturbed") or {}),
              ("system", "#0969da", "", t.get("system") or {})]
     charts = []
     for key, what in (("loss", "loss"), ("grad_norm", "gradient norm (before clipping)")):

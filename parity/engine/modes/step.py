@@ -122,22 +122,47 @@ def trajectory(ref, model, spec) -> dict:
 
 def prepare(ref, prog) -> dict:
     """HF's trajectory on a copy of its model in the run's dtype (bf16: fp32 main weights in the optimizer, as
-    megatron's mixed-precision optimizer); in a bf16 run also on an fp32 copy (plain AdamW): the band of HF's own
-    bf16-vs-fp32 trajectory, step by step (the largest deviation up to each step), that gates the system's
-    (``band``)."""
+    megatron's mixed-precision optimizer), and the band that gates the system's, step by step: in a bf16 run HF's own
+    bf16-vs-fp32 trajectory (on an fp32 copy, plain AdamW); in an fp32 run whose case gives
+    ``gates.float32.trajectory_band``, HF against itself on weights one rounding apart (``one_rounding_apart``): a
+    model whose training amplifies round-off (Adam's sign-like steps on near-zero gradients) parts from any other
+    correct fp32 arithmetic as far."""
     spec = ref.case.train
     out = trajectory(ref, copy.deepcopy(ref.model), spec)
     if ref.dtype != "float32":
         hf32 = trajectory(ref, copy.deepcopy(ref.model).float(), spec)
         out["fp32"] = {k: hf32[k] for k in ("losses", "norms", "final", "after")}
-        rel = lambda a, b: abs(a - b) / max(abs(b), 1e-30)  # noqa: E731
-        # the envelope so far: HF-bf16's deviation from HF-fp32 grows over the steps, and the two curves can cross
-        # (a deviation near 0 at one step, by chance, is no tighter band)
-        envelope = lambda xs: [max(xs[: i + 1]) for i in range(len(xs))]  # noqa: E731
-        loss = envelope([rel(a, b) for a, b in zip(out["losses"], hf32["losses"])])
-        out["band"] = {"loss": loss, "grad_norm": envelope([rel(a, b) for a, b in zip(out["norms"], hf32["norms"])]),
-                       "final": max(loss + [rel(out["final"], hf32["final"])])}
+        out["band"] = band(out, hf32)
+    elif ref.case.gates.float32.trajectory_band is not None and spec.steps > 1:
+        twin = trajectory(ref, one_rounding_apart(copy.deepcopy(ref.model), ref.seed), spec)
+        out["perturbed"] = {k: twin[k] for k in ("losses", "norms", "final")}
+        out["band"] = band(out, twin, first=False)
     return out
+
+
+def band(a: dict, b: dict, first: bool = True) -> dict:
+    """Trajectory ``a``'s relative deviation from ``b``, as an envelope: the largest up to each step (the curves can
+    cross, and a deviation near 0 at one step, by chance, is no tighter band). ``first=False``: none at the first
+    step (both trajectories start from the same weights there: its loss and gradients are gated by the rows)."""
+    rel = lambda x, y: abs(x - y) / max(abs(y), 1e-30)  # noqa: E731
+    envelope = lambda xs: [max(xs[: i + 1]) for i in range(len(xs))]  # noqa: E731
+    skip = lambda xs: xs if first else [0.0] + xs[1:]  # noqa: E731
+    loss = envelope(skip([rel(x, y) for x, y in zip(a["losses"], b["losses"])]))
+    return {"loss": loss, "grad_norm": envelope(skip([rel(x, y) for x, y in zip(a["norms"], b["norms"])])),
+            "final": max(loss + [rel(a["final"], b["final"])])}
+
+
+def one_rounding_apart(model, seed: int):
+    """``model`` (changed in place) with every floating-point parameter and buffer moved by one unit in its last
+    place, up or down at random (seeded): HF's own weights as another correct rounding could have left them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if t.is_floating_point() and t.numel():
+                up = torch.randint(0, 2, t.shape, generator=g).bool().to(t.device)
+                inf = torch.tensor(math.inf, dtype=t.dtype, device=t.device)
+                t.copy_(torch.where(up, torch.nextafter(t, inf), torch.nextafter(t, -inf)))
+    return model
 
 
 def floors(ref, prog) -> dict[str, float]:
@@ -259,8 +284,10 @@ def _beyond_ulp(ref: torch.Tensor, test: torch.Tensor, after: torch.Tensor, wher
 
 
 def _trajectory(c, hf: dict, losses: list, norms: list, final: float) -> None:
-    """Each step's loss and gradient norm against HF's (relative difference): fp32, within ``grad_rel_l2``; bf16,
-    within ``floor_multiplier`` x HF's own bf16-vs-fp32 difference at that step (``band``) + ``floor_abs``."""
+    """Each step's loss and gradient norm against HF's (relative difference): fp32, within ``grad_rel_l2`` -- or,
+    where the case gives ``trajectory_band``, within that many times HF's own round-off band at that step (``band``),
+    never under ``grad_rel_l2``; bf16, within ``floor_multiplier`` x HF's own bf16-vs-fp32 difference at that step +
+    ``floor_abs``."""
     gates, dtype = c.ref.case.gates, c.ref.dtype
     rel = lambda a, b: abs(a - b) / max(abs(a), 1e-30)  # noqa: E731
     diffs = {"loss": [rel(a, b) for a, b in zip(hf["losses"], losses)],
@@ -269,21 +296,32 @@ def _trajectory(c, hf: dict, losses: list, norms: list, final: float) -> None:
     out = {"steps": len(losses), "hf": {"loss": hf["losses"], "grad_norm": hf["norms"], "final_loss": hf["final"]},
            "system": {"loss": losses, "grad_norm": norms, "final_loss": final}, "rel_diff": diffs,
            "worst_rel_diff": worst, "optimizer": dict(c.ref.case.train.optimizer)}
-    if dtype == "float32":
+    if dtype == "float32" and "band" not in hf:
         out["gate"] = gates.float32.grad_rel_l2
         out["passed"] = worst <= out["gate"]
-    else:  # the band of HF's own bf16 trajectory around its fp32 one, step by step
-        band, g = hf["band"], gates.bfloat16
-        limit = lambda b: g.floor_multiplier * b + g.floor_abs  # noqa: E731
-        out["hf_fp32"] = {"loss": hf["fp32"]["losses"], "grad_norm": hf["fp32"]["norms"],
-                          "final_loss": hf["fp32"]["final"]}
-        out["band"] = band
+    else:
+        if dtype == "float32":  # HF's own round-off band: HF against itself on weights one rounding apart
+            g32 = gates.float32
+            limit = lambda b: max(g32.grad_rel_l2, g32.trajectory_band * b)  # noqa: E731
+            out["hf_perturbed"] = {"loss": hf["perturbed"]["losses"], "grad_norm": hf["perturbed"]["norms"],
+                                   "final_loss": hf["perturbed"]["final"]}
+            out["gate_rule"] = (f"each step: relative difference from HF <= the larger of {g32.grad_rel_l2:g} and "
+                                f"{g32.trajectory_band:g} x HF's own relative difference from HF on weights one "
+                                "rounding apart, up to that step (none at the first step: both start from the same "
+                                "weights)")
+        else:  # the band of HF's own bf16 trajectory around its fp32 one, step by step
+            g = gates.bfloat16
+            limit = lambda b: g.floor_multiplier * b + g.floor_abs  # noqa: E731
+            out["hf_fp32"] = {"loss": hf["fp32"]["losses"], "grad_norm": hf["fp32"]["norms"],
+                              "final_loss": hf["fp32"]["final"]}
+            out["gate_rule"] = (f"each step: relative difference from HF-bf16 <= {g.floor_multiplier:g} x HF-bf16's "
+                                f"own relative difference from HF-fp32 at that step + {g.floor_abs:g}")
+        band = out["band"] = hf["band"]
         out["gate"] = {k: [limit(b) for b in band[k]] for k in ("loss", "grad_norm")} | {"final": limit(band["final"])}
         ratios = [d / limit(b) for k in ("loss", "grad_norm") for d, b in zip(diffs[k], band[k])]
         out["worst_ratio"] = max(ratios + [diffs["final"] / limit(band["final"])])
-        out["gate_rule"] = (f"each step: relative difference from HF-bf16 <= {g.floor_multiplier:g} x HF-bf16's own "
-                            f"relative difference from HF-fp32 at that step + {g.floor_abs:g}")
         out["passed"] = out["worst_ratio"] <= 1.0
-        c.sections.setdefault("checks", {})["step"] = out["passed"]  # its first updates are reported, not gated
+        if dtype != "float32":
+            c.sections.setdefault("checks", {})["step"] = out["passed"]  # its first updates are reported, not gated
     c.sections.setdefault("checks", {})["trajectory"] = out["passed"]
     c.sections.setdefault("train", {})["trajectory"] = out
