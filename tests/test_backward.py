@@ -439,3 +439,18 @@ def test_a_band_is_an_envelope(xs, ys, first):
         assert all(p <= q for p, q in zip(out[k], out[k][1:])) and len(out[k]) == n
         assert first or out[k][0] == 0.0
     assert out["final"] >= out["loss"][-1]
+
+
+def test_an_isolated_backward_call_comes_whole_to_the_device():
+    """A sequential run keeps HF's captured calls on the host: every tensor of a module's call (token ids and masks
+    too, not only its differentiable input) goes to the device HF's module runs on (found at the 26B shape: the
+    embedding's token ids stayed on the host)."""
+    from parity.engine.alignment import Kind
+    from parity.engine.compare import Call
+    from parity.engine.modes.isolated_backward import _leaves
+
+    call = Call((torch.arange(6).view(2, 3),), {"mask": torch.ones(2, 3, dtype=torch.bool), "h": torch.ones(2, 3)},
+                None, 0)
+    moved, _ = _leaves(call, Kind.EMBEDDING, "meta")
+    assert moved.args[0].device.type == "meta" and moved.kwargs["mask"].device.type == "meta"
+    assert moved.kwargs["h"].device.type == "meta"

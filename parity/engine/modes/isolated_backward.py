@@ -32,7 +32,7 @@ import re
 import torch
 
 from parity.engine.alignment import TABLE_KINDS, Aligned, Kind, layer_of
-from parity.engine.compare import Call, compare, first, metrics, upcast, value
+from parity.engine.compare import Call, compare, first, metrics, to_device, upcast, value
 from parity.engine.modes.backward import INPUT, MODE as BACKWARD, OUTPUT, ROUTING as ROUTED, hf_input_key
 from parity.engine.record import Record
 
@@ -53,7 +53,10 @@ def _hf_module(a: Aligned) -> str:
 
 def _leaves(call: Call, kind: Kind, device=None) -> tuple[Call, dict[str, torch.Tensor]]:
     """``call`` with its main input (and the experts' routing weights) replaced by fresh leaves requiring grad:
-    ``(call, {"": main, "top_k_weights": ...})``."""
+    ``(call, {"": main, "top_k_weights": ...})``; every tensor of it on ``device`` when given (a capture kept on the
+    host: a sequential run's token ids, masks and position embeddings as well as its activations)."""
+    if device is not None:
+        call = Call(to_device(tuple(call.args), device), to_device(dict(call.kwargs), device), call.output, call.order)
     args, kwargs, out = list(call.args), dict(call.kwargs), {}
     keys = [("", hf_input_key(call.args, call.kwargs))] + ([(ROUTING, ROUTING if ROUTING in kwargs else 2)]
                                                            if kind is Kind.EXPERTS else [])
@@ -61,7 +64,7 @@ def _leaves(call: Call, kind: Kind, device=None) -> tuple[Call, dict[str, torch.
         x = args[key] if isinstance(key, int) and key < len(args) else kwargs.get(key) if key is not None else None
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             continue
-        leaf = x.detach().to(device or x.device).clone().requires_grad_(True)
+        leaf = x.detach().clone().requires_grad_(True)
         if isinstance(key, int):
             args[key] = leaf
         else:
