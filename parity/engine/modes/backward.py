@@ -453,17 +453,24 @@ def _param_rows(c, hf_grads: _Grads, base: int) -> float:
 
 
 def _param_record(c, pname: str, g: torch.Tensor, mine, order: int) -> Record:
-    m_ = {"detail": f"{c.sut.name} has no gradient for {pname}"} if mine is None else \
-        metrics(g.float(), mine.float(), None)  # on the system's device (metrics moves HF's there)
-    if mine is None:
-        m_.update(cosine=math.nan, rel_l2=math.inf, max_abs=math.inf)
-    rec = Record(name=pname, megatron_name=None, mode=PARAM, kind="param", layer=layer_of(pname), order=order,
-                 gate_class="module", cosine=m_.get("cosine"), rel_l2=m_.get("rel_l2"), max_abs=m_.get("max_abs"),
-                 p99_abs=m_.get("p99_abs"), nonfinite=(m_.get("nonfinite_ref", 0), m_.get("nonfinite_test", 0)),
-                 detail=m_.get("detail"))
+    rec = param_record(c, pname, g, mine, order)
     if mine is not None:
         _truth(c, rec, (PARAM, pname), mine)
     return rec
+
+
+def param_record(c, pname: str, g: torch.Tensor, mine, order: int, mode: str = PARAM,
+                 megatron_name: str | None = None) -> Record:
+    """A parameter's gradient row: the system's gradient ``mine`` (None: it has none) against HF's ``g``, compared on
+    the system's device (``metrics`` moves HF's there); floors and truth are the caller's."""
+    m_ = {"detail": f"{c.sut.name} has no gradient for {pname}"} if mine is None else \
+        metrics(g.float(), mine.float(), None)
+    if mine is None:
+        m_.update(cosine=math.nan, rel_l2=math.inf, max_abs=math.inf)
+    return Record(name=pname, megatron_name=megatron_name, mode=mode, kind="param", layer=layer_of(pname),
+                  order=order, gate_class="module", cosine=m_.get("cosine"), rel_l2=m_.get("rel_l2"),
+                  max_abs=m_.get("max_abs"), p99_abs=m_.get("p99_abs"),
+                  nonfinite=(m_.get("nonfinite_ref", 0), m_.get("nonfinite_test", 0)), detail=m_.get("detail"))
 
 
 def _num(x) -> float:

@@ -33,7 +33,8 @@ import torch
 
 from parity.engine.alignment import TABLE_KINDS, Aligned, Kind, layer_of
 from parity.engine.compare import Call, compare, first, metrics, to_device, upcast, value
-from parity.engine.modes.backward import INPUT, MODE as BACKWARD, OUTPUT, ROUTING as ROUTED, hf_input_key
+from parity.engine.modes.backward import (INPUT, MODE as BACKWARD, OUTPUT, ROUTING as ROUTED, hf_input_key,
+                                         param_record)
 from parity.engine.record import Record
 
 MODE = "isolated_backward"
@@ -318,14 +319,7 @@ def _group(c, group: list[Aligned], base: int):
 def _param_row(c, a: Aligned, pname: str, ref, mine, order: int, ref32=None) -> None:
     if ref is None:
         return
-    m_ = {"detail": f"{c.sut.name} has no gradient for {pname}"} if mine is None else \
-        metrics(ref.float(), mine.to(ref.device).float(), None)
-    if mine is None:
-        m_.update(cosine=math.nan, rel_l2=math.inf, max_abs=math.inf)
-    rec = Record(name=pname, megatron_name=c.name(a) if isinstance(c.name(a), str) else None, mode=PARAM,
-                 kind="param", layer=layer_of(pname), order=order, gate_class="module", cosine=m_.get("cosine"),
-                 rel_l2=m_.get("rel_l2"), max_abs=m_.get("max_abs"), p99_abs=m_.get("p99_abs"),
-                 nonfinite=(m_.get("nonfinite_ref", 0), m_.get("nonfinite_test", 0)), detail=m_.get("detail"))
+    rec = param_record(c, pname, ref, mine, order, PARAM, c.name(a) if isinstance(c.name(a), str) else None)
     if mine is not None:
         _floor_truth(rec, ref32, ref, mine.to(ref.device), lambda x, y: metrics(x, y, None))
     c.records.append(rec)
