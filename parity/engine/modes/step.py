@@ -231,13 +231,9 @@ def _updates(c, hf: dict, before: dict, after: dict) -> None:
     if c.ref.dtype != "float32":
         return _updates_bf16(c, hf, before, after)
     for i, (name, upd) in enumerate(hf["update"].items()):
-        if name not in after or name not in before:
-            m_ = {"cosine": math.nan, "rel_l2": math.inf, "max_abs": math.inf,
-                  "detail": f"{c.sut.name} exports no {name} after the step"}
-            counted = 0
-        elif tuple(after[name].shape) != tuple(upd.shape) or tuple(before[name].shape) != tuple(upd.shape):
-            m_ = {"cosine": math.nan, "rel_l2": math.inf, "max_abs": math.inf,
-                  "detail": f"{c.sut.name} exports {name} as {list(after[name].shape)}, HF's is {list(upd.shape)}"}
+        missing = _not_comparable(c, name, upd, before, after)
+        if missing:
+            m_ = {"cosine": math.nan, "rel_l2": math.inf, "max_abs": math.inf, "detail": missing}
         else:
             mine = (after[name].float().cpu() - before[name].float().cpu())
             meaningful = _meaningful(hf["grads"].get(name), eps)
@@ -253,6 +249,15 @@ def _updates(c, hf: dict, before: dict, after: dict) -> None:
                                 detail=m_.get("detail")))
 
 
+def _not_comparable(c, name: str, upd: torch.Tensor, before: dict, after: dict) -> str | None:
+    """Why the system's update of ``name`` cannot be compared with HF's ``upd`` (None: it can)."""
+    if name not in after or name not in before:
+        return f"{c.sut.name} exports no {name} after the step"
+    if tuple(after[name].shape) != tuple(upd.shape) or tuple(before[name].shape) != tuple(upd.shape):
+        return f"{c.sut.name} exports {name} as {list(after[name].shape)}, HF's is {list(upd.shape)}"
+    return None
+
+
 def _updates_bf16(c, hf: dict, before: dict, after: dict) -> None:
     """bf16: each parameter's first update, measured as fp32 rows are, against its floor (``floors``) -- reported in
     ``train.first_update``, not gated: a bf16 parameter's first update is 0 or one unit in its last place for most
@@ -261,8 +266,7 @@ def _updates_bf16(c, hf: dict, before: dict, after: dict) -> None:
     judged by its trajectory; its ``step`` verdict is the trajectory's."""
     floors, eps, out = c.ref.floors.get(MODE, {}), c.ref.case.train.optimizer.eps, {}
     for name, upd in hf["update"].items():
-        if name in after and name in before and tuple(after[name].shape) == tuple(upd.shape) == \
-                tuple(before[name].shape):
+        if not _not_comparable(c, name, upd, before, after):
             mine = after[name].float().cpu() - before[name].float().cpu()
             out[name] = {"rel_l2": _beyond_ulp(upd.float(), mine, hf["after"][name],
                                                _meaningful(hf["grads"].get(name), eps)),
