@@ -132,6 +132,11 @@ def _version() -> str:
         return "unknown"
 
 
+def several_ranks() -> bool:
+    """Whether this process is one rank of a world of several (tensors sharded: gathers and collectives)."""
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
 class ParitySystem:
     name, version = "parity", _version()
     loss_description = ("megatron-core vocab_parallel_cross_entropy of the next token, mean over the positions "
@@ -186,7 +191,7 @@ class ParitySystem:
         from parity.bridge import audio, convert, vision
 
         if not self.vlm:
-            world = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+            world = several_ranks()
             yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(sd, self.args)
             return
         text = {k[len(TEXT_MC):]: v for k, v in sd.items() if k.startswith(TEXT_MC)}
@@ -394,7 +399,7 @@ class ParitySystem:
         from parity.engine.modes.step import AdamWStep
 
         if getattr(self, "_optimizer", None) is None:
-            world = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+            world = several_ranks()
             trains = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]  # LoRA: the adapters
             self._optimizer = AdamWStep(trains, spec, norm=self._grad_norm if world else None)
         self.finalize_grads()
@@ -452,7 +457,7 @@ class ParitySystem:
         # a parameter without a gradient (none reached it, or a buffer): zeros; in one process zeros that take no
         # memory (one element expanded: the isolated backward reads the gradients a layer at a time, at full size 47 GiB
         # of real zeros each); in a world of several ranks real ones (collectives gather contiguous tensors)
-        world = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+        world = several_ranks()
         zeros = torch.zeros_like if world else (lambda v: v.new_zeros(()).expand_as(v))
         sd = {k: params[k].grad if k in params and params[k].grad is not None else zeros(v)
               for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
