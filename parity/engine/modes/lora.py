@@ -64,7 +64,7 @@ def run(c, prog) -> None:
     merged_hf = {k: v.detach() for k, v in peft_merged.state_dict().items()}
     if ref.text_args.tie_word_embeddings:
         merged_hf.pop("lm_head.weight", None)
-    adapted = set(A.module_key(k) + ".weight" for k in hf)
+    adapted = set(A.adapted_weight(k) for k in hf)
     merged_sys: dict[str, torch.dtype] = {}
     mrows = _tensor_rows(c, MERGED, merged_hf, _noting(sut.merged(), merged_sys), ORDER + len(rows) + 1,
                          exact=False, changed=adapted)
