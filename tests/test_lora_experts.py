@@ -194,6 +194,14 @@ def test_finding_18_its_expert_adapter_export_does_not_load_into_peft(tmp_path):
                             "for base_model.model.model.layers.0.experts.base_layer.lora_A.default.weight"), loads
     row = next(m for m in _rows(r, "adapter_logits") if m["name"] == "logits[export]")
     assert not row["passed"] and row["missing"] == f"peft cannot load the export: {loads}"
+    assert {"model.layers.0.experts.gate_up_proj", "model.layers.5.experts.down_proj"} <= \
+        set(r["lora"]["config"]["target_parameters"])
+    # the report's LoRA table: each expert tensor's export (failing), its gradient and its merged weight (passing)
+    from parity.report.lora import section
+
+    html = section(r)
+    cells = html.split("<code>model.layers.0.experts.base_layer.lora_A.weight</code></td>", 1)[1].split("</tr>", 1)[0]
+    assert cells.count('class="fail"') == 1 and cells.count('class="pass"') == 2, cells
     # the cause: the adapter's A and B transposed into each other's slot
     mine = load_file(str(folder / "adapter_model.safetensors"))
     hf = _reference("shared", 0).adapters.state()

@@ -108,8 +108,8 @@ def _config(folder: str) -> dict | None:
         return None
     with open(path) as f:
         cfg = json.load(f)
-    return {k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern",
-                                    "alpha_pattern", "use_rslora")}
+    return {k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters",
+                                    "rank_pattern", "alpha_pattern", "use_rslora")}
 
 
 def _tensor_rows(c, mode: str, ref: dict, test, base: int, exact: bool, changed: set | None = None) -> list[Record]:
