@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from html import escape
 
-from parity.engine import adapters as A
 from parity.report import summary as S
 
 
@@ -38,6 +37,8 @@ def section(results: dict) -> str:
     lora = results.get("lora")
     if not isinstance(lora, dict):
         return ""
+    from parity.engine import adapters as A  # the adapter names' rules (it imports torch: only for a LoRA run's page)
+
     rows = S.modules(results)
     by = {(r.get("mode"), r.get("name")): r for r in rows}
     logits = lambda k: lora.get(k) or {}  # noqa: E731
