@@ -74,6 +74,13 @@ def test_system_parity_refuses_expert_adapters_in_one_line():
     with pytest.raises(UserError, match=r"^system parity cannot run case gemma4-text-tiny-lora-experts: LoRA on the "
                                         r"routed experts: our experts"):
         pipeline.run_systems(case, ["parity"], device="cpu")  # refused before anything is built
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "parity", "run", "--case", CASE, "--system", "parity", "--device", "cpu"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == \
+        f"parity: error: system parity cannot run case {CASE}: {registry.REFUSES['parity']['lora.experts']}", p.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
