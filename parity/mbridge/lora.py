@@ -135,6 +135,8 @@ def import_experts(registry, path: str, wrapper, hf: dict[str, torch.Tensor]) ->
         if any(not torch.equal(a[0], x) for x in a[1:]) or any(not torch.equal(b[0], x) for x in b[1:]):
             raise RuntimeError(f"{path}: one adapter for all experts of {parameter}, HF's differ between experts")
         a, b = a[0], b[0]
+    elif adapter.linear_in.weight.shape[0] != experts:
+        raise NotImplementedError(f"{path}: per-expert adapters of a rank's local experts (EP > 1) are not mapped yet")
     adapter.linear_in.weight.copy_(a.to(adapter.linear_in.weight.dtype))
     adapter.linear_out.weight.copy_(b.to(adapter.linear_out.weight.dtype))
     return list(names.values())
