@@ -112,6 +112,8 @@ class _Taps:
         self.grads, self.by_name = grads, {a.hf: a for a in _rows(ref.rows)}
         self.routers = {a.hf for a in ref.rows if a.row.kind is Kind.ROUTER}
         self.param = param or (lambda name, g: grads.hook(PARAM, name)(g))
+        # LoRA: the gradient a parameter's row compares (a shared expert adapter's: summed over the experts)
+        self.gradient = ref.adapters.gradient if getattr(ref, "adapters", None) is not None else (lambda n, g: g)
 
     def install(self, model, prefix: str = "", root: bool = True) -> list:
         """Hooks on ``model`` (standing at HF path ``prefix``; ``root``: also on ``model`` itself)."""
@@ -142,7 +144,8 @@ class _Taps:
         for rel, p in model.named_parameters():  # LoRA: the adapters (the base frozen)
             if p.requires_grad:
                 name = f"{prefix}.{rel}" if prefix else rel
-                handles.append(p.register_post_accumulate_grad_hook(lambda p, n=name: self.param(n, p.grad)))
+                handles.append(p.register_post_accumulate_grad_hook(
+                    lambda p, n=name: self.param(n, self.gradient(n, p.grad))))
         return handles
 
 
