@@ -27,11 +27,27 @@ class Progress:
                 torch.cuda.synchronize()
                 self.gpu_peaks[name] = max(self.gpu_peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
-            self.note(f"{name} done in {self.phases[name]:.2f}s", indent="")
+            self.note(f"{name} done in {self.phases[name]:.2f}s ({memory()})", indent="")
 
     def note(self, msg: str, indent: str = "  "):
         if self.enabled:
             print(f"[parity] {indent}{msg}", file=sys.stderr, flush=True)
+
+
+def memory() -> str:
+    """Host memory now and at its peak (resident set, Linux), and the device's peak of the phase so far: what a run
+    killed for memory leaves in its log."""
+    status = {}
+    try:
+        with open("/proc/self/status") as f:
+            status = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+    except OSError:
+        pass
+    gib = lambda k: int(status[k].split()[0]) / 2**20 if k in status else float("nan")  # noqa: E731
+    out = f"host {gib('VmRSS'):.1f} GiB, peak {gib('VmHWM'):.1f}"
+    if torch.cuda.is_available():
+        out += f"; GPU {torch.cuda.memory_allocated() / 2**30:.1f} GiB, peak {torch.cuda.max_memory_allocated() / 2**30:.1f}"
+    return out
 
 
 def timed(fn, device, repeats: int = 2) -> float:

@@ -35,6 +35,7 @@ from parity.engine.alignment import TABLE_KINDS, Aligned, Kind, layer_of
 from parity.engine.compare import Call, compare, first, metrics, to_device, upcast, value
 from parity.engine.modes.backward import (INPUT, MODE as BACKWARD, OUTPUT, ROUTING as ROUTED, hf_input_key,
                                          param_record)
+from parity.engine.progress import memory
 from parity.engine.record import Record
 
 MODE = "isolated_backward"
@@ -220,7 +221,12 @@ def run(c, prog) -> None:
     hf, sut = c.ref.extra[MODE], c.sut
     base = max(c.cap.order.values(), default=0) + 2  # as the backward mode's rows: after every forward row
     _loss(c, base)
-    for batch in _batches(_groups(c), hf):
+    batches, last = _batches(_groups(c), hf), ""
+    for i, batch in enumerate(batches):
+        where = _layer(batch[0][0].hf) or "outside the layers"
+        if where != last:  # a run killed for memory leaves where it was, and how the host grew, in its log
+            prog.note(f"isolated backward: batch {i + 1}/{len(batches)}, {where} ({memory()})")
+            last = where
         sut.zero_grad()
         pending = []  # (row, HF's module result, the system's leaves) whose parameters are read after the batch
         for group in batch:
