@@ -57,7 +57,7 @@ def causes_removed(*causes: str):
             if "aux_loss" in causes:
                 config.moe_aux_loss_coeff = 0.0
         if "post_norm_eps" in causes:
-            for layer in bm.model.decoder.layers:
+            for layer in T.language_model(bm.model).decoder.layers:
                 layer.self_attention.linear_proj.post_layernorm.eps = bm.provider.layernorm_epsilon
         return bm
     mp.setattr(MB, "build", built)
