@@ -578,3 +578,55 @@ def test_its_vlm_training_step_with_the_findings_removed(vlm_clean):
     assert max(traj["loss"]) < 1e-6 and 1e-5 < max(traj["grad_norm"]) < 1e-4, traj
     seen = r["sensitivity"]
     assert seen["weights"] < 3e-5 and 1e-3 < seen["vision_grads"] < 1e-2, seen
+
+
+# Backward-only errors planted in its VLM path (its own code: the soft-token scatter, its data path's loss mask)
+
+def plant_image_features_detached(mp, config):
+    """Its ``Gemma4VLModel`` scatters the image features detached: the forward bit for bit, no gradient reaches
+    ``embed_vision`` and the vision tower."""
+    from megatron.bridge.models.gemma_vl.modeling_gemma4_vl import Gemma4VLModel
+
+    scatter = Gemma4VLModel._scatter_modality_features
+
+    def planted(self, inputs_embeds, input_ids, features, token_id, modality_name):
+        return scatter(self, inputs_embeds, input_ids, features.detach(), token_id, modality_name)
+    mp.setattr(Gemma4VLModel, "_scatter_modality_features", planted)
+
+
+def plant_image_tokens_in_the_loss(mp, config):
+    """Its data path's loss mask with the images' soft tokens left in (a collate whose skipped tokens miss the image
+    token): the next-token loss at the positions before and inside each image counts."""
+    from megatron.bridge.data import conversation_processing as CP
+
+    shifted = CP.build_shifted_labels_and_loss_mask
+
+    def planted(input_ids, assistant_loss_mask, *args, **kwargs):
+        return shifted(input_ids, assistant_loss_mask | (input_ids == config.image_token_id), *args, **kwargs)
+    mp.setattr(CP, "build_shifted_labels_and_loss_mask", planted)
+
+
+VLM_PLANTS = [
+    ("image features detached at the scatter", plant_image_features_detached,
+     "model.embed_vision.embedding_projection.weight", "param_grad"),
+    ("image soft tokens in its loss mask", plant_image_tokens_in_the_loss, "loss", "loss"),
+]
+
+
+@pytest.mark.parametrize("plant,where,mode", [p[1:] for p in VLM_PLANTS], ids=[p[0] for p in VLM_PLANTS])
+def test_backward_only_plant_in_its_vlm_is_caught_where_it_is(plant, where, mode, vlm_causal_reference, vlm_clean):
+    mp = pytest.MonkeyPatch()
+    try:
+        plant(mp, vlm_causal_reference.config)
+        r = _against(vlm_causal_reference, *ALL_CAUSES)
+    finally:
+        mp.undo()
+    assert r["passed"] is False
+    first = _first(r)
+    assert (first["name"], first["mode"]) == (where, mode), first
+    assert first["value"] is None or math.isnan(first["value"]) or first["value"] > 1e-4, first
+    before, after = _rows(vlm_clean, FORWARD), _rows(r, FORWARD)  # the forward, bit for bit
+    assert before.keys() == after.keys()
+    assert all(after[k]["rel_l2"] == before[k]["rel_l2"] for k in before), \
+        [k for k in before if after[k]["rel_l2"] != before[k]["rel_l2"]][:3]
+    assert r["checks"]["modules"] is True and r["checks"]["logits"] is True
