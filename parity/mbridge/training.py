@@ -21,9 +21,9 @@ carry no loss), the model called with ``labels``, ``loss_mask`` and the visual i
 model computes the loss (the same ``compute_language_model_loss``), so the logits tap and ``loss_on`` sit on it.
 
 Gradients come back through its own export (``export_hf_weights``) applied to the gradients (the vision tower's too:
-its mapping copies HF's tower tensor for tensor), plus the adjoint of what its import copies: on K=V layers the import writes HF ``k_proj`` into both the k and the v slot of
-``linear_qkv`` (``Gemma4Bridge.maybe_modify_loaded_hf_weight``), and its export drops the v slot, so HF's
-``k_proj`` gradient is the k slot's plus the v slot's.
+its mapping copies HF's tower tensor for tensor), plus the adjoint of what its import copies: on K=V layers the import
+writes HF ``k_proj`` into both the k and the v slot of ``linear_qkv`` (``Gemma4Bridge.maybe_modify_loaded_hf_weight``),
+and its export drops the v slot, so HF's ``k_proj`` gradient is the k slot's plus the v slot's.
 """
 from __future__ import annotations
 
@@ -215,7 +215,8 @@ def loss_on(bm, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     if tp_size() > 1:
         raise NotImplementedError("Megatron-Bridge's training step runs at TP=1 here for now")
     b = batch(labels.masked_fill(labels == -100, 0), labels, None)
-    per = language_model(bm.model).compute_language_model_loss(b["labels"].to(logits.device), logits.transpose(0, 1).contiguous())
+    per = language_model(bm.model).compute_language_model_loss(b["labels"].to(logits.device),
+                                                                logits.transpose(0, 1).contiguous())
     loss_sum, tokens, _ = masked_next_token_loss(b["loss_mask"].to(logits.device), per, check_for_nan_in_loss=False,
                                                  check_for_spiky_loss=False)
     return loss_sum / tokens
