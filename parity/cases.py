@@ -52,7 +52,12 @@ Schema (fields without a default are required)::
     [train.no_fp32_truth]                # default {}: parameter glob -> why its fp32 gradient is not kept for the
                                          # truth gate in a bf16 run (its rows are judged by their floor alone)
     [lora]                               # optional: a LoRA case (adapters on both sides; the lora mode runs)
-    targets = ["q_proj", "o_proj"]       # HF module names of the text decoder adapted (peft's target_modules)
+    targets = ["q_proj", "o_proj"]       # HF module names of the text decoder adapted (peft's target_modules);
+                                         # "experts": the routed experts' parameters (peft's target_parameters
+                                         # experts.gate_up_proj, experts.down_proj; MoE models, dropout 0)
+    experts = "shared"                   # with "experts" (default "shared"): how the Megatron side holds them --
+                                         # "shared": one adapter per layer for all experts (Megatron-Bridge's
+                                         # recipe, share_expert_adapters); "per_expert": one per expert
     r = 8                                # rank
     alpha = 16                           # peft lora_alpha / Megatron-Bridge alpha: scale alpha / r
     dropout = 0.1                        # default 0: LoRA dropout (identity in evaluation)
@@ -203,7 +208,8 @@ class TrainSpec(_Section):
     no_fp32_truth: FrozenDict = field(default_factory=FrozenDict)  # parameter glob -> why its fp32 gradient is not kept
 
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "experts")
+LORA_EXPERTS = ("shared", "per_expert")  # one adapter per layer for all routed experts, or one per expert
 
 
 @dataclass(frozen=True)
@@ -213,10 +219,16 @@ class LoraSpec(_Section):
     alpha: float
     dropout: float = 0.0
     seed: int = 0
+    experts: str | None = None  # with "experts" in targets: "shared" | "per_expert" (LORA_EXPERTS)
 
     @property
     def scale(self) -> float:
         return self.alpha / self.r
+
+    @property
+    def modules(self) -> tuple[str, ...]:
+        """The targets that are modules (peft's ``target_modules``): all but ``"experts"``."""
+        return tuple(t for t in self.targets if t != "experts")
 
 
 @dataclass(frozen=True)
@@ -524,6 +536,10 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
 
     train = _train(top) if top.has("train") else None
     lora = _lora(top) if top.has("lora") else None
+    if lora is not None and lora.experts == "shared" and train is not None and train.steps:
+        top.sub("train").fail("steps", "must be 0 with lora.experts = \"shared\" (a shared expert adapter steps by the "
+                                       "experts' summed gradient, peft's per-expert copies each by their own: after "
+                                       "a step they are other models), with no_step saying so")
     x = top.sub("expected_failures")
     known = ("logits", "modules", "router", "roundtrip", "gradients", "step", "lora")
     expected = {}
@@ -591,8 +607,16 @@ def _lora(top: _Reader) -> LoraSpec:
     dropout = t.float_("dropout") if t.has("dropout") else 0.0
     if not 0 <= dropout < 1:
         t.fail("dropout", f"must be in [0, 1), got {dropout}")
+    experts = None
+    if "experts" in targets:
+        experts = t.str_("experts", choices=LORA_EXPERTS, default="shared")
+        if dropout != 0:
+            t.fail("dropout", f"must be 0 with \"experts\" in targets (peft's LoRA on parameters refuses dropout), "
+                              f"got {dropout}")
+    elif t.has("experts"):
+        t.fail("experts", "only with \"experts\" in targets")
     spec = LoraSpec(targets=tuple(targets), r=t.int_("r", minimum=1), alpha=t.float_("alpha", positive=True),
-                    dropout=dropout, seed=t.int_("seed", default=0))
+                    dropout=dropout, seed=t.int_("seed", default=0), experts=experts)
     t.done()
     return spec
 

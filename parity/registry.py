@@ -12,6 +12,14 @@ REQUIRES = {
     "parity": {"lora": ("parity.mbridge:available", "LoRA (Megatron-Bridge's transform)")},
 }
 
+# What a system cannot run whatever is installed: a case feature ("lora.experts": LoRA on the routed experts) -> why,
+# in one line (the case is skipped with it, a run refuses it).
+REFUSES = {
+    "parity": {"lora.experts": "LoRA on the routed experts: our experts (parity.models.text.Gemma4Experts) read their "
+                               "stacked weights directly, with no linear module Megatron-Bridge's LoRA transform can "
+                               "wrap"},
+}
+
 
 def known() -> str:
     return ", ".join(sorted(SYSTEMS))
@@ -34,10 +42,21 @@ def get(name: str):
     return getattr(importlib.import_module(module), factory)()
 
 
+def refuses(name: str, case) -> str | None:
+    """Why system ``name`` cannot run ``case`` at all (``REFUSES``), or None."""
+    lora = getattr(case, "lora", None)
+    features = {"lora.experts": lora is not None and lora.experts is not None}
+    return next((why for feature, why in REFUSES.get(name, {}).items() if features[feature]), None)
+
+
 def unavailable(name: str, case) -> str | None:
-    """Why system ``name`` cannot run ``case`` on this machine (a package it needs for it does not import), or None."""
+    """Why system ``name`` cannot run ``case`` here: it refuses the case (``REFUSES``), or a package it needs for it
+    does not import; or None."""
     import importlib
 
+    why = refuses(name, case)
+    if why is not None:
+        return f"system {name}: {why}"
     needs = REQUIRES.get(name, {})
     for feature in (None, "lora"):
         if feature in needs and (feature is None or getattr(case, feature, None) is not None):

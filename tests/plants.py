@@ -1266,3 +1266,48 @@ LORA_PLANTS = (
     LoraPlant("merge_one_adapter_left_out", "model.layers.3.mlp.down_proj.weight", "adapter_merged",
               lora_merge_one_adapter_left_out, targets=("gate_proj", "up_proj", "down_proj")),
 )
+
+
+# ------------------------------------------------------------------------------------ LoRA on the routed experts
+# Errors planted in the mapping of the routed experts' adapters between peft's layout (A in expert blocks, B
+# interleaved: ``parity.engine.adapters``) and Megatron-Bridge's grouped-expert LoRA, each with the row the run of
+# ``gemma4-text-tiny-lora-experts`` (its training-step findings removed) must name as its first divergence, with the
+# case's ``lora.experts`` it runs under. ``tests/test_lora_experts.py`` runs them.
+
+@dataclass(frozen=True)
+class ExpertLoraPlant:
+    name: str
+    where: str  # the expected first divergence
+    mode: str  # the row mode it fails in first
+    plant: Callable
+    experts: str = "shared"  # the case's lora.experts
+
+
+def expert_b_read_in_blocks(mp):  # BUG: peft's expert B read in expert blocks (columns e*r + k), not interleaved
+    from parity.engine import adapters as A
+    per_expert = A.per_expert
+    mp.setattr(A, "per_expert", lambda table, t, experts: per_expert(table, t, experts) if table == "A"
+               else t.reshape(t.shape[0], experts, -1).permute(1, 0, 2))
+
+
+def expert_shared_gradient_from_one_expert(mp):  # BUG: a shared adapter's gradient compared with expert 0's, not the sum
+    from parity.engine import adapters as A
+    mp.setattr(A, "fold", lambda name, grad, r: grad.reshape(-1, r, grad.shape[-1])[0] if ".lora_A." in name
+               else grad.reshape(grad.shape[0], r, -1)[..., 0])
+
+
+def expert_gradient_b_back_in_blocks(mp):  # BUG: every expert's B gradient put back in expert blocks, not interleaved
+    from parity.engine import adapters as A
+    from_experts = A.from_experts
+    mp.setattr(A, "from_experts", lambda table, t: from_experts(table, t) if table == "A"
+               else t.permute(1, 0, 2).reshape(t.shape[1], -1))
+
+
+EXPERT_LORA_PLANTS = (
+    ExpertLoraPlant("b_read_in_expert_blocks", "model.layers.0.experts", "isolated", expert_b_read_in_blocks,
+                    experts="per_expert"),
+    ExpertLoraPlant("shared_gradient_from_one_expert", "model.layers.5.experts.base_layer.lora_B.default.weight",
+                    "param_grad", expert_shared_gradient_from_one_expert),
+    ExpertLoraPlant("gradient_b_back_in_blocks", "model.layers.5.experts.base_layer.lora_B.default.weight",
+                    "param_grad", expert_gradient_b_back_in_blocks, experts="per_expert"),
+)

@@ -367,23 +367,6 @@ def test_the_full_size_train_path_on_a_tiny_model(tmp_path, reference_bf16):
     assert all(isolated[k][f] == plain[k][f] for k in isolated for f in same + ("truth_rel_l2",))
 
 
-def test_a_bf16_train_case_with_kv_sharing_is_refused_in_one_line(tmp_path):
-    """The fp32 backward of the bf16 floors recomputes one layer at a time; K/V that a layer leaves for later ones
-    (E2B/E4B's KV sharing) would not carry their gradient back through it: such a case is refused (exit 2), never
-    run with wrong floors."""
-    from parity.cases import load_case as load
-    from parity.errors import UserError
-
-    text = (Path(__file__).parents[1] / "cases" / "gemma4-e2b-tiny-bf16.toml").read_text()
-    text = text.replace('name = "gemma4-e2b-tiny-bf16"', 'name = "e2b-train"').replace(
-        "[gates]", "[train]\n[train.optimizer]\nlr = 1e-4\nbetas = [0.9, 0.95]\neps = 1e-8\n\n[gates]", 1).replace(
-        "[gates.float32]", "[gates.float32]\ngrad_rel_l2 = 1e-5", 1)
-    path = tmp_path / "e2b-train.toml"
-    path.write_text(text)
-    with pytest.raises(UserError, match="KV sharing is not supported yet"):
-        pipeline.run(load(str(path)), device="cpu")
-
-
 def test_a_sequential_reference_parks_its_model_on_the_weights_staged_for_the_systems(tmp_path):
     """A sequential run takes HF's model off the device before a system is built, without a copy: its parameters and
     persistent buffers become the very host tensors staged for the systems (the isolated backward runs HF's modules
@@ -454,3 +437,44 @@ def test_an_isolated_backward_call_comes_whole_to_the_device():
     moved, _ = _leaves(call, Kind.EMBEDDING, "meta")
     assert moved.args[0].device.type == "meta" and moved.kwargs["mask"].device.type == "meta"
     assert moved.kwargs["h"].device.type == "meta"
+
+
+def test_the_fp32_backward_carries_shared_kv_through_its_layers():
+    """KV sharing (E2B's last layers reuse the K/V of the last earlier layer of their type) in the streamed fp32
+    backward of the bf16 floors: the storing layer's K/V are outputs of its recomputed call and the reusing layers'
+    inputs, so their gradients reach it. Bit-identical to a backward through a whole fp32 copy (loss, 361 row
+    gradients, 150 parameter gradients); without carrying them 72 parameter gradients differ (layer 4's k_proj by
+    0.53 rel-L2)."""
+    import copy
+
+    from parity.engine.modes import backward as B
+
+    case = load_case(CASE_BF16).replace(model={"builder": "e2b_tiny"})
+    with cpu_threads("cpu"):
+        ref = pipeline.reference(case, device="cpu")
+    assert ref.text_config.num_kv_shared_layers == 5
+    whole_model = copy.deepcopy(ref.model).float()
+    with cpu_threads("cpu"):
+        whole = B.hf_backward(ref, whole_model)
+    hf_params = {k[1]: v for k, v in whole["grads"].out.items() if k[0] == B.PARAM}
+    acts = {k: v for k, v in whole["grads"].out.items() if k[0] != B.PARAM}
+
+    def streamed():
+        params: dict = {}
+        with cpu_threads("cpu"):
+            out = B.hf_backward_fp32(ref, ref.prog, lambda n, g: params.__setitem__(n, g.detach().clone()))
+        return out, params
+    out, params = streamed()
+    assert out["loss"] == whole["loss"] and out["grads"].out.keys() == acts.keys() and len(acts) == 361
+    assert all(torch.equal(out["grads"].out[k], v) for k, v in acts.items())
+    assert params.keys() == hf_params.keys() and len(params) == 150
+    assert all(torch.equal(params[k], v) for k, v in hf_params.items())
+    mp = pytest.MonkeyPatch()
+    try:  # the shared K/V not carried: the storing layer gets none of the reusing layers' gradient
+        mp.setattr(B, "_sharing", lambda kwargs: None)
+        _, cut = streamed()
+    finally:
+        mp.undo()
+    off = {k for k, v in hf_params.items() if not torch.equal(cut[k], v)}
+    assert len(off) == 72 and "model.layers.4.self_attn.k_proj.weight" in off
+    ref.close()

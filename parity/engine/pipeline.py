@@ -25,6 +25,7 @@ from parity.engine.progress import Progress, timed
 from parity.engine.reference import Reference, freed
 from parity.engine.results import Results
 from parity.engine.system import Guarded, SystemRaised
+from parity.errors import UserError
 
 FLOOR_PHASES = {"end_to_end": "noise_floor", "isolated": "noise_floor_isolated"}
 RUN_PHASES = {"end_to_end": "megatron_forward", "isolated": "isolated_replay"}  # else the mode's name
@@ -40,9 +41,12 @@ def run(case, *, device: str, dtype: str | None = None, checkpoint: str | None =
 def run_systems(case, systems: list[str], *, device: str, dtype: str | None = None, checkpoint: str | None = None,
                 seed: int | None = None, progress: bool = False) -> list[dict]:
     """Each system against one HF reference, in order; one results dict per system."""
-    for name in systems:  # an unknown name fails before anything is built
+    for name in systems:  # an unknown name, or a case the system refuses, fails before anything is built
         if name not in registry.SYSTEMS:
             registry.get(name)
+        why = registry.refuses(name, case)
+        if why is not None:
+            raise UserError(f"system {name} cannot run case {case.name}: {why}")
     ref = reference(case, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed, progress=progress)
     try:
         return [against(ref, name) for name in systems]

@@ -91,10 +91,6 @@ class Reference:
         host_weights = HostStage(reserve=stage_bytes(model.state_dict().values()), background=True) \
             if case.run.sequential and device == "cuda" else None  # page locking overlaps the forwards and floors
         text_args = TextArgs.from_hf(kind.text_config(config))
-        if case.train is not None and dtype != "float32" and getattr(kind.text_config(config), "num_kv_shared_layers", 0):
-            raise UserError(f"case {case.name}: a bf16 train case of a model with KV sharing is not supported yet (the "
-                            "fp32 backward of its floors recomputes one layer at a time; K/V shared across layers are "
-                            "not carried through it)")
         rows = expand(kind.prefixes, text_args, kind.vision_layers(config), kind.audio_layers(config))
         inputs = kind.inputs(config, case, seed, device)
         pos = inputs.get("image_position_ids")

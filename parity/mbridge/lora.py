@@ -3,9 +3,10 @@
 Its transform (``megatron.bridge.peft.lora.LoRA``, as its Gemma 4 recipes build it: ``default_peft_config("lora")``
 = ``LoRA()``, with the case's rank, alpha and dropout) on the modules its recipe names (``linear_qkv``, ``linear_proj``,
 ``linear_fc1``, ``linear_fc2``), restricted to the ones the case's HF targets correspond to (``TARGETS``). On the MoE
-model the recipe's ``linear_fc1`` / ``linear_fc2`` also match the routed experts; HF's experts are parameters, not
-linears (peft adapts them through ``target_parameters``), so the routed experts are not adapted here yet: the
-targets name ``mlp.shared_experts`` (HF's dense MLP beside the experts) on that model.
+model the recipe's ``linear_fc1`` / ``linear_fc2`` match both HF's dense MLP (``mlp.shared_experts``) and the routed
+experts (``mlp.experts``, its grouped linears): the case's ``gate_proj``/``up_proj``/``down_proj`` name the former,
+``"experts"`` the latter (HF: peft's ``target_parameters``), held as the case's ``lora.experts`` says: ``"shared"``
+(its recipe's default, ``share_expert_adapters``: one adapter per layer for every expert) or ``"per_expert"``.
 
 HF's adapters come in through its weight mapping, as HF's weights do (``import_``): A (``linear_in``) is the part's
 ``lora_A`` (the parts of a fused linear share it, ``parity.engine.adapters.SHARED_A``); B (``linear_out``) is the
@@ -13,8 +14,13 @@ parts' ``lora_B`` fused by the same mapping as the base weight (q/k/v interleave
 ``merge_qkv_weights``, gate/up by ``GatedMLPMapping``). On K=V layers HF has no ``v_proj`` and so no v adapter: its
 import rule for the base weight (``maybe_modify_loaded_hf_weight``: the v slot gets a copy of k) is applied to B too;
 those rows are never read (V is the k slot's raw output there), and its export declares them ``ABSENT_PROJECTION``.
+The routed experts' adapters (``import_experts``): its expert mapping gives expert e HF's ``gate_up_proj[e]`` /
+``down_proj[e]`` as they are, so expert e's A and B are peft's (``parity.engine.adapters.per_expert``); a shared
+adapter takes them only if every expert's are the same (HF's copies of one adapter).
 Its export (``save_hf_adapter``), merged export (``export_hf_weights(merge_adapter_weights=True)``) and the adapters'
-gradients (its adapter export applied to them) are its own.
+gradients (its adapter export applied to them; a shared expert adapter's is its own gradient, which its export
+copies to every expert: compared with HF's per-expert gradients summed, ``parity.engine.adapters.Adapters.gradient``)
+are its own.
 """
 from __future__ import annotations
 
@@ -31,13 +37,14 @@ TARGETS = {"q_proj": "self_attention.linear_qkv", "k_proj": "self_attention.line
            "v_proj": "self_attention.linear_qkv", "o_proj": "self_attention.linear_proj",
            "gate_proj": "{mlp}.linear_fc1", "up_proj": "{mlp}.linear_fc1", "down_proj": "{mlp}.linear_fc2"}
 FUSED = {"self_attention.linear_qkv": ("q_proj", "k_proj", "v_proj"), "{mlp}.linear_fc1": ("gate_proj", "up_proj")}
+EXPERTS = ("*.mlp.experts.linear_fc1", "*.mlp.experts.linear_fc2")  # the routed experts' grouped linears
 
 
 def targets(spec, dense: bool) -> list[str]:
     """Its LoRA's ``target_modules`` (wildcards of its module names) for the case's HF targets."""
     mlp = "mlp" if dense else "mlp.shared_experts"
     out = []
-    for name in spec.targets:
+    for name in spec.modules:
         pattern = TARGETS[name]
         parts = FUSED.get(pattern, (name,))
         if not set(parts) <= set(spec.targets):
@@ -46,7 +53,7 @@ def targets(spec, dense: bool) -> list[str]:
         target = "*." + pattern.format(mlp=mlp)
         if target not in out:
             out.append(target)
-    return out
+    return out + list(EXPERTS if spec.experts else ())
 
 
 def apply(bm, spec):
@@ -60,6 +67,7 @@ def apply(bm, spec):
     lora = LoRA()
     lora.target_modules = targets(spec, bm.dense)
     lora.dim, lora.alpha, lora.dropout = spec.r, spec.alpha, spec.dropout
+    lora.share_expert_adapters = spec.experts != "per_expert"  # its default: one adapter for all experts
     lora(bm.model, training=True)
     bm.model.eval()
     return lora
@@ -83,6 +91,9 @@ def import_(bm, state: dict[str, torch.Tensor]) -> list[str]:
     hf = {k[len(A.FILE_PREFIX):]: v for k, v in state.items()}
     used = []
     for path, wrapper in wrappers(bm):
+        if ".mlp.experts." in path:
+            used += import_experts(registry, path, wrapper, hf)
+            continue
         mapping = registry.megatron_to_hf_lookup(f"{path}.weight")
         roles = mapping.hf_param if isinstance(mapping.hf_param, dict) else {"": mapping.hf_param}
         a_names = {r: n[: -len(".weight")] + ".lora_A.weight" for r, n in roles.items()}
@@ -109,6 +120,28 @@ def import_(bm, state: dict[str, torch.Tensor]) -> list[str]:
     return [A.FILE_PREFIX + n for n in used]
 
 
+def import_experts(registry, path: str, wrapper, hf: dict[str, torch.Tensor]) -> list[str]:
+    """HF's adapter of the routed experts' parameter its grouped linear ``path`` holds (``hf``: HF module keys) into
+    its adapter: every expert's (``per_expert``), or the one a shared adapter holds (HF's must be copies of it)."""
+    parameter = registry.megatron_to_hf_lookup(f"{path}.weight0").hf_param  # e.g. model.layers.0.experts.down_proj
+    module = A.expert_module(parameter)
+    names = {t: f"{module}.lora_{t}.weight" for t in ("A", "B")}
+    if not all(n in hf for n in names.values()):
+        raise RuntimeError(f"no HF adapter for {path} ({parameter})")
+    experts = wrapper.to_wrap.config.num_moe_experts
+    a, b = (A.per_expert(t, hf[n], experts) for t, n in names.items())
+    adapter = wrapper.adapter
+    if adapter.linear_in.weight.dim() == 2:  # one adapter for all experts
+        if any(not torch.equal(a[0], x) for x in a[1:]) or any(not torch.equal(b[0], x) for x in b[1:]):
+            raise RuntimeError(f"{path}: one adapter for all experts of {parameter}, HF's differ between experts")
+        a, b = a[0], b[0]
+    elif adapter.linear_in.weight.shape[0] != experts:
+        raise NotImplementedError(f"{path}: per-expert adapters of a rank's local experts (EP > 1) are not mapped yet")
+    adapter.linear_in.weight.copy_(a.to(adapter.linear_in.weight.dtype))
+    adapter.linear_out.weight.copy_(b.to(adapter.linear_out.weight.dtype))
+    return list(names.values())
+
+
 def save(bm, lora, folder: str) -> None:
     """Its adapter export as its users write it: ``AutoBridge.save_hf_adapter`` (a peft adapter folder)."""
     bm.bridge.save_hf_adapter([bm.model], folder, peft_config=lora, base_model_name_or_path="", show_progress=False)
@@ -120,10 +153,25 @@ def grads(bm) -> dict[str, torch.Tensor]:
     from parity.mbridge.training import _values
 
     model = bm.model
+    registry = bm.bridge._model_bridge.mapping_registry()
+    shared = {registry.megatron_to_hf_lookup(f"{path}.weight0").hf_param for path, w in wrappers(bm)
+              if ".mlp.experts." in path and w.adapter.linear_in.weight.dim() == 2}
     g = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
     with _values(model, g):
-        return {A.param_key(name): t.detach().clone()
-                for name, t in bm.bridge.export_adapter_weights([model], cpu=False, show_progress=False)}
+        return dict(_hf_grad(name, t.detach().clone(), shared)
+                    for name, t in bm.bridge.export_adapter_weights([model], cpu=False, show_progress=False))
+
+
+def _hf_grad(name: str, t: torch.Tensor, shared: set[str]) -> tuple[str, torch.Tensor]:
+    """One tensor of its adapter export (applied to the gradients) -> the adapted HF model's parameter and its
+    gradient there. Its export names an expert adapter by the parameter (``experts.gate_up_proj.lora_A.weight``) and
+    stacks every expert's (``[E, r, in]``, ``[E, out, r]``); for a shared adapter (its parameter in ``shared``) each
+    is a copy of the shared gradient, which is taken; every expert's goes to peft's layout."""
+    head, tail = name.rsplit(".lora_", 1)
+    if not head.endswith((".experts.gate_up_proj", ".experts.down_proj")):
+        return A.param_key(name), t
+    key = A.param_key(f"{A.expert_module(head)}.lora_{tail}")
+    return key, t[0] if head in shared else A.from_experts(tail.split(".", 1)[0], t)
 
 
 @contextmanager

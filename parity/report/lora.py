@@ -14,12 +14,6 @@ def _e(x) -> str:
     return escape(str(x), quote=True)
 
 
-def _param_key(name: str) -> str:  # an adapter file's tensor -> the adapted HF model's parameter (its gradient row)
-    head, tail = name.rsplit(".lora_", 1)
-    table, rest = tail.split(".", 1)
-    return f"{head}.lora_{table}.default.{rest}"
-
-
 def _cell(row: dict | None) -> str:
     if row is None:
         return '<td class="muted">—</td>'
@@ -43,6 +37,8 @@ def section(results: dict) -> str:
     lora = results.get("lora")
     if not isinstance(lora, dict):
         return ""
+    from parity.engine import adapters as A  # the adapter names' rules (it imports torch: only for a LoRA run's page)
+
     rows = S.modules(results)
     by = {(r.get("mode"), r.get("name")): r for r in rows}
     logits = lambda k: lora.get(k) or {}  # noqa: E731
@@ -51,7 +47,9 @@ def section(results: dict) -> str:
           ("rank / alpha / scale", f'{lora.get("r")} / {lora.get("alpha")} / {lora.get("scale")}'),
           ("dropout", lora.get("dropout")),
           ("exported adapter_config", f'r {cfg.get("r")}, alpha {cfg.get("lora_alpha")}, dropout '
-                                      f'{cfg.get("lora_dropout")}, target_modules {cfg.get("target_modules")}'),
+                                      f'{cfg.get("lora_dropout")}, target_modules {cfg.get("target_modules")}'
+                                      + (f', target_parameters {cfg["target_parameters"]}'
+                                         if cfg.get("target_parameters") else "")),
           ("adapter export", _counts(lora.get("export"))),
           ("loads into peft", lora.get("export_loads")),
           ("its logits (peft + the export) vs HF with adapters / vs the system",
@@ -66,8 +64,8 @@ def section(results: dict) -> str:
     names = [r.get("name") for r in rows if r.get("mode") == "adapter_export"]
     per = "".join(
         f'<tr><td><code>{_e(n)}</code></td>{_cell(by.get(("adapter_export", n)))}'
-        f'{_cell(by.get(("param_grad", _param_key(n))) if ".lora_" in n else None)}'
-        f'{_cell(by.get(("adapter_merged", n.rsplit(".lora_", 1)[0] + ".weight")) if ".lora_" in n else None)}</tr>'
+        f'{_cell(by.get(("param_grad", A.param_key(n))) if ".lora_" in n else None)}'
+        f'{_cell(by.get(("adapter_merged", A.adapted_weight(n))) if ".lora_" in n else None)}</tr>'
         for n in names)
     return (f'<section id="lora"><h2>LoRA<span class="sub">{len(names)} adapter tensors · the module table lists '
             f'every row</span></h2><table style="table-layout:fixed;width:100%"><tbody>{table}</tbody></table>'

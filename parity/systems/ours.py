@@ -211,11 +211,12 @@ class ParitySystem:
 
     def load_adapters(self, state, spec) -> None:
         """Megatron-Bridge's LoRA transform (``megatron.bridge.peft.lora.LoRA``: the same as that system's, on our
-        megatron-core linears, which it reads natively) on the decoder's linears the case names (the routed experts
-        are not linears), then HF's adapters through our weight mapping's rules (``parity.bridge.adapters``)."""
-        from parity import mbridge
+        megatron-core linears, which it reads natively) on the decoder's linears the case names, then HF's adapters through our weight mapping's rules (``parity.bridge.adapters``)."""
+        from parity import mbridge, registry
         from parity.bridge import adapters as BA
 
+        if spec.experts:
+            raise NotImplementedError(registry.REFUSES["parity"]["lora.experts"])
         ok, why = mbridge.available()
         if not ok:
             raise NotImplementedError(f"LoRA in system parity is Megatron-Bridge's LoRA transform: {why}")

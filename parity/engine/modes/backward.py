@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import math
+from collections.abc import MutableMapping
 
 import torch
 
@@ -111,6 +112,8 @@ class _Taps:
         self.grads, self.by_name = grads, {a.hf: a for a in _rows(ref.rows)}
         self.routers = {a.hf for a in ref.rows if a.row.kind is Kind.ROUTER}
         self.param = param or (lambda name, g: grads.hook(PARAM, name)(g))
+        # LoRA: the gradient a parameter's row compares (a shared expert adapter's: summed over the experts)
+        self.gradient = ref.adapters.gradient if getattr(ref, "adapters", None) is not None else (lambda n, g: g)
 
     def install(self, model, prefix: str = "", root: bool = True) -> list:
         """Hooks on ``model`` (standing at HF path ``prefix``; ``root``: also on ``model`` itself)."""
@@ -141,7 +144,8 @@ class _Taps:
         for rel, p in model.named_parameters():  # LoRA: the adapters (the base frozen)
             if p.requires_grad:
                 name = f"{prefix}.{rel}" if prefix else rel
-                handles.append(p.register_post_accumulate_grad_hook(lambda p, n=name: self.param(n, p.grad)))
+                handles.append(p.register_post_accumulate_grad_hook(
+                    lambda p, n=name: self.param(n, self.gradient(n, p.grad))))
         return handles
 
 
@@ -176,26 +180,47 @@ class _Recomputed(torch.autograd.Function):
     """A module's call that keeps no graph: its backward calls it again with grad (``run(args, kwargs, hooked=True)``:
     the module made afresh, its gradient hooks on) and backpropagates through that call -- activation checkpointing
     with the module itself resident only while it runs. ``keys``: where the differentiable ``tensors`` sit among the
-    call's arguments (an int: positional; a str: keyword)."""
+    call's arguments (an int: positional; a str: keyword; ``(kwarg, entry, j)``: the j-th tensor of an entry of a
+    K/V sharing map, which a KV-shared layer reads). ``stores``: the map's entries the call writes (a layer whose K/V
+    later layers reuse), returned after its output so that the layers reading them are in the graph."""
 
     @staticmethod
-    def forward(ctx, run, args, kwargs, keys, *tensors):
-        ctx.run, ctx.call = run, (args, kwargs, keys)
+    def forward(ctx, run, args, kwargs, keys, stores, *tensors):
+        ctx.run, ctx.call, ctx.stores = run, (args, kwargs, keys), stores
         ctx.save_for_backward(*tensors)
-        y, done = run(*_placed(args, kwargs, keys, tensors), hooked=False)
+        args, kwargs = _placed(args, kwargs, keys, tensors)
+        shared = _sharing(kwargs)
+        before = dict(shared[1]) if shared else {}
+        y, done = run(args, kwargs, hooked=False)
         done()
-        return y
+        if shared:  # the entries it wrote (HF assigns a new tuple): ``stores`` is the caller's list, filled here
+            stores += [(entry, j) for entry, held in shared[1].items() if before.get(entry) is not held
+                       for j in range(len(held))]
+        return (y, *_stored(kwargs, stores))
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad, *stored_grads):
         leaves = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
         with torch.enable_grad():
-            y, done = ctx.run(*_placed(*ctx.call, leaves), hooked=True)
+            args, kwargs = _placed(*ctx.call, leaves)
+            y, done = ctx.run(args, kwargs, hooked=True)
             try:
-                torch.autograd.backward(y, grad)
+                pairs = [(o, g) for o, g in zip([y, *_stored(kwargs, ctx.stores)], [grad, *stored_grads])
+                         if o.requires_grad]
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
             finally:
                 done()
-        return (None, None, None, None, *(leaf.grad for leaf in leaves))
+        return (None, None, None, None, None, *(leaf.grad for leaf in leaves))
+
+
+def _sharing(kwargs: dict) -> tuple[str, MutableMapping] | None:
+    """The K/V sharing map among a layer's keyword arguments (HF's ``shared_kv_states``), if any."""
+    return next(((k, v) for k, v in kwargs.items() if isinstance(v, MutableMapping)), None)
+
+
+def _stored(kwargs: dict, stores: tuple) -> list[torch.Tensor]:
+    shared = _sharing(kwargs)
+    return [shared[1][entry][j] for entry, j in stores] if shared else []
 
 
 def _placed(args: tuple, kwargs: dict, keys: tuple, tensors) -> tuple[tuple, dict]:
@@ -205,24 +230,42 @@ def _placed(args: tuple, kwargs: dict, keys: tuple, tensors) -> tuple[tuple, dic
             continue
         if isinstance(key, int):
             args[key] = t
+        elif isinstance(key, tuple):  # a shared K/V tensor: put in the map the layer reads it from
+            kw, entry, j = key
+            held = list(kwargs[kw][entry])
+            held[j] = t
+            kwargs[kw][entry] = tuple(held)
         else:
             kwargs[key] = t
     return tuple(args), kwargs
 
 
 def _recomputed(run, args: tuple, kwargs: dict, trains: bool):
-    """``run``'s call through ``_Recomputed``, the floating tensors that require grad among its arguments its inputs;
-    ``trains``: the module has parameters that train (a LoRA layer's adapters behind a frozen embedding: its output
-    must still require grad, so an empty leaf that does stands in as an input)."""
-    keys = tuple(k for k, v in [*enumerate(args), *kwargs.items()]
-                 if isinstance(v, torch.Tensor) and v.is_floating_point() and v.requires_grad)
-    if any(isinstance(v, dict) and v for v in kwargs.values()):  # K/V a layer leaves for later ones (KV sharing)
-        raise NotImplementedError("the fp32 backward recomputes one layer at a time: K/V shared across layers "
-                                  "(KV sharing) are not carried through it")
-    tensors = [args[k] if isinstance(k, int) else kwargs[k] for k in keys]
+    """``run``'s call through ``_Recomputed``, the floating tensors that require grad among its arguments its inputs
+    (and those of a K/V sharing map's entries, which a KV-shared layer may read); ``trains``: the module has
+    parameters that train (a LoRA layer's adapters behind a frozen embedding: its output must still require grad, so
+    an empty leaf that does stands in as an input). The map's entries the call writes (its K/V for later layers) are
+    put back as outputs of the recomputed call: the gradients of the layers reading them reach it."""
+    keys = [k for k, v in [*enumerate(args), *kwargs.items()]
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.requires_grad]
+    shared = _sharing(kwargs)
+    if shared is not None:
+        kw, kv = shared
+        keys += [(kw, entry, j) for entry, held in kv.items() for j, t in enumerate(held)
+                 if isinstance(t, torch.Tensor) and t.requires_grad]
+    tensors = [args[k] if isinstance(k, int) else kwargs[k] if isinstance(k, str) else kwargs[k[0]][k[1]][k[2]]
+               for k in keys]
     if trains and not tensors:
-        keys, tensors = (None,), [torch.empty(0, requires_grad=True)]
-    return _Recomputed.apply(run, args, kwargs, keys, *tensors)
+        keys, tensors = [None], [torch.empty(0, requires_grad=True)]
+    stores: list = []  # filled by its forward: the map's entries the layer writes
+    outs = _Recomputed.apply(run, args, kwargs, tuple(keys), stores, *tensors)
+    if stores:
+        kv = shared[1]
+        for (entry, j), t in zip(stores, outs[1:]):
+            held = list(kv[entry])
+            held[j] = t
+            kv[entry] = tuple(held)
+    return outs[0]
 
 
 def hf_backward_fp32(ref, prog, param) -> dict:

@@ -64,7 +64,7 @@ def run(c, prog) -> None:
     merged_hf = {k: v.detach() for k, v in peft_merged.state_dict().items()}
     if ref.text_args.tie_word_embeddings:
         merged_hf.pop("lm_head.weight", None)
-    adapted = set(A.module_key(k) + ".weight" for k in hf)
+    adapted = set(A.adapted_weight(k) for k in hf)
     merged_sys: dict[str, torch.dtype] = {}
     mrows = _tensor_rows(c, MERGED, merged_hf, _noting(sut.merged(), merged_sys), ORDER + len(rows) + 1,
                          exact=False, changed=adapted)
@@ -108,8 +108,8 @@ def _config(folder: str) -> dict | None:
         return None
     with open(path) as f:
         cfg = json.load(f)
-    return {k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "rank_pattern",
-                                    "alpha_pattern", "use_rslora")}
+    return {k: cfg.get(k) for k in ("r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters",
+                                    "rank_pattern", "alpha_pattern", "use_rslora")}
 
 
 def _tensor_rows(c, mode: str, ref: dict, test, base: int, exact: bool, changed: set | None = None) -> list[Record]:
