@@ -57,7 +57,7 @@ def causes_removed(*causes: str):
             if "aux_loss" in causes:
                 config.moe_aux_loss_coeff = 0.0
         if "post_norm_eps" in causes:
-            for layer in bm.model.decoder.layers:
+            for layer in T.language_model(bm.model).decoder.layers:
                 layer.self_attention.linear_proj.post_layernorm.eps = bm.provider.layernorm_epsilon
         return bm
     mp.setattr(MB, "build", built)
@@ -441,25 +441,215 @@ def test_backward_only_plant_in_the_bridge_is_caught_where_it_is(plant, where, m
     assert r["checks"]["modules"] is True and r["checks"]["logits"] is True
 
 
-def test_its_vlm_modules_alone_in_the_backward():
-    """Its VLM training step is not modelled here (text only), but each of its modules alone runs the backward on HF's
-    input and output gradient: every vision-tower and language-model row agrees except the sliding decoder layers,
-    which fail alone as they fail alone forward -- finding 7 (its VLM builds dense masks: no sliding window, no
-    bidirectional image spans). Its loss alone and its parameter gradients in HF layout are reported as not modelled
-    yet, with the reason, never silently absent."""
+# ---------------------------------------------------------------------------------------------------
+# Its VLM training step (gemma4-vlm-tiny-train): HF's vision tower inside its Gemma4VLModel, its VLM step
+
+VLM_CASE = "gemma4-vlm-tiny-train"
+SLIDING = [f"model.language_model.layers.{i}" for i in (0, 1, 3, 4)]
+
+
+@contextmanager
+def image_blocks_causal():
+    """HF's VLM built with its vision-bidirectional overlay off (``use_bidirectional_attention`` None): image blocks
+    causal, as the bridge's TE-causal core attention computes them (finding 1). Diagnostic runs only: it removes
+    finding 1 on HF's side, so that what is left to differ is the training step."""
+    from parity import vlm_config as V
+
+    mp = pytest.MonkeyPatch()
+    builder = V.VLM_BUILDERS["tiny_vlm"]
+
+    def causal(**kwargs):
+        kw = builder(**kwargs)
+        kw["text_config"]["use_bidirectional_attention"] = None
+        return kw
+    mp.setitem(V.VLM_BUILDERS, "tiny_vlm", causal)
+    try:
+        yield
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def vlm_default() -> dict:
+    """Its VLM trained as its users train it: every default of its provider."""
     with cpu_threads("cpu"):
-        r = pipeline.run(load_case("gemma4-vlm-tiny-train"), device="cpu", system=SYSTEM)
-    ran = {m["name"]: m for m in r["modes"]}
-    assert ran["isolated_backward"]["ran"] is True and ran["backward"]["ran"] is False
-    rows = _rows(r, ISOLATED)
-    assert len(rows) == 134 and all(k[1] == "isolated_grad_input" for k in rows)
-    assert sum("vision" in k[0] for k in rows) == 54
-    failing = sorted(k[0] for k, m in rows.items() if not m["passed"])
-    assert failing == [f"model.language_model.layers.{i}" for i in (0, 1, 3, 4)]
-    forward = {m["name"] for m in r["modules"] if m["mode"] == "isolated" and m.get("passed") is False}
-    assert set(failing) <= forward
-    assert max(m["rel_l2"] for k, m in rows.items() if k[0] not in failing) < 1e-5
-    reported = _rows(r, ISOLATED, measured=False)
-    assert "does not model its loss alone here yet" in reported[("loss", "isolated_grad_input")]["detail"]
-    params = [m for k, m in reported.items() if k[1] == "isolated_param_grad"]
-    assert len(params) == 116 and all("gradients in HF layout" in m["detail"] for m in params)
+        return pipeline.run(load_case(VLM_CASE), device="cpu", system=SYSTEM)
+
+
+@pytest.fixture(scope="module")
+def vlm_causal_reference():
+    with cpu_threads("cpu"), image_blocks_causal():
+        ref = pipeline.reference(load_case(VLM_CASE), device="cpu")
+    yield ref
+    ref.close()
+
+
+@pytest.fixture(scope="module")
+def vlm_clean(vlm_causal_reference) -> dict:
+    """Findings 1 (HF's overlay off), 10, 11 and 2 removed; HF's own backward on each side's weights after the first
+    step kept (``sensitivity``: the vision tower's gradients on HF's weights and on the system's)."""
+    import copy
+
+    from parity.engine.modes import step as ST
+    from parity.engine.modes.backward import labels_of
+
+    ref, seen = vlm_causal_reference, {}
+    updates = ST._updates
+
+    def hf_vision_grads(state):
+        model = copy.deepcopy(ref.model)
+        with torch.no_grad():
+            for k, p in model.named_parameters():
+                p.copy_(state[k])
+        with torch.enable_grad():
+            ref.kind.forward_train(model, ref.inputs, labels_of(ref.inputs)).loss.backward()
+        return {k: p.grad for k, p in model.named_parameters() if "vision" in k}
+
+    def kept(c, hf, before, after):
+        mine = {k: after[k] for k in hf["after"]}
+        seen["weights"] = max(float((mine[k] - hf["after"][k]).abs().max()) for k in mine)
+        a, b = hf_vision_grads(hf["after"]), hf_vision_grads(mine)
+        seen["vision_grads"] = max(float((b[k] - a[k]).norm() / a[k].norm()) for k in a)
+        return updates(c, hf, before, after)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(ST, "_updates", kept)
+    try:
+        r = _against(ref, *ALL_CAUSES)
+    finally:
+        mp.undo()
+    r["sensitivity"] = seen
+    return r
+
+
+def test_its_vlm_training_step_runs_with_its_defaults(vlm_default):
+    """Its VLM step (labels and loss mask of its data path, the model called with labels, loss mask and pixel values,
+    its loss function and megatron-core's schedule step) on HF's raw inputs: the loss, every parameter's gradient in
+    HF layout (the vision tower's through its own export), its optimizer step. What fails is what the known findings
+    say: end to end everything after layer 0's sliding mask (finding 1: the loss itself is 1.2e-4 off), and each
+    module alone only where a finding is -- the sliding decoder layers (finding 1) and its loss alone (finding 10)."""
+    r = vlm_default
+    assert {m["name"]: m["ran"] for m in r["modes"]}["backward"] is True
+    assert r["checks"] == {"logits": False, "modules": False, "router": False, "gradients": False, "step": False,
+                           "roundtrip": True, "loss": False, "trajectory": False}
+    first = _first(r)
+    assert (first["name"], first["mode"]) == ("model.language_model.layers.0.self_attn", "end_to_end")
+    assert "5922 mismatching entries" in first["why"]
+    rows = _rows(r, GRADIENTS)
+    counts = {mode: sum(m == mode for _, m in rows) for mode in GRADIENTS}
+    assert counts == {"loss": 1, "grad_output": 166, "grad_input": 126, "param_grad": 155}, counts
+    assert sum(k[1] == "param_grad" and "vision" in k[0] for k in rows) == 29  # the vision tower and embed_vision
+    loss = r["train"]["loss"]
+    assert loss["tokens"] == 37 and 5e-5 < loss["rel_diff"] < 5e-4  # finding 1 moves the loss itself
+    assert r["train"]["system_loss"] == T.LOSS_DESCRIPTION and "VLM step" in T.LOSS_DESCRIPTION
+    # each module alone: the sliding decoder layers (finding 1) and its loss alone (finding 10), nothing else
+    isolated = _rows(r, ISOLATED)
+    assert {m: sum(k[1] == m for k in isolated) for m in ISOLATED} == {"isolated_grad_input": 135,
+                                                                       "isolated_param_grad": 116}
+    failing = sorted(k[0] for k, m in isolated.items() if not m["passed"])
+    assert failing == ["loss"] + SLIDING, failing
+    assert 1e-3 < isolated[("loss", "isolated_grad_input")]["rel_l2"] < 3e-3  # finding 10, as on the text model
+    assert max(m["rel_l2"] for k, m in isolated.items() if k[0] not in failing) < 1e-5
+    assert sum("vision" in k[0] for k, m in isolated.items() if k[1] == "isolated_param_grad") == 29
+    assert len(_rows(r, ("param_step",))) == 155
+
+
+def test_its_vlm_training_step_with_the_findings_removed(vlm_clean, vlm_causal_reference):
+    """Findings 1, 10, 11 and 2 removed: every gradient row agrees -- the vision tower's parameters, embed_vision,
+    the soft-token scatter (embed_vision's output gradient), the loss mask of the images' soft tokens -- and so does
+    its first optimizer step. The 10-step trajectory parts by up to 4e-5 in the gradient norm (losses within 5e-7):
+    Adam's first step on gradients at round-off level (one element of layer 4's q_proj moves 15 % of lr apart where
+    its gradient is at Adam's eps) leaves weights <= 2e-5 apart, and HF's own backward on the system's weights after
+    that step gives vision-tower gradients 2.5e-3 from its backward on its own: this model's vision gradients
+    amplify those differences, HF's as much as the system's. Our own system (``parity``) on the same HF reference
+    parts from HF's trajectory the same way, step for step (within 1e-6 of the bridge's deviation at every step): not
+    a divergence of its training step."""
+    r = vlm_clean
+    assert r["checks"] == {"logits": True, "modules": True, "router": True, "gradients": True, "step": True,
+                           "roundtrip": True, "loss": True, "trajectory": False}
+    rows = _rows(r, GRADIENTS)
+    assert max(m["rel_l2"] for m in rows.values()) < 3e-6
+    vision = [m["rel_l2"] for k, m in rows.items() if k[1] == "param_grad" and "vision" in k[0]]
+    assert len(vision) == 29 and max(vision) < 3e-6
+    assert rows[("model.vision_tower", "grad_output")]["rel_l2"] < 3e-6  # HF's own tower inside it: read in HF layout
+    assert rows[("model.embed_vision", "grad_output")]["rel_l2"] < 3e-6  # what its soft-token scatter sends back
+    isolated = _rows(r, ISOLATED)
+    assert all(m["passed"] for m in isolated.values()) and len(isolated) == 135 + 116
+    steps = _rows(r, ("param_step",))
+    assert len(steps) == 155 and all(m["passed"] for m in steps.values())
+    traj = r["train"]["trajectory"]["rel_diff"]
+    assert max(traj["loss"]) < 1e-6 and 1e-5 < max(traj["grad_norm"]) < 1e-4, traj
+    seen = r["sensitivity"]
+    assert seen["weights"] < 3e-5 and 1e-3 < seen["vision_grads"] < 1e-2, seen
+    # our own system on the same HF reference parts from HF's trajectory the same way, step for step
+    with cpu_threads("cpu"):
+        ours = pipeline.against(vlm_causal_reference, "parity")["train"]["trajectory"]["rel_diff"]["grad_norm"]
+    assert 1e-5 < max(ours) < 1e-4 and max(abs(a - b) for a, b in zip(ours, traj["grad_norm"])) < 1e-6, ours
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_its_vlm_training_step_with_the_findings_removed_on_more_seeds(seed):
+    """Seeds 1 and 2 as seed 0: every gradient row and first update agrees; the trajectory's gradient norm within
+    1.2e-5 (seed 1: 1.16e-5 at one step, over the 1e-5 gate as seed 0's round-off amplification) and 7e-7 (seed 2)."""
+    with cpu_threads("cpu"):
+        with image_blocks_causal():
+            ref = pipeline.reference(load_case(VLM_CASE), device="cpu", seed=seed)
+        try:
+            r = _against(ref, *ALL_CAUSES)
+        finally:
+            ref.close()
+    assert all(r["checks"][k] for k in ("logits", "modules", "router", "gradients", "loss", "step")), r["checks"]
+    assert max(m["rel_l2"] for m in _rows(r, GRADIENTS + ISOLATED).values()) < 1e-5
+    traj = r["train"]["trajectory"]["rel_diff"]
+    assert max(traj["loss"]) < 1e-6 and max(traj["grad_norm"]) < 2e-5, (seed, traj)
+
+
+# Backward-only errors planted in its VLM path (its own code: the soft-token scatter, its data path's loss mask)
+
+def plant_image_features_detached(mp, config):
+    """Its ``Gemma4VLModel`` scatters the image features detached: the forward bit for bit, no gradient reaches
+    ``embed_vision`` and the vision tower."""
+    from megatron.bridge.models.gemma_vl.modeling_gemma4_vl import Gemma4VLModel
+
+    scatter = Gemma4VLModel._scatter_modality_features
+
+    def planted(self, inputs_embeds, input_ids, features, token_id, modality_name):
+        return scatter(self, inputs_embeds, input_ids, features.detach(), token_id, modality_name)
+    mp.setattr(Gemma4VLModel, "_scatter_modality_features", planted)
+
+
+def plant_image_tokens_in_the_loss(mp, config):
+    """Its data path's loss mask with the images' soft tokens left in (a collate whose skipped tokens miss the image
+    token): the next-token loss at the positions before and inside each image counts."""
+    from megatron.bridge.data import conversation_processing as CP
+
+    shifted = CP.build_shifted_labels_and_loss_mask
+
+    def planted(input_ids, assistant_loss_mask, *args, **kwargs):
+        return shifted(input_ids, assistant_loss_mask | (input_ids == config.image_token_id), *args, **kwargs)
+    mp.setattr(CP, "build_shifted_labels_and_loss_mask", planted)
+
+
+VLM_PLANTS = [
+    ("image features detached at the scatter", plant_image_features_detached,
+     "model.embed_vision.embedding_projection.weight", "param_grad"),
+    ("image soft tokens in its loss mask", plant_image_tokens_in_the_loss, "loss", "loss"),
+]
+
+
+@pytest.mark.parametrize("plant,where,mode", [p[1:] for p in VLM_PLANTS], ids=[p[0] for p in VLM_PLANTS])
+def test_backward_only_plant_in_its_vlm_is_caught_where_it_is(plant, where, mode, vlm_causal_reference, vlm_clean):
+    mp = pytest.MonkeyPatch()
+    try:
+        plant(mp, vlm_causal_reference.config)
+        r = _against(vlm_causal_reference, *ALL_CAUSES)
+    finally:
+        mp.undo()
+    assert r["passed"] is False
+    first = _first(r)
+    assert (first["name"], first["mode"]) == (where, mode), first
+    assert first["value"] is None or math.isnan(first["value"]) or first["value"] > 1e-4, first
+    before, after = _rows(vlm_clean, FORWARD), _rows(r, FORWARD)  # the forward, bit for bit
+    assert before.keys() == after.keys()
+    assert all(after[k]["rel_l2"] == before[k]["rel_l2"] for k in before), \
+        [k for k in before if after[k]["rel_l2"] != before[k]["rel_l2"]][:3]
+    assert r["checks"]["modules"] is True and r["checks"]["logits"] is True

@@ -12,10 +12,18 @@ router attaches the load-balancing loss its provider turns on (``moe_router_load
 ``moe_aux_loss_coeff=1e-3``): its gradient joins in the backward (``MoEAuxLossAutoScaler``), its value is not part
 of the returned loss (as in Megatron's logs: ``lm loss`` and ``load_balancing_loss`` apart).
 
-Gradients come back through its own export (``export_hf_weights``) applied to the gradients, plus the adjoint of
-what its import copies: on K=V layers the import writes HF ``k_proj`` into both the k and the v slot of
-``linear_qkv`` (``Gemma4Bridge.maybe_modify_loaded_hf_weight``), and its export drops the v slot, so HF's
-``k_proj`` gradient is the k slot's plus the v slot's.
+Its VLM (``Gemma4VLModel``: HF's own vision tower and ``embed_vision`` around megatron-core's GPT model) trains through
+its VLM step (``megatron.bridge.training.vlm_step.forward_step``; that module imports its training config, which needs
+the ``datasets`` package, not installed here, so its lines are restated in ``_vlm_step``): the same batch (its Gemma 4
+collate builds labels and loss mask as ``build_shifted_labels_and_loss_mask`` does: the images' soft tokens and padding
+carry no loss), the model called with ``labels``, ``loss_mask`` and the visual inputs (``pixel_values``,
+``image_position_ids``) and returning ``(loss, loss_mask)``, the same loss function and schedule step. Its language
+model computes the loss (the same ``compute_language_model_loss``), so the logits tap and ``loss_on`` sit on it.
+
+Gradients come back through its own export (``export_hf_weights``) applied to the gradients (the vision tower's too:
+its mapping copies HF's tower tensor for tensor), plus the adjoint of what its import copies: on K=V layers the import
+writes HF ``k_proj`` into both the k and the v slot of ``linear_qkv`` (``Gemma4Bridge.maybe_modify_loaded_hf_weight``),
+and its export drops the v slot, so HF's ``k_proj`` gradient is the k slot's plus the v slot's.
 """
 from __future__ import annotations
 
@@ -33,7 +41,12 @@ LOSS_DESCRIPTION = (
     "cross_entropy_loss_fusion=True, impl 'native' = fused_vocab_parallel_cross_entropy, the provider's defaults), "
     "masked_next_token_loss (sum over the loss mask) divided by the token count by megatron-core's forward_step "
     "(one micro-batch); the model in training mode, so the router's load-balancing loss the provider turns on "
-    "(aux_loss, moe_aux_loss_coeff 1e-3) adds its gradient in the backward (not part of the loss value)")
+    "(aux_loss, moe_aux_loss_coeff 1e-3) adds its gradient in the backward (not part of the loss value). Its VLM: "
+    "its VLM step (vlm_step.forward_step restated: that module imports its training config, which needs the "
+    "datasets package, not installed here): the model called with labels, loss_mask and pixel_values / "
+    "image_position_ids, returning (per-token loss, loss mask); the same loss function and schedule step")
+
+VISUAL = ("pixel_values", "image_position_ids", "input_features")  # what its VLM's forward takes of a batch
 
 
 def batch(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor) -> dict:
@@ -47,6 +60,11 @@ def batch(input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Ten
             "attention_mask": None}
 
 
+def language_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Its GPT model: the VLM's ``language_model``, else the model itself."""
+    return getattr(model, "language_model", model)
+
+
 @contextmanager
 def logits_tap(model: torch.nn.Module, box: dict):
     """While inside, ``box["logits"]`` is set to the output layer's (softcapped) logits as a ``[b, s, V]`` view in the
@@ -58,7 +76,7 @@ def logits_tap(model: torch.nn.Module, box: dict):
         view = logits.transpose(0, 1)
         box["logits"] = view
         return view.transpose(0, 1).clone(), bias
-    handle = model.output_layer.register_forward_hook(keep)
+    handle = language_model(model).output_layer.register_forward_hook(keep)
     try:
         yield box
     finally:
@@ -74,25 +92,42 @@ def _step(b: dict, data_iterator, model):
     return out, partial(masked_next_token_loss, b["loss_mask"], check_for_nan_in_loss=True, check_for_spiky_loss=False)
 
 
-def train_loss(bm, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor
+def _vlm_step(b: dict, visual: dict, data_iterator, model):
+    """``vlm_step.forward_step``: the model called with the labels, the loss mask and the visual inputs (as
+    ``_filter_visual_kwargs_for_model`` keeps them: what its forward takes); its VLM returns ``(loss, loss_mask)``
+    and ``masked_next_token_loss`` takes that mask (the one its context-parallel slicing would cut)."""
+    from megatron.bridge.training.losses import masked_next_token_loss
+
+    out = model(input_ids=b["tokens"], position_ids=b["position_ids"], attention_mask=b["attention_mask"],
+                labels=b["labels"], loss_mask=b["loss_mask"].contiguous(), **visual)
+    loss_mask = b["loss_mask"]
+    if isinstance(out, tuple):
+        out, loss_mask = out
+    return out, partial(masked_next_token_loss, loss_mask, check_for_nan_in_loss=True, check_for_spiky_loss=False)
+
+
+def train_loss(bm, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: torch.Tensor, **visual
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One training forward of the text model: (loss, logits ``[b, s, V]``), both in the autograd graph; gradients
-    cleared first. Training mode for the forward only (the model is left as it was)."""
+    """One training forward: (loss, logits ``[b, s, V]``), both in the autograd graph; gradients cleared first.
+    ``visual``: a VLM's pixel values and image position ids (its VLM step). Training mode for the forward only (the
+    model is left as it was)."""
     from megatron.core.pipeline_parallel.schedules import forward_step
 
-    if bm.kind != "text" or tp_size() > 1:
-        raise NotImplementedError("Megatron-Bridge's training step runs text models at TP=1 here for now")
+    if tp_size() > 1:
+        raise NotImplementedError("Megatron-Bridge's training step runs at TP=1 here for now")
     model = bm.model
     device = next(model.parameters()).device
     b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
          for k, v in batch(input_ids, labels, position_ids).items()}
+    visual = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in visual.items() if k in VISUAL}
+    step = partial(_vlm_step, b, visual) if bm.kind == "vlm" else partial(_step, b)
     box: dict = {}
     model.zero_grad(set_to_none=True)
     was_training = model.training
     model.train()
     try:
         with logits_tap(model, box):
-            loss, _ = forward_step(partial(_step, b), None, model, num_microbatches=1, input_tensor=None,
+            loss, _ = forward_step(step, None, model, num_microbatches=1, input_tensor=None,
                                    forward_data_store=[], config=model.config, cp_group_size=1, is_last_stage=True)
     finally:
         model.train(was_training)
@@ -103,7 +138,8 @@ def train_loss(bm, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: 
 
 
 def _kv_tied_layers(bm) -> list[int]:
-    return [i for i, layer in enumerate(bm.model.decoder.layers) if getattr(layer.self_attention, "_tied_kv", False)]
+    return [i for i, layer in enumerate(language_model(bm.model).decoder.layers)
+            if getattr(layer.self_attention, "_tied_kv", False)]
 
 
 def _swap_k_v(w: torch.Tensor, attention) -> torch.Tensor:
@@ -144,12 +180,12 @@ def grads(bm):
     parameters hold their gradients until it ends."""
     from parity.mbridge.model import export_hf
 
-    if bm.kind != "text":
-        raise NotImplementedError("Megatron-Bridge's gradients in HF layout: text models only here for now")
     model = bm.model
     g = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
     tied = _kv_tied_layers(bm)
-    k_slot = {f"model.layers.{i}.self_attn.k_proj.weight" for i in tied}
+    hf_layers, mc_layers = ("model.language_model.layers", "language_model.decoder.layers") if bm.kind == "vlm" else \
+        ("model.layers", "decoder.layers")
+    k_slot = {f"{hf_layers}.{i}.self_attn.k_proj.weight" for i in tied}
     held = {}
     with _values(model, g):
         for k, v in export_hf(bm):
@@ -160,9 +196,9 @@ def grads(bm):
     if tied:
         swapped = dict(g)
         for i in tied:
-            name = f"decoder.layers.{i}.self_attention.linear_qkv.weight"
+            name = f"{mc_layers}.{i}.self_attention.linear_qkv.weight"
             if name in g:
-                swapped[name] = _swap_k_v(g[name], model.decoder.layers[i].self_attention)
+                swapped[name] = _swap_k_v(g[name], language_model(model).decoder.layers[i].self_attention)
         with _values(model, swapped):
             for k, v in export_hf(bm):
                 if k in held:
@@ -170,15 +206,17 @@ def grads(bm):
 
 
 def loss_on(bm, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Its loss alone on logits ``[b, s, V]`` as its training step computes it from its output layer's: its data
+    """Its loss alone on logits ``[b, s, V]`` as its training step computes it from its (language model's) output
+    layer's, the same for its VLM (its language model computes the loss its VLM step returns): its data
     path's shifted labels and loss mask, megatron-core's ``GPTModel.compute_language_model_loss`` (the provider's
     cross-entropy fusion), ``masked_next_token_loss`` and the schedule's division by the token count."""
     from megatron.bridge.training.losses import masked_next_token_loss
 
-    if bm.kind != "text" or tp_size() > 1:
-        raise NotImplementedError("Megatron-Bridge's training step runs text models at TP=1 here for now")
+    if tp_size() > 1:
+        raise NotImplementedError("Megatron-Bridge's training step runs at TP=1 here for now")
     b = batch(labels.masked_fill(labels == -100, 0), labels, None)
-    per = bm.model.compute_language_model_loss(b["labels"].to(logits.device), logits.transpose(0, 1).contiguous())
+    per = language_model(bm.model).compute_language_model_loss(b["labels"].to(logits.device),
+                                                                logits.transpose(0, 1).contiguous())
     loss_sum, tokens, _ = masked_next_token_loss(b["loss_mask"].to(logits.device), per, check_for_nan_in_loss=False,
                                                  check_for_spiky_loss=False)
     return loss_sum / tokens

@@ -263,10 +263,13 @@ class MegatronBridgeSystem:
     def forward(self, inputs: dict) -> torch.Tensor:
         from parity.mbridge import model as MB
 
-        # its VLM's forward takes ``input_features`` but no ``input_features_mask`` (finding 17): it gets what it takes
-        keys = ("pixel_values", "image_position_ids", "input_features")
-        vision = {k: inputs[k] for k in keys if k in inputs} if self.vlm else {}
-        return MB.forward(self.bm, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"], **vision)
+        return MB.forward(self.bm, inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"],
+                          **self._visual(inputs))
+
+    def _visual(self, inputs: dict) -> dict:
+        """What its VLM's forward takes of the raw inputs: ``input_features`` but no ``input_features_mask``
+        (finding 17)."""
+        return {k: inputs[k] for k in T.VISUAL if k in inputs} if self.vlm else {}
 
     def module(self, name: str) -> nn.Module | None:
         return self._modules.get(name[: -len(INPUT)] if name.endswith(INPUT) else name)
@@ -274,14 +277,15 @@ class MegatronBridgeSystem:
     # -- training ----------------------------------------------------------------------------------
 
     def train_loss(self, inputs: dict, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Its GPT training step with its provider's defaults (``parity.mbridge.training``): (loss, logits
+        """Its GPT (or VLM) training step with its provider's defaults (``parity.mbridge.training``): (loss, logits
         ``[b, s, V]``), both in the graph. ``labels``: HF's convention; its data path shifts them."""
+        args = (self.bm, inputs["input_ids"], labels, inputs["position_ids"])
         if getattr(self, "lora", None) is None:
-            return T.train_loss(self.bm, inputs["input_ids"], labels, inputs["position_ids"])
+            return T.train_loss(*args, **self._visual(inputs))
         from parity.mbridge import lora as L
 
         with L.dropout_off(self.bm):  # a dropout mask is random on each side
-            return T.train_loss(self.bm, inputs["input_ids"], labels, inputs["position_ids"])
+            return T.train_loss(*args, **self._visual(inputs))
 
     def grads(self):
         """Its parameters' gradients in HF layout, by its own export applied to them (K=V: the adjoint of its
@@ -324,7 +328,10 @@ class MegatronBridgeSystem:
 
     def input_layout(self, a: Aligned, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
         """A module's input (or its gradient) ``[s, b, ...]`` -> HF layout: of the row's value where the row is
-        observed at this module's input (``names`` ending in `` (input)``), else of HF's module's input."""
+        observed at this module's input (``names`` ending in `` (input)``), else of HF's module's input; HF's own
+        vision and audio modules inside it take HF's layout."""
+        if a.row.stack in (Stack.VISION, Stack.AUDIO):
+            return x
         if self._is_input(a) and module is self.module(self.names[a.row.name_key].format(**a.slots)):
             return self._layout(a, x)
         return input_to_hf(a, x, self.b, self.s, module)

@@ -374,7 +374,7 @@ class _Site:
             handles.append(self.module.register_forward_pre_hook(pre, with_kwargs=True))
         if self.at_output:
             def fwd(m, args, kwargs, out):
-                y = first(out)
+                y = first(out["last_hidden_state"] if isinstance(out, dict) and "last_hidden_state" in out else out)
                 if isinstance(y, torch.Tensor) and y.requires_grad:
                     for a in self.at_output:
                         y.register_hook(grads.hook(OUTPUT, a.hf, lambda g, a=a: sut.output(a, g, m)))
