@@ -246,7 +246,9 @@ def test_vlm_language_model_adapters_and_finding_15_its_export_does_not_load_int
     assert r["lora"]["config"]["target_modules"] == sorted(RECIPE)  # bare names: the vision tower matches them too
     row = next(m for m in _rows(r, "adapter_logits") if m["name"] == "logits[export]")
     assert not row["passed"] and "Gemma4ClippableLinear" in row["missing"], row
-    assert next(m for m in r["modes"] if m["name"] == "backward")["ran"] is False  # its VLM training step: not here
+    assert next(m for m in r["modes"] if m["name"] == "backward")["ran"] is True  # its VLM training step (the
+    # adapters' gradients: from finding 1 on, the loss 2.5e-3 off; with the findings removed its forward still fails
+    # from finding 13, the o_proj adapter)
 
 
 def test_the_full_size_lora_path_on_a_tiny_model(tmp_path):
