@@ -32,7 +32,6 @@ FORWARD = ("end_to_end", "isolated")
 GRADIENTS = ("loss", "grad_output", "grad_input", "param_grad")
 ISOLATED = ("isolated_grad_input", "isolated_param_grad")
 STEP = ("param_step",)
-CLEAN_SEEDS = (0, 1, 2)
 
 
 def _free_port() -> int:
@@ -48,8 +47,8 @@ def _digest(r: dict) -> dict:
     return {"passed": r["passed"], "checks": r["checks"], "first": r["summary"]["first_divergence_detail"],
             "rows": rows, "first_e2e": min(bad, key=lambda m: m["order"])["name"] if bad else None,
             "failed": sorted((m["name"], m["mode"]) for m in r["modules"] if m.get("passed") is False),
-            "modes": {m["name"]: m.get("why") for m in r["modes"]}, "loss": r["train"]["loss"],
-            "trajectory": r["train"].get("trajectory"), "parallel": r["parallel"]}
+            "modes": {m["name"]: m.get("why") for m in r["modes"]}, "loss": r.get("train", {}).get("loss"),
+            "trajectory": r.get("train", {}).get("trajectory"), "parallel": r["parallel"]}
 
 
 def experts_not_averaged(mp_):
@@ -82,7 +81,7 @@ def experts_norm_local(mp_):
 PLANTS = {"experts not averaged over DP": experts_not_averaged, "experts' norm not over EP": experts_norm_local}
 
 
-def _worker(rank, world, port, path):
+def _worker(rank, world, port, case_name, seeds, plants, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -90,32 +89,31 @@ def _worker(rank, world, port, path):
     from parity.engine import pipeline
     from tests.test_megatron_bridge_backward import ALL_CAUSES, causes_removed
 
-    case, out = load_case(CASE), {}  # a CUDA case file (torchrun + NCCL), run here in a gloo world of CPUs
-    for seed in CLEAN_SEEDS:
+    case, out = load_case(case_name), {}  # a CUDA case file (torchrun + NCCL), run here in a gloo world of CPUs
+    for seed in seeds:
         ref = pipeline.reference(case, device="cpu", seed=seed)
         with causes_removed(*ALL_CAUSES):
             out[seed] = _digest(pipeline.against(ref, SYSTEM))
-            if seed == CLEAN_SEEDS[0]:
-                for name, plant in PLANTS.items():
-                    patch = pytest.MonkeyPatch()
-                    try:
-                        plant(patch)
-                        out[name] = _digest(pipeline.against(ref, SYSTEM))
-                    finally:
-                        patch.undo()
-        if seed == CLEAN_SEEDS[0]:
+            for name in plants if seed == seeds[0] else ():
+                patch = pytest.MonkeyPatch()
+                try:
+                    PLANTS[name](patch)
+                    out[name] = _digest(pipeline.against(ref, SYSTEM))
+                finally:
+                    patch.undo()
+        if seed == seeds[0]:
             out["default"] = _digest(pipeline.against(ref, SYSTEM))  # every default of its provider: the case
         ref.close()
     if rank == 0:
         torch.save(out, path)
 
 
-def _run() -> dict:
+def _run(case: str = CASE, seeds=(0,), plants=tuple(PLANTS)) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "digests.pt")
         for attempt in range(3):  # a free port can be taken by a parallel test between probing and binding
             try:
-                mp.spawn(_worker, args=(2, _free_port(), path), nprocs=2)
+                mp.spawn(_worker, args=(2, _free_port(), case, seeds, plants, path), nprocs=2)
                 break
             except mp.ProcessRaisedException as e:
                 if "EADDRINUSE" not in str(e) or attempt == 2:
@@ -133,15 +131,15 @@ if __name__ == "__main__":  # a digest of the world, for measuring
     import sys
 
     sys.path.insert(0, os.getcwd())
-    out = _run()
+    out = _run(sys.argv[1], tuple(int(x) for x in sys.argv[2].split(',')), tuple(sys.argv[3:]))
     for k, r in out.items():
         grads = {key: v for key, v in r["rows"].items() if key[1] in GRADIENTS and v is not None}
         steps = [v for key, v in r["rows"].items() if key[1] in STEP and v is not None]
         iso = [v for key, v in r["rows"].items() if key[1] in ISOLATED and v is not None]
-        worst = max(grads.items(), key=lambda kv: kv[1])
+        worst = max(grads.items(), key=lambda kv: kv[1]) if grads else None
         print(json.dumps({"run": str(k), "passed": r["passed"], "checks": r["checks"], "first": r["first"],
                           "first_e2e": r["first_e2e"], "n_failed": len(r["failed"]), "failed": r["failed"][:6],
                           "counts": {m: sum(key[1] == m for key in grads) for m in GRADIENTS},
-                          "worst": [list(worst[0]), worst[1]], "n_iso": len(iso), "iso_worst": max(iso or [0]),
+                          "worst": [list(worst[0]), worst[1]] if grads else None, "n_iso": len(iso), "iso_worst": max(iso or [0]),
                           "n_step": len(steps), "step_worst": max(steps or [0]), "loss": r["loss"],
                           "traj": r["trajectory"], "modes": r["modes"], "parallel": r["parallel"]}, default=str))

@@ -24,7 +24,7 @@ from parity.engine.system import Elsewhere, GradTap, Replay, call_arg, hf_routin
 from parity.errors import UserError
 from parity.mbridge import training as T
 from parity.megatron_layout import (finalize_grads, first, grad_norm, hf_token_order, input_to_hf, sb, several_ranks,
-                                    to_hf, tp_gather, tp_size, tp_slice)
+                                    to_hf, tp_gather, tp_size, tp_split)
 
 INPUT = " (input)"
 LM_VLM = "language_model."
@@ -449,7 +449,13 @@ class MegatronBridgeSystem:
         return _sb(module(input_ids=self._arg(call, "input_ids"), position_ids=None))
 
     def _replay_norm(self, a: Aligned, module, call) -> torch.Tensor:
-        return _sb(first(module(_sb(self._arg(call)))))
+        """A norm on HF's input; a per-head norm at TP > 1 on this rank's heads (its weight's gradient is that part,
+        summed over TP by ``finalize_grads`` as megatron does), the heads gathered after."""
+        x = _sb(self._arg(call))
+        if a.row.kind is not Kind.HEAD_NORM or tp_size() == 1:
+            return _sb(first(module(x)))
+        y = first(module(tp_split(x.flatten(2)).unflatten(2, (-1, x.shape[3]))))
+        return _sb(tp_gather(y.flatten(2)).unflatten(2, (-1, x.shape[3])))
 
     def _replay_linear(self, a: Aligned, module, call) -> torch.Tensor:
         """A row-parallel linear gets this rank's slice of HF's input features."""
@@ -485,9 +491,10 @@ class MegatronBridgeSystem:
 
     def _linear_input(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``[b, s, F]`` HF input -> ``[s, b, F]``; for a row-parallel linear (its weight split along its input
-        features, ``partition_dim`` 1, as megatron marks it) this rank's slice ``[s, b, F/tp]``."""
+        features, ``partition_dim`` 1, as megatron marks it) this rank's slice ``[s, b, F/tp]`` (through autograd: the
+        input's gradient gathers every rank's slice)."""
         if tp_size() > 1 and getattr(linear.weight, "partition_dim", None) == 1:
-            x = tp_slice(x)
+            x = tp_split(x)
         return _sb(x)
 
     def _replay_fn_norm(self, a: Aligned, norm: nn.Module, call) -> torch.Tensor:
