@@ -81,8 +81,9 @@ def experts_norm_local(mp_):
 def qk_norms_not_summed_over_tp(mp_):
     """megatron's ``_allreduce_non_tensor_model_parallel_grads`` left out: the q/k norms' weight gradients stay each
     TP rank's part (one weight serves every head; each rank holds its heads' share). Forward unchanged."""
-    from megatron.core.distributed import finalize_model_grads as F
+    import importlib
 
+    F = importlib.import_module("megatron.core.distributed.finalize_model_grads")  # the package re-exports a function
     mp_.setattr(F, "_allreduce_non_tensor_model_parallel_grads", lambda *args, **kwargs: None)
 
 

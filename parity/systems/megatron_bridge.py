@@ -318,7 +318,7 @@ class MegatronBridgeSystem:
         if getattr(self, "_finalized", True):
             return
         self._finalized = True
-        finalize_grads(self.lm, self.lm.config, self._experts())
+        finalize_grads(self.model, self.lm.config, self._experts())  # its VLM: the vision tower too
 
     def optimizer_step(self, spec) -> float:
         """One step of megatron-core's optimizer as its recipes configure it, at data-parallel size 1 (where its
