@@ -121,11 +121,14 @@ def _worker(rank, world, port, case_name, seeds, plants, path):
 
 
 def _run(case: str = CASE, seeds=(0,), plants=tuple(PLANTS)) -> dict:
+    from parity.cases import load_case
+
+    world = load_case(case).parallel.tp * load_case(case).parallel.ep
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "digests.pt")
         for attempt in range(3):  # a free port can be taken by a parallel test between probing and binding
             try:
-                mp.spawn(_worker, args=(2, _free_port(), case, seeds, plants, path), nprocs=2)
+                mp.spawn(_worker, args=(world, _free_port(), case, seeds, plants, path), nprocs=world)
                 break
             except mp.ProcessRaisedException as e:
                 if "EADDRINUSE" not in str(e) or attempt == 2:
