@@ -93,6 +93,44 @@ EP_CASE, EP_PLANTS = CASE, ("experts not averaged over DP", "experts' norm not o
 TP_CASE, TP_PLANTS = "gemma4-text-tiny-train-tp2-megatron-bridge", ("q/k norm gradients not summed over TP",)
 
 
+def _tap_check() -> dict:
+    """Its logits tap at TP=2 (``training.logits_tap``, what its training step's logits row reads; its MoE training
+    forward at TP > 1 needs sequence parallelism, so this checks the tap on an output layer of its kind): a
+    vocab-parallel linear's ``(logits shard, None)``, megatron-core's vocab-parallel cross entropy on what the model
+    goes on with. The row's logits must be the whole vocabulary's and their gradient the whole one: against one
+    process's logits and cross entropy on the same numbers."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    from parity import megatron_env
+    from parity.mbridge import training as T
+
+    megatron_env.init(tp=2, ep=1)
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(5, 2, 8, generator=gen), torch.randn(12, 8, generator=gen)
+    target = torch.randint(0, 12, (5, 2), generator=gen)
+
+    class OutputLayer(torch.nn.Module):  # this rank's rows of the vocabulary, as megatron's ColumnParallelLinear
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(w.chunk(2)[ps.get_tensor_model_parallel_rank()].clone())
+
+        def forward(self, x):
+            return x @ self.weight.T, None
+    model = torch.nn.Module()
+    model.output_layer = OutputLayer()
+    box: dict = {}
+    with T.logits_tap(model, box):
+        shard, _ = model.output_layer(h)
+    box["logits"].retain_grad()
+    vocab_parallel_cross_entropy(shard, target).sum().backward()  # it overwrites its input in place
+    whole = (h @ w.T).requires_grad_(True)
+    torch.nn.functional.cross_entropy(whole.reshape(-1, 12), target.reshape(-1), reduction="sum").backward()
+    return {"shape": tuple(box["logits"].shape), "value": float((box["logits"] - whole.transpose(0, 1)).abs().max()),
+            "grad": float((box["logits"].grad - whole.grad.transpose(0, 1)).abs().max()),
+            "grad_norm": float(whole.grad.norm())}
+
+
 def _worker(rank, world, port, case_name, seeds, plants, path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -116,6 +154,8 @@ def _worker(rank, world, port, case_name, seeds, plants, path):
         if seed == seeds[0]:
             out["default"] = _digest(pipeline.against(ref, SYSTEM))  # every default of its provider: the case
         ref.close()
+    if case.parallel.tp == 2 and case.parallel.ep == 1:
+        out["tap"] = _tap_check()
     if rank == 0:
         torch.save(out, path)
 
@@ -238,6 +278,13 @@ def test_tp2_each_module_alone_with_its_findings_removed_holds(tp_world):
     assert r["passed"] is True and r["failed"] == [] and r["first"] is None
     assert len(iso) == 168 and max(iso.values()) < 1e-6
     assert sum(k[1] == "isolated_param_grad" for k in iso) == 87
+
+
+def test_tp2_logits_tap_gathers_the_vocab_parallel_logits_and_their_gradient(tp_world):
+    """The logits row at TP=2: the whole vocabulary's logits ``[b, s, V]`` and their whole gradient, as one process
+    computes them (the model going on with this rank's slice, its cross entropy overwriting it in place)."""
+    tap = tp_world["tap"]
+    assert tap["shape"] == (2, 5, 12) and tap["value"] < 1e-6 and tap["grad"] < 1e-6 and tap["grad_norm"] > 1
 
 
 def test_tp2_with_its_defaults_only_its_loss_alone_fails(tp_world):
