@@ -217,8 +217,8 @@ def grads(bm):
 
 def loss_on(bm, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Its loss alone on logits ``[b, s, V]`` (whole: at TP > 1 this rank's vocabulary slice of them) as its training
-    step computes it from its (language model's) output layer's, the same for its VLM (its language model computes the loss its VLM step returns): its data
-    path's shifted labels and loss mask, megatron-core's ``GPTModel.compute_language_model_loss`` (the provider's
+    step computes it from its (language model's) output layer's, the same for its VLM (its language model computes
+    the loss its VLM step returns): its data path's shifted labels and loss mask, megatron-core's ``GPTModel.compute_language_model_loss`` (the provider's
     cross-entropy fusion), ``masked_next_token_loss`` and the schedule's division by the token count."""
     from megatron.bridge.training.losses import masked_next_token_loss
 
