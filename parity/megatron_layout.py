@@ -139,3 +139,68 @@ def input_to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, module=None) -> tor
         x = gather_heads(x)
     x = sb(x)
     return x.reshape(b * s, -1) if kind in FLAT else x
+
+
+# -- the training step in a world of several ranks -------------------------------------------------------------
+
+def several_ranks() -> bool:
+    """Whether this process is one rank of a world of several (tensors sharded: gathers and collectives)."""
+    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def finalize_grads(chunk: torch.nn.Module, config, experts: set[int]) -> None:
+    """What megatron-core does with the gradients between the backward and the optimizer
+    (``finalize_model_grads``) for a model chunk ``chunk`` whose expert parameters are ``experts`` (ids). Its DDP at
+    data-parallel size dp > 1 (``average_in_collective`` off): every gradient divided by dp and summed over its
+    data-parallel group -- the experts' over the expert-data-parallel group, also by 1/dp: their tokens came from
+    every data-parallel rank through the dispatcher, so their local gradient already sums those ranks' losses (a run
+    here feeds every rank the same batch: the dense gradients agree before the average, the experts' are dp times a
+    single batch's). Then megatron's own ``_allreduce_non_tensor_model_parallel_grads``: at TP > 1 the q/k norms'
+    gradients (and, with sequence parallelism, every norm's) summed over the TP ranks. DDP's buffers need CUDA here;
+    its arithmetic is written out."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
+
+    dp = ps.get_data_parallel_world_size()
+    if dp > 1:
+        for p in chunk.parameters():
+            if p.grad is not None:
+                p.grad.div_(dp)
+                torch.distributed.all_reduce(p.grad, group=ps.get_expert_data_parallel_group() if id(p) in experts
+                                             else ps.get_data_parallel_group())
+    wrapped = SimpleNamespace(module=chunk, ddp_config=DistributedDataParallelConfig())  # as a DDP-wrapped chunk
+    _allreduce_non_tensor_model_parallel_grads([wrapped], config, ps.get_tensor_model_parallel_group())
+
+
+def grad_norm(pairs, experts: set[int], device) -> torch.Tensor:
+    """The global gradient norm of a model sharded over several ranks, as megatron-core's optimizer computes it for
+    clipping (``get_grad_norm_fp32`` on the gradients ``_get_grads_for_norm`` keeps, a dense and an expert optimizer
+    chained): each rank's dense gradients, a TP-replicated parameter's (a norm, the router) on TP rank 0 only
+    (``param_is_not_tensor_parallel_duplicate``), squared and summed over the model-parallel group; the experts'
+    (``experts``: ids; every rank holds its own shards) over the expert tensor-model-pipeline group; the two added.
+    ``pairs``: (parameter, the optimizer's main copy holding its gradient). Each element of the model counted once."""
+    from megatron.core import parallel_state as ps
+
+    first_tp = ps.get_tensor_model_parallel_rank() == 0
+    dense, expert = torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
+    for p, main in pairs:
+        if main.grad is None:
+            continue
+        sq = main.grad.detach().float().pow(2).sum().cpu()
+        if id(p) in experts:
+            expert += sq
+        elif tp_unique(p, first_tp):
+            dense += sq
+    dense, expert = dense.to(device), expert.to(device)
+    torch.distributed.all_reduce(dense, group=ps.get_model_parallel_group())
+    torch.distributed.all_reduce(expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())
+    return (dense + expert).sqrt()
+
+
+def tp_unique(p: torch.nn.Parameter, first_tp: bool) -> bool:
+    """Whether a dense parameter's gradient counts in the global norm on this rank: a TP shard on every rank, a
+    TP-replicated parameter on TP rank 0 only (megatron-core's ``param_is_not_tensor_parallel_duplicate``)."""
+    return getattr(p, "tensor_model_parallel", False) or first_tp

@@ -987,9 +987,9 @@ def tp_replicas_in_the_norm(mp, shape):
     """The optimizer's global gradient norm counting a TP-replicated parameter's gradient (norms, the router) on
     every TP rank, not once (megatron's ``param_is_not_tensor_parallel_duplicate`` left out): the norm too large, the
     clip too strong. Gradients and forward unchanged."""
-    from parity.systems import ours
+    from parity import megatron_layout
 
-    mp.setattr(ours, "tp_unique", lambda p, first_tp: True)
+    mp.setattr(megatron_layout, "tp_unique", lambda p, first_tp: True)
 
 
 PARALLEL_STEP_PLANTS = [  # planted in the TP=2 world: the optimizer step only

@@ -250,6 +250,7 @@ class LayerNormColumnParallelLinearSubstitute(nn.Module):
             raise NotImplementedError(f"normalization={config.normalization!r}")
         self.config = config  # the bridge's mappings read the layer's config here (per-layer head dims)
         world = tp_group.size() if tp_group is not None else config.tensor_model_parallel_size
+        self.tp_group = tp_group if tp_group is not None else _tp_group(config.tensor_model_parallel_size)
         self.eps = config.layernorm_epsilon
         self.zero_centered_gamma = bool(config.layernorm_zero_centered_gamma)
         self.weight = nn.Parameter(torch.empty(output_size // world, input_size, dtype=config.params_dtype))
@@ -261,9 +262,17 @@ class LayerNormColumnParallelLinearSubstitute(nn.Module):
     return_layernorm_output = False  # TE's flag; Megatron-Bridge's LoRA sets it to read the normed input
 
     def forward(self, x):
-        """``(y, None)``; with ``return_layernorm_output`` (TE's flag): ``((y, norm(x)), None)``."""
+        """``(y, None)``; with ``return_layernorm_output`` (TE's flag): ``((y, norm(x)), None)``. At TP > 1 the
+        normed input is every rank's (no communication forward) and its gradient is summed over the TP group in the
+        backward (TE ``LayerNormLinear``, column mode, no sequence parallelism: an all-reduce of the input gradient,
+        megatron's ``copy_to_tensor_model_parallel_region``)."""
         h = te_rms_norm(x, self.layer_norm_weight, self.eps, self.zero_centered_gamma)
-        y = torch.nn.functional.linear(h, self.weight)
+        hc = h
+        if self.tp_group is not None and self.tp_group.size() > 1:
+            from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+            hc = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
+        y = torch.nn.functional.linear(hc, self.weight)
         return ((y, h) if self.return_layernorm_output else y), None
 
 
@@ -289,11 +298,14 @@ class RowParallelLinearPostNormSubstitute(nn.Module):
 
     def forward(self, x):
         """``x`` is this rank's slice of the input features (``input_is_parallel``); the partial products
-        are summed over the TP group (TE ``Linear``, row mode, no sequence parallelism: an all-reduce),
+        are summed over the TP group (TE ``Linear``, row mode, no sequence parallelism: an all-reduce, whose
+        backward hands each rank the whole output gradient: megatron's ``reduce_from_tensor_model_parallel_region``),
         then the post-norm sees the whole output."""
         y = torch.nn.functional.linear(x, self.weight)
         if self.tp_group is not None and self.tp_group.size() > 1:
-            torch.distributed.all_reduce(y, group=self.tp_group)
+            from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+
+            y = reduce_from_tensor_model_parallel_region(y, group=self.tp_group)
         return self.post_layernorm(y), None
 
 

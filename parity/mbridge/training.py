@@ -32,7 +32,7 @@ from functools import partial
 
 import torch
 
-from parity.megatron_layout import tp_size
+from parity.megatron_layout import sb, tp_size
 
 LOSS_DESCRIPTION = (
     "Megatron-Bridge's GPT step as its SFT recipes run it (gpt_step.forward_step restated: that module imports NVIDIA "
@@ -73,6 +73,14 @@ def logits_tap(model: torch.nn.Module, box: dict):
 
     def keep(mod, args, out):
         logits, bias = out
+        if tp_size() > 1:  # vocab-parallel logits: the whole vocabulary gathered for the row, the model going on with
+            # this rank's slice of it (an exact split whose backward gathers the slices' gradients: the row's is whole)
+            from megatron.core.tensor_parallel.mappings import (gather_from_tensor_model_parallel_region,
+                                                                scatter_to_tensor_model_parallel_region)
+
+            view = gather_from_tensor_model_parallel_region(logits).transpose(0, 1)
+            box["logits"] = view
+            return scatter_to_tensor_model_parallel_region(view.transpose(0, 1)).contiguous().clone(), bias
         view = logits.transpose(0, 1)
         box["logits"] = view
         return view.transpose(0, 1).clone(), bias
@@ -113,8 +121,10 @@ def train_loss(bm, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: 
     model is left as it was)."""
     from megatron.core.pipeline_parallel.schedules import forward_step
 
-    if tp_size() > 1:
-        raise NotImplementedError("Megatron-Bridge's training step runs at TP=1 here for now")
+    if tp_size() > 1 and not bm.dense and not bm.provider.sequence_parallel:
+        raise NotImplementedError(
+            "its MoE trains at TP > 1 with sequence parallelism only (megatron-core's MoELayer raises without it in "
+            "training; its Gemma 4 recipes set sequence_parallel=True), which its TE stand-ins here do not model yet")
     model = bm.model
     device = next(model.parameters()).device
     b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)
@@ -206,17 +216,19 @@ def grads(bm):
 
 
 def loss_on(bm, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Its loss alone on logits ``[b, s, V]`` as its training step computes it from its (language model's) output
-    layer's, the same for its VLM (its language model computes the loss its VLM step returns): its data
-    path's shifted labels and loss mask, megatron-core's ``GPTModel.compute_language_model_loss`` (the provider's
+    """Its loss alone on logits ``[b, s, V]`` (whole: at TP > 1 this rank's vocabulary slice of them) as its training
+    step computes it from its (language model's) output layer's, the same for its VLM (its language model computes
+    the loss its VLM step returns): its data path's shifted labels and loss mask, megatron-core's ``GPTModel.compute_language_model_loss`` (the provider's
     cross-entropy fusion), ``masked_next_token_loss`` and the schedule's division by the token count."""
     from megatron.bridge.training.losses import masked_next_token_loss
 
-    if tp_size() > 1:
-        raise NotImplementedError("Megatron-Bridge's training step runs at TP=1 here for now")
     b = batch(labels.masked_fill(labels == -100, 0), labels, None)
-    per = language_model(bm.model).compute_language_model_loss(b["labels"].to(logits.device),
-                                                                logits.transpose(0, 1).contiguous())
+    logits = sb(logits, contiguous=True)
+    if tp_size() > 1:  # its output layer's logits are vocab-parallel: this rank's slice (the backward gathers them)
+        from megatron.core.tensor_parallel.mappings import scatter_to_tensor_model_parallel_region
+
+        logits = scatter_to_tensor_model_parallel_region(logits).contiguous()
+    per = language_model(bm.model).compute_language_model_loss(b["labels"].to(logits.device), logits)
     loss_sum, tokens, _ = masked_next_token_loss(b["loss_mask"].to(logits.device), per, check_for_nan_in_loss=False,
                                                  check_for_spiky_loss=False)
     return loss_sum / tokens

@@ -23,7 +23,8 @@ from parity.engine.compare import value
 from parity.engine.system import Elsewhere, GradTap, Replay, call_arg, hf_routing
 from parity.errors import UserError
 from parity.mbridge import training as T
-from parity.megatron_layout import first, hf_token_order, input_to_hf, sb, to_hf, tp_gather, tp_size, tp_slice
+from parity.megatron_layout import (finalize_grads, first, grad_norm, hf_token_order, input_to_hf, sb, several_ranks,
+                                    to_hf, tp_gather, tp_size, tp_split)
 
 INPUT = " (input)"
 LM_VLM = "language_model."
@@ -280,6 +281,7 @@ class MegatronBridgeSystem:
         """Its GPT (or VLM) training step with its provider's defaults (``parity.mbridge.training``): (loss, logits
         ``[b, s, V]``), both in the graph. ``labels``: HF's convention; its data path shifts them."""
         args = (self.bm, inputs["input_ids"], labels, inputs["position_ids"])
+        self._finalized = False  # a new backward follows: megatron's finalize_model_grads pending again
         if getattr(self, "lora", None) is None:
             return T.train_loss(*args, **self._visual(inputs))
         from parity.mbridge import lora as L
@@ -289,7 +291,10 @@ class MegatronBridgeSystem:
 
     def grads(self):
         """Its parameters' gradients in HF layout, by its own export applied to them (K=V: the adjoint of its
-        import's copy of k_proj into the v slot); with LoRA on, the adapters' (the base is frozen)."""
+        import's copy of k_proj into the v slot), after megatron's ``finalize_model_grads`` (``finalize_grads``); in a
+        world of several ranks its export gathers the shards (TP slices, EP experts); with LoRA on, the adapters' (the
+        base is frozen)."""
+        self.finalize_grads()
         if getattr(self, "lora", None) is not None:
             from parity.mbridge import lora as L
 
@@ -300,20 +305,42 @@ class MegatronBridgeSystem:
     def zero_grad(self) -> None:
         """Its parameters' gradients cleared (the isolated backward runs its modules' backwards into them)."""
         self.bm.model.zero_grad(set_to_none=True)
+        self._finalized = False
+
+    def _experts(self) -> set[int]:
+        """Its expert parameters (ids): megatron-core marks them ``allreduce=False`` (reduced over expert DP)."""
+        return {id(p) for p in self.model.parameters() if not getattr(p, "allreduce", True)}
+
+    def finalize_grads(self) -> None:
+        """What megatron-core's training loop does between the backward and the optimizer (``finalize_model_grads``,
+        ``megatron_layout.finalize_grads``: its DDP's data-parallel average, the q/k norms' gradients summed over TP),
+        once per backward."""
+        if getattr(self, "_finalized", True):
+            return
+        self._finalized = True
+        finalize_grads(self.model, self.lm.config, self._experts())  # its VLM: the vision tower too
 
     def optimizer_step(self, spec) -> float:
         """One step of megatron-core's optimizer as its recipes configure it, at data-parallel size 1 (where its
         distributed optimizer's arithmetic is AdamW's: ``step.AdamWStep``, fp32 main weights for bf16 parameters,
-        global-norm clipping, no decay on 1-D parameters) over the parameters that train; the gradients cleared.
+        global-norm clipping, no decay on 1-D parameters) over the parameters that train, after its
+        ``finalize_model_grads``; in a world of several ranks each rank steps its own shards, clipped by megatron's
+        global norm over the ranks (``_grad_norm``); the gradients cleared.
         Nothing re-ties its K=V layers' v slot: its forward never reads it and its export drops it. Returns the
         gradient norm before clipping."""
         from parity.engine.modes.step import AdamWStep
 
-        if tp_size() > 1:
-            raise NotImplementedError("its optimizer step at TP > 1 is not modelled yet")
         if getattr(self, "_optimizer", None) is None:
-            self._optimizer = AdamWStep([(n, p) for n, p in self.bm.model.named_parameters() if p.requires_grad], spec)
+            norm = self._grad_norm if several_ranks() else None  # each rank steps its shards, clipped by the global norm
+            self._optimizer = AdamWStep([(n, p) for n, p in self.bm.model.named_parameters() if p.requires_grad], spec,
+                                        norm=norm)
+        self.finalize_grads()
         return self._optimizer.step()
+
+    def _grad_norm(self, pairs) -> torch.Tensor:
+        """megatron-core's global gradient norm over the ranks (``megatron_layout.grad_norm``: TP duplicates counted
+        once, the experts' over the expert tensor-model-pipeline group)."""
+        return grad_norm(pairs, self._experts(), next(self.model.parameters()).device)
 
     def loss_on(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Its loss function alone on logits ``[b, s, V]`` (``parity.mbridge.training.loss_on``)."""
@@ -422,7 +449,13 @@ class MegatronBridgeSystem:
         return _sb(module(input_ids=self._arg(call, "input_ids"), position_ids=None))
 
     def _replay_norm(self, a: Aligned, module, call) -> torch.Tensor:
-        return _sb(first(module(_sb(self._arg(call)))))
+        """A norm on HF's input; a per-head norm at TP > 1 on this rank's heads (its weight's gradient is that part,
+        summed over TP by ``finalize_grads`` as megatron does), the heads gathered after."""
+        x = _sb(self._arg(call))
+        if a.row.kind is not Kind.HEAD_NORM or tp_size() == 1:
+            return _sb(first(module(x)))
+        y = first(module(tp_split(x.flatten(2)).unflatten(2, (-1, x.shape[3]))))
+        return _sb(tp_gather(y.flatten(2)).unflatten(2, (-1, x.shape[3])))
 
     def _replay_linear(self, a: Aligned, module, call) -> torch.Tensor:
         """A row-parallel linear gets this rank's slice of HF's input features."""
@@ -458,9 +491,10 @@ class MegatronBridgeSystem:
 
     def _linear_input(self, linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """``[b, s, F]`` HF input -> ``[s, b, F]``; for a row-parallel linear (its weight split along its input
-        features, ``partition_dim`` 1, as megatron marks it) this rank's slice ``[s, b, F/tp]``."""
+        features, ``partition_dim`` 1, as megatron marks it) this rank's slice ``[s, b, F/tp]`` (through autograd: the
+        input's gradient gathers every rank's slice)."""
         if tp_size() > 1 and getattr(linear.weight, "partition_dim", None) == 1:
-            x = tp_slice(x)
+            x = tp_split(x)
         return _sb(x)
 
     def _replay_fn_norm(self, a: Aligned, norm: nn.Module, call) -> torch.Tensor:

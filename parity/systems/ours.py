@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -21,7 +20,8 @@ from parity.engine import adapters as A
 from parity.engine.alignment import Aligned, Kind, Stack
 from parity.engine.compare import value
 from parity.engine.system import call_arg, hf_routing
-from parity.megatron_layout import first, hf_token_order, input_to_hf, sb, to_hf, tp_gather, tp_size, tp_split
+from parity.megatron_layout import (finalize_grads, first, grad_norm, hf_token_order, input_to_hf, sb, several_ranks,
+                                    to_hf, tp_gather, tp_size, tp_split)
 
 # Alignment-table key -> module path in the text model (``language_model.`` inside the VLM).
 LM = {
@@ -130,11 +130,6 @@ def _version() -> str:
         return version("gemma4-parity")
     except PackageNotFoundError:  # pragma: no cover - a checkout without an install
         return "unknown"
-
-
-def several_ranks() -> bool:
-    """Whether this process is one rank of a world of several (tensors sharded: gathers and collectives)."""
-    return torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
 
 
 class ParitySystem:
@@ -361,34 +356,16 @@ class ParitySystem:
         self._finalized = False
 
     def finalize_grads(self) -> None:
-        """What megatron-core does with the gradients between the backward and the optimizer
-        (``finalize_model_grads``), once per backward. Its DDP at data-parallel size dp > 1 (``average_in_collective``
-        off): every gradient divided by dp and summed over its data-parallel group -- the experts' over the
-        expert-data-parallel group, also by 1/dp: their tokens came from every data-parallel rank through the
-        dispatcher, so their local gradient already sums those ranks' losses (a run here feeds every rank the same
-        batch: the dense gradients agree before the average, the experts' are dp times a single batch's). Then its
-        own ``_allreduce_non_tensor_model_parallel_grads``: at TP > 1 the q/k norms' gradients summed over the TP
-        ranks (one weight shared by every head, each rank holding its heads' part of the gradient). DDP's buffers
-        need CUDA here; its arithmetic is written out."""
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallelConfig
-        from megatron.core.distributed.finalize_model_grads import _allreduce_non_tensor_model_parallel_grads
-
-        from parity.models.text import Gemma4Experts
-
+        """megatron-core's ``finalize_model_grads`` (``megatron_layout.finalize_grads``), once per backward."""
         if getattr(self, "_finalized", True):
             return
         self._finalized = True
-        dp = ps.get_data_parallel_world_size()
-        if dp > 1:
-            experts = {id(p) for m in self.model.modules() if isinstance(m, Gemma4Experts) for p in m.parameters()}
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.div_(dp)
-                    torch.distributed.all_reduce(p.grad, group=ps.get_expert_data_parallel_group() if id(p) in experts
-                                                 else ps.get_data_parallel_group())
-        chunk = SimpleNamespace(module=self.lm, ddp_config=DistributedDataParallelConfig())  # as a DDP-wrapped chunk
-        _allreduce_non_tensor_model_parallel_grads([chunk], self.lm.config, ps.get_tensor_model_parallel_group())
+        finalize_grads(self.lm, self.lm.config, self._experts())
+
+    def _experts(self) -> set[int]:
+        from parity.models.text import Gemma4Experts
+
+        return {id(p) for m in self.model.modules() if isinstance(m, Gemma4Experts) for p in m.parameters()}
 
     def optimizer_step(self, spec) -> float:
         """One step of its optimizer (made at the first call from the case's ``train.optimizer``): megatron's
@@ -421,31 +398,8 @@ class ParitySystem:
         return norm
 
     def _grad_norm(self, pairs) -> torch.Tensor:
-        """The global gradient norm of a model sharded over several ranks, as megatron-core's optimizer computes it
-        for clipping (``get_grad_norm_fp32`` on the gradients ``_get_grads_for_norm`` keeps, a dense and an expert
-        optimizer chained): each rank's dense gradients, a TP-replicated parameter's (a norm, the router) on TP rank 0
-        only, squared and summed over the model-parallel group; the experts' (every rank holds its own shards) over
-        the expert tensor-model-pipeline group; the two added. Each element of the model counted once."""
-        from megatron.core import parallel_state as ps
-
-        from parity.models.text import Gemma4Experts
-
-        experts = {id(p) for m in self.model.modules() if isinstance(m, Gemma4Experts) for p in m.parameters()}
-        first_tp = ps.get_tensor_model_parallel_rank() == 0
-        dense, expert = torch.zeros((), dtype=torch.float32), torch.zeros((), dtype=torch.float32)
-        for p, main in pairs:
-            if main.grad is None:
-                continue
-            sq = main.grad.detach().float().pow(2).sum().cpu()
-            if id(p) in experts:
-                expert += sq
-            elif tp_unique(p, first_tp):
-                dense += sq
-        device = next(self.model.parameters()).device
-        dense, expert = dense.to(device), expert.to(device)
-        torch.distributed.all_reduce(dense, group=ps.get_model_parallel_group())
-        torch.distributed.all_reduce(expert, group=ps.get_expert_tensor_model_pipeline_parallel_group())
-        return (dense + expert).sqrt()
+        """megatron-core's global gradient norm over the ranks (``megatron_layout.grad_norm``)."""
+        return grad_norm(pairs, self._experts(), next(self.model.parameters()).device)
 
     def grads(self):
         """Its parameters' gradients in HF layout, by its weight mapping's adjoint (``parity.bridge.convert``), after
@@ -669,12 +623,6 @@ class ParitySystem:
         if isinstance(module, (A.AudioConformerLayer, A.AudioChunkedAttention)):
             return module(x, self.apos, self.amask)
         return module(x)
-
-
-def tp_unique(p: nn.Parameter, first_tp: bool) -> bool:
-    """Whether a dense parameter's gradient counts in the global norm on this rank: a TP shard on every rank, a
-    TP-replicated parameter on TP rank 0 only (megatron-core's ``param_is_not_tensor_parallel_duplicate``)."""
-    return getattr(p, "tensor_model_parallel", False) or first_tp
 
 
 def _fp32_adapter(wrapper: nn.Module) -> None:
