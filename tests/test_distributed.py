@@ -7,23 +7,14 @@ TP1/EP1 within fp32 round-off".
 """
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
-import torch
 import torch.multiprocessing as mp
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.gloo import free_port, join
 
 
 def _worker(rank, world, port, tp, ep, q):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    join(rank, world, port)
     import dataclasses
 
     from parity.cases import ModelSpec, Parallel, load_case
@@ -48,7 +39,7 @@ def test_sharded_world_matches_hf_and_exports_bit_exact(tp, ep):
     q = mp.get_context("spawn").SimpleQueue()
     for attempt in range(3):  # a free port can be taken by a parallel test between probing and binding
         try:
-            mp.spawn(_worker, args=(tp * ep, _free_port(), tp, ep, q), nprocs=tp * ep)
+            mp.spawn(_worker, args=(tp * ep, free_port(), tp, ep, q), nprocs=tp * ep)
             break
         except mp.ProcessRaisedException as e:
             if "EADDRINUSE" not in str(e) or attempt == 2:

@@ -10,6 +10,7 @@ import torch
 from parity import config as C
 from parity.cases import load_case
 from parity.engine.launch import execute
+from tests.gloo import free_port, join
 from tests.plants import FAMILY_PLANTS, double_wide_mlp_off_by_one
 from tests.test_plants import _explain
 
@@ -125,11 +126,8 @@ def test_member_runs_from_a_checkpoint_folder(builder, tmp_path):
 
 def _tp2_worker(rank, world, port, q):
     import dataclasses
-    import os
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    join(rank, world, port)
     from parity.cases import ModelSpec, Parallel
     from parity.engine.pipeline import run
 
@@ -145,15 +143,10 @@ def test_e4b_at_tp2_matches_hf_and_exports_bit_exact():
     """PLE (vocab-parallel table, column-parallel projection and gates, row-parallel per-layer projections) and the
     KV-shared layers' Q-only column-parallel projection (each rank its heads, reading its heads of the source's
     K/V) in a 2-process gloo world: every row within fp32 round-off, the export gathered from both ranks."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     q = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_tp2_worker, args=(2, port, q), nprocs=2)
+    mp.spawn(_tp2_worker, args=(2, free_port(), q), nprocs=2)
     r = q.get()
     assert r["passed"] and r["first"] is None, r
     assert r["logits_rel_l2"] <= 1e-6

@@ -9,23 +9,15 @@ Skips (with the reason) where megatron-bridge is not importable.
 """
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from parity import mbridge
+from tests.gloo import free_port, join
 
 OK, WHY = mbridge.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"Megatron-Bridge not importable: {WHY}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _case(tp: int, ep: int):
@@ -57,9 +49,7 @@ def _without_tp_reduction(self, x):
 
 
 def _worker(rank, world, port, tp, ep, q, plant=False):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    join(rank, world, port)
     from parity import registry
     from parity.engine.pipeline import run
 
@@ -84,7 +74,7 @@ def _world(tp: int, ep: int, plant: bool = False) -> dict:
     q = mp.get_context("spawn").SimpleQueue()
     for attempt in range(3):  # a free port can be taken by a parallel test between probing and binding
         try:
-            mp.spawn(_worker, args=(tp * ep, _free_port(), tp, ep, q, plant), nprocs=tp * ep)
+            mp.spawn(_worker, args=(tp * ep, free_port(), tp, ep, q, plant), nprocs=tp * ep)
             break
         except mp.ProcessRaisedException as e:
             if "EADDRINUSE" not in str(e) or attempt == 2:

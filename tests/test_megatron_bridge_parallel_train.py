@@ -14,14 +14,12 @@ do not model (``parity.mbridge.training.train_loss`` says so). Skips where megat
 from __future__ import annotations
 
 import os
-import socket
-import tempfile
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from parity import mbridge
+from tests.gloo import join, spawn
 
 OK, WHY = mbridge.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"Megatron-Bridge not importable: {WHY}")
@@ -32,12 +30,6 @@ FORWARD = ("end_to_end", "isolated")
 GRADIENTS = ("loss", "grad_output", "grad_input", "param_grad")
 ISOLATED = ("isolated_grad_input", "isolated_param_grad")
 STEP = ("param_step",)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _digest(r: dict) -> dict:
@@ -132,9 +124,7 @@ def _tap_check() -> dict:
 
 
 def _worker(rank, world, port, case_name, seeds, plants, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    join(rank, world, port)
     from parity.cases import load_case
     from parity.engine import pipeline
     from tests.test_megatron_bridge_backward import ALL_CAUSES, causes_removed
@@ -163,17 +153,8 @@ def _worker(rank, world, port, case_name, seeds, plants, path):
 def _run(case: str = CASE, seeds=(0,), plants=tuple(PLANTS)) -> dict:
     from parity.cases import load_case
 
-    world = load_case(case).parallel.tp * load_case(case).parallel.ep
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "digests.pt")
-        for attempt in range(3):  # a free port can be taken by a parallel test between probing and binding
-            try:
-                mp.spawn(_worker, args=(world, _free_port(), case, seeds, plants, path), nprocs=world)
-                break
-            except mp.ProcessRaisedException as e:
-                if "EADDRINUSE" not in str(e) or attempt == 2:
-                    raise
-        return torch.load(path)
+    parallel = load_case(case).parallel
+    return spawn(_worker, parallel.tp * parallel.ep, case, seeds, plants)
 
 
 @pytest.fixture(scope="module")

@@ -14,14 +14,10 @@ dp=2, as it divides the averaged dense gradients); at TP=2 the MoE layer dispatc
 One world per parallel layout runs the clean seeds and the plants against one HF reference (seed 0)."""
 from __future__ import annotations
 
-import os
-import socket
-import tempfile
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from tests.gloo import join, spawn
 from tests.plants import PARALLEL_PLANTS, PARALLEL_STEP_PLANTS
 
 FORWARD = ("end_to_end", "isolated")
@@ -40,12 +36,6 @@ PLANTED_IN = {  # plant name -> the worlds it is planted in
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _digest(r: dict) -> dict:
     rows = {(m["name"], m["mode"]): m.get("rel_l2") for m in r["modules"]
             if m["mode"] in FORWARD + GRADIENTS + ISOLATED + STEP}
@@ -60,9 +50,7 @@ def _digest(r: dict) -> dict:
 
 
 def _worker(rank, world, port, case_name, seeds, plants, path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    join(rank, world, port)
     from parity.cases import load_case
     from parity.engine import pipeline
 
@@ -85,17 +73,7 @@ def _worker(rank, world, port, case_name, seeds, plants, path):
 
 def _run(layout: str, seeds=SEEDS) -> dict:
     case, world = WORLDS[layout]
-    plants = [name for name, worlds in PLANTED_IN.items() if layout in worlds]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "digests.pt")
-        for attempt in range(3):  # a free port can be taken by a parallel test between probing and binding
-            try:
-                mp.spawn(_worker, args=(world, _free_port(), case, seeds, plants, path), nprocs=world)
-                break
-            except mp.ProcessRaisedException as e:
-                if "EADDRINUSE" not in str(e) or attempt == 2:
-                    raise
-        return torch.load(path)
+    return spawn(_worker, world, case, seeds, [name for name, worlds in PLANTED_IN.items() if layout in worlds])
 
 
 @pytest.fixture(scope="module", params=sorted(WORLDS), ids=sorted(WORLDS))
