@@ -19,7 +19,8 @@ with ``parity.report.store.write_run`` (a fresh run folder, never overwritten). 
 during a run are collected into its report (``env.warnings``); ``-v`` lists them in the summary.
 
 pytest-xdist: ``-n N`` without an explicit ``--dist`` schedules by case (``CaseScheduling``: the checks of
-one case go to one worker, other tests are spread one by one), so a case runs once and node ids -- hence
+one case go to one worker, the tests of one file with one parameter id too -- a module-scoped parametrized
+fixture is then built once --, other tests are spread one by one), so a case runs once and node ids -- hence
 JUnit names -- are the same as in a serial run (``--dist loadgroup`` would append ``@<group>``). Workers
 write their runs into the shared report root; the controller collects each case's verdict from the test
 reports (user properties, which also land in ``--junitxml``; paths there are relative to the report root),
@@ -96,14 +97,24 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     groups = {t.id: t.group for t in config.stash[_STATE].all_targets()}
 
     class CaseScheduling(LoadScopeScheduling):
-        """One work unit per case (all its checks, of every system under test), every other test a unit of its
-        own; node ids untouched."""
+        """One work unit per case (all its checks, of every system under test); node ids untouched."""
 
         def _split_scope(self, nodeid: str) -> str:
-            m = re.search(r"\[([^\[\]]+)\]$", nodeid)
-            return f"parity-case:{groups[m.group(1)]}" if m and m.group(1) in groups else nodeid
+            return work_unit(nodeid, groups)
 
     return CaseScheduling(config, log)
+
+
+def work_unit(nodeid: str, groups: dict[str, str]) -> str:
+    """The xdist work unit of a test under ``-n N``: a case's checks share one (``groups``: case id -> its group);
+    the tests of one file with the same parameter id share one too (a module-scoped parametrized fixture -- a gloo
+    world, a system's run -- is then built once, not once per worker); every other test is a unit of its own."""
+    m = re.search(r"\[([^\[\]]+)\]$", nodeid)
+    if m is None:
+        return nodeid
+    if m.group(1) in groups:
+        return f"parity-case:{groups[m.group(1)]}"
+    return f"{nodeid.split('::')[0]}[{m.group(1)}]"
 
 
 def pytest_configure(config: pytest.Config) -> None:

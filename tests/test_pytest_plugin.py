@@ -359,3 +359,24 @@ def test_what_a_system_needs_is_the_registrys_data(monkeypatch):
     monkeypatch.undo()
     assert registry.unavailable("megatron-bridge", load_case("gemma4-text-tiny")) == (
         None if mbridge.available()[0] else f"system megatron-bridge: {mbridge.available()[1]}")
+
+
+def test_xdist_work_units_keep_a_case_and_a_shared_fixture_on_one_worker():
+    from parity.pytest_plugin import work_unit
+
+    groups = {"gemma4-text-tiny": "g1", "gemma4-text-tiny@megatron-bridge": "g1"}
+    units = {n: work_unit(n, groups) for n in (
+        "parity/suites/test_gemma4.py::test_logits[gemma4-text-tiny]",
+        "parity/suites/test_gemma4.py::test_modules[gemma4-text-tiny@megatron-bridge]",
+        "tests/test_parallel_backward.py::test_clean[tp2]",
+        "tests/test_parallel_backward.py::test_plant[tp2]",
+        "tests/test_parallel_backward.py::test_plant[ep2]",
+        "tests/test_other.py::test_plant[tp2]",
+        "tests/test_cli.py::test_plain",
+        "tests/test_cli.py::test_other")}
+    assert len(set(units.values())) == 6
+    assert units["parity/suites/test_gemma4.py::test_logits[gemma4-text-tiny]"] == "parity-case:g1"
+    assert units["parity/suites/test_gemma4.py::test_modules[gemma4-text-tiny@megatron-bridge]"] == "parity-case:g1"
+    assert units["tests/test_parallel_backward.py::test_clean[tp2]"] == units["tests/test_parallel_backward.py::test_plant[tp2]"]
+    assert units["tests/test_other.py::test_plant[tp2]"] != units["tests/test_parallel_backward.py::test_plant[tp2]"]
+    assert units["tests/test_cli.py::test_plain"] == "tests/test_cli.py::test_plain"
