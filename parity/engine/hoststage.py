@@ -11,6 +11,7 @@ Without CUDA (or when pinning is refused) the stage is a plain synchronous copy 
 """
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import torch
@@ -32,6 +33,34 @@ def stage_bytes(tensors) -> int:
     """Host bytes a stage needs for the CUDA tensors among ``tensors``, each storage once."""
     keys = {storage_key(t): t.numel() * t.element_size() for t in tensors if t.is_cuda}
     return sum(_aligned(n) for n in keys.values())
+
+
+def host_bytes(tensors) -> int:
+    """Host bytes held by the tensors among ``tensors`` (nested in lists, tuples and dicts), each storage once."""
+    seen: dict[int, int] = {}
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cpu" and x.layout == torch.strided:
+                s = x.untyped_storage()
+                seen[s.data_ptr()] = s.nbytes()
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+    walk(tensors)
+    return sum(seen.values())
+
+
+def trim() -> None:
+    """Give the allocator's freed host memory back to the system (glibc's ``malloc_trim``; elsewhere a no-op): tensors
+    under its mmap threshold are freed into its heap, which the resident set keeps until trimmed."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class HostStage:

@@ -55,6 +55,8 @@ class Reference:
     host_weights: HostStage | None = None
     released: bool | None = None  # a sequential case: was the HF model off the device before the systems were built
     adapters: A.Adapters | None = None  # a LoRA case: peft's LoRA on HF's model (``parity.engine.adapters``)
+    final: bool = False  # the run against the last system (``pipeline.run_systems``): modes let go of what only they
+    # read of HF's side once done (``backward.release``); a caller reusing the reference (plant scripts) leaves it False
 
     @property
     def torch_dtype(self) -> torch.dtype:
