@@ -35,15 +35,20 @@ def stage_bytes(tensors) -> int:
     return sum(_aligned(n) for n in keys.values())
 
 
-def host_bytes(tensors) -> int:
-    """Host bytes held by the tensors among ``tensors`` (nested in lists, tuples and dicts), each storage once."""
-    seen: dict[int, int] = {}
+def host_bytes(tensors, seen: set | None = None) -> int:
+    """Host bytes held by the tensors among ``tensors`` (nested in lists, tuples and dicts), each storage once; a
+    storage already in ``seen`` (filled here) is not counted again (categories of one account, in order)."""
+    seen = set() if seen is None else seen
+    total = 0
 
     def walk(x):
+        nonlocal total
         if isinstance(x, torch.Tensor):
             if x.device.type == "cpu" and x.layout == torch.strided:
                 s = x.untyped_storage()
-                seen[s.data_ptr()] = s.nbytes()
+                if s.data_ptr() not in seen:
+                    seen.add(s.data_ptr())
+                    total += s.nbytes()
         elif isinstance(x, (list, tuple)):
             for v in x:
                 walk(v)
@@ -51,7 +56,7 @@ def host_bytes(tensors) -> int:
             for v in x.values():
                 walk(v)
     walk(tensors)
-    return sum(seen.values())
+    return total
 
 
 def trim() -> None:
@@ -98,6 +103,12 @@ class HostStage:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
+
+    @property
+    def chunks(self) -> list[torch.Tensor]:
+        """The host chunks (reserved, page-locked where CUDA allowed it), whether or not filled yet."""
+        self._ready()
+        return [base for base, _ in self._chunks]
 
     # -------------------------------------------------------------------------------- allocation
     def _new_chunk(self, nbytes: int) -> None:

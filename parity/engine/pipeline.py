@@ -82,7 +82,7 @@ def against(ref: Reference, system: str) -> dict:
     """System ``system`` against ``ref``: built, loaded, every mode that applies, judged; its results dict. The
     system raising while building, loading, preparing or running a mode is a failing phase of its results
     (``failures``, with the error and where), never an error of the run: the report is written, parity fails."""
-    raw, prog, case = registry.get(system), Progress(ref.prog.enabled), ref.case
+    raw, prog, case = registry.get(system), Progress(ref.prog.enabled, ref.prog.held), ref.case
     sut, failures = Guarded(raw), []
     ref.release()
 
