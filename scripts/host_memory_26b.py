@@ -7,7 +7,7 @@ released after it). Each phase's progress line gives the resident set and what t
 category (``Reference.held``). On the CPU the "device" tensors are host tensors too: the resident set also counts
 HF's model and the system's, which a GPU run keeps on the card; the categories say which is which.
 
-    PYTHONPATH=. python scripts/host_memory_26b.py [--layers 2] [--vocab 16384] [--system parity] 2> log
+    PYTHONPATH=. python scripts/host_memory_26b.py [--layers 2] [--vocab 16384] [--experts 128] [--system parity] 2> log
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=16384)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--experts", type=int, default=128, help="fewer experts where the host has not the memory for "
+                    "the real 128 (a CPU run holds HF's model and the system's too); the parameters' share is arithmetic")
     ap.add_argument("--system", default="parity")
     a = ap.parse_args()
     from parity.cases import load_case
@@ -27,7 +29,8 @@ def main() -> int:
     types = ["full_attention" if (i + 1) % 2 == 0 else "sliding_attention" for i in range(a.layers)]
     case = load_case("gemma4-26b-a4b-train").replace(
         devices=["cpu", "cuda"], inputs={"seq_len": a.seq_len},
-        model={"overrides": {"num_hidden_layers": a.layers, "layer_types": types, "vocab_size": a.vocab}})
+        model={"overrides": {"num_hidden_layers": a.layers, "layer_types": types, "vocab_size": a.vocab,
+                             "num_experts": a.experts}})
     r = pipeline.run_systems(case, [a.system], device="cpu", progress=True)[0]
     print({"passed": r["passed"], "phases_s": r["phases"], "host_rss_gib": r["peak_memory"]["host_rss_gib"]})
     return 0
