@@ -3,12 +3,13 @@ docs/training.md): after the last system's backward (``Reference.final``) HF's p
 whole fp32 side are released, the isolated backward reading only the output gradients; the rows stay the same."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from parity.cases import load_case
 from parity.engine import pipeline
-from parity.engine.launch import cpu_threads
 from parity.engine.hoststage import host_bytes
+from parity.engine.launch import cpu_threads
 from parity.engine.modes import backward as B
 
 CASE_BF16 = "gemma4-text-tiny-train-bf16"
@@ -51,3 +52,19 @@ def test_host_bytes_counts_each_storage_once():
     seen: set = set()
     assert host_bytes([x, x[:10], {"a": (x.view(10, 100),)}], seen) == 4000
     assert host_bytes([x, torch.zeros(3, dtype=torch.bfloat16)], seen) == 6  # x is in ``seen`` already
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (page-locked staging of HF's gradients)")
+def test_hfs_parameter_gradients_are_staged_page_locked_and_unpinned_at_the_release():
+    with cpu_threads("cuda"):
+        ref = pipeline.reference(load_case(CASE_BF16), device="cuda")
+    try:
+        hf = ref.extra[B.MODE]
+        params = [g for k, g in hf["grads"].out.items() if k[0] == B.PARAM]
+        assert len(params) == 126 and all(g.device.type == "cpu" and g.is_pinned() for g in params)
+        assert hf["stage"].pinned_bytes >= sum(g.numel() * g.element_size() for g in params)
+        stage = hf["stage"]
+        assert B.release(ref) >= sum(g.numel() * g.element_size() for g in params)
+        assert stage.pinned_bytes == 0 and "stage" not in hf and ref.held()["param grads"] == 0
+    finally:
+        ref.close()

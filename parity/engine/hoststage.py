@@ -106,8 +106,8 @@ class HostStage:
 
     @property
     def chunks(self) -> list[torch.Tensor]:
-        """The host chunks (reserved, page-locked where CUDA allowed it), whether or not filled yet."""
-        self._ready()
+        """The host chunks (reserved, page-locked where CUDA allowed it), whether or not filled yet; never waits for the
+        background pinning (a chunk still being pinned is not listed yet)."""
         return [base for base, _ in self._chunks]
 
     # -------------------------------------------------------------------------------- allocation
