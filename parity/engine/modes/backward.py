@@ -428,7 +428,17 @@ def _plan(c) -> tuple[dict[int, _Site], dict[tuple[str, str], tuple[str | None, 
 
 
 def run(c, prog) -> None:
-    """The system's training forward and backward on the same inputs and labels, compared with HF's."""
+    """The system's training forward and backward on the same inputs and labels, compared with HF's; the last system's
+    run (``Reference.final``) then lets go of what only this mode reads of HF's side, also when the system raised."""
+    try:
+        _run(c)
+    finally:
+        if c.ref.final:
+            freed = release(c.ref)
+            prog.note(f"backward: HF's parameter and input gradients and its fp32 side released ({freed / 2**30:.2f} GiB)")
+
+
+def _run(c) -> None:
     hf, sut, ref = c.ref.extra[MODE], c.sut, c.ref
     grads, handles = _Grads(), []
     sites, unseen, input_at = _plan(c)
@@ -484,9 +494,6 @@ def run(c, prog) -> None:
     c.sections["train"] = {"loss": section, "labels": "causal: input ids, -100 at padding; each side shifts them",
                            "system_loss": getattr(sut, "loss_description", None),
                            "overrides": dict(c.ref.case.train.overrides)}
-    if ref.final:  # the last system's backward is done: what only this mode reads of HF's side is let go
-        freed = release(ref)
-        prog.note(f"backward: HF's parameter and input gradients and its fp32 side released ({freed / 2**30:.2f} GiB)")
 
 
 def release(ref) -> int:
