@@ -324,15 +324,21 @@ def floors(ref, prog) -> dict[str, float]:
     full size: its row is then judged by its floor alone, and says why)."""
     hf16, out, kept = ref.extra[MODE], {}, {}
     skip = ref.case.train.no_fp32_truth
+    truth = [p for n, p in ref.model.named_parameters() if p.requires_grad and truth_skipped(skip, n) is None]
+    # the kept ones page-locked on CUDA, as HF's bf16 ones (fp32: twice the bf16 parameters' bytes)
+    stage = HostStage(reserve=2 * stage_bytes(truth), background=True) if any(p.is_cuda for p in truth) else None
 
     def param(name, g32):
         g16 = hf16["grads"].out.get((PARAM, name))
         if g16 is not None:  # HF's bf16 gradient to fp32 where the fp32 one is (not 2 bytes more a value on the host)
             out[f"{PARAM}:{name}"] = float(metrics(g32.float(), g16.to(g32.device).float(), None)["rel_l2"])
         if truth_skipped(skip, name) is None:
-            kept[name] = g32.detach().cpu()
+            kept[name] = g32.detach().cpu() if stage is None else stage.put(g32)
 
     hf32 = ref.extra["backward32"] = hf_backward_fp32(ref, prog, param)
+    if stage is not None:
+        stage.sync()
+    hf32["stage"] = stage
     for name, g in kept.items():
         hf32["grads"].out[(PARAM, name)] = g
     for key, g32 in hf32["grads"].out.items():
@@ -511,9 +517,9 @@ def release(ref) -> int:
     if hf32 is not None:
         freed += host_bytes(list(hf32["grads"].out.values()))
         hf32["grads"].out.clear()
-    stage = hf.pop("stage", None)
-    if stage is not None:
-        stage.close()
+    for stage in (hf.pop("stage", None), None if hf32 is None else hf32.pop("stage", None)):
+        if stage is not None:
+            stage.close()
     trim()
     return freed
 
