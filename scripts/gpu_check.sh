@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One-call GPU check on a lent machine (Python 3.12, torch, transformers 5.17, no megatron-core):
 # installs the carried megatron-core wheel, then runs the given cases (default: tiny on GPU + 26B-A4B).
-# Usage (device tool, carry [".whl"]): bash scripts/gpu_check.sh [CASE ...]
+# Usage (device tool, carry [".whl"]): bash scripts/gpu_check.sh [CASE ...] [gpu_run.py options, e.g. --system NAME]
+#        bash scripts/gpu_check.sh gemma4-26b-a4b-train --system parity  (then --system megatron-bridge: one system a
+#             call at full size, within the 600 s and the host's 128 GiB; docs/gpu.md item 2)
 #        bash scripts/gpu_check.sh --plants [--case gemma4-26b-a4b] [--seq-len 2048] [--plants a,b]
 #        bash scripts/gpu_check.sh --plants --sensitivity [--eps 1e-4,1e-5,1e-6] [--max-wall 360]  (gpu_plants.py)
 #        bash scripts/gpu_check.sh --profile CASE [parity run options, e.g. --system megatron-bridge]

@@ -11,6 +11,7 @@ Without CUDA (or when pinning is refused) the stage is a plain synchronous copy 
 """
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import torch
@@ -32,6 +33,39 @@ def stage_bytes(tensors) -> int:
     """Host bytes a stage needs for the CUDA tensors among ``tensors``, each storage once."""
     keys = {storage_key(t): t.numel() * t.element_size() for t in tensors if t.is_cuda}
     return sum(_aligned(n) for n in keys.values())
+
+
+def host_bytes(tensors, seen: set | None = None) -> int:
+    """Host bytes held by the tensors among ``tensors`` (nested in lists, tuples and dicts), each storage once; a
+    storage already in ``seen`` (filled here) is not counted again (categories of one account, in order)."""
+    seen = set() if seen is None else seen
+    total = 0
+
+    def walk(x):
+        nonlocal total
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cpu" and x.layout == torch.strided:
+                s = x.untyped_storage()
+                if s.data_ptr() not in seen:
+                    seen.add(s.data_ptr())
+                    total += s.nbytes()
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+    walk(tensors)
+    return total
+
+
+def trim() -> None:
+    """Give the allocator's freed host memory back to the system (glibc's ``malloc_trim``; elsewhere a no-op): tensors
+    under its mmap threshold are freed into its heap, which the resident set keeps until trimmed."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class HostStage:
@@ -69,6 +103,12 @@ class HostStage:
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
+
+    @property
+    def chunks(self) -> list[torch.Tensor]:
+        """The host chunks (reserved, page-locked where CUDA allowed it), whether or not filled yet; never waits for the
+        background pinning (a chunk still being pinned is not listed yet)."""
+        return [base for base, _ in self._chunks]
 
     # -------------------------------------------------------------------------------- allocation
     def _new_chunk(self, nbytes: int) -> None:

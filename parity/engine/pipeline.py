@@ -49,7 +49,11 @@ def run_systems(case, systems: list[str], *, device: str, dtype: str | None = No
             raise UserError(f"system {name} cannot run case {case.name}: {why}")
     ref = reference(case, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed, progress=progress)
     try:
-        return [against(ref, name) for name in systems]
+        out = []
+        for i, name in enumerate(systems):
+            ref.final = i == len(systems) - 1  # no system after it: its modes may let go of HF's side as they end
+            out.append(against(ref, name))
+        return out
     finally:
         ref.close()
 
@@ -78,7 +82,7 @@ def against(ref: Reference, system: str) -> dict:
     """System ``system`` against ``ref``: built, loaded, every mode that applies, judged; its results dict. The
     system raising while building, loading, preparing or running a mode is a failing phase of its results
     (``failures``, with the error and where), never an error of the run: the report is written, parity fails."""
-    raw, prog, case = registry.get(system), Progress(ref.prog.enabled), ref.case
+    raw, prog, case = registry.get(system), Progress(ref.prog.enabled, ref.prog.held), ref.case
     sut, failures = Guarded(raw), []
     ref.release()
 

@@ -9,8 +9,9 @@ import torch
 
 
 class Progress:
-    def __init__(self, enabled: bool):
+    def __init__(self, enabled: bool, held=None):
         self.enabled = enabled
+        self.held = held  # () -> str: what a run holds on the host (``Reference.held_text``), added to each phase line
         self.phases: dict[str, float] = {}
         self.gpu_peaks: dict[str, float] = {}  # GiB, per phase
 
@@ -27,7 +28,9 @@ class Progress:
                 torch.cuda.synchronize()
                 self.gpu_peaks[name] = max(self.gpu_peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
             self.phases[name] = self.phases.get(name, 0.0) + time.perf_counter() - t0
-            self.note(f"{name} done in {self.phases[name]:.2f}s ({memory()})", indent="")
+            if self.enabled:
+                held = f"; {self.held()}" if self.held is not None else ""
+                self.note(f"{name} done in {self.phases[name]:.2f}s ({memory()}{held})", indent="")
 
     def note(self, msg: str, indent: str = "  "):
         if self.enabled:

@@ -21,7 +21,7 @@ from parity.config import TextArgs
 from parity.engine import adapters as A
 from parity.engine.alignment import Aligned, Stack, expand
 from parity.engine.compare import Call, Capture, Store, Where, capture_hf
-from parity.engine.hoststage import HostStage, stage_bytes, storage_key
+from parity.engine.hoststage import HostStage, host_bytes, stage_bytes, storage_key
 from parity.engine.kinds import KINDS
 from parity.engine.progress import Progress, timed
 from parity.errors import UserError
@@ -55,6 +55,8 @@ class Reference:
     host_weights: HostStage | None = None
     released: bool | None = None  # a sequential case: was the HF model off the device before the systems were built
     adapters: A.Adapters | None = None  # a LoRA case: peft's LoRA on HF's model (``parity.engine.adapters``)
+    final: bool = False  # the run against the last system (``pipeline.run_systems``): modes let go of what only they
+    # read of HF's side once done (``backward.release``); a caller reusing the reference (plant scripts) leaves it False
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -104,10 +106,12 @@ class Reference:
             logits = store.keep(logits)
             store.sync()
             cap.calls["logits"] = [Call((), {}, logits, 0)]
-        return cls(case=case, kind=kind, device=device, dtype=dtype, seed=seed, checkpoint=checkpoint, model=model,
-                   config=config, text_args=text_args, rows=rows, inputs=inputs, where=where,
-                   groups=kind.groups(inputs), cap=cap, logits=logits, store=store, prog=prog, timings=timings,
-                   host_weights=host_weights, adapters=adapters)
+        ref = cls(case=case, kind=kind, device=device, dtype=dtype, seed=seed, checkpoint=checkpoint, model=model,
+                  config=config, text_args=text_args, rows=rows, inputs=inputs, where=where,
+                  groups=kind.groups(inputs), cap=cap, logits=logits, store=store, prog=prog, timings=timings,
+                  host_weights=host_weights, adapters=adapters)
+        prog.held = ref.held_text  # each phase's progress line says what the reference holds on the host
+        return ref
 
     def release(self) -> None:
         """HF's weights for the systems (on the host, page-locked, for a sequential case) and, for a sequential
@@ -121,6 +125,31 @@ class Reference:
                 self.released = park(self.model, self.state, self.device)
             if self.adapters is not None:  # HF's base weights for the system (its adapters come apart)
                 self.state = A.base_state(self.state)
+
+    def held(self) -> dict[str, int]:
+        """Host bytes the reference holds, by what they are (each storage once, in this order): HF's weights staged
+        for the systems (a sequential run's parked model is on them), the rest of HF's model on the host (a CPU run's
+        whole model), the captured activations, HF's gradients from its backward (``param``: its parameters',
+        ``rows``: its modules' output and input gradients) and those of its fp32 backward kept for the truth
+        (``fp32 param``, ``fp32 rows``), and the rest of what modes prepared. What a run killed for memory leaves in
+        its log (``--progress``), and the 26B plan's numbers (docs/training.md)."""
+        seen: set = set()
+        stage = [] if self.host_weights is None else self.host_weights.chunks  # pinned from the start (CUDA)
+        out = {"weights staged": host_bytes([stage, self.state or {}], seen),
+               "HF model": 0 if self.model is None else host_bytes([*self.model.parameters(), *self.model.buffers()],
+                                                                   seen),
+               "activations": host_bytes([(c.args, c.kwargs, c.output) for calls in self.cap.calls.values()
+                                          for c in calls], seen)}
+        for label, name in (("", "backward"), ("fp32 ", "backward32")):
+            side = self.extra.get(name)
+            grads = {} if side is None else side["grads"].out
+            out[f"{label}param grads"] = host_bytes([g for k, g in grads.items() if k[0] == "param_grad"], seen)
+            out[f"{label}row grads"] = host_bytes([g for k, g in grads.items() if k[0] != "param_grad"], seen)
+        out["other"] = host_bytes([v for k, v in self.extra.items() if k not in ("backward", "backward32")], seen)
+        return out
+
+    def held_text(self) -> str:
+        return "held: " + ", ".join(f"{k} {v / 2**30:.2f}" for k, v in self.held().items() if v) + " GiB"
 
     def close(self) -> None:
         """Drop the model, the weights and the host stage (the capture stays readable)."""

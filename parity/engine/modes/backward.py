@@ -33,6 +33,7 @@ import torch
 
 from parity.engine.alignment import TABLE_KINDS, Aligned, Kind, layer_of
 from parity.engine.compare import compare, first, metrics, to_device, value
+from parity.engine.hoststage import HostStage, host_bytes, stage_bytes, trim
 from parity.engine.record import Record
 from parity.engine.system import Elsewhere, GradTap
 
@@ -151,10 +152,13 @@ class _Taps:
 
 def hf_backward(ref, model) -> dict:
     """HF's loss, per-token losses, gradients of every row's output and input, parameter gradients of ``model``
-    (the reference's model), all on the host; the model's gradients cleared after."""
+    (the reference's model), all on the host; the model's gradients cleared after. On CUDA the parameter gradients
+    go to page-locked memory of their exact size (``HostStage``, pinned while the backward runs; its ``stage`` is
+    kept with them, for ``release``): through pageable memory 47 GiB at the 26B-A4B shape took most of the phase."""
     labels, grads = labels_of(ref.inputs), _Grads()
     handles = _Taps(ref, grads).install(model)
     params = [p for p in model.parameters() if p.requires_grad]
+    stage = HostStage(reserve=stage_bytes(params), background=True) if any(p.is_cuda for p in params) else None
     model.zero_grad(set_to_none=True)
     try:
         with torch.enable_grad():
@@ -166,14 +170,16 @@ def hf_backward(ref, model) -> dict:
             h.remove()
     norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params if p.grad is not None))
     model.zero_grad(set_to_none=True)
-    return _result(out, labels, grads, norm)
+    return _result(out, labels, grads, norm, stage)
 
 
-def _result(out, labels, grads: _Grads, norm: float) -> dict:
+def _result(out, labels, grads: _Grads, norm: float, stage: HostStage | None = None) -> dict:
     ce, where = per_token(out.logits.detach(), labels)
-    grads.out = {k: v.cpu() for k, v in grads.out.items()}
+    grads.out = {k: stage.put(v) if stage is not None and k[0] == PARAM else v.cpu() for k, v in grads.out.items()}
+    if stage is not None:
+        stage.sync()
     return {"loss": float(out.loss.detach()), "per_token": ce.cpu(), "where": where.cpu(), "grads": grads, "labels": labels,
-            "grad_norm": norm}
+            "grad_norm": norm, "stage": stage}
 
 
 class _Recomputed(torch.autograd.Function):
@@ -318,15 +324,21 @@ def floors(ref, prog) -> dict[str, float]:
     full size: its row is then judged by its floor alone, and says why)."""
     hf16, out, kept = ref.extra[MODE], {}, {}
     skip = ref.case.train.no_fp32_truth
+    truth = [p for n, p in ref.model.named_parameters() if p.requires_grad and truth_skipped(skip, n) is None]
+    # the kept ones page-locked on CUDA, as HF's bf16 ones (fp32: twice the bf16 parameters' bytes)
+    stage = HostStage(reserve=2 * stage_bytes(truth), background=True) if any(p.is_cuda for p in truth) else None
 
     def param(name, g32):
         g16 = hf16["grads"].out.get((PARAM, name))
-        if g16 is not None:
-            out[f"{PARAM}:{name}"] = float(metrics(g32.float(), g16.float(), None)["rel_l2"])
+        if g16 is not None:  # HF's bf16 gradient to fp32 where the fp32 one is (not 2 bytes more a value on the host)
+            out[f"{PARAM}:{name}"] = float(metrics(g32.float(), g16.to(g32.device).float(), None)["rel_l2"])
         if truth_skipped(skip, name) is None:
-            kept[name] = g32.detach().cpu()
+            kept[name] = g32.detach().cpu() if stage is None else stage.put(g32)
 
     hf32 = ref.extra["backward32"] = hf_backward_fp32(ref, prog, param)
+    if stage is not None:
+        stage.sync()
+    hf32["stage"] = stage
     for name, g in kept.items():
         hf32["grads"].out[(PARAM, name)] = g
     for key, g32 in hf32["grads"].out.items():
@@ -422,7 +434,17 @@ def _plan(c) -> tuple[dict[int, _Site], dict[tuple[str, str], tuple[str | None, 
 
 
 def run(c, prog) -> None:
-    """The system's training forward and backward on the same inputs and labels, compared with HF's."""
+    """The system's training forward and backward on the same inputs and labels, compared with HF's; the last system's
+    run (``Reference.final``) then lets go of what only this mode reads of HF's side, also when the system raised."""
+    try:
+        _run(c)
+    finally:
+        if c.ref.final:
+            freed = release(c.ref)
+            prog.note(f"backward: HF's parameter and input gradients and its fp32 side released ({freed / 2**30:.2f} GiB)")
+
+
+def _run(c) -> None:
     hf, sut, ref = c.ref.extra[MODE], c.sut, c.ref
     grads, handles = _Grads(), []
     sites, unseen, input_at = _plan(c)
@@ -480,6 +502,28 @@ def run(c, prog) -> None:
                            "overrides": dict(c.ref.case.train.overrides)}
 
 
+def release(ref) -> int:
+    """What of HF's side only the backward mode reads, dropped (``Reference.final``: no other system's backward
+    follows): HF's parameter gradients (their page-locked stage unpinned) and its rows' input gradients, and the
+    whole fp32 side (``backward32``: its gradients, kept for the truth). The isolated backward runs HF's modules alone
+    itself and reads only the output gradients (and the routing weights'). At the 26B-A4B shape 47 GiB of bf16 and
+    6 GiB of fp32 parameter gradients: the host's headroom for the isolated backward. Returns the bytes let go."""
+    hf = ref.extra[MODE]
+    dropped = [k for k in hf["grads"].out if k[0] in (PARAM, INPUT)]
+    freed = host_bytes([hf["grads"].out[k] for k in dropped])
+    for k in dropped:
+        del hf["grads"].out[k]
+    hf32 = ref.extra.pop("backward32", None)
+    if hf32 is not None:
+        freed += host_bytes(list(hf32["grads"].out.values()))
+        hf32["grads"].out.clear()
+    for stage in (hf.pop("stage", None), None if hf32 is None else hf32.pop("stage", None)):
+        if stage is not None:
+            stage.close()
+    trim()
+    return freed
+
+
 def _param_rows(c, hf_grads: _Grads, base: int) -> float:
     """A ``param_grad`` row per HF parameter: the system's gradients (``System.grads``, HF layout) taken one at a
     time, each compared where it is (at full size the system's gradients brought to HF layout all at once would be
@@ -507,7 +551,7 @@ def param_record(c, pname: str, g: torch.Tensor, mine, order: int, mode: str = P
     """A parameter's gradient row: the system's gradient ``mine`` (None: it has none) against HF's ``g``, compared on
     the system's device (``metrics`` moves HF's there); floors and truth are the caller's."""
     m_ = {"detail": f"{c.sut.name} has no gradient for {pname}"} if mine is None else \
-        metrics(g.float(), mine.float(), None)
+        metrics(g.to(mine.device).float(), mine.float(), None)  # HF's bf16 to fp32 on the system's device
     if mine is None:
         m_.update(cosine=math.nan, rel_l2=math.inf, max_abs=math.inf)
     return Record(name=pname, megatron_name=megatron_name, mode=mode, kind="param", layer=layer_of(pname),

@@ -1,0 +1,72 @@
+"""What a train run holds of HF's side on the host, and what it lets go of (the 26B-A4B train case's host budget,
+docs/training.md): after the last system's backward (``Reference.final``) HF's parameter and input gradients and its
+whole fp32 side are released, the isolated backward reading only the output gradients; the rows stay the same."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parity.cases import load_case
+from parity.engine import pipeline
+from parity.engine.hoststage import host_bytes
+from parity.engine.launch import cpu_threads
+from parity.engine.modes import backward as B
+
+CASE_BF16 = "gemma4-text-tiny-train-bf16"
+
+
+def test_the_last_systems_backward_releases_hfs_gradients():
+    """The numbers: every bf16 parameter gradient of HF's and its fp32 twin held until the last system's backward,
+    none after; the output gradients (what the isolated backward reads) kept. That the rows are those of a run that
+    keeps them: ``test_backward.py::test_the_full_size_train_path_on_a_tiny_model`` (``pipeline.run``: one system, the
+    last) against ``pipeline.against`` (no release), field by field."""
+    with cpu_threads("cpu"):
+        ref = pipeline.reference(load_case(CASE_BF16), device="cpu")
+    try:
+        grads = ref.extra[B.MODE]["grads"].out
+        n16 = sum(p.numel() * 2 for p in ref.model.parameters())  # HF's bf16 gradient of every parameter
+        outputs = host_bytes([g for k, g in grads.items() if k[0] not in (B.PARAM, B.INPUT)])
+        before = ref.held()
+        assert before["param grads"] == n16 and before["fp32 param grads"] == 2 * n16 and n16 > 500_000
+        assert before["fp32 row grads"] > 0 and before["row grads"] > outputs > 0
+        ref.final = True
+        with cpu_threads("cpu"):
+            r = pipeline.against(ref, "parity")
+        after = ref.held()
+        assert after["param grads"] == after["fp32 param grads"] == after["fp32 row grads"] == 0
+        assert "backward32" not in ref.extra and not any(k[0] in (B.PARAM, B.INPUT) for k in grads)
+        assert after["row grads"] == outputs  # the output (and routing) gradients stay: the isolated backward's
+        weights = ("weights staged", "HF model")  # the systems' weights: HF's own tensors in a run on one device
+        assert sum(after[k] for k in weights) == sum(before[k] for k in weights) > n16 / 2
+        assert after["activations"] == before["activations"] > 0 and after["other"] == before["other"]
+        # released after every row that reads them: the backward's parameter rows, each with its truth
+        params = [m for m in r["modules"] if m["mode"] == "param_grad"]
+        assert len(params) == 126 and all(m.get("truth_rel_l2") is not None for m in params)
+        assert r["passed"] is True and sum(m["mode"] == "isolated_param_grad" for m in r["modules"]) == 127
+    finally:
+        ref.close()
+
+
+def test_host_bytes_counts_each_storage_once():
+    x = torch.zeros(1000)
+    seen: set = set()
+    assert host_bytes([x, x[:10], {"a": (x.view(10, 100),)}], seen) == 4000
+    assert host_bytes([x, torch.zeros(3, dtype=torch.bfloat16)], seen) == 6  # x is in ``seen`` already
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (page-locked staging of HF's gradients)")
+def test_hfs_parameter_gradients_are_staged_page_locked_and_unpinned_at_the_release():
+    with cpu_threads("cuda"):
+        ref = pipeline.reference(load_case(CASE_BF16), device="cuda")
+    try:
+        hf = ref.extra[B.MODE]
+        params = [g for k, g in hf["grads"].out.items() if k[0] == B.PARAM]
+        assert len(params) == 126 and all(g.device.type == "cpu" for g in params)
+        assert hf["stage"].pinned_bytes >= sum(g.numel() * g.element_size() for g in params)
+        stage, stage32 = hf["stage"], ref.extra["backward32"]["stage"]  # and the fp32 ones kept for the truth
+        assert stage32.pinned_bytes >= 2 * sum(g.numel() * g.element_size() for g in params)
+        assert B.release(ref) >= 3 * sum(g.numel() * g.element_size() for g in params)
+        assert stage.pinned_bytes == stage32.pinned_bytes == 0 and "stage" not in hf
+        assert ref.held()["param grads"] == ref.held()["fp32 param grads"] == 0
+    finally:
+        ref.close()
