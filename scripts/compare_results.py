@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 ROW_KEYS = ("name", "mode", "kind", "megatron_name", "cosine", "rel_l2", "max_abs", "p99_abs", "floor", "gate",
-            "passed", "ratio", "order", "layer", "group", "gate_class", "nonfinite", "router", "detail", "why")
+            "passed", "ratio", "order", "layer", "group", "gate_class", "nonfinite", "router", "detail", "why", "truth_rel_l2")
 SAME = ("case", "passed", "device", "dtype", "seed", "checks", "config_hash", "layer_types", "routers", "gates",
         "parallel", "sequential", "hf_released_before_megatron", "inputs", "groups")
 
