@@ -21,6 +21,12 @@ Its export (``save_hf_adapter``), merged export (``export_hf_weights(merge_adapt
 gradients (its adapter export applied to them; a shared expert adapter's is its own gradient, which its export
 copies to every expert: compared with HF's per-expert gradients summed, ``parity.engine.adapters.Adapters.gradient``)
 are its own.
+
+Over several ranks: at TP > 1 each rank takes its shards of HF's adapters through the mapping classes its own adapter
+export picks for them (``import_``); at EP > 1 a per-expert adapter holds the rank's local experts (global index = the
+rank's first expert + the local index), a shared one is on every rank (its gradient summed over EP by its own hook).
+Its exports gather the shards themselves. Its MoE training forward at TP > 1 needs sequence parallelism (megatron-core's
+MoE layer), which the TE stand-ins do not model yet: at TP > 1 its LoRA runs in evaluation (forward, exports).
 """
 from __future__ import annotations
 

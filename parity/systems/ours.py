@@ -206,7 +206,9 @@ class ParitySystem:
 
     def load_adapters(self, state, spec) -> None:
         """Megatron-Bridge's LoRA transform (``megatron.bridge.peft.lora.LoRA``: the same as that system's, on our
-        megatron-core linears, which it reads natively) on the decoder's linears the case names, then HF's adapters through our weight mapping's rules (``parity.bridge.adapters``)."""
+        megatron-core linears, which it reads natively) on the decoder's linears the case names, then HF's adapters
+        through our weight mapping's rules (``parity.bridge.adapters``); at TP > 1 each rank its shards of them (its
+        exports and gradients gather them back)."""
         from parity import mbridge, registry
         from parity.bridge import adapters as BA
 
