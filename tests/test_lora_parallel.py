@@ -200,7 +200,7 @@ def test_parity_lora_at_tp2_agrees_as_at_tp1(parity_world):
 
 @pytest.mark.parametrize("plant", PLANTS, ids=[p[0] for p in PLANTS])
 def test_parallel_only_lora_plant_is_caught_where_it_is(parity_world, plant):
-    name, _, train, where, untouched = plant
+    name, _, _, where, untouched = plant
     clean, r = parity_world["clean"], parity_world[name]
     assert r["passed"] is False and r["failures"] == [], r["failures"]
     assert (r["first"]["name"], r["first"]["mode"]) == where, r["first"]
@@ -285,8 +285,8 @@ def test_bridge_recipe_lora_at_tp2_in_evaluation(bridge_world):
     adapted = [v for (n, m), v in r["rows"].items() if m == "isolated" and
                n.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"))]
     assert len(adapted) == 6 * 5 + 4 and max(adapted) < 1e-5  # v_proj on the 4 sliding layers
-    assert r["failures"] == [("lora", "merged", "RuntimeError: The size of tensor a (256) must match the size of "
-                                                "tensor b (384) at non-singleton dimension 0")]
+    raised = "RuntimeError: The size of tensor a (256) must match the size of tensor b (384) at non-singleton dimension 0"
+    assert r["failures"] == [("lora", "merged", raised)]
     assert r["export"] == {"hf": 80, "exported": 80, "bit_exact": 80} and r["export_loads"] is True
     assert r["logits"]["export"]["vs_peft_rel_l2"] == 0.0
     assert r["modes"]["backward"] == "not a train case (no [train] table)"

@@ -102,6 +102,7 @@ def merged(state: dict[str, Tensor], adapters: dict[str, Tensor], scale: float, 
         out[base] = (w.float() + delta).to(w.dtype)
     return out
 
+
 def _split(key: str, param) -> tuple[int | None, bool]:
     """How an adapter weight (or a base weight) is split over the TP ranks: its parallel linear's ``partition_dim``
     (``None``: whole on every rank), and whether it follows ``linear_fc1``'s gate/up interleave (B, the weight)."""
