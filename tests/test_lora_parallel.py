@@ -260,7 +260,8 @@ def test_bridge_per_expert_adapters_at_ep2(bridge_world):
     experts = [v for (n, m), v in r["rows"].items() if n.endswith(".experts") and m in FORWARD]
     assert len(experts) == 12 and max(experts) < 1e-5
     merged = {f"model.layers.{i}.experts.{p}" for i in range(6) for p in ("gate_up_proj", "down_proj")}
-    assert set(r["failed"]) == ({(n, "adapter_export") for n in EXPERT_TENSORS} | {(n, "adapter_merged") for n in merged}
+    assert set(r["failed"]) == ({(n, "adapter_export") for n in EXPERT_TENSORS}
+                                | {(n, "adapter_merged") for n in merged}
                                 | {("logits[export]", "adapter_logits"), ("logits[merged]", "adapter_logits")})
     assert (r["first"]["name"], r["first"]["mode"]) == ("model.layers.0.experts.base_layer.lora_A.weight",
                                                         "adapter_export")
@@ -285,7 +286,8 @@ def test_bridge_recipe_lora_at_tp2_in_evaluation(bridge_world):
     adapted = [v for (n, m), v in r["rows"].items() if m == "isolated" and
                n.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"))]
     assert len(adapted) == 6 * 5 + 4 and max(adapted) < 1e-5  # v_proj on the 4 sliding layers
-    raised = "RuntimeError: The size of tensor a (256) must match the size of tensor b (384) at non-singleton dimension 0"
+    raised = ("RuntimeError: The size of tensor a (256) must match the size of tensor b (384) at non-singleton "
+              "dimension 0")
     assert r["failures"] == [("lora", "merged", raised)]
     assert r["export"] == {"hf": 80, "exported": 80, "bit_exact": 80} and r["export_loads"] is True
     assert r["logits"]["export"]["vs_peft_rel_l2"] == 0.0
