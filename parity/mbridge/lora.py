@@ -149,21 +149,36 @@ def import_experts(registry, path: str, wrapper, hf: dict[str, torch.Tensor]) ->
         a, b = a[0], b[0]
     else:
         local = adapter.linear_in.weight.shape[0]
-        first = _ep_rank() * local
+        first = _ranks()[0] * local
         a, b = a[first:first + local], b[first:first + local]
-    if adapter.linear_in.weight.shape != a.shape or adapter.linear_out.weight.shape != b.shape:
-        raise NotImplementedError(f"{path}: its expert adapter {tuple(adapter.linear_in.weight.shape)} / "
-                                  f"{tuple(adapter.linear_out.weight.shape)} against HF's {tuple(a.shape)} / "
-                                  f"{tuple(b.shape)} (expert tensor parallelism is not mapped)")
-    adapter.linear_in.weight.copy_(a.to(adapter.linear_in.weight.dtype))
-    adapter.linear_out.weight.copy_(b.to(adapter.linear_out.weight.dtype))
+    gated = path.endswith(".linear_fc1")  # B follows its base weight's per-rank gate/up rows
+    for weight, full, fused in ((adapter.linear_in.weight, a, False), (adapter.linear_out.weight, b, gated)):
+        part = _expert_tp_part(weight, full, fused)
+        if weight.shape != part.shape:
+            raise RuntimeError(f"{path}: its expert adapter weight {tuple(weight.shape)}, HF's part {tuple(part.shape)}")
+        weight.copy_(part.to(weight.dtype))
     return list(names.values())
 
 
-def _ep_rank() -> int:
+def _expert_tp_part(weight: torch.Tensor, full: torch.Tensor, gated: bool) -> torch.Tensor:
+    """This expert-TP rank's part of an expert adapter weight: split along the dim its adapter marks on it
+    (``partition_dim``, as megatron's parallel linears and its grouped expert adapter set it; its export gathers along
+    the same), ``linear_fc1``'s B each rank its rows of gate, then of up; whole at expert TP 1."""
+    from parity.bridge.convert import shard
+
+    rank, size = _ranks()[1:]
+    dim = weight.partition_dim if getattr(weight, "tensor_model_parallel", False) else None
+    return shard(full, dim, rank, size, gated and dim == weight.dim() - 2).contiguous()
+
+
+def _ranks() -> tuple[int, int, int]:
+    """(expert-parallel rank, expert-tensor-parallel rank, its size); (0, 0, 1) outside megatron's parallel state."""
     from megatron.core import parallel_state as ps
 
-    return ps.get_expert_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    if not ps.model_parallel_is_initialized():
+        return 0, 0, 1
+    return (ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank(),
+            ps.get_expert_tensor_parallel_world_size())
 
 
 def save(bm, lora, folder: str) -> None:
