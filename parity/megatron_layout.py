@@ -133,6 +133,7 @@ def input_to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, module=None) -> tor
     module's input for row ``a``: a row-parallel linear's slice of the features and per-head norms' heads
     gathered, batch-first, ``[b*s, H]`` for ``FLAT`` rows."""
     kind = a.row.kind
+    module = getattr(module, "to_wrap", module)  # a LoRA wrapper (Megatron-Bridge's): the linear it adapts
     if kind is Kind.LINEAR and tp_size() > 1 and getattr(getattr(module, "weight", None), "partition_dim", None) == 1:
         x = tp_gather(x)
     elif kind is Kind.HEAD_NORM and tp_size() > 1:

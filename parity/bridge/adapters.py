@@ -6,7 +6,15 @@ a fused linear share it: ``parity.engine.adapters.SHARED_A``); B is their ``lora
 builds the linear's weight from theirs (``qkv_pack``; ``kv_equal`` on K=V layers: the V rows get k's B, as the base
 weight gets k's rows; ``gated_fc1``; ``copy``). Back to HF: B by the rule's inverse (which, on K=V layers, checks that
 the V rows still equal K's and gives no ``v_proj``), A written as each part's ``lora_A``. Gradients by the adjoints
-(``convert.GRAD_TO_HF``; A: the one ``linear_in`` gradient, which HF's tied A has too). The text model at TP=1.
+(``convert.GRAD_TO_HF``; A: the one ``linear_in`` gradient, which HF's tied A has too). The text model.
+
+At TP > 1 each rank holds its shards of the whole (TP=1) adapter weights, split as megatron's parallel linears of
+Megatron-Bridge's ``ParallelLinearAdapter`` split them (each weight's own ``partition_dim``): on a column-parallel base
+linear A (``linear_in``, a column-parallel linear gathering its output) over the rank, B (``linear_out``) over the
+output rows; on a row-parallel one A (a row-parallel linear) over the input, B (a column-parallel linear gathering its
+output) over the output rows. A fused ``linear_fc1``'s B follows its base weight's per-rank interleave (each rank its
+rows of gate, then of up: ``convert.shard``'s ``gated``); ``linear_qkv``'s rows are whole KV groups per rank, a plain
+split. ``shard`` cuts this rank's part, ``gather`` puts the shards of every rank back together (weights or gradients).
 """
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from parity.bridge.convert import GRAD_TO_HF, TRANSFORMS
+from parity.bridge.convert import GRAD_TO_HF, TRANSFORMS, shard as shard_dim, unshard
 from parity.bridge.mapping import expand, sizes
 from parity.config import TextArgs
 
@@ -76,8 +84,11 @@ def megatron_to_hf(adapters: dict[str, Tensor], args: TextArgs, prefix: str, gra
             yield prefix + name[: -len(".weight")] + ".lora_B.weight", part
 
 
-def merged(state: dict[str, Tensor], adapters: dict[str, Tensor], scale: float) -> dict[str, Tensor]:
-    """The Megatron state with each adapted linear's weight ``W + scale * B @ A`` (in the weight's dtype)."""
+def merged(state: dict[str, Tensor], adapters: dict[str, Tensor], scale: float, params: dict | None = None,
+           rank: int = 0, size: int = 1) -> dict[str, Tensor]:
+    """The Megatron state with each adapted linear's weight ``W + scale * B @ A`` (in the weight's dtype).
+    ``adapters`` whole (``gather``); at TP > 1 ``state`` holds this rank's shards and each weight takes its part of
+    the update (``params``: the base weights by the state's keys, for their split)."""
     out = dict(state)
     for key, b in adapters.items():
         if not key.endswith(".adapter.linear_out.weight"):
@@ -85,5 +96,48 @@ def merged(state: dict[str, Tensor], adapters: dict[str, Tensor], scale: float) 
         base = key[: -len(".adapter.linear_out.weight")] + ".weight"
         a = adapters[key.replace("linear_out", "linear_in")]
         w = state[base]
-        out[base] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+        delta = scale * (b.float() @ a.float())
+        if size > 1:
+            delta = shard(base, delta, params[base], rank, size)
+        out[base] = (w.float() + delta).to(w.dtype)
+    return out
+
+
+def _split(key: str, param) -> tuple[int | None, bool]:
+    """How an adapter weight (or a base weight) is split over the TP ranks: its parallel linear's ``partition_dim``
+    (``None``: whole on every rank), and whether it follows ``linear_fc1``'s gate/up interleave (B, the weight)."""
+    dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+    return dim, dim == 0 and ".linear_fc1." in key and ".linear_in." not in key
+
+
+def shard(key: str, full: Tensor, param, rank: int, size: int) -> Tensor:
+    """This TP rank's part of the whole adapter weight ``full`` for the adapter parameter ``param`` (``key``)."""
+    dim, gated = _split(key, param)
+    return shard_dim(full, dim, rank, size, gated, key).contiguous()
+
+
+def gather(local: dict[str, Tensor], params: dict, group=None) -> dict[str, Tensor]:
+    """Every TP rank's shards of adapter weights (or their gradients) ``local`` (keys of ``params``, the adapter
+    parameters) put back together: each all-gathered over the TP ``group`` (megatron's, by default) and joined as
+    ``shard`` split it; as is at TP=1."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return local
+    if group is None:
+        from megatron.core import parallel_state as ps
+
+        group = ps.get_tensor_model_parallel_group()
+    size = dist.get_world_size(group)
+    if size == 1:
+        return local
+    out = {}
+    for key, t in local.items():
+        dim, gated = _split(key, params[key])
+        if dim is None:
+            out[key] = t
+            continue
+        parts = [torch.empty_like(t) for _ in range(size)]
+        dist.all_gather(parts, t.contiguous(), group=group)
+        out[key] = unshard(parts, dim, gated)
     return out

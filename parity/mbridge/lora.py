@@ -21,6 +21,12 @@ Its export (``save_hf_adapter``), merged export (``export_hf_weights(merge_adapt
 gradients (its adapter export applied to them; a shared expert adapter's is its own gradient, which its export
 copies to every expert: compared with HF's per-expert gradients summed, ``parity.engine.adapters.Adapters.gradient``)
 are its own.
+
+Over several ranks: at TP > 1 each rank takes its shards of HF's adapters through the mapping classes its own adapter
+export picks for them (``import_``); at EP > 1 a per-expert adapter holds the rank's local experts (global index = the
+rank's first expert + the local index), a shared one is on every rank (its gradient summed over EP by its own hook).
+Its exports gather the shards themselves. Its MoE training forward at TP > 1 needs sequence parallelism (megatron-core's
+MoE layer), which the TE stand-ins do not model yet: at TP > 1 its LoRA runs in evaluation (forward, exports).
 """
 from __future__ import annotations
 
@@ -31,7 +37,6 @@ import torch
 
 from parity.engine import adapters as A
 from parity.errors import UserError
-from parity.megatron_layout import tp_size
 
 TARGETS = {"q_proj": "self_attention.linear_qkv", "k_proj": "self_attention.linear_qkv",
            "v_proj": "self_attention.linear_qkv", "o_proj": "self_attention.linear_proj",
@@ -60,8 +65,6 @@ def apply(bm, spec):
     """Its LoRA transform on ``bm.model`` (base frozen, adapters trainable); the model left in evaluation."""
     from megatron.bridge.peft.lora import LoRA
 
-    if tp_size() > 1:
-        raise NotImplementedError("Megatron-Bridge LoRA runs at TP=1 here for now")
     # as its Gemma 4 recipes make it: default_peft_config("lora") is LoRA() (its recipes package is not imported
     # here: its __init__ imports every model family's recipes)
     lora = LoRA()
@@ -83,8 +86,12 @@ def wrappers(bm):
 @torch.no_grad()
 def import_(bm, state: dict[str, torch.Tensor]) -> list[str]:
     """HF's adapter tensors (an adapter file's keys) into its adapters, by its weight mapping; returns the HF adapter
-    tensors it took."""
-    from megatron.bridge.models.conversion.param_mapping import merge_qkv_weights
+    tensors it took. At TP > 1 each rank gets its shards through the mapping classes its own adapter export picks for
+    them (``build_adapter_conversion_tasks``: A row-parallel on a row-parallel base linear, else column-parallel; B
+    column-parallel), the fused B's shards as its base weight's (``GatedMLPMapping``: each rank its gate and up rows;
+    ``linear_qkv``: whole query groups per rank, a plain split of its merged layout)."""
+    from megatron.bridge.models.conversion.param_mapping import (ColumnParallelMapping, GatedMLPMapping,
+                                                                 RowParallelMapping, merge_qkv_weights)
 
     bridge = bm.bridge._model_bridge
     registry = bridge.mapping_registry()
@@ -105,24 +112,29 @@ def import_(bm, state: dict[str, torch.Tensor]) -> list[str]:
         if any(not torch.equal(a_list[0], a) for a in a_list[1:]):
             raise RuntimeError(f"{path}: one LoRA input projection for {', '.join(present)}, HF's differ")
         used += [a_names[r] for r in present] + [b_names[r] for r in present]
+        adapter = wrapper.adapter
+        b_name = next(iter(b_names.values()))
         if "q" in roles:  # K=V: its import rule for the base weight (v slot = a copy of k), applied to B
             b = bridge.maybe_modify_loaded_hf_weight(b_names, {b_names[r]: t for r, t in present.items()})
             cfg = copy.copy(wrapper.to_wrap.config)  # its QKVMapping's merge, with the rank as the feature dim
             cfg.hidden_size = b["q"].shape[1]
-            fused = merge_qkv_weights(cfg, b["q"], b["k"], b["v"])
+            b_out = ColumnParallelMapping("linear_out.weight", b_name).hf_to_megatron(
+                merge_qkv_weights(cfg, b["q"], b["k"], b["v"]), adapter)
         elif "" in roles:
-            fused = mapping.hf_to_megatron(present[""], wrapper.to_wrap)
+            b_out = ColumnParallelMapping("linear_out.weight", b_name).hf_to_megatron(present[""], adapter)
         else:
-            fused = mapping.hf_to_megatron(present, wrapper.to_wrap)
-        adapter = wrapper.adapter
-        adapter.linear_in.weight.copy_(a_list[0].to(adapter.linear_in.weight.dtype))
-        adapter.linear_out.weight.copy_(fused.to(adapter.linear_out.weight.dtype))
+            b_out = GatedMLPMapping("linear_out.weight", **b_names).hf_to_megatron(present, adapter)
+        a_mapping = RowParallelMapping if adapter.input_is_parallel else ColumnParallelMapping
+        a_in = a_mapping("linear_in.weight", a_names[next(iter(present))]).hf_to_megatron(a_list[0], adapter)
+        adapter.linear_in.weight.copy_(a_in.to(adapter.linear_in.weight.dtype))
+        adapter.linear_out.weight.copy_(b_out.to(adapter.linear_out.weight.dtype))
     return [A.FILE_PREFIX + n for n in used]
 
 
 def import_experts(registry, path: str, wrapper, hf: dict[str, torch.Tensor]) -> list[str]:
     """HF's adapter of the routed experts' parameter its grouped linear ``path`` holds (``hf``: HF module keys) into
-    its adapter: every expert's (``per_expert``), or the one a shared adapter holds (HF's must be copies of it)."""
+    its adapter: every local expert's (``per_expert``: at EP > 1 this rank's, global index = the rank's first expert +
+    the local index, as its export reads them back), or the one a shared adapter holds (HF's must be copies of it)."""
     parameter = registry.megatron_to_hf_lookup(f"{path}.weight0").hf_param  # e.g. model.layers.0.experts.down_proj
     module = A.expert_module(parameter)
     names = {t: f"{module}.lora_{t}.weight" for t in ("A", "B")}
@@ -135,11 +147,38 @@ def import_experts(registry, path: str, wrapper, hf: dict[str, torch.Tensor]) ->
         if any(not torch.equal(a[0], x) for x in a[1:]) or any(not torch.equal(b[0], x) for x in b[1:]):
             raise RuntimeError(f"{path}: one adapter for all experts of {parameter}, HF's differ between experts")
         a, b = a[0], b[0]
-    elif adapter.linear_in.weight.shape[0] != experts:
-        raise NotImplementedError(f"{path}: per-expert adapters of a rank's local experts (EP > 1) are not mapped yet")
-    adapter.linear_in.weight.copy_(a.to(adapter.linear_in.weight.dtype))
-    adapter.linear_out.weight.copy_(b.to(adapter.linear_out.weight.dtype))
+    else:
+        local = adapter.linear_in.weight.shape[0]
+        first = _ranks()[0] * local
+        a, b = a[first:first + local], b[first:first + local]
+    gated = path.endswith(".linear_fc1")  # B follows its base weight's per-rank gate/up rows
+    for weight, full, fused in ((adapter.linear_in.weight, a, False), (adapter.linear_out.weight, b, gated)):
+        part = _expert_tp_part(weight, full, fused)
+        if weight.shape != part.shape:
+            raise RuntimeError(f"{path}: its expert adapter weight {tuple(weight.shape)}, HF's part {tuple(part.shape)}")
+        weight.copy_(part.to(weight.dtype))
     return list(names.values())
+
+
+def _expert_tp_part(weight: torch.Tensor, full: torch.Tensor, gated: bool) -> torch.Tensor:
+    """This expert-TP rank's part of an expert adapter weight: split along the dim its adapter marks on it
+    (``partition_dim``, as megatron's parallel linears and its grouped expert adapter set it; its export gathers along
+    the same), ``linear_fc1``'s B each rank its rows of gate, then of up; whole at expert TP 1."""
+    from parity.bridge.convert import shard
+
+    rank, size = _ranks()[1:]
+    dim = weight.partition_dim if getattr(weight, "tensor_model_parallel", False) else None
+    return shard(full, dim, rank, size, gated and dim == weight.dim() - 2).contiguous()
+
+
+def _ranks() -> tuple[int, int, int]:
+    """(expert-parallel rank, expert-tensor-parallel rank, its size); (0, 0, 1) outside megatron's parallel state."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return 0, 0, 1
+    return (ps.get_expert_model_parallel_rank(), ps.get_expert_tensor_parallel_rank(),
+            ps.get_expert_tensor_parallel_world_size())
 
 
 def save(bm, lora, folder: str) -> None:

@@ -493,6 +493,7 @@ class MegatronBridgeSystem:
         """``[b, s, F]`` HF input -> ``[s, b, F]``; for a row-parallel linear (its weight split along its input
         features, ``partition_dim`` 1, as megatron marks it) this rank's slice ``[s, b, F/tp]`` (through autograd: the
         input's gradient gathers every rank's slice)."""
+        linear = getattr(linear, "to_wrap", linear)  # its LoRA's wrapper: the linear it adapts
         if tp_size() > 1 and getattr(linear.weight, "partition_dim", None) == 1:
             x = tp_split(x)
         return _sb(x)

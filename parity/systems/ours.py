@@ -206,7 +206,9 @@ class ParitySystem:
 
     def load_adapters(self, state, spec) -> None:
         """Megatron-Bridge's LoRA transform (``megatron.bridge.peft.lora.LoRA``: the same as that system's, on our
-        megatron-core linears, which it reads natively) on the decoder's linears the case names, then HF's adapters through our weight mapping's rules (``parity.bridge.adapters``)."""
+        megatron-core linears, which it reads natively) on the decoder's linears the case names, then HF's adapters
+        through our weight mapping's rules (``parity.bridge.adapters``); at TP > 1 each rank its shards of them (its
+        exports and gradients gather them back)."""
         from parity import mbridge, registry
         from parity.bridge import adapters as BA
 
@@ -215,8 +217,6 @@ class ParitySystem:
         ok, why = mbridge.available()
         if not ok:
             raise NotImplementedError(f"LoRA in system parity is Megatron-Bridge's LoRA transform: {why}")
-        if tp_size() > 1:
-            raise NotImplementedError("LoRA in system parity runs at TP=1 for now")
         from parity.mbridge import lora as L  # noqa: F401  (the bridge imported, its patches applied)
         from megatron.bridge.peft.lora import LoRA
 
@@ -230,9 +230,11 @@ class ParitySystem:
                 _fp32_adapter(wrapper)
         weights = BA.hf_to_megatron(state, self.args, self._hf_prefix())
         params = dict(self.model.named_parameters())
-        with torch.no_grad():
+        rk = megatron_env.ranks()
+        with torch.no_grad():  # at TP > 1 each rank its shards (``parity.bridge.adapters.shard``)
             for k, v in weights.items():
-                params[self._mc_prefix() + k].copy_(v)
+                p = params[self._mc_prefix() + k]
+                p.copy_(BA.shard(k, v, p, rk["tp_rank"], rk["tp_size"]))
         self._modules = dict(self.model.named_modules())
         self._modules.update({n.replace(".to_wrap.", "."): m for n, m in list(self._modules.items())
                               if ".to_wrap." in n and n.replace(".to_wrap.", ".") not in self._modules})
@@ -252,7 +254,7 @@ class ParitySystem:
 
         sd = {k: v.detach() for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
         tensors = {A.FILE_PREFIX + k: v.detach().cpu().clone()  # one file entry each (a shared A is written per part)
-                   for k, v in BA.megatron_to_hf(self._adapters(sd), self.args, self._hf_prefix())}
+                   for k, v in BA.megatron_to_hf(self._whole_adapters(sd), self.args, self._hf_prefix())}
         modules = sorted({A.module_key(k) for k in tensors})
         LoraConfig(r=self.lora.dim, lora_alpha=self.lora.alpha, lora_dropout=self.lora.dropout,
                    target_modules=modules).save_pretrained(folder)
@@ -263,8 +265,11 @@ class ParitySystem:
         from parity.bridge import adapters as BA
 
         sd = {k: v.detach() for k, v in self.model.state_dict().items() if not k.endswith("_extra_state")}
+        rk = megatron_env.ranks()
+        base = {k.replace(".to_wrap.", "."): p for k, p in self.model.named_parameters()}
         yield from self._export(BA.merged(self._state(), {self._mc_prefix() + k: v
-                                                          for k, v in self._adapters(sd).items()}, self.lora_scale))
+                                                          for k, v in self._whole_adapters(sd).items()},
+                                          self.lora_scale, base, rk["tp_rank"], rk["tp_size"]))
 
     def _lora_wrappers(self):
         from megatron.bridge.peft.adapter_wrapper import AdapterWrapper
@@ -280,6 +285,14 @@ class ParitySystem:
         """Adapter tensors of a state dict (or of gradients), keyed under the text model."""
         mc = self._mc_prefix()
         return {k[len(mc):]: v for k, v in sd.items() if ".adapter." in k and k.startswith(mc)}
+
+    def _whole_adapters(self, sd: dict) -> dict:
+        """``_adapters`` with every TP rank's shards put together (``parity.bridge.adapters.gather``)."""
+        from parity.bridge import adapters as BA
+
+        mc = self._mc_prefix()
+        params = {k[len(mc):]: p for k, p in self.model.named_parameters() if ".adapter." in k and k.startswith(mc)}
+        return BA.gather(self._adapters(sd), params)
 
     def _mc_prefix(self) -> str:
         return TEXT_MC if self.vlm else ""
@@ -420,7 +433,7 @@ class ParitySystem:
             from parity.bridge import adapters as BA
 
             yield from ((A.param_key(k), g) for k, g in BA.megatron_to_hf(
-                self._adapters(sd), self.args, self._hf_prefix(), grads=True))
+                self._whole_adapters(sd), self.args, self._hf_prefix(), grads=True))
             return
         if not self.vlm:
             yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(sd, self.args,
@@ -567,9 +580,9 @@ class ParitySystem:
 
     def _replay_projection(self, a: Aligned, module, call) -> Any:
         """A linear (a row-parallel one on this rank's slice of the HF input: split so that the input's gradient is
-        every rank's slice gathered), the fused QKV / FC1 or the MLP."""
+        every rank's slice gathered; under LoRA the wrapped linear's), the fused QKV / FC1 or the MLP."""
         x = call_arg(call, "input", device=self.device)
-        if a.row.kind is Kind.LINEAR and getattr(module, "input_is_parallel", False):
+        if a.row.kind is Kind.LINEAR and getattr(getattr(module, "to_wrap", module), "input_is_parallel", False):
             x = tp_split(x)
         return self.output(a, module(sb(x)), module)
 
