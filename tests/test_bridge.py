@@ -514,3 +514,27 @@ def test_load_streamed_refuses_gaps_and_wrong_shapes(tiny):
         load_streamed(model, [(name, t[:-1])] + pairs[1:])
     with pytest.raises(RuntimeError, match="twice"):
         load_streamed(model, pairs + [pairs[0]])
+
+
+def test_export_of_wanted_keys_reads_only_their_megatron_tensors(tiny):
+    """``want`` (the isolated backward: one layer's gradients a batch): only the Megatron tensors with a wanted HF key
+    are fetched and assembled, each bit-exact as in the whole export."""
+    from parity.bridge.convert import iter_megatron_to_hf
+
+    cfg, args, state = tiny
+    mc = hf_to_megatron(state, args)
+    whole = dict(iter_megatron_to_hf(mc, args, grads=True))
+    read = []
+
+    class Counting(dict):
+        def __getitem__(self, k):
+            read.append(k)
+            return dict.__getitem__(self, k)
+
+    wanted = {"model.layers.3.self_attn.q_proj.weight", "model.layers.3.experts.gate_up_proj"}
+    got = dict(iter_megatron_to_hf(Counting(mc), args, grads=True, want=wanted.__contains__))
+    assert wanted <= set(got) and {k.split(".layers.")[1].split(".")[0] for k in got} == {"3"}
+    assert len(got) == 4  # the fused QKV gives q, k, v; the experts' gate_up one tensor
+    assert_bit_exact(got, {k: whole[k] for k in got})
+    assert sorted(set(read)) == ["decoder.layers.3.moe.experts.linear_fc1.weight",
+                                 "decoder.layers.3.self_attention.linear_qkv.weight"]

@@ -202,6 +202,18 @@ def test_roundtrip_every_exported_tensor_bit_exact(text_run):
     assert [k for k in got if not (got[k].dtype == ref[k].dtype and torch.equal(got[k], ref[k]))] == []
 
 
+def test_export_of_wanted_keys_runs_only_their_tasks(text_run):
+    """``want`` (the isolated backward reads one layer's gradients a batch): only its conversion tasks with a wanted
+    HF key run, each tensor as in the whole export."""
+    whole = dict(MB.export_hf(text_run.bm))
+    wanted = {"model.layers.1.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    if not text_run.dense:
+        wanted.add("model.layers.1.experts.down_proj")
+    got = dict(MB.export_hf(text_run.bm, want=wanted.__contains__))
+    assert set(got) == wanted | {"model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight"}
+    assert [k for k in got if not torch.equal(got[k], whole[k])] == []
+
+
 def _hf_outputs(hf, names, inp):
     mods = dict(hf.named_modules())
     got, handles = {}, []

@@ -271,14 +271,16 @@ def iter_megatron_to_hf(
     *,
     arch: str = "Gemma4ForCausalLM",
     grads: bool = False,
+    want: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """``megatron_to_hf`` one HF tensor at a time (``(name, tensor)``; a tied ``lm_head`` is never yielded),
     so a caller can check and drop each before the next is assembled. ``grads``: the tensors are gradients
-    (each transform's adjoint, ``GRAD_TO_HF``)."""
+    (each transform's adjoint, ``GRAD_TO_HF``). ``want``: only the Megatron tensors one of whose HF names it accepts
+    are assembled (the rest are not read)."""
     shards, tp_size, ep_size, etp_size = _normalise_shards(shards, args)
     _check_known(args, [name for state in shards.values() for name in state])
     fetch = lambda mname: {key: state[mname] for key, state in shards.items() if mname in state}  # noqa: E731
-    return _export(fetch, args, arch, tp_size, ep_size, etp_size, grads)
+    return _export(fetch, args, arch, tp_size, ep_size, etp_size, grads, want)
 
 
 def _check_known(args: TextArgs, names) -> None:
@@ -289,14 +291,18 @@ def _check_known(args: TextArgs, names) -> None:
 
 
 def _export(fetch: Callable[[str], dict], args: TextArgs, arch: str, tp_size: int, ep_size: int,
-            etp_size: int, grads: bool = False) -> Iterator[tuple[str, Tensor]]:
+            etp_size: int, grads: bool = False, want: Callable[[str], bool] | None = None
+            ) -> Iterator[tuple[str, Tensor]]:
     """The export proper: ``fetch(mname)`` gives ``{(tp, ep, etp): tensor}`` for every shard holding ``mname``
-    (called once per Megatron tensor, in the table's order on every rank)."""
+    (called once per Megatron tensor, in the table's order on every rank; ``want``, the same on every rank, skips
+    the tensors none of whose HF names it accepts)."""
     if arch not in TEXT_PREFIX:
         raise BridgeError(f"unknown architecture {arch!r}; expected one of {sorted(TEXT_PREFIX)}")
     prefix = TEXT_PREFIX[arch]
     check_parallel(args, tp_size, ep_size, etp_size)
     for rule, i, hf_names, mname in expand(args):
+        if want is not None and not any(want(_full_hf_name(rule.root, prefix, n)) for n in hf_names):
+            continue
         s = sizes(args, i)
         found = sorted(fetch(mname).items())
 
@@ -352,13 +358,15 @@ def iter_gather_from_world(
     ranks: tuple[int, int, int] | None = None,
     group=None,
     grads: bool = False,
+    want: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, Tensor]]:
     """Inside a torch.distributed world: the HF state dict, one tensor at a time, on every rank. Each Megatron
     tensor is all-gathered on its own device (GPU shards over NCCL, CPU ones over gloo) as raw bytes, so
     only one tensor's shards are ever in flight. ``ranks`` = (tp_rank, ep_rank, etp_rank) of this process
     (default: megatron's ``parallel_state``). Data-parallel copies of one shard must agree bit for bit.
     Every rank must consume the whole iterator (each step is a collective). ``grads``: the tensors are gradients
-    (each transform's adjoint); copies of one shard or of a replicated tensor that disagree give their mean."""
+    (each transform's adjoint); copies of one shard or of a replicated tensor that disagree give their mean.
+    ``want`` (the same on every rank): only the tensors one of whose HF names it accepts are gathered."""
     import torch.distributed as dist
 
     if ranks is None:
@@ -390,7 +398,7 @@ def iter_gather_from_world(
                 raise BridgeError(f"data-parallel copies of {mname} differ on ranks {key}")
         return got
 
-    return _export(fetch, args, arch, tp_size, ep_size, etp_size, grads)
+    return _export(fetch, args, arch, tp_size, ep_size, etp_size, grads, want)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -116,8 +116,10 @@ class System(Protocol):
     def train_loss(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ...  # its own training path on raw inputs and HF-convention labels -> (loss, logits [b, s, V]) with grad
 
-    def grads(self) -> Iterable[tuple[str, torch.Tensor]]: ...  # its parameters' gradients as (HF key, tensor)
-    # by its weight mapping's adjoint (a tensor copied into several places: the sum of their gradients)
+    def grads(self, want: Callable[[str], bool] | None = None) -> Iterable[tuple[str, torch.Tensor]]: ...
+    # its parameters' gradients as (HF key, tensor) by its weight mapping's adjoint (a tensor copied into several
+    # places: the sum of their gradients); ``want``: the HF keys the caller reads (the others need not be assembled:
+    # the isolated backward reads one layer's at a time, at full size a whole export each)
 
     def input_key(self, a: Aligned, args: tuple, kwargs: dict) -> int | str | None: ...
     # where, among a hooked module's arguments, is what HF's module of ``a`` receives as its main input

@@ -12,7 +12,7 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -192,15 +192,30 @@ def load_hf(bm: BridgeModel, hf_model) -> list[str]:
 
 
 @torch.no_grad()
-def export_hf(bm: BridgeModel, hf_model=None, merge: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+def export_hf(bm: BridgeModel, hf_model=None, merge: bool = False,
+              want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """``(hf_key, tensor)`` for every tensor the bridge's own export (``export_hf_weights``) yields, in the
     model's dtype. ``hf_model`` (optional) is handed to the bridge as its reference HF state. ``merge``: LoRA
-    adapters merged into the weights (its default; here off unless asked: the base weights)."""
+    adapters merged into the weights (its default; here off unless asked: the base weights). ``want``: only its
+    conversion tasks one of whose HF names it accepts run (its own tasks, built as its export builds them, then
+    filtered: the same on every rank)."""
     bridge = AutoBridge(_pretrained(bm, hf_model)) if hf_model is not None else bm.bridge
     dtype = next(bm.model.parameters()).dtype
-    for name, tensor in bridge.export_hf_weights([bm.model], cpu=False, show_progress=False, weight_dtype=dtype,
-                                                 merge_adapter_weights=merge):
+    if want is None:
+        stream = bridge.export_hf_weights([bm.model], cpu=False, show_progress=False, weight_dtype=dtype,
+                                          merge_adapter_weights=merge)
+    else:
+        mb = bridge._model_bridge
+        tasks = [t for t in mb.build_conversion_tasks(bridge.hf_pretrained, [bm.model], weight_dtype=dtype)
+                 if t is not None and any(want(n) for n in _hf_names(t.mapping.hf_param))]
+        stream = mb.stream_weights_megatron_to_hf([bm.model], bridge.hf_pretrained, cpu=False, show_progress=False,
+                                                  conversion_tasks=tasks, merge_adapter_weights=merge)
+    for name, tensor in stream:
         yield name, tensor
+
+
+def _hf_names(hf_param) -> list[str]:
+    return list(hf_param.values()) if isinstance(hf_param, dict) else [hf_param]
 
 
 def megatron_attention_mask(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -182,12 +182,13 @@ def _values(model: torch.nn.Module, values: dict[str, torch.Tensor]):
             (params.get(name) if name in params else buffers[name]).data = data
 
 
-def grads(bm):
+def grads(bm, want=None):
     """Its parameters' gradients as HF ``(key, tensor)`` pairs, one at a time (at full size the whole set in HF layout
     would be another copy of the model's gradients): its export applied to the gradients (TP shards and EP experts
     gathered by it), K=V layers' ``k_proj`` the sum of the k and v slots' gradients (the adjoint of its import's
     copy). Buffers (``layer_scalar``) come back as zeros: nothing trains them. Consume it whole: the model's
-    parameters hold their gradients until it ends."""
+    parameters hold their gradients until it ends. ``want``: only the tensors with an HF key it accepts are
+    exported (``model.export_hf``)."""
     from parity.mbridge.model import export_hf
 
     model = bm.model
@@ -198,7 +199,7 @@ def grads(bm):
     k_slot = {f"{hf_layers}.{i}.self_attn.k_proj.weight" for i in tied}
     held = {}
     with _values(model, g):
-        for k, v in export_hf(bm):
+        for k, v in export_hf(bm, want=want):
             if k in k_slot:
                 held[k] = v.detach().clone()
             else:
@@ -210,7 +211,7 @@ def grads(bm):
             if name in g:
                 swapped[name] = _swap_k_v(g[name], language_model(model).decoder.layers[i].self_attention)
         with _values(model, swapped):
-            for k, v in export_hf(bm):
+            for k, v in export_hf(bm, want=want):
                 if k in held:
                     yield k, held.pop(k) + v.detach()
 

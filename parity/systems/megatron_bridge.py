@@ -289,18 +289,18 @@ class MegatronBridgeSystem:
         with L.dropout_off(self.bm):  # a dropout mask is random on each side
             return T.train_loss(*args, **self._visual(inputs))
 
-    def grads(self):
+    def grads(self, want=None):
         """Its parameters' gradients in HF layout, by its own export applied to them (K=V: the adjoint of its
         import's copy of k_proj into the v slot), after megatron's ``finalize_model_grads`` (``finalize_grads``); in a
         world of several ranks its export gathers the shards (TP slices, EP experts); with LoRA on, the adapters' (the
-        base is frozen)."""
+        base is frozen). ``want``: only its conversion tasks with an HF key it accepts run (not the adapters')."""
         self.finalize_grads()
         if getattr(self, "lora", None) is not None:
             from parity.mbridge import lora as L
 
             yield from L.grads(self.bm).items()
             return
-        yield from T.grads(self.bm)
+        yield from T.grads(self.bm, want)
 
     def zero_grad(self) -> None:
         """Its parameters' gradients cleared (the isolated backward runs its modules' backwards into them)."""

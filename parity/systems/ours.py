@@ -414,10 +414,11 @@ class ParitySystem:
         """megatron-core's global gradient norm over the ranks (``megatron_layout.grad_norm``)."""
         return grad_norm(pairs, self._experts(), next(self.model.parameters()).device)
 
-    def grads(self):
+    def grads(self, want=None):
         """Its parameters' gradients in HF layout, by its weight mapping's adjoint (``parity.bridge.convert``), after
         megatron's data-parallel reduction (``finalize_grads``); in a world of several ranks each gradient's shards
-        are gathered (TP slices, EP experts)."""
+        are gathered (TP slices, EP experts). ``want``: the decoder's tensors are assembled only where it accepts one
+        of their HF keys (the vision and audio towers' are renames, the adapters small: all of them)."""
         from parity.bridge import convert, vision
 
         self.finalize_grads()
@@ -436,11 +437,12 @@ class ParitySystem:
                 self._whole_adapters(sd), self.args, self._hf_prefix(), grads=True))
             return
         if not self.vlm:
-            yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(sd, self.args,
-                                                                                                   grads=True)
+            yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(
+                sd, self.args, grads=True, want=want)
             return
         text = {k[len(TEXT_MC):]: v for k, v in sd.items() if k.startswith(TEXT_MC)}
-        yield from convert.iter_megatron_to_hf(text, self.args, arch="Gemma4ForConditionalGeneration", grads=True)
+        yield from convert.iter_megatron_to_hf(text, self.args, arch="Gemma4ForConditionalGeneration", grads=True,
+                                               want=want)
         yield from vision.megatron_to_hf_vision({k[len(VISION_MC):]: v for k, v in sd.items()
                                                  if k.startswith(VISION_MC)}, "model.").items()  # renames only
         if self.audio:
