@@ -87,7 +87,7 @@ EP_CASE, EP_PLANTS = CASE, ("experts not averaged over DP", "experts' norm not o
 TP_CASE, TP_PLANTS = "gemma4-text-tiny-train-tp2-megatron-bridge", ("norm gradients not summed over TP",)
 
 
-def _worker(rank, world, port, case_name, seeds, plants, path):
+def _worker(rank, world, port, case_name, seeds, plants, defaults, path):
     join(rank, world, port)
     from parity.cases import load_case
     from parity.engine import pipeline
@@ -105,18 +105,18 @@ def _worker(rank, world, port, case_name, seeds, plants, path):
                     out[name] = _digest(pipeline.against(ref, SYSTEM))
                 finally:
                     patch.undo()
-        if seed == seeds[0]:
+        if seed == seeds[0] and defaults:
             out["default"] = _digest(pipeline.against(ref, SYSTEM))  # every default of its provider: the case
         ref.close()
     if rank == 0:
         torch.save(out, path)
 
 
-def _run(case: str = CASE, seeds=(0,), plants=tuple(PLANTS)) -> dict:
+def _run(case: str = CASE, seeds=(0,), plants=tuple(PLANTS), defaults: bool = True) -> dict:
     from parity.cases import load_case
 
     parallel = load_case(case).parallel
-    return spawn(_worker, parallel.tp * parallel.ep, case, seeds, plants)
+    return spawn(_worker, parallel.tp * parallel.ep, case, seeds, plants, defaults)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +126,9 @@ def ep_world() -> dict:
 
 @pytest.fixture(scope="module")
 def tp_world() -> dict:
-    return _run(TP_CASE, (0,), TP_PLANTS)
+    """Its defaults are not rerun here (CI time: the EP=2 world pins finding 10 over two ranks; at TP=2 with sequence
+    parallelism it gives the numbers of TP=1 and EP=2, measured: docs/training.md)."""
+    return _run(TP_CASE, (0,), TP_PLANTS, defaults=False)
 
 
 def _of(r: dict, modes) -> dict:
@@ -224,19 +226,6 @@ def test_tp2_sequence_parallel_training_step_with_its_findings_removed_holds(tp_
     assert len(steps) == 126 and max(steps.values()) < 1e-7
     assert r["loss"]["rel_diff"] < 1e-6 and r["loss"]["grad_norm"]["rel_diff"] < 1e-6
     assert r["trajectory"]["steps"] == 3 and r["trajectory"]["worst_rel_diff"] < 1e-6
-
-
-def test_tp2_with_its_defaults_fails_where_finding_10_says(tp_world):
-    """Every default of its provider (the case): as at EP=1 and EP=2, the gradients fail from its loss on (finding 10,
-    its loss alone 1.78e-3; end to end first at ``lm_head``'s input gradient), the loss itself exact, the step
-    carrying it."""
-    r = tp_world["default"]
-    assert r["passed"] is False and r["checks"]["logits"] is True and r["checks"]["modules"] is True
-    assert r["checks"]["gradients"] is False and r["checks"]["step"] is False and r["checks"]["trajectory"] is False
-    assert (r["first"]["name"], r["first"]["mode"]) == ("loss", "isolated_grad_input")
-    assert 1.7e-3 < r["first"]["value"] < 1.9e-3
-    assert r["first_e2e"] == "lm_head"
-    assert r["loss"]["rel_diff"] < 1e-6 and 1.0e-3 < r["loss"]["grad_norm"]["rel_diff"] < 1.2e-3
 
 
 REPLICATED = ("input_layernorm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",

@@ -67,6 +67,13 @@ def _worker(rank, world, port, path):
     ya.backward(g1[:, :, cols]), yb.backward(g1[:, :, cols])
     out["column"] = {"shape": tuple(ya.shape), "y": _max(ya, yb), "dx": _max(xa.grad, xb.grad),
                      "dw": _max(ln.weight.grad, mc.weight.grad)}
+    ln.return_layernorm_output = True  # what Megatron-Bridge's LoRA sets: the normed input, local or gathered (TE)
+    with torch.no_grad():
+        whole = torch.nn.functional.rms_norm(x, (H,), gamma, 1e-6)
+        (_, local), _ = ln(x[rows])
+        ln.return_layernorm_output_gathered = True
+        (_, gathered), _ = ln(x[rows])
+    out["normed"] = {"local": _max(local, whole[rows]), "gathered": _max(gathered, whole)}
 
     # row + post-norm: the stand-in on this rank's features, against megatron's RowParallelLinear, then the norm
     rp = Sub.RowParallelLinearPostNormSubstitute(F, H, config=config)
@@ -105,6 +112,12 @@ def test_layernorm_linear_is_megatrons_column_parallel_linear_under_sequence_par
     r = world["column"]
     assert r["shape"] == (S, B, F // 2)
     assert r["y"] == 0 and r["dx"] == 0 and r["dw"] == 0
+
+
+def test_layernorm_linear_returns_its_normed_input_local_or_gathered(world):
+    """TE's ``return_layernorm_output`` (this rank's shard) and ``return_layernorm_output_gathered`` (the whole
+    sequence): against torch's RMSNorm on the whole input."""
+    assert world["normed"]["local"] < 1e-6 and world["normed"]["gathered"] < 1e-6
 
 
 def test_row_linear_post_norm_is_megatrons_row_parallel_linear_under_sequence_parallelism(world):

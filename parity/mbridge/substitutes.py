@@ -284,6 +284,7 @@ class LayerNormColumnParallelLinearSubstitute(nn.Module):
             p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, stride
 
     return_layernorm_output = False  # TE's flag; Megatron-Bridge's LoRA sets it to read the normed input
+    return_layernorm_output_gathered = False  # TE's flag (sequence parallelism): the normed input returned gathered
 
     def forward(self, x):
         """``(y, None)``; with ``return_layernorm_output`` (TE's flag): ``((y, norm(x)), None)``. At TP > 1 without
@@ -293,7 +294,7 @@ class LayerNormColumnParallelLinearSubstitute(nn.Module):
         sequence shard ``[s/tp, b, in]``: the norm runs on it, its output is all-gathered along the sequence before
         the GEMM (output ``[s, b, out/tp]``) and the backward reduce-scatters the gathered input's gradient
         (megatron's ``gather_from_sequence_parallel_region``); the normed output returned is the local shard (TE's
-        ``return_layernorm_output_gathered`` off, megatron-core's default)."""
+        ``return_layernorm_output_gathered`` off, megatron-core's default; on: the gathered one the GEMM reads)."""
         h = te_rms_norm(x, self.layer_norm_weight, self.eps, self.zero_centered_gamma)
         hc = h
         if self.sequence_parallel:
@@ -305,7 +306,8 @@ class LayerNormColumnParallelLinearSubstitute(nn.Module):
 
             hc = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
         y = torch.nn.functional.linear(hc, self.weight)
-        return ((y, h) if self.return_layernorm_output else y), None
+        normed = hc if self.sequence_parallel and self.return_layernorm_output_gathered else h
+        return ((y, normed) if self.return_layernorm_output else y), None
 
 
 class RowParallelLinearPostNormSubstitute(nn.Module):
