@@ -394,18 +394,22 @@ class RowParallelGroupedLinearSubstitute(_GroupedLinearSubstitute):
 def lora_attributes(m: nn.Module, is_expert: bool = False) -> dict | None:
     """What ``megatron.bridge.peft.utils.get_adapter_attributes_from_linear`` reads from a stand-in, as from its TE twin
     (the TE branches of that function): LayerNormLinear and GroupedLinear (column) -- input not parallel, out features
-    times the TP size, a LayerNormLinear returning its normed input for LoRA (``return_layernorm_output``); Linear +
-    norm and GroupedLinear (row) -- input parallel, in features times the TP size. None: not a stand-in."""
+    times the TP size, a LayerNormLinear returning its normed input for LoRA (``return_layernorm_output``; under
+    sequence parallelism gathered, ``return_layernorm_output_gathered``, its default path without input regather, the
+    adapter then without sequence-parallel communication); Linear + norm and GroupedLinear (row) -- input parallel, in
+    features times the TP size (the Linear's adapter reduce-scatters along the sequence under sequence parallelism).
+    None: not a stand-in."""
     if isinstance(m, LayerNormColumnParallelLinearSubstitute):
         m.return_layernorm_output = True
+        m.return_layernorm_output_gathered = m.sequence_parallel
         tp = m.config.tensor_model_parallel_size
         return dict(input_is_parallel=False, in_features=m.weight.shape[1], out_features=m.weight.shape[0] * tp,
-                    disable_tensor_parallel_comm=False, disable_sequence_parallel_comm=not m.config.sequence_parallel,
+                    disable_tensor_parallel_comm=False, disable_sequence_parallel_comm=True,
                     base_linear_is_parallel=True)
     if isinstance(m, RowParallelLinearPostNormSubstitute):
         tp = m.tp_group.size() if m.tp_group is not None else 1
         return dict(input_is_parallel=True, in_features=m.weight.shape[1] * tp, out_features=m.weight.shape[0],
-                    disable_tensor_parallel_comm=False, disable_sequence_parallel_comm=True,
+                    disable_tensor_parallel_comm=False, disable_sequence_parallel_comm=not m.sequence_parallel,
                     base_linear_is_parallel=True)
     if isinstance(m, _GroupedLinearSubstitute):
         tp = m.config.expert_tensor_parallel_size or 1
