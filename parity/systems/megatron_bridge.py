@@ -522,7 +522,8 @@ class MegatronBridgeSystem:
 
         layer = self._modules[f"{LM_VLM if self.vlm else ''}decoder.layers.{a.layer}"]
         y = MB.modeling_gemma4._gemma4_rms_norm(self._in(a, self._arg(call)), norm.weight, layer.config.layernorm_epsilon)
-        return self._layout(a, y)
+        whole = y.shape[0] * (tp_size() if self.sp and sp_sharded(a) else 1)  # the replayed length (a probe's too)
+        return to_hf(a, y, self.b, whole, self.args, contiguous=True, sequence_parallel=self.sp)
 
     def _via_input(self, a: Aligned, module: nn.Module, call) -> Any:
         """Run ``module`` (self_attention, linear_proj, the MoE layer) on ``call``'s first HF input; the row's
