@@ -33,6 +33,8 @@ Schema (fields without a default are required)::
     [parallel]                           # default tp = ep = 1; world size tp*ep > 1 means torchrun
     tp = 1
     ep = 1
+    sequence_parallel = false            # default false; tp > 1 only: megatron's sequence parallelism (activations
+                                         # outside the TP regions split along the sequence over the TP ranks)
     [run]
     sequential = false                   # release the HF model before building Megatron
     offload = false                      # keep captured tensors on the host
@@ -167,6 +169,7 @@ class Inputs(_Section):
 class Parallel(_Section):
     tp: int = 1
     ep: int = 1
+    sequence_parallel: bool = False  # megatron's sequence parallelism (tp > 1)
 
     @property
     def world_size(self) -> int:
@@ -510,7 +513,10 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
                     lengths=lengths, position_offset=position_offset, max_soft_tokens=max_soft_tokens, audio=audio)
 
     p = top.sub("parallel")
-    parallel = Parallel(tp=p.int_("tp", default=1, minimum=1), ep=p.int_("ep", default=1, minimum=1))
+    parallel = Parallel(tp=p.int_("tp", default=1, minimum=1), ep=p.int_("ep", default=1, minimum=1),
+                        sequence_parallel=p.bool_("sequence_parallel", default=False))
+    if parallel.sequence_parallel and parallel.tp == 1:
+        p.fail("sequence_parallel", "needs parallel.tp > 1 (it splits the sequence over the TP ranks)")
     p.done()
     if parallel.world_size > 1:
         if devices != ("cuda",):

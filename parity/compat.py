@@ -201,6 +201,22 @@ def _quiet_bridge() -> None:
     model_bridge.MegatronModelBridge._with_progress_tracking = without_bar
 
 
+class _FreshBuffer:
+    """``GlobalMemoryBuffer.get_tensor``'s signature, a new tensor each call."""
+
+    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None):
+        return torch.empty(tensor_shape, dtype=dtype)
+
+
+def _sequence_gathers_into_fresh_memory() -> None:
+    # The CPU-only allgather dispatcher (in place of alltoall) gathers into megatron's shared "mpu" buffer, so its
+    # backward hands the experts' input gradient back as a view of it, which the local shared experts' sequence-
+    # parallel backward overwrites before it is read; a fresh tensor per gather (same values, no aliasing).
+    from megatron.core.tensor_parallel import mappings
+
+    mappings.get_global_memory_buffer = _FreshBuffer
+
+
 def apply_megatron_bridge() -> None:
     """Install the megatron-core patches and the ones Megatron-Bridge's Gemma 4 import needs, once."""
     global _MBRIDGE_APPLIED
@@ -214,3 +230,5 @@ def apply_megatron_bridge() -> None:
     _bridge_lora_recognises_standins()
     _local_softmax_masks_on_cpu()
     _quiet_bridge()
+    if not torch.cuda.is_available():
+        _sequence_gathers_into_fresh_memory()

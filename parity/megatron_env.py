@@ -9,9 +9,14 @@ import torch.distributed as dist
 from parity import compat
 
 
-def init(tp: int = 1, ep: int = 1, seed: int = 0, backend: str | None = None) -> None:
-    """Initialise torch.distributed (if needed) and megatron's model-parallel state for TP x EP."""
+_SEQUENCE_PARALLEL = [False]  # the run's megatron sequence parallelism (a case's parallel.sequence_parallel)
+
+
+def init(tp: int = 1, ep: int = 1, seed: int = 0, backend: str | None = None, sequence_parallel: bool = False) -> None:
+    """Initialise torch.distributed (if needed) and megatron's model-parallel state for TP x EP; ``sequence_parallel``
+    is recorded for the systems that build their models (``ranks``)."""
     compat.apply()
+    _SEQUENCE_PARALLEL[0] = bool(sequence_parallel)
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -44,4 +49,5 @@ def ranks() -> dict[str, int]:
         tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
         ep_rank=ps.get_expert_model_parallel_rank(), ep_size=ps.get_expert_model_parallel_world_size(),
         etp_rank=ps.get_expert_tensor_parallel_rank(), etp_size=ps.get_expert_tensor_parallel_world_size(),
+        sequence_parallel=_SEQUENCE_PARALLEL[0],
     )

@@ -73,6 +73,46 @@ def tp_split(x: torch.Tensor) -> torch.Tensor:
     return scatter_to_tensor_model_parallel_region(x)
 
 
+# -- sequence parallelism ----------------------------------------------------------------------------------
+# Under megatron's sequence parallelism what lies outside the tensor-parallel regions -- the residual stream and every
+# value of hidden size a replicated module (a norm, a layer, an MLP block, a router) or a row-parallel linear (its
+# reduce-scatter) writes -- is this rank's shard of the sequence, ``[s/tp, b, ...]`` (router tokens ``[s/tp*b, ...]``);
+# what a column-parallel linear writes and a row-parallel linear reads (features, heads, vocabulary split over TP),
+# with the per-head norms and the core attention between them, holds the whole sequence. By the row's kind:
+SEQUENCE_SHARDED = frozenset({Kind.EMBEDDING, Kind.LAYER, Kind.NORM, Kind.FLAT_NORM, Kind.ATTENTION, Kind.LINEAR,
+                              Kind.MLP, Kind.ROUTER, Kind.EXPERTS})  # a row's value
+WHOLE_SEQUENCE_INPUT = frozenset({Kind.LINEAR, Kind.HEAD_NORM})  # a row's module's input: row-parallel, per-head;
+# every other module whose input is read (a layer, a norm, a column-parallel linear: its all-gather is inside it, an
+# MLP block, a router, the output layer) takes this rank's sequence shard
+
+
+def sp_sharded(a: Aligned, io: str = "output") -> bool:
+    """Whether row ``a``'s value (``io="output"``) or its module's input (``"input"``) is a sequence shard under
+    sequence parallelism (``SEQUENCE_SHARDED``, ``WHOLE_SEQUENCE_INPUT``)."""
+    kind = a.row.kind
+    return kind in SEQUENCE_SHARDED if io == "output" else kind not in WHOLE_SEQUENCE_INPUT
+
+
+def sp_gather(x: torch.Tensor, whole: int) -> torch.Tensor:
+    """This rank's sequence shard (first dim ``whole / tp``) -> the whole sequence (first dim ``whole``), all-gathered
+    along the first dim (backward: this rank's part of the gradient, as each rank's copy of the whole is the same).
+    A tensor of another length is a layout the caller did not expect: an error."""
+    n = tp_size()
+    if x.shape[0] * n != whole:
+        raise ValueError(f"expected a sequence shard of {whole} // {n} rows, got {tuple(x.shape)}")
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    return gather_from_sequence_parallel_region(x.contiguous(), tensor_parallel_output_grad=False)
+
+
+def sp_split(x: torch.Tensor) -> torch.Tensor:
+    """The whole sequence ``[s, ...]`` -> this rank's shard ``[s/tp, ...]`` (backward: every rank's shard gradient
+    gathered): what a module under sequence parallelism takes of a whole input."""
+    from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
+
+    return scatter_to_sequence_parallel_region(x.contiguous())
+
+
 # -- fused projections, per-head norms, router tokens -------------------------------------------------------
 
 def split_qkv(mixed: torch.Tensor, part: Part, np_: int, hn: int, ng: int) -> torch.Tensor:
@@ -111,11 +151,15 @@ def hf_token_order(t: torch.Tensor, b: int, s: int) -> torch.Tensor:
 FLAT = (Kind.EXPERTS, Kind.FLAT_NORM)  # rows HF computes on flattened tokens ``[b*s, H]``
 
 
-def to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, args: TextArgs, *, contiguous: bool = False) -> torch.Tensor:
+def to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, args: TextArgs, *, contiguous: bool = False,
+          sequence_parallel: bool = False) -> torch.Tensor:
     """A Megatron output ``[s, b, ...]`` (this rank's shard) -> row ``a``'s HF layout: the row's ``Part`` of a
     fused projection, column-parallel outputs (heads, features, vocab) gathered, batch-first, ``[b*s, H]`` for
-    ``FLAT`` rows. ``contiguous``: the transpose as a contiguous copy (same values)."""
+    ``FLAT`` rows. ``contiguous``: the transpose as a contiguous copy (same values). ``sequence_parallel``: a
+    sequence-sharded row's value (``sp_sharded``) gathered along the sequence first."""
     kind = a.row.kind
+    if sequence_parallel and sp_sharded(a):
+        x = sp_gather(x, s)
     if kind is Kind.QKV:
         x = qkv_part(x, a.row.part, args, a.layer)
     elif kind is Kind.FC1:
@@ -128,12 +172,16 @@ def to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, args: TextArgs, *, contig
     return x.reshape(b * s, -1) if kind in FLAT else x
 
 
-def input_to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, module=None) -> torch.Tensor:
+def input_to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, module=None, *,
+                sequence_parallel: bool = False) -> torch.Tensor:
     """A Megatron module's input ``[s, b, ...]`` (or a gradient with respect to it) -> the layout of the HF
     module's input for row ``a``: a row-parallel linear's slice of the features and per-head norms' heads
-    gathered, batch-first, ``[b*s, H]`` for ``FLAT`` rows."""
+    gathered, batch-first, ``[b*s, H]`` for ``FLAT`` rows. ``sequence_parallel``: a sequence-sharded input
+    (``sp_sharded``) gathered along the sequence first."""
     kind = a.row.kind
     module = getattr(module, "to_wrap", module)  # a LoRA wrapper (Megatron-Bridge's): the linear it adapts
+    if sequence_parallel and sp_sharded(a, "input"):
+        x = sp_gather(x, s)
     if kind is Kind.LINEAR and tp_size() > 1 and getattr(getattr(module, "weight", None), "partition_dim", None) == 1:
         x = tp_gather(x)
     elif kind is Kind.HEAD_NORM and tp_size() > 1:

@@ -17,7 +17,8 @@ REQUIRES = {
 REFUSES = {
     "parity": {"lora.experts": "LoRA on the routed experts: our experts (parity.models.text.Gemma4Experts) read their "
                                "stacked weights directly, with no linear module Megatron-Bridge's LoRA transform can "
-                               "wrap"},
+                               "wrap",
+               "parallel.sequence_parallel": "sequence parallelism: our model (parity.models.text) is built without it"},
 }
 
 
@@ -45,7 +46,8 @@ def get(name: str):
 def refuses(name: str, case) -> str | None:
     """Why system ``name`` cannot run ``case`` at all (``REFUSES``), or None."""
     lora = getattr(case, "lora", None)
-    features = {"lora.experts": lora is not None and lora.experts is not None}
+    features = {"lora.experts": lora is not None and lora.experts is not None,
+                "parallel.sequence_parallel": bool(getattr(getattr(case, "parallel", None), "sequence_parallel", False))}
     return next((why for feature, why in REFUSES.get(name, {}).items() if features[feature]), None)
 
 

@@ -63,7 +63,8 @@ def reference(case, *, device: str, dtype: str | None = None, checkpoint: str | 
     """The HF side of ``case``, with the noise floors of every mode that has them (bf16 runs)."""
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    megatron_env.init(tp=case.parallel.tp, ep=case.parallel.ep, seed=case.seed if seed is None else seed)
+    megatron_env.init(tp=case.parallel.tp, ep=case.parallel.ep, seed=case.seed if seed is None else seed,
+                      sequence_parallel=case.parallel.sequence_parallel)
     ref = Reference.build(case, device=device, dtype=dtype, checkpoint=checkpoint, seed=seed, progress=progress)
     for mode in modes.MODES:
         if mode.why_not(case, ref.dtype) is not None:
@@ -155,7 +156,8 @@ def against(ref: Reference, system: str) -> dict:
         config_hash=config_hash(ref.config), layer_types=[la.layer_type for la in ref.text_args.layers], **summary,
         roundtrip=c.sections.get("roundtrip"), phases=phases, timings=timings,
         peak_memory={**_peak_memory(ref.device, peaks), "gpu_peak_by_phase_gib": peaks},
-        parallel={"tp": case.parallel.tp, "ep": case.parallel.ep, "world_size": case.world_size},
+        parallel={"tp": case.parallel.tp, "ep": case.parallel.ep, "world_size": case.world_size,
+                  **({"sequence_parallel": True} if case.parallel.sequence_parallel else {})},
         sequential=ref.sequential, hf_released_before_megatron=ref.released, gates=case.to_dict()["gates"],
         host_staged_gib={"activations": ref.store.host_bytes / 2**30,
                          "weights": (host.staged_bytes if host is not None else 0) / 2**30},

@@ -79,14 +79,20 @@ def adapt_config(hf_config):
 def te_free_block_spec(config, **kwargs):
     """The bridge's own Gemma 4 MoE block spec, built without TE, with the TE-only leaves replaced by
     ``parity.mbridge.substitutes`` (input norm fused into linear_qkv as in the TE spec; experts as
-    megatron-core's TEGroupedMLP over grouped-linear stand-ins)."""
+    megatron-core's TEGroupedMLP over grouped-linear stand-ins). With sequence parallelism the TE spec's TENorms
+    (q/k norms, the pre-MLP norm whose weight its layer applies, the final norm) are TENorm's stand-in: the local
+    spec's norm refuses sequence parallelism."""
     spec = modeling_gemma4._gemma4_block_spec(config, use_transformer_engine=False, **kwargs)
+    if config.sequence_parallel:
+        spec.layer_norm = S.TENormSubstitute
     for layer in spec.layer_specs:
         layer.submodules.input_layernorm = IdentityOp
         attn = layer.submodules.self_attention.submodules
         attn.linear_qkv = S.LayerNormColumnParallelLinearSubstitute
         attn.core_attention = S.CoreAttentionSubstitute
         attn.linear_proj = S.RowParallelLinearPostNormSubstitute
+        if config.sequence_parallel:
+            attn.q_layernorm = attn.k_layernorm = layer.submodules.pre_mlp_layernorm = S.TENormSubstitute
         mlp = layer.submodules.mlp
         moe_submodules = mlp.keywords["submodules"] if isinstance(mlp, partial) else mlp.submodules
         moe_submodules.experts = partial(TEGroupedMLP, submodules=GroupedMLPSubmodules(
@@ -98,7 +104,8 @@ def bridge_divisor(vocab_size: int) -> int:
     return gemma4_bridge.Gemma4Bridge().make_vocab_size_divisible_by(vocab_size)
 
 
-def _configure(provider, dtype: torch.dtype, device: str, tp: int, ep: int, dense: bool) -> None:
+def _configure(provider, dtype: torch.dtype, device: str, tp: int, ep: int, dense: bool,
+               sequence_parallel: bool = False) -> None:
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     provider.params_dtype = dtype
@@ -107,7 +114,7 @@ def _configure(provider, dtype: torch.dtype, device: str, tp: int, ep: int, dens
     provider.autocast_dtype = dtype
     provider.tensor_model_parallel_size = tp
     provider.expert_model_parallel_size = ep
-    provider.sequence_parallel = False
+    provider.sequence_parallel = sequence_parallel
     provider.gradient_accumulation_fusion = False
     provider.use_cpu_initialization = device == "cpu"
     provider.perform_initialization = False  # every weight is loaded through the bridge's mapping
@@ -128,17 +135,18 @@ def _configure(provider, dtype: torch.dtype, device: str, tp: int, ep: int, dens
 
 
 def build(hf_config, *, dtype: torch.dtype = torch.float32, device: str = "cpu", tp: int = 1, ep: int = 1,
-          seed: int = 0) -> BridgeModel:
+          seed: int = 0, sequence_parallel: bool = False) -> BridgeModel:
     """Megatron-Bridge's model for an HF Gemma 4 config, via its own provider (``AutoBridge.from_hf_config``
-    -> ``to_megatron_provider``), in ``dtype`` on ``device``. Parameters are uninitialised: ``load_hf``."""
-    megatron_env.init(tp=tp, ep=ep, seed=seed)
+    -> ``to_megatron_provider``), in ``dtype`` on ``device``; ``sequence_parallel``: its provider's (its Gemma 4
+    recipes' at TP > 1). Parameters are uninitialised: ``load_hf``."""
+    megatron_env.init(tp=tp, ep=ep, seed=seed, sequence_parallel=sequence_parallel)
     adapted = adapt_config(hf_config)
     kind = "vlm" if adapted.architectures == [VLM_ARCH] else "text"
     text = adapted.text_config if kind == "vlm" else adapted
     dense = not bool(getattr(text, "enable_moe_block", False))
     bridge = AutoBridge.from_hf_config(adapted)
     provider = bridge.to_megatron_provider(load_weights=False)
-    _configure(provider, dtype, device, tp, ep, dense)
+    _configure(provider, dtype, device, tp, ep, dense, sequence_parallel)
     provider.finalize()
     # PP=1: first and last stage. Explicit, because Gemma4VLModelProvider.provide() passes pre_process=None on
     # to Gemma4VLModel, which then builds no vision tower and embeds the image placeholder ids as text.

@@ -47,8 +47,11 @@ SUBSTITUTED: list[dict[str, str]] = [
          reason=_NO_TE + "; megatron-core's TEGroupedMLP itself runs (probabilities applied after the activation)"),
     dict(part="q_layernorm, k_layernorm, decoder.final_layernorm (TENorm), mlp.shared_experts linears "
               "(TEColumnParallelLinear / TERowParallelLinear)",
-         by="megatron-core's local spec (WrappedTorchNorm = torch.nn.RMSNorm; ColumnParallelLinear / RowParallelLinear)",
-         reason=_NO_TE + "; the bridge's block spec is built with use_transformer_engine=False"),
+         by="megatron-core's local spec (WrappedTorchNorm = torch.nn.RMSNorm; ColumnParallelLinear / RowParallelLinear); "
+            "with sequence parallelism the norms are parity.mbridge.substitutes.TENormSubstitute (RMSNorm in fp32, "
+            "weight marked sequence-parallel)",
+         reason=_NO_TE + "; the bridge's block spec is built with use_transformer_engine=False; megatron-core's "
+                "WrappedTorchNorm refuses sequence parallelism"),
     dict(part="moe_permute_fusion (TE fused permute kernels)",
          by="megatron-core's unfused permute / unpermute", reason=_NO_TE),
 ]
@@ -76,8 +79,12 @@ DENSE: list[dict[str, str]] = [
 # On CPU only (appended by parity.mbridge.model.build when the device is the CPU)
 CPU_ONLY: list[dict[str, str]] = [
     dict(part="moe_token_dispatcher_type='alltoall' (the provider's choice)",
-         by="megatron-core's 'allgather' dispatcher",
-         reason="the alltoall dispatcher creates a torch.cuda.Stream at construction"),
+         by="megatron-core's 'allgather' dispatcher, its gathers into fresh memory (parity.compat: not megatron's "
+            "shared 'mpu' buffer)",
+         reason="the alltoall dispatcher creates a torch.cuda.Stream at construction; under sequence parallelism the "
+                "allgather dispatcher's backward returns the experts' input gradient as a view of the 'mpu' buffer, "
+                "which the local shared experts' backward overwrites before it is read (TE's linears and the "
+                "alltoall dispatcher do not share that buffer)"),
 ]
 
 
@@ -213,6 +220,19 @@ def _partition(size: int, pg_collection, attr: str) -> int:
     return size // world
 
 
+def _sequence_parallel(config, tp_group) -> bool:
+    """TE's ``sequence_parallel`` as megatron-core's TE wrappers pass it (``config.sequence_parallel``), in effect
+    only where there is a TP group of several ranks (TE communicates over ``tp_group`` only then)."""
+    return bool(config.sequence_parallel) and tp_group is not None and tp_group.size() > 1
+
+
+def _mark_sequence_parallel(p: nn.Parameter, config) -> None:
+    """TE marks a norm's weight ``sequence_parallel`` (its ``sequence_parallel`` argument): megatron-core's
+    ``finalize_model_grads`` (``_allreduce_non_tensor_model_parallel_grads``) then sums its gradient over the TP
+    ranks, each of which saw only its sequence shard."""
+    p.sequence_parallel = bool(config.sequence_parallel)
+
+
 class TENormSubstitute(nn.Module):
     """Stand-in for megatron-core ``TENorm`` with RMSNorm (TE ``RMSNorm``): ``weight``, the caller's eps
     (``TE_NORM_DEFAULT_EPS`` when none is passed, as TENorm's signature), ``layernorm_zero_centered_gamma``."""
@@ -226,8 +246,10 @@ class TENormSubstitute(nn.Module):
         self.zero_centered_gamma = bool(config.layernorm_zero_centered_gamma)
         init = 0.0 if self.zero_centered_gamma else 1.0
         self.weight = nn.Parameter(torch.full((hidden_size,), init, dtype=config.params_dtype))
+        _mark_sequence_parallel(self.weight, config)
 
     def forward(self, x):
+        """On whatever rows it is given: under sequence parallelism this rank's sequence shard (no communication)."""
         return te_rms_norm(x, self.weight, self.eps, self.zero_centered_gamma)
 
 
@@ -256,24 +278,36 @@ class LayerNormColumnParallelLinearSubstitute(nn.Module):
         self.weight = nn.Parameter(torch.empty(output_size // world, input_size, dtype=config.params_dtype))
         init = 0.0 if self.zero_centered_gamma else 1.0
         self.layer_norm_weight = nn.Parameter(torch.full((input_size,), init, dtype=config.params_dtype))
+        _mark_sequence_parallel(self.layer_norm_weight, config)
+        self.sequence_parallel = _sequence_parallel(config, self.tp_group)
         for p in (self.weight,):
             p.tensor_model_parallel, p.partition_dim, p.partition_stride = True, 0, stride
 
     return_layernorm_output = False  # TE's flag; Megatron-Bridge's LoRA sets it to read the normed input
+    return_layernorm_output_gathered = False  # TE's flag (sequence parallelism): the normed input returned gathered
 
     def forward(self, x):
-        """``(y, None)``; with ``return_layernorm_output`` (TE's flag): ``((y, norm(x)), None)``. At TP > 1 the
-        normed input is every rank's (no communication forward) and its gradient is summed over the TP group in the
-        backward (TE ``LayerNormLinear``, column mode, no sequence parallelism: an all-reduce of the input gradient,
-        megatron's ``copy_to_tensor_model_parallel_region``)."""
+        """``(y, None)``; with ``return_layernorm_output`` (TE's flag): ``((y, norm(x)), None)``. At TP > 1 without
+        sequence parallelism the normed input is every rank's (no communication forward) and its gradient is summed
+        over the TP group in the backward (TE ``LayerNormLinear``, column mode: an all-reduce of the input gradient,
+        megatron's ``copy_to_tensor_model_parallel_region``). With sequence parallelism ``x`` is this rank's
+        sequence shard ``[s/tp, b, in]``: the norm runs on it, its output is all-gathered along the sequence before
+        the GEMM (output ``[s, b, out/tp]``) and the backward reduce-scatters the gathered input's gradient
+        (megatron's ``gather_from_sequence_parallel_region``); the normed output returned is the local shard (TE's
+        ``return_layernorm_output_gathered`` off, megatron-core's default; on: the gathered one the GEMM reads)."""
         h = te_rms_norm(x, self.layer_norm_weight, self.eps, self.zero_centered_gamma)
         hc = h
-        if self.tp_group is not None and self.tp_group.size() > 1:
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+            hc = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.tp_group)
+        elif self.tp_group is not None and self.tp_group.size() > 1:
             from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
             hc = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
         y = torch.nn.functional.linear(hc, self.weight)
-        return ((y, h) if self.return_layernorm_output else y), None
+        normed = hc if self.sequence_parallel and self.return_layernorm_output_gathered else h
+        return ((y, normed) if self.return_layernorm_output else y), None
 
 
 class RowParallelLinearPostNormSubstitute(nn.Module):
@@ -288,9 +322,8 @@ class RowParallelLinearPostNormSubstitute(nn.Module):
         if bias:
             raise NotImplementedError("RowParallelLinearPostNormSubstitute: bias")
         self.config = config
-        if config.sequence_parallel:
-            raise NotImplementedError("RowParallelLinearPostNormSubstitute: sequence parallelism")
         self.tp_group = tp_group if tp_group is not None else _tp_group(config.tensor_model_parallel_size)
+        self.sequence_parallel = _sequence_parallel(config, self.tp_group)
         world = self.tp_group.size() if self.tp_group is not None else 1
         self.weight = nn.Parameter(torch.empty(output_size, input_size // world, dtype=config.params_dtype))
         self.weight.tensor_model_parallel, self.weight.partition_dim, self.weight.partition_stride = True, 1, 1
@@ -300,9 +333,15 @@ class RowParallelLinearPostNormSubstitute(nn.Module):
         """``x`` is this rank's slice of the input features (``input_is_parallel``); the partial products
         are summed over the TP group (TE ``Linear``, row mode, no sequence parallelism: an all-reduce, whose
         backward hands each rank the whole output gradient: megatron's ``reduce_from_tensor_model_parallel_region``),
-        then the post-norm sees the whole output."""
+        then the post-norm sees the whole output. With sequence parallelism the sum is a reduce-scatter along the
+        sequence (output ``[s/tp, b, out]``: this rank's shard; the backward all-gathers the output gradient:
+        megatron's ``reduce_scatter_to_sequence_parallel_region``) and the post-norm runs on the shard."""
         y = torch.nn.functional.linear(x, self.weight)
-        if self.tp_group is not None and self.tp_group.size() > 1:
+        if self.sequence_parallel:
+            from megatron.core.tensor_parallel.mappings import reduce_scatter_to_sequence_parallel_region
+
+            y = reduce_scatter_to_sequence_parallel_region(y, group=self.tp_group)
+        elif self.tp_group is not None and self.tp_group.size() > 1:
             from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
 
             y = reduce_from_tensor_model_parallel_region(y, group=self.tp_group)
@@ -355,18 +394,22 @@ class RowParallelGroupedLinearSubstitute(_GroupedLinearSubstitute):
 def lora_attributes(m: nn.Module, is_expert: bool = False) -> dict | None:
     """What ``megatron.bridge.peft.utils.get_adapter_attributes_from_linear`` reads from a stand-in, as from its TE twin
     (the TE branches of that function): LayerNormLinear and GroupedLinear (column) -- input not parallel, out features
-    times the TP size, a LayerNormLinear returning its normed input for LoRA (``return_layernorm_output``); Linear +
-    norm and GroupedLinear (row) -- input parallel, in features times the TP size. None: not a stand-in."""
+    times the TP size, a LayerNormLinear returning its normed input for LoRA (``return_layernorm_output``; under
+    sequence parallelism gathered, ``return_layernorm_output_gathered``, its default path without input regather, the
+    adapter then without sequence-parallel communication); Linear + norm and GroupedLinear (row) -- input parallel, in
+    features times the TP size (the Linear's adapter reduce-scatters along the sequence under sequence parallelism).
+    None: not a stand-in."""
     if isinstance(m, LayerNormColumnParallelLinearSubstitute):
         m.return_layernorm_output = True
+        m.return_layernorm_output_gathered = m.sequence_parallel
         tp = m.config.tensor_model_parallel_size
         return dict(input_is_parallel=False, in_features=m.weight.shape[1], out_features=m.weight.shape[0] * tp,
-                    disable_tensor_parallel_comm=False, disable_sequence_parallel_comm=not m.config.sequence_parallel,
+                    disable_tensor_parallel_comm=False, disable_sequence_parallel_comm=True,
                     base_linear_is_parallel=True)
     if isinstance(m, RowParallelLinearPostNormSubstitute):
         tp = m.tp_group.size() if m.tp_group is not None else 1
         return dict(input_is_parallel=True, in_features=m.weight.shape[1] * tp, out_features=m.weight.shape[0],
-                    disable_tensor_parallel_comm=False, disable_sequence_parallel_comm=True,
+                    disable_tensor_parallel_comm=False, disable_sequence_parallel_comm=not m.sequence_parallel,
                     base_linear_is_parallel=True)
     if isinstance(m, _GroupedLinearSubstitute):
         tp = m.config.expert_tensor_parallel_size or 1

@@ -124,7 +124,7 @@ def train_loss(bm, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: 
     if tp_size() > 1 and not bm.dense and not bm.provider.sequence_parallel:
         raise NotImplementedError(
             "its MoE trains at TP > 1 with sequence parallelism only (megatron-core's MoELayer raises without it in "
-            "training; its Gemma 4 recipes set sequence_parallel=True), which its TE stand-ins here do not model yet")
+            "training; its Gemma 4 recipes set sequence_parallel=True): set the case's parallel.sequence_parallel")
     model = bm.model
     device = next(model.parameters()).device
     b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v)

@@ -23,8 +23,8 @@ from parity.engine.compare import value
 from parity.engine.system import Elsewhere, GradTap, Replay, call_arg, hf_routing
 from parity.errors import UserError
 from parity.mbridge import training as T
-from parity.megatron_layout import (finalize_grads, first, grad_norm, hf_token_order, input_to_hf, sb, several_ranks,
-                                    to_hf, tp_gather, tp_size, tp_split)
+from parity.megatron_layout import (FLAT, finalize_grads, first, grad_norm, hf_token_order, input_to_hf, sb,
+                                    several_ranks, sp_gather, sp_sharded, sp_split, to_hf, tp_gather, tp_size, tp_split)
 
 INPUT = " (input)"
 LM_VLM = "language_model."
@@ -152,9 +152,13 @@ class MegatronBridgeSystem:
         self.vlm, self.dtype, self.device = kind == "vlm", dtype, device
         self.args = TextArgs.from_hf(getattr(hf_config, "text_config", None) or hf_config)
         rk = megatron_env.ranks()  # the world the pipeline set up (TP x EP): the bridge builds this rank's shard
-        self.bm = MB.build(hf_config, dtype=dtype, device=device, tp=rk["tp_size"], ep=rk["ep_size"])
+        self.bm = MB.build(hf_config, dtype=dtype, device=device, tp=rk["tp_size"], ep=rk["ep_size"],
+                           sequence_parallel=rk["sequence_parallel"])
         self.model = self.bm.model
         self.lm = self.model.language_model if self.vlm else self.model
+        # its sequence parallelism (the case's, as its recipes set it at TP > 1): which values are sequence shards is
+        # megatron_layout's (``sp_sharded``), by the row's kind
+        self.sp = bool(self.bm.provider.sequence_parallel) and rk["tp_size"] > 1
         self.substituted = list(self.bm.substituted)
         self.names = _names(moe=not self.bm.dense, vlm=self.vlm)
         self.replays = _replays(moe=not self.bm.dense, vlm=self.vlm)
@@ -361,7 +365,7 @@ class MegatronBridgeSystem:
             return x
         if self._is_input(a) and module is self.module(self.names[a.row.name_key].format(**a.slots)):
             return self._layout(a, x)
-        return input_to_hf(a, x, self.b, self.s, module)
+        return input_to_hf(a, x, self.b, self.s, module, sequence_parallel=self.sp)
 
     @contextmanager
     def fp32(self, path: str):
@@ -392,12 +396,27 @@ class MegatronBridgeSystem:
         return self._router(x) if a.row.kind is Kind.ROUTER else self._layout(a, first(x))
 
     def _layout(self, a: Aligned, x: torch.Tensor) -> torch.Tensor:
-        """``[s, b, ...]`` -> HF layout; column-parallel outputs (this rank's heads or features) gathered."""
-        return to_hf(a, x, self.b, self.s, self.args, contiguous=True)
+        """``[s, b, ...]`` -> HF layout; column-parallel outputs (this rank's heads or features) gathered, sequence
+        shards (under its sequence parallelism) gathered along the sequence."""
+        return to_hf(a, x, self.b, self.s, self.args, contiguous=True, sequence_parallel=self.sp)
+
+    def _in(self, a: Aligned, x: torch.Tensor) -> torch.Tensor:
+        """HF's input of row ``a``'s module (``[b, s, ...]``; ``[b*s, ...]`` for ``FLAT`` rows) -> its module's
+        ``[s, b, ...]``; under its sequence parallelism this rank's sequence shard where the module reads one
+        (``sp_sharded``: through autograd, the input gradient gathers every rank's shard), as in its forward -- a
+        replicated weight's gradient is then this rank's tokens' part, which ``finalize_model_grads`` sums over TP."""
+        if a.row.kind in FLAT:
+            x = x.reshape(self.b, -1, x.shape[-1])
+        x = _sb(x)
+        return sp_split(x) if self.sp and sp_sharded(a, "input") else x
 
     def _router(self, out) -> dict:
-        """megatron router output ``(probs [s*b, E] zero off the top-k, routing_map)`` -> HF token order."""
+        """megatron router output ``(probs [s*b, E] zero off the top-k, routing_map)`` -> HF token order; under its
+        sequence parallelism this rank's tokens ``[s/tp*b, E]``, gathered first."""
         probs, routing_map = out
+        if self.sp:
+            whole = probs.shape[0] * tp_size()
+            probs, routing_map = sp_gather(probs, whole), sp_gather(routing_map.to(probs.dtype), whole).bool()
         b = self.b
         s = probs.shape[0] // b  # the run's length, or a probe's (parity.engine.modes.probing.TOKENS)
         dense = hf_token_order(probs, b, s)
@@ -442,18 +461,18 @@ class MegatronBridgeSystem:
     def _replay_logits(self, a: Aligned, module, call) -> torch.Tensor:
         """output_layer (tied weight) + its softcap on HF's final-norm output."""
         weight = self.lm.shared_embedding_or_output_weight()
-        logits = tp_gather(self.lm.output_layer(_sb(call.args[0].to(self.device)), weight=weight)[0])
+        logits = tp_gather(self.lm.output_layer(self._in(a, call.args[0].to(self.device)), weight=weight)[0])
         return _sb(logits)[..., : self.bm.vocab_size]
 
     def _replay_embedding(self, a: Aligned, module, call) -> torch.Tensor:
-        return _sb(module(input_ids=self._arg(call, "input_ids"), position_ids=None))
+        return self._layout(a, module(input_ids=self._arg(call, "input_ids"), position_ids=None))
 
     def _replay_norm(self, a: Aligned, module, call) -> torch.Tensor:
         """A norm on HF's input; a per-head norm at TP > 1 on this rank's heads (its weight's gradient is that part,
         summed over TP by ``finalize_grads`` as megatron does), the heads gathered after."""
-        x = _sb(self._arg(call))
+        x = self._in(a, self._arg(call))
         if a.row.kind is not Kind.HEAD_NORM or tp_size() == 1:
-            return _sb(first(module(x)))
+            return self._layout(a, first(module(x)))
         y = first(module(tp_split(x.flatten(2)).unflatten(2, (-1, x.shape[3]))))
         return _sb(tp_gather(y.flatten(2)).unflatten(2, (-1, x.shape[3])))
 
@@ -464,11 +483,11 @@ class MegatronBridgeSystem:
     def _replay_projection(self, a: Aligned, module, call) -> torch.Tensor:
         """The fused QKV (planned: on the HF input norm's input, that norm fused into it), FC1 or the MLP."""
         key = "hidden_states" if a.row.kind is Kind.QKV and a.row.name_key in self.replays else "input"
-        return self._layout(a, first(module(_sb(self._arg(call, key)))))
+        return self._layout(a, first(module(self._in(a, self._arg(call, key)))))
 
     def _replay_router(self, a: Aligned, module, call) -> dict:  # HF's router input is [b*s, H] in HF token order
         x = self._arg(call)
-        return self._router(module(_sb(x.reshape(self.b, -1, x.shape[-1]))))
+        return self._router(module(self._in(a, x.reshape(self.b, -1, x.shape[-1]))))
 
     def _replay_layer(self, a: Aligned, module, call) -> torch.Tensor:  # with its own mask and RoPE tables
         """A decoder layer: with PLE, on HF's per-layer input too (its layer's ``per_layer_input``). A KV-shared
@@ -476,7 +495,7 @@ class MegatronBridgeSystem:
         kw = self._attention_kwargs()
         if getattr(module, "per_layer_input_gate", None) is not None:
             kw["per_layer_input"] = _sb(call_arg(call, "per_layer_input", 1, device=self.device))
-        return _sb(first(module(_sb(self._arg(call)), **kw)))
+        return self._layout(a, first(module(self._in(a, self._arg(call)), **kw)))
 
     _REPLAY = {
         Kind.LOGITS: _replay_logits, Kind.MERGED: _replay_nothing,  # MERGED: an inline step of its VLM forward
@@ -502,11 +521,10 @@ class MegatronBridgeSystem:
         """``_gemma4_rms_norm(x, norm.weight, eps)`` as ``Gemma4TransformerLayer._forward_mlp`` applies it."""
         from parity.mbridge import model as MB
 
-        x = self._arg(call)
         layer = self._modules[f"{LM_VLM if self.vlm else ''}decoder.layers.{a.layer}"]
-        y = MB.modeling_gemma4._gemma4_rms_norm(x if a.row.kind is Kind.FLAT_NORM else _sb(x), norm.weight,
-                                                layer.config.layernorm_epsilon)
-        return y if a.row.kind is Kind.FLAT_NORM else _sb(y)
+        y = MB.modeling_gemma4._gemma4_rms_norm(self._in(a, self._arg(call)), norm.weight, layer.config.layernorm_epsilon)
+        whole = y.shape[0] * (tp_size() if self.sp and sp_sharded(a) else 1)  # the replayed length (a probe's too)
+        return to_hf(a, y, self.b, whole, self.args, contiguous=True, sequence_parallel=self.sp)
 
     def _via_input(self, a: Aligned, module: nn.Module, call) -> Any:
         """Run ``module`` (self_attention, linear_proj, the MoE layer) on ``call``'s first HF input; the row's
@@ -515,23 +533,30 @@ class MegatronBridgeSystem:
         observed = self._modules[self.names[a.row.name_key].format(**a.slots)[: -len(INPUT)]]
         self._inputs.pop(id(observed), None)
         if a.row.kind is Kind.ATTENTION:
-            module(_sb(x), **self._attention_kwargs())
+            module(self._in(a, x), **self._attention_kwargs())
         elif a.row.kind is Kind.LINEAR:
             module(self._linear_input(module, x))
         elif a.row.kind is Kind.EXPERTS:
-            self._experts_under_hf_routing(module, x, call)
+            self._experts_under_hf_routing(a, module, x, call)
         else:
             return None
         seen = self._inputs.pop(id(observed), None)
         return None if seen is None else self._layout(a, first(seen))
 
-    def _experts_under_hf_routing(self, moe: nn.Module, x: torch.Tensor, call) -> None:
+    def _experts_under_hf_routing(self, a: Aligned, moe: nn.Module, x: torch.Tensor, call) -> None:
         """Its MoE layer's routed path (preprocess, dispatch, experts, combine, postprocess) for HF's routing:
-        HF's top-k indices and weights as its ``(probs, routing_map)``, in the dtype its router emits. Tokens
-        are independent here: ``[b*s, H]`` goes in as ``[b*s, 1, H]`` (``[s, b, H]`` with b = 1)."""
+        HF's top-k indices and weights as its ``(probs, routing_map)``, in the dtype its router emits, on HF's
+        ``[b*s, H]`` tokens laid out as its layer has them (``[s, b, H]``; under its sequence parallelism this rank's
+        shard of the sequence, with its tokens' routing)."""
         dtype = torch.float32 if moe.config.moe_router_dtype == "fp32" else x.dtype
-        probs, routing_map = hf_routing(call, moe.config.num_moe_experts, dtype, self.device)
-        hidden, probs = moe.preprocess(x[:, None, :].contiguous(), probs, routing_map)
+        probs, routing_map = (_sb(t.reshape(self.b, -1, t.shape[-1])).reshape(-1, t.shape[-1])
+                              for t in hf_routing(call, moe.config.num_moe_experts, dtype, self.device))
+        hidden = self._in(a, x)
+        if self.sp:  # this rank's sequence shard: its tokens' rows of the (sequence-major) routing
+            n = hidden.shape[0] * hidden.shape[1]
+            start = n * megatron_env.ranks()["tp_rank"]
+            probs, routing_map = probs[start: start + n], routing_map[start: start + n]
+        hidden, probs = moe.preprocess(hidden, probs, routing_map)
         hidden, probs = moe.dispatch(hidden, probs)
         out, _ = moe.routed_experts_compute(hidden, probs)
         moe.postprocess(moe.combine(out), None)
