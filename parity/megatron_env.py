@@ -12,9 +12,11 @@ from parity import compat
 _SEQUENCE_PARALLEL = [False]  # the run's megatron sequence parallelism (a case's parallel.sequence_parallel)
 
 
-def init(tp: int = 1, ep: int = 1, seed: int = 0, backend: str | None = None, sequence_parallel: bool = False) -> None:
-    """Initialise torch.distributed (if needed) and megatron's model-parallel state for TP x EP; ``sequence_parallel``
-    is recorded for the systems that build their models (``ranks``)."""
+def init(tp: int = 1, ep: int = 1, seed: int = 0, backend: str | None = None, sequence_parallel: bool = False,
+         etp: int | None = None) -> None:
+    """Initialise torch.distributed (if needed) and megatron's model-parallel state for TP x EP, the experts' own
+    tensor parallelism ``etp`` (None: megatron's default, = TP); ``sequence_parallel`` is recorded for the systems that
+    build their models (``ranks``)."""
     compat.apply()
     _SEQUENCE_PARALLEL[0] = bool(sequence_parallel)
     from megatron.core import parallel_state
@@ -32,12 +34,13 @@ def init(tp: int = 1, ep: int = 1, seed: int = 0, backend: str | None = None, se
         parallel_state.model_parallel_is_initialized()
         and parallel_state.get_tensor_model_parallel_world_size() == tp
         and parallel_state.get_expert_model_parallel_world_size() == ep
+        and parallel_state.get_expert_tensor_parallel_world_size() == (tp if etp is None else etp)
     )
     if not current:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, expert_model_parallel_size=ep
+            tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp
         )
     model_parallel_cuda_manual_seed(seed, inference_rng_tracker=True, force_reset_rng=True)
 

@@ -148,6 +148,15 @@ def build(hf_config, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
     provider = bridge.to_megatron_provider(load_weights=False)
     _configure(provider, dtype, device, tp, ep, dense, sequence_parallel)
     provider.finalize()
+    if provider.expert_tensor_parallel_size != megatron_env.ranks()["etp_size"]:
+        # its experts' tensor parallelism as its own initialize_model_parallel sets it: its finalized provider's (1,
+        # as its Gemma 4 recipes set it), not megatron's default (= TP, which would shard the experts its config says
+        # are whole); its process groups taken again
+        from megatron.core.process_groups_config import ProcessGroupCollection
+
+        megatron_env.init(tp=tp, ep=ep, seed=seed, sequence_parallel=sequence_parallel,
+                          etp=provider.expert_tensor_parallel_size)
+        provider._pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     # PP=1: first and last stage. Explicit, because Gemma4VLModelProvider.provide() passes pre_process=None on
     # to Gemma4VLModel, which then builds no vision tower and embeds the image placeholder ids as text.
     model = provider.provide(pre_process=True, post_process=True)
