@@ -26,7 +26,6 @@ same module on a tie. fp32 runs: HF's bf16-vs-fp32 floors per isolated module ar
 """
 from __future__ import annotations
 
-import math
 import re
 
 import torch
