@@ -140,17 +140,11 @@ def _forward_unchanged(clean: dict, planted: dict) -> None:
     assert _of(clean, FORWARD) == _of(planted, FORWARD) and planted["checks"]["modules"] is True
 
 
-# -- EP=2: its whole training step (backward, finalize, export, optimizer) -----------------------------------------
-
-def test_ep2_training_step_with_its_findings_removed_holds(ep_world):
-    """Findings 10, 11 and 2 removed (diagnostic build): the loss, 126 parameter, 109 output and 74 input gradients
-    (its tree's observable rows, as at EP=1) within 1e-5 (2.0e-6 measured), each module alone within 1e-5 (1.9e-7),
-    the 126 first updates within 1e-5 (3.2e-9) and the 3-step trajectory within 1e-6 (1.7e-7): its experts'
-    gradients gathered from both ranks by its own export, averaged over the data-parallel ranks as its DDP does, and
-    the optimizer clipped by the global norm over both ranks."""
-    r = ep_world[0]
+def _clean_step_holds(r: dict, parallel: dict) -> None:
+    """A clean run of its whole step over several ranks: every row of the loss, gradients (as at EP=1), each module
+    alone, the first updates and the 3-step trajectory within their gates."""
     grads = _of(r, GRADIENTS)
-    assert r["parallel"] == {"tp": 1, "ep": 2, "world_size": 2}
+    assert r["parallel"] == parallel
     assert r["modes"]["backward"] is None and r["modes"]["step"] is None and r["modes"]["isolated_backward"] is None
     assert r["passed"] is True and r["first"] is None and r["failed"] == []
     assert {m: sum(k[1] == m for k in grads) for m in GRADIENTS} == \
@@ -162,6 +156,17 @@ def test_ep2_training_step_with_its_findings_removed_holds(ep_world):
     assert len(steps) == 126 and max(steps.values()) < 1e-7
     assert r["loss"]["rel_diff"] < 1e-6 and r["loss"]["grad_norm"]["rel_diff"] < 1e-6
     assert r["trajectory"]["steps"] == 3 and r["trajectory"]["worst_rel_diff"] < 1e-6
+
+
+# -- EP=2: its whole training step (backward, finalize, export, optimizer) -----------------------------------------
+
+def test_ep2_training_step_with_its_findings_removed_holds(ep_world):
+    """Findings 10, 11 and 2 removed (diagnostic build): the loss, 126 parameter, 109 output and 74 input gradients
+    (its tree's observable rows, as at EP=1) within 1e-5 (2.0e-6 measured), each module alone within 1e-5 (1.9e-7),
+    the 126 first updates within 1e-5 (3.2e-9) and the 3-step trajectory within 1e-6 (1.7e-7): its experts'
+    gradients gathered from both ranks by its own export, averaged over the data-parallel ranks as its DDP does, and
+    the optimizer clipped by the global norm over both ranks."""
+    _clean_step_holds(ep_world[0], {"tp": 1, "ep": 2, "world_size": 2})
 
 
 def test_ep2_with_its_defaults_fails_where_finding_10_says(ep_world):
@@ -212,20 +217,8 @@ def test_tp2_sequence_parallel_training_step_with_its_findings_removed_holds(tp_
     trajectory within 1e-6 (1.8e-7): its sequence shards gathered along the sequence, its vocab-parallel logits and
     TP shards gathered, the norms' and routers' gradients summed over TP by megatron."""
     r = tp_world[0]
-    grads = _of(r, GRADIENTS)
-    assert r["parallel"] == {"tp": 2, "ep": 1, "world_size": 2, "sequence_parallel": True}
-    assert r["modes"]["backward"] is None and r["modes"]["step"] is None and r["modes"]["isolated_backward"] is None
-    assert r["passed"] is True and r["first"] is None and r["failed"] == []
-    assert {m: sum(k[1] == m for k in grads) for m in GRADIENTS} == \
-        {"loss": 1, "grad_output": 109, "grad_input": 74, "param_grad": 126}
-    assert max(grads.values()) < 5e-6
-    iso = _of(r, ISOLATED)
-    assert len(iso) == 168 and max(iso.values()) < 1e-6
-    assert sum(k[1] == "isolated_param_grad" for k in iso) == 87
-    steps = _of(r, STEP)
-    assert len(steps) == 126 and max(steps.values()) < 1e-7
-    assert r["loss"]["rel_diff"] < 1e-6 and r["loss"]["grad_norm"]["rel_diff"] < 1e-6
-    assert r["trajectory"]["steps"] == 3 and r["trajectory"]["worst_rel_diff"] < 1e-6
+    _clean_step_holds(r, {"tp": 2, "ep": 1, "world_size": 2, "sequence_parallel": True})
+    assert sum(k[1] == "isolated_param_grad" for k in _of(r, ISOLATED)) == 87
 
 
 REPLICATED = ("input_layernorm.weight", "post_attention_layernorm.weight", "pre_feedforward_layernorm.weight",
