@@ -144,13 +144,14 @@ def _bridge_world(rank, world, port, path):
     tp2 = load_case("gemma4-text-tiny-lora-tp2-megatron-bridge")
     # its recipe's layout (sequence parallelism at TP > 1) and its adapters' training step, on the MLP adapters (the
     # attention's carry finding 13 end to end, which would hide the rest), its training-step findings removed
-    sp = tp2.replace(parallel={"sequence_parallel": True}, lora={"targets": ["gate_proj", "up_proj", "down_proj"]},
-                     train={"labels": "causal", "steps": 1, "optimizer": {"lr": 1e-4, "betas": [0.9, 0.95],
-                                                                          "eps": 1e-8, "weight_decay": 0.0}})
+    sp = load_case("gemma4-text-tiny-lora-train-tp2-megatron-bridge").replace(
+        lora={"targets": ["gate_proj", "up_proj", "down_proj"]})
+    # and the attention's q/k/v adapters with them (o_proj's left out: finding 13)
+    sp_qkv = sp.replace(lora={"targets": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]})
     for key, case in (("ep2", _untrained(load_case("gemma4-text-tiny-lora-experts-ep2").replace(
-            lora={"experts": "per_expert"}))), ("tp2", tp2), ("tp2_sp", sp)):
+            lora={"experts": "per_expert"}))), ("tp2", tp2), ("tp2_sp", sp), ("tp2_sp_qkv", sp_qkv)):
         ref = pipeline.reference(case, device="cpu", seed=0)
-        with (causes_removed(*ALL_CAUSES) if key == "tp2_sp" else contextlib.nullcontext()):
+        with (causes_removed(*ALL_CAUSES) if key.startswith("tp2_sp") else contextlib.nullcontext()):
             out[key] = _digest(pipeline.against(ref, "megatron-bridge"))
         if key == "ep2":
             out["ep2_merged_adapters"] = _merged_adapters(ref, dict(built[-1].merged()))
@@ -314,3 +315,20 @@ def test_bridge_lora_training_step_at_tp2_with_sequence_parallelism(bridge_world
     grads = [v for (n, m), v in r["rows"].items() if m == "param_grad"]
     assert len(grads) == 30 and max(grads) < 1e-5  # 6 layers x (A of gate/up, fused: once; B of each; down A, B)
     assert r["export"]["bit_exact"] == 36 and r["merged"]["bit_exact"] == 132
+
+
+def test_bridge_attention_adapters_train_at_tp2_with_sequence_parallelism(bridge_world):
+    """Its fused q/k/v adapters (column-parallel, their input gathered from the sequence-parallel region; on K=V
+    layers no v_proj adapter) trained with the MLP's at TP=2 with sequence parallelism, its training-step findings
+    removed and o_proj's adapter left out (finding 13): every forward row, every adapter gradient, the step and the
+    adapter export agree; its merged export raises on the K=V layers (finding 14)."""
+    r = bridge_world["tp2_sp_qkv"]
+    assert r["failures"] == [("lora", "merged", "RuntimeError: The size of tensor a (256) must match the size of "
+                              "tensor b (384) at non-singleton dimension 0")]
+    assert r["failed"] == [] and all(v for k, v in r["checks"].items() if k != "system"), r["checks"]
+    grads = [v for (n, m), v in r["rows"].items() if m == "param_grad"]
+    # 30 MLP (as above) + 22 attention: q's A (the fused A, compared once) and B, k's B on the 6 layers, v's B on the
+    # 4 sliding ones (layers 2 and 5 are K=V: no v_proj)
+    assert len(grads) == 52 and max(grads) < 1e-5
+    assert sum(m == "param_grad" and ".self_attn." in n for n, m in r["rows"]) == 22
+    assert r["export"] == {"hf": 68, "exported": 68, "bit_exact": 68} and r["export_loads"] is True
