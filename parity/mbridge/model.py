@@ -106,8 +106,6 @@ def bridge_divisor(vocab_size: int) -> int:
 
 def _configure(provider, dtype: torch.dtype, device: str, tp: int, ep: int, dense: bool,
                sequence_parallel: bool = False) -> None:
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
     provider.params_dtype = dtype
     provider.bf16 = dtype == torch.bfloat16
     provider.fp16 = False
@@ -131,7 +129,6 @@ def _configure(provider, dtype: torch.dtype, device: str, tp: int, ep: int, dens
         if device == "cpu":
             provider.moe_token_dispatcher_type = "allgather"  # the alltoall dispatcher creates a CUDA stream
         provider.transformer_layer_spec = te_free_block_spec
-    provider._pg_collection = ProcessGroupCollection.use_mpu_process_groups()
 
 
 def build(hf_config, *, dtype: torch.dtype = torch.float32, device: str = "cpu", tp: int = 1, ep: int = 1,
@@ -139,7 +136,8 @@ def build(hf_config, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
     """Megatron-Bridge's model for an HF Gemma 4 config, via its own provider (``AutoBridge.from_hf_config``
     -> ``to_megatron_provider``), in ``dtype`` on ``device``; ``sequence_parallel``: its provider's (its Gemma 4
     recipes' at TP > 1). Parameters are uninitialised: ``load_hf``."""
-    megatron_env.init(tp=tp, ep=ep, seed=seed, sequence_parallel=sequence_parallel)
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
     adapted = adapt_config(hf_config)
     kind = "vlm" if adapted.architectures == [VLM_ARCH] else "text"
     text = adapted.text_config if kind == "vlm" else adapted
@@ -148,15 +146,12 @@ def build(hf_config, *, dtype: torch.dtype = torch.float32, device: str = "cpu",
     provider = bridge.to_megatron_provider(load_weights=False)
     _configure(provider, dtype, device, tp, ep, dense, sequence_parallel)
     provider.finalize()
-    if provider.expert_tensor_parallel_size != megatron_env.ranks()["etp_size"]:
-        # its experts' tensor parallelism as its own initialize_model_parallel sets it: its finalized provider's (1,
-        # as its Gemma 4 recipes set it), not megatron's default (= TP, which would shard the experts its config says
-        # are whole); its process groups taken again
-        from megatron.core.process_groups_config import ProcessGroupCollection
-
-        megatron_env.init(tp=tp, ep=ep, seed=seed, sequence_parallel=sequence_parallel,
-                          etp=provider.expert_tensor_parallel_size)
-        provider._pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    # megatron's parallel state as its own initialize_model_parallel sets it from the finalized provider: its experts'
+    # tensor parallelism is the provider's (1, as its Gemma 4 recipes set it), not megatron's default (= TP, which
+    # would shard the experts its config says are whole)
+    megatron_env.init(tp=tp, ep=ep, seed=seed, sequence_parallel=sequence_parallel,
+                      etp=provider.expert_tensor_parallel_size)
+    provider._pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     # PP=1: first and last stage. Explicit, because Gemma4VLModelProvider.provide() passes pre_process=None on
     # to Gemma4VLModel, which then builds no vision tower and embeds the image placeholder ids as text.
     model = provider.provide(pre_process=True, post_process=True)
