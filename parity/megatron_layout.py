@@ -136,9 +136,40 @@ def fc1_part(x: torch.Tensor, part: Part) -> torch.Tensor:
     return tp_gather(x.chunk(2, dim=-1)[0 if part is Part.GATE else 1])
 
 
-def gather_heads(x: torch.Tensor) -> torch.Tensor:
-    """``[s, b, heads/tp, d]`` (a per-head norm's output on this rank's heads) -> ``[s, b, heads, d]``."""
-    return tp_gather(x.flatten(2)).unflatten(2, (-1, x.shape[-1]))
+def head_count(a: Aligned, args: TextArgs) -> int:
+    """HF's number of heads of per-head norm row ``a``: a k norm's are its layer's KV heads, a q norm's the query
+    heads."""
+    return args.layers[a.layer].num_kv_heads if a.hf.endswith("k_norm") else args.num_heads
+
+
+def split_heads(x: torch.Tensor) -> torch.Tensor:
+    """HF's whole ``[..., heads, d]`` -> this rank's heads through autograd (backward: the whole input's gradient on
+    every rank). With fewer heads than TP ranks (megatron-core's ``num_query_groups < tp``: each KV head computed on
+    tp/heads consecutive ranks, next to their query heads) the rank's one head; its backward sums every rank's part,
+    which ``gather_heads`` leaves zero on all but a head's first rank."""
+    n, h = tp_size(), x.shape[-2]
+    if n == 1:
+        return x
+    if h >= n:
+        return tp_split(x.flatten(-2)).unflatten(-1, (-1, x.shape[-1]))
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+
+    i = parallel_state.get_tensor_model_parallel_rank() // (n // h)
+    return copy_to_tensor_model_parallel_region(x)[..., i:i + 1, :]
+
+
+def gather_heads(x: torch.Tensor, heads: int | None = None, grad: bool = False) -> torch.Tensor:
+    """``[s, b, heads/tp, d]`` (a per-head norm's value on this rank's heads) -> ``[s, b, heads, d]``. With fewer
+    ``heads`` than TP ranks (``split_heads``) each head is on several consecutive ranks: its value is the first's (they
+    agree), its gradient (``grad``) the sum over them (each rank's attention reads the head with its own query heads
+    only)."""
+    y = tp_gather(x.flatten(2)).unflatten(2, (-1, x.shape[-1]))
+    rep = y.shape[2] // heads if heads else 1
+    if rep > 1:
+        y = y.unflatten(2, (heads, rep))
+        y = y.sum(3) if grad else y[:, :, :, 0]
+    return y
 
 
 def hf_token_order(t: torch.Tensor, b: int, s: int) -> torch.Tensor:
@@ -152,11 +183,12 @@ FLAT = (Kind.EXPERTS, Kind.FLAT_NORM)  # rows HF computes on flattened tokens ``
 
 
 def to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, args: TextArgs, *, contiguous: bool = False,
-          sequence_parallel: bool = False) -> torch.Tensor:
+          sequence_parallel: bool = False, grad: bool = False) -> torch.Tensor:
     """A Megatron output ``[s, b, ...]`` (this rank's shard) -> row ``a``'s HF layout: the row's ``Part`` of a
     fused projection, column-parallel outputs (heads, features, vocab) gathered, batch-first, ``[b*s, H]`` for
     ``FLAT`` rows. ``contiguous``: the transpose as a contiguous copy (same values). ``sequence_parallel``: a
-    sequence-sharded row's value (``sp_sharded``) gathered along the sequence first."""
+    sequence-sharded row's value (``sp_sharded``) gathered along the sequence first. ``grad``: ``x`` is a gradient
+    (heads on several ranks summed: ``gather_heads``)."""
     kind = a.row.kind
     if sequence_parallel and sp_sharded(a):
         x = sp_gather(x, s)
@@ -164,20 +196,21 @@ def to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, args: TextArgs, *, contig
         x = qkv_part(x, a.row.part, args, a.layer)
     elif kind is Kind.FC1:
         x = fc1_part(x, a.row.part)
-    elif kind is Kind.HEAD_NORM and tp_size() > 1 and x.shape[2] != args.num_heads:
-        x = gather_heads(x)
+    elif kind is Kind.HEAD_NORM and tp_size() > 1 and x.shape[2] != head_count(a, args):
+        x = gather_heads(x, head_count(a, args), grad)
     elif kind is Kind.LM_HEAD:
         x = tp_gather(x)
     x = sb(x, contiguous)
     return x.reshape(b * s, -1) if kind in FLAT else x
 
 
-def input_to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, module=None, *,
-                sequence_parallel: bool = False) -> torch.Tensor:
+def input_to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, module=None, *, args: TextArgs | None = None,
+                sequence_parallel: bool = False, grad: bool = False) -> torch.Tensor:
     """A Megatron module's input ``[s, b, ...]`` (or a gradient with respect to it) -> the layout of the HF
     module's input for row ``a``: a row-parallel linear's slice of the features and per-head norms' heads
     gathered, batch-first, ``[b*s, H]`` for ``FLAT`` rows. ``sequence_parallel``: a sequence-sharded input
-    (``sp_sharded``) gathered along the sequence first."""
+    (``sp_sharded``) gathered along the sequence first. ``args`` (the heads of a per-head norm where TP may exceed
+    them) and ``grad`` as for ``to_hf``."""
     kind = a.row.kind
     module = getattr(module, "to_wrap", module)  # a LoRA wrapper (Megatron-Bridge's): the linear it adapts
     if sequence_parallel and sp_sharded(a, "input"):
@@ -185,7 +218,7 @@ def input_to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, module=None, *,
     if kind is Kind.LINEAR and tp_size() > 1 and getattr(getattr(module, "weight", None), "partition_dim", None) == 1:
         x = tp_gather(x)
     elif kind is Kind.HEAD_NORM and tp_size() > 1:
-        x = gather_heads(x)
+        x = gather_heads(x, head_count(a, args) if args is not None else None, grad)
     x = sb(x)
     return x.reshape(b * s, -1) if kind in FLAT else x
 

@@ -50,8 +50,8 @@ def _system(fault: str):
                     raise RuntimeError("planted: illegal memory access in the MLP kernel")
                 layers[4].mlp.forward = crash
 
-        def output(self, a, out, module):
-            y = super().output(a, out, module)
+        def output(self, a, out, module, grad=False):
+            y = super().output(a, out, module, grad)
             return _transposed(a, y) if fault == "transposed" else y
 
         def replay(self, a, module, call):

@@ -107,7 +107,9 @@ class System(Protocol):
 
     def tables(self) -> dict[str, Any]: ...  # name -> its mask (bool, True = attend) or RoPE (cos, sin)
 
-    def output(self, a: Aligned, out: Any, module: nn.Module) -> Any: ...  # a hooked output -> a's HF layout
+    def output(self, a: Aligned, out: Any, module: nn.Module, grad: bool = False) -> Any: ...
+    # a hooked output -> a's HF layout; ``grad``: the gradient with respect to it (where one value lives on several
+    # ranks, its gradient is their sum: a KV head replicated over TP ranks)
 
     def replay(self, a: Aligned, module: nn.Module | None, call: Call) -> Any: ...  # on HF's captured inputs
     # (None: this system's module cannot run alone on that input; the row then has no isolated record)
@@ -124,7 +126,8 @@ class System(Protocol):
     def input_key(self, a: Aligned, args: tuple, kwargs: dict) -> int | str | None: ...
     # where, among a hooked module's arguments, is what HF's module of ``a`` receives as its main input
 
-    def input_layout(self, a: Aligned, x: torch.Tensor, module: nn.Module) -> torch.Tensor: ...  # -> HF layout
+    def input_layout(self, a: Aligned, x: torch.Tensor, module: nn.Module, grad: bool = False) -> torch.Tensor: ...
+    # -> HF layout (``grad`` as for ``output``)
 
     # LoRA (a case with ``[lora]``; a system without ``load_adapters`` fails such a case at set-up, the lora mode
     # is skipped without the other two):

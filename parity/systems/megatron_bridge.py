@@ -23,8 +23,9 @@ from parity.engine.compare import value
 from parity.engine.system import Elsewhere, GradTap, Replay, call_arg, hf_routing
 from parity.errors import UserError
 from parity.mbridge import training as T
-from parity.megatron_layout import (FLAT, finalize_grads, first, grad_norm, hf_token_order, input_to_hf, sb,
-                                    several_ranks, sp_gather, sp_sharded, sp_split, to_hf, tp_gather, tp_size, tp_split)
+from parity.megatron_layout import (FLAT, finalize_grads, first, gather_heads, grad_norm, hf_token_order, input_to_hf,
+                                    sb, several_ranks, sp_gather, sp_sharded, sp_split, split_heads, to_hf, tp_gather,
+                                    tp_size, tp_split)
 
 INPUT = " (input)"
 LM_VLM = "language_model."
@@ -357,15 +358,15 @@ class MegatronBridgeSystem:
             return "hidden_states"
         return 0 if args and isinstance(args[0], torch.Tensor) else None
 
-    def input_layout(self, a: Aligned, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-        """A module's input (or its gradient) ``[s, b, ...]`` -> HF layout: of the row's value where the row is
-        observed at this module's input (``names`` ending in `` (input)``), else of HF's module's input; HF's own
+    def input_layout(self, a: Aligned, x: torch.Tensor, module: nn.Module, grad: bool = False) -> torch.Tensor:
+        """A module's input (or its gradient: ``grad``) ``[s, b, ...]`` -> HF layout: of the row's value where the row
+        is observed at this module's input (``names`` ending in `` (input)``), else of HF's module's input; HF's own
         vision and audio modules inside it take HF's layout."""
         if a.row.stack in (Stack.VISION, Stack.AUDIO):
             return x
         if self._is_input(a) and module is self.module(self.names[a.row.name_key].format(**a.slots)):
-            return self._layout(a, x)
-        return input_to_hf(a, x, self.b, self.s, module, sequence_parallel=self.sp)
+            return self._layout(a, x, grad)
+        return input_to_hf(a, x, self.b, self.s, module, args=self.args, sequence_parallel=self.sp, grad=grad)
 
     @contextmanager
     def fp32(self, path: str):
@@ -388,17 +389,18 @@ class MegatronBridgeSystem:
         name = self.names.get(a.row.name_key)
         return isinstance(name, str) and name.endswith(INPUT)
 
-    def output(self, a: Aligned, out: Any, module: nn.Module) -> Any:
-        """A hooked output (or the hooked module's input) in ``[s, b, ...]`` -> HF layout."""
+    def output(self, a: Aligned, out: Any, module: nn.Module, grad: bool = False) -> Any:
+        """A hooked output (or the hooked module's input; or its gradient: ``grad``) in ``[s, b, ...]`` -> HF
+        layout."""
         if a.row.stack in (Stack.VISION, Stack.AUDIO):
             return value(a.row.kind, out)
         x = self._inputs[id(module)] if self._is_input(a) else out
-        return self._router(x) if a.row.kind is Kind.ROUTER else self._layout(a, first(x))
+        return self._router(x) if a.row.kind is Kind.ROUTER else self._layout(a, first(x), grad)
 
-    def _layout(self, a: Aligned, x: torch.Tensor) -> torch.Tensor:
+    def _layout(self, a: Aligned, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """``[s, b, ...]`` -> HF layout; column-parallel outputs (this rank's heads or features) gathered, sequence
-        shards (under its sequence parallelism) gathered along the sequence."""
-        return to_hf(a, x, self.b, self.s, self.args, contiguous=True, sequence_parallel=self.sp)
+        shards (under its sequence parallelism) gathered along the sequence; ``grad``: ``megatron_layout.to_hf``."""
+        return to_hf(a, x, self.b, self.s, self.args, contiguous=True, sequence_parallel=self.sp, grad=grad)
 
     def _in(self, a: Aligned, x: torch.Tensor) -> torch.Tensor:
         """HF's input of row ``a``'s module (``[b, s, ...]``; ``[b*s, ...]`` for ``FLAT`` rows) -> its module's
@@ -469,12 +471,12 @@ class MegatronBridgeSystem:
 
     def _replay_norm(self, a: Aligned, module, call) -> torch.Tensor:
         """A norm on HF's input; a per-head norm at TP > 1 on this rank's heads (its weight's gradient is that part,
-        summed over TP by ``finalize_grads`` as megatron does), the heads gathered after."""
+        summed over TP by ``finalize_grads`` as megatron does), the heads gathered after (``split_heads``: a KV head
+        on several ranks where TP exceeds the KV heads)."""
         x = self._in(a, self._arg(call))
         if a.row.kind is not Kind.HEAD_NORM or tp_size() == 1:
             return self._layout(a, first(module(x)))
-        y = first(module(tp_split(x.flatten(2)).unflatten(2, (-1, x.shape[3]))))
-        return _sb(tp_gather(y.flatten(2)).unflatten(2, (-1, x.shape[3])))
+        return _sb(gather_heads(first(module(split_heads(x))), x.shape[2]))
 
     def _replay_linear(self, a: Aligned, module, call) -> torch.Tensor:
         """A row-parallel linear gets this rank's slice of HF's input features."""

@@ -20,8 +20,8 @@ from parity.engine import adapters as A
 from parity.engine.alignment import Aligned, Kind, Stack
 from parity.engine.compare import value
 from parity.engine.system import call_arg, hf_routing
-from parity.megatron_layout import (finalize_grads, first, grad_norm, hf_token_order, input_to_hf, sb, several_ranks,
-                                    to_hf, tp_gather, tp_size, tp_split)
+from parity.megatron_layout import (finalize_grads, first, gather_heads, grad_norm, hf_token_order, input_to_hf, sb,
+                                    several_ranks, split_heads, to_hf, tp_gather, tp_size, tp_split)
 
 # Alignment-table key -> module path in the text model (``language_model.`` inside the VLM).
 LM = {
@@ -480,8 +480,9 @@ class ParitySystem:
 
     # -- layouts -----------------------------------------------------------------------------------
 
-    def output(self, a: Aligned, out: Any, module: nn.Module) -> Any:
-        """A hooked output (``[s, b, ...]``, TP shards) -> HF layout."""
+    def output(self, a: Aligned, out: Any, module: nn.Module, grad: bool = False) -> Any:
+        """A hooked output (``[s, b, ...]``, TP shards; or its gradient: ``grad``, laid out as the value: its converter
+        refuses TP above the KV heads, so no head is on several ranks) -> HF layout."""
         if a.row.stack in (Stack.VISION, Stack.AUDIO):
             return value(a.row.kind, out)
         return self._OUTPUT.get(a.row.kind, ParitySystem._out_layout)(self, a, out, module)
@@ -491,8 +492,9 @@ class ParitySystem:
         input; the first is the router's), every other module's first."""
         return 1 if a.row.kind is Kind.EXPERTS else 0 if args else None
 
-    def input_layout(self, a: Aligned, x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-        """Its vision tower's inputs are HF's layout already (batch-first); the text model's are ``[s, b, ...]``."""
+    def input_layout(self, a: Aligned, x: torch.Tensor, module: nn.Module, grad: bool = False) -> torch.Tensor:
+        """Its vision tower's inputs are HF's layout already (batch-first); the text model's are ``[s, b, ...]``
+        (a gradient, ``grad``, as the value: ``output``)."""
         return x if a.row.stack in (Stack.VISION, Stack.AUDIO) else input_to_hf(a, x, self.b, self.s, module)
 
     def _out_as_is(self, a: Aligned, out: Any, module: nn.Module) -> Any:
@@ -550,8 +552,7 @@ class ParitySystem:
         x = call_arg(call, "hidden_states", device=self.device)
         if a.row.kind is not Kind.HEAD_NORM or tp_size() == 1:
             return module(x)
-        y = module(tp_split(x.flatten(2)).unflatten(2, (-1, x.shape[3])))
-        return tp_gather(y.flatten(2)).unflatten(2, (-1, x.shape[3]))
+        return gather_heads(module(split_heads(x)), x.shape[2])
 
     def _replay_flat_norm(self, a: Aligned, module, call) -> torch.Tensor:
         return module(call_arg(call, "hidden_states", device=self.device))

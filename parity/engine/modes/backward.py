@@ -377,7 +377,7 @@ class _Site:
         handles = []
         if self.at_input:
             def pre(m, args, kwargs):
-                hooks = [grads.hook(kind, a.hf, lambda g, a=a: sut.input_layout(a, g, m)) for kind, a in self.at_input]
+                hooks = [grads.hook(kind, a.hf, lambda g, a=a: sut.input_layout(a, g, m, grad=True)) for kind, a in self.at_input]
 
                 def keep(g):
                     for h in hooks:
@@ -389,7 +389,7 @@ class _Site:
                 y = first(out["last_hidden_state"] if isinstance(out, dict) and "last_hidden_state" in out else out)
                 if isinstance(y, torch.Tensor) and y.requires_grad:
                     for a in self.at_output:
-                        y.register_hook(grads.hook(OUTPUT, a.hf, lambda g, a=a: sut.output(a, g, m)))
+                        y.register_hook(grads.hook(OUTPUT, a.hf, lambda g, a=a: sut.output(a, g, m, grad=True)))
             handles.append(self.module.register_forward_hook(fwd, with_kwargs=True))
         return handles
 
