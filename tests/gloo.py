@@ -15,8 +15,14 @@ def free_port() -> int:
 
 def join(rank: int, world: int, port: int) -> None:
     """This spawned process as rank ``rank`` of ``world`` (torch.distributed's environment), one thread each."""
+    import tempfile
+
+    # each rank its own inductor cache: megatron-core's fused activations are torch.compile'd (its jit_fuser), and
+    # four ranks compiling the same CPU kernel at once in one cache dir failed with a C++ compile error (at TP=4, on a
+    # recompile with dynamic shapes); with a cache per rank it compiles
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+                      LOCAL_RANK=str(rank),
+                      TORCHINDUCTOR_CACHE_DIR=os.path.join(tempfile.gettempdir(), f"torchinductor_rank{rank}"))
     torch.set_num_threads(1)
 
 
