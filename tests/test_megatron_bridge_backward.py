@@ -56,7 +56,7 @@ def causes_removed(*causes: str):
                 config.cross_entropy_loss_fusion = False
             if "aux_loss" in causes:
                 config.moe_aux_loss_coeff = 0.0
-        if "post_norm_eps" in causes:
+        if "post_norm_eps" in causes and not bm.dense:  # its MoE model's (finding 2); its dense model has no such norm
             for layer in T.language_model(bm.model).decoder.layers:
                 layer.self_attention.linear_proj.post_layernorm.eps = bm.provider.layernorm_epsilon
         return bm
