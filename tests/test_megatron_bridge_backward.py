@@ -38,14 +38,16 @@ SYSTEM = "megatron-bridge"
 FORWARD = ("end_to_end", "isolated")
 GRADIENTS = ("loss", "grad_output", "grad_input", "param_grad")
 ISOLATED = ("isolated_grad_input", "isolated_param_grad")
-ALL_CAUSES = ("fused_cross_entropy", "aux_loss", "post_norm_eps")
+ALL_CAUSES = ("fused_cross_entropy", "aux_loss", "post_norm_eps", "qk_norm_tp_sum")
 
 
 @contextmanager
 def causes_removed(*causes: str):
     """Megatron-Bridge built with the named defaults switched off (diagnostic runs only; the case's runs keep every
     default): ``fused_cross_entropy`` -> megatron-core's unfused vocab-parallel cross entropy,
-    ``aux_loss`` -> ``moe_aux_loss_coeff = 0``, ``post_norm_eps`` -> the post-attention norm's eps = HF's 1e-6."""
+    ``aux_loss`` -> ``moe_aux_loss_coeff = 0``, ``post_norm_eps`` -> the post-attention norm's eps = HF's 1e-6,
+    ``qk_norm_tp_sum`` -> its dense model's config ``qk_layernorm = True`` (finding 20: megatron's finalize then sums
+    the q/k norms' gradients over TP; its MoE model's says so already)."""
     mp = pytest.MonkeyPatch()
     build = MB.build
 
@@ -56,6 +58,8 @@ def causes_removed(*causes: str):
                 config.cross_entropy_loss_fusion = False
             if "aux_loss" in causes:
                 config.moe_aux_loss_coeff = 0.0
+        if "qk_norm_tp_sum" in causes:
+            T.language_model(bm.model).config.qk_layernorm = True
         if "post_norm_eps" in causes and not bm.dense:  # its MoE model's (finding 2); its dense model has no such norm
             for layer in T.language_model(bm.model).decoder.layers:
                 layer.self_attention.linear_proj.post_layernorm.eps = bm.provider.layernorm_epsilon
