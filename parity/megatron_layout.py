@@ -216,7 +216,8 @@ def input_to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, module=None, *, arg
     module = getattr(module, "to_wrap", module)  # a LoRA wrapper (Megatron-Bridge's): the linear it adapts
     if sequence_parallel and sp_sharded(a, "input"):
         x = sp_gather(x, s)
-    if kind is Kind.LINEAR and tp_size() > 1 and getattr(getattr(module, "weight", None), "partition_dim", None) == 1:
+    if (kind is Kind.LINEAR and tp_size() > 1 and getattr(getattr(module, "weight", None), "partition_dim", None) == 1
+            and getattr(module, "input_is_parallel", True)):  # (one built with input_is_parallel=False reads it whole)
         x = tp_gather(x)
     elif kind is Kind.HEAD_NORM and tp_size() > 1:
         x = gather_heads(x, head_count(a, args) if args is not None else None, grad)
