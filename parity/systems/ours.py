@@ -165,17 +165,17 @@ class ParitySystem:
     def load(self, hf_state, folder=None) -> None:  # our import is parity.bridge.io's: ``hf_state`` is its output
         from parity.bridge import audio, convert, vision
 
-        if self.vlm:  # HF VLM state dict -> text, vision and audio bridges, every key accounted for
-            state = {TEXT_MC + k: v for k, v in convert.hf_to_megatron(hf_state, self.args).items()}
+        rk = megatron_env.ranks()
+        ranks = dict(tp_rank=rk["tp_rank"], tp_size=rk["tp_size"], ep_rank=rk["ep_rank"], ep_size=rk["ep_size"],
+                     etp_rank=rk["etp_rank"], etp_size=rk["etp_size"])
+        if self.vlm:  # HF VLM state dict -> text (this rank's shards), vision and audio bridges, every key accounted for
+            state = {TEXT_MC + k: v for k, v in convert.hf_to_megatron(hf_state, self.args, **ranks).items()}
             state.update({VISION_MC + k: v for k, v in vision.hf_to_megatron_vision(hf_state, "model.").items()})
             if self.audio:
                 state.update({AUDIO_MC + k: v for k, v in audio.hf_to_megatron_audio(hf_state, "model.").items()})
             return load_streamed(self.model, state.items())
-        rk = megatron_env.ranks()
         load_streamed(self.model, convert.iter_hf_to_megatron(
-            hf_state, self.args, tp_rank=rk["tp_rank"], tp_size=rk["tp_size"], ep_rank=rk["ep_rank"],
-            ep_size=rk["ep_size"], etp_rank=rk["etp_rank"], etp_size=rk["etp_size"],
-            device=self.device if self.device == "cuda" else None))
+            hf_state, self.args, **ranks, device=self.device if self.device == "cuda" else None))
 
     def export(self):
         """HF (key, tensor) pairs, one at a time; in a world of several ranks each tensor's shards are gathered."""
@@ -190,7 +190,10 @@ class ParitySystem:
             yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(sd, self.args)
             return
         text = {k[len(TEXT_MC):]: v for k, v in sd.items() if k.startswith(TEXT_MC)}
-        yield from convert.megatron_to_hf(text, self.args, arch="Gemma4ForConditionalGeneration").items()
+        if several_ranks():  # the text model's shards gathered (its towers are whole on every rank)
+            yield from convert.iter_gather_from_world(text, self.args, arch="Gemma4ForConditionalGeneration")
+        else:
+            yield from convert.megatron_to_hf(text, self.args, arch="Gemma4ForConditionalGeneration").items()
         yield from vision.megatron_to_hf_vision({k[len(VISION_MC):]: v for k, v in sd.items()
                                                  if k.startswith(VISION_MC)}, "model.").items()
         if self.audio:
@@ -441,8 +444,8 @@ class ParitySystem:
                 sd, self.args, grads=True, want=want)
             return
         text = {k[len(TEXT_MC):]: v for k, v in sd.items() if k.startswith(TEXT_MC)}
-        yield from convert.iter_megatron_to_hf(text, self.args, arch="Gemma4ForConditionalGeneration", grads=True,
-                                               want=want)
+        yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(
+            text, self.args, arch="Gemma4ForConditionalGeneration", grads=True, want=want)
         yield from vision.megatron_to_hf_vision({k[len(VISION_MC):]: v for k, v in sd.items()
                                                  if k.startswith(VISION_MC)}, "model.").items()  # renames only
         if self.audio:
