@@ -196,9 +196,10 @@ def to_hf(a: Aligned, x: torch.Tensor, b: int, s: int, args: TextArgs, *, contig
         x = qkv_part(x, a.row.part, args, a.layer)
     elif kind is Kind.FC1:
         x = fc1_part(x, a.row.part)
-    elif kind is Kind.HEAD_NORM and tp_size() > 1 and (x.shape[2] != head_count(a, args) or
-                                                       head_count(a, args) < tp_size()):
-        x = gather_heads(x, head_count(a, args), grad)  # (one head on several ranks: a gradient is their sum)
+    elif kind is Kind.HEAD_NORM and tp_size() > 1:
+        heads = head_count(a, args)
+        if x.shape[2] != heads or heads < tp_size():  # (one head on several ranks: a gradient is their sum)
+            x = gather_heads(x, heads, grad)
     elif kind is Kind.LM_HEAD:
         x = tp_gather(x)
     x = sb(x, contiguous)
