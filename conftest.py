@@ -9,3 +9,20 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
+
+
+import signal  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_left_as_found():
+    """No test (nor what it imports) may leave SIGINT's handler changed: Ctrl-C tests in the same worker process rely
+    on it (parity.interrupts delivers a held interrupt to the handler in force)."""
+    before = signal.getsignal(signal.SIGINT)
+    yield
+    after = signal.getsignal(signal.SIGINT)
+    if after is not before:
+        signal.signal(signal.SIGINT, before)
+        pytest.fail(f"SIGINT's handler changed by this test: {before!r} -> {after!r} (restored)")

@@ -79,8 +79,10 @@ def tp_split(x: torch.Tensor) -> torch.Tensor:
 # reduce-scatter) writes -- is this rank's shard of the sequence, ``[s/tp, b, ...]`` (router tokens ``[s/tp*b, ...]``);
 # what a column-parallel linear writes and a row-parallel linear reads (features, heads, vocabulary split over TP),
 # with the per-head norms and the core attention between them, holds the whole sequence. By the row's kind:
-SEQUENCE_SHARDED = frozenset({Kind.EMBEDDING, Kind.LAYER, Kind.NORM, Kind.FLAT_NORM, Kind.ATTENTION, Kind.LINEAR,
-                              Kind.MLP, Kind.ROUTER, Kind.EXPERTS})  # a row's value
+SEQUENCE_SHARDED = frozenset({Kind.EMBEDDING, Kind.MERGED, Kind.LAYER, Kind.NORM, Kind.FLAT_NORM, Kind.ATTENTION,
+                              Kind.LINEAR, Kind.MLP, Kind.ROUTER, Kind.EXPERTS})  # a row's value (MERGED: the
+# decoder's input, what a VLM scatters over the sequence; a VLM's text embedding is whole where its embedding is built
+# without the scatter: the system says so, ``to_hf(sequence_parallel=False)``)
 WHOLE_SEQUENCE_INPUT = frozenset({Kind.LINEAR, Kind.HEAD_NORM})  # a row's module's input: row-parallel, per-head;
 # every other module whose input is read (a layer, a norm, a column-parallel linear: its all-gather is inside it, an
 # MLP block, a router, the output layer) takes this rank's sequence shard

@@ -44,3 +44,54 @@ def spawn(worker, world: int, *args):
                 if "EADDRINUSE" not in str(e) or attempt == 2:
                     raise
         return torch.load(path)
+
+
+def digest(r: dict) -> dict:
+    """What a test of a run in a world reads back from rank 0 (a run's results are too large to ship whole)."""
+    return {"passed": r["passed"], "parallel": r["parallel"], "checks": r["checks"],
+            "first": r["summary"]["first_divergence_detail"],
+            "failed": sorted((m["name"], m["mode"]) for m in r["modules"] if m.get("passed") is False),
+            "rows": {(m["name"], m["mode"]): m.get("rel_l2") for m in r["modules"]},
+            "modes": {m["name"]: m.get("why") for m in r["modes"]}, "train": r.get("train")}
+
+
+def case_worker(rank, world, port, case, system, variants, path):
+    """Rank ``rank`` running case ``case`` against ``system`` once per variant, ``{name: (reference, causes, plant)}``:
+    the HF reference built under ``reference()`` (a context manager factory, or None: the case's own), Megatron-Bridge
+    with the named defaults switched off (``causes_removed``: diagnostic builds), ``plant(monkeypatch)`` applied to
+    the system's run (or None). One reference per distinct ``reference``; rank 0 saves ``{name: digest}``."""
+    import contextlib
+
+    join(rank, world, port)
+    from parity.cases import load_case
+    from parity.engine import pipeline
+
+    import pytest
+
+    out, refs = {}, {}
+    try:
+        for name, (reference, causes, plant) in variants.items():
+            if reference not in refs:
+                with (reference() if reference else contextlib.nullcontext()):
+                    refs[reference] = pipeline.reference(load_case(case), device="cpu", seed=0)
+            mp = pytest.MonkeyPatch()
+            try:
+                if plant is not None:
+                    plant(mp)
+                if causes:
+                    from tests.test_megatron_bridge_backward import causes_removed
+                removed = causes_removed(*causes) if causes else contextlib.nullcontext()
+                with removed:
+                    out[name] = digest(pipeline.against(refs[reference], system))
+            finally:
+                mp.undo()
+    finally:
+        for ref in refs.values():
+            ref.close()
+    if rank == 0:
+        torch.save(out, path)
+
+
+def run_case(case: str, system: str, world: int, **variants):
+    """``case_worker`` on ``world`` processes: ``{variant: digest}`` (rank 0's)."""
+    return spawn(case_worker, world, case, system, variants)

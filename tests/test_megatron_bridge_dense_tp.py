@@ -12,10 +12,8 @@ True``, a diagnostic build) every row agrees. Skips where megatron-bridge is not
 from __future__ import annotations
 
 import pytest
-import torch
-
 from parity import mbridge
-from tests.gloo import join, spawn
+from tests.gloo import run_case
 
 OK, WHY = mbridge.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"Megatron-Bridge not importable: {WHY}")
@@ -24,34 +22,12 @@ CASE = "gemma4-31b-tiny-train-tp2-megatron-bridge"
 LAYERS = 12
 
 
-def _digest(r: dict) -> dict:
-    return {"passed": r["passed"], "parallel": r["parallel"], "checks": r["checks"],
-            "first": r["summary"]["first_divergence_detail"],
-            "failed": sorted((m["name"], m["mode"]) for m in r["modules"] if m.get("passed") is False),
-            "rows": {(m["name"], m["mode"]): m.get("rel_l2") for m in r["modules"]},
-            "modes": {m["name"]: m.get("why") for m in r["modes"]}}
-
-
-def _worker(rank, world, port, path):
-    join(rank, world, port)
-    from parity.cases import load_case
-    from parity.engine import pipeline
-    from tests.test_megatron_bridge_backward import ALL_CAUSES, causes_removed
-
-    out = {}
-    ref = pipeline.reference(load_case(CASE), device="cpu", seed=0)
-    with causes_removed(*(c for c in ALL_CAUSES if c != "qk_norm_tp_sum")):
-        out["finding_20"] = _digest(pipeline.against(ref, "megatron-bridge"))
-    with causes_removed(*ALL_CAUSES):
-        out["clean"] = _digest(pipeline.against(ref, "megatron-bridge"))
-    ref.close()
-    if rank == 0:
-        torch.save(out, path)
-
-
 @pytest.fixture(scope="module")
 def world() -> dict:
-    return spawn(_worker, 2)
+    from tests.test_megatron_bridge_backward import ALL_CAUSES
+
+    return run_case(CASE, "megatron-bridge", 2, clean=(None, ALL_CAUSES, None),
+                    finding_20=(None, tuple(c for c in ALL_CAUSES if c != "qk_norm_tp_sum"), None))
 
 
 def test_dense_q_k_norm_gradients_not_summed_over_tp_finding_20(world):

@@ -5,31 +5,15 @@ its gradients gathered from every rank. Every row of the training step agrees as
 from __future__ import annotations
 
 import pytest
-import torch
 
-from tests.gloo import join, spawn
+from tests.gloo import run_case
 
 CASE = "gemma4-vlm-tiny-train-ep2"
 
 
-def _worker(rank, world, port, path):
-    join(rank, world, port)
-    from parity.cases import load_case
-    from parity.engine import pipeline
-
-    ref = pipeline.reference(load_case(CASE), device="cpu", seed=0)
-    r = pipeline.against(ref, "parity")
-    ref.close()
-    if rank == 0:
-        torch.save({"passed": r["passed"], "parallel": r["parallel"], "first": r["summary"]["first_divergence_detail"],
-                    "modes": {m["name"]: m.get("why") for m in r["modes"]},
-                    "rows": {(m["name"], m["mode"]): m.get("rel_l2") for m in r["modules"]},
-                    "failed": [(m["name"], m["mode"]) for m in r["modules"] if m.get("passed") is False]}, path)
-
-
 @pytest.fixture(scope="module")
 def world() -> dict:
-    return spawn(_worker, 2)
+    return run_case(CASE, "parity", 2, run=(None, (), None))["run"]
 
 
 def test_vlm_training_step_over_two_ep_ranks(world):

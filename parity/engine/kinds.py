@@ -190,10 +190,6 @@ class VlmKind(TextKind):
     prefixes = {Stack.VISION: "model.", Stack.AUDIO: "model.", Stack.TEXT: "model.language_model.", Stack.ROOT: "",
                 Stack.VLM: ""}
 
-    def check(self, case) -> None:
-        if case.parallel.tp != 1:  # (EP: the towers whole on every rank, the text model's experts split)
-            raise UserError(f"case {case.name}: VLM runs support tp = 1 only (got tp={case.parallel.tp})")
-
     def build(self, case, dtype: torch.dtype, device: str, checkpoint: str | None, seed: int):
         """HF Gemma4ForConditionalGeneration from a VLM builder (random weights: ``tiny_vlm``, ``tiny_vlm_audio``,
         ``full_vlm``, ...) or a checkpoint. HF's audio tower runs eager attention only (its chunked attention has no

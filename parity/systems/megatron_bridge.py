@@ -399,8 +399,11 @@ class MegatronBridgeSystem:
 
     def _layout(self, a: Aligned, x: torch.Tensor, grad: bool = False) -> torch.Tensor:
         """``[s, b, ...]`` -> HF layout; column-parallel outputs (this rank's heads or features) gathered, sequence
-        shards (under its sequence parallelism) gathered along the sequence; ``grad``: ``megatron_layout.to_hf``."""
-        return to_hf(a, x, self.b, self.s, self.args, contiguous=True, sequence_parallel=self.sp, grad=grad)
+        shards (under its sequence parallelism) gathered along the sequence -- its VLM's text embedding is whole (its
+        VLM scatters the merged embeddings instead: ``scatter_embedding_sequence_parallel`` off); ``grad``:
+        ``megatron_layout.to_hf``."""
+        sp = self.sp and (a.row.kind is not Kind.EMBEDDING or self.lm.embedding.scatter_to_sequence_parallel)
+        return to_hf(a, x, self.b, self.s, self.args, contiguous=True, sequence_parallel=sp, grad=grad)
 
     def _in(self, a: Aligned, x: torch.Tensor) -> torch.Tensor:
         """HF's input of row ``a``'s module (``[b, s, ...]``; ``[b*s, ...]`` for ``FLAT`` rows) -> its module's
