@@ -16,7 +16,7 @@ Schema (fields without a default are required)::
     seed = 0
     markers = ["cpu"]                    # default []; of cpu, gpu, multigpu, slow, checkpoint
     [model]
-    builder = "tiny_text"                # "tiny_text" | "full_text" | "e2b_tiny" | "e4b_tiny" | "31b_tiny" | "full_e4b" | "full_31b" | "tiny_vlm" | "tiny_vlm_audio" | "full_vlm" | "31b_vlm_tiny" | "e2b_vlm_tiny" | "checkpoint"
+    builder = "tiny_text"                # "tiny_text" | "full_text" | "e2b_tiny" | "e4b_tiny" | "31b_tiny" | "full_e4b" | "full_31b" | "tiny_vlm" | "tiny_vlm_audio" | "full_vlm" | "31b_vlm_tiny" | "e2b_vlm_tiny" | "e4b_vlm_tiny" | "checkpoint"
     overrides = { enable_moe_block = false }   # default {}: keyword arguments for the builder
     checkpoint_env = "GEMMA4_CHECKPOINT" # builder "checkpoint" only (and required there)
     [inputs]
@@ -100,7 +100,7 @@ from parity.errors import CaseError, UserError
 KINDS = ("text", "vlm")
 BUILDERS = {"tiny_text": ("text",), "full_text": ("text",), "e2b_tiny": ("text",), "e4b_tiny": ("text",),
             "31b_tiny": ("text",), "full_e4b": ("text",), "full_31b": ("text",), "tiny_vlm": ("vlm",),
-            "full_vlm": ("vlm",), "tiny_vlm_audio": ("vlm",), "31b_vlm_tiny": ("vlm",), "e2b_vlm_tiny": ("vlm",), "checkpoint": ("text", "vlm")}
+            "full_vlm": ("vlm",), "tiny_vlm_audio": ("vlm",), "31b_vlm_tiny": ("vlm",), "e2b_vlm_tiny": ("vlm",), "e4b_vlm_tiny": ("vlm",), "checkpoint": ("text", "vlm")}
 SOFT_TOKENS = (70, 140, 280, 560, 1120)  # the image token budgets HF's Gemma 4 image processor supports
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16")

@@ -294,16 +294,30 @@ def e2b_vlm_tiny_config_kwargs(*, text: dict | None = None, vision: dict | None 
     Gemma 4 models (standard causal masks, images included)."""
     from parity.config import e2b_tiny_config_kwargs
 
+    return _ple_vlm_tiny(e2b_tiny_config_kwargs, text, vision, audio, with_audio, overrides)
+
+
+def e4b_vlm_tiny_config_kwargs(*, text: dict | None = None, vision: dict | None = None, audio: dict | None = None,
+                               with_audio: bool = True, **overrides: Any) -> dict[str, Any]:
+    """Tiny E4B-shaped VLM as E4B ships: the tiny E4B text model (per-layer embeddings, the last 5 of 12 layers
+    KV-shared, 2 KV heads on every layer, no double-wide MLP) with the tiny vision and audio towers of
+    ``e2b_vlm_tiny``."""
+    from parity.config import e4b_tiny_config_kwargs
+
+    return _ple_vlm_tiny(e4b_tiny_config_kwargs, text, vision, audio, with_audio, overrides)
+
+
+def _ple_vlm_tiny(text_kwargs, text, vision, audio, with_audio: bool, overrides: dict) -> dict[str, Any]:
     kw = vlm_config_kwargs(vision={"use_clipped_linears": True, **(vision or {})},
                            audio_config=tiny_audio_config_kwargs(**(audio or {})) if with_audio else None, **overrides)
-    kw["text_config"] = e2b_tiny_config_kwargs(**(text or {}))
+    kw["text_config"] = text_kwargs(**(text or {}))
     return kw
 
 
 # Builder name (a VLM case's ``[model] builder``) -> the ``Gemma4Config`` kwargs it makes.
 VLM_BUILDERS = {"tiny_vlm": vlm_config_kwargs, "tiny_vlm_audio": vlm_audio_config_kwargs,
                 "full_vlm": full_vlm_config_kwargs, "31b_vlm_tiny": g31b_vlm_tiny_config_kwargs,
-                "e2b_vlm_tiny": e2b_vlm_tiny_config_kwargs}
+                "e2b_vlm_tiny": e2b_vlm_tiny_config_kwargs, "e4b_vlm_tiny": e4b_vlm_tiny_config_kwargs}
 
 
 def make_vlm_config(kwargs: dict[str, Any] | None = None):
