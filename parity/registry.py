@@ -18,9 +18,7 @@ REFUSES = {
     "parity": {"lora.experts": "LoRA on the routed experts: our experts (parity.models.text.Gemma4Experts) read their "
                                "stacked weights directly, with no linear module Megatron-Bridge's LoRA transform can "
                                "wrap",
-               "parallel.sequence_parallel": "sequence parallelism: our model (parity.models.text) is built without it",
-               "vlm.tp": "a VLM at TP > 1: our vision tower (parity.models.vision) is built of tensor-parallel linears, "
-                         "but its weights are loaded whole and its outputs read unsharded (EP only)"},
+               "parallel.sequence_parallel": "sequence parallelism: our model (parity.models.text) is built without it"},
 }
 
 
@@ -49,8 +47,7 @@ def refuses(name: str, case) -> str | None:
     """Why system ``name`` cannot run ``case`` at all (``REFUSES``), or None."""
     lora = getattr(case, "lora", None)
     features = {"lora.experts": lora is not None and lora.experts is not None,
-                "parallel.sequence_parallel": bool(getattr(getattr(case, "parallel", None), "sequence_parallel", False)),
-                "vlm.tp": getattr(case, "kind", None) == "vlm" and getattr(getattr(case, "parallel", None), "tp", 1) > 1}
+                "parallel.sequence_parallel": bool(getattr(getattr(case, "parallel", None), "sequence_parallel", False))}
     return next((why for feature, why in REFUSES.get(name, {}).items() if features[feature]), None)
 
 

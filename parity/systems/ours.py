@@ -95,6 +95,59 @@ TABLES = {"logits": "logits", "rotary_emb": "rotary_tables[{layer_type}]", "mask
 TEXT_MC, VISION_MC, AUDIO_MC = "language_model.", "vision.", "audio."
 
 
+def _vision_from_ranks(sd: dict) -> dict:
+    """The vision tower's tensors of a state dict (or of gradients), its own names under the tower, whole: at TP > 1
+    each TP-split tensor (``parity.bridge.vision.tp_dim``) all-gathered over the TP ranks, in rank order."""
+    from parity.bridge import vision
+
+    out = {k[len(VISION_MC):]: v for k, v in sd.items() if k.startswith(VISION_MC)}
+    n = tp_size()
+    if n == 1:
+        return out
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    for k, v in out.items():
+        dim = vision.tp_dim(k)
+        if dim is not None:
+            parts = [torch.empty_like(v) for _ in range(n)]
+            torch.distributed.all_gather(parts, v.contiguous(), group=group)
+            out[k] = torch.cat(parts, dim=dim)
+    return out
+
+
+_VISION_HEADS = (".self_attn.q_norm", ".self_attn.k_norm", ".self_attn.v_norm")  # per-head norms: [n, N, heads, d]
+
+
+def _vision_split(a: Aligned, module: nn.Module) -> str | None:
+    """What of vision row ``a``'s module is this rank's part at TP > 1 (``parity.models.vision``: q/k/v and gate/up
+    column-parallel, o_proj and down_proj row-parallel, the embedders' linears gathered): ``"output"`` (a
+    column-parallel linear's features), ``"input"`` (a row-parallel linear reads its slice of the features),
+    ``"heads"`` (a per-head norm on this rank's heads, value and input), ``"features"`` (the MLP's activation between
+    them, value and input), or None (whole)."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    if tp_size() == 1:
+        return None
+    if a.row.hf.endswith(_VISION_HEADS):
+        return "heads"
+    if a.row.hf.endswith(".mlp.act_fn"):
+        return "features"
+    linear = getattr(module, "linear", module)
+    if isinstance(linear, ColumnParallelLinear) and not linear.gather_output:
+        return "output"
+    return "input" if isinstance(linear, RowParallelLinear) else None
+
+
+def _vision_whole(a: Aligned, x: Any, module: nn.Module, io: str) -> Any:
+    """Our vision module's output (``io="output"``) or input (``"input"``) -- or a gradient with respect to either,
+    laid out as the value -- whole: features or heads gathered over TP where this rank holds a part of them."""
+    split = _vision_split(a, module)
+    if split == "heads":
+        return gather_heads(x)
+    return tp_gather(x) if split in (io, "features") else x
+
+
 def _main_input(call) -> torch.Tensor:
     if call.args:
         return call.args[0]
@@ -170,7 +223,8 @@ class ParitySystem:
                      etp_rank=rk["etp_rank"], etp_size=rk["etp_size"])
         if self.vlm:  # HF VLM state dict -> text (this rank's shards), vision and audio bridges, every key accounted for
             state = {TEXT_MC + k: v for k, v in convert.hf_to_megatron(hf_state, self.args, **ranks).items()}
-            state.update({VISION_MC + k: v for k, v in vision.hf_to_megatron_vision(hf_state, "model.").items()})
+            tower = vision.shard_vision(vision.hf_to_megatron_vision(hf_state, "model."), rk["tp_rank"], rk["tp_size"])
+            state.update({VISION_MC + k: v for k, v in tower.items()})  # this TP rank's slices
             if self.audio:
                 state.update({AUDIO_MC + k: v for k, v in audio.hf_to_megatron_audio(hf_state, "model.").items()})
             return load_streamed(self.model, state.items())
@@ -190,12 +244,11 @@ class ParitySystem:
             yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(sd, self.args)
             return
         text = {k[len(TEXT_MC):]: v for k, v in sd.items() if k.startswith(TEXT_MC)}
-        if several_ranks():  # the text model's shards gathered (its towers are whole on every rank)
+        if several_ranks():  # the text model's shards gathered (its vision tower's TP slices too; its audio tower whole)
             yield from convert.iter_gather_from_world(text, self.args, arch="Gemma4ForConditionalGeneration")
         else:
             yield from convert.megatron_to_hf(text, self.args, arch="Gemma4ForConditionalGeneration").items()
-        yield from vision.megatron_to_hf_vision({k[len(VISION_MC):]: v for k, v in sd.items()
-                                                 if k.startswith(VISION_MC)}, "model.").items()
+        yield from vision.megatron_to_hf_vision(_vision_from_ranks(sd), "model.").items()
         if self.audio:
             yield from audio.megatron_to_hf_audio({k[len(AUDIO_MC):]: v for k, v in sd.items()
                                                    if k.startswith(AUDIO_MC)}, "model.").items()
@@ -376,7 +429,7 @@ class ParitySystem:
         if getattr(self, "_finalized", True):
             return
         self._finalized = True
-        finalize_grads(self.lm, self.lm.config, self._experts())
+        finalize_grads(self.model, self.lm.config, self._experts())  # a VLM's towers too, as megatron finalizes a chunk
 
     def _experts(self) -> set[int]:
         from parity.models.text import Gemma4Experts
@@ -446,8 +499,7 @@ class ParitySystem:
         text = {k[len(TEXT_MC):]: v for k, v in sd.items() if k.startswith(TEXT_MC)}
         yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(
             text, self.args, arch="Gemma4ForConditionalGeneration", grads=True, want=want)
-        yield from vision.megatron_to_hf_vision({k[len(VISION_MC):]: v for k, v in sd.items()
-                                                 if k.startswith(VISION_MC)}, "model.").items()  # renames only
+        yield from vision.megatron_to_hf_vision(_vision_from_ranks(sd), "model.").items()  # renames only
         if self.audio:
             from parity.bridge import audio
 
@@ -485,8 +537,11 @@ class ParitySystem:
 
     def output(self, a: Aligned, out: Any, module: nn.Module, grad: bool = False) -> Any:
         """A hooked output (``[s, b, ...]``, TP shards; or its gradient: ``grad``, laid out as the value: its converter
-        refuses TP above the KV heads, so no head is on several ranks) -> HF layout."""
-        if a.row.stack in (Stack.VISION, Stack.AUDIO):
+        refuses TP above the KV heads, so no head is on several ranks) -> HF layout. Its towers are batch-first
+        already (the vision tower's TP shards gathered: ``_vision_whole``)."""
+        if a.row.stack is Stack.VISION:
+            return _vision_whole(a, value(a.row.kind, out), module, "output")
+        if a.row.stack is Stack.AUDIO:
             return value(a.row.kind, out)
         return self._OUTPUT.get(a.row.kind, ParitySystem._out_layout)(self, a, out, module)
 
@@ -498,7 +553,9 @@ class ParitySystem:
     def input_layout(self, a: Aligned, x: torch.Tensor, module: nn.Module, grad: bool = False) -> torch.Tensor:
         """Its vision tower's inputs are HF's layout already (batch-first); the text model's are ``[s, b, ...]``
         (a gradient, ``grad``, as the value: ``output``)."""
-        return x if a.row.stack in (Stack.VISION, Stack.AUDIO) else input_to_hf(a, x, self.b, self.s, module)
+        if a.row.stack is Stack.VISION:
+            return _vision_whole(a, x, module, "input")
+        return x if a.row.stack is Stack.AUDIO else input_to_hf(a, x, self.b, self.s, module)
 
     def _out_as_is(self, a: Aligned, out: Any, module: nn.Module) -> Any:
         """Its embedding, logits and image scatter: batch-first and whole already."""
@@ -523,8 +580,11 @@ class ParitySystem:
 
     def replay(self, a: Aligned, module: nn.Module | None, call) -> Any:
         """``module`` on ``call``'s inputs in HF layout (for rows with ``feeds``: on those modules' outputs)."""
-        if a.row.stack is Stack.VISION:
-            return value(a.row.kind, self._vision_replay(module, _main_input(call).to(self.device)))
+        if a.row.stack is Stack.VISION:  # at TP > 1 on this rank's part of HF's input where its module reads one
+            split = _vision_split(a, module)
+            x = _main_input(call).to(self.device)
+            x = tp_split(x) if split in ("input", "features") else split_heads(x) if split == "heads" else x
+            return _vision_whole(a, value(a.row.kind, self._vision_replay(module, x)), module, "output")
         if a.row.stack is Stack.AUDIO:
             return value(a.row.kind, self._audio_replay(module, _main_input(call).to(self.device)))
         handler = self._REPLAY.get(a.row.kind)
