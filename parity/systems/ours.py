@@ -116,33 +116,31 @@ def _vision_from_ranks(sd: dict) -> dict:
     return out
 
 
-_VISION_HEADS = (".self_attn.q_norm", ".self_attn.k_norm", ".self_attn.v_norm")  # per-head norms: [n, N, heads, d]
+# How the module of a vision-layer row (``vision_tower.encoder.layers.{i}`` + suffix) splits over TP in our tower
+# (``parity.models.vision``): "output" -- a column-parallel linear's features (its input whole); "input" -- a
+# row-parallel linear reads its slice of the features (its output all-reduced, whole); "heads" -- a per-head norm on
+# this rank's heads ``[n, N, heads, d]``, value and input; "features" -- the MLP's activation between them, value and
+# input. Every other vision row is whole (the patch and soft-token embedders' linears gather their outputs).
+_VISION_TP = {
+    **{f".{p}{lin}": "output" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                                        "mlp.up_proj") for lin in ("", ".linear")},
+    **{f".{p}{lin}": "input" for p in ("self_attn.o_proj", "mlp.down_proj") for lin in ("", ".linear")},
+    **{f".self_attn.{n}": "heads" for n in ("q_norm", "k_norm", "v_norm")},
+    ".mlp.act_fn": "features",
+}
 
 
-def _vision_split(a: Aligned, module: nn.Module) -> str | None:
-    """What of vision row ``a``'s module is this rank's part at TP > 1 (``parity.models.vision``: q/k/v and gate/up
-    column-parallel, o_proj and down_proj row-parallel, the embedders' linears gathered): ``"output"`` (a
-    column-parallel linear's features), ``"input"`` (a row-parallel linear reads its slice of the features),
-    ``"heads"`` (a per-head norm on this rank's heads, value and input), ``"features"`` (the MLP's activation between
-    them, value and input), or None (whole)."""
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-
-    if tp_size() == 1:
+def _vision_split(a: Aligned) -> str | None:
+    """What of vision row ``a``'s module is this rank's part at TP > 1 (``_VISION_TP``), or None (whole)."""
+    if tp_size() == 1 or not a.row.hf.startswith(_L):
         return None
-    if a.row.hf.endswith(_VISION_HEADS):
-        return "heads"
-    if a.row.hf.endswith(".mlp.act_fn"):
-        return "features"
-    linear = getattr(module, "linear", module)
-    if isinstance(linear, ColumnParallelLinear) and not linear.gather_output:
-        return "output"
-    return "input" if isinstance(linear, RowParallelLinear) else None
+    return _VISION_TP.get(a.row.hf[len(_L):])
 
 
-def _vision_whole(a: Aligned, x: Any, module: nn.Module, io: str) -> Any:
+def _vision_whole(a: Aligned, x: Any, io: str) -> Any:
     """Our vision module's output (``io="output"``) or input (``"input"``) -- or a gradient with respect to either,
     laid out as the value -- whole: features or heads gathered over TP where this rank holds a part of them."""
-    split = _vision_split(a, module)
+    split = _vision_split(a)
     if split == "heads":
         return gather_heads(x)
     return tp_gather(x) if split in (io, "features") else x
@@ -244,7 +242,7 @@ class ParitySystem:
             yield from (convert.iter_gather_from_world if world else convert.iter_megatron_to_hf)(sd, self.args)
             return
         text = {k[len(TEXT_MC):]: v for k, v in sd.items() if k.startswith(TEXT_MC)}
-        if several_ranks():  # the text model's shards gathered (its vision tower's TP slices too; its audio tower whole)
+        if several_ranks():  # the text model's shards gathered (the vision tower's: _vision_from_ranks)
             yield from convert.iter_gather_from_world(text, self.args, arch="Gemma4ForConditionalGeneration")
         else:
             yield from convert.megatron_to_hf(text, self.args, arch="Gemma4ForConditionalGeneration").items()
@@ -540,7 +538,7 @@ class ParitySystem:
         refuses TP above the KV heads, so no head is on several ranks) -> HF layout. Its towers are batch-first
         already (the vision tower's TP shards gathered: ``_vision_whole``)."""
         if a.row.stack is Stack.VISION:
-            return _vision_whole(a, value(a.row.kind, out), module, "output")
+            return _vision_whole(a, value(a.row.kind, out), "output")
         if a.row.stack is Stack.AUDIO:
             return value(a.row.kind, out)
         return self._OUTPUT.get(a.row.kind, ParitySystem._out_layout)(self, a, out, module)
@@ -554,7 +552,7 @@ class ParitySystem:
         """Its vision tower's inputs are HF's layout already (batch-first); the text model's are ``[s, b, ...]``
         (a gradient, ``grad``, as the value: ``output``)."""
         if a.row.stack is Stack.VISION:
-            return _vision_whole(a, x, module, "input")
+            return _vision_whole(a, x, "input")
         return x if a.row.stack is Stack.AUDIO else input_to_hf(a, x, self.b, self.s, module)
 
     def _out_as_is(self, a: Aligned, out: Any, module: nn.Module) -> Any:
@@ -581,10 +579,10 @@ class ParitySystem:
     def replay(self, a: Aligned, module: nn.Module | None, call) -> Any:
         """``module`` on ``call``'s inputs in HF layout (for rows with ``feeds``: on those modules' outputs)."""
         if a.row.stack is Stack.VISION:  # at TP > 1 on this rank's part of HF's input where its module reads one
-            split = _vision_split(a, module)
+            split = _vision_split(a)
             x = _main_input(call).to(self.device)
             x = tp_split(x) if split in ("input", "features") else split_heads(x) if split == "heads" else x
-            return _vision_whole(a, value(a.row.kind, self._vision_replay(module, x)), module, "output")
+            return _vision_whole(a, value(a.row.kind, self._vision_replay(module, x)), "output")
         if a.row.stack is Stack.AUDIO:
             return value(a.row.kind, self._audio_replay(module, _main_input(call).to(self.device)))
         handler = self._REPLAY.get(a.row.kind)
