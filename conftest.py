@@ -26,3 +26,13 @@ def _sigint_handler_left_as_found():
     if after is not before:
         signal.signal(signal.SIGINT, before)
         pytest.fail(f"SIGINT's handler changed by this test: {before!r} -> {after!r} (restored)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist with ``--dist loadgroup`` (the README's test command) a test module's tests that share a
+    module-scoped fixture of its own (a gloo world of CPU processes, an HF reference) run on one worker: the fixture is
+    built once, not once on each worker that gets one of them (measured: every gloo world of tests/ built twice)."""
+    for item in items:
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        if any(d and d[-1].scope == "module" for d in defs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
