@@ -171,3 +171,54 @@ def test_per_layer_embeddings_inside_the_vlm_hold_on_more_seeds(case, ple_rows, 
     ple = [m for m in r["modules"] if "per_layer" in m["name"] and m["mode"] in ("end_to_end", "isolated")]
     assert len(ple) == ple_rows and max(m["rel_l2"] for m in ple) < 1e-5
     assert sum(1 for m in r["modules"] if ".audio_tower." in m["name"]) > 0
+
+
+def _hf_grads(model, ids: torch.Tensor, checkpointing: dict | None) -> dict[str, torch.Tensor]:
+    """HF's own training step's parameter gradients (its loss on next-token labels), with activation checkpointing
+    (``checkpointing``: its kwargs; ``{}``: HF's default) or without (None)."""
+    model.train()
+    if checkpointing is None:
+        model.gradient_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing or None)
+    model.zero_grad()
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("builder", ["e2b_tiny", "e4b_tiny"])
+def test_hf_activation_checkpointing_and_kv_sharing(builder):
+    """KV sharing during training, as HF does it without a cache (issue 24): the KV-shared layers read their source
+    layers' K/V from a dict the decoder passes along. HF's activation checkpointing as it ships (non-reentrant, its
+    default) gives the gradients of the run without it. With ``use_reentrant=True`` (a setting training scripts pass)
+    the source layers' K/V projections and every parameter upstream of them get other gradients (measured rel-L2
+    0.04-1.08; the layers after the last source keep theirs exactly): reentrant checkpointing runs each layer's forward
+    without autograd, so the K/V the shared layers read carry no graph back to their source layers -- HF's training of
+    E2B / E4B is then wrong, silently (the same model without KV sharing, and the 31B, keep their gradients). The
+    reference here trains without checkpointing."""
+    from transformers import Gemma4ForCausalLM
+
+    from parity.engine.randomize import randomize_
+
+    config = C.make_text_config(C.TEXT_BUILDERS[builder]())
+    model = Gemma4ForCausalLM._from_config(config, dtype=torch.float32)
+    randomize_(model, seed=0)
+    ids = torch.randint(10, 200, (2, 40), generator=torch.Generator().manual_seed(0))
+
+    def rel(a: dict, b: dict) -> dict[str, float]:
+        return {k: float((a[k] - b[k]).norm() / a[k].norm()) for k in a}
+
+    plain = _hf_grads(model, ids, None)
+    default = _hf_grads(model, ids, {})
+    reentrant = _hf_grads(model, ids, {"use_reentrant": True})
+    assert default.keys() == plain.keys() and max(rel(plain, default).values()) < 1e-6
+    off = rel(plain, reentrant)
+    sources = {s for s in C.kv_sources(config) if s is not None}
+    assert all(off[f"model.layers.{s}.self_attn.{p}_proj.weight"] > 0.1 for s in sources for p in ("k", "v")), off
+    assert off["model.embed_tokens.weight"] > 0.1 and off["model.layers.0.self_attn.q_proj.weight"] > 0.1
+    after = [v for k, v in off.items() if ".layers." in k and int(k.split(".")[2]) > max(sources)]
+    assert after and max(after) == 0.0  # what lies downstream of every source layer keeps its gradient
+    without_sharing = C.make_text_config(C.TEXT_BUILDERS[builder](num_kv_shared_layers=0))
+    model = Gemma4ForCausalLM._from_config(without_sharing, dtype=torch.float32)
+    randomize_(model, seed=0)
+    assert max(rel(_hf_grads(model, ids, None), _hf_grads(model, ids, {"use_reentrant": True})).values()) < 1e-6
