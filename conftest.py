@@ -28,6 +28,7 @@ def _sigint_handler_left_as_found():
         pytest.fail(f"SIGINT's handler changed by this test: {before!r} -> {after!r} (restored)")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist with ``--dist loadgroup`` (the README's test command) a test module's tests that share a
     module-scoped fixture of its own (a gloo world of CPU processes, an HF reference) run on one worker: the fixture is
