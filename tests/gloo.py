@@ -62,11 +62,11 @@ def case_worker(rank, world, port, case, system, variants, path):
     the system's run (or None). One reference per distinct ``reference``; rank 0 saves ``{name: digest}``."""
     import contextlib
 
+    import pytest
+
     join(rank, world, port)
     from parity.cases import load_case
     from parity.engine import pipeline
-
-    import pytest
 
     out, refs = {}, {}
     try:
@@ -78,9 +78,11 @@ def case_worker(rank, world, port, case, system, variants, path):
             try:
                 if plant is not None:
                     plant(mp)
-                if causes:
+                removed = contextlib.nullcontext()
+                if causes:  # (imports Megatron-Bridge)
                     from tests.test_megatron_bridge_backward import causes_removed
-                removed = causes_removed(*causes) if causes else contextlib.nullcontext()
+
+                    removed = causes_removed(*causes)
                 with removed:
                     out[name] = digest(pipeline.against(refs[reference], system))
             finally:
