@@ -283,3 +283,32 @@ def test_planted_bug_is_detected(setup, monkeypatch, bug):
                             lambda self, q, k, v, mask: orig_attend(self, q, k, v, torch.ones_like(mask)))
     result = _compare(setup)
     assert result["<final>"] > 100 * GATE, result["<final>"]
+
+
+def test_tp_split_table_matches_the_towers_parallel_linears(setup):
+    """``parity.systems.ours._VISION_TP`` (how each vision-layer row's module splits over TP) is data; here it is held
+    against the tower itself: every row whose module is (or wraps) a column-parallel linear that keeps its output split
+    reads "output", every row-parallel one "input", the per-head norms "heads"; no other row is listed, and every
+    listed suffix is a row of the alignment table."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from parity.systems.ours import _L, _VISION_TP
+
+    rows = {r.hf: r for r in VISION}
+    mc, seen = setup["mc"], {}
+    for hf, name, _ in _rows(setup["args"].num_layers):
+        if ".layers.0." not in hf:
+            continue
+        module = mc.get_submodule(name)
+        linear = getattr(module, "linear", module)
+        suffix = hf.removeprefix(PREFIX + _L.format(i=0))
+        if isinstance(linear, ColumnParallelLinear) and not linear.gather_output:
+            seen[suffix] = "output"
+        elif isinstance(linear, RowParallelLinear):
+            seen[suffix] = "input"
+        elif suffix.startswith(".self_attn.") and suffix.endswith("_norm"):
+            seen[suffix] = "heads"
+    expected = {k: v for k, v in _VISION_TP.items() if v != "features"}
+    assert seen == expected
+    assert all(_L + suffix in rows for suffix in _VISION_TP)
+    assert set(_VISION_TP.values()) == {"output", "input", "heads", "features"}
