@@ -38,6 +38,8 @@ Schema (fields without a default are required)::
     [run]
     sequential = false                   # release the HF model before building Megatron
     offload = false                      # keep captured tensors on the host
+    spill_grads = false                  # train cases: HF's parameter gradients in a file on local disk, memory-
+                                         # mapped (PARITY_SPILL_DIR, else the temporary folder), not host memory
     [expected_failures]                  # optional: check -> why it fails for the case's own system (a known
                                          # finding); pytest marks that check xfail(strict): it must still fail
     [train]                              # optional: a train case (the backward mode runs)
@@ -180,6 +182,7 @@ class Parallel(_Section):
 class RunOptions(_Section):
     sequential: bool = False
     offload: bool = False
+    spill_grads: bool = False
 
 
 @dataclass(frozen=True)
@@ -537,7 +540,7 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
     y.done()
 
     r = top.sub("run")
-    run = RunOptions(sequential=r.bool_("sequential"), offload=r.bool_("offload"))
+    run = RunOptions(sequential=r.bool_("sequential"), offload=r.bool_("offload"), spill_grads=r.bool_("spill_grads"))
     r.done()
 
     train = _train(top) if top.has("train") else None

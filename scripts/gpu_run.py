@@ -23,7 +23,11 @@ def summary(r: dict) -> dict:
     out["logits"] = {k: v for k, v in (s.get("logits") or {}).items() if k != "worst_positions"}
     fails = [m for m in r.get("modules", []) if not m.get("passed")]
     out["n_modules"], out["n_failed"] = len(r.get("modules", [])), len(fails)
-    out["failed"] = [{k: m.get(k) for k in ("name", "mode", "rel_l2", "floor", "gate")} for m in fails[:20]]
+    keys = ("name", "mode", "rel_l2", "floor", "truth_rel_l2", "gate", "why")
+    out["failed"] = [{k: m.get(k) for k in keys} for m in fails[:60]]
+    cleared = [m for m in r.get("modules", []) if m.get("unstable") and m.get("passed")]
+    out["n_unstable_cleared"] = len(cleared)
+    out["unstable_cleared"] = [{k: m.get(k) for k in keys} for m in cleared[:60]]
     return out
 
 

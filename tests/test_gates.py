@@ -71,6 +71,40 @@ def test_a_floor_above_the_ceiling_fails_as_reference_unstable():
     assert res["summary"]["first_divergence"] == r.name
 
 
+def test_an_unstable_row_passes_only_when_every_replayed_row_of_its_layer_passes():
+    """HF's own bf16 error over the ceiling at an end-to-end row is HF's precision when each module of the layer,
+    fed HF's inputs (the replays), computes what HF's does: the row passes and says so. A failing replay in the
+    layer, no replay measured there, a row outside the layers or an unstable replay itself: it still fails."""
+    def e2e(layer=0, mode="end_to_end"):
+        r = rec(rel_l2=0.2, floor=0.3, mode=mode, truth_rel_l2=0.31)
+        r.layer = layer
+        return r
+
+    def replay(rel_l2, layer=0, mode="isolated"):
+        r = rec(name="model.layers.0.self_attn.q_norm", kind="norm", mode=mode, rel_l2=rel_l2, floor=0.01)
+        r.layer = layer
+        return r
+
+    cleared, other = e2e(), e2e(layer=1)
+    _, res = judge([cleared, other, replay(0.001), replay(0.002, mode="isolated_backward"), replay(0.001, layer=2)])
+    assert cleared.passed is True and cleared.unstable is True
+    assert cleared.why == ("reference unstable: HF's own bf16 error (vs HF-fp32) 0.3 exceeds the case ceiling 0.1; "
+                           "every replayed row of its layer passes (2: each module alone on HF's inputs, in bf16 and "
+                           "fp32): HF's own bf16 instability, not the system's; 0.31 from HF-fp32")
+    assert other.passed is False  # layer 1: nothing replayed there
+    assert res["summary"]["n_unstable"] == 2 and res["summary"]["n_unstable_cleared"] == 1
+    assert res["summary"]["n_failed"] == 1 and res["summary"]["first_divergence"] == other.name
+
+    held = e2e()
+    _, res = judge([held, replay(0.001), replay(0.5, mode="isolated_backward")])  # a module of the layer at fault
+    assert held.passed is False and held.why.endswith("ceiling 0.1")
+    assert res["summary"]["n_unstable_cleared"] == 0
+
+    loss, unstable_replay = e2e(layer=None), e2e(mode="isolated")
+    judge([loss, unstable_replay, replay(0.001)])
+    assert loss.passed is False and unstable_replay.passed is False
+
+
 @FAST
 @given(st.floats(0.0, 10.0), st.floats(0.0, 1.0))
 def test_no_floor_relative_gate_exceeds_its_ceiling(floor, value):

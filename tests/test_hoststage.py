@@ -52,3 +52,28 @@ def test_running_out_of_host_memory_is_one_line(monkeypatch):
     stage._new_chunk_in_thread(1 << 30)  # a background failure surfaces in the caller's thread
     with pytest.raises(UserError):
         stage._ready()
+
+
+def test_a_spilled_stage_keeps_its_bytes_in_an_unlinked_file(tmp_path):
+    """``spill_dir``: chunks are files there, mapped and unlinked at once (nothing left on disk, whatever ends the
+    run); what goes in comes back bit for bit, in place; a chunk larger than the free disk is one line."""
+    import shutil
+    from collections import namedtuple
+
+    from parity.errors import UserError
+
+    stage = HostStage(chunk_bytes=1 << 16, reserve=1 << 20, background=True, spill_dir=str(tmp_path))
+    src = [torch.randn(33, 65, dtype=dt) for dt in (torch.bfloat16, torch.float32)] * 8 + [torch.arange(1 << 19)]
+    got = [stage.put(s) for s in src]
+    stage.sync()
+    assert all(same_bits(g, s) for g, s in zip(got, src)) and all(g.data_ptr() != s.data_ptr() for g, s in zip(got, src))
+    assert stage.staged_bytes == sum(s.numel() * s.element_size() for s in src) and stage.pinned_bytes == 0
+    assert stage.spilled_bytes == (1 << 20) + (4 << 20)  # the reserve, then a chunk of the large tensor's size
+    assert list(tmp_path.iterdir()) == []  # unlinked: the mappings alone hold the bytes
+    stage.close()
+    assert all(same_bits(g, s) for g, s in zip(got, src))
+    usage = namedtuple("usage", "total used free")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shutil, "disk_usage", lambda d: usage(1 << 40, 1 << 40, 1 << 30))
+        with pytest.raises(UserError, match=r"^spilling 2\.0 GiB to .* needs that much free disk, 1\.0 GiB free "):
+            HostStage(spill_dir=str(tmp_path)).put(torch.zeros(1 << 29))

@@ -68,13 +68,48 @@ def trim() -> None:
         pass
 
 
+def _spill_chunk(directory: str, nbytes: int) -> torch.Tensor:
+    """``nbytes`` of host memory backed by a file in ``directory``: a sparse file mapped shared and unlinked at once
+    (nothing is left behind, whatever ends the run; the space is the disk's until the last tensor on it goes). Its
+    pages are the page cache's: written back to the disk as they fill and dropped under memory pressure, so they never
+    count against the host's memory as page-locked or anonymous memory does. Too little free disk: ``UserError``."""
+    import os
+    import shutil
+    import tempfile
+
+    from parity.errors import UserError
+
+    free = shutil.disk_usage(directory).free
+    if free < nbytes:
+        raise UserError(f"spilling {nbytes / 2**30:.1f} GiB to {directory} needs that much free disk, "
+                        f"{free / 2**30:.1f} GiB free (PARITY_SPILL_DIR names another folder)")
+    fd, path = tempfile.mkstemp(prefix="parity-spill-", dir=directory)
+    try:
+        os.ftruncate(fd, nbytes)
+        return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def spill_dir() -> str:
+    """Where a stage that spills puts its files: ``PARITY_SPILL_DIR``, else the temporary folder."""
+    import os
+    import tempfile
+
+    return os.environ.get("PARITY_SPILL_DIR") or tempfile.gettempdir()
+
+
 class HostStage:
     """Bump allocator over page-locked host chunks. ``reserve`` bytes are pinned up front as the first chunk;
     with ``background`` that happens in a thread (CPU work: faulting pages in and locking them) while the GPU
     goes on, and the first ``put`` waits for it. Running out of host memory is a ``UserError`` (one line)."""
 
-    def __init__(self, chunk_bytes: int = 2 << 30, reserve: int = 0, background: bool = False):
+    def __init__(self, chunk_bytes: int = 2 << 30, reserve: int = 0, background: bool = False,
+                 spill_dir: str | None = None):
         self.cuda = torch.cuda.is_available()
+        self.spill_dir = spill_dir  # chunks are files there, memory-mapped and unlinked (``_spill_chunk``)
+        self.spilled_bytes = 0
         self.chunk_bytes = chunk_bytes
         self._chunks: list[tuple[torch.Tensor, bool]] = []  # (uint8 base, registered)
         self._used = 0  # bytes used in the last chunk
@@ -83,7 +118,7 @@ class HostStage:
         self.pinned_bytes = 0
         self._pinning: threading.Thread | None = None
         self._failure: BaseException | None = None
-        if self.cuda and reserve:
+        if (self.cuda or spill_dir is not None) and reserve:
             if background:
                 self._pinning = threading.Thread(target=self._new_chunk_in_thread, args=(reserve,), daemon=True)
                 self._pinning.start()
@@ -112,6 +147,11 @@ class HostStage:
 
     # -------------------------------------------------------------------------------- allocation
     def _new_chunk(self, nbytes: int) -> None:
+        if self.spill_dir is not None:
+            self._chunks.append((_spill_chunk(self.spill_dir, nbytes), False))
+            self.spilled_bytes += nbytes
+            self._used = 0
+            return
         try:
             base = torch.empty(nbytes, dtype=torch.uint8)
         except RuntimeError as e:  # the allocator's "can't allocate memory"
@@ -137,12 +177,18 @@ class HostStage:
 
     # -------------------------------------------------------------------------------- staging
     def put(self, x: torch.Tensor) -> torch.Tensor:
-        """A host copy of ``x`` (contiguous); asynchronous for CUDA tensors until ``sync()``."""
+        """A host copy of ``x`` (contiguous); asynchronous for CUDA tensors until ``sync()`` (a spilled stage's:
+        synchronous)."""
         x = x.detach()
-        if not (self.cuda and x.is_cuda) or x.numel() == 0:
+        spill = self.spill_dir is not None and x.numel() > 0
+        if not (spill or self.cuda and x.is_cuda) or x.numel() == 0:
             return x.to("cpu", copy=True)
         self._ready()
         dst = self._take(x.numel() * x.element_size()).view(x.dtype).view(x.shape)
+        if spill:  # a file's pages: a plain copy (the kernel writes them back as it goes)
+            dst.copy_(x)
+            self.staged_bytes += dst.numel() * dst.element_size()
+            return dst
         self._stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(self._stream):
             dst.copy_(x, non_blocking=True)

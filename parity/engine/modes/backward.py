@@ -33,7 +33,7 @@ import torch
 
 from parity.engine.alignment import TABLE_KINDS, Aligned, Kind, layer_of
 from parity.engine.compare import compare, first, metrics, to_device, value
-from parity.engine.hoststage import HostStage, host_bytes, stage_bytes, trim
+from parity.engine.hoststage import HostStage, host_bytes, spill_dir, stage_bytes, trim
 from parity.engine.record import Record
 from parity.engine.system import Elsewhere, GradTap
 
@@ -158,7 +158,9 @@ def hf_backward(ref, model) -> dict:
     labels, grads = labels_of(ref.inputs), _Grads()
     handles = _Taps(ref, grads).install(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    stage = HostStage(reserve=stage_bytes(params), background=True) if any(p.is_cuda for p in params) else None
+    spill = spill_dir() if ref.case.run.spill_grads else None  # a file's pages, not host memory (the case says why)
+    stage = HostStage(reserve=stage_bytes(params), background=True, spill_dir=spill) \
+        if spill is not None or any(p.is_cuda for p in params) else None
     model.zero_grad(set_to_none=True)
     try:
         with torch.enable_grad():
@@ -345,8 +347,17 @@ def floors(ref, prog) -> dict[str, float]:
         g16 = hf16["grads"].out.get(key)
         if g16 is not None and key[0] in (OUTPUT, INPUT):
             out[f"{key[0]}:{key[1]}"] = _rel(ref, key, g32, g16)
-    out[f"{LOSS}:loss"] = abs(hf16["loss"] - hf32["loss"]) / max(abs(hf32["loss"]), 1e-30)
+    out[f"{LOSS}:loss"] = loss_error(hf32, hf16["per_token"], hf16["loss"])
     return out
+
+
+def loss_error(ref: dict, per_token: torch.Tensor, loss: float) -> float:
+    """The loss row's number for a side's ``per_token`` losses and mean ``loss`` against ``ref``'s (a
+    ``hf_backward`` result): the larger of the per-token losses' rel-L2 at the labelled positions and the means'
+    relative difference -- the same statistic for the row, its floor (HF-bf16 against HF-fp32) and its truth."""
+    where = ref["where"]
+    per = metrics(ref["per_token"].to(per_token.device), per_token, where.to(per_token.device))
+    return max(_num(per["rel_l2"]), abs(loss - ref["loss"]) / max(abs(ref["loss"]), 1e-30))
 
 
 def truth_skipped(skip: dict, name: str) -> str | None:
@@ -491,6 +502,9 @@ def _run(c) -> None:
                             detail=f"HF {hf['loss']:.7g}, {sut.name} {float(loss):.7g} (relative difference {rel:.3g}); "
                                    f"rel-L2 of the per-token losses at the {int(where.sum())} labelled positions "
                                    f"{_num(per['rel_l2']):.3g}"))
+    hf32 = c.ref.extra.get("backward32")
+    if hf32 is not None:  # bf16: the system's per-token losses and mean against HF's in fp32 (the truth gate)
+        c.records[-1].truth_rel_l2 = loss_error(hf32, ce, float(loss))
     if gate is not None:
         section["passed"] = rel <= gate and _num(per["rel_l2"]) <= gate
         c.sections.setdefault("checks", {})["loss"] = section["passed"]
