@@ -107,13 +107,15 @@ def _vision_from_ranks(sd: dict) -> dict:
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
+    shards = [{} for _ in range(n)]  # every rank's slices, then joined as the loader split them (gather_vision)
     for k, v in out.items():
-        dim = vision.tp_dim(k)
-        if dim is not None:
+        parts = [v] * n
+        if vision.tp_dim(k) is not None:
             parts = [torch.empty_like(v) for _ in range(n)]
             torch.distributed.all_gather(parts, v.contiguous(), group=group)
-            out[k] = torch.cat(parts, dim=dim)
-    return out
+        for shard, part in zip(shards, parts):
+            shard[k] = part
+    return vision.gather_vision(shards)
 
 
 # How the module of a vision-layer row (``vision_tower.encoder.layers.{i}`` + suffix) splits over TP in our tower
