@@ -624,7 +624,7 @@ def _truth(c, rec: Record, key, test, truth: _Grads | None = None) -> None:
     hf32 = c.ref.extra.get("backward32")
     g32 = truth.out.get(key) if truth is not None else None if hf32 is None else hf32["grads"].out.get(key)
     if g32 is not None:
-        rec.truth_rel_l2 = _rel(c.ref, key, g32, test if key[0] == PARAM else test.cpu())  # parameters: on its device
+        rec.truth_rel_l2 = _rel(c.ref, key, g32, test)  # on the system's device (metrics moves HF's fp32 there)
     elif hf32 is not None and key[0] == PARAM:
         why = truth_skipped(c.ref.case.train.no_fp32_truth, key[1])
         if why is not None:
