@@ -100,7 +100,7 @@ def _output_grad(a: Aligned, hf: dict, system: bool = False) -> torch.Tensor | N
 def _alone(module, name: str, a: Aligned, call: Call, g: torch.Tensor, own: dict, device, fp32: bool = False
            ) -> dict | None:
     """HF's ``module`` (at HF path ``name``) alone on ``call``'s inputs, given output gradient ``g``: its input gradients
-    (on the host) and its own parameters' gradients (``own``, on ``device``); None where nothing differentiable meets ``g``. It runs
+    and its own parameters' gradients (``own``), on ``device``; None where nothing differentiable meets ``g``. It runs
     with its weights on ``device`` (HF's own forward, ``functional_call``: a sequential run's model waits on the
     host, parked on the weights staged for the systems, and only this module's come to the device); ``fp32``: its
     weights, inputs and output gradient upcast (the bf16 floor's and truth's reference)."""
@@ -125,7 +125,8 @@ def _alone(module, name: str, a: Aligned, call: Call, g: torch.Tensor, own: dict
     grads = dict(zip(list(leaves) + list(own), got))
     # the parameters' gradients stay where they were computed: compared there with the system's (one layer's at a
     # time), their floor and truth too (on the host, the 26B-A4B experts' were minutes of float64 metrics)
-    return {"inputs": {k: None if v is None else v.detach().cpu() for k, v in grads.items() if k in leaves},
+    # (the input gradients too: compared on the device, where each was a host copy and float64 host metrics)
+    return {"inputs": {k: None if v is None else v.detach() for k, v in grads.items() if k in leaves},
             "params": {n: None if grads[n] is None else grads[n].detach() for n in own}}
 
 
