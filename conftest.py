@@ -1,4 +1,8 @@
 """Registers the parity pytest plugin (options --parity-*, markers, the case-parametrised suites)."""
+import signal
+
+import pytest
+
 pytest_plugins = ["parity.pytest_plugin"]
 
 
@@ -9,11 +13,6 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
-
-
-import signal  # noqa: E402
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
