@@ -46,20 +46,35 @@ def spawn(worker, world: int, *args):
         return torch.load(path)
 
 
+ISOLATED_BACKWARD = ("isolated_grad_input", "isolated_param_grad")  # each module's backward alone
+END_TO_END_BACKWARD = ("loss", "grad_input", "param_grad")  # one backward end to end
+
+
+def _first_failing(r: dict, modes) -> str | None:
+    """The name of the first failing row (in the run's order) among ``modes``; None where none fails."""
+    bad = [m for m in r["modules"] if m["mode"] in modes and m.get("passed") is False]
+    return min(bad, key=lambda m: m["order"])["name"] if bad else None
+
+
 def digest(r: dict) -> dict:
     """What a test of a run in a world reads back from rank 0 (a run's results are too large to ship whole)."""
     return {"passed": r["passed"], "parallel": r["parallel"], "checks": r["checks"],
             "first": r["summary"]["first_divergence_detail"],
+            "first_isolated": _first_failing(r, ISOLATED_BACKWARD), "first_e2e": _first_failing(r, END_TO_END_BACKWARD),
             "failed": sorted((m["name"], m["mode"]) for m in r["modules"] if m.get("passed") is False),
             "rows": {(m["name"], m["mode"]): m.get("rel_l2") for m in r["modules"]},
             "modes": {m["name"]: m.get("why") for m in r["modes"]}, "train": r.get("train")}
 
 
 def case_worker(rank, world, port, case, system, variants, path):
-    """Rank ``rank`` running case ``case`` against ``system`` once per variant, ``{name: (reference, causes, plant)}``:
-    the HF reference built under ``reference()`` (a context manager factory, or None: the case's own), Megatron-Bridge
-    with the named defaults switched off (``causes_removed``: diagnostic builds), ``plant(monkeypatch)`` applied to
-    the system's run (or None). One reference per distinct ``reference``; rank 0 saves ``{name: digest}``."""
+    """Rank ``rank`` running case ``case`` against ``system`` once per variant, in order. A variant is
+    ``(reference, causes, plant)`` or ``(reference, causes, plant, seed)``: the HF reference built under
+    ``reference()`` (a context manager factory, or None: the case's own) with seed ``seed`` (0 where not given),
+    Megatron-Bridge with the named defaults switched off (``causes_removed``: diagnostic builds), ``plant(monkeypatch)``
+    applied to the system's run (or None); its digest saved. Or a variant is a function, ``check(rank)``, run in the
+    world at that point (megatron's parallel state as the runs before it left it); what it returns saved as is. One
+    reference per distinct ``(reference, seed)``, closed after the last variant that uses it; rank 0 saves
+    ``{name: digest or check's result}``."""
     import contextlib
 
     import pytest
@@ -68,12 +83,19 @@ def case_worker(rank, world, port, case, system, variants, path):
     from parity.cases import load_case
     from parity.engine import pipeline
 
+    runs = {name: (tuple(v) + (0,))[:4] for name, v in variants.items() if not callable(v)}
+    last = {(reference, seed): name for name, (reference, _, _, seed) in runs.items()}  # the last use of each
     out, refs = {}, {}
     try:
-        for name, (reference, causes, plant) in variants.items():
-            if reference not in refs:
+        for name, variant in variants.items():
+            if name not in runs:
+                out[name] = variant(rank)
+                continue
+            reference, causes, plant, seed = runs[name]
+            key = (reference, seed)
+            if key not in refs:
                 with (reference() if reference else contextlib.nullcontext()):
-                    refs[reference] = pipeline.reference(load_case(case), device="cpu", seed=0)
+                    refs[key] = pipeline.reference(load_case(case), device="cpu", seed=seed)
             mp = pytest.MonkeyPatch()
             try:
                 if plant is not None:
@@ -84,9 +106,11 @@ def case_worker(rank, world, port, case, system, variants, path):
 
                     removed = causes_removed(*causes)
                 with removed:
-                    out[name] = digest(pipeline.against(refs[reference], system))
+                    out[name] = digest(pipeline.against(refs[key], system))
             finally:
                 mp.undo()
+            if last[key] == name:
+                refs.pop(key).close()
     finally:
         for ref in refs.values():
             ref.close()
