@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from parity import mbridge
-from tests.gloo import join, spawn
+from tests.gloo import run_case
 
 OK, WHY = mbridge.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"Megatron-Bridge not importable: {WHY}")
@@ -47,37 +47,14 @@ def _layout(rank: int) -> dict:
             "grad_sum": g[0, 0, :, 0].tolist()}
 
 
-def _digest(r: dict) -> dict:
-    return {"passed": r["passed"], "parallel": r["parallel"], "first": r["summary"]["first_divergence_detail"],
-            "failed": sorted((m["name"], m["mode"]) for m in r["modules"] if m.get("passed") is False),
-            "rows": {(m["name"], m["mode"]): m.get("rel_l2") for m in r["modules"]}}
-
-
-def _worker(rank, world, port, path):
-    join(rank, world, port)
-    from parity.cases import load_case
-    from parity.engine import pipeline
-    from tests.test_megatron_bridge_backward import ALL_CAUSES, causes_removed
-
-    out = {}
-    ref = pipeline.reference(load_case(CASE), device="cpu", seed=0)
-    with causes_removed(*ALL_CAUSES):
-        out["clean"] = _digest(pipeline.against(ref, "megatron-bridge"))
-        out["layout"] = _layout(rank)  # megatron's parallel state as the run left it (TP=4)
-        mp = pytest.MonkeyPatch()
-        try:
-            groups_misread(mp)
-            out["misread"] = _digest(pipeline.against(ref, "megatron-bridge"))
-        finally:
-            mp.undo()
-    ref.close()
-    if rank == 0:
-        torch.save(out, path)
-
-
 @pytest.fixture(scope="module")
 def world() -> dict:
-    return spawn(_worker, 4)
+    """Its findings removed (10, 11, 2); the layout checked in the world (megatron's parallel state as the clean run
+    left it: TP=4), then its KV groups misread."""
+    from tests.test_megatron_bridge_backward import ALL_CAUSES
+
+    return run_case(CASE, "megatron-bridge", 4, clean=(None, ALL_CAUSES, None), layout=_layout,
+                    misread=(None, ALL_CAUSES, groups_misread))
 
 
 def test_replicated_heads_layout(world):
