@@ -17,10 +17,9 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from parity import mbridge
-from tests.gloo import join, spawn
+from tests.gloo import run_case
 
 OK, WHY = mbridge.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"Megatron-Bridge not importable: {WHY}")
@@ -31,17 +30,6 @@ FORWARD = ("end_to_end", "isolated")
 GRADIENTS = ("loss", "grad_output", "grad_input", "param_grad")
 ISOLATED = ("isolated_grad_input", "isolated_param_grad")
 STEP = ("param_step",)
-
-
-def _digest(r: dict) -> dict:
-    rows = {(m["name"], m["mode"]): m.get("rel_l2") for m in r["modules"]
-            if m["mode"] in FORWARD + GRADIENTS + ISOLATED + STEP}
-    bad = [m for m in r["modules"] if m["mode"] in ("loss", "grad_input", "param_grad") and m.get("passed") is False]
-    return {"passed": r["passed"], "checks": r["checks"], "first": r["summary"]["first_divergence_detail"],
-            "rows": rows, "first_e2e": min(bad, key=lambda m: m["order"])["name"] if bad else None,
-            "failed": sorted((m["name"], m["mode"]) for m in r["modules"] if m.get("passed") is False),
-            "modes": {m["name"]: m.get("why") for m in r["modes"]}, "loss": r.get("train", {}).get("loss"),
-            "trajectory": r.get("train", {}).get("trajectory"), "parallel": r["parallel"]}
 
 
 def experts_not_averaged(mp_):
@@ -87,36 +75,20 @@ EP_CASE, EP_PLANTS = CASE, ("experts not averaged over DP", "experts' norm not o
 TP_CASE, TP_PLANTS = "gemma4-text-tiny-train-tp2-megatron-bridge", ("norm gradients not summed over TP",)
 
 
-def _worker(rank, world, port, case_name, seeds, plants, defaults, path):
-    join(rank, world, port)
-    from parity.cases import load_case
-    from parity.engine import pipeline
-    from tests.test_megatron_bridge_backward import ALL_CAUSES, causes_removed
-
-    case, out = load_case(case_name), {}  # a CUDA case file (torchrun + NCCL), run here in a gloo world of CPUs
-    for seed in seeds:
-        ref = pipeline.reference(case, device="cpu", seed=seed)
-        with causes_removed(*ALL_CAUSES):
-            out[seed] = _digest(pipeline.against(ref, SYSTEM))
-            for name in plants if seed == seeds[0] else ():
-                patch = pytest.MonkeyPatch()
-                try:
-                    PLANTS[name](patch)
-                    out[name] = _digest(pipeline.against(ref, SYSTEM))
-                finally:
-                    patch.undo()
-        if seed == seeds[0] and defaults:
-            out["default"] = _digest(pipeline.against(ref, SYSTEM))  # every default of its provider: the case
-        ref.close()
-    if rank == 0:
-        torch.save(out, path)
-
-
 def _run(case: str = CASE, seeds=(0,), plants=tuple(PLANTS), defaults: bool = True) -> dict:
+    """Its findings removed (10, 11, 2): a clean run per seed (``seed<n>``), each of ``plants`` on the first seed;
+    ``default``: every default of its provider (the case), on the first seed."""
     from parity.cases import load_case
+    from tests.test_megatron_bridge_backward import ALL_CAUSES
 
-    parallel = load_case(case).parallel
-    return spawn(_worker, parallel.tp * parallel.ep, case, seeds, plants, defaults)
+    parallel, variants = load_case(case).parallel, {}
+    for seed in seeds:
+        variants[f"seed{seed}"] = (None, ALL_CAUSES, None, seed)
+        for name in plants if seed == seeds[0] else ():
+            variants[name] = (None, ALL_CAUSES, PLANTS[name], seed)
+        if seed == seeds[0] and defaults:
+            variants["default"] = (None, (), None, seed)
+    return run_case(case, SYSTEM, parallel.tp * parallel.ep, **variants)
 
 
 @pytest.fixture(scope="module")
@@ -154,8 +126,8 @@ def _clean_step_holds(r: dict, parallel: dict) -> None:
     assert len(iso) == 168 and max(iso.values()) < 1e-6
     steps = _of(r, STEP)
     assert len(steps) == 126 and max(steps.values()) < 1e-7
-    assert r["loss"]["rel_diff"] < 1e-6 and r["loss"]["grad_norm"]["rel_diff"] < 1e-6
-    assert r["trajectory"]["steps"] == 3 and r["trajectory"]["worst_rel_diff"] < 1e-6
+    assert r["train"]["loss"]["rel_diff"] < 1e-6 and r["train"]["loss"]["grad_norm"]["rel_diff"] < 1e-6
+    assert r["train"]["trajectory"]["steps"] == 3 and r["train"]["trajectory"]["worst_rel_diff"] < 1e-6
 
 
 # -- EP=2: its whole training step (backward, finalize, export, optimizer) -----------------------------------------
@@ -166,7 +138,7 @@ def test_ep2_training_step_with_its_findings_removed_holds(ep_world):
     the 126 first updates within 1e-5 (3.2e-9) and the 3-step trajectory within 1e-6 (1.7e-7): its experts'
     gradients gathered from both ranks by its own export, averaged over the data-parallel ranks as its DDP does, and
     the optimizer clipped by the global norm over both ranks."""
-    _clean_step_holds(ep_world[0], {"tp": 1, "ep": 2, "world_size": 2})
+    _clean_step_holds(ep_world["seed0"], {"tp": 1, "ep": 2, "world_size": 2})
 
 
 def test_ep2_with_its_defaults_fails_where_finding_10_says(ep_world):
@@ -179,14 +151,14 @@ def test_ep2_with_its_defaults_fails_where_finding_10_says(ep_world):
     assert (r["first"]["name"], r["first"]["mode"]) == ("loss", "isolated_grad_input")
     assert 1.7e-3 < r["first"]["value"] < 1.9e-3
     assert r["first_e2e"] == "lm_head"
-    assert r["loss"]["rel_diff"] < 1e-6 and 1.0e-3 < r["loss"]["grad_norm"]["rel_diff"] < 1.2e-3
-    assert all(1.0e-3 < d < 1.2e-3 for d in r["trajectory"]["rel_diff"]["grad_norm"])
+    assert r["train"]["loss"]["rel_diff"] < 1e-6 and 1.0e-3 < r["train"]["loss"]["grad_norm"]["rel_diff"] < 1.2e-3
+    assert all(1.0e-3 < d < 1.2e-3 for d in r["train"]["trajectory"]["rel_diff"]["grad_norm"])
 
 
 def test_ep2_experts_not_averaged_over_dp_is_caught_at_the_experts(ep_world):
     """Its DDP's 1/dp dropped for the experts: each of the 12 expert gradients exactly doubled (rel-L2 1.0: every
     token reaches its experts once per data-parallel rank), first divergence the last layer's ``down_proj``."""
-    r, clean = ep_world["experts not averaged over DP"], ep_world[0]
+    r, clean = ep_world["experts not averaged over DP"], ep_world["seed0"]
     _forward_unchanged(clean, r)
     assert r["passed"] is False and r["checks"]["gradients"] is False
     assert (r["first"]["name"], r["first"]["mode"]) == ("model.layers.5.experts.down_proj", "param_grad")
@@ -202,10 +174,10 @@ def test_ep2_experts_norm_not_over_ep_is_caught_by_the_trajectory(ep_world):
     (the trajectory's gradient norm, from its first step); Adam's nearly scale-free first step keeps the first
     updates within their gate."""
     r = ep_world["experts' norm not over EP"]
-    _forward_unchanged(ep_world[0], r)
+    _forward_unchanged(ep_world["seed0"], r)
     assert r["checks"]["gradients"] is True and r["checks"]["loss"] is True
     assert r["passed"] is False and r["checks"]["trajectory"] is False
-    assert all(0.02 < d < 0.026 for d in r["trajectory"]["rel_diff"]["grad_norm"])
+    assert all(0.02 < d < 0.026 for d in r["train"]["trajectory"]["rel_diff"]["grad_norm"])
 
 
 # -- TP=2 with sequence parallelism: its whole training step -------------------------------------------------------
@@ -216,7 +188,7 @@ def test_tp2_sequence_parallel_training_step_with_its_findings_removed_holds(tp_
     168 rows of each module alone within 1e-5 (3.1e-7), the 126 first updates within 1e-5 (3.5e-9) and the 3-step
     trajectory within 1e-6 (1.8e-7): its sequence shards gathered along the sequence, its vocab-parallel logits and
     TP shards gathered, the norms' and routers' gradients summed over TP by megatron."""
-    r = tp_world[0]
+    r = tp_world["seed0"]
     _clean_step_holds(r, {"tp": 2, "ep": 1, "world_size": 2, "sequence_parallel": True})
     assert sum(k[1] == "isolated_param_grad" for k in _of(r, ISOLATED)) == 87
 
@@ -232,7 +204,7 @@ def test_tp2_norms_not_summed_over_tp_is_caught_at_the_replicated_weights(tp_wor
     0.96) -- every norm's and router's (each rank saw half the sequence) and the q/k norms' (each rank holds half the
     heads), 73 end to end, 67 each module alone (the input norm, fused into ``linear_qkv``, does not run alone) --
     first ``model.norm.weight``; no activation gradient; the step then clips by a norm 7.6 % short."""
-    r, clean = tp_world["norm gradients not summed over TP"], tp_world[0]
+    r, clean = tp_world["norm gradients not summed over TP"], tp_world["seed0"]
     _forward_unchanged(clean, r)
     replicated = {f"model.layers.{i}.{p}" for i in range(6) for p in REPLICATED} | {"model.norm.weight"}
     grads = {n: v for (n, m), v in r["rows"].items() if m == "param_grad" and (n, m) in set(r["failed"])}
@@ -241,7 +213,7 @@ def test_tp2_norms_not_summed_over_tp_is_caught_at_the_replicated_weights(tp_wor
     assert alone == replicated - {f"model.layers.{i}.input_layernorm.weight" for i in range(6)}
     assert {m for _, m in r["failed"]} == {"param_grad", "isolated_param_grad", "param_step"}
     assert (r["first"]["name"], r["first"]["mode"]) == ("model.norm.weight", "param_grad")
-    assert 0.07 < r["loss"]["grad_norm"]["rel_diff"] < 0.08
+    assert 0.07 < r["train"]["loss"]["grad_norm"]["rel_diff"] < 0.08
 
 
 if __name__ == "__main__":  # a digest of the world, for measuring
@@ -255,10 +227,12 @@ if __name__ == "__main__":  # a digest of the world, for measuring
         steps = [v for key, v in r["rows"].items() if key[1] in STEP and v is not None]
         iso = [v for key, v in r["rows"].items() if key[1] in ISOLATED and v is not None]
         worst = max(grads.items(), key=lambda kv: kv[1]) if grads else None
+        train = r["train"] or {}
         print(json.dumps({"run": str(k), "passed": r["passed"], "checks": r["checks"], "first": r["first"],
                           "first_e2e": r["first_e2e"], "n_failed": len(r["failed"]),
                           "failed": r["failed"][:6],
                           "counts": {m: sum(key[1] == m for key in grads) for m in GRADIENTS},
-                          "worst": [list(worst[0]), worst[1]] if grads else None, "n_iso": len(iso), "iso_worst": max(iso or [0]),
-                          "n_step": len(steps), "step_worst": max(steps or [0]), "loss": r["loss"],
-                          "traj": r["trajectory"], "modes": r["modes"], "parallel": r["parallel"]}, default=str))
+                          "worst": [list(worst[0]), worst[1]] if grads else None, "n_iso": len(iso),
+                          "iso_worst": max(iso or [0]), "n_step": len(steps), "step_worst": max(steps or [0]),
+                          "loss": train.get("loss"), "traj": train.get("trajectory"), "modes": r["modes"],
+                          "parallel": r["parallel"]}, default=str))
