@@ -15,10 +15,11 @@ dp=2, as it divides the averaged dense gradients); at TP=2 the MoE layer dispatc
 One world per parallel layout runs the clean seeds and the plants against one HF reference (seed 0)."""
 from __future__ import annotations
 
-import pytest
-import torch
+import functools
 
-from tests.gloo import join, spawn
+import pytest
+
+from tests.gloo import run_case
 from tests.plants import PARALLEL_PLANTS, PARALLEL_STEP_PLANTS
 
 FORWARD = ("end_to_end", "isolated")
@@ -37,44 +38,21 @@ PLANTED_IN = {  # plant name -> the worlds it is planted in
 }
 
 
-def _digest(r: dict) -> dict:
-    rows = {(m["name"], m["mode"]): m.get("rel_l2") for m in r["modules"]
-            if m["mode"] in FORWARD + GRADIENTS + ISOLATED + STEP}
-    first = {}
-    for modes in (ISOLATED, ("loss", "grad_input", "param_grad")):  # each module alone; one backward end to end
-        bad = [m for m in r["modules"] if m["mode"] in modes and m.get("passed") is False]
-        first[modes] = min(bad, key=lambda m: m["order"])["name"] if bad else None
-    return {"passed": r["passed"], "checks": r["checks"], "first": r["summary"]["first_divergence_detail"],
-            "rows": rows, "first_isolated": first[ISOLATED], "first_e2e": first[("loss", "grad_input", "param_grad")],
-            "modes": {m["name"]: m.get("why") for m in r["modes"]}, "loss": r["train"]["loss"],
-            "trajectory": r["train"].get("trajectory"), "parallel": r["parallel"]}
-
-
-def _worker(rank, world, port, case_name, seeds, plants, path):
-    join(rank, world, port)
-    from parity.cases import load_case
-    from parity.engine import pipeline
-
-    case, out = load_case(case_name), {}  # a CUDA case file (torchrun + NCCL), run here in a gloo world of CPUs
-    for seed in seeds:
-        ref = pipeline.reference(case, device="cpu", seed=seed)
-        out[seed] = _digest(pipeline.against(ref, "parity"))
-        if seed == seeds[0]:
-            for plant in (p for p in PARALLEL_PLANTS + PARALLEL_STEP_PLANTS if p.name in plants):
-                patch = pytest.MonkeyPatch()
-                try:
-                    plant.plant(patch, None)
-                    out[plant.name] = _digest(pipeline.against(ref, "parity"))
-                finally:
-                    patch.undo()
-        ref.close()
-    if rank == 0:  # a file, not a queue: a pipe fills up before the parent reads it (after every rank is done)
-        torch.save(out, path)
+def _planted(name: str, mp) -> None:
+    """Plant ``name`` (of ``PARALLEL_PLANTS`` or ``PARALLEL_STEP_PLANTS``) with ``mp``."""
+    next(p for p in PARALLEL_PLANTS + PARALLEL_STEP_PLANTS if p.name == name).plant(mp, None)
 
 
 def _run(layout: str) -> dict:
+    """A clean run per seed (``seed<n>``), and each plant of this layout on the first seed's reference."""
     case, world = WORLDS[layout]
-    return spawn(_worker, world, case, SEEDS[layout], [name for name, worlds in PLANTED_IN.items() if layout in worlds])
+    seeds, variants = SEEDS[layout], {}
+    for seed in seeds:
+        variants[f"seed{seed}"] = (None, (), None, seed)
+        if seed == seeds[0]:
+            for plant in (p for p in PARALLEL_PLANTS + PARALLEL_STEP_PLANTS if layout in PLANTED_IN.get(p.name, ())):
+                variants[plant.name] = (None, (), functools.partial(_planted, plant.name), seed)
+    return run_case(case, "parity", world, **variants)
 
 
 @pytest.fixture(scope="module", params=sorted(WORLDS), ids=sorted(WORLDS))
@@ -90,7 +68,7 @@ def test_clean_parallel_train_step_holds_on_several_seeds(world):
     layout, out = world
     tp, ep = {"tp2": (2, 1), "ep2": (1, 2), "tp2ep2": (2, 2)}[layout]
     for seed in SEEDS[layout]:
-        r = out[seed]
+        r = out[f"seed{seed}"]
         grads = {k: v for k, v in r["rows"].items() if k[1] in GRADIENTS}
         counts = {mode: sum(m == mode for _, m in grads) for mode in GRADIENTS}
         assert r["passed"] is True and r["first"] is None, (layout, seed, r["first"])
@@ -98,20 +76,20 @@ def test_clean_parallel_train_step_holds_on_several_seeds(world):
         isolated = [v for k, v in r["rows"].items() if k[1] in ISOLATED]  # each module's backward alone, on its rank
         assert len(isolated) == 117 + 127 and max(isolated) < 1e-5
         assert max(grads.values()) < 1e-5 and r["checks"]["gradients"] is True and r["checks"]["loss"] is True
-        assert r["loss"]["rel_diff"] < 1e-6 and r["loss"]["grad_norm"]["rel_diff"] < 1e-6
+        assert r["train"]["loss"]["rel_diff"] < 1e-6 and r["train"]["loss"]["grad_norm"]["rel_diff"] < 1e-6
         assert r["parallel"] == {"tp": tp, "ep": ep, "world_size": tp * ep}
         assert r["modes"]["step"] is None and r["modes"]["backward"] is None
         # the optimizer step on every rank's shards, megatron's global norm over the ranks: each parameter's first
         # update (gathered) and the 10-step trajectory as HF's in one process
         steps = [v for k, v in r["rows"].items() if k[1] in STEP]
         assert len(steps) == 126 and max(steps) < 1e-5 and r["checks"]["step"] is True
-        traj = r["trajectory"]
+        traj = r["train"]["trajectory"]
         assert r["checks"]["trajectory"] is True and traj["worst_rel_diff"] < 1e-6 and traj["steps"] == 3
 
 
 def test_parallel_only_backward_plant_is_caught_where_it_is(world):
     layout, out = world
-    clean = out[SEEDS[layout][0]]
+    clean = out[f"seed{SEEDS[layout][0]}"]
     planted = [p for p in PARALLEL_PLANTS if layout in PLANTED_IN[p.name]]
     assert layout == "tp2ep2" or planted
     for plant in planted:
@@ -135,7 +113,7 @@ def test_parallel_only_optimizer_plant_is_caught(world):
         r = out[plant.name]
         assert r["passed"] is False and r["checks"]["gradients"] is True and r["checks"]["loss"] is True
         assert r["checks"]["trajectory"] is False and r["checks"]["step"] is False
-        assert 0.1 < r["trajectory"]["rel_diff"]["grad_norm"][0] < 0.13
+        assert 0.1 < r["train"]["trajectory"]["rel_diff"]["grad_norm"][0] < 0.13
         assert (r["first"]["name"], r["first"]["mode"]) == (plant.where, "param_step"), r["first"]
     assert layout != "tp2" or any(layout in PLANTED_IN[p.name] for p in PARALLEL_STEP_PLANTS)
 
