@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from parity import mbridge
-from tests.gloo import free_port, join
+from tests.gloo import join, spawn
 
 OK, WHY = mbridge.available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"Megatron-Bridge not importable: {WHY}")
@@ -48,7 +47,7 @@ def _without_tp_reduction(self, x):
     return self.post_layernorm(torch.nn.functional.linear(x, self.weight)), None
 
 
-def _worker(rank, world, port, tp, ep, q, plant=False):
+def _worker(rank, world, port, tp, ep, plant, path):
     join(rank, world, port)
     from parity import registry
     from parity.engine.pipeline import run
@@ -67,19 +66,11 @@ def _worker(rank, world, port, tp, ep, q, plant=False):
               "local_experts": sum(k.startswith("decoder.layers.0.mlp.experts.linear_fc1.weight") for k in params),
               "expert_fc1_rows": params["decoder.layers.0.mlp.experts.linear_fc1.weight0"].shape[0]}
     if rank == 0:
-        q.put({**_digest(r), "shards": shards})
+        torch.save({**_digest(r), "shards": shards}, path)
 
 
 def _world(tp: int, ep: int, plant: bool = False) -> dict:
-    q = mp.get_context("spawn").SimpleQueue()
-    for attempt in range(3):  # a free port can be taken by a parallel test between probing and binding
-        try:
-            mp.spawn(_worker, args=(tp * ep, free_port(), tp, ep, q, plant), nprocs=tp * ep)
-            break
-        except mp.ProcessRaisedException as e:
-            if "EADDRINUSE" not in str(e) or attempt == 2:
-                raise
-    return q.get()
+    return spawn(_worker, tp * ep, tp, ep, plant)
 
 
 # Layer 0 of the tiny model (sliding: 8 heads, 4 KV groups, head_dim 16), hidden 96, vocab 320, 8 experts of
