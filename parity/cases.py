@@ -40,6 +40,8 @@ Schema (fields without a default are required)::
     offload = false                      # keep captured tensors on the host
     spill_grads = false                  # train cases: HF's parameter gradients in a file on local disk, memory-
                                          # mapped (PARITY_SPILL_DIR, else the temporary folder), not host memory
+    probe_layers = "all"                 # "all" | "first_of_type": the layers the probing rows run (the first layer
+                                         # of each layer type: the full-size cases, for the probes' cost)
     [expected_failures]                  # optional: check -> why it fails for the case's own system (a known
                                          # finding); pytest marks that check xfail(strict): it must still fail
     [train]                              # optional: a train case (the backward mode runs)
@@ -183,6 +185,7 @@ class RunOptions(_Section):
     sequential: bool = False
     offload: bool = False
     spill_grads: bool = False
+    probe_layers: str = "all"
 
 
 @dataclass(frozen=True)
@@ -540,7 +543,8 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
     y.done()
 
     r = top.sub("run")
-    run = RunOptions(sequential=r.bool_("sequential"), offload=r.bool_("offload"), spill_grads=r.bool_("spill_grads"))
+    run = RunOptions(sequential=r.bool_("sequential"), offload=r.bool_("offload"), spill_grads=r.bool_("spill_grads"),
+                     probe_layers=r.str_("probe_layers", choices=("all", "first_of_type"), default="all"))
     r.done()
 
     train = _train(top) if top.has("train") else None

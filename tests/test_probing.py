@@ -143,6 +143,23 @@ def test_the_cost_of_probing_is_recorded():
     assert {"name": "probing", "label": "probing", "ran": True} in r["modes"]
 
 
+def test_probes_on_the_first_layer_of_each_type_still_catch_the_eps_plant(monkeypatch):
+    """``run.probe_layers = "first_of_type"`` (the full-size cases, for the probes' cost): every probing row sits in
+    layer 0 (sliding) or 2 (the first full layer) or outside the layers, the section says so, a clean run passes, and
+    the eps plant still fails at layer 0's post-attention norm by 10x its gate."""
+    case = load_case(TINY["float32"]).replace(run={"probe_layers": "first_of_type"})
+    clean = _run(case)
+    every = _run(TINY["float32"])
+    rows = _rows(clean)
+    assert clean["passed"] is True and {m["layer"] for m in rows} == {0, 2, None}
+    assert clean["probing"]["layers"]["probed"] == [0, 2] and clean["probing"]["layers"]["of"] == 6
+    assert 0 < len(rows) < len(_rows(every)) / 2 and "layers" not in every["probing"]
+    r = _run(case, monkeypatch, "post_attention_norm_eps")
+    assert r["passed"] is False and r["summary"]["first_divergence"] == "model.layers.0.post_attention_layernorm"
+    small = [m for m in _rows(r, probe="magnitude: input RMS 0.001") if m["name"].endswith(".post_attention_layernorm")]
+    assert len(small) == 2 and all(_times_gate(m) >= 10 for m in small), small
+
+
 def test_without_hypothesis_the_fixed_points_still_run(monkeypatch):
     """A machine without hypothesis (a bare GPU image) runs the fixed probes; each search says why it did not run."""
     import sys

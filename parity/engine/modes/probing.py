@@ -208,8 +208,16 @@ class Prober:
         self.hf = HFSide(c.ref, c.sut.device)
         self.low = c.ref.dtype != "float32"
         self.judge = G.record_judge(c.ref.case.to_dict()["gates"], c.ref.dtype)
-        self.text = [a for a in c.rows if a.row.stack is Stack.TEXT]
+        cfg, every = self.hf.config, c.ref.case.run.probe_layers == "all"
+        # the layers probed: every one, or (the case's ``probe_layers``) the first of each layer type
+        self.layers = None if every else sorted({_first_layer(cfg, t) for t in set(cfg.layer_types)})
+        self.text = [a for a in c.rows if a.row.stack is Stack.TEXT
+                     and (self.layers is None or a.layer is None or a.layer in self.layers)]
         self.section: dict = {"families": {}, "seed": c.ref.seed}
+        if self.layers is not None:
+            self.section["layers"] = {"probed": self.layers, "of": cfg.num_hidden_layers,
+                                      "why": "the case's run.probe_layers: the first layer of each type (every module "
+                                             "of every layer is replayed on the run's own inputs by the isolated mode)"}
 
     # -- rows ----------------------------------------------------------------------------------------
 
