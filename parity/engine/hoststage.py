@@ -68,21 +68,24 @@ def trim() -> None:
         pass
 
 
+SPILL_MARGIN = 2 << 30  # free disk a spilling stage leaves alone
+
+
+def spill_room(directory: str) -> int:
+    """Bytes a stage may still spill to ``directory``: its free disk less ``SPILL_MARGIN``."""
+    import shutil
+
+    return max(0, shutil.disk_usage(directory).free - SPILL_MARGIN)
+
+
 def _spill_chunk(directory: str, nbytes: int) -> torch.Tensor:
     """``nbytes`` of host memory backed by a file in ``directory``: a sparse file mapped shared and unlinked at once
     (nothing is left behind, whatever ends the run; the space is the disk's until the last tensor on it goes). Its
     pages are the page cache's: written back to the disk as they fill and dropped under memory pressure, so they never
-    count against the host's memory as page-locked or anonymous memory does. Too little free disk: ``UserError``."""
+    count against the host's memory as page-locked or anonymous memory does."""
     import os
-    import shutil
     import tempfile
 
-    from parity.errors import UserError
-
-    free = shutil.disk_usage(directory).free
-    if free < nbytes:
-        raise UserError(f"spilling {nbytes / 2**30:.1f} GiB to {directory} needs that much free disk, "
-                        f"{free / 2**30:.1f} GiB free (PARITY_SPILL_DIR names another folder)")
     fd, path = tempfile.mkstemp(prefix="parity-spill-", dir=directory)
     try:
         os.ftruncate(fd, nbytes)
@@ -110,6 +113,8 @@ class HostStage:
         self.cuda = torch.cuda.is_available()
         self.spill_dir = spill_dir  # chunks are files there, memory-mapped and unlinked (``_spill_chunk``)
         self.spilled_bytes = 0
+        self.spill_short = 0  # bytes a spilling stage had to hold in host memory: the disk had no room
+        self._spill_budget: int | None = None
         self.chunk_bytes = chunk_bytes
         self._chunks: list[tuple[torch.Tensor, bool]] = []  # (uint8 base, registered)
         self._used = 0  # bytes used in the last chunk
@@ -146,12 +151,19 @@ class HostStage:
         return [base for base, _ in self._chunks]
 
     # -------------------------------------------------------------------------------- allocation
-    def _new_chunk(self, nbytes: int) -> None:
+    def _new_chunk(self, nbytes: int, minimum: int = 1) -> None:
+        """A chunk of ``nbytes``; a spilling stage's in a file while the disk has room (as much of ``nbytes`` as
+        it has, at least ``minimum``), else page-locked as any stage's (``spill_short`` counts those bytes)."""
         if self.spill_dir is not None:
-            self._chunks.append((_spill_chunk(self.spill_dir, nbytes), False))
-            self.spilled_bytes += nbytes
-            self._used = 0
-            return
+            if self._spill_budget is None:  # the disk's room when the stage first spills (its files are sparse: the
+                self._spill_budget = spill_room(self.spill_dir)  # free space shrinks only as they are written)
+            size = min(nbytes, self._spill_budget - self.spilled_bytes)
+            if size >= minimum:
+                self._chunks.append((_spill_chunk(self.spill_dir, size), False))
+                self.spilled_bytes += size
+                self._used = 0
+                return
+            self.spill_short += nbytes
         try:
             base = torch.empty(nbytes, dtype=torch.uint8)
         except RuntimeError as e:  # the allocator's "can't allocate memory"
@@ -160,7 +172,7 @@ class HostStage:
                             f"(already {sum(c[0].numel() for c in self._chunks) / 2**30:.1f} GiB); a sequential "
                             f"26B-A4B run needs ~72 GB of host RAM per process") from e
         base.zero_()  # fault the pages in with all CPU threads; registering then only locks them
-        ok = int(torch.cuda.cudart().cudaHostRegister(base.data_ptr(), nbytes, 0)) == 0
+        ok = self.cuda and int(torch.cuda.cudart().cudaHostRegister(base.data_ptr(), nbytes, 0)) == 0
         if ok:
             self.pinned_bytes += nbytes
         self._chunks.append((base, ok))
@@ -169,7 +181,7 @@ class HostStage:
     def _take(self, nbytes: int) -> torch.Tensor:
         need = _aligned(nbytes)
         if not self._chunks or self._used + need > self._chunks[-1][0].numel():
-            self._new_chunk(max(need, self.chunk_bytes))
+            self._new_chunk(max(need, self.chunk_bytes), minimum=need)
         base = self._chunks[-1][0]
         out = base[self._used:self._used + nbytes]
         self._used += need

@@ -172,7 +172,11 @@ def hf_backward(ref, model) -> dict:
             h.remove()
     norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params if p.grad is not None))
     model.zero_grad(set_to_none=True)
-    return _result(out, labels, grads, norm, stage)
+    res = _result(out, labels, grads, norm, stage)
+    if spill is not None:
+        ref.prog.note(f"backward: HF's parameter gradients {stage.spilled_bytes / 2**30:.1f} GiB in a file in {spill}, "
+                      f"{stage.spill_short / 2**30:.1f} GiB in host memory (no room on that disk)")
+    return res
 
 
 def _result(out, labels, grads: _Grads, norm: float, stage: HostStage | None = None) -> dict:
