@@ -491,3 +491,15 @@ def test_the_fp32_backward_carries_shared_kv_through_its_layers():
     off = {k for k, v in hf_params.items() if not torch.equal(cut[k], v)}
     assert len(off) == 72 and "model.layers.4.self_attn.k_proj.weight" in off
     ref.close()
+
+
+def test_labels_leave_out_padding_and_what_padding_predicts():
+    """Causal labels: -100 at padding and at a token whose predictor is padding (left padding's first real token:
+    HF's loss would count the logits of a padded query that attends to nothing, defined by each implementation its
+    own way); right padding and unpadded rows keep every real token."""
+    from parity.engine.modes.backward import labels_of
+
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 7, 8, 9], [5, 6, 7, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
+    assert labels_of({"input_ids": ids, "attention_mask": mask}).tolist() == [
+        [5, 6, 7, 8, 9], [-100, -100, -100, 8, 9], [5, 6, 7, -100, -100]]

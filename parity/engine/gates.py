@@ -251,7 +251,11 @@ def summarise(records: list[Record], verdict: dict, logits_summary: dict) -> dic
         return M.is_replay(r.mode) or r.kind in ("mask", "rope") or r.name not in replay_ok or bool(r.calls) \
             or bool(r.raised)
     own = [r for r in failing if own_row(r)]
-    first = min(own or failing, key=lambda r: (r.order, M.rank(r.mode))) if failing else None
+    # a "reference unstable" row speaks of HF's precision, never of where the system went wrong: the first divergence
+    # is the first row failing on its own numbers when there is one (a plant in a layer makes that layer's unstable
+    # rows fail with it, clear_unstable no longer applying, and they may come first in the backward's order)
+    measured = [r for r in own if not r.unstable]
+    first = min(measured or own or failing, key=lambda r: (r.order, M.rank(r.mode))) if failing else None
     own_check = {r.mode: M.get(r.mode).check for r in records if M.get(r.mode) is not None and M.get(r.mode).check}
     modules_ok = not any(r for r in failing if r.kind not in ("router",) and r.mode not in own_check)
     router_rows = [r for r in records if r.kind == "router"]

@@ -46,9 +46,16 @@ SKIP = set(TABLE_KINDS) | {Kind.ROUTER, Kind.MERGED, Kind.LOGITS, Kind.VISION_RO
 
 
 def labels_of(inputs: dict) -> torch.Tensor:
-    """Causal-LM labels in HF's convention: the input ids, -100 where there is nothing to learn: padding, and in a
-    VLM the image's soft tokens (as SFT collators mask them)."""
-    ignore = inputs["attention_mask"] == 0
+    """Causal-LM labels in HF's convention: the input ids, -100 where there is nothing to learn: padding, in a VLM
+    the image's soft tokens (as SFT collators mask them), and a token whose predictor is padding (left padding: the
+    first real token). The last is the harness's choice, the same on both sides: HF's loss would otherwise count the
+    logits of the last padded position, a query with no key to attend to, whose output each implementation defines
+    its own way (HF's attention returns zeros there, a system may attend to the position itself) and which no row
+    compares; measured on the tiny bf16 train case left-padded, it moved parameter gradients by up to 0.12 while every
+    compared row was bit-identical."""
+    pad = inputs["attention_mask"] == 0
+    ignore = pad.clone()
+    ignore[:, 1:] |= pad[:, :-1]
     if "mm_token_type_ids" in inputs:
         ignore = ignore | (inputs["mm_token_type_ids"] != 0)
     return inputs["input_ids"].masked_fill(ignore, -100)
