@@ -106,7 +106,8 @@ def spill_dir() -> str:
 class HostStage:
     """Bump allocator over page-locked host chunks. ``reserve`` bytes are pinned up front as the first chunk;
     with ``background`` that happens in a thread (CPU work: faulting pages in and locking them) while the GPU
-    goes on, and the first ``put`` waits for it. Running out of host memory is a ``UserError`` (one line)."""
+    goes on, and the first ``put`` waits for it. Running out of host memory is a ``UserError`` (one line).
+    With ``spill_dir`` the chunks are memory-mapped files there instead (``_spill_chunk``) while its disk has room."""
 
     def __init__(self, chunk_bytes: int = 2 << 30, reserve: int = 0, background: bool = False,
                  spill_dir: str | None = None):
