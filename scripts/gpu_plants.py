@@ -68,8 +68,7 @@ def row(plant, shape, r: dict, wall: float, known: set | None = None) -> dict:
                                                                    "value", "gate")}
     # a backward plant is localised by its module end to end (``where``) or alone (``isolated``, in bf16
     # ``isolated_bf16`` where it says): the first divergence is the earlier of the two modes' (tests/test_backward.py)
-    places = {where} | ({getattr(plant, "isolated", None), getattr(plant, "isolated_bf16", None)} - {None}
-                        if plant.kind == "backward" else set())
+    places = {where} | ({plant.isolated, plant.isolated_bf16} - {None} if plant.kind == "backward" else set())
     out["caught"] = (not r["passed"]) and judged.get("name") in places and (
         plant.megatron_name is None or judged.get("megatron_name") == plant.megatron_name)
     return out
@@ -235,8 +234,6 @@ def main() -> int:
     from parity.engine.launch import cpu_threads
     from parity.engine.pipeline import env_info
     from tests.plants import BACKWARD_PLANTS, BRIDGE_PLANTS, BY_NAME, PLANTS, SENSITIVITY, Shape, failing
-
-    BY_NAME = {**BY_NAME, **{p.name: p for p in BACKWARD_PLANTS}}
 
     if a.sensitivity:
         for e in a.eps.split(","):

@@ -854,6 +854,7 @@ BACKWARD_PLANTS = [
     Plant("aux loss left on", "backward", "model.layers.5.router.per_expert_scale", aux_loss_left_on,
           isolated="model.layers.5.router", isolated_bf16="model.layers.5.router.per_expert_scale"),
 ]
+BY_NAME.update({p.name: p for p in BACKWARD_PLANTS})  # scripts/gpu_plants.py --plants names them too
 
 
 def decay_everything(mp, shape):

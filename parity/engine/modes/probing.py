@@ -210,7 +210,7 @@ class Prober:
         self.judge = G.record_judge(c.ref.case.to_dict()["gates"], c.ref.dtype)
         cfg, every = self.hf.config, c.ref.case.run.probe_layers == "all"
         # the layers probed: every one, or (the case's ``probe_layers``) the first of each layer type
-        self.layers = None if every else sorted({_first_layer(cfg, t) for t in set(cfg.layer_types)})
+        self.layers = None if every else _first_layers(cfg)
         self.text = [a for a in c.rows if a.row.stack is Stack.TEXT
                      and (self.layers is None or a.layer is None or a.layer in self.layers)]
         self.section: dict = {"families": {}, "seed": c.ref.seed}
@@ -538,7 +538,7 @@ def run(c, prog) -> None:
         p.section["kv_shared_layers"] = {"layers": shared, "why": "they reuse an earlier layer's K/V; each probe runs "
                                          "a layer alone, so the layers computing those K/V are probed"}
 
-    firsts = sorted({_first_layer(cfg, t) for t in set(cfg.layer_types)})
+    firsts = _first_layers(cfg)
     positions = c.ref.inputs["position_ids"][c.ref.where.valid]
     top = int(positions.max()) if positions.numel() else 0
     far = max(0, int(cfg.max_position_embeddings) - 1 - top)  # the offset that puts the last position at the end
@@ -608,9 +608,14 @@ def _first_layer(cfg, layer_type: str) -> int:
     return list(cfg.layer_types).index(layer_type)
 
 
+def _first_layers(cfg) -> list[int]:
+    """The first layer of each layer type, in order."""
+    return sorted({_first_layer(cfg, t) for t in set(cfg.layer_types)})
+
+
 def _first_of_each_type(rows: list[Aligned], cfg) -> list[Aligned]:
     """The rows of the first layer of each layer type (and rows outside the layers): what a search draws from."""
-    firsts = {_first_layer(cfg, t) for t in set(cfg.layer_types)}
+    firsts = _first_layers(cfg)
     return [a for a in rows if a.layer is None or a.layer in firsts] or rows
 
 
