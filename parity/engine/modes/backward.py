@@ -366,9 +366,17 @@ def loss_error(ref: dict, per_token: torch.Tensor, loss: float) -> float:
     """The loss row's number for a side's ``per_token`` losses and mean ``loss`` against ``ref``'s (a
     ``hf_backward`` result): the larger of the per-token losses' rel-L2 at the labelled positions and the means'
     relative difference -- the same statistic for the row, its floor (HF-bf16 against HF-fp32) and its truth."""
-    where = ref["where"]
-    per = metrics(ref["per_token"].to(per_token.device), per_token, where.to(per_token.device))
-    return max(_num(per["rel_l2"]), abs(loss - ref["loss"]) / max(abs(ref["loss"]), 1e-30))
+    return loss_metrics(ref, per_token, loss)["value"]
+
+
+def loss_metrics(ref: dict, per_token: torch.Tensor, loss: float) -> dict:
+    """``metrics`` of the per-token losses at ``ref``'s labelled positions, with ``rel_diff`` (the means' relative
+    difference) and ``value`` (the loss row's number, ``loss_error``)."""
+    where = ref["where"].to(per_token.device)
+    per = dict(metrics(ref["per_token"].to(per_token.device), per_token, where))
+    per["rel_diff"] = abs(loss - ref["loss"]) / max(abs(ref["loss"]), 1e-30)
+    per["value"] = max(_num(per["rel_l2"]), per["rel_diff"])
+    return per
 
 
 def truth_skipped(skip: dict, name: str) -> str | None:
@@ -497,8 +505,8 @@ def _run(c) -> None:
     _record(c, logits_row, OUTPUT, hf["grads"], grads, base)
     n_sys = _param_rows(c, hf["grads"], base)
     ce, where = per_token(logits.detach(), hf["labels"].to(logits.device))
-    per = metrics(hf["per_token"].to(ce.device), ce, where.to(ce.device))
-    rel = abs(float(loss) - hf["loss"]) / max(abs(hf["loss"]), 1e-30)
+    per = loss_metrics(hf, ce, float(loss))
+    rel = per["rel_diff"]
     gate = c.ref.case.gates.float32.grad_rel_l2 if c.ref.dtype == "float32" else None  # bf16: no floor yet
     section = {"hf": hf["loss"], "system": float(loss), "rel_diff": rel, "tokens": int(where.sum()),
                "per_token": {k: per[k] for k in ("cosine", "rel_l2", "max_abs")},
@@ -507,7 +515,7 @@ def _run(c) -> None:
                "gate": gate}
     # the loss as the first backward row: the per-token losses at the positions with a label, and the scalar
     c.records.append(Record(name="loss", megatron_name=sut.name, mode=LOSS, kind="loss", layer=None, order=base,
-                            gate_class="module", cosine=per["cosine"], rel_l2=max(_num(per["rel_l2"]), rel),
+                            gate_class="module", cosine=per["cosine"], rel_l2=per["value"],
                             max_abs=per["max_abs"], p99_abs=per.get("p99_abs"),
                             nonfinite=(per.get("nonfinite_ref", 0), per.get("nonfinite_test", 0)),
                             detail=f"HF {hf['loss']:.7g}, {sut.name} {float(loss):.7g} (relative difference {rel:.3g}); "
