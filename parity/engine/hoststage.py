@@ -190,23 +190,22 @@ class HostStage:
 
     # -------------------------------------------------------------------------------- staging
     def put(self, x: torch.Tensor) -> torch.Tensor:
-        """A host copy of ``x`` (contiguous); asynchronous for CUDA tensors until ``sync()`` (a spilled stage's:
-        synchronous)."""
+        """A host copy of ``x`` (contiguous); asynchronous for CUDA tensors until ``sync()``, except into a spilled
+        chunk (a file's pages: a plain copy, which the kernel writes back as it goes)."""
         x = x.detach()
         spill = self.spill_dir is not None and x.numel() > 0
         if not (spill or self.cuda and x.is_cuda) or x.numel() == 0:
             return x.to("cpu", copy=True)
         self._ready()
         dst = self._take(x.numel() * x.element_size()).view(x.dtype).view(x.shape)
-        if spill:  # a file's pages: a plain copy (the kernel writes them back as it goes)
+        self.staged_bytes += dst.numel() * dst.element_size()
+        if not (x.is_cuda and self._chunks[-1][1]):  # not page-locked: a spilled chunk, or x on the host
             dst.copy_(x)
-            self.staged_bytes += dst.numel() * dst.element_size()
             return dst
         self._stream.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(self._stream):
             dst.copy_(x, non_blocking=True)
         x.record_stream(self._stream)  # the caching allocator must not reuse x's memory before the copy ran
-        self.staged_bytes += dst.numel() * dst.element_size()
         return dst
 
     def sync(self) -> None:
