@@ -1,5 +1,5 @@
 """Summarise a cProfile dump of one run (used by ``gpu_check.sh --profile``): the top entries by cumulative and by own
-time, and the probing families' seconds from the run's results.json, as one JSON record on stdout."""
+time, who calls the top entries by own time, and the probing families' seconds from the run's results.json, as one JSON record on stdout."""
 from __future__ import annotations
 
 import argparse
@@ -19,9 +19,25 @@ def top(stats: pstats.Stats, key: str, n: int) -> list[dict]:
         if func[0].startswith("<frozen") or func[2] in ("<built-in method builtins.exec>", "<module>"):
             continue  # the import machinery: its cost shows in the modules' own entries
         cc, nc, tt, ct, _ = stats.stats[func]  # type: ignore[attr-defined]
-        where = f"{os.path.basename(func[0])}:{func[1]}({func[2]})"
-        rows.append({"function": where, "calls": nc, "own_s": round(tt, 3), "cumulative_s": round(ct, 3)})
+        rows.append({"function": _where(func), "calls": nc, "own_s": round(tt, 3), "cumulative_s": round(ct, 3)})
     return rows
+
+
+def callers(stats: pstats.Stats, n: int, per: int = 8) -> dict:
+    """For each of the ``n`` entries with the most own time, its ``per`` callers with the most time spent in it on
+    their behalf (a ``tensor.to`` says nothing until one knows whose copies they are)."""
+    stats.sort_stats("tottime")
+    out = {}
+    for func in stats.fcn_list[:n]:  # type: ignore[attr-defined]
+        _, _, _, _, by = stats.stats[func]  # type: ignore[attr-defined]
+        rows = sorted(by.items(), key=lambda kv: -kv[1][2])[:per]  # (caller, (cc, nc, tt, ct))
+        out[_where(func)] = [{"caller": _where(c), "calls": v[1], "own_s": round(v[2], 3), "cumulative_s": round(v[3], 3)}
+                             for c, v in rows]
+    return out
+
+
+def _where(func) -> str:
+    return f"{os.path.basename(func[0])}:{func[1]}({func[2]})"
 
 
 def main() -> None:
@@ -32,7 +48,8 @@ def main() -> None:
     a = ap.parse_args()
     stats = pstats.Stats(a.profile, stream=io.StringIO())
     out = {"total_s": round(stats.total_tt, 2),  # type: ignore[attr-defined]
-           "by_cumulative": top(stats, "cumulative", a.n), "by_own_time": top(stats, "tottime", a.n)}
+           "by_cumulative": top(stats, "cumulative", a.n), "by_own_time": top(stats, "tottime", a.n),
+           "callers_of_top_own": callers(stats, 12)}
     if a.results:
         for path in sorted(glob.glob(os.path.join(a.results, "**", "results.json"), recursive=True)):
             r = json.load(open(path))

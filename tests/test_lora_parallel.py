@@ -20,15 +20,15 @@ Skips (with the reason) where Megatron-Bridge or peft is not importable.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import importlib.util
 
 import pytest
 import torch
 
 from parity import mbridge
-from tests.gloo import join, spawn
+from tests.gloo import Variant, run_case
 
 OK, WHY = mbridge.available()
 PEFT = importlib.util.find_spec("peft") is not None
@@ -91,80 +91,24 @@ PLANTS = (
 )
 
 
-def _digest(r: dict) -> dict:
-    rows = {(m["name"], m["mode"]): m.get("rel_l2") for m in r["modules"] if m.get("rel_l2") is not None}
-    lora = r.get("lora", {})
-    return {"passed": r["passed"], "checks": r["checks"], "first": r["summary"]["first_divergence_detail"],
-            "rows": rows, "failed": sorted((m["name"], m["mode"]) for m in r["modules"] if m.get("passed") is False),
-            "failures": [(f["phase"], f.get("method"), f["error"]) for f in r.get("failures") or []],
-            "export": {k: lora.get("export", {}).get(k) for k in ("hf", "exported", "bit_exact")},
-            "merged": {k: lora.get("merged", {}).get(k) for k in ("hf", "exported", "bit_exact")},
-            "logits": {k: lora.get(f"{k}_logits") for k in ("export", "merged")},
-            "export_loads": lora.get("export_loads"), "parallel": r["parallel"],
-            "modes": {m["name"]: m.get("why") for m in r["modes"]}}
-
-
 def _untrained(case):
     return dataclasses.replace(case, train=None)  # forward and exports only: no backward, no step
 
 
-def _parity_world(rank, world, port, path):
-    join(rank, world, port)
-    from parity.cases import load_case
-    from parity.engine import pipeline
-
-    out = {}
-    case = load_case("gemma4-text-tiny-lora-tp2")  # a CUDA case file (torchrun + NCCL), run in a gloo world of CPUs
-    refs = {True: pipeline.reference(case, device="cpu", seed=0)}
-    out["clean"] = _digest(pipeline.against(refs[True], "parity"))
-    for name, plant, train, _, _ in PLANTS:
-        if train not in refs:
-            refs[train] = pipeline.reference(_untrained(case), device="cpu", seed=0)
-        mp = pytest.MonkeyPatch()
-        try:
-            plant(mp)
-            out[name] = _digest(pipeline.against(refs[train], "parity"))
-        finally:
-            mp.undo()
-    for ref in refs.values():
-        ref.close()
-    if rank == 0:
-        torch.save(out, path)
+def _per_expert_untrained(case):
+    return _untrained(case.replace(lora={"experts": "per_expert"}))
 
 
-def _bridge_world(rank, world, port, path):
-    join(rank, world, port)
-    from parity import registry
-    from parity.cases import load_case
-    from parity.engine import pipeline
-    from tests.test_megatron_bridge_backward import ALL_CAUSES, causes_removed
-
-    out, built, get = {}, [], registry.get
-    registry.get = lambda name: built.append(get(name)) or built[-1]  # the system the pipeline builds, kept
-    tp2 = load_case("gemma4-text-tiny-lora-tp2-megatron-bridge")
-    # its recipe's layout (sequence parallelism at TP > 1) and its adapters' training step, on the MLP adapters (the
-    # attention's carry finding 13 end to end, which would hide the rest), its training-step findings removed
-    sp = load_case("gemma4-text-tiny-lora-train-tp2-megatron-bridge").replace(
-        lora={"targets": ["gate_proj", "up_proj", "down_proj"]})
-    # and the attention's q/k/v adapters with them (o_proj's left out: finding 13)
-    sp_qkv = sp.replace(lora={"targets": ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]})
-    for key, case in (("ep2", _untrained(load_case("gemma4-text-tiny-lora-experts-ep2").replace(
-            lora={"experts": "per_expert"}))), ("tp2", tp2), ("tp2_sp", sp), ("tp2_sp_qkv", sp_qkv)):
-        ref = pipeline.reference(case, device="cpu", seed=0)
-        with (causes_removed(*ALL_CAUSES) if key.startswith("tp2_sp") else contextlib.nullcontext()):
-            out[key] = _digest(pipeline.against(ref, "megatron-bridge"))
-        if key == "ep2":
-            out["ep2_merged_adapters"] = _merged_adapters(ref, dict(built[-1].merged()))
-        ref.close()
-    if rank == 0:
-        torch.save(out, path)
+def _targets(targets, case):
+    return case.replace(lora={"targets": targets})
 
 
-def _merged_adapters(ref, merged: dict) -> dict:
+def _merged_adapters(ref, system) -> dict:
     """Finding 19's cause, read off its merged export: for each expert of layer 0's two expert parameters, the expert
     whose adapter (``W_e + s B_f A_f``) its merged weight equals bit for bit (``None``: none does)."""
     from parity.engine import adapters as A
 
+    merged = dict(system.merged())
     hf, base, s = ref.adapters.state(), ref.adapters.base_copy("cpu").state_dict(), ref.case.lora.scale
     out = {}
     for parameter, module in A.EXPERTS.items():
@@ -176,14 +120,35 @@ def _merged_adapters(ref, merged: dict) -> dict:
     return out
 
 
+def _measured(world: dict) -> dict:
+    """Each digest with its rows that have a rel-L2 only."""
+    return {name: {**d, "rows": {k: v for k, v in d["rows"].items() if v is not None}} for name, d in world.items()}
+
+
 @pytest.fixture(scope="module")
 def parity_world():
-    return spawn(_parity_world, 2)
+    """The clean run and each plant (its reference the case's, or without ``[train]`` where the plant says so; one
+    reference per kind)."""
+    # a CUDA case file (torchrun + NCCL), run in a gloo world of CPUs
+    plants = {name: Variant(plant=plant, edit=None if train else _untrained) for name, plant, train, _, _ in PLANTS}
+    return _measured(run_case("gemma4-text-tiny-lora-tp2", "parity", 2, clean=Variant(), **plants))
 
 
 @pytest.fixture(scope="module")
 def bridge_world():
-    return spawn(_bridge_world, 2)
+    """EP=2 (train-less, per-expert adapters; finding 19's cause read off the system's merged export), TP=2 in
+    evaluation, and TP=2 with sequence parallelism as its recipe lays it out, training the MLP adapters (the
+    attention's carry finding 13 end to end, which would hide the rest), then the attention's q/k/v adapters with
+    them (o_proj's left out: finding 13), its training-step findings removed."""
+    from tests.test_megatron_bridge_backward import ALL_CAUSES
+
+    mlp = ["gate_proj", "up_proj", "down_proj"]
+    sp = Variant(causes=ALL_CAUSES, case="gemma4-text-tiny-lora-train-tp2-megatron-bridge")
+    return _measured(run_case(
+        "gemma4-text-tiny-lora-tp2-megatron-bridge", "megatron-bridge", 2,
+        ep2=Variant(case="gemma4-text-tiny-lora-experts-ep2", edit=_per_expert_untrained, after=_merged_adapters),
+        tp2=Variant(), tp2_sp=sp._replace(edit=functools.partial(_targets, mlp)),
+        tp2_sp_qkv=sp._replace(edit=functools.partial(_targets, ["q_proj", "k_proj", "v_proj", *mlp]))))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,8 +243,8 @@ def test_bridge_per_expert_adapters_at_ep2(bridge_world):
     assert r["export"]["bit_exact"] == 36 and r["merged"] == {"hf": 132, "exported": 132, "bit_exact": 120}
     assert 0.1 < r["logits"]["merged"]["vs_peft_rel_l2"] < 0.15
     # finding 19's cause: global expert e + 4 merged with expert e's adapter, bit for bit
-    assert bridge_world["ep2_merged_adapters"] == {"model.layers.0.experts.gate_up_proj": [0, 1, 2, 3, 0, 1, 2, 3],
-                                                   "model.layers.0.experts.down_proj": [0, 1, 2, 3, 0, 1, 2, 3]}
+    assert r["after"] == {"model.layers.0.experts.gate_up_proj": [0, 1, 2, 3, 0, 1, 2, 3],
+                          "model.layers.0.experts.down_proj": [0, 1, 2, 3, 0, 1, 2, 3]}
 
 
 def test_bridge_recipe_lora_at_tp2_in_evaluation(bridge_world):
