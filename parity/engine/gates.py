@@ -10,8 +10,10 @@
     uses fp32) fails;
   - a floor is a measurement, never a licence: with ``ceiling_rel_l2`` stated, no floor-relative gate exceeds
     it, and a floor above it marks the row "reference unstable" (it fails and says so) instead of widening
-    the gate -- unless the row is not a replay and every replayed row of its layer passes (``clear_unstable``:
-    each of its modules computes what HF's does on HF's inputs; the row passes and says so).
+    the gate -- unless the system agrees with HF-bf16 to the case's float32 gate for the row's mode (it computes
+    what HF computes, to round-off: HF's instability is then the system's too, no more), or the row is not a
+    replay and every replayed row of its layer passes (``clear_unstable``: each of its modules computes what HF's
+    does on HF's inputs); either way the row passes and says so.
   Logits KL max <= ``floor_multiplier`` * KL floor + ``logits_kl_max`` (a small absolute term), capped by
   ``ceiling_kl_max`` the same way; with a truth KL given, ``KL(HF-fp32 || Megatron-bf16) <= rho * KL floor +
   logits_kl_max`` too. The ratio to the floor is reported.
@@ -87,7 +89,9 @@ def _fp32_gated(rec: Record) -> bool:
     return mode is not None and mode.gates == "float32"
 
 
-def _gate_bf16(rec: Record, g: dict) -> bool:
+def _gate_bf16(rec: Record, g: dict, same: float) -> bool:
+    """``rec`` against its floor (``g``: the case's bf16 gates); ``same``: the float32 gate of its mode, the
+    agreement with HF-bf16 that passes a row whose reference is unstable."""
     floor = _num(rec.floor)
     ceiling = g.get("ceiling_rel_l2")
     value, metric = _value(rec), _metric(rec)
@@ -99,7 +103,12 @@ def _gate_bf16(rec: Record, g: dict) -> bool:
         rec.why = (f"reference unstable: HF's own bf16 error (vs HF-fp32) {floor:.3g} exceeds the case "
                       f"ceiling {ceiling:g}")
         rec.unstable = True
-        return False
+        if value > same:
+            return False
+        rec.gate = {"metric": metric, "max": same, "ceiling": ceiling}  # the fp32 gate: round-off agreement
+        rec.why += (f"; the system agrees with HF-bf16 to the float32 gate ({value:.3g} <= {same:g}): it computes "
+                    f"what HF computes")
+        return True
     ok = value <= limit
     truth = rec.truth_rel_l2
     if "truth_multiplier" in g and rec.truth_rel_l2 is not None:
@@ -153,7 +162,7 @@ def record_judge(gates: dict, dtype: str):
             rec.gate = {"metric": _metric(rec), "max": limit}
             ok = value <= limit
         else:
-            ok = _gate_bf16(rec, g)
+            ok = _gate_bf16(rec, g, g32[key] if key in g32 else g32["rel_l2"])
         router = rec.router
         if router is not None and M.is_replay(rec.mode) and router.get("decisive_flips", 0) > 0:
             ok = False
