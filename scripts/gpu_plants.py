@@ -25,7 +25,8 @@ the classes; ``--max-runs`` / ``--max-wall`` bound the sweep). Writes
         [--max-runs 12] [--max-wall 400] [--case-inputs] [--case gemma4-text-tiny-padded --device cpu]
 
 Memory: the HF model stays resident beside the Megatron model (47 + 47 GiB in bf16 at the 26B shape): an H200
-(139 GiB) holds both. On CPU (tiny cases) it is the same flow, a smoke test of the script itself.
+(139 GiB) holds both. On an 80 GB card ``--sequential`` keeps the case's own sequential run instead (HF captured and
+floored once, then released, its weights kept on the host; each plant builds and loads the system from them). On CPU (tiny cases) it is the same flow, a smoke test of the script itself.
 """
 from __future__ import annotations
 
@@ -227,6 +228,8 @@ def main() -> int:
                     help="system under test; megatron-bridge runs tests/plants.py BRIDGE_PLANTS by default")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench"))
     ap.add_argument("--tag", default="", help="appended to the record's file name (e.g. probing)")
+    ap.add_argument("--sequential", action="store_true",
+                    help="forward plants: keep the case's sequential run (fits an 80 GB card) instead of HF resident")
     a = ap.parse_args()
 
     from parity.cases import load_case
@@ -250,7 +253,8 @@ def main() -> int:
     train = base.train is not None  # a train case: its backward plants, HF's side sequential as the case runs it
     # (at 26B HF's model, the system's and its gradients do not fit one H200 together); the reference's gradients
     # are kept for every plant (``Reference.final`` stays False)
-    run = dataclasses.asdict(base.run) if train else {"sequential": False, "offload": base.run.offload}
+    resident = not (train or a.sequential)  # HF's model kept on the device beside the system's, else released
+    run = {"sequential": False, "offload": base.run.offload} if resident else dataclasses.asdict(base.run)
     if a.case_inputs:
         case = base.replace(run=run)
     else:
@@ -261,7 +265,7 @@ def main() -> int:
     shape = Shape.of(case)
     with cpu_threads(a.device) if a.sensitivity else contextlib.nullcontext():  # CPU: one thread, as the tests
         t0 = time.perf_counter()
-        ref = pipeline.reference(case, device=a.device, progress=True)  # HF once; kept resident (not sequential)
+        ref = pipeline.reference(case, device=a.device, progress=True)  # HF once (resident, or its weights on the host)
         r = pipeline.against(ref, a.system)
         clean = row(None, shape, r, time.perf_counter() - t0)
         clean["truth_ratios"] = truth_ratios(r)

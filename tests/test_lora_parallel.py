@@ -121,16 +121,15 @@ def _merged_adapters(ref, system) -> dict:
 
 
 def _measured(world: dict) -> dict:
-    """Each digest with its rows that have a rel-L2 only."""
+    """Each digest with its measured rows only (those with a rel-L2; ``digest`` keeps the others, as None)."""
     return {name: {**d, "rows": {k: v for k, v in d["rows"].items() if v is not None}} for name, d in world.items()}
 
 
 @pytest.fixture(scope="module")
 def parity_world():
-    """The clean run and each plant (its reference the case's, or without ``[train]`` where the plant says so; one
-    reference per kind)."""
-    # a CUDA case file (torchrun + NCCL), run in a gloo world of CPUs
+    """The clean run, then each plant (against the case without its ``[train]`` where the plant says so)."""
     plants = {name: Variant(plant=plant, edit=None if train else _untrained) for name, plant, train, _, _ in PLANTS}
+    # a CUDA case file (torchrun + NCCL), run in a gloo world of CPUs
     return _measured(run_case("gemma4-text-tiny-lora-tp2", "parity", 2, clean=Variant(), **plants))
 
 
