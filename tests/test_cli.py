@@ -269,6 +269,26 @@ def test_bench_targets_arithmetic():
     assert t["wall_over_forwards_plus_conversion"]["met"] is False and t["gpu_peak_gib"]["met"] is True
 
 
+def test_bench_wall_targets_by_system():
+    """Issue 23's walls (26B on one H200: 30 s with our system, 45 s with Megatron-Bridge): a single record's whole
+    wall, and in a several-systems record each system's phases with the reference's (and probing's share of them)."""
+    from parity.bench import several, targets
+
+    rec = {"case": "gemma4-26b-a4b", "device": "cuda", "system": {"name": "megatron-bridge"}, "wall_s": 44.0,
+           "phases_s": {}, "timings": {}, "ratios": {}}
+    assert targets(rec)["wall_s"] == {"value": 44.0, "limit": 45.0, "met": True}
+    assert "wall_s" not in targets({**rec, "device": "cpu"}) and "wall_s" not in targets({**rec, "case": "x"})
+
+    def run(name, phases):
+        return {"case": "gemma4-26b-a4b", "device": "cuda", "dtype": "bfloat16", "system": {"name": name},
+                "env": {}, "passed": True, "summary": {"n_failed": 0}, "phases": {"build_hf": 5.0, **phases}}
+    r = several([run("parity", {"convert": 20.0, "probing": 6.0}), run("megatron-bridge", {"convert": 45.0})], 80.0)
+    assert r["per_system"]["parity"]["run_s"] == 31.0 and r["per_system"]["megatron-bridge"]["run_s"] == 50.0
+    assert r["targets"] == {"parity_phases_s": {"value": 31.0, "limit": 30.0, "met": False},
+                            "parity_probing_share": {"value": pytest.approx(6 / 31), "limit": 0.15, "met": False},
+                            "megatron-bridge_phases_s": {"value": 50.0, "limit": 45.0, "met": False}}
+
+
 def test_checkpoint_folder_without_config_fails_before_heavy_imports(tmp_path):
     """A folder that is not an HF checkpoint: one line, exit 2, before torch/transformers/megatron load."""
     code = ("import sys; from parity import cli; rc = cli.main(['run', '--case', 'gemma4-text-tiny', "
