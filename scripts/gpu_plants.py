@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import fnmatch
 import gc
 import json
 import os
@@ -70,7 +71,9 @@ def row(plant, shape, r: dict, wall: float, known: set | None = None) -> dict:
     # a backward plant is localised by its module end to end (``where``) or alone (``isolated``, in bf16
     # ``isolated_bf16`` where it says): the first divergence is the earlier of the two modes' (tests/test_backward.py)
     places = {where} | ({plant.isolated, plant.isolated_bf16} - {None} if plant.kind == "backward" else set())
-    out["caught"] = (not r["passed"]) and judged.get("name") in places and (
+    name = judged.get("name")
+    at_plant = name in places or (plant.every is not None and name is not None and fnmatch.fnmatchcase(name, plant.every))
+    out["caught"] = (not r["passed"]) and at_plant and (
         plant.megatron_name is None or judged.get("megatron_name") == plant.megatron_name)
     return out
 

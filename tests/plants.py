@@ -59,6 +59,8 @@ class Plant:
     info: dict = field(default_factory=dict, compare=False)  # what the planting realised (sensitivity plants)
     isolated: str | None = None  # backward plants: the first failing isolated-backward row, where not ``where``
     isolated_bf16: str | None = None  # ... in a bf16 run, where not ``isolated``
+    every: str | None = None  # a plant on a class: every module matching this pattern (fnmatch) is planted, and a
+    # first divergence at any of them localises it (``where`` is the first of them in the run's order)
 
     def expected(self, shape: Shape) -> str:
         return self.where.format(full=shape.first_full)
@@ -852,7 +854,8 @@ BACKWARD_PLANTS = [
     # own bf16-vs-fp32 error of 4-28 % + 1e-3); the router alone: its per_expert_scale gradient fails its truth gate,
     # narrowly (8.1 % from HF's module alone in fp32 against a gate of 1.5 x 4.9 %)
     Plant("aux loss left on", "backward", "model.layers.5.router.per_expert_scale", aux_loss_left_on,
-          isolated="model.layers.5.router", isolated_bf16="model.layers.5.router.per_expert_scale"),
+          isolated="model.layers.5.router", isolated_bf16="model.layers.5.router.per_expert_scale",
+          every="model.layers.*.router*"),  # every router carries it
 ]
 BY_NAME.update({p.name: p for p in BACKWARD_PLANTS})  # scripts/gpu_plants.py --plants names them too
 
