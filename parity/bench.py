@@ -85,6 +85,7 @@ def several(runs: list[dict], wall: float) -> dict:
     per_system = {x["system"]["name"]: {"passed": x["passed"], "n_failed": x["summary"]["n_failed"],
                                         "phases_s": {k: v for k, v in p.items() if k not in shared},
                                         "system_s": sum(v for k, v in p.items() if k not in shared),
+                                        "probing_families_s": probing_families(x),
                                         "timings": x.get("timings"), "peak_memory": x.get("peak_memory")}
                   for x, p in zip(runs, phases)}
     reference_s, goals = sum(shared.values()), {}
@@ -105,6 +106,12 @@ def several(runs: list[dict], wall: float) -> dict:
             "targets": _met(goals)}
 
 
+def probing_families(results: dict) -> dict:
+    """Seconds of each probing family in a run (where the probing phase's time went), {} without probing."""
+    families = (results.get("probing") or {}).get("families") or {}
+    return {name: round(f.get("seconds", 0.0), 3) for name, f in families.items()}
+
+
 def single(results: dict, wall: float, out_dir: Path, system: str) -> Path:
     from parity.report.html import render_run
     from parity.report.store import atomic_write
@@ -123,7 +130,8 @@ def single(results: dict, wall: float, out_dir: Path, system: str) -> Path:
         "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "device_name": results["env"].get("device_name")},
         "env": results["env"], "inputs": results.get("inputs"), "parallel": results.get("parallel"),
-        "wall_s": wall, "phases_s": phases, "timings": timings, "peak_memory": results.get("peak_memory"),
+        "wall_s": wall, "phases_s": phases, "probing_families_s": probing_families(results), "timings": timings,
+        "peak_memory": results.get("peak_memory"),
         "ratios": {
             "megatron_over_hf_forward": (timings["megatron_forward_s"] / timings["hf_forward_s"])
             if timings.get("hf_forward_s") and timings.get("megatron_forward_s") else None,
