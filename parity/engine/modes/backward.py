@@ -505,10 +505,11 @@ def _run(c) -> None:
     _record(c, logits_row, OUTPUT, hf["grads"], grads, base)
     n_sys = _param_rows(c, hf["grads"], base)
     ce, where = per_token(logits.detach(), hf["labels"].to(logits.device))
-    per = loss_metrics(hf, ce, float(loss))
+    value = float(loss.detach())  # the system's mean loss
+    per = loss_metrics(hf, ce, value)
     rel = per["rel_diff"]
     gate = c.ref.case.gates.float32.grad_rel_l2 if c.ref.dtype == "float32" else None  # bf16: no floor yet
-    section = {"hf": hf["loss"], "system": float(loss), "rel_diff": rel, "tokens": int(where.sum()),
+    section = {"hf": hf["loss"], "system": value, "rel_diff": rel, "tokens": int(where.sum()),
                "per_token": {k: per[k] for k in ("cosine", "rel_l2", "max_abs")},
                "grad_norm": {"hf": hf["grad_norm"], "system": n_sys,
                              "rel_diff": abs(n_sys - hf["grad_norm"]) / max(hf["grad_norm"], 1e-30)},
@@ -518,12 +519,12 @@ def _run(c) -> None:
                             gate_class="module", cosine=per["cosine"], rel_l2=per["value"],
                             max_abs=per["max_abs"], p99_abs=per.get("p99_abs"),
                             nonfinite=(per.get("nonfinite_ref", 0), per.get("nonfinite_test", 0)),
-                            detail=f"HF {hf['loss']:.7g}, {sut.name} {float(loss):.7g} (relative difference {rel:.3g}); "
+                            detail=f"HF {hf['loss']:.7g}, {sut.name} {value:.7g} (relative difference {rel:.3g}); "
                                    f"rel-L2 of the per-token losses at the {int(where.sum())} labelled positions "
                                    f"{_num(per['rel_l2']):.3g}"))
     hf32 = c.ref.extra.get("backward32")
     if hf32 is not None:  # bf16: the system's per-token losses and mean against HF's in fp32 (the truth gate)
-        c.records[-1].truth_rel_l2 = loss_error(hf32, ce, float(loss))
+        c.records[-1].truth_rel_l2 = loss_error(hf32, ce, value)
     if gate is not None:
         section["passed"] = rel <= gate and _num(per["rel_l2"]) <= gate
         c.sections.setdefault("checks", {})["loss"] = section["passed"]
