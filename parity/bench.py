@@ -56,24 +56,28 @@ def targets(record: dict) -> dict:
 
 
 def bench(case, *, device: str, dtype: str | None, out_dir: Path, progress: bool = False,
-          system: str = "parity", systems: list[str] | None = None) -> Path:
+          system: str = "parity", systems: list[str] | None = None, repeat: int = 1) -> Path:
+    """Time ``case`` (``repeat`` times in this process: the record is the last run's, ``walls_s`` lists each)."""
     from parity.cases import checkpoint_for
     from parity.engine.launch import execute_systems
     from parity.report.store import atomic_write
 
     systems = systems or [system]
-    t0 = time.perf_counter()
-    runs = execute_systems(case, device=device, dtype=dtype, checkpoint=checkpoint_for(case, None), seed=None,
-                           progress=progress, systems=systems)
-    wall = time.perf_counter() - t0
+    walls = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        runs = execute_systems(case, device=device, dtype=dtype, checkpoint=checkpoint_for(case, None), seed=None,
+                               progress=progress, systems=systems)
+        walls.append(time.perf_counter() - t0)
     if len(runs) > 1:
-        record = several(runs, wall)
+        record = several(runs, walls[-1])
+        record["walls_s"] = walls
         out_dir.mkdir(parents=True, exist_ok=True)
         r = runs[0]
         path = out_dir / f"{r['case']}-{r['device']}-{r['dtype']}-systems-{'__'.join(systems)}.json"
         atomic_write(path, json.dumps(record, indent=1, default=str) + "\n")
         return path
-    return single(runs[0], wall, out_dir, system=systems[0])
+    return single(runs[0], walls[-1], out_dir, system=systems[0], walls=walls)
 
 
 def several(runs: list[dict], wall: float) -> dict:
@@ -112,7 +116,7 @@ def probing_families(results: dict) -> dict:
     return {name: round(f.get("seconds", 0.0), 3) for name, f in families.items()}
 
 
-def single(results: dict, wall: float, out_dir: Path, system: str) -> Path:
+def single(results: dict, wall: float, out_dir: Path, system: str, walls: list[float] | None = None) -> Path:
     from parity.report.html import render_run
     from parity.report.store import atomic_write
 
@@ -130,7 +134,8 @@ def single(results: dict, wall: float, out_dir: Path, system: str) -> Path:
         "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "device_name": results["env"].get("device_name")},
         "env": results["env"], "inputs": results.get("inputs"), "parallel": results.get("parallel"),
-        "wall_s": wall, "phases_s": phases, "probing_families_s": probing_families(results), "timings": timings,
+        "wall_s": wall, "walls_s": walls or [wall], "phases_s": phases, "probing_families_s": probing_families(results),
+        "timings": timings,
         "peak_memory": results.get("peak_memory"),
         "ratios": {
             "megatron_over_hf_forward": (timings["megatron_forward_s"] / timings["hf_forward_s"])

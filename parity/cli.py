@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--system", default=None,
                        help="the Megatron implementation(s) under test, comma-separated: several against one HF "
                             "reference (default: the case's [system] name, else parity)")
+    bench.add_argument("--repeat", type=int, default=1, metavar="N",
+                       help="run the case N times in one process; the record is the last run's, with every wall "
+                            "(a fresh machine's first run can be slower in every phase)")
     return parser
 
 
@@ -109,8 +112,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     why = check_out(args.out, names=())  # the record's folder, before anything is built
     if why is not None:
         raise UserError(f"--out {args.out}: {why}")
+    if args.repeat < 1:
+        raise UserError(f"--repeat {args.repeat}: at least 1")
     device = resolve_device(case, args.device, None)
-    path = bench(case, device=device, dtype=args.dtype, out_dir=args.out, progress=args.progress, systems=systems)
+    path = bench(case, device=device, dtype=args.dtype, out_dir=args.out, progress=args.progress, systems=systems,
+                 repeat=args.repeat)
     print(f"benchmark record: {path}")
     return EXIT_OK
 

@@ -291,6 +291,24 @@ def test_bench_wall_targets_by_system():
                             "megatron-bridge_phases_s": {"value": 50.0, "limit": 45.0, "met": False}}
 
 
+def test_bench_repeat_times_every_run_and_records_the_last(monkeypatch, tmp_path, capsys):
+    """``bench --repeat N``: N runs in one process, the record the last's with each wall (a fresh machine's first run
+    was slower in every phase); fewer than 1 is a usage error before anything runs."""
+    from parity import bench as B
+    from parity.cases import load_case
+    from parity.engine import launch
+
+    runs = []
+    monkeypatch.setattr(launch, "execute_systems", lambda case, **kw: runs.append(kw) or [
+        {**fake_results(True), "case": case.name, "device": "cpu", "dtype": "float32", "system": {"name": "parity"},
+         "env": {}, "phases": {"build_hf": float(len(runs))}}])
+    monkeypatch.setattr(B, "single", lambda results, wall, out_dir, system, walls=None: (results, wall, walls))
+    results, wall, walls = B.bench(load_case("gemma4-text-tiny"), device="cpu", dtype=None, out_dir=tmp_path, repeat=3)
+    assert len(runs) == 3 and results["phases"] == {"build_hf": 3.0} and len(walls) == 3 and wall == walls[-1]
+    assert cli.main(["bench", "--case", "gemma4-text-tiny", "--repeat", "0", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == "parity: error: --repeat 0: at least 1" and len(runs) == 3
+
+
 def test_checkpoint_folder_without_config_fails_before_heavy_imports(tmp_path):
     """A folder that is not an HF checkpoint: one line, exit 2, before torch/transformers/megatron load."""
     code = ("import sys; from parity import cli; rc = cli.main(['run', '--case', 'gemma4-text-tiny', "
