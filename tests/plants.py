@@ -1110,7 +1110,6 @@ def double_wide_mlp_half_used(mp, shape=None):
     config's width, not the layer's): its MLP fails, end to end and alone."""
     def fn(model):
         mlp = model.decoder.layers[7].mlp
-        forward = mlp.forward
 
         def planted(x, *a, **kw):
             fc1, _ = mlp.linear_fc1(x)

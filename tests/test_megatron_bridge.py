@@ -354,7 +354,6 @@ def test_finding_vlm_image_tokens_attend_causally(vlm_run):
     """HF makes image blocks bidirectional on sliding layers; the bridge's core attention is causal and
     (as TE) ignores the bidirectional mask its Gemma4VLModel builds: image-token logits disagree."""
     inp = vlm_run.inp
-    valid = inp["attention_mask"].bool()
     image = inp["input_ids"] == vlm_run.cfg.image_token_id
     with torch.no_grad():
         ref = vlm_run.hf(**inp).logits

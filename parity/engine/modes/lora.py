@@ -115,7 +115,6 @@ def _config(folder: str) -> dict | None:
 def _tensor_rows(c, mode: str, ref: dict, test, base: int, exact: bool, changed: set | None = None) -> list[Record]:
     """One row per tensor of either side (``test``: (name, tensor) pairs, each compared as it comes: a merged export
     at full size is the whole model), HF's order first, then the system's extra tensors."""
-    index = {name: i for i, name in enumerate(ref)}
     rows, extra = {}, []
     for name, b in test:
         if name in rows:
