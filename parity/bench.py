@@ -20,6 +20,11 @@ from pathlib import Path
 WALL_TARGETS_S = {"gemma4-26b-a4b": {"parity": 30.0, "megatron-bridge": 45.0}}
 
 
+def _wall_limit(case: str | None, system: str, device: str | None) -> float | None:
+    """Issue 23's wall target for a run of ``case`` with ``system`` on ``device`` (CUDA only), or None."""
+    return WALL_TARGETS_S.get(case, {}).get(system) if device == "cuda" else None
+
+
 def _met(out: dict) -> dict:
     for v in out.values():
         v["met"] = v["value"] <= v["limit"]
@@ -49,8 +54,8 @@ def targets(record: dict) -> dict:
     peak = (record.get("peak_memory") or {}).get("gpu_peak_gib")
     if peak is not None:
         out["gpu_peak_gib"] = {"value": peak, "limit": 75.0}
-    limit = WALL_TARGETS_S.get(record.get("case"), {}).get((record.get("system") or {}).get("name", "parity"))
-    if limit is not None and record.get("device") == "cuda":
+    limit = _wall_limit(record.get("case"), (record.get("system") or {}).get("name", "parity"), record.get("device"))
+    if limit is not None:
         out["wall_s"] = {"value": record["wall_s"], "limit": limit}
     return _met(out)
 
@@ -95,8 +100,8 @@ def several(runs: list[dict], wall: float) -> dict:
     reference_s, goals = sum(shared.values()), {}
     for name, s in per_system.items():  # a system's run alone: the reference's phases and its own
         s["run_s"] = reference_s + s["system_s"]
-        limit = WALL_TARGETS_S.get(r["case"], {}).get(name)
-        if limit is not None and r["device"] == "cuda":
+        limit = _wall_limit(r["case"], name, r["device"])
+        if limit is not None:
             goals[f"{name}_phases_s"] = {"value": s["run_s"], "limit": limit}
         if s["phases_s"].get("probing") is not None:
             goals[f"{name}_probing_share"] = {"value": s["phases_s"]["probing"] / s["run_s"], "limit": 0.15}

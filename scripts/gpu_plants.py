@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fnmatch
 import gc
 import json
 import os
@@ -68,12 +67,8 @@ def row(plant, shape, r: dict, wall: float, known: set | None = None) -> dict:
         judged = first_new(r, known)
         out["first_new_divergence"] = {k: judged.get(k) for k in ("name", "megatron_name", "mode", "metric",
                                                                    "value", "gate")}
-    # a backward plant is localised by its module end to end (``where``) or alone (``isolated``, in bf16
-    # ``isolated_bf16`` where it says): the first divergence is the earlier of the two modes' (tests/test_backward.py)
-    places = {where} | ({plant.isolated, plant.isolated_bf16} - {None} if plant.kind == "backward" else set())
-    name = judged.get("name")
-    at_plant = name in places or (plant.every is not None and name is not None and fnmatch.fnmatchcase(name, plant.every))
-    out["caught"] = (not r["passed"]) and at_plant and (
+    # a backward plant's first divergence is the earlier of its module's end to end and alone (tests/test_backward.py)
+    out["caught"] = (not r["passed"]) and plant.localised_at(judged.get("name"), shape) and (
         plant.megatron_name is None or judged.get("megatron_name") == plant.megatron_name)
     return out
 

@@ -12,6 +12,7 @@ so an fp32 run *must* pass). ``tests/test_plants.py`` runs every plant in tiny f
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -64,6 +65,13 @@ class Plant:
 
     def expected(self, shape: Shape) -> str:
         return self.where.format(full=shape.first_full)
+
+    def localised_at(self, name: str | None, shape: Shape) -> bool:
+        """Whether a first divergence at ``name`` is this plant's module: ``where``, a backward plant's module alone
+        (``isolated``, ``isolated_bf16``), or any module ``every`` plants."""
+        places = {self.expected(shape)} | ({self.isolated, self.isolated_bf16} - {None} if self.kind == "backward"
+                                           else set())
+        return name in places or (name is not None and self.every is not None and fnmatch.fnmatchcase(name, self.every))
 
 
 def _text():

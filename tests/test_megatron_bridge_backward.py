@@ -372,7 +372,7 @@ def test_its_bf16_training_step_fails_where_findings_3_and_9_say():
             with causes_removed(*ALL_CAUSES, "embed_scale"):
                 scaled = pipeline.against(ref, SYSTEM)
             with causes_removed(*ALL_CAUSES, "embed_scale", "experts_probs"):
-                unscaled = pipeline.against(ref, SYSTEM)
+                probs_after = pipeline.against(ref, SYSTEM)
         finally:
             ref.close()
     moe = re.compile(r"model\.layers\.\d+\.(router|experts|(pre|post)_feedforward_layernorm(_2)?)\b")
@@ -385,7 +385,7 @@ def test_its_bf16_training_step_fails_where_findings_3_and_9_say():
     assert embedding <= set(bad) and all(moe.match(name) for name, _ in set(bad) - embedding), sorted(bad)
     traj = found["train"]["trajectory"]
     assert traj["passed"] is False and traj["rel_diff"]["grad_norm"][0] > traj["gate"]["grad_norm"][0]
-    for run in (scaled, unscaled):  # the embedding as HF's: the forward, the step and the trajectory pass
+    for run in (scaled, probs_after):  # the embedding as HF's: the forward, the step and the trajectory pass
         assert run["checks"]["modules"] and run["checks"]["step"] and run["checks"]["trajectory"], run["checks"]
         left = failing(run)
         assert all(moe.match(name) and m["why"].startswith("accuracy:") for (name, _), m in left.items()), sorted(left)

@@ -162,7 +162,7 @@ def record_judge(gates: dict, dtype: str):
             rec.gate = {"metric": _metric(rec), "max": limit}
             ok = value <= limit
         else:
-            ok = _gate_bf16(rec, g, g32[key] if key in g32 else g32["rel_l2"])
+            ok = _gate_bf16(rec, g, g32.get(key, g32["rel_l2"]))
         router = rec.router
         if router is not None and M.is_replay(rec.mode) and router.get("decisive_flips", 0) > 0:
             ok = False

@@ -604,13 +604,10 @@ def _no_input_probes(c) -> str | None:
     return None  # per-layer inputs (PLE) join a layer after its attention, where a probe's layer run stops
 
 
-def _first_layer(cfg, layer_type: str) -> int:
-    return list(cfg.layer_types).index(layer_type)
-
-
 def _first_layers(cfg) -> list[int]:
     """The first layer of each layer type, in order."""
-    return sorted({_first_layer(cfg, t) for t in set(cfg.layer_types)})
+    types = list(cfg.layer_types)
+    return sorted({types.index(t) for t in set(types)})
 
 
 def _first_of_each_type(rows: list[Aligned], cfg) -> list[Aligned]:
