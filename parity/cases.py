@@ -48,6 +48,10 @@ Schema (fields without a default are required)::
     labels = "causal"                    # next-token labels from input_ids; padded positions are ignored
     steps = 1                            # default 1: optimizer steps of the trajectory (0: none, with no_step)
     no_step = "..."                      # steps = 0 only: why the case takes no optimizer step
+    step_layers = [0, 5]                 # default all: the optimizer step and trajectory train these text decoder
+                                         # layers only, every other parameter frozen on both sides (as a user
+                                         # freezing layers: the gradient norm and clipping are theirs alone)
+    step_layers_why = "..."              # with step_layers: why the step trains a subset
     [train.optimizer]                    # AdamW, as both sides' users run it
     lr = 1e-4
     betas = [0.9, 0.95]
@@ -214,6 +218,8 @@ class TrainSpec(_Section):
     steps: int = 1
     overrides: FrozenDict = field(default_factory=FrozenDict)  # a system default changed -> the stated reason
     no_step: str | None = None  # steps = 0: why the case takes no optimizer step
+    step_layers: tuple[int, ...] | None = None  # the step trains these text decoder layers only (the rest frozen)
+    step_layers_why: str | None = None  # why the step trains a subset
     no_fp32_truth: FrozenDict = field(default_factory=FrozenDict)  # parameter glob -> why its fp32 gradient is not kept
 
 
@@ -553,6 +559,8 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
         top.sub("train").fail("steps", "must be 0 with lora.experts = \"shared\" (a shared expert adapter steps by the "
                                        "experts' summed gradient, peft's per-expert copies each by their own: after "
                                        "a step they are other models), with no_step saying so")
+    if lora is not None and train is not None and train.step_layers is not None:
+        top.sub("train").fail("step_layers", "not with [lora]: a LoRA case trains its adapters, the base is frozen")
     x = top.sub("expected_failures")
     known = ("logits", "modules", "router", "roundtrip", "gradients", "step", "lora")
     expected = {}
@@ -593,6 +601,17 @@ def _train(top: _Reader) -> TrainSpec:
     no_step = t.str_("no_step") if t.has("no_step") else None
     if (steps == 0) != (no_step is not None):
         t.fail("no_step", "give it exactly when steps = 0: why the case takes no optimizer step")
+    step_layers, step_layers_why = None, None
+    if t.has("step_layers"):
+        v = t.raw("step_layers")
+        if not (isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+                and len(set(v)) == len(v)):
+            t.fail("step_layers", f"expected a non-empty list of distinct layer indices (>= 0), got {_show(v)}")
+        if steps == 0:
+            t.fail("step_layers", "needs steps >= 1 (it says what the optimizer step trains)")
+        step_layers, step_layers_why = tuple(sorted(v)), t.str_("step_layers_why")
+    elif t.has("step_layers_why"):
+        t.fail("step_layers_why", "give it only with step_layers")
     o = t.sub("optimizer", required=True)
     betas = o.raw("betas")
     if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
@@ -611,7 +630,7 @@ def _train(top: _Reader) -> TrainSpec:
     nt.done()
     t.done()
     return TrainSpec(optimizer=opt, labels=labels, steps=steps, overrides=FrozenDict(overrides), no_step=no_step,
-                     no_fp32_truth=FrozenDict(no_truth))
+                     step_layers=step_layers, step_layers_why=step_layers_why, no_fp32_truth=FrozenDict(no_truth))
 
 
 def _lora(top: _Reader) -> LoraSpec:

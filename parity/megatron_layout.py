@@ -8,6 +8,7 @@ tail: a Megatron ``[s, b, ...]`` output -> the layout of its alignment row (``pa
 """
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import torch
@@ -260,6 +261,21 @@ def finalize_grads(chunk: torch.nn.Module, config, experts: set[int]) -> None:
                                              else ps.get_data_parallel_group())
     wrapped = SimpleNamespace(module=chunk, ddp_config=DistributedDataParallelConfig())  # as a DDP-wrapped chunk
     _allreduce_non_tensor_model_parallel_grads([wrapped], config, ps.get_tensor_model_parallel_group())
+
+
+DECODER_LAYER = re.compile(r"(?:^|\.)decoder\.layers\.(\d+)\.")  # a megatron text decoder layer's parameters
+
+
+def train_layers(model: torch.nn.Module, layers) -> int:
+    """Every parameter of ``model`` outside the text decoder ``layers`` frozen (``requires_grad`` off: no gradient,
+    no optimizer state), as a user freezing layers does; returns how many parameters still train."""
+    n = 0
+    for name, p in model.named_parameters():
+        m = DECODER_LAYER.search(name)
+        if m is None or int(m.group(1)) not in layers:
+            p.requires_grad_(False)
+        n += p.requires_grad
+    return n
 
 
 def grad_norm(pairs, experts: set[int], device) -> torch.Tensor:

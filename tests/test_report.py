@@ -82,7 +82,7 @@ def test_module_table_marks_failures_and_groups_by_layer(failing):
     n_bad = sum(1 for m in failing["modules"] if not m["passed"])
     assert table.count('<tr class="bad') == n_bad
     for i in range(6):
-        assert f'<tr class="grp' in table and f">model.layers.{i}<" in table
+        assert '<tr class="grp' in table and f">model.layers.{i}<" in table
     assert "text: before the layers" in table and "text: after the layers" in table
     assert table.index("model.embed_tokens") < table.index("model.layers.0.input_layernorm") < table.index(
         "model.norm")

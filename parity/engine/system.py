@@ -123,6 +123,14 @@ class System(Protocol):
     # places: the sum of their gradients); ``want``: the HF keys the caller reads (the others need not be assembled:
     # the isolated backward reads one layer's at a time, at full size a whole export each)
 
+    # The optimizer step (the step mode; a train case with ``steps`` >= 1):
+    def optimizer_step(self, spec: Any) -> float: ...  # one step of its optimizer as its users run it (``spec``:
+    # ``parity.cases.TrainSpec``) on the gradients of the last backward, which it clears; -> the gradient norm before
+    # clipping
+
+    def train_layers(self, layers: tuple[int, ...]) -> None: ...  # before its first step (a case with
+    # ``train.step_layers``): only those text decoder layers' parameters train from now on, the rest frozen
+
     def input_key(self, a: Aligned, args: tuple, kwargs: dict) -> int | str | None: ...
     # where, among a hooked module's arguments, is what HF's module of ``a`` receives as its main input
 
@@ -158,7 +166,7 @@ class System(Protocol):
 
 PORT = ("build", "load", "export", "prepare", "forward", "module", "fp32", "tables", "output", "replay",
         "train_loss", "grads", "optimizer_step", "input_key", "input_layout", "zero_grad", "loss_on", "load_adapters",
-        "save_adapters", "merged")
+        "save_adapters", "merged", "train_layers")
 
 
 class SystemRaised(Exception):

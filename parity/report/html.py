@@ -864,7 +864,7 @@ def _since(links: dict | None) -> str:
                      or '<span id="link-last-pass">never passed</span>')
         n = links.get("streak") or 1
         if since.get("self"):
-            parts.append(f'<span class="red" id="link-failing-since">failing since this run</span>')
+            parts.append('<span class="red" id="link-failing-since">failing since this run</span>')
         else:
             parts.append(a(since, f"failing since {S.fmt_time(since.get('created')).removesuffix(' UTC')} "
                                   f"({n} runs)", "link-failing-since"))

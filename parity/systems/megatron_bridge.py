@@ -25,7 +25,7 @@ from parity.errors import UserError
 from parity.mbridge import training as T
 from parity.megatron_layout import (FLAT, finalize_grads, first, gather_heads, grad_norm, hf_token_order, input_to_hf,
                                     sb, several_ranks, sp_gather, sp_sharded, sp_split, split_heads, to_hf, tp_gather,
-                                    tp_size, tp_split)
+                                    tp_size, tp_split, train_layers)
 
 INPUT = " (input)"
 LM_VLM = "language_model."
@@ -341,6 +341,11 @@ class MegatronBridgeSystem:
                                         norm=norm)
         self.finalize_grads()
         return self._optimizer.step()
+
+    def train_layers(self, layers) -> None:
+        """Only the text decoder ``layers`` train (``megatron_layout.train_layers``: the rest frozen, as its users'
+        freezing sets ``requires_grad``)."""
+        train_layers(self.bm.model, layers)
 
     def _grad_norm(self, pairs) -> torch.Tensor:
         """megatron-core's global gradient norm over the ranks (``megatron_layout.grad_norm``: TP duplicates counted

@@ -21,7 +21,7 @@ from parity.engine.alignment import Aligned, Kind, Stack
 from parity.engine.compare import value
 from parity.engine.system import call_arg, hf_routing
 from parity.megatron_layout import (finalize_grads, first, gather_heads, grad_norm, hf_token_order, input_to_hf, sb,
-                                    several_ranks, split_heads, to_hf, tp_gather, tp_size, tp_split)
+                                    several_ranks, split_heads, to_hf, tp_gather, tp_size, tp_split, train_layers)
 
 # Alignment-table key -> module path in the text model (``language_model.`` inside the VLM).
 LM = {
@@ -465,6 +465,10 @@ class ParitySystem:
                             rows = w.view(ng, (rep + 2) * hn, -1)
                             rows[:, (rep + 1) * hn:].copy_(rows[:, rep * hn:(rep + 1) * hn])
         return norm
+
+    def train_layers(self, layers) -> None:
+        """Only the text decoder ``layers`` train (``megatron_layout.train_layers``: the rest frozen)."""
+        train_layers(self.model, layers)
 
     def _grad_norm(self, pairs) -> torch.Tensor:
         """megatron-core's global gradient norm over the ranks (``megatron_layout.grad_norm``)."""

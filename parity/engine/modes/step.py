@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import tempfile
+from contextlib import contextmanager
 
 import torch
 
@@ -31,6 +33,7 @@ from parity.engine.alignment import layer_of
 from parity.engine.compare import metrics
 from parity.engine.modes.backward import labels_of
 from parity.engine.record import Record
+from parity.errors import UserError
 
 MODE = "step"
 ROW = "param_step"
@@ -96,8 +99,8 @@ class AdamWStep:
 
 def trajectory(ref, model, spec) -> dict:
     """``spec.steps`` steps of HF's ``model`` (changed in place) on the case's batch: losses, gradient norms, the
-    loss after the last step, its first gradients and update (on the host) -- of the parameters that train (a LoRA
-    case: the adapters; the base is frozen, and an optimizer holds only what trains)."""
+    loss after the last step, its first gradients, the parameters before and after it (on the host) -- of the
+    parameters that train (a LoRA case: the adapters; the base is frozen, and an optimizer holds only what trains)."""
     inputs, labels = ref.inputs, labels_of(ref.inputs)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
     before = {k: p.detach().clone().cpu() for k, p in params.items()}
@@ -114,27 +117,95 @@ def trajectory(ref, model, spec) -> dict:
         norms.append(step())
         if after is None:
             after = {k: p.detach().clone().cpu() for k, p in params.items()}
+        del out
     with torch.no_grad():
         final = float(ref.kind.forward_train(model, inputs, labels).loss)
+    model.zero_grad(set_to_none=True)
     return {"losses": losses, "norms": norms, "final": final, "labels": labels, "grads": first_grads,
-            "update": {k: after[k] - before[k] for k in after}, "after": after, "before": before}
+            "after": after, "before": before}
+
+
+def update(hf: dict, name: str) -> torch.Tensor:
+    """HF's first update of parameter ``name`` (after - before, in the parameter's dtype)."""
+    return hf["after"][name] - hf["before"][name]
+
+
+DECODER_LAYER = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")  # HF's text decoder layers
+
+
+def in_step_layers(name: str, layers) -> bool:
+    """Whether HF parameter ``name`` trains in a step over the text decoder ``layers`` (None: every parameter)."""
+    if layers is None:
+        return True
+    m = DECODER_LAYER.match(name)
+    return m is not None and int(m.group(1)) in layers
+
+
+@contextmanager
+def trains_in_place(model, layers):
+    """``model`` itself trained, then given back as it was: with ``layers`` only those text decoder layers' parameters
+    require gradients (the rest frozen, as a user freezing layers); after, every parameter that trained is restored
+    from its copy on the host, gradients cleared, ``requires_grad`` as before. In place rather than a copy: at the
+    26B-A4B shape a copy is another 47 GiB of bf16 weights (94 GiB in fp32)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    if layers is not None:
+        for n, p in model.named_parameters():
+            if not in_step_layers(n, layers):
+                p.requires_grad_(False)
+    saved = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        yield model
+    finally:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for n, t in saved.items():
+                params[n].data = t.to(params[n].device)  # dtype too (a run in fp32 casts back first)
+        for p, flag in flags:
+            p.grad = None
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def in_fp32(model):
+    """``model`` with every floating-point parameter and buffer in fp32 (in place, one tensor at a time: at the
+    26B-A4B shape 94 GiB beside nothing, where a copy would sit beside the 47 GiB bf16 model), cast back after
+    (bf16 -> fp32 -> bf16 is exact: only what trained changed, and ``trains_in_place`` restores it)."""
+    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point() and t.dtype != torch.float32]
+    dtypes = [t.dtype for t in tensors]
+    for t in tensors:
+        t.data = t.data.float()
+    try:
+        yield model
+    finally:
+        for t, dtype in zip(tensors, dtypes):
+            t.data = t.data.to(dtype)
 
 
 def prepare(ref, prog) -> dict:
-    """HF's trajectory on a copy of its model in the run's dtype (bf16: fp32 main weights in the optimizer, as
-    megatron's mixed-precision optimizer), and the band that gates the system's, step by step: in a bf16 run HF's own
-    bf16-vs-fp32 trajectory (on an fp32 copy, plain AdamW); in an fp32 run whose case gives
+    """HF's trajectory on its model in the run's dtype (bf16: fp32 main weights in the optimizer, as megatron's
+    mixed-precision optimizer), and the band that gates the system's, step by step: in a bf16 run HF's own
+    bf16-vs-fp32 trajectory (the model cast to fp32, plain AdamW); in an fp32 run whose case gives
     ``gates.float32.trajectory_band``, HF against itself on weights one rounding apart (``one_rounding_apart``): a
     model whose training amplifies round-off (Adam's sign-like steps on near-zero gradients) parts from any other
-    correct fp32 arithmetic as far."""
+    correct fp32 arithmetic as far. Each trajectory trains HF's model in place (``trains_in_place``: restored after);
+    ``train.step_layers``: those text decoder layers only."""
     spec = ref.case.train
-    out = trajectory(ref, copy.deepcopy(ref.model), spec)
+    layers = spec.step_layers
+    if layers is not None:
+        have = len(ref.text_args.layers)
+        if max(layers) >= have:
+            raise UserError(f"case {ref.case.name}: train.step_layers names layer {max(layers)}, but the model has "
+                            f"{have} text decoder layers (0-{have - 1})")
+    with trains_in_place(ref.model, layers) as model:
+        out = trajectory(ref, model, spec)
     if ref.dtype != "float32":
-        hf32 = trajectory(ref, copy.deepcopy(ref.model).float(), spec)
+        with trains_in_place(ref.model, layers) as model, in_fp32(model):
+            hf32 = trajectory(ref, model, spec)
         out["fp32"] = {k: hf32[k] for k in ("losses", "norms", "final", "after")}
         out["band"] = band(out, hf32)
     elif ref.case.gates.float32.trajectory_band is not None and spec.steps > 1:
-        twin = trajectory(ref, one_rounding_apart(copy.deepcopy(ref.model), ref.seed), spec)
+        with trains_in_place(one_rounding_apart(copy.deepcopy(ref.model), ref.seed), layers) as model:
+            twin = trajectory(ref, model, spec)
         out["perturbed"] = {k: twin[k] for k in ("losses", "norms", "final")}
         out["band"] = band(out, twin, first=False)
     return out
@@ -172,8 +243,8 @@ def floors(ref, prog) -> dict[str, float]:
     bf16 flips, which Adam's sign-like first step turns into a full ``2 lr``."""
     hf = ref.extra[MODE]
     out = {}
-    for name, upd in hf["update"].items():
-        after32 = hf["fp32"]["after"].get(name)
+    for name in hf["after"]:  # HF-fp32's parameters are read here alone: given back as read (26B: 6.5 GB of host)
+        upd, after32 = update(hf, name), hf["fp32"]["after"].pop(name, None)
         if after32 is not None:
             before = hf["before"][name].float()
             upd32 = after32.to(hf["after"][name].dtype).float() - before
@@ -197,6 +268,10 @@ def clip(params, max_norm: float | None) -> torch.Tensor:
 def run(c, prog) -> None:
     hf, sut, ref = c.ref.extra[MODE], c.sut, c.ref
     spec, labels = ref.case.train, hf["labels"].to(ref.device)
+    if spec.step_layers is not None:  # the rest frozen before its first backward (only these hold gradients)
+        if not callable(getattr(sut, "train_layers", None)):
+            raise NotImplementedError(f"{sut.name} has no train_layers: it cannot train a subset of its layers")
+        sut.train_layers(spec.step_layers)
     before = _trained(c)
     losses, norms = [], []
     for i in range(spec.steps):
@@ -214,9 +289,12 @@ def run(c, prog) -> None:
 
 def _trained(c) -> dict[str, torch.Tensor]:
     """The system's trained parameters in HF layout, on the host: its weight export; in a LoRA case its adapter
-    export as its users write it (``System.save_adapters``: a peft folder), named as HF's adapted model names them."""
+    export as its users write it (``System.save_adapters``: a peft folder), named as HF's adapted model names them.
+    With ``train.step_layers``, those layers' parameters alone (at the 26B-A4B shape the whole export is 47 GiB)."""
     if c.ref.case.lora is None:
-        return {k: v.detach().clone().cpu() for k, v in c.sut.export()}  # export may hand out the live tensors
+        layers = c.ref.case.train.step_layers
+        return {k: v.detach().clone().cpu() for k, v in c.sut.export()  # export may hand out the live tensors
+                if in_step_layers(k, layers)}
     from parity.engine import adapters as A
     from parity.engine.modes.lora import read_folder
 
@@ -230,7 +308,8 @@ def _updates(c, hf: dict, before: dict, after: dict) -> None:
     eps = c.ref.case.train.optimizer.eps
     if c.ref.dtype != "float32":
         return _updates_bf16(c, hf, before, after)
-    for i, (name, upd) in enumerate(hf["update"].items()):
+    for i, name in enumerate(hf["after"]):
+        upd = update(hf, name)
         missing = _not_comparable(c, name, upd, before, after)
         if missing:
             m_ = {"cosine": math.nan, "rel_l2": math.inf, "max_abs": math.inf, "detail": missing}
@@ -265,7 +344,8 @@ def _updates_bf16(c, hf: dict, before: dict, after: dict) -> None:
     few to gate (clean seeds 0-4: floors 0 to 0.14, the system's figures up to 6 x a floor). Training in bf16 is
     judged by its trajectory; its ``step`` verdict is the trajectory's."""
     floors, eps, out = c.ref.floors.get(MODE, {}), c.ref.case.train.optimizer.eps, {}
-    for name, upd in hf["update"].items():
+    for name in hf["after"]:
+        upd = update(hf, name)
         if not _not_comparable(c, name, upd, before, after):
             mine = after[name].float().cpu() - before[name].float().cpu()
             out[name] = {"rel_l2": _beyond_ulp(upd.float(), mine, hf["after"][name],
@@ -300,6 +380,9 @@ def _trajectory(c, hf: dict, losses: list, norms: list, final: float) -> None:
     out = {"steps": len(losses), "hf": {"loss": hf["losses"], "grad_norm": hf["norms"], "final_loss": hf["final"]},
            "system": {"loss": losses, "grad_norm": norms, "final_loss": final}, "rel_diff": diffs,
            "worst_rel_diff": worst, "optimizer": dict(c.ref.case.train.optimizer)}
+    spec = c.ref.case.train
+    if spec.step_layers is not None:
+        out["trains"] = {"layers": list(spec.step_layers), "why": spec.step_layers_why}
     if dtype == "float32" and "band" not in hf:
         out["gate"] = gates.float32.grad_rel_l2
         out["passed"] = worst <= out["gate"]

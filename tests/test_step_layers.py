@@ -1,0 +1,121 @@
+"""The optimizer step on a subset of the text decoder layers (``train.step_layers``: at the 26B-A4B shape no AdamW
+state for all 25.2B parameters fits one GPU). Both sides train those layers only, every other parameter frozen; HF's
+trajectories (bf16 and its fp32 band) train HF's model in place and give it back bit for bit."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from parity.cases import CaseError, load_case
+from parity.engine import pipeline
+from parity.engine.launch import cpu_threads
+from parity.engine.modes import step
+from parity.engine.progress import Progress
+from parity.errors import UserError
+from parity.megatron_layout import train_layers
+
+LAYERS = {"step_layers": [1, 2], "step_layers_why": "a test: layer 1 (sliding) and 2 (full, K=V) of the tiny model"}
+
+
+def _case(name: str = "gemma4-text-tiny-train", **train):
+    return load_case(name).replace(train={**LAYERS, **train})
+
+
+@pytest.fixture(scope="module")
+def reference_bf16():
+    with cpu_threads("cpu"):
+        ref = pipeline.reference(_case("gemma4-text-tiny-train-bf16"), device="cpu")
+    yield ref
+    ref.close()
+
+
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict(keep_vars=False).items()}
+
+
+def test_hf_trains_the_layers_in_place_and_is_given_back_bit_for_bit(reference_bf16):
+    """The bf16 trajectory and its fp32 band (the model cast to fp32 in place) leave HF's model as it was: every
+    tensor bit for bit, in its dtype, no gradient, ``requires_grad`` as before; what trained is layers 1 and 2 only."""
+    ref = reference_bf16
+    model = ref.model
+    before, flags = _state(model), {k: p.requires_grad for k, p in model.named_parameters()}
+    hf = step.prepare(ref, Progress(False))
+    after = _state(model)
+    assert before.keys() == after.keys()
+    assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
+    assert all(p.grad is None and p.requires_grad == flags[k] for k, p in model.named_parameters())
+    assert hf["after"].keys() == hf["before"].keys() == hf["fp32"]["after"].keys()
+    assert {step.DECODER_LAYER.match(k).group(1) for k in hf["after"]} == {"1", "2"}
+    assert all(hf["fp32"]["after"][k].dtype == torch.float32 for k in hf["after"])
+    assert any(not torch.equal(hf["after"][k], hf["before"][k]) for k in hf["after"])  # it did train
+    assert len(hf["losses"]) == 10 and hf["losses"][-1] < hf["losses"][0]
+
+
+def test_clean_bf16_step_on_two_layers(reference_bf16):
+    """Our system freezes what HF freezes: its trajectory within HF's own bf16-vs-fp32 band, the first updates
+    reported for layers 1 and 2 alone, the report saying what trained and why."""
+    with cpu_threads("cpu"):
+        r = pipeline.against(reference_bf16, "parity")
+    traj = r["train"]["trajectory"]
+    assert r["checks"]["trajectory"] is True and r["checks"]["step"] is True, traj
+    assert traj["trains"] == {"layers": [1, 2], "why": LAYERS["step_layers_why"]}
+    updated = r["train"]["first_update"]["parameters"]
+    assert updated and {k.split(".")[2] for k in updated} == {"1", "2"}
+    assert traj["worst_ratio"] < 1.0 and len(traj["system"]["loss"]) == 10
+
+
+def test_a_system_that_steps_the_frozen_layers_too_fails_its_trajectory(reference_bf16):
+    """Planted: the system ignores the freeze (``train_layers`` a no-op): it steps every parameter, its gradient
+    norm is over all of them, and its trajectory leaves HF's band at the first step."""
+    from parity.systems.ours import ParitySystem
+
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(ParitySystem, "train_layers", lambda self, layers: None)
+        with cpu_threads("cpu"):
+            r = pipeline.against(reference_bf16, "parity")
+    finally:
+        mp.undo()
+    traj = r["train"]["trajectory"]
+    assert r["passed"] is False and r["checks"]["trajectory"] is False and r["checks"]["step"] is False
+    assert traj["rel_diff"]["grad_norm"][0] > 10 * traj["gate"]["grad_norm"][0], traj["rel_diff"]
+    assert r["checks"]["gradients"] is True  # the backward mode ran before any freeze
+
+
+def test_train_layers_freezes_by_megatron_decoder_layer():
+    """megatron names, both systems': a text decoder layer trains, its VLM twin's too; the embedding, the final
+    norm, a vision tower's own ``layers`` do not."""
+    names = ["embedding.word_embeddings.weight", "decoder.layers.0.mlp.linear_fc1.weight",
+             "decoder.layers.1.self_attention.linear_qkv.weight", "decoder.layers.11.input_layernorm.weight",
+             "language_model.decoder.layers.1.mlp.experts.weight1", "vision.encoder.layers.1.mlp.fc1.weight",
+             "decoder.final_layernorm.weight"]
+    model = torch.nn.Module()
+    for i, n in enumerate(names):
+        model.register_parameter(f"p{i}", torch.nn.Parameter(torch.zeros(1)))
+    named = dict(zip(names, model.parameters()))
+    model.named_parameters = lambda: iter(named.items())  # the names a megatron model gives
+    assert train_layers(model, (1,)) == 2
+    assert [n for n, p in named.items() if p.requires_grad] == [names[2], names[4]]
+
+
+@pytest.mark.parametrize("train, message", [
+    (dict(step_layers=[1], steps=0, no_step="x"), "needs steps >= 1"),
+    ({"step_layers": [1, 1]}, "distinct layer indices"),
+    ({"step_layers": []}, "non-empty list"),
+    ({"step_layers": [1], "step_layers_why": None}, "step_layers_why: missing"),
+    ({"step_layers": None, "step_layers_why": "x"}, "give it only with step_layers"),
+])
+def test_case_file_errors(train, message):
+    from parity.cases import parse_case
+
+    base = load_case("gemma4-text-tiny-train").to_dict()
+    base["train"].update({k: v for k, v in {**LAYERS, **train}.items() if v is not None})
+
+    with pytest.raises(CaseError, match=message):
+        parse_case(base, source="t.toml", stem=base["name"])
+
+
+def test_a_layer_beyond_the_model_is_a_user_error():
+    case = _case(step_layers=[1, 99])
+    with cpu_threads("cpu"), pytest.raises(UserError, match="names layer 99, but the model has"):
+        pipeline.reference(case, device="cpu")
