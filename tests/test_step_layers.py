@@ -62,6 +62,10 @@ def test_clean_bf16_step_on_two_layers(reference_bf16):
     updated = r["train"]["first_update"]["parameters"]
     assert updated and {k.split(".")[2] for k in updated} == {"1", "2"}
     assert traj["worst_ratio"] < 1.0 and len(traj["system"]["loss"]) == 10
+    from parity.report.training import trajectory
+
+    assert "Trains text decoder layers 1, 2 only, every other parameter frozen on both sides: a test: layer 1" in \
+        trajectory(traj, "bfloat16")
 
 
 def test_a_system_that_steps_the_frozen_layers_too_fails_its_trajectory(reference_bf16):

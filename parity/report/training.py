@@ -79,6 +79,10 @@ def trajectory(t: dict | None, dtype: str | None) -> str:
     else:
         verdict = (f'largest relative difference of loss or gradient norm {S.fmt(t.get("worst_rel_diff"))}, gate '
                    f'{S.fmt(t.get("gate"))} ({"within" if t.get("passed") else "over"})')
-    return (f'<h3>Trajectory: {t["steps"]} optimizer steps on the case\'s batch</h3><p class="muted">{_e(verdict)}; '
-            f'loss after the last step: HF {S.fmt((t.get("hf") or {}).get("final_loss"))}, system '
+    trains = t.get("trains")
+    trained = "" if not trains else (
+        f'<p class="muted">Trains text decoder layers {", ".join(str(i) for i in trains["layers"])} only, every other '
+        f'parameter frozen on both sides: {_e(trains.get("why") or "")}</p>')
+    return (f'<h3>Trajectory: {t["steps"]} optimizer steps on the case\'s batch</h3>{trained}<p class="muted">'
+            f'{_e(verdict)}; loss after the last step: HF {S.fmt((t.get("hf") or {}).get("final_loss"))}, system '
             f'{S.fmt((t.get("system") or {}).get("final_loss"))}.</p><div class="grid g2">{cards}</div>')

@@ -278,7 +278,7 @@ def run(c, prog) -> None:
         with torch.enable_grad():
             loss, _ = sut.train_loss(ref.inputs, labels)
             loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         norms.append(float(sut.optimizer_step(spec)))
         if i == 0:
             _updates(c, hf, before, _trained(c))
