@@ -186,6 +186,28 @@ def test_isolated_decisive_flip_fails_with_its_margins():
     assert e2e.passed is True  # end to end its inputs differ already; upstream rows carry the blame
 
 
+def test_a_failing_row_of_a_layer_whose_routing_flips_end_to_end_says_so():
+    """Megatron-Bridge's bf16 step (seeds 0 and 2): each failing MoE gradient row is in a layer whose router sends a
+    token or two to other experts end to end while alone it routes as HF. The verdict stands; the row names the cause.
+    A failing row of a layer without flips, and a passing row of one with them, are left as they were."""
+    def flipping(layer, mode, n):
+        r = rec(f"model.layers.{layer}.router", "router", mode=mode, router=router(0.001, 0.1, decisive=n))
+        r.layer, r.router["n_tokens"] = layer, 75
+        return r
+
+    grad = rec("model.layers.5.router.proj.weight", "param", mode="param_grad", rel_l2=0.2, floor=0.03)
+    other = rec("model.layers.4.experts.down_proj", "param", mode="param_grad", rel_l2=0.2, floor=0.03)
+    fine = rec("model.layers.5.experts.down_proj", "param", mode="param_grad", rel_l2=0.01, floor=0.03)
+    grad.layer, fine.layer, other.layer = 5, 5, 4
+    judge([flipping(5, "end_to_end", 2), flipping(5, "isolated", 0), flipping(4, "end_to_end", 0), grad, other, fine])
+    assert grad.passed is False
+    assert grad.why.endswith("its layer's router sends 2 of 75 tokens to other experts end to end (2 decisive by "
+                             "HF's margin) while alone, on HF's inputs, it routes every token as HF: its MoE block's "
+                             "outputs and parameter gradients take other experts' contributions there"), grad.why
+    assert other.passed is False and "router sends" not in (other.why or "")
+    assert fine.passed is True and fine.why is None
+
+
 def test_a_twin_never_called_is_a_failing_row():
     r = rec(rel_l2=None, missing="Megatron module decoder.layers.0.mlp was never called")
     _, res = judge([r], dtype="float32")

@@ -201,6 +201,31 @@ def clear_unstable(records: list[Record]) -> None:
                         f"in bf16 and fp32): HF's own bf16 instability, not the system's{truth}")
 
 
+def note_routing(records: list[Record]) -> None:
+    """A failing row of a layer whose router sends some tokens to other experts end to end than HF's does, while
+    alone on HF's inputs it routes every token as HF: the row says so (its verdict stands). A flip is discrete: the
+    flipped tokens' outputs come from other experts, and the block's parameter gradients sum over them, so a drift
+    the forward gates accept can move whole gradient rows (measured: Megatron-Bridge's bf16 step, docs/megatron-bridge-findings.md)."""
+    flips, alone = {}, {}
+    for r in records:
+        if r.router is None or r.layer is None:
+            continue
+        if r.mode == "end_to_end" and r.router.get("n_set_mismatch"):
+            flips[(r.group, r.layer)] = r.router
+        elif M.is_replay(r.mode):
+            alone[(r.group, r.layer)] = alone.get((r.group, r.layer), 0) + r.router.get("n_set_mismatch", 0)
+    for rec in records:
+        key = (rec.group, rec.layer)
+        if rec.passed or M.is_replay(rec.mode) or rec.router is not None or key not in flips:
+            continue
+        rt = flips[key]
+        n, total, decisive = rt["n_set_mismatch"], rt.get("n_tokens"), rt.get("decisive_flips", 0)
+        same = " while alone, on HF's inputs, it routes every token as HF" if alone.get(key) == 0 else ""
+        rec.why = ((rec.why + "; ") if rec.why else "") + (
+            f"its layer's router sends {n} of {total} tokens to other experts end to end ({decisive} decisive by HF's "
+            f"margin){same}: its MoE block's outputs and parameter gradients take other experts' contributions there")
+
+
 def apply(records: list[Record], gates: dict, dtype: str, logits_summary: dict, kl_floor: float | None = None,
           kl_truth: float | None = None) -> dict:
     """Gate every record in place; returns the logits verdict. ``kl_floor`` (bf16 only, optional): the per-token
@@ -212,6 +237,7 @@ def apply(records: list[Record], gates: dict, dtype: str, logits_summary: dict, 
     for rec in records:
         judge(rec)
     clear_unstable(records)
+    note_routing(records)
     out = {"passed": None, "kl_floor": kl_floor, "kl_truth": kl_truth, "kl_truth_gate": None, "logits_why": None}
     logits_ok = all(r.passed for r in records if r.kind == "logits" and not (M.get(r.mode) and M.get(r.mode).rows))
     kl = _bad(logits_summary.get("kl_max"))
