@@ -67,7 +67,7 @@ def floors(ref, prog) -> dict[str, float]:
             head = lambda x: first(fp32_module(modules["lm_head"], Call((x,), {}, None, 0), device))  # noqa: E731
             out32 = ref.kind.head_fp32(hf_model, first(feeds[0].output).to(device).float(), ref.inputs, head)
         elif kind is Kind.MERGED:  # HF's inline merge: the image scatter, then the audio one at the real frames
-            emb, feats, *audio = (first(f.output).float() for f in feeds)
+            emb, feats, *audio = (first(f.output).to(device).float() for f in feeds)  # captures may be on the host
             ids = ref.inputs["input_ids"]
             out32 = emb.masked_scatter((ids == ref.config.image_token_id)[..., None].expand_as(emb), feats)
             if audio:

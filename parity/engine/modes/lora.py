@@ -170,15 +170,16 @@ def _logits(c, what: str, test: torch.Tensor | None, order: int, section: dict, 
     """``what`` (the loaded export, the merged weights): its logits against the reference's (``against``: peft's
     own counterpart's, e.g. its merged model: a merge rounds the weights in bf16), and (in the section) against the
     reference's and the system's own logits; ``why``: there are none (a failing row)."""
-    ref = c.ref.logits.float() if against is None else against.float()
-    valid = c.ref.where.valid
     if test is None:
         c.records.append(Record(name=f"logits[{what}]", megatron_name=None, mode=LOGITS, kind="logits", layer=None,
                                 order=order, gate_class="module", cosine=math.nan, rel_l2=math.inf,
                                 max_abs=math.inf, missing=why))
         section[f"{what}_logits"] = None
         return
-    m = metrics(ref[valid], test.to(ref.device)[valid], None)
+    dev = test.device  # the reference's logits may be staged on the host (an offloading run): compared where test is
+    ref = (c.ref.logits if against is None else against).to(dev).float()
+    valid = c.ref.where.valid.to(dev)
+    m = metrics(ref[valid], test[valid], None)
     rec = Record(name=f"logits[{what}]", megatron_name=None, mode=LOGITS, kind="logits", layer=None, order=order,
                  gate_class="module", cosine=m["cosine"], rel_l2=m["rel_l2"], max_abs=m["max_abs"],
                  p99_abs=m.get("p99_abs"), nonfinite=(m.get("nonfinite_ref", 0), m.get("nonfinite_test", 0)),
@@ -187,8 +188,7 @@ def _logits(c, what: str, test: torch.Tensor | None, order: int, section: dict, 
                          "merge_and_unload"))
     c.records.append(rec)
     own = {"vs_peft_rel_l2": m["rel_l2"],
-           "vs_reference_rel_l2": metrics(c.ref.logits.float()[valid], test.to(ref.device)[valid], None)["rel_l2"]}
+           "vs_reference_rel_l2": metrics(c.ref.logits.to(dev).float()[valid], test[valid], None)["rel_l2"]}
     if c.logits is not None:
-        mine = c.logits.float().to(ref.device)
-        own["vs_system_rel_l2"] = metrics(mine[valid], test.to(ref.device)[valid], None)["rel_l2"]
+        own["vs_system_rel_l2"] = metrics(c.logits.to(dev).float()[valid], test[valid], None)["rel_l2"]
     section[f"{what}_logits"] = own
