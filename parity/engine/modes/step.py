@@ -125,11 +125,6 @@ def trajectory(ref, model, spec) -> dict:
             "after": after, "before": before}
 
 
-def update(hf: dict, name: str) -> torch.Tensor:
-    """HF's first update of parameter ``name`` (after - before, in the parameter's dtype)."""
-    return hf["after"][name] - hf["before"][name]
-
-
 DECODER_LAYER = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")  # HF's text decoder layers
 
 
@@ -241,16 +236,23 @@ def floors(ref, prog) -> dict[str, float]:
     parameters (HF-fp32's parameter after the step rounded to bf16, as the system's and HF-bf16's are stored), beyond
     one unit in the last place, where HF-bf16's gradient is meaningful -- mostly the elements whose gradient's sign
     bf16 flips, which Adam's sign-like first step turns into a full ``2 lr``."""
-    hf = ref.extra[MODE]
+    hf, dev = ref.extra[MODE], ref.device
     out = {}
     for name in hf["after"]:  # HF-fp32's parameters are read here alone: given back as read (26B: 6.5 GB of host)
-        upd, after32 = update(hf, name), hf["fp32"]["after"].pop(name, None)
+        after32 = hf["fp32"]["after"].pop(name, None)
         if after32 is not None:
-            before = hf["before"][name].float()
-            upd32 = after32.to(hf["after"][name].dtype).float() - before
-            out[f"{ROW}:{name}"] = _beyond_ulp(upd.float(), upd32, hf["after"][name],
-                                               _meaningful(hf["grads"].get(name), ref.case.train.optimizer.eps))
+            before, after, grad = _hf_param(hf, name, dev)
+            upd32 = after32.to(dev).to(after.dtype).float() - before.float()
+            out[f"{ROW}:{name}"] = _beyond_ulp((after - before).float(), upd32, after,
+                                               _meaningful(grad, ref.case.train.optimizer.eps))
     return out
+
+
+def _hf_param(hf: dict, name: str, dev) -> tuple:
+    """HF's parameter ``name`` before and after its first step and its first gradient, on ``dev`` (the run's device:
+    at the 26B-A4B shape the step's 1.6B parameters took 45 s of host arithmetic)."""
+    grad = hf["grads"].get(name)
+    return hf["before"][name].to(dev), hf["after"][name].to(dev), None if grad is None else grad.to(dev)
 
 
 def _meaningful(g, eps: float):
@@ -308,16 +310,18 @@ def _updates(c, hf: dict, before: dict, after: dict) -> None:
     eps = c.ref.case.train.optimizer.eps
     if c.ref.dtype != "float32":
         return _updates_bf16(c, hf, before, after)
+    dev = c.ref.device
     for i, name in enumerate(hf["after"]):
-        upd = update(hf, name)
-        missing = _not_comparable(c, name, upd, before, after)
+        missing = _not_comparable(c, name, hf["after"][name].shape, before, after)
         if missing:
             m_ = {"cosine": math.nan, "rel_l2": math.inf, "max_abs": math.inf, "detail": missing}
         else:
-            mine = (after[name].float().cpu() - before[name].float().cpu())
-            meaningful = _meaningful(hf["grads"].get(name), eps)
-            m_ = metrics(upd.float(), mine, meaningful)
-            m_["rel_l2"] = _beyond_ulp(upd.float(), mine, hf["after"][name], meaningful)
+            hf_before, hf_after, grad = _hf_param(hf, name, dev)
+            upd = (hf_after - hf_before).float()
+            mine = after[name].to(dev).float() - before[name].to(dev).float()
+            meaningful = _meaningful(grad, eps)
+            m_ = metrics(upd, mine, meaningful)
+            m_["rel_l2"] = _beyond_ulp(upd, mine, hf_after, meaningful)
             counted = int(meaningful.sum()) if meaningful is not None else upd.numel()
             m_["detail"] = (f"first update over the {counted} of {upd.numel()} elements whose HF gradient exceeds "
                             f"{SIGN_NOISE:g} x eps and {RELATIVE:g} x its largest (Adam's first step is ~lr*sign(g))")
@@ -328,12 +332,12 @@ def _updates(c, hf: dict, before: dict, after: dict) -> None:
                                 detail=m_.get("detail")))
 
 
-def _not_comparable(c, name: str, upd: torch.Tensor, before: dict, after: dict) -> str | None:
-    """Why the system's update of ``name`` cannot be compared with HF's ``upd`` (None: it can)."""
+def _not_comparable(c, name: str, shape, before: dict, after: dict) -> str | None:
+    """Why the system's update of ``name`` cannot be compared with HF's, of ``shape`` (None: it can)."""
     if name not in after or name not in before:
         return f"{c.sut.name} exports no {name} after the step"
-    if tuple(after[name].shape) != tuple(upd.shape) or tuple(before[name].shape) != tuple(upd.shape):
-        return f"{c.sut.name} exports {name} as {list(after[name].shape)}, HF's is {list(upd.shape)}"
+    if tuple(after[name].shape) != tuple(shape) or tuple(before[name].shape) != tuple(shape):
+        return f"{c.sut.name} exports {name} as {list(after[name].shape)}, HF's is {list(shape)}"
     return None
 
 
@@ -343,13 +347,12 @@ def _updates_bf16(c, hf: dict, before: dict, after: dict) -> None:
     elements, and what differs is a handful of sign flips of tiny gradients (Adam's first step is ~lr*sign(g)), too
     few to gate (clean seeds 0-4: floors 0 to 0.14, the system's figures up to 6 x a floor). Training in bf16 is
     judged by its trajectory; its ``step`` verdict is the trajectory's."""
-    floors, eps, out = c.ref.floors.get(MODE, {}), c.ref.case.train.optimizer.eps, {}
+    floors, eps, out, dev = c.ref.floors.get(MODE, {}), c.ref.case.train.optimizer.eps, {}, c.ref.device
     for name in hf["after"]:
-        upd = update(hf, name)
-        if not _not_comparable(c, name, upd, before, after):
-            mine = after[name].float().cpu() - before[name].float().cpu()
-            out[name] = {"rel_l2": _beyond_ulp(upd.float(), mine, hf["after"][name],
-                                               _meaningful(hf["grads"].get(name), eps)),
+        if not _not_comparable(c, name, hf["after"][name].shape, before, after):
+            hf_before, hf_after, grad = _hf_param(hf, name, dev)
+            mine = after[name].to(dev).float() - before[name].to(dev).float()
+            out[name] = {"rel_l2": _beyond_ulp((hf_after - hf_before).float(), mine, hf_after, _meaningful(grad, eps)),
                          "floor": floors.get(f"{ROW}:{name}")}
     c.sections.setdefault("train", {})["first_update"] = {
         "parameters": out, "gated": False,
