@@ -188,24 +188,34 @@ def test_isolated_decisive_flip_fails_with_its_margins():
 
 def test_a_failing_row_of_a_layer_whose_routing_flips_end_to_end_says_so():
     """Megatron-Bridge's bf16 step (seeds 0 and 2): each failing MoE gradient row is in a layer whose router sends a
-    token or two to other experts end to end while alone it routes as HF. The verdict stands; the row names the cause.
-    A failing row of a layer without flips, and a passing row of one with them, are left as they were."""
+    token or two to other experts end to end while alone it routes as HF. The verdict stands; the row names the cause
+    (in ``why`` when it has one, else in ``detail``). A failing row outside the MoE block (attention comes before the
+    routing), a failing row of a layer without flips, and a passing row are left as they were."""
     def flipping(layer, mode, n):
         r = rec(f"model.layers.{layer}.router", "router", mode=mode, router=router(0.001, 0.1, decisive=n))
         r.layer, r.router["n_tokens"] = layer, 75
         return r
 
-    grad = rec("model.layers.5.router.proj.weight", "param", mode="param_grad", rel_l2=0.2, floor=0.03)
-    other = rec("model.layers.4.experts.down_proj", "param", mode="param_grad", rel_l2=0.2, floor=0.03)
-    fine = rec("model.layers.5.experts.down_proj", "param", mode="param_grad", rel_l2=0.01, floor=0.03)
-    grad.layer, fine.layer, other.layer = 5, 5, 4
-    judge([flipping(5, "end_to_end", 2), flipping(5, "isolated", 0), flipping(4, "end_to_end", 0), grad, other, fine])
-    assert grad.passed is False
-    assert grad.why.endswith("its layer's router sends 2 of 75 tokens to other experts end to end (2 decisive by "
-                             "HF's margin) while alone, on HF's inputs, it routes every token as HF: its MoE block's "
-                             "outputs and parameter gradients take other experts' contributions there"), grad.why
-    assert other.passed is False and "router sends" not in (other.why or "")
-    assert fine.passed is True and fine.why is None
+    def grad(name, layer, rel_l2=0.2, truth=None):
+        r = rec(name, "param", mode="param_grad", rel_l2=rel_l2, floor=0.03, truth_rel_l2=truth)
+        r.layer = layer
+        return r
+
+    proj = grad("model.layers.5.router.proj.weight", 5)  # fails its parity gate: no why
+    experts = grad("model.layers.5.experts.down_proj", 5, rel_l2=0.05, truth=0.2)  # fails the truth gate: why
+    attention = grad("model.layers.5.self_attn.q_proj.weight", 5)
+    other = grad("model.layers.4.experts.down_proj", 4)
+    fine = grad("model.layers.5.experts.gate_up_proj", 5, rel_l2=0.01)
+    judge([flipping(5, "end_to_end", 2), flipping(5, "isolated", 0), flipping(4, "end_to_end", 0), proj, experts,
+           attention, other, fine])
+    note = ("its layer's router sends 2 of 75 tokens to other experts end to end (2 decisive by HF's margin) while "
+            "alone, on HF's inputs, it routes every token as HF: its MoE block's outputs and parameter gradients take "
+            "other experts' contributions there")
+    assert proj.passed is False and proj.why is None and proj.detail == note
+    assert experts.passed is False and experts.why.startswith("accuracy: ") and experts.why.endswith("; " + note)
+    for r in (attention, other):
+        assert r.passed is False and "router sends" not in (r.why or "") + (r.detail or "")
+    assert fine.passed is True and fine.why is None and fine.detail is None
 
 
 def test_a_twin_never_called_is_a_failing_row():

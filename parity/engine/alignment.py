@@ -13,6 +13,7 @@ Layouts: HF is ``[b, s, ...]`` (router/experts ``[b*s, ...]``), vision ``[images
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 
 from parity.config import WHEN
@@ -226,6 +227,13 @@ def expand(prefixes: dict[Stack, str], text_args, vision_layers: int = 0, audio_
     return [Aligned(prefixes[r.stack] + r.hf.format(**slots), r, slots,
                     tuple(prefixes[s] + n for s, n in r.feeds if s in prefixes))
             for r, slots in rows if r.stack in prefixes]
+
+
+# A text layer's MoE block and what sums its output (the post-feedforward norm after the two branches are added): their
+# outputs, and their parameters' gradients, take each token's experts' contributions -- a token routed elsewhere moves
+# them wholesale (``gates.note_routing``)
+MOE_BLOCK = re.compile(r"(?:^|\.)(?:language_model\.)?layers\.\d+\.(?:router|experts|pre_feedforward_layernorm_2|"
+                       r"post_feedforward_layernorm(?:_2)?)(?:\.|$)")
 
 
 def layer_of(name: str) -> int | None:

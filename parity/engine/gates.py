@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 
 from parity.engine import modes as M
+from parity.engine.alignment import MOE_BLOCK
 from parity.engine.record import Record
 from parity.errors import UserError
 
@@ -202,10 +203,11 @@ def clear_unstable(records: list[Record]) -> None:
 
 
 def note_routing(records: list[Record]) -> None:
-    """A failing row of a layer whose router sends some tokens to other experts end to end than HF's does, while
-    alone on HF's inputs it routes every token as HF: the row says so (its verdict stands). A flip is discrete: the
-    flipped tokens' outputs come from other experts, and the block's parameter gradients sum over them, so a drift
-    the forward gates accept can move whole gradient rows (measured: Megatron-Bridge's bf16 step, docs/megatron-bridge-findings.md)."""
+    """A failing row of a layer's MoE block (``alignment.MOE_BLOCK``: the router, the experts, the norms around them)
+    whose router sends some tokens to other experts end to end than HF's does, while alone on HF's inputs it routes
+    every token as HF: the row says so (its verdict stands; in ``why``, else in ``detail``). A flip is discrete: the
+    flipped tokens' outputs come from other experts, and the block's parameter gradients sum over them, so a drift the
+    forward gates accept can move whole rows (measured: Megatron-Bridge's bf16 step, docs/megatron-bridge-findings.md)."""
     flips, alone = {}, {}
     for r in records:
         if r.router is None or r.layer is None:
@@ -216,14 +218,19 @@ def note_routing(records: list[Record]) -> None:
             alone[(r.group, r.layer)] = alone.get((r.group, r.layer), 0) + r.router.get("n_set_mismatch", 0)
     for rec in records:
         key = (rec.group, rec.layer)
-        if rec.passed or M.is_replay(rec.mode) or rec.router is not None or key not in flips:
+        if rec.passed or M.is_replay(rec.mode) or rec.router is not None or key not in flips \
+                or not MOE_BLOCK.search(rec.name):
             continue
         rt = flips[key]
         n, total, decisive = rt["n_set_mismatch"], rt.get("n_tokens"), rt.get("decisive_flips", 0)
         same = " while alone, on HF's inputs, it routes every token as HF" if alone.get(key) == 0 else ""
-        rec.why = ((rec.why + "; ") if rec.why else "") + (
-            f"its layer's router sends {n} of {total} tokens to other experts end to end ({decisive} decisive by HF's "
-            f"margin){same}: its MoE block's outputs and parameter gradients take other experts' contributions there")
+        note = (f"its layer's router sends {n} of {total} tokens to other experts end to end ({decisive} decisive by "
+                f"HF's margin){same}: its MoE block's outputs and parameter gradients take other experts' "
+                f"contributions there")
+        if rec.why:
+            rec.why = f"{rec.why}; {note}"
+        else:
+            rec.detail = f"{rec.detail}; {note}" if rec.detail else note
 
 
 def apply(records: list[Record], gates: dict, dtype: str, logits_summary: dict, kl_floor: float | None = None,
