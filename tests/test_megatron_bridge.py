@@ -338,6 +338,41 @@ def test_vlm_loads_every_tensor_and_round_trips(vlm_run):
     assert [k for k in got if not torch.equal(got[k], ref[k])] == []
 
 
+def test_finding_vision_rope_frequencies_cast_to_bf16(vlm_run):
+    """Finding 21. Its VLM keeps HF's vision RoPE frequencies in fp32 when it builds the tower
+    (``_keep_hf_precision_buffers_in_fp32``, as HF's ``from_pretrained`` does), but its ``get_model`` then wraps the
+    model in megatron-core's ``Float16Module``, whose ``module.bfloat16()`` casts every floating buffer; its
+    ``_apply_mixed_precision_wrapper`` restores the expert bias and marked parameters, no buffer. HF's angles come from
+    bf16 frequencies then: at the 26B-A4B VLM's 48 x 48 patch grid its vision ``rotary_emb`` is 0.016 rel-L2 from HF's
+    (max 0.12; floor 0.0013), at the tiny VLM's few patches 0.0025, within its gate."""
+    from megatron.bridge.models.model_provider import _apply_mixed_precision_wrapper
+    from megatron.core.transformer.module import Float16Module
+
+    model = MB.build(vlm_run.cfg, dtype=torch.float32).model  # its model as its provider builds it
+    rope = model.vision_tower.encoder.rotary_emb
+    assert rope.inv_freq.dtype == torch.float32  # as built: its own init kept them in fp32
+    config = copy.copy(model.config)
+    config.bf16, config.fp16 = True, False
+    wrapped = _apply_mixed_precision_wrapper([model], config, Float16Module)[0]  # what its get_model does in bf16
+    assert wrapped.module.vision_tower.encoder.rotary_emb.inv_freq.dtype == torch.bfloat16
+    assert vlm_run.hf.model.vision_tower.encoder.rotary_emb.inv_freq.dtype == torch.float32
+    # HF's own vision rotary module at the 26B-A4B VLM's size, frequencies as HF keeps them and rounded to bf16, on a
+    # 48 x 48 patch grid (768 x 768 pixels): the bf16 frequencies fail the case's gate (4 x HF's own bf16 floor + 1e-3)
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4VisionRotaryEmbedding
+
+    from parity.vlm_config import full_vlm_config_kwargs, make_vlm_config
+
+    hf_rope = Gemma4VisionRotaryEmbedding(make_vlm_config(full_vlm_config_kwargs()).vision_config)
+    cast = copy.deepcopy(hf_rope)
+    cast.inv_freq = hf_rope.inv_freq.to(torch.bfloat16)
+    grid = torch.stack(torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij"), -1).reshape(1, -1, 2)
+    x16, x32 = torch.zeros(1, grid.shape[1], 8, dtype=torch.bfloat16), torch.zeros(1, grid.shape[1], 8)
+    with torch.no_grad():
+        truth, ref, got = (torch.cat(m(x, grid), -1) for m, x in ((hf_rope, x32), (hf_rope, x16), (cast, x16)))
+    floor = rel_l2(ref, truth)
+    assert rel_l2(got, ref) > 4 * floor + 1e-3, (rel_l2(got, ref), floor)
+
+
 def test_vlm_matches_hf_run_causal_only(vlm_run):
     """With HF's vision-bidirectional overlay off, the bridge's VLM agrees with HF to fp32 noise."""
     hf = copy.deepcopy(vlm_run.hf)

@@ -19,7 +19,7 @@ from torch import nn
 from parity import megatron_env
 from parity.config import TextArgs
 from parity.engine.alignment import AUDIO, VISION, Aligned, Kind, Stack
-from parity.engine.compare import value
+from parity.engine.compare import to_device, value
 from parity.engine.system import Elsewhere, GradTap, Replay, call_arg, hf_routing
 from parity.errors import UserError
 from parity.mbridge import training as T
@@ -443,7 +443,8 @@ class MegatronBridgeSystem:
         function of its weight (``_planned``); every other row its kind's handler (``_REPLAY``)."""
         kind = a.row.kind
         if a.row.stack is Stack.VISION or a.row.name_key in SHARED_AUDIO:  # HF's own module on HF's own inputs
-            return value(kind, module(*call.args, **call.kwargs))
+            # (captured on the host in an offloading run: moved to the device)
+            return value(kind, module(*to_device(call.args, self.device), **to_device(call.kwargs, self.device)))
         if a.row.stack is Stack.AUDIO:  # its own embed_audio (and its projection) on HF's input
             x = call.args[0] if call.args else call.kwargs["inputs_embeds"]
             return value(kind, module(x.to(self.device)))
