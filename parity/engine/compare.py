@@ -200,7 +200,9 @@ def metrics(ref: torch.Tensor, test: torch.Tensor, mask: torch.Tensor | None) ->
     layout the mask fits (HF's first) and the result says so (``layout``); otherwise the row fails with both
     shapes."""
     dev = device_of(ref, test)
-    ref, test, mask = ref.to(dev), test.to(dev), None if mask is None else mask.to(dev)
+    # host to device only (``device_of``): asynchronous from page-locked captures, the metrics' one read waits for it
+    ref, test = ref.to(dev, non_blocking=True), test.to(dev, non_blocking=True)
+    mask = None if mask is None else mask.to(dev, non_blocking=True)
     if tuple(ref.shape) == tuple(test.shape):
         if mask is not None and tuple(mask.shape) != tuple(ref.shape[:mask.dim()]):
             mask = _mask_for(ref.shape, mask) if _mask_for(ref.shape, mask) is not None else mask  # flat tokens
