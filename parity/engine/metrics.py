@@ -157,6 +157,17 @@ def tensor_metrics(ref: torch.Tensor, test: torch.Tensor, mask: torch.Tensor | N
     if out["nonfinite_mismatch"]:
         out.update(cosine=_NAN, rel_l2=_INF, max_abs=_INF, p99_abs=_INF, mean_abs=_INF)
         return out
+    cosine, rel = _cosine_rel(dot, rr, tt, dd)
+    n_fin = n - out["nonfinite_ref"]
+    sample = torch.cat(samples) if samples else torch.zeros(0, dtype=torch.float64)
+    out.update(cosine=cosine, rel_l2=rel, max_abs=mx,
+               p99_abs=_quantile(sample, 0.99) if sample.numel() else 0.0,
+               mean_abs=sad / n_fin if n_fin else 0.0)
+    return out
+
+
+def _cosine_rel(dot: float, rr: float, tt: float, dd: float) -> tuple[float, float]:
+    """Cosine and relative L2 from the sums ``r.t``, ``r.r``, ``t.t`` and ``d.d`` (d = t - r)."""
     norm_r, norm_t = math.sqrt(rr), math.sqrt(tt)
     if norm_r == 0.0 and norm_t == 0.0:
         cosine = 1.0
@@ -164,13 +175,7 @@ def tensor_metrics(ref: torch.Tensor, test: torch.Tensor, mask: torch.Tensor | N
         cosine = 0.0
     else:
         cosine = (dot / norm_r) / norm_t
-    rel = (0.0 if dd == 0.0 else _INF) if norm_r == 0.0 else math.sqrt(dd) / norm_r
-    n_fin = n - out["nonfinite_ref"]
-    sample = torch.cat(samples) if samples else torch.zeros(0, dtype=torch.float64)
-    out.update(cosine=cosine, rel_l2=rel, max_abs=mx,
-               p99_abs=_quantile(sample, 0.99) if sample.numel() else 0.0,
-               mean_abs=sad / n_fin if n_fin else 0.0)
-    return out
+    return cosine, (0.0 if dd == 0.0 else _INF) if norm_r == 0.0 else math.sqrt(dd) / norm_r
 
 
 def _one_sync(r: torch.Tensor, t: torch.Tensor, keep: torch.Tensor | None) -> dict | None:
@@ -209,14 +214,7 @@ def _one_sync(r: torch.Tensor, t: torch.Tensor, keep: torch.Tensor | None) -> di
     if not count:
         out.update(cosine=_NAN, rel_l2=_NAN, max_abs=_NAN, p99_abs=_NAN, mean_abs=_NAN)
         return out
-    norm_r, norm_t = math.sqrt(rr), math.sqrt(tt)
-    if norm_r == 0.0 and norm_t == 0.0:
-        cosine = 1.0
-    elif norm_r == 0.0 or norm_t == 0.0:
-        cosine = 0.0
-    else:
-        cosine = (dot / norm_r) / norm_t
-    rel = (0.0 if dd == 0.0 else _INF) if norm_r == 0.0 else math.sqrt(dd) / norm_r
+    cosine, rel = _cosine_rel(dot, rr, tt, dd)
     out.update(cosine=cosine, rel_l2=rel, max_abs=mx, p99_abs=q, mean_abs=sad / count)
     return out
 
