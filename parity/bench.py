@@ -82,7 +82,7 @@ def bench(case, *, device: str, dtype: str | None, out_dir: Path, progress: bool
         path = out_dir / f"{r['case']}-{r['device']}-{r['dtype']}-systems-{'__'.join(systems)}.json"
         atomic_write(path, json.dumps(record, indent=1, default=str) + "\n")
         return path
-    return single(runs[0], walls[-1], out_dir, system=systems[0], walls=walls)
+    return single(runs[0], walls, out_dir, system=systems[0])
 
 
 def several(runs: list[dict], wall: float) -> dict:
@@ -121,10 +121,12 @@ def probing_families(results: dict) -> dict:
     return {name: round(f.get("seconds", 0.0), 3) for name, f in families.items()}
 
 
-def single(results: dict, wall: float, out_dir: Path, system: str, walls: list[float] | None = None) -> Path:
+def single(results: dict, walls: list[float], out_dir: Path, system: str) -> Path:
+    """One system's record: ``walls`` each run's wall (the record is the last run's)."""
     from parity.report.html import render_run
     from parity.report.store import atomic_write
 
+    wall = walls[-1]
     t1 = time.perf_counter()
     html = render_run(results, None)
     render_s = time.perf_counter() - t1
@@ -139,7 +141,7 @@ def single(results: dict, wall: float, out_dir: Path, system: str, walls: list[f
         "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "device_name": results["env"].get("device_name")},
         "env": results["env"], "inputs": results.get("inputs"), "parallel": results.get("parallel"),
-        "wall_s": wall, "walls_s": walls or [wall], "phases_s": phases, "probing_families_s": probing_families(results),
+        "wall_s": wall, "walls_s": list(walls), "phases_s": phases, "probing_families_s": probing_families(results),
         "timings": timings,
         "peak_memory": results.get("peak_memory"),
         "ratios": {
