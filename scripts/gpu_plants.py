@@ -260,6 +260,15 @@ def main() -> int:
         n = a.seq_len or (base.inputs.seq_len // 2 if train else 2048 if full else base.inputs.seq_len)
         case = base.replace(inputs={"batch": 2, "seq_len": n, "pad_tail": 0, "padding": "left",
                                     "lengths": [n, (3 * n) // 4 + 1], "position_offset": 5}, run=run)
+    if train and case.train.steps:  # backward-only plants are localised by the backward modes: no optimizer step
+        # (at 26B HF's trajectories cost ~50 s once and the system's ~20 s a plant; the step's plants run on the tiny
+        # cases, tests/test_backward.py)
+        from parity.cases import parse_case
+
+        data = case.to_dict()
+        data["train"] = {k: v for k, v in data["train"].items() if k not in ("step_layers", "step_layers_why")}
+        data["train"].update(steps=0, no_step="backward-only plants (scripts/gpu_plants.py): the step is not planted")
+        case = parse_case(data, source=a.case, stem=case.name, path=case.path)
     shape = Shape.of(case)
     with cpu_threads(a.device) if a.sensitivity else contextlib.nullcontext():  # CPU: one thread, as the tests
         t0 = time.perf_counter()
@@ -272,7 +281,8 @@ def main() -> int:
         clean["failing_rows"] = sorted(f"{n} [{m}]" for n, m in known)
         print(json.dumps(clean, default=str), flush=True)
         os.makedirs(a.out, exist_ok=True)
-        head = {"case": a.case, "system": r.get("system"), "inputs": case.to_dict()["inputs"], "dtype": case.dtype, "device": a.device,
+        head = {"case": a.case, "system": r.get("system"), "inputs": case.to_dict()["inputs"],
+                **({"train": case.to_dict()["train"]} if train else {}), "dtype": case.dtype, "device": a.device,
                 "env": env_info(a.device), "machine": platform.node(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if a.sensitivity:
