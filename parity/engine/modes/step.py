@@ -97,22 +97,25 @@ class AdamWStep:
         return float(norm)
 
 
-def trajectory(ref, model, spec) -> dict:
+def trajectory(ref, model, spec, before: dict | None = None) -> dict:
     """``spec.steps`` steps of HF's ``model`` (changed in place) on the case's batch: losses, gradient norms, the
-    loss after the last step, its first gradients, the parameters before and after it (on the host) -- of the
-    parameters that train (a LoRA case: the adapters; the base is frozen, and an optimizer holds only what trains)."""
+    loss after the last step, where its first gradients are meaningful (``_meaningful``), the parameters before
+    (``before``: given, else copied) and after it (on the host) -- of the parameters that train (a LoRA case: the
+    adapters; the base is frozen, and an optimizer holds only what trains)."""
     inputs, labels = ref.inputs, labels_of(ref.inputs)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    before = {k: p.detach().clone().cpu() for k, p in params.items()}
+    if before is None:
+        before = {k: p.detach().clone().cpu() for k, p in params.items()}
     step = AdamWStep(params.items(), spec).step
-    losses, norms, first_grads, after = [], [], None, None
+    losses, norms, meaningful, after = [], [], None, None
     for i in range(spec.steps):
         model.zero_grad(set_to_none=True)
         with torch.enable_grad():
             out = ref.kind.forward_train(model, inputs, labels)
             out.loss.backward()
-        if first_grads is None:
-            first_grads = {k: p.grad.detach().clone().cpu() for k, p in params.items() if p.grad is not None}
+        if meaningful is None:  # a mask, not the gradient: at 26B half the host memory of the bf16 gradients
+            meaningful = {k: _meaningful(p.grad.detach(), spec.optimizer.eps).cpu() for k, p in params.items()
+                          if p.grad is not None}
         losses.append(float(out.loss.detach()))
         norms.append(step())
         if after is None:
@@ -121,7 +124,7 @@ def trajectory(ref, model, spec) -> dict:
     with torch.no_grad():
         final = float(ref.kind.forward_train(model, inputs, labels).loss)
     model.zero_grad(set_to_none=True)
-    return {"losses": losses, "norms": norms, "final": final, "labels": labels, "grads": first_grads,
+    return {"losses": losses, "norms": norms, "final": final, "labels": labels, "meaningful": meaningful,
             "after": after, "before": before}
 
 
@@ -149,7 +152,7 @@ def trains_in_place(model, layers):
                 p.requires_grad_(False)
     saved = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
     try:
-        yield model
+        yield saved  # the trained parameters as they were (a trajectory's ``before``: not read twice)
     finally:
         params = dict(model.named_parameters())
         with torch.no_grad():
@@ -191,16 +194,17 @@ def prepare(ref, prog) -> dict:
         if max(layers) >= have:
             raise UserError(f"case {ref.case.name}: train.step_layers names layer {max(layers)}, but the model has "
                             f"{have} text decoder layers (0-{have - 1})")
-    with trains_in_place(ref.model, layers) as model:
-        out = trajectory(ref, model, spec)
+    with trains_in_place(ref.model, layers) as saved:
+        out = trajectory(ref, ref.model, spec, before=saved)
     if ref.dtype != "float32":
-        with trains_in_place(ref.model, layers) as model, in_fp32(model):
-            hf32 = trajectory(ref, model, spec)
+        with trains_in_place(ref.model, layers) as saved, in_fp32(ref.model):
+            hf32 = trajectory(ref, ref.model, spec, before=saved)
         out["fp32"] = {k: hf32[k] for k in ("losses", "norms", "final", "after")}
         out["band"] = band(out, hf32)
     elif ref.case.gates.float32.trajectory_band is not None and spec.steps > 1:
-        with trains_in_place(one_rounding_apart(copy.deepcopy(ref.model), ref.seed), layers) as model:
-            twin = trajectory(ref, model, spec)
+        twin_model = one_rounding_apart(copy.deepcopy(ref.model), ref.seed)
+        with trains_in_place(twin_model, layers) as saved:
+            twin = trajectory(ref, twin_model, spec, before=saved)
         out["perturbed"] = {k: twin[k] for k in ("losses", "norms", "final")}
         out["band"] = band(out, twin, first=False)
     return out
@@ -241,18 +245,18 @@ def floors(ref, prog) -> dict[str, float]:
     for name in hf["after"]:  # HF-fp32's parameters are read here alone: given back as read (26B: 6.5 GB of host)
         after32 = hf["fp32"]["after"].pop(name, None)
         if after32 is not None:
-            before, after, grad = _hf_param(hf, name, dev)
+            before, after, where = _hf_param(hf, name, dev)
             upd32 = after32.to(dev).to(after.dtype).float() - before.float()
             out[f"{ROW}:{name}"] = _beyond_ulp((after - before).float(), upd32, after,
-                                               _meaningful(grad, ref.case.train.optimizer.eps))
+                                               where)
     return out
 
 
 def _hf_param(hf: dict, name: str, dev) -> tuple:
-    """HF's parameter ``name`` before and after its first step and its first gradient, on ``dev`` (the run's device:
-    at the 26B-A4B shape the step's 1.6B parameters took 45 s of host arithmetic)."""
-    grad = hf["grads"].get(name)
-    return hf["before"][name].to(dev), hf["after"][name].to(dev), None if grad is None else grad.to(dev)
+    """HF's parameter ``name`` before and after its first step and where its first gradient is meaningful, on ``dev``
+    (the run's device: at the 26B-A4B shape the step's 1.6B parameters took 45 s of host arithmetic)."""
+    where = hf["meaningful"].get(name)
+    return hf["before"][name].to(dev), hf["after"][name].to(dev), None if where is None else where.to(dev)
 
 
 def _meaningful(g, eps: float):
@@ -307,7 +311,6 @@ def _trained(c) -> dict[str, torch.Tensor]:
 
 def _updates(c, hf: dict, before: dict, after: dict) -> None:
     base = max((r.order for r in c.records), default=0) + 1
-    eps = c.ref.case.train.optimizer.eps
     if c.ref.dtype != "float32":
         return _updates_bf16(c, hf, before, after)
     dev = c.ref.device
@@ -316,10 +319,9 @@ def _updates(c, hf: dict, before: dict, after: dict) -> None:
         if missing:
             m_ = {"cosine": math.nan, "rel_l2": math.inf, "max_abs": math.inf, "detail": missing}
         else:
-            hf_before, hf_after, grad = _hf_param(hf, name, dev)
+            hf_before, hf_after, meaningful = _hf_param(hf, name, dev)
             upd = (hf_after - hf_before).float()
             mine = after[name].to(dev).float() - before[name].to(dev).float()
-            meaningful = _meaningful(grad, eps)
             m_ = metrics(upd, mine, meaningful)
             m_["rel_l2"] = _beyond_ulp(upd, mine, hf_after, meaningful)
             counted = int(meaningful.sum()) if meaningful is not None else upd.numel()
@@ -347,12 +349,12 @@ def _updates_bf16(c, hf: dict, before: dict, after: dict) -> None:
     elements, and what differs is a handful of sign flips of tiny gradients (Adam's first step is ~lr*sign(g)), too
     few to gate (clean seeds 0-4: floors 0 to 0.14, the system's figures up to 6 x a floor). Training in bf16 is
     judged by its trajectory; its ``step`` verdict is the trajectory's."""
-    floors, eps, out, dev = c.ref.floors.get(MODE, {}), c.ref.case.train.optimizer.eps, {}, c.ref.device
+    floors, out, dev = c.ref.floors.get(MODE, {}), {}, c.ref.device
     for name in hf["after"]:
         if not _not_comparable(c, name, hf["after"][name].shape, before, after):
-            hf_before, hf_after, grad = _hf_param(hf, name, dev)
+            hf_before, hf_after, where = _hf_param(hf, name, dev)
             mine = after[name].to(dev).float() - before[name].to(dev).float()
-            out[name] = {"rel_l2": _beyond_ulp((hf_after - hf_before).float(), mine, hf_after, _meaningful(grad, eps)),
+            out[name] = {"rel_l2": _beyond_ulp((hf_after - hf_before).float(), mine, hf_after, where),
                          "floor": floors.get(f"{ROW}:{name}")}
     c.sections.setdefault("train", {})["first_update"] = {
         "parameters": out, "gated": False,
