@@ -44,6 +44,8 @@ def test_hf_trains_the_layers_in_place_and_is_given_back_bit_for_bit(reference_b
     assert before.keys() == after.keys()
     assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
     assert all(p.grad is None and p.requires_grad == flags[k] for k, p in model.named_parameters())
+    params = dict(model.named_parameters())  # given back as copies: HF's record of "before" is not the model itself
+    assert all(params[k].data_ptr() != t.data_ptr() for k, t in hf["before"].items())
     assert hf["after"].keys() == hf["before"].keys() == hf["fp32"]["after"].keys()
     assert {step.DECODER_LAYER.match(k).group(1) for k in hf["after"]} == {"1", "2"}
     assert all(hf["fp32"]["after"][k].dtype == torch.float32 for k in hf["after"])

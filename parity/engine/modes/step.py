@@ -157,7 +157,9 @@ def trains_in_place(model, layers):
         params = dict(model.named_parameters())
         with torch.no_grad():
             for n, t in saved.items():
-                params[n].data = t.to(params[n].device)  # dtype too (a run in fp32 casts back first)
+                # a copy (on the host ``to`` would alias the trajectory's ``before``), in the saved dtype (a run in
+                # fp32 casts back first)
+                params[n].data = t.to(params[n].device, copy=True)
         for p, flag in flags:
             p.grad = None
             p.requires_grad_(flag)
