@@ -44,13 +44,26 @@ def test_hf_trains_the_layers_in_place_and_is_given_back_bit_for_bit(reference_b
     assert before.keys() == after.keys()
     assert all(after[k].dtype == before[k].dtype and torch.equal(after[k], before[k]) for k in before)
     assert all(p.grad is None and p.requires_grad == flags[k] for k, p in model.named_parameters())
-    params = dict(model.named_parameters())  # given back as copies: HF's record of "before" is not the model itself
-    assert all(params[k].data_ptr() != t.data_ptr() for k, t in hf["before"].items())
     assert hf["after"].keys() == hf["before"].keys() == hf["fp32"]["after"].keys()
     assert {step.DECODER_LAYER.match(k).group(1) for k in hf["after"]} == {"1", "2"}
     assert all(hf["fp32"]["after"][k].dtype == torch.float32 for k in hf["after"])
     assert any(not torch.equal(hf["after"][k], hf["before"][k]) for k in hf["after"])  # it did train
     assert len(hf["losses"]) == 10 and hf["losses"][-1] < hf["losses"][0]
+
+
+def test_hf_is_given_back_as_copies_not_as_its_record():
+    """fp32 (one trajectory): the trained parameters come back as copies of what was saved, not the very tensors the
+    trajectory keeps as "before" (on the host ``to`` would hand those out, and the model would alias the record)."""
+    with cpu_threads("cpu"):
+        ref = pipeline.reference(_case(steps=1), device="cpu")
+    try:
+        before = _state(ref.model)
+        hf = step.prepare(ref, Progress(False))
+        params = dict(ref.model.named_parameters())
+        assert all(params[k].data_ptr() != t.data_ptr() for k, t in hf["before"].items())
+        assert all(torch.equal(v, before[k]) for k, v in _state(ref.model).items())
+    finally:
+        ref.close()
 
 
 def test_clean_bf16_step_on_two_layers(reference_bf16):
