@@ -229,11 +229,19 @@ def expand(prefixes: dict[Stack, str], text_args, vision_layers: int = 0, audio_
             for r, slots in rows if r.stack in prefixes]
 
 
+_TEXT_LAYER = r"^model\.(?:language_model\.)?layers\.(\d+)\."  # HF's text decoder layers (text model, VLM)
+TEXT_LAYER = re.compile(_TEXT_LAYER)
 # A text layer's MoE block and what sums its output (the post-feedforward norm after the two branches are added): their
 # outputs, and their parameters' gradients, take each token's experts' contributions -- a token routed elsewhere moves
 # them wholesale (``gates.note_routing``)
-MOE_BLOCK = re.compile(r"(?:^|\.)(?:language_model\.)?layers\.\d+\.(?:router|experts|pre_feedforward_layernorm_2|"
-                       r"post_feedforward_layernorm(?:_2)?)(?:\.|$)")
+MOE_BLOCK = re.compile(_TEXT_LAYER + r"(?:router|experts|pre_feedforward_layernorm_2|post_feedforward_layernorm(?:_2)?)"
+                       r"(?:\.|$)")
+
+
+def text_layer_of(name: str) -> int | None:
+    """The text decoder layer an HF module or parameter path belongs to (None: outside them, e.g. a vision layer)."""
+    m = TEXT_LAYER.match(name)
+    return None if m is None else int(m.group(1))
 
 
 def layer_of(name: str) -> int | None:

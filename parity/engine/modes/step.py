@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import copy
 import math
-import re
 import tempfile
 from contextlib import contextmanager
 
 import torch
 
-from parity.engine.alignment import layer_of
+from parity.engine.alignment import layer_of, text_layer_of
 from parity.engine.compare import metrics
 from parity.engine.modes.backward import labels_of
 from parity.engine.record import Record
@@ -97,15 +96,13 @@ class AdamWStep:
         return float(norm)
 
 
-def trajectory(ref, model, spec, before: dict | None = None) -> dict:
+def trajectory(ref, model, spec, before: dict) -> dict:
     """``spec.steps`` steps of HF's ``model`` (changed in place) on the case's batch: losses, gradient norms, the
     loss after the last step, where its first gradients are meaningful (``_meaningful``), the parameters before
-    (``before``: given, else copied) and after it (on the host) -- of the parameters that train (a LoRA case: the
-    adapters; the base is frozen, and an optimizer holds only what trains)."""
+    (``before``: ``trains_in_place``'s copy) and after it (on the host) -- of the parameters that train (a LoRA case:
+    the adapters; the base is frozen, and an optimizer holds only what trains)."""
     inputs, labels = ref.inputs, labels_of(ref.inputs)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-    if before is None:
-        before = {k: p.detach().clone().cpu() for k, p in params.items()}
     step = AdamWStep(params.items(), spec).step
     losses, norms, meaningful, after = [], [], None, None
     for i in range(spec.steps):
@@ -128,15 +125,9 @@ def trajectory(ref, model, spec, before: dict | None = None) -> dict:
             "after": after, "before": before}
 
 
-DECODER_LAYER = re.compile(r"^model\.(?:language_model\.)?layers\.(\d+)\.")  # HF's text decoder layers
-
-
 def in_step_layers(name: str, layers) -> bool:
     """Whether HF parameter ``name`` trains in a step over the text decoder ``layers`` (None: every parameter)."""
-    if layers is None:
-        return True
-    m = DECODER_LAYER.match(name)
-    return m is not None and int(m.group(1)) in layers
+    return layers is None or text_layer_of(name) in layers
 
 
 @contextmanager
@@ -249,8 +240,7 @@ def floors(ref, prog) -> dict[str, float]:
         if after32 is not None:
             before, after, where = _hf_param(hf, name, dev)
             upd32 = after32.to(dev).to(after.dtype).float() - before.float()
-            out[f"{ROW}:{name}"] = _beyond_ulp((after - before).float(), upd32, after,
-                                               where)
+            out[f"{ROW}:{name}"] = _beyond_ulp((after - before).float(), upd32, after, where)
     return out
 
 
