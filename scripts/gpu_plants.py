@@ -313,19 +313,21 @@ def main() -> int:
         plants = [BY_NAME[p] for p in a.plants.split(",")] if a.plants else (
             [p for p in BACKWARD_PLANTS if case.dtype not in p.misses] if train and a.system == "parity"
             else PLANTS if a.system == "parity" else BRIDGE_PLANTS)
-        rows = []
-        for plant in plants:
-            res, wall, err = run_plant(plant, ref, a, shape)
-            out = (row(plant, shape, res, wall, known) if err is None else
-                   {"plant": plant.name, "kind": plant.kind, "caught": False, "error": f"{type(err).__name__}: {err}"})
-            rows.append(out)
-            print(json.dumps(out, default=str), flush=True)
-    table = {**head, "clean": clean, "plants": rows,
-             "caught": sum(1 for x in rows if x.get("caught")), "n_plants": len(rows)}
-    tag = "" if a.system == "parity" else f"-{a.system}"
-    path = os.path.join(a.out, f"gpu-plants-{a.case}{tag}-{a.device}{'-' + a.tag if a.tag else ''}.json")
-    with open(path, "w") as f:
-        json.dump(table, f, indent=1, default=str)
+        tag = "" if a.system == "parity" else f"-{a.system}"
+        path = os.path.join(a.out, f"gpu-plants-{a.case}{tag}-{a.device}{'-' + a.tag if a.tag else ''}.json")
+        rows: list = []
+        for plant in [None, *plants]:  # the table written before the first plant and after each (a call cut short
+            if plant is not None:     # by its time limit keeps what ran)
+                res, wall, err = run_plant(plant, ref, a, shape)
+                out = (row(plant, shape, res, wall, known) if err is None else
+                       {"plant": plant.name, "kind": plant.kind, "caught": False,
+                        "error": f"{type(err).__name__}: {err}"})
+                rows.append(out)
+                print(json.dumps(out, default=str), flush=True)
+            table = {**head, "clean": clean, "plants": rows, "caught": sum(1 for x in rows if x.get("caught")),
+                     "n_plants": len(rows), "of": len(plants)}
+            with open(path, "w") as f:
+                json.dump(table, f, indent=1, default=str)
     print(f"[gpu_plants] {table['caught']}/{len(rows)} plants caught and localised; clean run "
           f"{'PASS' if clean['passed'] else 'FAIL'}; wrote {path}", flush=True)
     return 0 if clean["passed"] and table["caught"] == len(rows) else 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ def summary(r: dict) -> dict:
     out["logits"] = {k: v for k, v in (s.get("logits") or {}).items() if k != "worst_positions"}
     fails = [m for m in r.get("modules", []) if not m.get("passed")]
     out["n_modules"], out["n_failed"] = len(r.get("modules", [])), len(fails)
+    out["failed_by_mode"] = dict(collections.Counter(m.get("mode") for m in fails))  # the list below stops at 60
     keys = ("name", "mode", "rel_l2", "floor", "truth_rel_l2", "gate", "why")
     out["failed"] = [{k: m.get(k) for k in keys} for m in fails[:60]]
     cleared = [m for m in r.get("modules", []) if m.get("unstable") and m.get("passed")]
