@@ -95,6 +95,7 @@ def several(runs: list[dict], wall: float) -> dict:
                                         "phases_s": {k: v for k, v in p.items() if k not in shared},
                                         "system_s": sum(v for k, v in p.items() if k not in shared),
                                         "probing_families_s": probing_families(x),
+                                        "phase_parts_s": x.get("phase_parts") or {},
                                         "timings": x.get("timings"), "peak_memory": x.get("peak_memory")}
                   for x, p in zip(runs, phases)}
     reference_s, goals = sum(shared.values()), {}
@@ -142,6 +143,7 @@ def single(results: dict, walls: list[float], out_dir: Path, system: str) -> Pat
                     "cpu_count": os.cpu_count(), "device_name": results["env"].get("device_name")},
         "env": results["env"], "inputs": results.get("inputs"), "parallel": results.get("parallel"),
         "wall_s": wall, "walls_s": list(walls), "phases_s": phases, "probing_families_s": probing_families(results),
+        "phase_parts_s": results.get("phase_parts") or {},  # where a phase's seconds go (``Progress.part``)
         "timings": timings,
         "peak_memory": results.get("peak_memory"),
         "ratios": {

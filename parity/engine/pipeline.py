@@ -162,7 +162,8 @@ def against(ref: Reference, system: str) -> dict:
         host_staged_gib={"activations": ref.store.host_bytes / 2**30,
                          "weights": (host.staged_bytes if host is not None else 0) / 2**30},
         inputs=ref.kind.describe(case, ref.config, ref.inputs), groups=group_summary, modes=ran,
-        failures=failures or None, **{k: v for k, v in c.sections.items() if k in Results.SECTIONS}).to_dict()
+        failures=failures or None, phase_parts={**ref.prog.parts, **prog.parts} or None,
+        **{k: v for k, v in c.sections.items() if k in Results.SECTIONS}).to_dict()
     # the system's model is freed before the next system (or run) builds one: its hooks can hold it in a cycle
     sut_ref = weakref.ref(raw)
     c = sut = raw = None

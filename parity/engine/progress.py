@@ -14,6 +14,8 @@ class Progress:
         self.held = held  # () -> str: what a run holds on the host (``Reference.held_text``), added to each phase line
         self.phases: dict[str, float] = {}
         self.gpu_peaks: dict[str, float] = {}  # GiB, per phase
+        self.parts: dict[str, float] = {}  # seconds of a phase's named parts (``part``): "phase.part" -> s
+        self._phase: str | None = None
 
     @contextmanager
     def phase(self, name: str):
@@ -21,9 +23,11 @@ class Progress:
         t0 = time.perf_counter()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        outer, self._phase = self._phase, name
         try:
             yield
         finally:
+            self._phase = outer
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
                 self.gpu_peaks[name] = max(self.gpu_peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
@@ -31,6 +35,22 @@ class Progress:
             if self.enabled:
                 held = f"; {self.held()}" if self.held is not None else ""
                 self.note(f"{name} done in {self.phases[name]:.2f}s ({memory()}{held})", indent="")
+
+    @contextmanager
+    def part(self, name: str):
+        """Time one named part of the current phase (summed over its entries, the device synchronised at both ends
+        so that queued work is charged where it was queued): where a phase's seconds go, in ``phase_parts``."""
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+            key = f"{self._phase}.{name}"
+            self.parts[key] = self.parts.get(key, 0.0) + time.perf_counter() - t0
 
     def note(self, msg: str, indent: str = "  "):
         if self.enabled:

@@ -43,12 +43,13 @@ class Results:
     probing: dict | None = None  # the probing mode's section: its families, points, searches and their cost
     train: dict | None = None  # train cases: loss (HF's, the system's, per token), grad norms, trajectory, labels
     lora: dict | None = None  # LoRA cases: targets, rank, alpha, adapters, export and merge counts (the lora mode)
+    phase_parts: dict | None = None  # seconds of phases' named parts ("fp32_replay.hf_layer": s; ``Progress.part``)
 
     SECTIONS: ClassVar[tuple[str, ...]] = ("probing", "train", "lora")  # sections a mode adds (``Comparison.sections``)
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
-        for key in ("groups", "modes", "failures", "probing", "train", "lora"):
+        for key in ("groups", "modes", "failures", "probing", "train", "lora", "phase_parts"):
             if out[key] is None:
                 del out[key]
         return out

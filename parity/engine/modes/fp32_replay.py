@@ -23,6 +23,8 @@ harness's code, not HF's.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from parity.engine.alignment import TABLE_KINDS, Kind, Stack
@@ -62,6 +64,7 @@ def run(compared, prog) -> None:
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm, Gemma4TextRotaryEmbedding
 
     sut, ref = compared.sut, compared.ref
+    part = prog.part if prog is not None else (lambda _name: contextlib.nullcontext())
     kind, text_config, hf_state = ref.kind, ref.text_config, ref.state
     cap, device, hf_prefix = compared.cap, sut.device, kind.prefixes[Stack.TEXT]
     rows = [a for a in compared.rows if a.row.stack is Stack.TEXT and a.row.kind not in TABLE_KINDS]
@@ -83,29 +86,23 @@ def run(compared, prog) -> None:
         if call is None:
             return
         mine = [a for a in rows if a.layer == i]
-        hf32 = hf_layer_fp32(text_config, hf_state, i, device, hf_prefix)
-        _truth(hf32, layer_name, mine, sut, compared, iso)
-        with torch.no_grad():
+        with part("hf_layer"):
+            hf32 = hf_layer_fp32(text_config, hf_state, i, device, hf_prefix)
+        with part("truth"):
+            _truth(hf32, layer_name, mine, sut, compared, iso)
+        with part("hf_forward"), torch.no_grad():
             rope = rotary(h, call.kwargs["position_ids"].to(device), text_config.layer_types[i])
-        args, kwargs = layer_call(call, h, rope, device, fp32=True)
-        if "shared_kv_states" in kwargs:
-            kwargs["shared_kv_states"] = shared_kv
-        cap32, out = capture_hf(_mounted(hf32, layer_name), mine, lambda: hf32(*args, **kwargs), Store(offload=False))
+            args, kwargs = layer_call(call, h, rope, device, fp32=True)
+            if "shared_kv_states" in kwargs:
+                kwargs["shared_kv_states"] = shared_kv
+            cap32, out = capture_hf(_mounted(hf32, layer_name), mine, lambda: hf32(*args, **kwargs),
+                                    Store(offload=False))
         layer_row = next(a for a in mine if a.row.kind is Kind.LAYER)
-        with sut.fp32(compared.name(layer_row)) as module_of:  # the system's layer i in fp32
-            for a in mine:
-                planned = compared.replay_input(a, cap32, module_of)
-                if planned is None:
-                    continue
-                name, module, c = planned
-                try:
-                    with torch.no_grad():
-                        test = sut.replay(a, module, c)
-                except SystemRaised as e:
-                    compared.raised(a, MODE, name, e)
-                    continue
-                if test is not None:
-                    compared.record(a, MODE, value(a.row.kind, c.output), test, name=name)
+        with contextlib.ExitStack() as held:
+            with part("system_fp32"):  # the system's layer i in fp32
+                module_of = held.enter_context(sut.fp32(compared.name(layer_row)))
+            with part("system_replay"):
+                _replay_layer(compared, sut, mine, cap32, module_of)
         h = first(out)
         del hf32, cap32
     for a in rows:  # the final norm, on the last fp32 layer's output
@@ -124,6 +121,23 @@ def run(compared, prog) -> None:
                 compared.raised(a, MODE, name, e)
                 continue
             compared.record(a, MODE, value(a.row.kind, c.output), test)
+
+
+def _replay_layer(compared, sut, rows, cap32, module_of) -> None:
+    """Each aligned module of one layer of the system in fp32 (``module_of``) replayed on HF's fp32 captures."""
+    for a in rows:
+        planned = compared.replay_input(a, cap32, module_of)
+        if planned is None:
+            continue
+        name, module, c = planned
+        try:
+            with torch.no_grad():
+                test = sut.replay(a, module, c)
+        except SystemRaised as e:
+            compared.raised(a, MODE, name, e)
+            continue
+        if test is not None:
+            compared.record(a, MODE, value(a.row.kind, c.output), test, name=name)
 
 
 def _mounted(layer: torch.nn.Module, path: str) -> torch.nn.Module:
