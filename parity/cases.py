@@ -38,6 +38,9 @@ Schema (fields without a default are required)::
     [run]
     sequential = false                   # release the HF model before building Megatron
     offload = false                      # keep captured tensors on the host
+    device_reserve_gib = 24              # with offload, optional: captured tensors stay on the device while it keeps
+                                         # this much free beside the model's weights (the run's working memory);
+                                         # the rest go to the host (default: all to the host)
     spill_grads = false                  # train cases: HF's parameter gradients in a file on local disk, memory-
                                          # mapped (PARITY_SPILL_DIR, else the temporary folder), not host memory
     probe_layers = "all"                 # "all" | "first_of_type": the layers the probing rows run (the first layer
@@ -188,6 +191,7 @@ class Parallel(_Section):
 class RunOptions(_Section):
     sequential: bool = False
     offload: bool = False
+    device_reserve_gib: int | None = None  # with offload: captures stay on the device above this reserve
     spill_grads: bool = False
     probe_layers: str = "all"
 
@@ -550,7 +554,10 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
 
     r = top.sub("run")
     run = RunOptions(sequential=r.bool_("sequential"), offload=r.bool_("offload"), spill_grads=r.bool_("spill_grads"),
+                     device_reserve_gib=r.int_("device_reserve_gib", default=None, minimum=1),
                      probe_layers=r.str_("probe_layers", choices=("all", "first_of_type"), default="all"))
+    if run.device_reserve_gib is not None and not run.offload:
+        r.fail("device_reserve_gib", "only with offload = true (without it every capture stays on the device)")
     r.done()
 
     train = _train(top) if top.has("train") else None

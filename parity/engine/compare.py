@@ -25,12 +25,24 @@ from parity.engine.hoststage import HostStage, storage_key
 
 class Store:
     """Host (or device) copies of captured tensors, deduplicated by storage identity. Offloaded copies go to
-    page-locked host memory asynchronously (``parity.engine.hoststage``): ``sync()`` before reading them."""
+    page-locked host memory asynchronously (``parity.engine.hoststage``): ``sync()`` before reading them. With
+    ``device_budget`` (bytes) an offloading store keeps device copies while they fit in it, in capture order: what
+    stays on the device costs no page locking, no copy out and none back when compared."""
 
-    def __init__(self, offload: bool):
+    def __init__(self, offload: bool, device_budget: int = 0):
         self.offload = offload
+        self.device_budget = device_budget
+        self.device_bytes = 0  # kept on the device under ``device_budget``
         self._seen: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
         self._host = None
+
+    def _to_host(self, y: torch.Tensor) -> bool:
+        """Whether an offloading store sends ``y`` to the host (else it keeps a device copy within its budget)."""
+        n = y.numel() * y.element_size()
+        if self.device_bytes + n <= self.device_budget:
+            self.device_bytes += n
+            return False
+        return True
 
     def keep(self, x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -40,7 +52,7 @@ class Store:
             # (HF's audio feed-forward returns its norm's output after ``*=`` and ``+=``) is a new value
             if hit is None or hit[0]() is not x or hit[2] != _version(x):
                 y = x.detach()
-                if self.offload and y.is_cuda:
+                if self.offload and y.is_cuda and self._to_host(y):
                     if self._host is None:
                         self._host = HostStage()
                     y = self._host.put(y)

@@ -160,7 +160,8 @@ def against(ref: Reference, system: str) -> dict:
                   **({"sequence_parallel": True} if case.parallel.sequence_parallel else {})},
         sequential=ref.sequential, hf_released_before_megatron=ref.released, gates=case.to_dict()["gates"],
         host_staged_gib={"activations": ref.store.host_bytes / 2**30,
-                         "weights": (host.staged_bytes if host is not None else 0) / 2**30},
+                         "weights": (host.staged_bytes if host is not None else 0) / 2**30,
+                         "activations_kept_on_device": ref.store.device_bytes / 2**30},
         inputs=ref.kind.describe(case, ref.config, ref.inputs), groups=group_summary, modes=ran,
         failures=failures or None, phase_parts={**ref.prog.parts, **prog.parts} or None,
         **{k: v for k, v in c.sections.items() if k in Results.SECTIONS}).to_dict()

@@ -29,6 +29,17 @@ from parity.errors import UserError
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def device_budget(case, device: str, weight_bytes: int) -> int:
+    """Bytes of captures an offloading run keeps on the device (``[run] device_reserve_gib``): the device's memory
+    less the model's weights (a sequential run's system holds as many) and the case's reserve for the run's working
+    memory; 0 (everything to the host) without the setting or off CUDA."""
+    reserve = case.run.device_reserve_gib
+    if reserve is None or device != "cuda" or not torch.cuda.is_available():
+        return 0
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return max(0, total - weight_bytes - reserve * 2**30)
+
+
 @dataclass
 class Reference:
     case: Any
@@ -90,7 +101,8 @@ class Reference:
             model, config = kind.build(case, DTYPES[dtype], device, checkpoint, seed)
             adapters = None if case.lora is None else \
                 A.attach(model, case.lora, kind.prefixes[Stack.TEXT], DTYPES[dtype])  # in place: HF's paths stay
-        host_weights = HostStage(reserve=stage_bytes(model.state_dict().values()), background=True) \
+        weight_bytes = stage_bytes(model.state_dict().values())
+        host_weights = HostStage(reserve=weight_bytes, background=True) \
             if case.run.sequential and device == "cuda" else None  # page locking overlaps the forwards and floors
         text_args = TextArgs.from_hf(kind.text_config(config))
         rows = expand(kind.prefixes, text_args, kind.vision_layers(config), kind.audio_layers(config))
@@ -99,7 +111,7 @@ class Reference:
         feats = inputs.get("input_features_mask")
         where = Where(valid=inputs["attention_mask"].bool(), real=None if pos is None else ~(pos == -1).all(dim=-1),
                       audio=kind.audio_frames(inputs), audio_input=None if feats is None else feats.bool())
-        store = Store(offload=case.run.offload)
+        store = Store(offload=case.run.offload, device_budget=device_budget(case, device, weight_bytes))
         timings = {"hf_forward_s": timed(lambda: kind.forward(model, inputs), device)}
         with prog.phase("hf_forward"):
             cap, logits = capture_hf(model, rows, lambda: kind.forward(model, inputs), store)
