@@ -134,3 +134,29 @@ def test_finding_17_bridge_drops_the_audio_frame_mask():
     assert "audio token count mismatch: 40 audio_token_id positions vs 50 tokens from audio encoder" in text, text
     shared = [m for m in r["modules"] if m["group"] == "audio" and m["mode"] == "isolated"]
     assert len(shared) == 86 and all(m["passed"] for m in shared)  # HF's own tower inside it; its embed_audio
+
+
+@pytest.mark.parametrize("supports_sdpa, expected", [(False, "eager"), (True, "sdpa")])
+def test_the_audio_tower_gets_the_attention_its_class_declares(monkeypatch, supports_sdpa, expected):
+    """transformers 5.2x declares eager alone (its attention reads an additive mask); 5.17 leaves SDPA (boolean masks,
+    which its attention reads): forcing eager there inverted HF's own audio attention (found on an H100)."""
+    from transformers.models.gemma4 import modeling_gemma4 as m
+
+    from parity.engine.kinds import audio_attention
+
+    monkeypatch.setattr(m.Gemma4AudioModel, "_supports_sdpa", supports_sdpa, raising=False)
+    assert audio_attention() == expected
+
+
+def test_the_installed_audio_tower_reads_the_mask_format_it_is_built_with():
+    """Whatever the installed transformers: the harness builds HF's audio tower for the mask format its attention
+    reads (boolean where it applies ``logical_not``, additive where it tests ``!= 0``)."""
+    import inspect
+
+    from transformers.models.gemma4 import modeling_gemma4 as m
+
+    from parity.engine.kinds import audio_attention
+
+    src = inspect.getsource(m.Gemma4AudioAttention.forward)
+    reads_bool = "logical_not" in src
+    assert (audio_attention() == "sdpa") == reads_bool, (audio_attention(), "bool" if reads_bool else "additive")

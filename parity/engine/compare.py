@@ -26,23 +26,37 @@ from parity.engine.hoststage import HostStage, storage_key
 class Store:
     """Host (or device) copies of captured tensors, deduplicated by storage identity. Offloaded copies go to
     page-locked host memory asynchronously (``parity.engine.hoststage``): ``sync()`` before reading them. With
-    ``device_budget`` (bytes) an offloading store keeps device copies while they fit in it, in capture order: what
-    stays on the device costs no page locking, no copy out and none back when compared."""
+    ``device_budget`` (bytes) an offloading store keeps device copies while they fit in it: what stays on the
+    device costs no page locking, no copy out and none back when compared. Placement is all or nothing: from the
+    first capture over the budget on, captures go to the host, and ``settle`` then moves those kept on the device
+    there too (a capture is never split between host and device)."""
 
     def __init__(self, offload: bool, device_budget: int = 0):
         self.offload = offload
         self.device_budget = device_budget
         self.device_bytes = 0  # kept on the device under ``device_budget``
+        self.overflowed = False  # a capture did not fit: everything goes to the host (``settle``)
+        self._on_device: dict[int, torch.Tensor] = {}  # id -> device copy kept under the budget
         self._seen: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
         self._host = None
 
     def _to_host(self, y: torch.Tensor) -> bool:
         """Whether an offloading store sends ``y`` to the host (else it keeps a device copy within its budget)."""
         n = y.numel() * y.element_size()
-        if self.device_bytes + n <= self.device_budget:
+        if not self.overflowed and self.device_bytes + n <= self.device_budget:
             self.device_bytes += n
             return False
+        self.overflowed = self.overflowed or self.device_budget > 0
         return True
+
+    @staticmethod
+    def _offloadable(y: torch.Tensor) -> bool:
+        return y.is_cuda
+
+    def _put(self, y: torch.Tensor) -> torch.Tensor:
+        if self._host is None:
+            self._host = HostStage()
+        return self._host.put(y)
 
     def keep(self, x: Any) -> Any:
         if isinstance(x, torch.Tensor):
@@ -52,12 +66,12 @@ class Store:
             # (HF's audio feed-forward returns its norm's output after ``*=`` and ``+=``) is a new value
             if hit is None or hit[0]() is not x or hit[2] != _version(x):
                 y = x.detach()
-                if self.offload and y.is_cuda and self._to_host(y):
-                    if self._host is None:
-                        self._host = HostStage()
-                    y = self._host.put(y)
+                if self.offload and self._offloadable(y) and self._to_host(y):
+                    y = self._put(y)
                 else:
                     y = y.clone()
+                    if self.offload and self._offloadable(y):
+                        self._on_device[id(y)] = y
                 self._seen[key] = (weakref.ref(x), y, _version(x))
             return self._seen[key][1]
         if isinstance(x, (tuple, list)):
@@ -65,6 +79,35 @@ class Store:
         if isinstance(x, Mapping):  # HF's KV-sharing states are a mapping but not a dict (``KVSharingDict``)
             return {k: self.keep(v) for k, v in x.items()}
         return x
+
+    def settle(self, cap: "Capture") -> None:
+        """After a capture over the budget: its captures kept on the device go to the host (in place in ``cap``),
+        so that every capture is on the host; within the budget nothing moves."""
+        if not (self.overflowed and self._on_device):
+            self._on_device.clear()  # (only the capture needs them: the store holds no device memory of its own)
+            return
+        moved: dict[int, torch.Tensor] = {}
+
+        def to_host(x):
+            if isinstance(x, torch.Tensor):
+                if id(x) not in self._on_device:
+                    return x
+                if id(x) not in moved:
+                    moved[id(x)] = self._put(x)
+                return moved[id(x)]
+            if isinstance(x, (tuple, list)):
+                return type(x)(to_host(v) for v in x)
+            if isinstance(x, Mapping):
+                return {k: to_host(v) for k, v in x.items()}
+            return x
+
+        for calls in cap.calls.values():
+            for c in calls:
+                c.args, c.kwargs, c.output = to_host(c.args), to_host(c.kwargs), to_host(c.output)
+        self._seen = {k: (r, to_host(y), v) for k, (r, y, v) in self._seen.items()}
+        self._on_device.clear()
+        self.device_bytes = 0
+        self.sync()
 
     def sync(self) -> None:
         if self._host is not None:

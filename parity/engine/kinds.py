@@ -185,6 +185,19 @@ class TextKind:
                 "lengths": inputs["attention_mask"].sum(1).tolist(), "position_offset": case.inputs.position_offset}
 
 
+def audio_attention() -> str:
+    """The attention implementation HF's audio tower is built with: the one its own class declares it supports.
+    Its chunked attention is written out (no SDPA call either way); what the choice sets is the mask format
+    ``create_bidirectional_mask`` hands it, which must be the one its attention reads. transformers 5.17's reads a
+    boolean mask (``masked_fill(~mask)``) and leaves SDPA supported (boolean masks); from 5.2x it reads an additive one
+    (``masked_fill(mask != 0)``) and declares eager alone (``_supports_sdpa = False``). Forcing eager on 5.17 hands
+    its boolean-reading attention an additive mask: every frame's attention inverted (measured on an H100: HF's own
+    audio tower 0.5 from the correct one, its blocked mask 299 entries off)."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4AudioModel
+
+    return "sdpa" if getattr(Gemma4AudioModel, "_supports_sdpa", False) else "eager"
+
+
 class VlmKind(TextKind):
     name = "vlm"
     prefixes = {Stack.VISION: "model.", Stack.AUDIO: "model.", Stack.TEXT: "model.language_model.", Stack.ROOT: "",
@@ -192,8 +205,7 @@ class VlmKind(TextKind):
 
     def build(self, case, dtype: torch.dtype, device: str, checkpoint: str | None, seed: int):
         """HF Gemma4ForConditionalGeneration from a VLM builder (random weights: ``tiny_vlm``, ``tiny_vlm_audio``,
-        ``full_vlm``, ...) or a checkpoint. HF's audio tower runs eager attention only (its chunked attention has no
-        SDPA path): the other parts keep SDPA."""
+        ``full_vlm``, ...) or a checkpoint, with SDPA attention; its audio tower with ``audio_attention()``."""
         from transformers import Gemma4ForConditionalGeneration
 
         from parity.engine.randomize import randomize_
@@ -211,7 +223,7 @@ class VlmKind(TextKind):
         check_supported_vlm(config)
         VisionArgs.from_hf(config)  # refuses vision features the Megatron tower lacks
         attn = "sdpa" if config.audio_config is None else \
-            {"": "sdpa", "text_config": "sdpa", "vision_config": "sdpa", "audio_config": "eager"}
+            {"": "sdpa", "text_config": "sdpa", "vision_config": "sdpa", "audio_config": audio_attention()}
         with torch.device(device):
             model = Gemma4ForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
         if checkpoint:

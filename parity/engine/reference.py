@@ -115,9 +115,10 @@ class Reference:
         timings = {"hf_forward_s": timed(lambda: kind.forward(model, inputs), device)}
         with prog.phase("hf_forward"):
             cap, logits = capture_hf(model, rows, lambda: kind.forward(model, inputs), store)
-            logits = store.keep(logits)
+            cap.calls["logits"] = [Call((), {}, store.keep(logits), 0)]
+            store.settle(cap)  # over the device budget: every capture on the host
             store.sync()
-            cap.calls["logits"] = [Call((), {}, logits, 0)]
+            logits = cap.calls["logits"][0].output
         ref = cls(case=case, kind=kind, device=device, dtype=dtype, seed=seed, checkpoint=checkpoint, model=model,
                   config=config, text_args=text_args, rows=rows, inputs=inputs, where=where,
                   groups=kind.groups(inputs), cap=cap, logits=logits, store=store, prog=prog, timings=timings,

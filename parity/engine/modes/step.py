@@ -357,9 +357,10 @@ def _updates_bf16(c, hf: dict, before: dict, after: dict) -> None:
 def _beyond_ulp(ref: torch.Tensor, test: torch.Tensor, after: torch.Tensor, where) -> float:
     """|| max(0, |test - ref| - ulp(after)) || / ||ref|| over ``where``: update differences beyond what the
     parameters' storage resolves."""
-    ulp = torch.nextafter(after.abs(), torch.tensor(math.inf, dtype=after.dtype)) - after.abs()
-    excess = ((test - ref).abs() - ulp.float()).clamp_min(0)
+    ulp = torch.nextafter(after.abs(), torch.tensor(math.inf, dtype=after.dtype, device=after.device)) - after.abs()
+    excess = ((test.to(ref.device) - ref).abs() - ulp.to(ref.device).float()).clamp_min(0)
     if where is not None:
+        where = where.to(ref.device)
         excess, ref = excess[where], ref[where]
     return float(excess.norm() / ref.norm().clamp_min(1e-30))
 
