@@ -136,28 +136,43 @@ def test_scale_property(n, seed, scale):
 @FAST
 @given(st.integers(1, 5), st.integers(1, 40), st.integers(1, 24), st.integers(0, 10_000), st.floats(0.0, 1.0))
 def test_the_one_sync_path_equals_the_chunked_one(b, s, h, seed, keep_share):
-    """The accelerator path (``_one_sync``: masked elements zeroed, one device-to-host read) against the chunked path
-    on the same numbers, run here on the host: every metric the same to float64 round-off, p99 exactly (a sample of
-    every element below 2**20: the same order statistic), an empty mask NaN, a non-finite value handed back (None)."""
+    """The accelerator path (``_one_sync``: masked elements zeroed, one device-to-host read; elementwise work in
+    float32, sums in float64) against the chunked path (float64 throughout) on the same numbers, run here on the host:
+    on bf16 inputs (what a bf16 run compares: their products and differences are exact in float32) every metric the
+    same to float64 round-off; on fp32 inputs within float32's rounding of the products (2**-24 relative, each term);
+    p99 from the same sample (every element below 2**20); an empty mask NaN; a non-finite value handed back (None)."""
     from parity.engine.metrics import _one_sync
 
     g = torch.Generator().manual_seed(seed)
-    ref = torch.randn(b, s, h, generator=g)
-    test = ref + 1e-3 * torch.randn(b, s, h, generator=g)
+    ref32 = torch.randn(b, s, h, generator=g)
+    test32 = ref32 + 1e-3 * torch.randn(b, s, h, generator=g)
     mask = torch.rand(b, s, generator=g) < keep_share
-    for m in (None, mask):
-        want = tensor_metrics(ref, test, m)
-        keep = None if m is None else m[..., None].expand(b, s, h).reshape(-1)
-        got = _one_sync(ref.reshape(-1), test.reshape(-1), keep)
-        assert got["numel"] == want["numel"] and got["nonfinite_mismatch"] == 0
-        for k in ("cosine", "rel_l2", "max_abs", "p99_abs", "mean_abs"):
-            if math.isnan(want[k]):
-                assert math.isnan(got[k]), k
-            else:
-                assert got[k] == pytest.approx(want[k], rel=1e-12, abs=1e-300), k
-    bad = test.clone().reshape(-1)
-    bad[0] = float("nan")
-    assert _one_sync(ref.reshape(-1), bad, None) is None
+    for dtype, rel in ((torch.bfloat16, 1e-12), (torch.float32, 1e-6)):
+        ref, test = ref32.to(dtype), test32.to(dtype)
+        for m in (None, mask):
+            want = tensor_metrics(ref, test, m)
+            keep = None if m is None else m[..., None].expand(b, s, h).reshape(-1)
+            got = _one_sync(ref.reshape(-1), test.reshape(-1), keep)
+            assert got["numel"] == want["numel"] and got["nonfinite_mismatch"] == 0
+            for k in ("cosine", "rel_l2", "max_abs", "p99_abs", "mean_abs"):
+                if math.isnan(want[k]):
+                    assert math.isnan(got[k]), k
+                else:
+                    assert got[k] == pytest.approx(want[k], rel=rel, abs=1e-300), (dtype, k)
+    for v in (float("nan"), float("inf"), 3e38):  # not finite, or a square past float32's range
+        bad = test32.clone().reshape(-1)
+        bad[0] = v
+        assert _one_sync(ref32.reshape(-1), bad, None) is None, v
+
+
+def test_the_one_sync_path_says_identical_is_identical():
+    from parity.engine.metrics import _one_sync
+
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.bfloat16, torch.float32):
+        got = _one_sync(x.to(dtype), x.to(dtype).clone(), None)
+        assert got["rel_l2"] == 0.0 and got["max_abs"] == 0.0 and got["p99_abs"] == 0.0
+        assert got["cosine"] == pytest.approx(1.0, abs=1e-15)
 
 
 def test_bf16_step():
