@@ -334,6 +334,14 @@ class Case:
         return parse_case(data, source=source, stem=self.name, path=self.path)
 
 
+def check_step_layers(case: "Case", n_layers: int) -> None:
+    """``train.step_layers`` against the model's text decoder layers (known once its config is): one line, exit 2."""
+    layers = case.train.step_layers if case.train is not None else None
+    if layers is not None and max(layers) >= n_layers:
+        raise UserError(f"case {case.name}: train.step_layers names layer {max(layers)}, but the model has "
+                        f"{n_layers} text decoder layers (0-{n_layers - 1})")
+
+
 def _merge(base: dict, new: dict) -> dict:
     out = dict(base)
     for k, v in new.items():

@@ -135,7 +135,23 @@ def test_case_file_errors(train, message):
         parse_case(base, source="t.toml", stem=base["name"])
 
 
-def test_a_layer_beyond_the_model_is_a_user_error():
+def test_a_layer_beyond_the_model_is_a_user_error_before_any_model_is_built(monkeypatch):
+    from parity.engine.kinds import KINDS
+
     case = _case(step_layers=[1, 99])
-    with cpu_threads("cpu"), pytest.raises(UserError, match="names layer 99, but the model has"):
+    kind = KINDS[case.kind]
+    monkeypatch.setattr(type(kind), "build", lambda *a, **k: pytest.fail("HF's model built before the check"))
+    with cpu_threads("cpu"), pytest.raises(UserError, match="names layer 99, but the model has 6 text decoder"):
         pipeline.reference(case, device="cpu")
+
+
+def test_a_checkpoints_layers_are_checked_once_its_model_is_built():
+    """With a checkpoint the layer count is the folder's: the step's own check (after the build) says so."""
+    from types import SimpleNamespace
+
+    from parity.engine.modes import step
+
+    case = _case(step_layers=[1, 7])
+    ref = SimpleNamespace(case=case, text_args=SimpleNamespace(layers=[None] * 6))
+    with pytest.raises(UserError, match="names layer 7, but the model has 6 text decoder layers \\(0-5\\)"):
+        step.prepare(ref, None)

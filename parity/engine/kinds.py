@@ -11,6 +11,7 @@ import os
 import torch
 
 from parity import config as C
+from parity.cases import check_step_layers
 from parity.engine.alignment import Stack
 from parity.engine.compare import to_device, upcast
 from parity.errors import UserError
@@ -90,8 +91,18 @@ class TextKind:
     name = "text"
     prefixes = {Stack.TEXT: "model.", Stack.ROOT: ""}
 
-    def check(self, case) -> None:
-        """Refuse (one line) what this kind cannot run."""
+    def check(self, case, checkpoint: str | None = None) -> None:
+        """Refuse (one line) what this kind cannot run, before any model is built: with a builder's config (no
+        checkpoint), a ``train.step_layers`` index beyond its layers (at 26B HF's build takes ~13 s)."""
+        if checkpoint is None and case.train is not None and case.train.step_layers is not None:
+            config = self.builder_config(case)
+            if config is not None:
+                check_step_layers(case, self.text_config(config).num_hidden_layers)
+
+    def builder_config(self, case):
+        """HF's config from the case's builder, no model built (None for a builder ``build`` refuses)."""
+        builder = C.TEXT_BUILDERS.get(case.model.builder)
+        return None if builder is None else C.make_text_config(builder(**case.model.overrides))
 
     def build(self, case, dtype: torch.dtype, device: str, checkpoint: str | None, seed: int):
         """HF Gemma4ForCausalLM from the case's builder (random weights) or from a local checkpoint."""
@@ -234,6 +245,15 @@ class VlmKind(TextKind):
 
     def text_config(self, config):
         return config.text_config
+
+    def builder_config(self, case):
+        from parity.vlm_config import VLM_BUILDERS, make_vlm_config
+
+        builder = VLM_BUILDERS.get(case.model.builder)
+        try:
+            return None if builder is None else make_vlm_config(builder(**case.model.overrides))
+        except TypeError:  # bad overrides: ``build`` says so
+            return None
 
     def vision_layers(self, config) -> int:
         return config.vision_config.num_hidden_layers

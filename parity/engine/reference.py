@@ -96,7 +96,7 @@ class Reference:
         if case.needs_checkpoint and not checkpoint:
             raise UserError(f"case {case.name} needs a checkpoint: pass --checkpoint DIR or set "
                             f"{case.model.checkpoint_env}")
-        kind.check(case)
+        kind.check(case, checkpoint)
         with prog.phase("build_hf"):
             model, config = kind.build(case, DTYPES[dtype], device, checkpoint, seed)
             adapters = None if case.lora is None else \

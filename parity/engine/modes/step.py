@@ -32,7 +32,7 @@ from parity.engine.alignment import layer_of, text_layer_of
 from parity.engine.compare import metrics
 from parity.engine.modes.backward import labels_of
 from parity.engine.record import Record
-from parity.errors import UserError
+from parity.cases import check_step_layers
 
 MODE = "step"
 ROW = "param_step"
@@ -182,11 +182,7 @@ def prepare(ref, prog) -> dict:
     ``train.step_layers``: those text decoder layers only."""
     spec = ref.case.train
     layers = spec.step_layers
-    if layers is not None:
-        have = len(ref.text_args.layers)
-        if max(layers) >= have:
-            raise UserError(f"case {ref.case.name}: train.step_layers names layer {max(layers)}, but the model has "
-                            f"{have} text decoder layers (0-{have - 1})")
+    check_step_layers(ref.case, len(ref.text_args.layers))  # a checkpoint's model: known once built
     with trains_in_place(ref.model, layers) as saved:
         out = trajectory(ref, ref.model, spec, before=saved)
     if ref.dtype != "float32":
