@@ -24,6 +24,7 @@ harness's code, not HF's.
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -95,7 +96,7 @@ def run(compared, prog) -> None:
             args, kwargs = layer_call(call, h, rope, device, fp32=True)
             if "shared_kv_states" in kwargs:
                 kwargs["shared_kv_states"] = shared_kv
-            cap32, out = capture_hf(_mounted(hf32, layer_name), mine, lambda: hf32(*args, **kwargs),
+            cap32, out = capture_hf(_mounted(hf32, layer_name), mine, functools.partial(hf32, *args, **kwargs),
                                     Store(offload=False))
         layer_row = next(a for a in mine if a.row.kind is Kind.LAYER)
         with contextlib.ExitStack() as held:
