@@ -6,6 +6,7 @@ positions, so padding and position plants can show. Writes the detection table (
 mode, value, gate) with machine and versions as JSON.
 
     python scripts/gpu_plants.py [--case gemma4-26b-a4b] [--seq-len 2048] [--plants a,b] [--out bench/]
+        [--clean-from bench/gpu-plants-....json]   (an earlier table's clean run instead of running it again)
 
 Each row also carries ``probing``: the probing rows' cost and share of the run, what each family's seeded search
 found, and at the plant's module the failing probing row furthest past its gate (``at_expected.times_gate``, e.g.
@@ -226,6 +227,10 @@ def main() -> int:
                     help="system under test; megatron-bridge runs tests/plants.py BRIDGE_PLANTS by default")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench"))
     ap.add_argument("--tag", default="", help="appended to the record's file name (e.g. probing)")
+    ap.add_argument("--clean-from", metavar="TABLE",
+                    help="a plant table this script wrote for the same case, inputs, system and device: its clean run "
+                         "(verdict and failing rows) stands for this one's, which is not run again (at the 26B train "
+                         "shape a clean run costs as much as a plant)")
     ap.add_argument("--sequential", action="store_true",
                     help="forward plants: keep the case's sequential run (fits an 80 GB card) instead of HF resident")
     a = ap.parse_args()
@@ -270,20 +275,43 @@ def main() -> int:
         data["train"].update(steps=0, no_step="backward-only plants (scripts/gpu_plants.py): the step is not planted")
         case = parse_case(data, source=a.case, stem=case.name, path=case.path)
     shape = Shape.of(case)
+    same = {"case": a.case, "inputs": case.to_dict()["inputs"], **({"train": case.to_dict()["train"]} if train else {}),
+            "dtype": case.dtype, "device": a.device}
+    earlier = None
+    if a.clean_from:
+        try:
+            with open(a.clean_from) as f:
+                earlier = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"gpu_plants: --clean-from: cannot read {a.clean_from}: {e}", file=sys.stderr)
+            return 2
+        differs = [k for k, v in same.items() if json.loads(json.dumps(earlier.get(k), default=str)) !=
+                   json.loads(json.dumps(v, default=str))]
+        if (earlier.get("system") or {}).get("name") != a.system:
+            differs.append("system")
+        if differs or "clean" not in earlier:
+            print(f"gpu_plants: --clean-from: {a.clean_from} is not this run's clean run (differs in "
+                  f"{', '.join(differs) or 'no clean row'})", file=sys.stderr)
+            return 2
     with cpu_threads(a.device) if a.sensitivity else contextlib.nullcontext():  # CPU: one thread, as the tests
         t0 = time.perf_counter()
         ref = pipeline.reference(case, device=a.device, progress=True)  # HF once (resident, or its weights on the host)
-        r = pipeline.against(ref, a.system)
-        clean = row(None, shape, r, time.perf_counter() - t0)
-        clean["truth_ratios"] = truth_ratios(r)
-        clean["phases"] = r.get("phases")
-        known = failing(r)  # a clean run that fails (a system's findings): plants are judged by new divergences
-        clean["failing_rows"] = sorted(f"{n} [{m}]" for n, m in known)
+        if earlier is None:
+            r = pipeline.against(ref, a.system)
+            clean = row(None, shape, r, time.perf_counter() - t0)
+            clean["truth_ratios"] = truth_ratios(r)
+            clean["phases"] = r.get("phases")
+            known = failing(r)  # a clean run that fails (a system's findings): plants are judged by new divergences
+            clean["failing_rows"] = sorted(f"{n} [{m}]" for n, m in known)
+            system = r.get("system")
+        else:  # the earlier table's clean run, named as such
+            clean = {**earlier["clean"], "from": {"table": os.path.basename(a.clean_from),
+                                                  "created": earlier.get("created")}}
+            known = {(name, mode[:-1]) for name, mode in (x.rsplit(" [", 1) for x in clean["failing_rows"])}
+            system = earlier.get("system")
         print(json.dumps(clean, default=str), flush=True)
         os.makedirs(a.out, exist_ok=True)
-        head = {"case": a.case, "system": r.get("system"), "inputs": case.to_dict()["inputs"],
-                **({"train": case.to_dict()["train"]} if train else {}), "dtype": case.dtype, "device": a.device,
-                "env": env_info(a.device), "machine": platform.node(),
+        head = {**same, "system": system, "env": env_info(a.device), "machine": platform.node(),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         if a.sensitivity:
             path = os.path.join(a.out, f"detection-sensitivity-{a.case}-{a.device}.json")
