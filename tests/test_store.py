@@ -25,11 +25,13 @@ def test_no_budget_sends_everything_to_the_host():
     assert s._to_host(torch.zeros(1)) is True and s.device_bytes == 0
 
 
-def test_the_budget_is_zero_off_cuda_or_without_the_setting():
+def test_the_budget_is_zero_off_cuda_without_the_setting_or_when_not_sequential():
     case = load_case("gemma4-26b-a4b")
-    assert case.run.device_reserve_gib == 24
+    assert case.run.device_reserve_gib == 24 and case.run.sequential
     assert device_budget(case, "cpu", 0) == 0
     assert device_budget(load_case("gemma4-text-tiny"), "cuda", 0) == 0
+    resident = case.replace(run={"sequential": False})  # HF beside the system (gpu_plants on an H200): no room
+    assert resident.run.device_reserve_gib == 24 and device_budget(resident, "cuda", 0) == 0
 
 
 def _with_run(**run):

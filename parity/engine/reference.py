@@ -31,13 +31,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def device_budget(case, device: str, weight_bytes: int) -> int:
     """Bytes of captures an offloading run keeps on the device (``[run] device_reserve_gib``): the device's memory
-    less the models' weights (a sequential run's system holds as many as HF; otherwise both are resident) and the
-    case's reserve for the run's working memory; 0 (everything to the host) without the setting or off CUDA."""
+    less the model's weights (a sequential run's system holds as many as HF did) and the case's reserve for the run's
+    working memory; 0 (everything to the host) without the setting, off CUDA, or in a run that is not sequential (HF
+    and the system resident together, as ``scripts/gpu_plants.py`` runs forward plants on an H200: no room)."""
     reserve = case.run.device_reserve_gib
-    if reserve is None or device != "cuda" or not torch.cuda.is_available():
+    if reserve is None or not case.run.sequential or device != "cuda" or not torch.cuda.is_available():
         return 0
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    return max(0, total - weight_bytes * (1 if case.run.sequential else 2) - reserve * 2**30)
+    return max(0, total - weight_bytes - reserve * 2**30)
 
 
 @dataclass
