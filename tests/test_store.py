@@ -23,6 +23,7 @@ def test_captures_stay_on_the_device_until_one_does_not_fit_then_none_does():
 def test_no_budget_sends_everything_to_the_host():
     s = Store(offload=True)
     assert s._to_host(torch.zeros(1)) is True and s.device_bytes == 0
+    assert s._to_host(torch.zeros(0)) is True and not s.overflowed  # an empty one too (HostStage copies it over)
 
 
 def test_the_budget_is_zero_off_cuda_without_the_setting_or_when_not_sequential():

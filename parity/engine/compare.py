@@ -43,7 +43,7 @@ class Store:
     def _to_host(self, y: torch.Tensor) -> bool:
         """Whether an offloading store sends ``y`` to the host (else it keeps a device copy within its budget)."""
         n = y.numel() * y.element_size()
-        if not self.overflowed and self.device_bytes + n <= self.device_budget:
+        if self.device_budget > 0 and not self.overflowed and self.device_bytes + n <= self.device_budget:
             self.device_bytes += n
             return False
         self.overflowed = self.overflowed or self.device_budget > 0
