@@ -138,16 +138,17 @@ def test_scale_property(n, seed, scale):
 def test_the_one_sync_path_equals_the_chunked_one(b, s, h, seed, keep_share):
     """The accelerator path (``_one_sync``: masked elements zeroed, one device-to-host read; elementwise work in
     float32, sums in float64) against the chunked path (float64 throughout) on the same numbers, run here on the host:
-    on bf16 inputs (what a bf16 run compares: their products and differences are exact in float32) every metric the
-    same to float64 round-off; on fp32 inputs within float32's rounding of the products (2**-24 relative, each term);
-    p99 from the same sample (every element below 2**20); an empty mask NaN; a non-finite value handed back (None)."""
+    every metric within float32's rounding of each term (2**-24 relative; 1e-6 asserted), on bf16 inputs (what a bf16
+    run compares: their products and differences are exact in float32, the differences' squares rounded) and on fp32
+    ones; p99 from the same sample (every element below 2**20); an empty mask NaN; a non-finite value handed back
+    (None)."""
     from parity.engine.metrics import _one_sync
 
     g = torch.Generator().manual_seed(seed)
     ref32 = torch.randn(b, s, h, generator=g)
     test32 = ref32 + 1e-3 * torch.randn(b, s, h, generator=g)
     mask = torch.rand(b, s, generator=g) < keep_share
-    for dtype, rel in ((torch.bfloat16, 1e-12), (torch.float32, 1e-6)):
+    for dtype, rel in ((torch.bfloat16, 1e-6), (torch.float32, 1e-6)):
         ref, test = ref32.to(dtype), test32.to(dtype)
         for m in (None, mask):
             want = tensor_metrics(ref, test, m)

@@ -183,8 +183,8 @@ def _one_sync(r: torch.Tensor, t: torch.Tensor, keep: torch.Tensor | None) -> di
     elements zeroed rather than selected (a boolean selection waits for its size), the count, the sums, the maximum and
     the p99 sample's order statistics (the sample strided over every element; the masked ones sorted below the rest)
     read in one ``tolist``. On a GPU each sync stalls the queue of work behind it: the 26B run has ~4,000 rows,
-    each 3-4 syncs on the chunked path. Elementwise work in float32 (products of bf16 numbers are exact there; of
-    fp32 ones within 2**-24), every sum accumulated in float64: float64 copies of each tensor made this path memory-bound
+    each 3-4 syncs on the chunked path. Elementwise work in float32 (each term within 2**-24 of its float64 value;
+    bf16 inputs' products and differences exact), every sum accumulated in float64: float64 copies of each tensor made this path memory-bound
     (6.2 s of the 26B run's 11.1 s of metrics on an H100). A non-finite sum means a non-finite element (a float32 square
     overflows only past 1.8e19): None then, or where no sampled element is kept -- the chunked path sorts those out."""
     f64 = torch.float64
