@@ -74,11 +74,8 @@ class Store:
                         self._on_device[id(y)] = y
                 self._seen[key] = (weakref.ref(x), y, _version(x))
             return self._seen[key][1]
-        if isinstance(x, (tuple, list)):
-            return type(x)(self.keep(v) for v in x)
-        if isinstance(x, Mapping):  # HF's KV-sharing states are a mapping but not a dict (``KVSharingDict``)
-            return {k: self.keep(v) for k, v in x.items()}
-        return x
+        # HF's KV-sharing states are a mapping but not a dict (``KVSharingDict``)
+        return tree_map(x, self.keep, Mapping)
 
     def settle(self, cap: "Capture") -> None:
         """After a capture over the budget: its captures kept on the device go to the host (in place in ``cap``),
@@ -88,19 +85,14 @@ class Store:
             return
         moved: dict[int, torch.Tensor] = {}
 
-        def to_host(x):
-            if isinstance(x, torch.Tensor):
-                if id(x) not in self._on_device:
-                    return x
-                if id(x) not in moved:
-                    moved[id(x)] = self._put(x)
-                return moved[id(x)]
-            if isinstance(x, (tuple, list)):
-                return type(x)(to_host(v) for v in x)
-            if isinstance(x, Mapping):
-                return {k: to_host(v) for k, v in x.items()}
-            return x
+        def one(t: torch.Tensor) -> torch.Tensor:
+            if id(t) not in self._on_device:
+                return t
+            if id(t) not in moved:
+                moved[id(t)] = self._put(t)
+            return moved[id(t)]
 
+        to_host = lambda x: tree_map(x, one, Mapping)  # noqa: E731
         for calls in cap.calls.values():
             for c in calls:
                 c.args, c.kwargs, c.output = to_host(c.args), to_host(c.kwargs), to_host(c.output)
@@ -204,25 +196,25 @@ def first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
+def tree_map(x, fn: Callable[[torch.Tensor], Any], mapping: type = dict):
+    """``fn`` on every tensor in ``x`` (nested in tuples, lists and ``mapping``s, a mapping given back as a dict);
+    everything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    if isinstance(x, (tuple, list)):
+        return type(x)(tree_map(v, fn, mapping) for v in x)
+    if isinstance(x, mapping):
+        return {k: tree_map(v, fn, mapping) for k, v in x.items()}
+    return x
+
+
 def upcast(x):
     """Floating tensors (in tuples, lists, dicts) in fp32; everything else as it is."""
-    if isinstance(x, torch.Tensor):
-        return x.float() if x.is_floating_point() else x
-    if isinstance(x, (tuple, list)):
-        return type(x)(upcast(v) for v in x)
-    if isinstance(x, dict):
-        return {k: upcast(v) for k, v in x.items()}
-    return x
+    return tree_map(x, lambda t: t.float() if t.is_floating_point() else t)
 
 
 def to_device(x, device):
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, (tuple, list)):
-        return type(x)(to_device(v, device) for v in x)
-    if isinstance(x, dict):
-        return {k: to_device(v, device) for k, v in x.items()}
-    return x
+    return tree_map(x, lambda t: t.to(device))
 
 
 def value(kind: Kind, out: Any) -> Any:

@@ -28,11 +28,11 @@ from contextlib import contextmanager
 
 import torch
 
+from parity.cases import check_step_layers
 from parity.engine.alignment import layer_of, text_layer_of
 from parity.engine.compare import metrics
 from parity.engine.modes.backward import labels_of
 from parity.engine.record import Record
-from parity.cases import check_step_layers
 
 MODE = "step"
 ROW = "param_step"
