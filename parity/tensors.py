@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -30,3 +31,25 @@ def device_copy(module: torch.nn.Module, device) -> torch.nn.Module:
             memo[id(t)] = torch.nn.Parameter(x, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) \
                 else x
     return copy.deepcopy(module, memo)
+
+
+@contextmanager
+def parked(module: torch.nn.Module):
+    """``module``'s parameters (with their gradients) and buffers on the host for the block, then back on the device each
+    was on: the same tensor objects, their ``.data`` moved, so every reference to them (ties, optimizer state keys,
+    hooks) holds. A sequential GPU run's system steps aside this way while an HF copy of the same size needs the card."""
+    moved = []
+    for t in {id(t): t for t in [*module.parameters(), *module.buffers()]}.values():
+        if t.device.type != "cpu":
+            dev = t.device
+            t.data = t.data.to("cpu")
+            if t.grad is not None:
+                t.grad = t.grad.to("cpu")
+            moved.append((t, dev))
+    try:
+        yield len(moved)
+    finally:
+        for t, dev in moved:
+            t.data = t.data.to(dev)
+            if t.grad is not None:
+                t.grad = t.grad.to(dev)

@@ -293,6 +293,20 @@ def test_vlm_train_step_holds():
     assert sum(name.startswith("model.vision_tower") for name, _ in iso) == 80
 
 
+def test_vlm_train_step_holds_in_bf16():
+    """The VLM in bf16: every vision gradient row gets its floor from HF's fp32 backward, measured in its own row's
+    layout. A vision attention's mask row carries the attention's name, and the floors once measured its gradient as a
+    mask's (an internal error: "mask of shape (2, 147, 1) does not broadcast over ... (3, 280, 48)")."""
+    with cpu_threads("cpu"):
+        r = pipeline.run(load_case("gemma4-vlm-tiny-train").replace(dtype="bfloat16"), device="cpu")
+    rows = _rows(r, GRADIENTS)
+    attn = [m for m in rows.values() if m["name"] == "model.vision_tower.encoder.layers.0.self_attn"]
+    assert r["passed"] is True, r["summary"]
+    assert {m["mode"] for m in attn} == {"grad_output", "grad_input"}
+    assert all(m["kind"] == "vision_patches" and 0 < m["floor"] < m["gate"]["ceiling"] and m["rel_l2"] < m["floor"]
+               for m in attn), attn
+
+
 def test_the_fp32_backward_streams_one_layer_at_a_time(monkeypatch):
     """The bf16 floors' fp32 backward never holds more than one fp32 decoder layer (at the 26B-A4B shape an fp32 copy
     of the model is 100 GB and its gradients as much again): the forward runs each layer's fp32 copy without keeping

@@ -35,7 +35,7 @@ def _state(model) -> dict:
 
 
 def test_hf_trains_the_layers_in_place_and_is_given_back_bit_for_bit(reference_bf16):
-    """The bf16 trajectory and its fp32 band (the model cast to fp32 in place) leave HF's model as it was: every
+    """The bf16 trajectory and its fp32 band (fp32 masters, one fp32 layer at a time) leave HF's model as it was: every
     tensor bit for bit, in its dtype, no gradient, ``requires_grad`` as before; what trained is layers 1 and 2 only."""
     ref = reference_bf16
     model = ref.model
@@ -50,6 +50,43 @@ def test_hf_trains_the_layers_in_place_and_is_given_back_bit_for_bit(reference_b
     assert all(hf["fp32"]["after"][k].dtype == torch.float32 for k in hf["after"])
     assert any(not torch.equal(hf["after"][k], hf["before"][k]) for k in hf["after"])  # it did train
     assert len(hf["losses"]) == 10 and hf["losses"][-1] < hf["losses"][0]
+
+
+def _fp32_both_ways(ref):
+    """HF-fp32's trajectory as the band runs it (fp32 masters, one fp32 layer resident) and on a whole fp32 copy."""
+    import copy
+
+    spec, layers = ref.case.train, ref.case.train.step_layers
+    with step.trains_in_place(ref.model, layers) as saved:
+        streamed = step.trajectory_fp32(ref, Progress(False), spec, saved)
+    whole = copy.deepcopy(ref.model).float()
+    with step.trains_in_place(whole, layers) as saved:
+        cast = step.trajectory(ref, whole, spec, saved)
+    return streamed, cast
+
+
+@pytest.mark.parametrize("name", ["gemma4-text-tiny-train-bf16", "gemma4-text-tiny-lora-bf16", "layers"])
+def test_the_fp32_band_streamed_is_the_model_cast_to_fp32_bit_for_bit(name, reference_bf16):
+    """The band's fp32 trajectory keeps what trains as fp32 masters and runs HF one fp32 layer at a time (at the 26B-A4B
+    shape the model cast to fp32 was 94 GiB): losses, gradient norms, the final loss, the first step's meaningful
+    elements and every trained parameter after it equal those of HF's model cast to fp32, bit for bit. Whole-model
+    training (the tied embedding and head trained too: one master for both), LoRA adapters, two layers."""
+    if name == "layers":
+        ref = reference_bf16
+    else:
+        with cpu_threads("cpu"):
+            ref = pipeline.reference(load_case(name), device="cpu")
+    try:
+        a, b = _fp32_both_ways(ref)
+    finally:
+        if ref is not reference_bf16:
+            ref.close()
+    assert a["losses"] == b["losses"] and a["norms"] == b["norms"] and a["final"] == b["final"]
+    assert a["losses"][-1] < a["losses"][0] or len(a["losses"]) == 1
+    assert a["after"].keys() == b["after"].keys() and len(a["after"]) >= 41
+    assert all(torch.equal(a["after"][k], b["after"][k]) and a["after"][k].dtype == torch.float32 for k in a["after"])
+    assert all(torch.equal(a["meaningful"][k], b["meaningful"][k]) for k in b["meaningful"])
+    assert any(not torch.equal(a["after"][k], a["before"][k].float()) for k in a["after"])  # it trained
 
 
 def test_hf_is_given_back_as_copies_not_as_its_record():

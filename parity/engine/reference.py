@@ -19,7 +19,7 @@ import torch
 
 from parity.config import TextArgs
 from parity.engine import adapters as A
-from parity.engine.alignment import Aligned, Stack, expand
+from parity.engine.alignment import TABLE_KINDS, Aligned, Stack, expand
 from parity.engine.compare import Call, Capture, Store, Where, capture_hf
 from parity.engine.hoststage import HostStage, host_bytes, stage_bytes, storage_key
 from parity.engine.kinds import KINDS
@@ -76,8 +76,9 @@ class Reference:
 
     @cached_property
     def row_kinds(self) -> dict:
-        """HF name -> the row's ``Kind``, for every aligned row."""
-        return {a.hf: a.row.kind for a in self.rows}
+        """HF name -> the row's ``Kind``, for every aligned row but the masks and RoPE tables (a mask row carries its
+        attention module's name: a vision attention's gradient was measured as a mask's, an internal error)."""
+        return {a.hf: a.row.kind for a in self.rows if a.row.kind not in TABLE_KINDS}
 
     @property
     def sequential(self) -> bool:

@@ -149,6 +149,9 @@ class System(Protocol):
 
     def merged(self) -> Iterable[tuple[str, torch.Tensor]]: ...  # its weights with the adapters merged, HF keys
 
+    def parked(self) -> ContextManager[Any]: ...  # optional: its weights on the host for the block (the LoRA mode's HF
+    # copies need the card at full size; without it they sit beside the system)
+
     # The isolated backward (each module's backward alone; optional, the mode is skipped without ``zero_grad``):
     def zero_grad(self) -> None: ...  # its parameters' gradients cleared (a new backward begins)
 
@@ -166,7 +169,7 @@ class System(Protocol):
 
 PORT = ("build", "load", "export", "prepare", "forward", "module", "fp32", "tables", "output", "replay",
         "train_loss", "grads", "optimizer_step", "input_key", "input_layout", "zero_grad", "loss_on", "load_adapters",
-        "save_adapters", "merged", "train_layers")
+        "save_adapters", "merged", "parked", "train_layers")
 
 
 class SystemRaised(Exception):
@@ -227,7 +230,7 @@ def _guard(method: str, fn: Callable) -> Callable:
 
 
 class _GuardedContext:
-    """A system's context manager (``fp32``): entering and leaving it, and the function it yields, guarded; an
+    """A system's context manager (``fp32``, ``parked``): entering and leaving it, and the function it yields, guarded; an
     error raised in the body (the engine's) passes through as it is."""
 
     def __init__(self, method: str, cm):
@@ -257,7 +260,7 @@ class Guarded:
         value = getattr(self.system, name)
         if name not in PORT or not callable(value):
             return value
-        if name == "fp32":
+        if name in ("fp32", "parked"):
             return lambda *a, **kw: _GuardedContext(name, _guard(name, value)(*a, **kw))
         if name in ("export", "merged", "grads"):
             return lambda *a, **kw: _guarded_iter(name, _guard(name, value)(*a, **kw))

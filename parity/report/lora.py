@@ -59,6 +59,8 @@ def section(results: dict) -> str:
           ("merged model's logits vs peft's merged / vs the system",
            f'{S.fmt(logits("merged_logits").get("vs_peft_rel_l2"))} / '
            f'{S.fmt(logits("merged_logits").get("vs_system_rel_l2"))}')]
+    if lora.get("system_parked"):  # the system stepped aside for HF's copies (an 80 GB card at full size)
+        kv.append(("the system's weights during this check", lora["system_parked"]))
     table = "".join(f'<tr><th style="text-align:left;font-weight:500">{_e(k)}</th><td>{_e(v)}</td></tr>'
                     for k, v in kv)
     names = [r.get("name") for r in rows if r.get("mode") == "adapter_export"]

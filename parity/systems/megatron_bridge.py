@@ -213,6 +213,12 @@ class MegatronBridgeSystem:
 
         L.save(self.bm, self.lora, folder)
 
+    def parked(self):
+        """Its weights on the host for the block (``parity.tensors.parked``)."""
+        from parity.tensors import parked
+
+        return parked(self.model)
+
     def merged(self):
         """Its merged export (``export_hf_weights``' default: adapters merged)."""
         from parity.mbridge import model as MB

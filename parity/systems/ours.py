@@ -316,6 +316,12 @@ class ParitySystem:
                    target_modules=modules).save_pretrained(folder)
         save_file(tensors, os.path.join(folder, "adapter_model.safetensors"))
 
+    def parked(self):
+        """Its weights on the host for the block (``parity.tensors.parked``)."""
+        from parity.tensors import parked
+
+        return parked(self.model)
+
     def merged(self):
         """Its weights with each adapter merged (``W + alpha/r B A`` in Megatron layout), exported by its mapping."""
         from parity.bridge import adapters as BA

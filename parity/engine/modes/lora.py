@@ -19,6 +19,7 @@ Rows come after every other row, adapters in HF's module order.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from parity.engine.record import Record
 MODE = "lora"
 EXPORT, MERGED, LOGITS = "adapter_export", "adapter_merged", "adapter_logits"
 ORDER = 1_000_000  # after every forward and backward row
+WORKING = 8 * 2**30  # beside an HF copy on the device: an HF forward's working memory (26B-A4B, 4,096 tokens: 7.5 GiB)
 
 
 def run(c, prog) -> None:
@@ -45,20 +47,26 @@ def run(c, prog) -> None:
     c.sections["lora"] = section  # filled as it goes (the system may raise in its merged export)
     with tempfile.TemporaryDirectory() as folder:
         sut.save_adapters(folder)
-        exported = read_folder(folder)
-        section["config"] = _config(folder)
-        rows = _tensor_rows(c, EXPORT, hf, exported.items(), ORDER, exact=True)
-        section["export"] = _counts(rows, hf, exported)
-        try:  # an export peft cannot load is a verdict about the export
-            loaded = ref.adapters.load_export(folder, ref.device)
-        except Exception as e:  # noqa: BLE001
-            section["export_loads"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-            _logits(c, "export", None, ORDER + len(rows), section, why=f"peft cannot load the export: "
-                                                                      f"{section['export_loads']}")
-        else:
-            section["export_loads"] = True
-            _logits(c, "export", _forward(ref, loaded), ORDER + len(rows), section)
-        loaded = None  # one HF model beside the system's at a time (at full size each is 47 GiB)
+        with _aside(c, section):
+            _compare(c, folder, hf, section)
+
+
+def _compare(c, folder: str, hf: dict, section: dict) -> None:
+    ref, sut = c.ref, c.sut
+    exported = read_folder(folder)
+    section["config"] = _config(folder)
+    rows = _tensor_rows(c, EXPORT, hf, exported.items(), ORDER, exact=True)
+    section["export"] = _counts(rows, hf, exported)
+    try:  # an export peft cannot load is a verdict about the export
+        loaded = ref.adapters.load_export(folder, ref.device)
+    except Exception as e:  # noqa: BLE001
+        section["export_loads"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
+        _logits(c, "export", None, ORDER + len(rows), section, why=f"peft cannot load the export: "
+                                                                  f"{section['export_loads']}")
+    else:
+        section["export_loads"] = True
+        _logits(c, "export", _forward(ref, loaded), ORDER + len(rows), section)
+    loaded = None  # one HF model beside the system's at a time (at full size each is 47 GiB)
     # peft's merge on a device copy; the system's merged export compared with it one tensor at a time
     peft_merged = ref.adapters.merged(ref.device)
     merged_hf = {k: v.detach() for k, v in peft_merged.state_dict().items()}
@@ -78,6 +86,40 @@ def run(c, prog) -> None:
             if k in own and k in merged_sys and tuple(own[k].shape) == tuple(v.shape):
                 own[k].copy_(v)
     _logits(c, "merged", _forward(ref, base.eval()), ORDER + len(rows) + 1 + len(mrows), section, against=against)
+
+
+def _aside(c, section: dict):
+    """The system's weights parked on the host (its ``parked``) while the mode's HF copies need the card: on a CUDA
+    device without room for a copy of HF's model beside the system (at the 26B-A4B shape each is 47 GiB, an 80 GB card
+    holds one). Its merged export is then computed where its weights are, on the host; the section says so."""
+    parked = getattr(c.sut, "parked", None)
+    section["system_parked"] = why = park_reason(c.sut.name, hf_bytes(c.ref.adapters.peft), device_room(c.ref.device),
+                                                 parked is not None)
+    return parked() if why is not None and parked is not None else contextlib.nullcontext()
+
+
+def hf_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+
+
+def device_room(device) -> int | None:
+    """Bytes a new copy can take on ``device``: free, and held by torch's allocator without being in use (None: not
+    a CUDA device)."""
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def park_reason(system: str, need: int, room: int | None, can_park: bool) -> str | None:
+    """Why the system's weights leave the device for the mode (None: an HF copy and ``WORKING`` fit beside them)."""
+    if room is None or room >= need + WORKING:
+        return None
+    fit = (f"an HF copy ({need / 2**30:.1f} GiB) and {WORKING / 2**30:.0f} GiB of working memory do not fit the "
+           f"device's {room / 2**30:.1f} GiB beside {system}")
+    if not can_park:
+        return f"{fit}, and {system} has no parked(): its weights stayed"
+    return (f"{fit}: its weights went to the host for the HF copies of the adapter export and the merges, and its "
+            "merged export was computed there")
 
 
 def _noting(items, seen: dict):

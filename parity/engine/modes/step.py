@@ -101,14 +101,49 @@ def trajectory(ref, model, spec, before: dict) -> dict:
     loss after the last step, where its first gradients are meaningful (``_meaningful``), the parameters before
     (``before``: ``trains_in_place``'s copy) and after it (on the host) -- of the parameters that train (a LoRA case:
     the adapters; the base is frozen, and an optimizer holds only what trains)."""
-    inputs, labels = ref.inputs, labels_of(ref.inputs)
+    labels = labels_of(ref.inputs)
     params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    return _steps(spec, params, lambda: ref.kind.forward_train(model, ref.inputs, labels), labels, before)
+
+
+def trajectory_fp32(ref, prog, spec, before: dict) -> dict:
+    """HF-fp32's trajectory without an fp32 model: the parameters that train held as fp32 masters (what an fp32
+    model's would be: each one's bf16 value upcast), AdamW on them, and HF's own forward and backward in fp32 one text
+    decoder layer resident at a time (the kind's ``streamed``, as the gradient floors: each layer copied to fp32 when
+    the forward reaches it, again when the backward does, ``_recomputed``), each copy made with the masters in place of
+    its trained parameters (their gradients land on them). The numbers of the model cast to fp32 in place, at the
+    memory of one fp32 layer: at the 26B-A4B shape the cast model was 94 GiB, so a LoRA case needed an H200."""
+    from parity.engine.modes.backward import _recomputed
+
+    labels = labels_of(ref.inputs)
+    trained = [(k, p) for k, p in ref.model.named_parameters() if p.requires_grad]
+    masters = {k: torch.nn.Parameter(p.detach().float().clone()) for k, p in trained}
+    memo = {id(p): masters[k] for k, p in trained}  # a tied parameter is one object: each of its places gets the master
+
+    def fp32_copy(module):
+        return copy.deepcopy(module, dict(memo)).float()  # the masters are fp32 already: ``float`` keeps them
+
+    def run_copy(module, name, *args, **kwargs):
+        if name:  # a text decoder layer: made again in the backward
+            def run(args, kwargs, hooked):
+                return fp32_copy(module)(*args, **kwargs), lambda: None
+            return _recomputed(run, args, kwargs, any(p.requires_grad for p in module.parameters()))
+        return fp32_copy(module)(*args, **kwargs)  # everything but the layers (stand-ins here)
+
+    def forward():
+        return ref.kind.streamed(ref.model, run_copy, prog, lambda m: ref.kind.forward_train(m, ref.inputs, labels))
+    return _steps(spec, masters, forward, labels, before)
+
+
+def _steps(spec, params: dict, forward, labels, before: dict) -> dict:
+    """``spec.steps`` AdamW steps of ``params`` (name -> the tensor stepped), ``forward()`` HF's output with its loss."""
     step = AdamWStep(params.items(), spec).step
     losses, norms, meaningful, after = [], [], None, None
     for i in range(spec.steps):
-        model.zero_grad(set_to_none=True)
+        for p in params.values():
+            p.grad = None
         with torch.enable_grad():
-            out = ref.kind.forward_train(model, inputs, labels)
+            out = forward()
             out.loss.backward()
         if meaningful is None:  # a mask, not the gradient: at 26B half the host memory of the bf16 gradients
             meaningful = {k: _meaningful(p.grad.detach(), spec.optimizer.eps).cpu() for k, p in params.items()
@@ -119,8 +154,9 @@ def trajectory(ref, model, spec, before: dict) -> dict:
             after = {k: p.detach().clone().cpu() for k, p in params.items()}
         del out
     with torch.no_grad():
-        final = float(ref.kind.forward_train(model, inputs, labels).loss)
-    model.zero_grad(set_to_none=True)
+        final = float(forward().loss)
+    for p in params.values():
+        p.grad = None
     return {"losses": losses, "norms": norms, "final": final, "labels": labels, "meaningful": meaningful,
             "after": after, "before": before}
 
@@ -156,26 +192,10 @@ def trains_in_place(model, layers):
             p.requires_grad_(flag)
 
 
-@contextmanager
-def in_fp32(model):
-    """``model`` with every floating-point parameter and buffer in fp32 (in place, one tensor at a time: at the
-    26B-A4B shape 94 GiB beside nothing, where a copy would sit beside the 47 GiB bf16 model), cast back after
-    (bf16 -> fp32 -> bf16 is exact: only what trained changed, and ``trains_in_place`` restores it)."""
-    tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point() and t.dtype != torch.float32]
-    dtypes = [t.dtype for t in tensors]
-    for t in tensors:
-        t.data = t.data.float()
-    try:
-        yield model
-    finally:
-        for t, dtype in zip(tensors, dtypes):
-            t.data = t.data.to(dtype)
-
-
 def prepare(ref, prog) -> dict:
     """HF's trajectory on its model in the run's dtype (bf16: fp32 main weights in the optimizer, as megatron's
     mixed-precision optimizer), and the band that gates the system's, step by step: in a bf16 run HF's own
-    bf16-vs-fp32 trajectory (the model cast to fp32, plain AdamW); in an fp32 run whose case gives
+    bf16-vs-fp32 trajectory (``trajectory_fp32``: HF in fp32, plain AdamW); in an fp32 run whose case gives
     ``gates.float32.trajectory_band``, HF against itself on weights one rounding apart (``one_rounding_apart``): a
     model whose training amplifies round-off (Adam's sign-like steps on near-zero gradients) parts from any other
     correct fp32 arithmetic as far. Each trajectory trains HF's model in place (``trains_in_place``: restored after);
@@ -186,8 +206,8 @@ def prepare(ref, prog) -> dict:
     with trains_in_place(ref.model, layers) as saved:
         out = trajectory(ref, ref.model, spec, before=saved)
     if ref.dtype != "float32":
-        with trains_in_place(ref.model, layers) as saved, in_fp32(ref.model):
-            hf32 = trajectory(ref, ref.model, spec, before=saved)
+        with trains_in_place(ref.model, layers) as saved:  # nothing trains in place here: the flags and ``before``
+            hf32 = trajectory_fp32(ref, prog, spec, before=saved)
         out["fp32"] = {k: hf32[k] for k in ("losses", "norms", "final", "after")}
         out["band"] = band(out, hf32)
     elif ref.case.gates.float32.trajectory_band is not None and spec.steps > 1:
