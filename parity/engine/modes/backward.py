@@ -475,8 +475,18 @@ def run(c, prog) -> None:
 
 
 def _run(c) -> None:
+    grads = _Grads()
+    try:
+        _measure(c, grads)
+    finally:  # the hooks that filled it may outlive the mode: a Megatron router or MoE dispatcher keeps its last
+        # output with its graph, the graph its tensors' hooks, and they this (at 26B-A4B 10 GiB of the system's
+        # gradients stayed on the device, and the optimizer step's forward then ran out of an 80 GB card)
+        grads.out.clear()
+
+
+def _measure(c, grads: _Grads) -> None:
     hf, sut, ref = c.ref.extra[MODE], c.sut, c.ref
-    grads, handles = _Grads(), []
+    handles = []
     sites, unseen, input_at = _plan(c)
     for s in sites.values():
         handles += s.install(sut, grads)
