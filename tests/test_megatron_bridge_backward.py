@@ -234,6 +234,37 @@ def test_te_stand_ins_have_the_backward_of_what_te_computes():
     check(lambda q, k, v: att(q, k, v, None), attention, [leaf(s, 1, 2, 4), leaf(s, 1, 1, 4), leaf(s, 1, 1, 4)])
 
 
+def test_core_attention_recomputes_in_its_backward_bit_for_bit():
+    """The attention stand-in keeps no [b, heads, s, s] tensor for its backward: it recomputes it, as TE's fused and
+    flash kernels do. At the 26B-A4B shape with 2,048 tokens the kept fp32 scores and probabilities were about 1 GiB a
+    layer, and Megatron-Bridge's LoRA backward ran out of an 80 GB card. The output and the gradients are the ones
+    with everything kept, bit for bit."""
+    from parity.mbridge import substitutes as S
+
+    gen = torch.Generator().manual_seed(0)
+    s, b, h, d = 64, 1, 4, 8
+    q, k, v = (torch.randn(s, b, n, d, generator=gen, dtype=torch.bfloat16).requires_grad_(True) for n in (h, 2, 2))
+    mask = S.te_full_mask("causal", None, (-1, 0), s, s, "cpu")
+    up = torch.randn(s, b, h * d, generator=gen, dtype=torch.bfloat16)
+    kept = S._attend(q, k, v, mask, d**-0.5).permute(2, 0, 1, 3).reshape(s, b, -1)
+    want = torch.autograd.grad(kept, (q, k, v), up)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        out = S.CoreAttentionSubstitute.forward(_Attn(h), q, k, v, None)
+    got = torch.autograd.grad(out, (q, k, v), up)
+    assert torch.equal(out, kept) and all(torch.equal(a, b_) for a, b_ in zip(got, want))
+    assert saved == [(s, b, h, d), (s, b, 2, d), (s, b, 2, d), (1, 1, s, s)], saved  # q, k, v and the boolean mask
+
+
+class _Attn:
+    """What ``CoreAttentionSubstitute.forward`` reads of itself: a causal layer, no window, the default scale."""
+
+    def __init__(self, heads: int):
+        from megatron.core.transformer.enums import AttnMaskType
+
+        self.attn_mask_type, self.window_size, self.softmax_scale, self.heads = AttnMaskType.causal, None, None, heads
+
+
 # ---------------------------------------------------------------------------------------------------
 # Findings, each with its cause
 

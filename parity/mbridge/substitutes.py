@@ -17,6 +17,7 @@ import copy
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from megatron.core.transformer.enums import AttnMaskType
@@ -178,19 +179,30 @@ class CoreAttentionSubstitute(nn.Module):
         window = te_window(name, self.window_size)
         mask = te_full_mask(name, attention_mask, window, sq, sk, query.device)
         scale = self.softmax_scale if self.softmax_scale is not None else d**-0.5
-        q = query.permute(1, 2, 0, 3).float()  # [b, h, sq, d]
-        k = key.permute(1, 2, 0, 3).float()
-        v = value.permute(1, 2, 0, 3).float()
-        rep = heads // k.size(1)
-        if rep > 1:
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(mask, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows: zero output
-        out = torch.matmul(probs, v).to(query.dtype)  # [b, h, sq, d]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * v.size(-1))
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value)):
+            # recomputed in the backward, as TE's fused and flash kernels do: the same numbers, without the fp32
+            # scores and probabilities of every layer held until then (at the 26B-A4B shape, 2,048 tokens, about
+            # 1 GiB a layer: its LoRA backward ran out of an 80 GB card)
+            out = torch.utils.checkpoint.checkpoint(_attend, query, key, value, mask, scale, use_reentrant=False)
+        else:
+            out = _attend(query, key, value, mask, scale)
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+
+
+def _attend(query, key, value, mask, scale: float) -> torch.Tensor:
+    """Math attention of ``[s, b, heads, d]`` inputs, softmax in fp32: ``[b, heads, sq, d]`` in the input's dtype."""
+    q = query.permute(1, 2, 0, 3).float()  # [b, h, sq, d]
+    k = key.permute(1, 2, 0, 3).float()
+    v = value.permute(1, 2, 0, 3).float()
+    rep = q.size(1) // k.size(1)
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows: zero output
+    return torch.matmul(probs, v).to(query.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
