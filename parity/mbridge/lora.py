@@ -196,7 +196,7 @@ def grads(bm) -> dict[str, torch.Tensor]:
     shared = {registry.megatron_to_hf_lookup(f"{path}.weight0").hf_param for path, w in wrappers(bm)
               if ".mlp.experts." in path and w.adapter.linear_in.weight.dim() == 2}
     g = {n: p.grad.detach() for n, p in model.named_parameters() if p.grad is not None}
-    with _values(model, g):
+    with _values(model, g, only=True):  # its adapter export reads the adapters alone
         return dict(_hf_grad(name, t.detach().clone(), shared)
                     for name, t in bm.bridge.export_adapter_weights([model], cpu=False, show_progress=False))
 
