@@ -327,3 +327,39 @@ def test_a_lora_base_left_trainable_is_caught_by_the_trajectory():
     assert r["checks"]["gradients"] is True and r["checks"]["step"] is True  # the adapters' rows agree
     traj = r["train"]["trajectory"]
     assert traj["rel_diff"]["final"] > 100 * traj["gate"], traj["rel_diff"]
+
+
+def test_hf_copies_are_let_go_before_a_parked_system_returns_even_when_it_raises(monkeypatch):
+    """Finding 14's raise at full size: the system's merged export raises while peft's merged HF copy is on the
+    device, and the traceback keeps the raising frames alive. Those frames held the copy, so the parked system's
+    return (47 GiB) found the 80 GB card full. Here the parking is observed: when the system is given back, no HF
+    copy the mode made is still alive."""
+    import gc
+    import weakref
+    from contextlib import contextmanager
+
+    from parity.engine import adapters as A
+    from parity.engine.modes import lora
+
+    copies, alive = [], []
+    for name in ("merged", "base_copy", "load_export"):
+        made = getattr(A.Adapters, name)
+
+        def making(self, *a, _made=made, **kw):
+            m = _made(self, *a, **kw)
+            copies.append(weakref.ref(m))
+            return m
+        monkeypatch.setattr(A.Adapters, name, making)
+
+    @contextmanager
+    def observed(c, section):
+        try:
+            yield
+        finally:
+            gc.collect()
+            alive.append(sum(r() is not None for r in copies))
+    monkeypatch.setattr(lora, "_aside", observed)
+    r = _against(NO_O_PROJ)
+    failure = next(f for f in r["failures"] if f["phase"] == "lora")
+    assert failure["method"] == "merged" and len(copies) == 3, (failure, len(copies))  # export, its base, the merge
+    assert alive == [0], alive

@@ -52,40 +52,57 @@ def run(c, prog) -> None:
 
 
 def _compare(c, folder: str, hf: dict, section: dict) -> None:
+    """The export's and the merge's rows. The HF copies they need (47 GiB each at full size) are held in ``held``
+    alone and let go however this ends: an error the system raises keeps these frames alive in its traceback, and a
+    copy kept with them filled the card that the parked system was coming back to (Megatron-Bridge at 26B on an H100,
+    whose merged export raises: finding 14)."""
+    held: dict = {}
+    try:
+        _rows_with_copies(c, folder, hf, section, held)
+    finally:
+        for v in held.values():
+            if isinstance(v, dict):
+                v.clear()  # a state dict views its model's tensors, and a raising frame may still name the dict
+        held.clear()
+
+
+def _rows_with_copies(c, folder: str, hf: dict, section: dict, held: dict) -> None:
     ref, sut = c.ref, c.sut
     exported = read_folder(folder)
     section["config"] = _config(folder)
     rows = _tensor_rows(c, EXPORT, hf, exported.items(), ORDER, exact=True)
     section["export"] = _counts(rows, hf, exported)
     try:  # an export peft cannot load is a verdict about the export
-        loaded = ref.adapters.load_export(folder, ref.device)
+        held["loaded"] = ref.adapters.load_export(folder, ref.device)
     except Exception as e:  # noqa: BLE001
         section["export_loads"] = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
         _logits(c, "export", None, ORDER + len(rows), section, why=f"peft cannot load the export: "
                                                                   f"{section['export_loads']}")
     else:
         section["export_loads"] = True
-        _logits(c, "export", _forward(ref, loaded), ORDER + len(rows), section)
-    loaded = None  # one HF model beside the system's at a time (at full size each is 47 GiB)
+        _logits(c, "export", _forward(ref, held["loaded"]), ORDER + len(rows), section)
+    held.clear()  # one HF model beside the system's at a time (at full size each is 47 GiB)
     # peft's merge on a device copy; the system's merged export compared with it one tensor at a time
-    peft_merged = ref.adapters.merged(ref.device)
-    merged_hf = {k: v.detach() for k, v in peft_merged.state_dict().items()}
+    held["peft_merged"] = ref.adapters.merged(ref.device)
+    held["merged_hf"] = {k: v.detach() for k, v in held["peft_merged"].state_dict().items()}
     if ref.text_args.tie_word_embeddings:
-        merged_hf.pop("lm_head.weight", None)
+        held["merged_hf"].pop("lm_head.weight", None)
     adapted = set(A.adapted_weight(k) for k in hf)
     merged_sys: dict[str, torch.dtype] = {}
-    mrows = _tensor_rows(c, MERGED, merged_hf, _noting(sut.merged(), merged_sys), ORDER + len(rows) + 1,
+    mrows = _tensor_rows(c, MERGED, held["merged_hf"], _noting(sut.merged(), merged_sys), ORDER + len(rows) + 1,
                          exact=False, changed=adapted)
-    section["merged"] = {**_counts(mrows, merged_hf, merged_sys), "adapted_weights": sorted(adapted)}
-    against = _forward(ref, peft_merged)
-    peft_merged = merged_hf = None
-    base = ref.adapters.base_copy(ref.device)  # HF's model, loaded with the system's merged weights where it has them
-    own = base.state_dict()
+    section["merged"] = {**_counts(mrows, held["merged_hf"], merged_sys), "adapted_weights": sorted(adapted)}
+    against = _forward(ref, held["peft_merged"])
+    held["merged_hf"].clear()
+    held.clear()
+    held["base"] = ref.adapters.base_copy(ref.device)  # HF's model, with the system's merged weights where it has them
+    held["own"] = held["base"].state_dict()
     with torch.no_grad():
         for k, v in sut.merged():
-            if k in own and k in merged_sys and tuple(own[k].shape) == tuple(v.shape):
-                own[k].copy_(v)
-    _logits(c, "merged", _forward(ref, base.eval()), ORDER + len(rows) + 1 + len(mrows), section, against=against)
+            if k in held["own"] and k in merged_sys and tuple(held["own"][k].shape) == tuple(v.shape):
+                held["own"][k].copy_(v)
+    _logits(c, "merged", _forward(ref, held["base"].eval()), ORDER + len(rows) + 1 + len(mrows), section,
+            against=against)
 
 
 def _aside(c, section: dict):
