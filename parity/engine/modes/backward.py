@@ -465,13 +465,19 @@ def _plan(c) -> tuple[dict[int, _Site], dict[tuple[str, str], tuple[str | None, 
 
 def run(c, prog) -> None:
     """The system's training forward and backward on the same inputs and labels, compared with HF's; the last system's
-    run (``Reference.final``) then lets go of what only this mode reads of HF's side, also when the system raised."""
+    run (``Reference.final``) then lets go of what only this mode reads of HF's side, also when the system raised (and
+    of the output gradients too where no isolated backward follows: a LoRA case's, or a system without one)."""
     try:
         _run(c)
     finally:
         if c.ref.final:
-            freed = release(c.ref)
-            prog.note(f"backward: HF's parameter and input gradients and its fp32 side released ({freed / 2**30:.2f} GiB)")
+            from parity.engine import modes as M
+
+            iso = M.get("isolated_backward")
+            why = None if iso is None else iso.why_not(c.ref.case, c.ref.dtype, c.sut)
+            freed = release(c.ref, outputs=why is not None)
+            prog.note(f"backward: HF's parameter and input gradients and its fp32 side released"
+                      f"{'' if why is None else f', and its output gradients ({why})'} ({freed / 2**30:.2f} GiB)")
 
 
 def _run(c) -> None:
@@ -546,14 +552,16 @@ def _measure(c, grads: _Grads) -> None:
                            "overrides": dict(c.ref.case.train.overrides)}
 
 
-def release(ref) -> int:
+def release(ref, outputs: bool = False) -> int:
     """What of HF's side only the backward mode reads, dropped (``Reference.final``: no other system's backward
     follows): HF's parameter gradients (their page-locked stage unpinned) and its rows' input gradients, and the
     whole fp32 side (``backward32``: its gradients, kept for the truth). The isolated backward runs HF's modules alone
-    itself and reads only the output gradients (and the routing weights'). At the 26B-A4B shape 47 GiB of bf16 and
-    6 GiB of fp32 parameter gradients: the host's headroom for the isolated backward. Returns the bytes let go."""
+    itself and reads only the output gradients (and the routing weights'); ``outputs``: none follows, those go too
+    (the 26B LoRA case: 8.4 GiB of host memory, where parking the system took the host to 123.5 GiB of 125). At the
+    26B-A4B shape 47 GiB of bf16 and 6 GiB of fp32 parameter gradients: the host's headroom for the isolated backward.
+    Returns the bytes let go."""
     hf = ref.extra[MODE]
-    dropped = [k for k in hf["grads"].out if k[0] in (PARAM, INPUT)]
+    dropped = [k for k in hf["grads"].out if outputs or k[0] in (PARAM, INPUT)]
     freed = host_bytes([hf["grads"].out[k] for k in dropped])
     for k in dropped:
         del hf["grads"].out[k]
