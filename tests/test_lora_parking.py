@@ -18,7 +18,7 @@ def test_an_hf_copy_that_fits_beside_the_system_parks_nothing():
 
 def test_an_80_gb_card_parks_the_system_and_says_why():
     why = lora.park_reason("parity", int(47.2 * GIB), int(29.5 * GIB), True)
-    assert why.startswith("an HF copy (47.2 GiB) and 8 GiB of working memory do not fit the device's 29.5 GiB "
+    assert why.startswith("an HF copy (47.2 GiB) and 12 GiB of working memory do not fit the device's 29.5 GiB "
                           "beside parity: its weights went to the host"), why
     assert "merged export was computed there" in why
     # just short of the copy and its working memory: still parked

@@ -35,7 +35,8 @@ from parity.engine.record import Record
 MODE = "lora"
 EXPORT, MERGED, LOGITS = "adapter_export", "adapter_merged", "adapter_logits"
 ORDER = 1_000_000  # after every forward and backward row
-WORKING = 8 * 2**30  # beside an HF copy on the device: an HF forward's working memory (26B-A4B, 4,096 tokens: 7.5 GiB)
+WORKING = 12 * 2**30  # beside an HF copy on the device, what its forwards add (the 26B LoRA case on an H100, the
+# system parked: the mode's peak 60.7 GiB over a 47.1 GiB copy, the run's logits and tables included)
 
 
 def run(c, prog) -> None:
