@@ -117,7 +117,9 @@ def _aside(c, section: dict):
 
 
 def hf_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values())
+    """The bytes of a copy of ``model`` (each tensor once: ties, a fused part's shared A)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def device_room(device) -> int | None:
