@@ -35,9 +35,10 @@ def device_copy(module: torch.nn.Module, device) -> torch.nn.Module:
 
 @contextmanager
 def parked(module: torch.nn.Module):
-    """``module``'s parameters (with their gradients) and buffers on the host for the block, then back on the device each
-    was on: the same tensor objects, their ``.data`` moved, so every reference to them (ties, optimizer state keys,
-    hooks) holds. A sequential GPU run's system steps aside this way while an HF copy of the same size needs the card."""
+    """``module``'s parameters (with their gradients) and buffers on the host for the block, then back on the device
+    each was on: the same tensor objects, their ``.data`` moved, so every reference to them (ties, optimizer state
+    keys, hooks) holds. A sequential GPU run's system steps aside this way while an HF copy of the same size needs the
+    card."""
     moved = []
     for t in {id(t): t for t in [*module.parameters(), *module.buffers()]}.values():
         if t.device.type != "cpu":

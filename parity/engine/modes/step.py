@@ -136,7 +136,7 @@ def trajectory_fp32(ref, prog, spec, before: dict) -> dict:
 
 
 def _steps(spec, params: dict, forward, labels, before: dict) -> dict:
-    """``spec.steps`` AdamW steps of ``params`` (name -> the tensor stepped), ``forward()`` HF's output with its loss."""
+    """``spec.steps`` AdamW steps of ``params`` (name -> the tensor stepped); ``forward()``: HF's output and loss."""
     step = AdamWStep(params.items(), spec).step
     losses, norms, meaningful, after = [], [], None, None
     for i in range(spec.steps):
