@@ -160,7 +160,7 @@ class TextKind:
         """HF's own forward in fp32, one text decoder layer resident at a time (``streamed``)."""
         return self.streamed(model, run_copy, prog, lambda m: self.forward(m, inputs)).float()
 
-    def streamed(self, model, run_copy, prog, call):
+    def streamed(self, model, run_copy, prog, call, label: str = "fp32 floor"):
         """``call(m)`` with ``m`` HF's model in fp32 one text decoder layer at a time (at the 26B-A4B shape a whole fp32
         copy is 100 GB beside the bf16 model): ``m(**kw)`` is ``run_copy(model, "", **kw)`` on a model whose text
         decoder layers are stand-ins without weights (an fp32 copy of it holds the embedders, per-layer inputs, vision
@@ -172,7 +172,7 @@ class TextKind:
         layers, prefix = text.layers, f"{self.prefixes[Stack.TEXT]}layers"
 
         def layer_fp32(i, *args, **kwargs):
-            prog.note(f"fp32 floor: layer {i + 1}/{len(layers)}")
+            prog.note(f"{label}: layer {i + 1}/{len(layers)}")
             return run_copy(layers[i], f"{prefix}.{i}", *args, **kwargs)
         text.layers = torch.nn.ModuleList(_Streamed(layer_fp32, i) for i in range(len(layers)))
         try:

@@ -131,7 +131,8 @@ def trajectory_fp32(ref, prog, spec, before: dict) -> dict:
         return fp32_copy(module)(*args, **kwargs)  # everything but the layers (stand-ins here)
 
     def forward():
-        return ref.kind.streamed(ref.model, run_copy, prog, lambda m: ref.kind.forward_train(m, ref.inputs, labels))
+        return ref.kind.streamed(ref.model, run_copy, prog, lambda m: ref.kind.forward_train(m, ref.inputs, labels),
+                                 label="fp32 trajectory")
     return _steps(spec, masters, forward, labels, before)
 
 
