@@ -44,3 +44,44 @@ def test_parking_keeps_the_tensors_and_their_values():
     assert [id(p) for p in m.parameters()] == ids
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
     assert torch.equal(m[0].weight.grad, grad)
+
+
+def test_a_parked_run_gives_the_rows_of_one_that_is_not(monkeypatch):
+    """The whole LoRA mode with the system parked (the device's room made too small; on the host parking moves
+    nothing, so this checks the port's path and the section, not the device move): the system's ``parked`` is entered
+    through the engine's guard, the section says why, and every row is the unparked run's."""
+    import importlib.util
+
+    import pytest
+
+    from parity import mbridge
+
+    ok, why = mbridge.available()
+    if not ok or importlib.util.find_spec("peft") is None:
+        pytest.skip(f"Megatron-Bridge or peft not importable: {why or 'peft'}")
+    from parity.cases import load_case
+    from parity.engine import pipeline
+    from parity.engine.launch import cpu_threads
+    from parity.systems.ours import ParitySystem
+
+    entered = []
+    park = ParitySystem.parked
+
+    def counted(self):
+        entered.append(self.name)
+        return park(self)
+    with cpu_threads("cpu"):
+        ref = pipeline.reference(load_case("gemma4-text-tiny-lora-bf16"), device="cpu")
+    try:
+        with cpu_threads("cpu"):
+            plain = pipeline.against(ref, "parity")
+        monkeypatch.setattr(lora, "device_room", lambda device: 0)
+        monkeypatch.setattr(ParitySystem, "parked", counted)
+        with cpu_threads("cpu"):
+            parked_run = pipeline.against(ref, "parity")
+    finally:
+        ref.close()
+    assert plain["lora"]["system_parked"] is None and entered == ["parity"]
+    assert parked_run["lora"]["system_parked"].startswith("an HF copy (") and "went to the host" in \
+        parked_run["lora"]["system_parked"]
+    assert parked_run["passed"] is True and parked_run["modules"] == plain["modules"]
