@@ -55,6 +55,11 @@ Schema (fields without a default are required)::
                                          # layers only, every other parameter frozen on both sides (as a user
                                          # freezing layers: the gradient norm and clipping are theirs alone)
     step_layers_why = "..."              # with step_layers: why the step trains a subset
+    grad_layers = [5]                    # default all: only these text decoder layers' parameters get gradients, on
+                                         # both sides, every other parameter frozen from the start (the activation
+                                         # gradients and these layers' are those of a run without it; step_layers, if
+                                         # given, among them)
+    grad_layers_why = "..."              # with grad_layers: why
     [train.optimizer]                    # AdamW, as both sides' users run it
     lr = 1e-4
     betas = [0.9, 0.95]
@@ -224,6 +229,8 @@ class TrainSpec(_Section):
     no_step: str | None = None  # steps = 0: why the case takes no optimizer step
     step_layers: tuple[int, ...] | None = None  # the step trains these text decoder layers only (the rest frozen)
     step_layers_why: str | None = None  # why the step trains a subset
+    grad_layers: tuple[int, ...] | None = None  # only these text decoder layers' parameters get gradients, both sides
+    grad_layers_why: str | None = None  # why (a memory option: freezing the rest changes no gradient computed)
     no_fp32_truth: FrozenDict = field(default_factory=FrozenDict)  # parameter glob -> why its fp32 gradient is not kept
 
 
@@ -335,11 +342,13 @@ class Case:
 
 
 def check_step_layers(case: "Case", n_layers: int) -> None:
-    """``train.step_layers`` against the model's text decoder layers (known once its config is): one line, exit 2."""
-    layers = case.train.step_layers if case.train is not None else None
-    if layers is not None and max(layers) >= n_layers:
-        raise UserError(f"case {case.name}: train.step_layers names layer {max(layers)}, but the model has "
-                        f"{n_layers} text decoder layers (0-{n_layers - 1})")
+    """``train.step_layers`` and ``train.grad_layers`` against the model's text decoder layers (known once its config
+    is): one line, exit 2."""
+    for key in ("step_layers", "grad_layers"):
+        layers = getattr(case.train, key) if case.train is not None else None
+        if layers is not None and max(layers) >= n_layers:
+            raise UserError(f"case {case.name}: train.{key} names layer {max(layers)}, but the model has "
+                            f"{n_layers} text decoder layers (0-{n_layers - 1})")
 
 
 def _merge(base: dict, new: dict) -> dict:
@@ -576,6 +585,8 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
                                        "a step they are other models), with no_step saying so")
     if lora is not None and train is not None and train.step_layers is not None:
         top.sub("train").fail("step_layers", "not with [lora]: a LoRA case trains its adapters, the base is frozen")
+    if lora is not None and train is not None and train.grad_layers is not None:
+        top.sub("train").fail("grad_layers", "not with [lora]: a LoRA case trains its adapters, the base is frozen")
     x = top.sub("expected_failures")
     known = ("logits", "modules", "router", "roundtrip", "gradients", "step", "lora")
     expected = {}
@@ -627,6 +638,18 @@ def _train(top: _Reader) -> TrainSpec:
         step_layers, step_layers_why = tuple(sorted(v)), t.str_("step_layers_why")
     elif t.has("step_layers_why"):
         t.fail("step_layers_why", "give it only with step_layers")
+    grad_layers, grad_layers_why = None, None
+    if t.has("grad_layers"):
+        v = t.raw("grad_layers")
+        if not (isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+                and len(set(v)) == len(v)):
+            t.fail("grad_layers", f"expected a non-empty list of distinct layer indices (>= 0), got {_show(v)}")
+        if step_layers is not None and not set(step_layers) <= set(v):
+            t.fail("step_layers", f"layers {sorted(set(step_layers) - set(v))} get no gradient (grad_layers = "
+                                  f"{sorted(v)}): the step can train only layers among grad_layers")
+        grad_layers, grad_layers_why = tuple(sorted(v)), t.str_("grad_layers_why")
+    elif t.has("grad_layers_why"):
+        t.fail("grad_layers_why", "give it only with grad_layers")
     o = t.sub("optimizer", required=True)
     betas = o.raw("betas")
     if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)
@@ -645,7 +668,8 @@ def _train(top: _Reader) -> TrainSpec:
     nt.done()
     t.done()
     return TrainSpec(optimizer=opt, labels=labels, steps=steps, overrides=FrozenDict(overrides), no_step=no_step,
-                     step_layers=step_layers, step_layers_why=step_layers_why, no_fp32_truth=FrozenDict(no_truth))
+                     step_layers=step_layers, step_layers_why=step_layers_why, grad_layers=grad_layers,
+                     grad_layers_why=grad_layers_why, no_fp32_truth=FrozenDict(no_truth))
 
 
 def _lora(top: _Reader) -> LoraSpec:

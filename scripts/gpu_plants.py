@@ -231,6 +231,10 @@ def main() -> int:
                     help="a plant table this script wrote for the same case, inputs, system and device: its clean run "
                          "(verdict and failing rows) stands for this one's, which is not run again (at the 26B train "
                          "shape a clean run costs as much as a plant)")
+    ap.add_argument("--grad-layers", metavar="I,J",
+                    help="train cases: only these text decoder layers' parameters get gradients, on both sides "
+                         "(train.grad_layers; the 26B shape on an 80 GB card: --grad-layers 5, the plants' layer). A "
+                         "plant whose row is a parameter outside them is not run, and its row says why")
     ap.add_argument("--sequential", action="store_true",
                     help="forward plants: keep the case's sequential run (fits an 80 GB card) instead of HF resident")
     a = ap.parse_args()
@@ -265,7 +269,15 @@ def main() -> int:
         n = a.seq_len or (base.inputs.seq_len // 2 if train else 2048 if full else base.inputs.seq_len)
         case = base.replace(inputs={"batch": 2, "seq_len": n, "pad_tail": 0, "padding": "left",
                                     "lengths": [n, (3 * n) // 4 + 1], "position_offset": 5}, run=run)
-    if train and case.train.steps:  # backward-only plants are localised by the backward modes: no optimizer step
+    if a.grad_layers and not train:
+        print("gpu_plants: --grad-layers: only for train cases", file=sys.stderr)
+        return 2
+    try:
+        grad_layers = sorted({int(i) for i in a.grad_layers.split(",")}) if a.grad_layers else None
+    except ValueError:
+        print(f"gpu_plants: --grad-layers: expected layer indices like 5 or 0,5, got {a.grad_layers!r}", file=sys.stderr)
+        return 2
+    if train and (case.train.steps or grad_layers):  # backward-only plants: the backward modes localise them
         # (at 26B HF's trajectories cost ~50 s once and the system's ~20 s a plant; the step's plants run on the tiny
         # cases, tests/test_backward.py)
         from parity.cases import parse_case
@@ -273,6 +285,10 @@ def main() -> int:
         data = case.to_dict()
         data["train"] = {k: v for k, v in data["train"].items() if k not in ("step_layers", "step_layers_why")}
         data["train"].update(steps=0, no_step="backward-only plants (scripts/gpu_plants.py): the step is not planted")
+        if grad_layers:
+            data["train"].update(grad_layers=grad_layers, grad_layers_why="scripts/gpu_plants.py --grad-layers: HF's "
+                                 "and the system's gradients of every parameter (47 GiB each at 26B) do not fit an "
+                                 "80 GB card beside the weights")
         case = parse_case(data, source=a.case, stem=case.name, path=case.path)
     shape = Shape.of(case)
     same = {"case": a.case, "inputs": case.to_dict()["inputs"], **({"train": case.to_dict()["train"]} if train else {}),
@@ -344,8 +360,14 @@ def main() -> int:
         tag = "" if a.system == "parity" else f"-{a.system}"
         path = os.path.join(a.out, f"gpu-plants-{a.case}{tag}-{a.device}{'-' + a.tag if a.tag else ''}.json")
         rows: list = []
+        params = dict(ref.model.named_parameters())
         for plant in [None, *plants]:  # the table written before the first plant and after each (a call cut short
-            if plant is not None:     # by its time limit keeps what ran)
+            frozen = None if plant is None else _frozen_row(plant.expected(shape), params, grad_layers)
+            if frozen is not None:
+                rows.append({"plant": plant.name, "kind": plant.kind, "expected": plant.expected(shape),
+                             "caught": None, "not_run": frozen})
+                print(json.dumps(rows[-1], default=str), flush=True)
+            elif plant is not None:     # by its time limit keeps what ran)
                 res, wall, err = run_plant(plant, ref, a, shape)
                 out = (row(plant, shape, res, wall, known) if err is None else
                        {"plant": plant.name, "kind": plant.kind, "caught": False,
@@ -353,12 +375,24 @@ def main() -> int:
                 rows.append(out)
                 print(json.dumps(out, default=str), flush=True)
             table = {**head, "clean": clean, "plants": rows, "caught": sum(1 for x in rows if x.get("caught")),
-                     "n_plants": len(rows), "of": len(plants)}
+                     "n_plants": sum(1 for x in rows if "not_run" not in x), "of": len(plants),
+                     "not_run": sum(1 for x in rows if "not_run" in x)}
             with open(path, "w") as f:
                 json.dump(table, f, indent=1, default=str)
-    print(f"[gpu_plants] {table['caught']}/{len(rows)} plants caught and localised; clean run "
+    skipped = f" ({table['not_run']} not run)" if table["not_run"] else ""
+    print(f"[gpu_plants] {table['caught']}/{table['n_plants']} plants caught and localised{skipped}; clean run "
           f"{'PASS' if clean['passed'] else 'FAIL'}; wrote {path}", flush=True)
-    return 0 if clean["passed"] and table["caught"] == len(rows) else 1
+    return 0 if clean["passed"] and table["caught"] == table["n_plants"] else 1
+
+
+def _frozen_row(expected: str | None, params: dict, grad_layers) -> str | None:
+    """Why a plant is not run under ``--grad-layers``: the row it is caught at is a parameter that gets no gradient
+    (None: it runs)."""
+    from parity.engine.alignment import text_layer_of
+
+    if not grad_layers or expected not in params or text_layer_of(expected) in grad_layers:
+        return None
+    return f"its row, {expected}'s gradient, is not computed: --grad-layers {','.join(map(str, grad_layers))}"
 
 
 if __name__ == "__main__":

@@ -37,3 +37,29 @@ def test_a_second_call_reuses_the_first_calls_clean_run(tmp_path):
              "--out", str(tmp_path / "c"))
     assert p.returncode == 2 and "is not this run's clean run (differs in inputs)" in p.stderr
     assert not (tmp_path / "c").exists()  # refused before any model was built or anything written
+
+
+def test_grad_layers_runs_the_plants_whose_rows_get_gradients(tmp_path):
+    """``--grad-layers 5`` (the 26B train shape on an 80 GB card: only layer 5's parameters get gradients, on both
+    sides): the plants whose row is a parameter outside layer 5 are not run and say why; every other is caught at its
+    row, as without the option (the tiny fp32 train case; in bf16 "aux loss left on" is caught narrowly, at layer 4's
+    router, and layer 5's alone misses it: pick the layers for the plants' rows)."""
+    p = _run(tmp_path, "--grad-layers", "5", "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr[-2000:]
+    t = json.loads((tmp_path / f"gpu-plants-{CASE}-cpu.json").read_text())
+    assert t["train"]["grad_layers"] == [5] and t["train"]["steps"] == 0
+    not_run = {r["plant"]: r["not_run"] for r in t["plants"] if "not_run" in r}
+    assert not_run == {
+        "logits gradient in bf16": "its row, model.norm.weight's gradient, is not computed: --grad-layers 5",
+        "tied head gradient dropped": "its row, model.embed_tokens.weight's gradient, is not computed: --grad-layers 5"}
+    ran = {r["plant"]: r["first_divergence"] for r in t["plants"] if "not_run" not in r}
+    assert t["caught"] == t["n_plants"] == 6 and t["not_run"] == 2, ran
+    assert ran["rms detached"] == "model.layers.5.pre_feedforward_layernorm"  # its own row, not its layer's
+    assert ran["K=V tie without gradient"] == "model.layers.5.self_attn.k_proj.weight" and ran["loss over padding"] == "loss"
+
+
+def test_grad_layers_is_for_train_cases(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "gpu_plants.py"), "--case", "gemma4-text-tiny", "--device",
+           "cpu", "--grad-layers", "5", "--out", str(tmp_path)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 2 and "--grad-layers: only for train cases" in p.stderr

@@ -161,6 +161,10 @@ def test_train_layers_freezes_by_megatron_decoder_layer():
     ({"step_layers": []}, "non-empty list"),
     ({"step_layers": [1], "step_layers_why": None}, "step_layers_why: missing"),
     ({"step_layers": None, "step_layers_why": "x"}, "give it only with step_layers"),
+    ({"grad_layers": [2], "grad_layers_why": "x"}, "layers \\[1\\] get no gradient"),
+    ({"grad_layers": [1, 2]}, "grad_layers_why: missing"),
+    ({"grad_layers": [0, 0], "grad_layers_why": "x"}, "distinct layer indices"),
+    ({"grad_layers_why": "x"}, "give it only with grad_layers"),
 ])
 def test_case_file_errors(train, message):
     from parity.cases import parse_case
@@ -192,3 +196,38 @@ def test_a_checkpoints_layers_are_checked_once_its_model_is_built():
     ref = SimpleNamespace(case=case, text_args=SimpleNamespace(layers=[None] * 6))
     with pytest.raises(UserError, match="names layer 7, but the model has 6 text decoder layers \\(0-5\\)"):
         step.prepare(ref, None)
+
+
+GRAD_LAYERS = {"grad_layers": [1, 2], "grad_layers_why": "a test: gradients of layers 1 and 2 only"}
+
+
+@pytest.mark.parametrize("system", ["parity", "megatron-bridge"])
+def test_gradients_of_some_layers_are_those_of_a_run_with_all(system):
+    """``train.grad_layers`` (a memory option: at the 26B-A4B shape every parameter's gradient is 47 GiB on each
+    side): both sides freeze every parameter outside layers 1 and 2 before anything runs. Each gradient row the run
+    still has is the whole run's, value for value (freezing changes no gradient that is computed); the parameter rows
+    are those two layers'; no activation gradient reaches below layer 1 (nothing there needs one); the step and the
+    trajectory are the same."""
+    if system == "megatron-bridge":
+        from parity import mbridge
+
+        ok, why = mbridge.available()
+        if not ok:
+            pytest.skip(f"Megatron-Bridge not importable: {why}")
+    case = load_case("gemma4-text-tiny-train-bf16")
+    with cpu_threads("cpu"):
+        whole = pipeline.run(case.replace(train=LAYERS), device="cpu", system=system)
+        some = pipeline.run(case.replace(train={**LAYERS, **GRAD_LAYERS}), device="cpu", system=system)
+    grads = ("loss", "grad_output", "grad_input", "param_grad", "isolated_grad_input", "isolated_param_grad",
+             "param_step")
+    rows = lambda r: {(m["name"], m["mode"]): m for m in r["modules"] if m["mode"] in grads}  # noqa: E731
+    a, b = rows(whole), rows(some)
+    assert len(b) > 250 and set(b) < set(a)
+    assert all(b[k]["rel_l2"] == a[k]["rel_l2"] and b[k].get("floor") == a[k].get("floor") for k in b)
+    params = [m for m in b.values() if m["mode"] in ("param_grad", "isolated_param_grad")]
+    assert {m["layer"] for m in params} == {1, 2} and len(params) > 60
+    assert not any(m["layer"] == 0 for m in b.values()) and any(m["layer"] == 0 for m in a.values())
+    assert some["train"]["grad_layers"] == {"layers": [1, 2], "why": GRAD_LAYERS["grad_layers_why"]}
+    assert "grad_layers" not in whole["train"]
+    traj = lambda r: r["train"]["trajectory"]["system"]  # noqa: E731
+    assert traj(some) == traj(whole) and some["checks"]["step"] == whole["checks"]["step"] is True

@@ -93,8 +93,9 @@ class TextKind:
 
     def check(self, case, checkpoint: str | None = None) -> None:
         """Refuse (one line) what this kind cannot run, before any model is built: with a builder's config (no
-        checkpoint), a ``train.step_layers`` index beyond its layers (at 26B HF's build takes ~13 s)."""
-        if checkpoint is None and case.train is not None and case.train.step_layers is not None:
+        checkpoint), a ``train.step_layers`` or ``train.grad_layers`` index beyond its layers (at 26B HF's build takes
+        ~13 s)."""
+        if checkpoint is None and case.train is not None and (case.train.step_layers or case.train.grad_layers):
             config = self.builder_config(case)
             if config is not None:
                 check_step_layers(case, self.text_config(config).num_hidden_layers)

@@ -103,6 +103,7 @@ def against(ref: Reference, system: str) -> dict:
                      "build_megatron")
              and attempt("load", lambda: sut.load(ref.state, folder=ref.checkpoint), "convert")
              and (ref.adapters is None or _adapt(sut, ref, failures, attempt))
+             and _freeze(sut, case, failures, attempt)
              and attempt("prepare", lambda: sut.prepare(ref.inputs)))
     timings = dict(ref.timings)
     if ready:
@@ -170,6 +171,18 @@ def against(ref: Reference, system: str) -> dict:
     c = sut = raw = None
     freed(sut_ref, ref.device)
     return results
+
+
+def _freeze(sut, case, failures: list, attempt) -> bool:
+    """``train.grad_layers``: the system's parameters outside those layers frozen before anything runs, as HF's are
+    (``Reference.build``); a system that cannot freeze layers is not set up (said in its failures)."""
+    if case.train is None or case.train.grad_layers is None:
+        return True
+    if not callable(getattr(sut, "train_layers", None)):
+        failures.append({"phase": "train_layers", "method": "train_layers", "error": f"{sut.name} has no train_layers: "
+                         "it cannot keep gradients to train.grad_layers", "where": None})
+        return False
+    return attempt("train_layers", lambda: sut.train_layers(case.train.grad_layers))
 
 
 def _adapt(sut, ref, failures: list, attempt) -> bool:

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
+from parity.cases import check_step_layers
 from parity.config import TextArgs
 from parity.engine import adapters as A
-from parity.engine.alignment import TABLE_KINDS, Aligned, Stack, expand
+from parity.engine.alignment import TABLE_KINDS, Aligned, Stack, expand, text_layer_of
 from parity.engine.compare import Call, Capture, Store, Where, capture_hf
 from parity.engine.hoststage import HostStage, host_bytes, stage_bytes, storage_key
 from parity.engine.kinds import KINDS
@@ -107,6 +108,9 @@ class Reference:
         host_weights = HostStage(reserve=weight_bytes, background=True) \
             if case.run.sequential and device == "cuda" else None  # page locking overlaps the forwards and floors
         text_args = TextArgs.from_hf(kind.text_config(config))
+        if case.train is not None and case.train.grad_layers is not None:  # before any backward: HF's side
+            check_step_layers(case, len(text_args.layers))  # a checkpoint's model: known once built
+            freeze_outside(model, case.train.grad_layers)
         rows = expand(kind.prefixes, text_args, kind.vision_layers(config), kind.audio_layers(config))
         inputs = kind.inputs(config, case, seed, device)
         pos = inputs.get("image_position_ids")
@@ -217,3 +221,15 @@ def freed(ref: weakref.ref, device: str) -> bool:
     if device == "cuda":
         torch.cuda.empty_cache()
     return ref() is None
+
+
+def freeze_outside(model, layers) -> int:
+    """Every parameter of HF's ``model`` outside the text decoder ``layers`` frozen (``train.grad_layers``: only those
+    get gradients; the activation gradients, and those layers' own, are what they are without it); returns how many
+    still train."""
+    n = 0
+    for name, p in model.named_parameters():
+        if text_layer_of(name) not in layers:
+            p.requires_grad_(False)
+        n += p.requires_grad
+    return n

@@ -32,7 +32,7 @@ from functools import partial
 
 import torch
 
-from parity.megatron_layout import sb, tp_size
+from parity.megatron_layout import sb, several_ranks, tp_size
 
 LOSS_DESCRIPTION = (
     "Megatron-Bridge's GPT step as its SFT recipes run it (gpt_step.forward_step restated: that module imports NVIDIA "
@@ -161,6 +161,13 @@ def _swap_k_v(w: torch.Tensor, attention) -> torch.Tensor:
     return torch.cat([blocks[:, :-2], blocks[:, -1:], blocks[:, -2:-1]], dim=1).reshape_as(w)
 
 
+def _zeros(p: torch.Tensor) -> torch.Tensor:
+    """Zeros in ``p``'s shape for a parameter without a gradient: in one process one element expanded (frozen layers at
+    the 26B-A4B shape, ``train.grad_layers``: 47 GiB of real zeros otherwise); over several ranks real ones (the
+    export's collectives gather contiguous tensors)."""
+    return torch.zeros_like(p) if several_ranks() else p.new_zeros(()).expand_as(p)
+
+
 @contextmanager
 def _values(model: torch.nn.Module, values: dict[str, torch.Tensor], only: bool = False):
     """Every parameter's data replaced by ``values[name]`` (zeros where absent) and every floating buffer by
@@ -173,7 +180,7 @@ def _values(model: torch.nn.Module, values: dict[str, torch.Tensor], only: bool 
             if only and name not in values:
                 continue
             saved[name] = p.data
-            p.data = values.get(name, torch.zeros_like(p)).to(p.dtype)
+            p.data = values[name].to(p.dtype) if name in values else _zeros(p)
         for name, buf in model.named_buffers() if not only else ():
             if buf.is_floating_point():
                 saved[name] = buf.data

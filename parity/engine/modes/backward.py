@@ -547,9 +547,12 @@ def _measure(c, grads: _Grads) -> None:
     else:
         section["why_ungated"] = ("a bf16 run: the loss row is gated against HF's own bf16-vs-fp32 loss difference "
                                   "(its floor) with the gradient rows")
+    spec = c.ref.case.train
     c.sections["train"] = {"loss": section, "labels": "causal: input ids, -100 at padding; each side shifts them",
                            "system_loss": getattr(sut, "loss_description", None),
-                           "overrides": dict(c.ref.case.train.overrides)}
+                           "overrides": dict(spec.overrides),
+                           **({"grad_layers": {"layers": list(spec.grad_layers), "why": spec.grad_layers_why}}
+                              if spec.grad_layers is not None else {})}
 
 
 def release(ref, outputs: bool = False) -> int:

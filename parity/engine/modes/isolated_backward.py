@@ -139,14 +139,19 @@ def prepare(ref, prog) -> dict:
     modules, owned = dict(model.named_modules()), _owned(ref.model, ref.rows)
     canonical = {id(p): n for n, p in model.named_parameters()}
     order = hf["grads"].order
+    frozen_below = ref.case.train.grad_layers is not None
     for a in _rows(ref.rows):
         name = _hf_module(a)
         if name not in modules or ref.cap.first(name) is None or _output_grad(a, hf) is None or name in out:
             continue
         own = owned.get(name, {})
         key = next((k for k in ((INPUT, name), (OUTPUT, name), (ROUTED, a.hf)) if k in order), None)
+        if frozen_below and key is not None and key[0] != INPUT:  # the first layer with gradients (train.grad_layers):
+            # nothing below needs its input's gradient, so HF computed none; its backward ends after its inner rows'
+            inner = [order[k] for k in order if k[0] in (INPUT, OUTPUT) and k[1].startswith(name + ".")]
+            key = max(inner, default=order[key])
         params = dict(modules[name].named_parameters(prefix=name))
-        out[name] = {"canonical": own, "order": order[key] if key else 0,
+        out[name] = {"canonical": own, "order": key if isinstance(key, int) else order[key] if key else 0,
                      # what its backward reaches when it has parameters of its own (smaller rows' too)
                      "claims": {canonical[id(p)] for p in params.values()} if own else set()}
     if ref.dtype != "float32":
