@@ -25,6 +25,9 @@ the classes; ``--max-runs`` / ``--max-wall`` bound the sweep). Writes
     python scripts/gpu_plants.py --sensitivity [--eps 1e-2,1e-3,1e-4,1e-5,1e-6] [--classes "norm weight,projection"]
         [--max-runs 12] [--max-wall 400] [--case-inputs] [--case gemma4-text-tiny-padded --device cpu]
 
+A train case's backward plants on an 80 GB card: ``--grad-layers 4,5`` (``train.grad_layers``: only those layers'
+parameters get gradients, on both sides; a plant whose row is another parameter's gradient is not run, and says so).
+
 Memory: the HF model stays resident beside the Megatron model (47 + 47 GiB in bf16 at the 26B shape): an H200
 (139 GiB) holds both. On an 80 GB card ``--sequential`` keeps the case's own sequential run instead (HF captured and
 floored once, then released, its weights kept on the host; each plant builds and loads the system from them). On CPU (tiny cases) it is the same flow, a smoke test of the script itself.
