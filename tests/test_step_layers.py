@@ -215,15 +215,22 @@ def test_gradients_of_some_layers_are_those_of_a_run_with_all(system):
         if not ok:
             pytest.skip(f"Megatron-Bridge not importable: {why}")
     case = load_case("gemma4-text-tiny-train-bf16")
+    # megatron-core's fused activations are torch.compile'd until their recompile limit, then eager (a bf16 gelu
+    # rounded once or after every op): each run starts from fresh compile caches, as a run in its own process does
+    torch._dynamo.reset()
     with cpu_threads("cpu"):
         whole = pipeline.run(case.replace(train=LAYERS), device="cpu", system=system)
+    torch._dynamo.reset()
+    with cpu_threads("cpu"):
         some = pipeline.run(case.replace(train={**LAYERS, **GRAD_LAYERS}), device="cpu", system=system)
     grads = ("loss", "grad_output", "grad_input", "param_grad", "isolated_grad_input", "isolated_param_grad",
              "param_step")
     rows = lambda r: {(m["name"], m["mode"]): m for m in r["modules"] if m["mode"] in grads}  # noqa: E731
     a, b = rows(whole), rows(some)
     assert len(b) > 250 and set(b) < set(a)
-    assert all(b[k]["rel_l2"] == a[k]["rel_l2"] and b[k].get("floor") == a[k].get("floor") for k in b)
+    differ = [(k, a[k]["rel_l2"], b[k]["rel_l2"]) for k in b if b[k]["rel_l2"] != a[k]["rel_l2"]
+              or b[k].get("floor") != a[k].get("floor")]
+    assert not differ, (len(differ), differ[:5])
     params = [m for m in b.values() if m["mode"] in ("param_grad", "isolated_param_grad")]
     assert {m["layer"] for m in params} == {1, 2} and len(params) > 60
     assert not any(m["layer"] == 0 for m in b.values()) and any(m["layer"] == 0 for m in a.values())
