@@ -151,6 +151,10 @@ class MegatronBridgeSystem:
         from parity.mbridge import model as MB
 
         self.vlm, self.dtype, self.device = kind == "vlm", dtype, device
+        # megatron-core's fused activations (its ``jit_fuser``: torch.compile) compile up to dynamo's recompile limit,
+        # then run eager, and the two round a bf16 gelu differently: fresh compile caches for every build, so that a
+        # run's rows do not depend on what ran before it in the process (a pytest worker; a run of its own starts so)
+        torch._dynamo.reset()
         self.args = TextArgs.from_hf(getattr(hf_config, "text_config", None) or hf_config)
         rk = megatron_env.ranks()  # the world the pipeline set up (TP x EP): the bridge builds this rank's shard
         self.bm = MB.build(hf_config, dtype=dtype, device=device, tp=rk["tp_size"], ep=rk["ep_size"],
