@@ -620,6 +620,20 @@ def parse_case(data: dict, *, source: str, stem: str | None = None, path: Path |
                 expected_failures=FrozenDict(expected), path=path)
 
 
+def _layers(t: _Reader, key: str) -> tuple[tuple[int, ...] | None, str | None]:
+    """A list of text decoder layer indices at ``key`` (distinct, >= 0; sorted) and its reason at ``key_why``, given
+    together or not at all."""
+    if not t.has(key):
+        if t.has(f"{key}_why"):
+            t.fail(f"{key}_why", f"give it only with {key}")
+        return None, None
+    v = t.raw(key)
+    if not (isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
+            and len(set(v)) == len(v)):
+        t.fail(key, f"expected a non-empty list of distinct layer indices (>= 0), got {_show(v)}")
+    return tuple(sorted(v)), t.str_(f"{key}_why")
+
+
 def _train(top: _Reader) -> TrainSpec:
     t = top.sub("train")
     labels = t.str_("labels", choices=("causal",), default="causal")
@@ -627,29 +641,13 @@ def _train(top: _Reader) -> TrainSpec:
     no_step = t.str_("no_step") if t.has("no_step") else None
     if (steps == 0) != (no_step is not None):
         t.fail("no_step", "give it exactly when steps = 0: why the case takes no optimizer step")
-    step_layers, step_layers_why = None, None
-    if t.has("step_layers"):
-        v = t.raw("step_layers")
-        if not (isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
-                and len(set(v)) == len(v)):
-            t.fail("step_layers", f"expected a non-empty list of distinct layer indices (>= 0), got {_show(v)}")
-        if steps == 0:
-            t.fail("step_layers", "needs steps >= 1 (it says what the optimizer step trains)")
-        step_layers, step_layers_why = tuple(sorted(v)), t.str_("step_layers_why")
-    elif t.has("step_layers_why"):
-        t.fail("step_layers_why", "give it only with step_layers")
-    grad_layers, grad_layers_why = None, None
-    if t.has("grad_layers"):
-        v = t.raw("grad_layers")
-        if not (isinstance(v, list) and v and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)
-                and len(set(v)) == len(v)):
-            t.fail("grad_layers", f"expected a non-empty list of distinct layer indices (>= 0), got {_show(v)}")
-        if step_layers is not None and not set(step_layers) <= set(v):
-            t.fail("step_layers", f"layers {sorted(set(step_layers) - set(v))} get no gradient (grad_layers = "
-                                  f"{sorted(v)}): the step can train only layers among grad_layers")
-        grad_layers, grad_layers_why = tuple(sorted(v)), t.str_("grad_layers_why")
-    elif t.has("grad_layers_why"):
-        t.fail("grad_layers_why", "give it only with grad_layers")
+    step_layers, step_layers_why = _layers(t, "step_layers")
+    if step_layers is not None and steps == 0:
+        t.fail("step_layers", "needs steps >= 1 (it says what the optimizer step trains)")
+    grad_layers, grad_layers_why = _layers(t, "grad_layers")
+    if step_layers is not None and grad_layers is not None and not set(step_layers) <= set(grad_layers):
+        t.fail("step_layers", f"layers {sorted(set(step_layers) - set(grad_layers))} get no gradient (grad_layers = "
+                              f"{list(grad_layers)}): the step can train only layers among grad_layers")
     o = t.sub("optimizer", required=True)
     betas = o.raw("betas")
     if not (isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and not isinstance(b, bool)

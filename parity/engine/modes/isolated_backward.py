@@ -146,12 +146,12 @@ def prepare(ref, prog) -> dict:
             continue
         own = owned.get(name, {})
         key = next((k for k in ((INPUT, name), (OUTPUT, name), (ROUTED, a.hf)) if k in order), None)
+        at = order[key] if key else 0
         if frozen_below and key is not None and key[0] != INPUT:  # the first layer with gradients (train.grad_layers):
             # nothing below needs its input's gradient, so HF computed none; its backward ends after its inner rows'
-            inner = [order[k] for k in order if k[0] in (INPUT, OUTPUT) and k[1].startswith(name + ".")]
-            key = max(inner, default=order[key])
+            at = max((order[k] for k in order if k[0] in (INPUT, OUTPUT) and k[1].startswith(name + ".")), default=at)
         params = dict(modules[name].named_parameters(prefix=name))
-        out[name] = {"canonical": own, "order": key if isinstance(key, int) else order[key] if key else 0,
+        out[name] = {"canonical": own, "order": at,
                      # what its backward reaches when it has parameters of its own (smaller rows' too)
                      "claims": {canonical[id(p)] for p in params.values()} if own else set()}
     if ref.dtype != "float32":

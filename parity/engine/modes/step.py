@@ -33,6 +33,7 @@ from parity.engine.alignment import layer_of, text_layer_of
 from parity.engine.compare import metrics
 from parity.engine.modes.backward import labels_of
 from parity.engine.record import Record
+from parity.engine.reference import freeze_outside
 
 MODE = "step"
 ROW = "param_step"
@@ -175,9 +176,7 @@ def trains_in_place(model, layers):
     26B-A4B shape a copy is another 47 GiB of bf16 weights (94 GiB in fp32)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     if layers is not None:
-        for n, p in model.named_parameters():
-            if not in_step_layers(n, layers):
-                p.requires_grad_(False)
+        freeze_outside(model, layers)
     saved = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
     try:
         yield saved  # the trained parameters as they were (a trajectory's ``before``: not read twice)
