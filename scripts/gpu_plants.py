@@ -25,8 +25,10 @@ the classes; ``--max-runs`` / ``--max-wall`` bound the sweep). Writes
     python scripts/gpu_plants.py --sensitivity [--eps 1e-2,1e-3,1e-4,1e-5,1e-6] [--classes "norm weight,projection"]
         [--max-runs 12] [--max-wall 400] [--case-inputs] [--case gemma4-text-tiny-padded --device cpu]
 
-A train case's backward plants on an 80 GB card: ``--grad-layers 4,5`` (``train.grad_layers``: only those layers'
+A train case's backward plants on an 80 GB card: ``--grad-layers 28,29`` (``train.grad_layers``: only those layers'
 parameters get gradients, on both sides; a plant whose row is another parameter's gradient is not run, and says so).
+The backward plants sit in the last layer or in every layer, so the rows they are first seen at are the last layer's
+(``{last}`` in tests/plants.py: 5 in the tiny cases, 29 at 26B-A4B).
 
 Memory: the HF model stays resident beside the Megatron model (47 + 47 GiB in bf16 at the 26B shape): an H200
 (139 GiB) holds both. On an 80 GB card ``--sequential`` keeps the case's own sequential run instead (HF captured and
@@ -157,6 +159,17 @@ def run_plant(plant, ref, a, shape) -> tuple[dict | None, float, BaseException |
             torch.cuda.empty_cache()
 
 
+def left_on_device(before: int) -> dict:
+    """What a plant's run left allocated on the device (its system should be gone): GiB more than before it, and
+    the largest CUDA tensors still alive with the types of what refers to them (a run that leaked its model made the
+    next plant's build run out of memory at 26B)."""
+    big = sorted((t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.is_cuda),
+                 key=lambda t: t.untyped_storage().nbytes(), reverse=True)[:5]
+    return {"gib": (torch.cuda.memory_allocated() - before) / 2**30,
+            "largest": [{"shape": list(t.shape), "dtype": str(t.dtype), "gib": t.untyped_storage().nbytes() / 2**30,
+                         "held_by": sorted({type(r).__name__ for r in gc.get_referrers(t)} - {"list"})} for t in big]}
+
+
 def sensitivity(ref, a, shape, out_path: str, table: dict, known: set) -> dict:
     """Per class, the planted relative error descends the ``--eps`` list (breadth first over the classes, so a cut
     by ``--max-runs`` / ``--max-wall`` still leaves every class some points) and stops at the class's first eps that
@@ -236,7 +249,8 @@ def main() -> int:
                          "shape a clean run costs as much as a plant)")
     ap.add_argument("--grad-layers", metavar="I,J",
                     help="train cases: only these text decoder layers' parameters get gradients, on both sides "
-                         "(train.grad_layers; the 26B shape on an 80 GB card: --grad-layers 5, the plants' layer). A "
+                         "(train.grad_layers; the 26B shape on an 80 GB card: --grad-layers 28,29, the last two layers, where the "
+                         "backward plants are first seen). A "
                          "plant whose row is a parameter outside them is not run, and its row says why")
     ap.add_argument("--sequential", action="store_true",
                     help="forward plants: keep the case's sequential run (fits an 80 GB card) instead of HF resident")
@@ -371,10 +385,14 @@ def main() -> int:
                              "caught": None, "not_run": frozen})
                 print(json.dumps(rows[-1], default=str), flush=True)
             elif plant is not None:     # by its time limit keeps what ran)
+                before = torch.cuda.memory_allocated() if a.device == "cuda" else 0
                 res, wall, err = run_plant(plant, ref, a, shape)
                 out = (row(plant, shape, res, wall, known) if err is None else
                        {"plant": plant.name, "kind": plant.kind, "caught": False,
                         "error": f"{type(err).__name__}: {err}"})
+                res = err = None
+                if a.device == "cuda" and torch.cuda.memory_allocated() - before > 2**30:
+                    out["left_on_device"] = left_on_device(before)  # the next plant's build would run out
                 rows.append(out)
                 print(json.dumps(out, default=str), flush=True)
             table = {**head, "clean": clean, "plants": rows, "caught": sum(1 for x in rows if x.get("caught")),

@@ -27,11 +27,14 @@ CASES = {"float32": "gemma4-text-tiny-padded", "bfloat16": "gemma4-text-tiny-pad
 
 @dataclass(frozen=True)
 class Shape:
-    """What the plants need to know of a case's model: the first full (K=V, proportional RoPE) layer and the full
-    layers' head_dim (tiny: 2 and 32; 26B-A4B: 5 and 512)."""
+    """What the plants need to know of a case's model: the first full (K=V, proportional RoPE) layer, the full
+    layers' head_dim (tiny: 2 and 32; 26B-A4B: 5 and 512), and the last layer and last full layer, the first the
+    backward reaches (tiny: 5 and 5; 26B-A4B: 29 and 29)."""
 
     first_full: int
     global_hd: int
+    last: int = 5
+    last_full: int = 5
 
     @classmethod
     def of(cls, case) -> "Shape":
@@ -40,7 +43,17 @@ class Shape:
         builders = {"tiny_text": C.text_config_kwargs, "full_text": C.full_text_config_kwargs}
         args = C.TextArgs.from_hf(C.make_text_config(builders[case.model.builder](**case.model.overrides)))
         full = [i for i, la in enumerate(args.layers) if not la.is_sliding]
-        return cls(first_full=full[0], global_hd=args.layers[full[0]].head_dim)
+        return cls(first_full=full[0], global_hd=args.layers[full[0]].head_dim, last=len(args.layers) - 1,
+                   last_full=full[-1])
+
+TINY = Shape(first_full=2, global_hd=32)  # the tiny text cases' model (``Shape.of`` any of them)
+
+
+def _at(where: str, shape: Shape | None) -> str:
+    """A plant's module name with the layers of ``shape``'s model filled in (None: the tiny cases')."""
+    shape = shape or TINY
+    return where.format(full=shape.first_full, last=shape.last, last_full=shape.last_full)
+
 
 BF16_ROUNDING = ("under bf16 rounding: the floor-relative bf16 gates (4 x floor + 1e-3) exceed this error; needs "
                  "the fp32 replay of every module (issue 11 item 1, phase 2)")
@@ -52,7 +65,8 @@ PRECISION = ("precision-only: visible only against the fp32 truth (err(Megatron-
 class Plant:
     name: str
     kind: str
-    where: str  # expected summary.first_divergence; "{full}" is the first full layer
+    where: str  # expected summary.first_divergence; "{full}" is the first full layer, "{last}" / "{last_full}" the
+    # last layer / last full layer (``Shape``)
     plant: Callable  # plant(monkeypatch, shape)
     misses: dict = field(default_factory=dict)  # dtype -> why today's engine misses it (xfail, strict)
     fp32_noop: bool = False  # precision-only: identical to HF in fp32, so the fp32 run must pass
@@ -63,14 +77,20 @@ class Plant:
     every: str | None = None  # a plant on a class: every module matching this pattern (fnmatch) is planted, and a
     # first divergence at any of them localises it (``where`` is the first of them in the run's order)
 
-    def expected(self, shape: Shape) -> str:
-        return self.where.format(full=shape.first_full)
+    def expected(self, shape: Shape | None = None) -> str:
+        """``where`` in the model of ``shape`` (None: the tiny cases')."""
+        return _at(self.where, shape)
+
+    def expected_isolated(self, shape: Shape | None = None, bf16: bool = False) -> str:
+        """A backward plant's first failing isolated-backward row (``isolated_bf16`` in a bf16 run, then
+        ``isolated``, then ``where``) in the model of ``shape``."""
+        return _at((self.isolated_bf16 if bf16 else None) or self.isolated or self.where, shape)
 
     def localised_at(self, name: str | None, shape: Shape) -> bool:
         """Whether a first divergence at ``name`` is this plant's module: ``where``, a backward plant's module alone
         (``isolated``, ``isolated_bf16``), or any module ``every`` plants."""
-        places = {self.expected(shape)} | ({self.isolated, self.isolated_bf16} - {None} if self.kind == "backward"
-                                           else set())
+        places = {self.expected(shape)} | ({_at(x, shape) for x in (self.isolated, self.isolated_bf16) if x}
+                                           if self.kind == "backward" else set())
         return name in places or (name is not None and self.every is not None and fnmatch.fnmatchcase(name, self.every))
 
 
@@ -820,7 +840,8 @@ def loss_over_padding(mp, shape):
     loss_on = ours.ParitySystem.loss_on
 
     def planted(self, logits, labels):
-        return loss_on(self, logits, torch.where(labels == -100, self.inputs["input_ids"], labels))
+        ids = self.inputs["input_ids"].to(labels.device)  # the isolated loss's labels sit beside HF's logits
+        return loss_on(self, logits, torch.where(labels == -100, ids, labels))
     mp.setattr(ours.ParitySystem, "loss_on", planted)
 
 
@@ -845,24 +866,24 @@ def aux_loss_left_on(mp, shape):
 BACKWARD_PLANTS = [
     # bf16: end to end it moves the norm's input gradient by 1.6 %, under its bf16 gate (4 x HF's own bf16-vs-fp32
     # gradient error of ~5 % + 1e-3); the norm alone fails its truth gate (HF's norm alone in bf16 is 0.16 % off)
-    Plant("rms detached", "backward", "model.layers.5.pre_feedforward_layernorm", rms_detached),
+    Plant("rms detached", "backward", "model.layers.{last}.pre_feedforward_layernorm", rms_detached),
     # inline after lm_head in HF's forward: the first module whose own gradients it feeds
     Plant("straight-through softcap", "backward", "lm_head", straight_through_softcap, isolated="logits"),
-    Plant("K=V tie without gradient", "backward", "model.layers.5.self_attn.k_proj.weight", kv_tie_without_gradient,
-          isolated="model.layers.5.self_attn"),  # the tie is inside the attention, not in k_proj
+    Plant("K=V tie without gradient", "backward", "model.layers.{last_full}.self_attn.k_proj.weight",
+          kv_tie_without_gradient, isolated="model.layers.{last_full}.self_attn"),  # the tie is inside the attention, not in k_proj
     Plant("logits gradient in bf16", "backward", "model.norm.weight", logits_grad_bf16, isolated="logits",
           misses={"bfloat16": "a bf16 run's gradients are bf16 already: rounding to bf16 changes nothing"}),
     Plant("tied head gradient dropped", "backward", "model.embed_tokens.weight", tied_head_grad_dropped,
           isolated="lm_head.weight"),  # the head's share of the tied weight
     # the routing weights' gradient reaches the router's parameters: per_expert_scale is the last it multiplies
-    Plant("combine probabilities detached", "backward", "model.layers.5.router.per_expert_scale",
-          combine_probs_detached, isolated="model.layers.5.experts[top_k_weights]"),
+    Plant("combine probabilities detached", "backward", "model.layers.{last}.router.per_expert_scale",
+          combine_probs_detached, isolated="model.layers.{last}.experts[top_k_weights]"),
     Plant("loss over padding", "backward", "loss", loss_over_padding),
     # bf16: end to end a coefficient of 1e-2 moves the router's gradients by ~5 %, under their bf16 gates (4 x HF's
     # own bf16-vs-fp32 error of 4-28 % + 1e-3); the router alone: its per_expert_scale gradient fails its truth gate,
     # narrowly (8.1 % from HF's module alone in fp32 against a gate of 1.5 x 4.9 %)
-    Plant("aux loss left on", "backward", "model.layers.5.router.per_expert_scale", aux_loss_left_on,
-          isolated="model.layers.5.router", isolated_bf16="model.layers.5.router.per_expert_scale",
+    Plant("aux loss left on", "backward", "model.layers.{last}.router.per_expert_scale", aux_loss_left_on,
+          isolated="model.layers.{last}.router", isolated_bf16="model.layers.{last}.router.per_expert_scale",
           every="model.layers.*.router*"),  # every router carries it
 ]
 BY_NAME.update({p.name: p for p in BACKWARD_PLANTS})  # scripts/gpu_plants.py --plants names them too

@@ -159,9 +159,9 @@ def test_bf16_backward_only_plant(plant, reference_bf16):
         return
     assert r["passed"] is False
     iso, e2e = _first(r, ISOLATED), _first(r, ("loss", "grad_input", "param_grad"))
-    assert iso["name"] == (plant.isolated_bf16 or plant.isolated or plant.where), (iso["name"], iso["mode"])
+    assert iso["name"] == plant.expected_isolated(bf16=True), (iso["name"], iso["mode"])
     assert (e2e is None) == (plant.name in ("rms detached", "aux loss left on"))
-    assert e2e is None or e2e["name"] == plant.where, e2e["name"]
+    assert e2e is None or e2e["name"] == plant.expected(), e2e["name"]
     detail, first = r["summary"]["first_divergence_detail"], _first(r, ISOLATED + ("loss", "grad_input", "param_grad"))
     assert (detail["name"], detail["mode"]) == (first["name"], first["mode"]), detail
 
@@ -183,8 +183,8 @@ def test_backward_only_plant_is_caught_where_it_is(plant, reference, clean):
     r = _planted(plant, reference)
     assert r["passed"] is False
     e2e, iso = _first(r, ("loss", "grad_input", "param_grad")), _first(r, ISOLATED)
-    assert e2e["name"] == plant.where, (e2e["name"], e2e["mode"])
-    assert iso is not None and iso["name"] == (plant.isolated or plant.where), (iso["name"], iso["mode"])
+    assert e2e["name"] == plant.expected(), (e2e["name"], e2e["mode"])
+    assert iso is not None and iso["name"] == plant.expected_isolated(), (iso["name"], iso["mode"])
     detail, first = r["summary"]["first_divergence_detail"], _first(r, ISOLATED + ("loss", "grad_input", "param_grad"))
     assert (detail["name"], detail["mode"]) == (first["name"], first["mode"]), detail
     assert r["checks"]["gradients"] is False or r["checks"]["loss"] is False

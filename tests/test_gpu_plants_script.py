@@ -58,6 +58,24 @@ def test_grad_layers_runs_the_plants_whose_rows_get_gradients(tmp_path):
     assert ran["K=V tie without gradient"] == "model.layers.5.self_attn.k_proj.weight" and ran["loss over padding"] == "loss"
 
 
+def test_the_backward_plants_rows_are_the_models_last_layers():
+    """The backward plants sit in the last layer or in every layer, so the backward reaches them first in the last
+    layer (the last full one for the K=V tie): 5 in the tiny cases, 29 at 26B-A4B (whose first 26B table named
+    tiny's layer 5 for plants it found, rightly, at layer 29)."""
+    from parity.cases import load_case
+    from tests.plants import BY_NAME, TINY, Shape
+
+    assert Shape.of(load_case(CASE)) == TINY
+    big = Shape.of(load_case("gemma4-26b-a4b-train"))
+    assert (big.first_full, big.last, big.last_full) == (5, 29, 29)
+    assert BY_NAME["rms detached"].expected(big) == "model.layers.29.pre_feedforward_layernorm"
+    assert BY_NAME["K=V tie without gradient"].expected_isolated(big) == "model.layers.29.self_attn"
+    aux = BY_NAME["aux loss left on"]
+    assert aux.expected_isolated(big, bf16=True) == "model.layers.29.router.per_expert_scale"
+    assert aux.expected_isolated(TINY) == "model.layers.5.router" and aux.localised_at("model.layers.28.router", big)
+    assert BY_NAME["combine probabilities detached"].localised_at("model.layers.29.experts[top_k_weights]", big)
+
+
 def test_grad_layers_is_for_train_cases(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "gpu_plants.py"), "--case", "gemma4-text-tiny", "--device",
            "cpu", "--grad-layers", "5", "--out", str(tmp_path)]

@@ -91,3 +91,24 @@ def test_hfs_parameter_gradients_are_staged_page_locked_and_unpinned_at_the_rele
         assert ref.held()["param grads"] == ref.held()["fp32 param grads"] == 0
     finally:
         ref.close()
+
+
+def test_a_system_that_outlives_its_run_is_said(monkeypatch, capsys):
+    """A run whose system is still referred to after it (the next build finds its memory taken: a 26B plant table's
+    next plant ran out of memory so) says it in its progress; a run whose system is freed says nothing."""
+    from parity.systems import ours
+
+    kept, build = [], ours.ParitySystem.build
+
+    def keeping(self, *a, **kw):
+        kept.append(self)  # BUG: a module-level reference to the system
+        return build(self, *a, **kw)
+    with cpu_threads("cpu"):
+        ref = pipeline.reference(load_case("gemma4-text-tiny"), device="cpu", progress=True)
+        pipeline.against(ref, "parity")
+        assert "outlived its run" not in capsys.readouterr().err
+        monkeypatch.setattr(ours.ParitySystem, "build", keeping)
+        pipeline.against(ref, "parity")
+    ref.close()
+    err = capsys.readouterr().err
+    assert len(kept) == 1 and "the system's model outlived its run (host " in err, err[-500:]

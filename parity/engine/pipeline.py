@@ -21,7 +21,7 @@ from parity.engine import metrics as M
 from parity.engine.comparison import Comparison
 from parity.engine import modes
 from parity.engine.modes.end_to_end import KL_FLOOR
-from parity.engine.progress import Progress, timed
+from parity.engine.progress import Progress, memory, timed
 from parity.engine.reference import Reference, freed
 from parity.engine.results import Results
 from parity.engine.system import Guarded, SystemRaised
@@ -169,7 +169,8 @@ def against(ref: Reference, system: str) -> dict:
     # the system's model is freed before the next system (or run) builds one: its hooks can hold it in a cycle
     sut_ref = weakref.ref(raw)
     c = sut = raw = None
-    freed(sut_ref, ref.device)
+    if not freed(sut_ref, ref.device):  # the next build would find its memory taken (a 26B plant table ran out so)
+        prog.note(f"the system's model outlived its run ({memory()}): something still refers to it")
     return results
 
 
