@@ -51,9 +51,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def row(plant, shape, r: dict, wall: float, known: set | None = None) -> dict:
+def row(plant, shape, r: dict, wall: float, known: set | None = None, clean_rows: dict | None = None) -> dict:
     """One plant's outcome. ``known``: the rows failing in the clean run; when there are any, the plant is
-    judged by its first *new* divergence (``first_new``) instead of the run's first divergence."""
+    judged by its first *new* divergence (``first_new``) instead of the run's first divergence. ``clean_rows``: the
+    clean run's rows by (name, mode), for ``nearest``."""
     s = r["summary"]
     d = s.get("first_divergence_detail") or {}
     where = plant.expected(shape) if plant is not None else None
@@ -76,6 +77,23 @@ def row(plant, shape, r: dict, wall: float, known: set | None = None) -> dict:
     # a backward plant's first divergence is the earlier of its module's end to end and alone (tests/test_backward.py)
     out["caught"] = (not r["passed"]) and plant.localised_at(judged.get("name"), shape) and (
         plant.megatron_name is None or judged.get("megatron_name") == plant.megatron_name)
+    out["nearest"] = nearest(r, plant, shape, clean_rows)
+    return out
+
+
+def nearest(r: dict, plant, shape, clean_rows: dict | None, n: int = 3) -> list:
+    """The ``n`` rows at the plant's own modules (where it is caught, ``Plant.localised_at``) nearest their gates in
+    the planted run, each with how many times its gate it is there and in the clean run: how far a plant moved the
+    rows it should fail (a plant that is missed says by how much)."""
+    rows = [m for m in r["modules"] if m.get("gate") and times_gate(m) is not None
+            and plant.localised_at(m["name"], shape)]
+    out = []
+    for m in sorted(rows, key=times_gate, reverse=True)[:n]:
+        before = (clean_rows or {}).get((m["name"], m["mode"]))
+        out.append({"name": m["name"], "mode": m["mode"], "metric": m["gate"]["metric"],
+                    "value": m.get(m["gate"]["metric"]), "gate": m["gate"]["max"],
+                    "truth_rel_l2": m.get("truth_rel_l2"), "times_gate": times_gate(m),
+                    "clean_times_gate": None if before is None else times_gate(before)})
     return out
 
 
@@ -334,6 +352,7 @@ def main() -> int:
             clean = row(None, shape, r, time.perf_counter() - t0)
             clean["truth_ratios"] = truth_ratios(r)
             clean["phases"] = r.get("phases")
+            clean_rows = {(m["name"], m["mode"]): m for m in r["modules"]}
             known = failing(r)  # a clean run that fails (a system's findings): plants are judged by new divergences
             clean["failing_rows"] = sorted(f"{n} [{m}]" for n, m in known)
             system = r.get("system")
@@ -341,6 +360,7 @@ def main() -> int:
             clean = {**earlier["clean"], "from": {"table": os.path.basename(a.clean_from),
                                                   "created": earlier.get("created")}}
             known = {(name, mode[:-1]) for name, mode in (x.rsplit(" [", 1) for x in clean["failing_rows"])}
+            clean_rows = None  # its rows were not kept: ``nearest`` has no clean figures
             system = earlier.get("system")
         print(json.dumps(clean, default=str), flush=True)
         os.makedirs(a.out, exist_ok=True)
@@ -387,7 +407,7 @@ def main() -> int:
             elif plant is not None:     # by its time limit keeps what ran)
                 before = torch.cuda.memory_allocated() if a.device == "cuda" else 0
                 res, wall, err = run_plant(plant, ref, a, shape)
-                out = (row(plant, shape, res, wall, known) if err is None else
+                out = (row(plant, shape, res, wall, known, clean_rows) if err is None else
                        {"plant": plant.name, "kind": plant.kind, "caught": False,
                         "error": f"{type(err).__name__}: {err}"})
                 res = err = None

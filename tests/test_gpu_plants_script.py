@@ -56,6 +56,10 @@ def test_grad_layers_runs_the_plants_whose_rows_get_gradients(tmp_path):
     assert t["caught"] == t["n_plants"] == 6 and t["not_run"] == 2, ran
     assert ran["rms detached"] == "model.layers.5.pre_feedforward_layernorm"  # its own row, not its layer's
     assert ran["K=V tie without gradient"] == "model.layers.5.self_attn.k_proj.weight" and ran["loss over padding"] == "loss"
+    # how far each moved its own rows: past their gates, where the clean run sits under them
+    for r in (r for r in t["plants"] if "not_run" not in r):
+        top = r["nearest"][0]
+        assert top["times_gate"] > 1 > top["clean_times_gate"] and r["plant"] and len(r["nearest"]) <= 3, r
 
 
 def test_the_backward_plants_rows_are_the_models_last_layers():
