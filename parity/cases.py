@@ -60,6 +60,8 @@ Schema (fields without a default are required)::
                                          # gradients and these layers' are those of a run without it; step_layers, if
                                          # given, among them)
     grad_layers_why = "..."              # with grad_layers: why
+    grad_embedding = true                # default false; with grad_layers: the word embedding (and the head tied to
+                                         # it) gets its gradient too (every layer then gets its input gradient)
     [train.optimizer]                    # AdamW, as both sides' users run it
     lr = 1e-4
     betas = [0.9, 0.95]
@@ -231,6 +233,7 @@ class TrainSpec(_Section):
     step_layers_why: str | None = None  # why the step trains a subset
     grad_layers: tuple[int, ...] | None = None  # only these text decoder layers' parameters get gradients, both sides
     grad_layers_why: str | None = None  # why (a memory option: freezing the rest changes no gradient computed)
+    grad_embedding: bool = False  # with grad_layers: the word embedding (and the head tied to it) gets its gradient too
     no_fp32_truth: FrozenDict = field(default_factory=FrozenDict)  # parameter glob -> why its fp32 gradient is not kept
 
 
@@ -645,6 +648,9 @@ def _train(top: _Reader) -> TrainSpec:
     if step_layers is not None and steps == 0:
         t.fail("step_layers", "needs steps >= 1 (it says what the optimizer step trains)")
     grad_layers, grad_layers_why = _layers(t, "grad_layers")
+    grad_embedding = t.bool_("grad_embedding", default=False)
+    if grad_embedding and grad_layers is None:
+        t.fail("grad_embedding", "only with grad_layers (without it every parameter gets its gradient)")
     if step_layers is not None and grad_layers is not None and not set(step_layers) <= set(grad_layers):
         t.fail("step_layers", f"layers {sorted(set(step_layers) - set(grad_layers))} get no gradient (grad_layers = "
                               f"{list(grad_layers)}): the step can train only layers among grad_layers")
@@ -667,7 +673,7 @@ def _train(top: _Reader) -> TrainSpec:
     t.done()
     return TrainSpec(optimizer=opt, labels=labels, steps=steps, overrides=FrozenDict(overrides), no_step=no_step,
                      step_layers=step_layers, step_layers_why=step_layers_why, grad_layers=grad_layers,
-                     grad_layers_why=grad_layers_why, no_fp32_truth=FrozenDict(no_truth))
+                     grad_layers_why=grad_layers_why, grad_embedding=grad_embedding, no_fp32_truth=FrozenDict(no_truth))
 
 
 def _lora(top: _Reader) -> LoraSpec:

@@ -266,13 +266,16 @@ def finalize_grads(chunk: torch.nn.Module, config, experts: set[int]) -> None:
 DECODER_LAYER = re.compile(r"(?:^|\.)decoder\.layers\.(\d+)\.")  # a megatron text decoder layer's parameters
 
 
-def train_layers(model: torch.nn.Module, layers) -> int:
+def train_layers(model: torch.nn.Module, layers, embedding: bool = False) -> int:
     """Every parameter of ``model`` outside the text decoder ``layers`` frozen (``requires_grad`` off: no gradient,
-    no optimizer state), as a user freezing layers does; returns how many parameters still train."""
+    no optimizer state), as a user freezing layers does, but the word embedding and an untied output layer when
+    ``embedding``; returns how many parameters still train."""
     n = 0
     for name, p in model.named_parameters():
         m = DECODER_LAYER.search(name)
-        if m is None or int(m.group(1)) not in layers:
+        if embedding and name.endswith(("embedding.word_embeddings.weight", "output_layer.weight")):
+            pass
+        elif m is None or int(m.group(1)) not in layers:
             p.requires_grad_(False)
         n += p.requires_grad
     return n

@@ -51,7 +51,8 @@ def test_grad_layers_runs_the_plants_whose_rows_get_gradients(tmp_path):
     not_run = {r["plant"]: r["not_run"] for r in t["plants"] if "not_run" in r}
     assert not_run == {
         "logits gradient in bf16": "its row, model.norm.weight's gradient, is not computed: --grad-layers 5",
-        "tied head gradient dropped": "its row, model.embed_tokens.weight's gradient, is not computed: --grad-layers 5"}
+        "tied head gradient dropped": "its row, model.embed_tokens.weight's gradient, is not computed: --grad-layers 5 "
+                                      "(without --grad-embedding)"}
     ran = {r["plant"]: r["first_divergence"] for r in t["plants"] if "not_run" not in r}
     assert t["caught"] == t["n_plants"] == 6 and t["not_run"] == 2, ran
     assert ran["rms detached"] == "model.layers.5.pre_feedforward_layernorm"  # its own row, not its layer's
@@ -78,6 +79,21 @@ def test_the_backward_plants_rows_are_the_models_last_layers():
     assert aux.expected_isolated(big, bf16=True) == "model.layers.29.router.per_expert_scale"
     assert aux.expected_isolated(TINY) == "model.layers.5.router" and aux.localised_at("model.layers.28.router", big)
     assert BY_NAME["combine probabilities detached"].localised_at("model.layers.29.experts[top_k_weights]", big)
+
+
+def test_grad_embedding_runs_the_tied_heads_plant(tmp_path):
+    """``--grad-embedding`` (``train.grad_embedding``): the word embedding trains too, so the tied head's plant runs
+    and is caught at the embedding's gradient, as in a run where everything trains (the 26B shape on an 80 GB card:
+    1.4 GiB more a side, where every parameter's gradient is 47 GiB)."""
+    p = _run(tmp_path, "--grad-layers", "5", "--grad-embedding", "--plants", "tied head gradient dropped",
+             "--out", str(tmp_path))
+    assert p.returncode == 0, p.stderr[-2000:]
+    t = json.loads((tmp_path / f"gpu-plants-{CASE}-cpu.json").read_text())
+    assert t["train"]["grad_embedding"] is True and t["caught"] == t["n_plants"] == 1 and t["not_run"] == 0
+    # the head's share of the tied weight alone (its isolated row) or the embedding's whole gradient
+    assert t["plants"][0]["first_divergence"] in ("lm_head.weight", "model.embed_tokens.weight"), t["plants"][0]
+    q = _run(tmp_path, "--grad-embedding", "--out", str(tmp_path / "x"))
+    assert q.returncode == 2 and "--grad-embedding: only with --grad-layers" in q.stderr
 
 
 def test_grad_layers_is_for_train_cases(tmp_path):

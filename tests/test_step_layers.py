@@ -165,6 +165,8 @@ def test_train_layers_freezes_by_megatron_decoder_layer():
     ({"grad_layers": [1, 2]}, "grad_layers_why: missing"),
     ({"grad_layers": [0, 0], "grad_layers_why": "x"}, "distinct layer indices"),
     ({"grad_layers_why": "x"}, "give it only with grad_layers"),
+    ({"grad_embedding": True}, "grad_embedding: only with grad_layers"),
+    ({**{"grad_layers": [1, 2], "grad_layers_why": "x"}, "grad_embedding": 1}, "expected true or false"),
 ])
 def test_case_file_errors(train, message):
     from parity.cases import parse_case
@@ -238,3 +240,23 @@ def test_gradients_of_some_layers_are_those_of_a_run_with_all(system):
     assert "grad_layers" not in whole["train"]
     traj = lambda r: r["train"]["trajectory"]["system"]  # noqa: E731
     assert traj(some) == traj(whole) and some["checks"]["step"] == whole["checks"]["step"] is True
+
+
+def test_the_embedding_trains_beside_some_layers_as_in_a_run_with_all():
+    """``train.grad_embedding`` with ``grad_layers``: the word embedding (tied to the head) trains too, on both sides;
+    every layer then gets its activation gradients, each row the whole run's value for value, and the parameter rows
+    are those layers' and the embedding's."""
+    case = load_case("gemma4-text-tiny-train-bf16")
+    with cpu_threads("cpu"):
+        whole = pipeline.run(case.replace(train=LAYERS), device="cpu")
+        some = pipeline.run(case.replace(train={**LAYERS, **GRAD_LAYERS, "grad_embedding": True}), device="cpu")
+    grads = ("loss", "grad_output", "grad_input", "param_grad", "isolated_grad_input", "isolated_param_grad")
+    rows = lambda r: {(m["name"], m["mode"]): m for m in r["modules"] if m["mode"] in grads}  # noqa: E731
+    a, b = rows(whole), rows(some)
+    differ = [(k, a[k]["rel_l2"], b[k]["rel_l2"]) for k in b if b[k]["rel_l2"] != a[k]["rel_l2"]]
+    assert set(b) < set(a) and not differ, differ[:5]
+    params = {m["name"] for m in b.values() if m["mode"] == "param_grad"}
+    assert "model.embed_tokens.weight" in params and {a[k]["layer"] for k in a if k[1] == "param_grad"} - {None} > \
+        {b[k]["layer"] for k in b if k[1] == "param_grad"} - {None} == {1, 2}
+    assert any(m["layer"] == 0 and m["mode"] == "grad_input" for m in b.values())  # layer 0 gets its gradients
+    assert some["train"]["grad_layers"]["embedding"] is True and some["passed"] is True

@@ -183,7 +183,8 @@ def _freeze(sut, case, failures: list, attempt) -> bool:
         failures.append({"phase": "train_layers", "method": "train_layers", "error": f"{sut.name} has no train_layers: "
                          "it cannot keep gradients to train.grad_layers", "where": None})
         return False
-    return attempt("train_layers", lambda: sut.train_layers(case.train.grad_layers))
+    extra = {"embedding": True} if case.train.grad_embedding else {}  # a port without the option still freezes layers
+    return attempt("train_layers", lambda: sut.train_layers(case.train.grad_layers, **extra))
 
 
 def _adapt(sut, ref, failures: list, attempt) -> bool:

@@ -110,7 +110,7 @@ class Reference:
         text_args = TextArgs.from_hf(kind.text_config(config))
         if case.train is not None and case.train.grad_layers is not None:  # before any backward: HF's side
             check_step_layers(case, len(text_args.layers))  # a checkpoint's model: known once built
-            freeze_outside(model, case.train.grad_layers)
+            freeze_outside(model, case.train.grad_layers, embedding=case.train.grad_embedding)
         rows = expand(kind.prefixes, text_args, kind.vision_layers(config), kind.audio_layers(config))
         inputs = kind.inputs(config, case, seed, device)
         pos = inputs.get("image_position_ids")
@@ -223,13 +223,16 @@ def freed(ref: weakref.ref, device: str) -> bool:
     return ref() is None
 
 
-def freeze_outside(model, layers) -> int:
+def freeze_outside(model, layers, embedding: bool = False) -> int:
     """Every parameter of HF's ``model`` outside the text decoder ``layers`` frozen (``train.grad_layers``: only those
-    get gradients; the activation gradients, and those layers' own, are what they are without it); returns how many
+    get gradients; the activation gradients, and those layers' own, are what they are without it), but the word
+    embedding and the head (one tensor where tied) when ``embedding`` (``train.grad_embedding``); returns how many
     still train."""
+    keep = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings())
+            if embedding and m is not None}
     n = 0
     for name, p in model.named_parameters():
-        if text_layer_of(name) not in layers:
+        if text_layer_of(name) not in layers and id(p) not in keep:
             p.requires_grad_(False)
         n += p.requires_grad
     return n

@@ -46,9 +46,11 @@ def section(results: dict) -> str:
           ("overrides", "; ".join(f"{k}: {v}" for k, v in (train.get("overrides") or {}).items()) or "none")]
     if train.get("grad_layers"):  # train.grad_layers: a memory option, said where the rows are read
         g = train["grad_layers"]
-        kv.append(("gradients of", f'text decoder layers {", ".join(str(i) for i in g["layers"])} only, every other '
-                                   f'parameter frozen on both sides (no activation gradient below layer '
-                                   f'{min(g["layers"])}): {g.get("why") or ""}'))
+        below = ("and the word embedding, every other parameter frozen on both sides" if g.get("embedding") else
+                 f'only, every other parameter frozen on both sides (no activation gradient below layer '
+                 f'{min(g["layers"])})')
+        kv.append(("gradients of", f'text decoder layers {", ".join(str(i) for i in g["layers"])} {below}: '
+                                   f'{g.get("why") or ""}'))
     table = "".join(f'<tr><th style="text-align:left;font-weight:500">{_e(k)}</th><td>{_e(v)}</td></tr>'
                     for k, v in kv)
     first = (f'<p>First gradient to diverge, in backward order: <code>{_e(bad[0].get("name"))}</code> '

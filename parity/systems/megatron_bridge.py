@@ -352,10 +352,10 @@ class MegatronBridgeSystem:
         self.finalize_grads()
         return self._optimizer.step()
 
-    def train_layers(self, layers) -> None:
-        """Only the text decoder ``layers`` train (``megatron_layout.train_layers``: the rest frozen, as its users'
-        freezing sets ``requires_grad``)."""
-        train_layers(self.bm.model, layers)
+    def train_layers(self, layers, embedding: bool = False) -> None:
+        """Only the text decoder ``layers`` train, and the word embedding when ``embedding``
+        (``megatron_layout.train_layers``: the rest frozen, as its users' freezing sets ``requires_grad``)."""
+        train_layers(self.bm.model, layers, embedding)
 
     def _grad_norm(self, pairs) -> torch.Tensor:
         """megatron-core's global gradient norm over the ranks (``megatron_layout.grad_norm``: TP duplicates counted

@@ -472,9 +472,10 @@ class ParitySystem:
                             rows[:, (rep + 1) * hn:].copy_(rows[:, rep * hn:(rep + 1) * hn])
         return norm
 
-    def train_layers(self, layers) -> None:
-        """Only the text decoder ``layers`` train (``megatron_layout.train_layers``: the rest frozen)."""
-        train_layers(self.model, layers)
+    def train_layers(self, layers, embedding: bool = False) -> None:
+        """Only the text decoder ``layers`` train, and the word embedding when ``embedding``
+        (``megatron_layout.train_layers``: the rest frozen)."""
+        train_layers(self.model, layers, embedding)
 
     def _grad_norm(self, pairs) -> torch.Tensor:
         """megatron-core's global gradient norm over the ranks (``megatron_layout.grad_norm``)."""

@@ -551,7 +551,8 @@ def _measure(c, grads: _Grads) -> None:
     c.sections["train"] = {"loss": section, "labels": "causal: input ids, -100 at padding; each side shifts them",
                            "system_loss": getattr(sut, "loss_description", None),
                            "overrides": dict(spec.overrides),
-                           **({"grad_layers": {"layers": list(spec.grad_layers), "why": spec.grad_layers_why}}
+                           **({"grad_layers": {"layers": list(spec.grad_layers), "why": spec.grad_layers_why,
+                                               **({"embedding": True} if spec.grad_embedding else {})}}
                               if spec.grad_layers is not None else {})}
 
 

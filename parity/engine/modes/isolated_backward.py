@@ -139,7 +139,7 @@ def prepare(ref, prog) -> dict:
     modules, owned = dict(model.named_modules()), _owned(ref.model, ref.rows)
     canonical = {id(p): n for n, p in model.named_parameters()}
     order = hf["grads"].order
-    frozen_below = ref.case.train.grad_layers is not None
+    frozen_below = ref.case.train.grad_layers is not None and not ref.case.train.grad_embedding
     for a in _rows(ref.rows):
         name = _hf_module(a)
         if name not in modules or ref.cap.first(name) is None or _output_grad(a, hf) is None or name in out:
