@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import sys
@@ -33,6 +34,17 @@ def summary(r: dict) -> dict:
     return out
 
 
+def removed(causes: str | None):
+    """Megatron-Bridge's named defaults switched off for the run (a diagnostic: which of its findings move a
+    verdict), or nothing."""
+    if not causes:
+        return contextlib.nullcontext()
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.test_megatron_bridge_backward import causes_removed
+
+    return causes_removed(*causes.split(","))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("cases", nargs="+")
@@ -41,6 +53,12 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int)
     ap.add_argument("--checkpoint", help="local HF folder for the cases (the real-checkpoint path)")
     ap.add_argument("--full", action="store_true", help="also write the full results.json of each case")
+    ap.add_argument("--without", metavar="CAUSES",
+                    help="diagnostic: Megatron-Bridge built with these defaults of its switched off, comma-separated "
+                         "(tests/test_megatron_bridge_backward.py causes_removed: fused_cross_entropy, aux_loss, "
+                         "post_norm_eps, embed_scale, experts_probs); the summaries are named ...-without")
+    ap.add_argument("--lora-targets", metavar="T,U",
+                    help="LoRA cases: these peft targets instead of the case's (e.g. without o_proj: finding 13)")
     ap.add_argument("--system", default="parity",
                     help="system(s) under test, comma-separated: several run against one HF reference (one summary "
                          "each, plus <case>-<a>__<b>.json with the shared run's wall and the reference's phases)")
@@ -57,8 +75,12 @@ def main() -> int:
             case = load_case(name)
             if a.seq_len:
                 case = case.replace(inputs={"seq_len": a.seq_len})
-            runs = execute_systems(case, device="cuda", dtype=a.dtype, checkpoint=checkpoint_for(case, a.checkpoint),
-                                   seed=None, progress=True, systems=systems)
+            if a.lora_targets:
+                case = case.replace(lora={"targets": a.lora_targets.split(",")})
+            with removed(a.without):
+                runs = execute_systems(case, device="cuda", dtype=a.dtype,
+                                       checkpoint=checkpoint_for(case, a.checkpoint), seed=None, progress=True,
+                                       systems=systems)
             wall = time.perf_counter() - t0
             for system, r in zip(systems, runs):
                 s = summary(r)
@@ -66,6 +88,7 @@ def main() -> int:
                 print(json.dumps(s, indent=1, default=str), flush=True)
                 tag = name + ("-checkpoint" if a.checkpoint else "") + ("" if system == "parity" else f"-{system}")
                 tag += "-shared" if len(systems) > 1 else ""
+                tag += "-without" if a.without or a.lora_targets else ""
                 with open(os.path.join(a.out, f"{tag}.json"), "w") as f:
                     json.dump(s, f, indent=1, default=str)
                 if a.full:
