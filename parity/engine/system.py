@@ -128,8 +128,10 @@ class System(Protocol):
     # ``parity.cases.TrainSpec``) on the gradients of the last backward, which it clears; -> the gradient norm before
     # clipping
 
-    def train_layers(self, layers: tuple[int, ...]) -> None: ...  # before its first step (a case with
-    # ``train.step_layers``): only those text decoder layers' parameters train from now on, the rest frozen
+    def train_layers(self, layers: tuple[int, ...], embedding: bool = False) -> None: ...  # before its first step
+    # (``train.step_layers``) or right after its set-up (``train.grad_layers``): only those text decoder layers'
+    # parameters train from now on, and the word embedding (tied head) when ``embedding`` (``train.grad_embedding``;
+    # passed only then), the rest frozen
 
     def input_key(self, a: Aligned, args: tuple, kwargs: dict) -> int | str | None: ...
     # where, among a hooked module's arguments, is what HF's module of ``a`` receives as its main input
