@@ -153,6 +153,10 @@ def test_train_layers_freezes_by_megatron_decoder_layer():
     model.named_parameters = lambda: iter(named.items())  # the names a megatron model gives
     assert train_layers(model, (1,)) == 2
     assert [n for n, p in named.items() if p.requires_grad] == [names[2], names[4]]
+    for p in named.values():
+        p.requires_grad_(True)
+    assert train_layers(model, (1,), embedding=True) == 3  # train.grad_embedding: the word embedding too
+    assert [n for n, p in named.items() if p.requires_grad] == [names[0], names[2], names[4]]
 
 
 @pytest.mark.parametrize("train, message", [
@@ -260,3 +264,9 @@ def test_the_embedding_trains_beside_some_layers_as_in_a_run_with_all():
         {b[k]["layer"] for k in b if k[1] == "param_grad"} - {None} == {1, 2}
     assert any(m["layer"] == 0 and m["mode"] == "grad_input" for m in b.values())  # layer 0 gets its gradients
     assert some["train"]["grad_layers"]["embedding"] is True and some["passed"] is True
+    from parity.report import training as report
+
+    page = report.section(some)
+    assert "text decoder layers 1, 2 and the word embedding, every other parameter frozen" in page
+    assert "no activation gradient below layer 1" in report.section(
+        {**some, "train": {**some["train"], "grad_layers": {"layers": [1, 2], "why": "x"}}})
