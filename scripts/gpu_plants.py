@@ -28,7 +28,8 @@ the classes; ``--max-runs`` / ``--max-wall`` bound the sweep). Writes
 A train case's backward plants on an 80 GB card: ``--grad-layers 28,29`` (``train.grad_layers``: only those layers'
 parameters get gradients, on both sides; a plant whose row is another parameter's gradient is not run, and says so).
 The backward plants sit in the last layer or in every layer, so the rows they are first seen at are the last layer's
-(``{last}`` in tests/plants.py: 5 in the tiny cases, 29 at 26B-A4B).
+(``{last}`` in tests/plants.py: 5 in the tiny cases, 29 at 26B-A4B). ``--grad-embedding`` trains the tied embedding
+too (``train.grad_embedding``), for the tied head's plant.
 
 Memory: the HF model stays resident beside the Megatron model (47 + 47 GiB in bf16 at the 26B shape): an H200
 (139 GiB) holds both. On an 80 GB card ``--sequential`` keeps the case's own sequential run instead (HF captured and
