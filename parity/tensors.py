@@ -37,20 +37,39 @@ def device_copy(module: torch.nn.Module, device) -> torch.nn.Module:
 def parked(module: torch.nn.Module):
     """``module``'s parameters (with their gradients) and buffers on the host for the block, then back on the device
     each was on: the same tensor objects, their ``.data`` moved, so every reference to them (ties, optimizer state
-    keys, hooks) holds. A sequential GPU run's system steps aside this way while an HF copy of the same size needs the
-    card."""
-    moved = []
-    for t in {id(t): t for t in [*module.parameters(), *module.buffers()]}.values():
-        if t.device.type != "cpu":
-            dev = t.device
-            t.data = t.data.to("cpu")
-            if t.grad is not None:
-                t.grad = t.grad.to("cpu")
-            moved.append((t, dev))
+    keys, hooks) holds; tensors that viewed one storage view one copy of it, there and back (``one_copy_each``). A
+    sequential GPU run's system steps aside this way while an HF copy of the same size needs the card."""
+    moved = [(t, t.device) for t in {id(t): t for t in [*module.parameters(), *module.buffers()]}.values()
+             if t.device.type != "cpu"]
+
+    def place(where) -> None:  # where(device it was on) -> where it goes
+        for dev in {d for _, d in moved}:
+            ts = [t for t, d in moved if d == dev]
+            for t, view in zip(ts, one_copy_each(ts, where(dev))):
+                t.data = view
+            with_grad = [t for t in ts if t.grad is not None]
+            for t, view in zip(with_grad, one_copy_each([t.grad for t in with_grad], where(dev))):
+                t.grad = view
+
+    place(lambda dev: torch.device("cpu"))
     try:
         yield len(moved)
     finally:
-        for t, dev in moved:
-            t.data = t.data.to(dev)
-            if t.grad is not None:
-                t.grad = t.grad.to(dev)
+        place(lambda dev: dev)
+
+
+def one_copy_each(tensors: list[Tensor], device) -> list[Tensor]:
+    """Each of ``tensors`` as a view of a copy of its storage on ``device``, one copy per storage: tensors that shared
+    memory share it there (a parameter viewing a flat buffer, tied weights), each at its own offset, size and
+    stride."""
+    copies: dict = {}
+    out = []
+    for t in tensors:
+        st = t.untyped_storage()
+        key = (st.device, st.data_ptr())
+        if key not in copies:  # the storage's bytes as one tensor, copied (a tensor copy: any pair of devices)
+            whole = torch.empty(0, dtype=torch.uint8, device=st.device).set_(st)
+            copies[key] = whole.to(device, copy=True).untyped_storage()
+        out.append(torch.empty(0, dtype=t.dtype, device=device).set_(copies[key], t.storage_offset(), t.size(),
+                                                                     t.stride()))
+    return out

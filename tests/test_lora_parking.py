@@ -85,3 +85,22 @@ def test_a_parked_run_gives_the_rows_of_one_that_is_not(monkeypatch):
     assert parked_run["lora"]["system_parked"].startswith("an HF copy (") and "went to the host" in \
         parked_run["lora"]["system_parked"]
     assert parked_run["passed"] is True and parked_run["modules"] == plain["modules"]
+
+
+def test_tensors_that_shared_a_storage_share_its_copy():
+    """``tensors.one_copy_each`` (what ``parked`` moves with): two parameters viewing one flat buffer, and a buffer
+    viewing it too, come out as views of one copy of it, each at its own offset, size and stride, with their values;
+    another tensor gets its own copy. Before, each came back with a storage of its own (the tie lost)."""
+    from parity.tensors import one_copy_each
+
+    flat = torch.arange(24.0)
+    a, b = torch.nn.Parameter(flat[:12].view(3, 4)), torch.nn.Parameter(flat[12:].view(4, 3).t())
+    c, other = flat[4:8], torch.randn(5)
+    out = one_copy_each([a, b, c, other], torch.device("cpu"))
+    ptr = {t.untyped_storage().data_ptr() for t in out[:3]}
+    assert len(ptr) == 1 and ptr != {flat.untyped_storage().data_ptr()}
+    assert out[3].untyped_storage().data_ptr() not in ptr
+    for new, old in zip(out, [a, b, c, other]):
+        assert torch.equal(new, old) and new.stride() == old.stride() and new.storage_offset() == old.storage_offset()
+    out[0].data[1, 0] = -1.0  # one memory: a write through one view (flat element 4) shows in the other (c's first)
+    assert out[2][0] == -1.0 and c[0] == 4.0 and out[0].untyped_storage().nbytes() == 24 * 4
