@@ -112,3 +112,35 @@ def test_a_system_that_outlives_its_run_is_said(monkeypatch, capsys):
     ref.close()
     err = capsys.readouterr().err
     assert len(kept) == 1 and "the system's model outlived its run (host " in err, err[-500:]
+
+
+def test_a_system_that_raises_in_the_last_mode_is_freed(monkeypatch):
+    """The backward mode's hooks on the system's tensors are removed with its module hooks. They hold the system, and
+    a tensor its model keeps after the mode (our router keeps its last top-k weights, whose graph saved the hooked
+    input) kept the whole system alive whenever no later forward replaced it: on the 26B backward plants, a run whose
+    isolated backward raised first thing (its planted loss compared token ids on the device with labels on the
+    host) left ~30 GiB on the device, and the next plant's build ran out of memory. Before the fix, this system
+    outlived its run."""
+    from parity.systems import ours
+
+    seen, freed, loss_on = [], pipeline.freed, ours.ParitySystem.loss_on
+
+    def spy(ref, device):
+        seen.append(freed(ref, device))
+        return seen[-1]
+
+    calls = []
+
+    def raising(self, logits, labels):  # the isolated loss (the second call) raises from torch, as on the GPU
+        calls.append(1)
+        ids = self.inputs["input_ids"][:, :None if len(calls) == 1 else -1]
+        return loss_on(self, logits, torch.where(labels == -100, ids, labels))
+    monkeypatch.setattr(pipeline, "freed", spy)
+    monkeypatch.setattr(ours.ParitySystem, "loss_on", raising)
+    case = load_case(CASE_BF16).replace(train={"steps": 0, "no_step": "a test: no step after the isolated backward"})
+    with cpu_threads("cpu"):
+        ref = pipeline.reference(case, device="cpu")
+        r = pipeline.against(ref, "parity")
+    ref.close()
+    assert [f["phase"] for f in r["failures"]] == ["isolated_backward"] and "must match" in r["failures"][0]["error"]
+    assert seen == [True]

@@ -93,15 +93,17 @@ def hf_input_key(args: tuple, kwargs: dict) -> int | str | None:
     return next((k for k in ("hidden_states", "input", "x") if isinstance(kwargs.get(k), torch.Tensor)), None)
 
 
-def _alias_input(key, args: tuple, kwargs: dict, hook):
+def _alias_input(key, args: tuple, kwargs: dict, hook, handles: list | None = None):
     """The module's input at ``key`` replaced by an alias only this module consumes, with ``hook`` on its
     gradient: the gradient this module alone passes back to its input (another consumer of the same tensor, a
-    residual say, adds nothing to it)."""
+    residual say, adds nothing to it); the hook's handle appended to ``handles``, where given."""
     x = None if key is None else (args[key] if isinstance(key, int) and key < len(args) else kwargs.get(key))
     if not isinstance(x, torch.Tensor) or not x.requires_grad:
         return None
     y = x.view_as(x)
-    y.register_hook(hook)
+    h = y.register_hook(hook)
+    if handles is not None:
+        handles.append(h)
     if isinstance(key, int):
         return args[:key] + (y,) + args[key + 1:], kwargs
     return args, {**kwargs, key: y}
@@ -403,7 +405,10 @@ class _Site:
         self.at_input: list[tuple[str, Aligned]] = []  # (OUTPUT or INPUT, row): that gradient of the row
         self.at_output: list[Aligned] = []
 
-    def install(self, sut, grads: _Grads) -> list:
+    def install(self, sut, grads: _Grads, on_tensors: list) -> list:
+        """Its module hooks (their handles returned); the tensor hooks they put on each forward's tensors append their
+        handles to ``on_tensors``: those hooks hold the system, and a tensor a module keeps after the mode (a router's
+        last output) would keep it alive with them."""
         handles = []
         if self.at_input:
             def pre(m, args, kwargs):
@@ -412,14 +417,15 @@ class _Site:
                 def keep(g):
                     for h in hooks:
                         h(g)
-                return _alias_input(sut.input_key(self.key_row, args, kwargs), args, kwargs, keep)
+                return _alias_input(sut.input_key(self.key_row, args, kwargs), args, kwargs, keep, on_tensors)
             handles.append(self.module.register_forward_pre_hook(pre, with_kwargs=True))
         if self.at_output:
             def fwd(m, args, kwargs, out):
                 y = first(out["last_hidden_state"] if isinstance(out, dict) and "last_hidden_state" in out else out)
                 if isinstance(y, torch.Tensor) and y.requires_grad:
                     for a in self.at_output:
-                        y.register_hook(grads.hook(OUTPUT, a.hf, lambda g, a=a: sut.output(a, g, m, grad=True)))
+                        on_tensors.append(y.register_hook(grads.hook(OUTPUT, a.hf,
+                                                                     lambda g, a=a: sut.output(a, g, m, grad=True))))
             handles.append(self.module.register_forward_hook(fwd, with_kwargs=True))
         return handles
 
@@ -492,17 +498,18 @@ def _run(c) -> None:
 
 def _measure(c, grads: _Grads) -> None:
     hf, sut, ref = c.ref.extra[MODE], c.sut, c.ref
-    handles = []
+    handles, on_tensors = [], []
     sites, unseen, input_at = _plan(c)
     for s in sites.values():
-        handles += s.install(sut, grads)
+        handles += s.install(sut, grads, on_tensors)
     try:
         with torch.enable_grad():
             loss, logits = sut.train_loss(ref.inputs, hf["labels"].to(ref.device))
             logits.register_hook(grads.hook(OUTPUT, "logits"))
             loss.backward()
-    finally:
-        for h in handles:
+    finally:  # the tensor hooks too: they hold the system, and a tensor its model keeps (a router's last output)
+        # would hold it past the run (a 26B plant run whose next mode raised kept ~30 GiB on the device so)
+        for h in handles + on_tensors:
             h.remove()
     base = max(c.cap.order.values(), default=0) + 2  # after every forward row (the logits: the last + 1)
     fused: dict[str, list[Aligned]] = {}  # system module -> the HF rows it computes at once (q/k/v, gate/up)
