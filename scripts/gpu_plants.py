@@ -268,9 +268,9 @@ def main() -> int:
                          "shape a clean run costs as much as a plant)")
     ap.add_argument("--grad-layers", metavar="I,J",
                     help="train cases: only these text decoder layers' parameters get gradients, on both sides "
-                         "(train.grad_layers; the 26B shape on an 80 GB card: --grad-layers 28,29, the last two layers, where the "
-                         "backward plants are first seen). A "
-                         "plant whose row is a parameter outside them is not run, and its row says why")
+                         "(train.grad_layers; the 26B shape on an 80 GB card: --grad-layers 28,29, the last two layers, "
+                         "where the backward plants are first seen). A plant whose row is a parameter outside them is "
+                         "not run, and its row says why")
     ap.add_argument("--grad-embedding", action="store_true",
                     help="with --grad-layers: the word embedding (and the head tied to it) gets its gradient too "
                          "(train.grad_embedding: the tied head's plant runs; 1.4 GiB more a side at 26B)")
@@ -405,9 +405,9 @@ def main() -> int:
         tag = "" if a.system == "parity" else f"-{a.system}"
         path = os.path.join(a.out, f"gpu-plants-{a.case}{tag}-{a.device}{'-' + a.tag if a.tag else ''}.json")
         rows: list = []
-        params = dict(ref.model.named_parameters())
+        params, embedding = dict(ref.model.named_parameters()), ref.model.get_input_embeddings().weight
         for plant in [None, *plants]:  # the table written before the first plant and after each (a call cut short
-            frozen = None if plant is None else _frozen_row(plant.expected(shape), params, a)
+            frozen = None if plant is None else _frozen_row(plant.expected(shape), params, embedding, a)
             if frozen is not None:
                 rows.append({"plant": plant.name, "kind": plant.kind, "expected": plant.expected(shape),
                              "caught": None, "not_run": frozen})
@@ -434,13 +434,14 @@ def main() -> int:
     return 0 if clean["passed"] and table["caught"] == table["n_plants"] else 1
 
 
-def _frozen_row(expected: str | None, params: dict, a) -> str | None:
+def _frozen_row(expected: str | None, params: dict, embedding, a) -> str | None:
     """Why a plant is not run under ``--grad-layers``: the row it is caught at is a parameter of HF's that gets no
-    gradient (frozen at its build; None: it runs)."""
+    gradient (frozen at its build; None: it runs). ``embedding``: HF's word embedding weight (``--grad-embedding``
+    would train it)."""
     if expected not in params or params[expected].requires_grad:
         return None
-    return (f"its row, {expected}'s gradient, is not computed: --grad-layers {a.grad_layers}"
-            f"{'' if a.grad_embedding else ' (without --grad-embedding)' if 'embed' in expected else ''}")
+    hint = " (without --grad-embedding)" if params[expected] is embedding else ""
+    return f"its row, {expected}'s gradient, is not computed: --grad-layers {a.grad_layers}{hint}"
 
 
 if __name__ == "__main__":

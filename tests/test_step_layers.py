@@ -205,6 +205,11 @@ def test_a_checkpoints_layers_are_checked_once_its_model_is_built():
 
 
 GRAD_LAYERS = {"grad_layers": [1, 2], "grad_layers_why": "a test: gradients of layers 1 and 2 only"}
+GRADIENTS = ("loss", "grad_output", "grad_input", "param_grad", "isolated_grad_input", "isolated_param_grad")
+
+
+def _rows(r: dict, modes=GRADIENTS) -> dict:
+    return {(m["name"], m["mode"]): m for m in r["modules"] if m["mode"] in modes}
 
 
 @pytest.mark.parametrize("system", ["parity", "megatron-bridge"])
@@ -229,10 +234,7 @@ def test_gradients_of_some_layers_are_those_of_a_run_with_all(system):
     torch._dynamo.reset()
     with cpu_threads("cpu"):
         some = pipeline.run(case.replace(train={**LAYERS, **GRAD_LAYERS}), device="cpu", system=system)
-    grads = ("loss", "grad_output", "grad_input", "param_grad", "isolated_grad_input", "isolated_param_grad",
-             "param_step")
-    rows = lambda r: {(m["name"], m["mode"]): m for m in r["modules"] if m["mode"] in grads}  # noqa: E731
-    a, b = rows(whole), rows(some)
+    a, b = _rows(whole, GRADIENTS + ("param_step",)), _rows(some, GRADIENTS + ("param_step",))
     assert len(b) > 250 and set(b) < set(a)
     differ = [(k, a[k]["rel_l2"], b[k]["rel_l2"]) for k in b if b[k]["rel_l2"] != a[k]["rel_l2"]
               or b[k].get("floor") != a[k].get("floor")]
@@ -254,9 +256,7 @@ def test_the_embedding_trains_beside_some_layers_as_in_a_run_with_all():
     with cpu_threads("cpu"):
         whole = pipeline.run(case.replace(train=LAYERS), device="cpu")
         some = pipeline.run(case.replace(train={**LAYERS, **GRAD_LAYERS, "grad_embedding": True}), device="cpu")
-    grads = ("loss", "grad_output", "grad_input", "param_grad", "isolated_grad_input", "isolated_param_grad")
-    rows = lambda r: {(m["name"], m["mode"]): m for m in r["modules"] if m["mode"] in grads}  # noqa: E731
-    a, b = rows(whole), rows(some)
+    a, b = _rows(whole), _rows(some)
     differ = [(k, a[k]["rel_l2"], b[k]["rel_l2"]) for k in b if b[k]["rel_l2"] != a[k]["rel_l2"]]
     assert set(b) < set(a) and not differ, differ[:5]
     params = {m["name"] for m in b.values() if m["mode"] == "param_grad"}
